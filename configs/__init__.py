@@ -1,0 +1,1 @@
+"""YAML recipes. Installed as `pretrain.configs` so `demo.yaml` ships inside the wheel."""

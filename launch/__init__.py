@@ -1,0 +1,1 @@
+"""Rank discovery and launcher command lines (deepspeed, torchrun, mpirun, srun)."""

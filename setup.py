@@ -1,0 +1,38 @@
+"""Installable distribution `mmpt`: four packages plus the embedded YAML recipes, and the `pretrain` CLI."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mmpt",
+    version="0.1.0",
+    description="Distributed multimodal pretraining: CLIP + MAE + MLM on ZeRO-3 and tensor parallelism",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pretrain", "pretrain.*", "data_pipelines", "data_pipelines.*",
+                                    "parallel", "parallel.*", "launch", "launch.*"]) + ["pretrain.configs"],
+    # configs/ stays a top-level folder in the repo; installed, it is importable data of `pretrain`.
+    package_dir={"pretrain.configs": "configs"},
+    package_data={"pretrain.configs": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "megatron-core>=0.12",
+        "webdataset>=0.2.90",
+        "tensorboard>=2.14",
+        "pillow>=10",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "braceexpand>=0.1.7",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=3.1"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
+)
