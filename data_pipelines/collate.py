@@ -1,0 +1,76 @@
+"""Batch assembly inside the DataLoader worker: stacking, per-batch tokenization, MLM and MAE noise.
+
+Collating in the worker (the DataLoader runs with batch_size=None) means the main training process only
+receives ready tensors, and tokenization runs once per batch through the fast tokenizer's batch encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .masking import mlm_mask
+from .tokenizer import TextTokenizer
+
+
+@dataclass
+class TrainExample:
+    """One decoded training sample plus the generators that fix its MLM mask and patch noise."""
+
+    key: str
+    image: np.ndarray
+    caption: str
+    cls: int
+    mlm_rng: np.random.Generator
+    noise_rng: np.random.Generator
+
+
+@dataclass
+class EvalExample:
+    key: str
+    image: np.ndarray
+    caption: str
+    cls: int
+
+
+def collate_train(
+    examples: list[TrainExample],
+    tokenizer: TextTokenizer,
+    context_length: int,
+    mask_prob: float,
+    num_patches: int,
+) -> dict[str, Any]:
+    """Model inputs for a training batch (the keys and dtypes are the contract with the model code)."""
+    text = tokenizer.encode_batch([e.caption for e in examples], context_length)
+    ids = text.numpy()
+    vocab, specials = tokenizer.vocab_size, tokenizer.special_ids
+    mlm_input = np.empty_like(ids)
+    mlm_labels = np.empty_like(ids)
+    for i, ex in enumerate(examples):
+        mlm_input[i], mlm_labels[i] = mlm_mask(ids[i], ex.mlm_rng, mask_prob, vocab, specials,
+                                               mask_id=tokenizer.mask_id)
+    noise = np.stack([ex.noise_rng.random(num_patches, dtype=np.float32) for ex in examples])
+    return {
+        "image": torch.from_numpy(np.stack([ex.image for ex in examples])),
+        "text": text,
+        "mlm_input": torch.from_numpy(mlm_input),
+        "mlm_labels": torch.from_numpy(mlm_labels),
+        "patch_noise": torch.from_numpy(noise),
+        "cls": torch.tensor([ex.cls for ex in examples], dtype=torch.long),
+        "_keys": [ex.key for ex in examples],
+    }
+
+
+def collate_eval(
+    examples: list[EvalExample], tokenizer: TextTokenizer, context_length: int
+) -> dict[str, Any]:
+    """Inputs for zero-shot / retrieval evaluation: no masking, no noise."""
+    return {
+        "image": torch.from_numpy(np.stack([ex.image for ex in examples])),
+        "text": tokenizer.encode_batch([ex.caption for ex in examples], context_length),
+        "cls": torch.tensor([ex.cls for ex in examples], dtype=torch.long),
+        "_keys": [ex.key for ex in examples],
+    }

@@ -1,0 +1,86 @@
+"""Turning a raw WebDataset sample (extension -> bytes) into image, caption and label, or a counted skip.
+
+Checks run cheapest first (members present, caption text) so a sample that will be skipped anyway is not
+JPEG-decoded. Every failure mode maps to one `SkipCounter` reason.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+
+from .stats import BAD_IMAGE, BAD_TEXT, EMPTY_CAPTION, MISSING_CAPTION, MISSING_IMAGE, SkipCounter
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEY = "txt"
+LABEL_KEY = "cls"
+
+
+def image_bytes(sample: dict[str, Any]) -> bytes | None:
+    """The encoded image of a sample under the first of jpg/jpeg/png/webp present, else None."""
+    for key in IMAGE_KEYS:
+        data = sample.get(key)
+        if data is not None:
+            return data
+    return None
+
+
+def caption_of(sample: dict[str, Any], skips: SkipCounter) -> str | None:
+    """The UTF-8 caption, whitespace-stripped; None (and a counted skip) if missing, undecodable or empty."""
+    key = sample.get("__key__", "?")
+    raw = sample.get(CAPTION_KEY)
+    if raw is None:
+        skips.skip(MISSING_CAPTION, key)
+        return None
+    try:
+        text = bytes(raw).decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        skips.skip(BAD_TEXT, f"{key}: {exc}")
+        return None
+    if not text:
+        skips.skip(EMPTY_CAPTION, key)
+        return None
+    return text
+
+
+def label_of(sample: dict[str, Any]) -> int:
+    """Integer class from `.cls`, or -1 when absent or not an integer (labels are only used for eval)."""
+    raw = sample.get(LABEL_KEY)
+    if raw is None:
+        return -1
+    try:
+        return int(bytes(raw).decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        return -1
+
+
+def decode_image(
+    data: bytes, key: str, skips: SkipCounter, view: Callable[[Image.Image], Image.Image]
+) -> Image.Image | None:
+    """Open the bytes lazily and apply `view` (crop + resize, which forces the decode); None on failure.
+
+    `view` gets the still-undecoded image so it can choose a reduced JPEG decode scale.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            out = view(img)
+            out.load()
+            return out
+    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        skips.skip(BAD_IMAGE, f"{key}: {type(exc).__name__}: {exc}")
+        return None
+
+
+def split_sample(sample: dict[str, Any], skips: SkipCounter) -> tuple[bytes, str] | None:
+    """(image bytes, caption) of a sample with both present and a usable caption, else None (counted)."""
+    data = image_bytes(sample)
+    if data is None:
+        skips.skip(MISSING_IMAGE, sample.get("__key__", "?"))
+        return None
+    caption = caption_of(sample, skips)
+    if caption is None:
+        return None
+    return data, caption

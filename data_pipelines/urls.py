@@ -1,0 +1,46 @@
+"""Expansion of shard specifications into concrete URLs, checked before a job starts streaming."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import braceexpand
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and file: URLs; False for pipe:, http(s):, gs: and other schemes."""
+    match = _SCHEME.match(url)
+    return match is None or match.group(1).lower() == "file"
+
+
+def _local_path(url: str) -> str:
+    return re.sub(r"^file:(//)?", "", url) if url.lower().startswith("file:") else url
+
+
+def expand_urls(spec: str) -> list[str]:
+    """Expand `dir/shard-{000000..000031}.tar::other/{a,b}.tar` into a list of URLs, in order.
+
+    Several specs are joined with `::` (a separator that cannot occur in a brace pattern and rarely in a
+    path). Local paths are returned as given but must exist, so a typo fails at start-up with the spec named
+    instead of as an endless stream of skipped shards; `pipe:` and remote URLs cannot be checked cheaply
+    and are passed through.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"no shard URLs given (empty spec {spec!r})")
+    urls: list[str] = []
+    for part in spec.split("::"):
+        part = part.strip()
+        expanded = [u for u in braceexpand.braceexpand(part)] if part else []
+        expanded = [u for u in expanded if u.strip()]
+        if not expanded:
+            raise ValueError(f"shard spec {part!r} (in {spec!r}) expands to no URLs")
+        missing = [u for u in expanded if is_local(u) and not os.path.exists(_local_path(u))]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ValueError(f"shard spec {part!r}: {len(missing)} of {len(expanded)} local shard(s) do not "
+                             f"exist: {', '.join(missing[:3])}{more}")
+        urls.extend(expanded)
+    return urls
