@@ -1,0 +1,119 @@
+"""The joint pretraining model: CLIP towers + MAE decoder + MLM head, with every loss inside forward.
+
+Losses live in `forward` because ZeRO-3 gathers partitioned parameters only inside module calls; a
+loss computed by the training loop from returned features could not touch e.g. the decoder. All
+cross-rank communication is inside `contrastive_loss`; the rest reads like single-device code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.groups import get_data_parallel_group
+from pretrain.config import ModelConfig, ObjectivesConfig
+from pretrain.models.decoder import MAEDecoder
+from pretrain.models.heads import MLMHead
+from pretrain.models.text import TextTower
+from pretrain.models.vision import VisionTower
+from pretrain.objectives import contrastive_loss, mim_loss, mlm_loss
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """Round the tokenizer's vocabulary up so the embedding table splits evenly (tensor parallelism)."""
+    return -(-vocab_size // multiple) * multiple
+
+
+class PretrainModel(nn.Module):
+    def __init__(self, model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, vocab_size: int, pad_id: int = 0,
+                 eos_id: int = 3, activation_checkpointing: bool = False):
+        super().__init__()
+        m, o = model_cfg, obj_cfg
+        self.model_cfg, self.obj_cfg = m, o
+        self.vocab_size = padded_vocab_size(vocab_size, m.vocab_pad_multiple)
+        self.pad_id, self.eos_id = pad_id, eos_id
+        common = dict(mlp_ratio=m.mlp_ratio, act=m.activation, dropout=m.dropout)
+        v, t, d = m.vision, m.text, m.decoder
+        self.visual = VisionTower(m.image_size, v.patch_size, v.width, v.layers, v.heads, m.embed_dim,
+                                  **common)
+        self.text = TextTower(self.vocab_size, t.context_length, t.width, t.layers, t.heads, m.embed_dim,
+                              eos_id=eos_id, pad_id=pad_id, **common)
+        # objectives with weight 0 get no modules at all: no parameters, no optimizer state
+        self.decoder = (MAEDecoder(self.visual.grid_size, v.patch_size, v.width, d.width, d.layers, d.heads,
+                                   **common) if o.mim.weight > 0 else None)
+        self.mlm_head = MLMHead(t.width, self.vocab_size) if o.mlm.weight > 0 else None
+        # shape [1], not CLIP's 0-dim: DeepSpeed's start-up broadcast views every parameter as bytes,
+        # which a 0-dim tensor refuses; exporters reshape it to a scalar
+        self.logit_scale = nn.Parameter(torch.empty(1))
+        self.init_weights()
+        self.set_grad_checkpointing(activation_checkpointing)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """CLIP's initialisation for the towers (MAE's for the decoder, BERT's for the MLM head); every
+        parameter is redrawn, so `torch.manual_seed(s); model.init_weights()` fully determines it."""
+        self.visual.init_weights()
+        self.text.init_weights()
+        if self.decoder is not None:
+            self.decoder.init_weights()
+        if self.mlm_head is not None:
+            self.mlm_head.init_weights()
+        self.logit_scale.fill_(math.log(1.0 / self.obj_cfg.contrastive.init_temperature))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every transformer block in backward (all towers and the decoder)."""
+        for mod in self.modules():
+            if hasattr(mod, "grad_checkpointing"):
+                mod.grad_checkpointing = enable
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weighted total loss plus each enabled loss (detached, for logging) and the logit scale.
+
+        Training: one encoder pass over the visible patches (mask ratio `objectives.mim.mask_ratio`,
+        noise `batch["patch_noise"]`) feeds both the contrastive loss and the decoder (FLIP + MAE).
+        Eval mode: the contrastive loss sees every patch, as retrieval does; the MIM loss then needs
+        its own masked pass.
+        """
+        o = self.obj_cfg
+        use_con, use_mim, use_mlm = o.contrastive.weight > 0, o.mim.weight > 0, o.mlm.weight > 0
+        losses: dict[str, torch.Tensor] = {}
+        images = batch["image"]  # [B, 3, S, S]
+        ratio = o.mim.mask_ratio if self.training else 0.0
+        noise = batch.get("patch_noise")  # [B, N]
+        pooled = tokens = mask = ids_restore = None
+        if use_con or (use_mim and ratio > 0):
+            pooled, tokens, mask, ids_restore = self.visual.forward_features(images, noise, ratio)
+
+        scale = self.logit_scale.clamp(max=math.log(o.contrastive.max_logit_scale)).exp().squeeze(0)  # []
+        if use_con:
+            txt = self.text(batch["text"], causal=True)  # [B, E], pooled at EOS
+            losses["loss_contrastive"] = contrastive_loss(pooled, txt, scale, group=get_data_parallel_group())
+        if use_mim:
+            if ratio == 0:  # eval: the pass above saw every patch, reconstruction needs a masked one
+                _, tokens, mask, ids_restore = self.visual.forward_features(images, noise, o.mim.mask_ratio)
+            pred = self.decoder(tokens, ids_restore)  # [B, N, p*p*3]
+            losses["loss_mim"] = mim_loss(pred, images, mask, self.visual.patch_size, o.mim.norm_pix_loss)
+        if use_mlm:
+            hidden = self.text.forward_tokens(batch["mlm_input"], causal=False)  # [B, L, W]
+            losses["loss_mlm"] = mlm_loss(self.mlm_head(hidden), batch["mlm_labels"])
+
+        weights = {"loss_contrastive": o.contrastive.weight, "loss_mim": o.mim.weight,
+                   "loss_mlm": o.mlm.weight}
+        total = sum(weights[k] * v for k, v in losses.items())
+        out = {"loss": total}
+        out.update({k: v.detach() for k, v in losses.items()})
+        out["logit_scale"] = scale.detach().float()
+        return out
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] -> L2-normalised fp32 embeddings [B, E], every patch seen."""
+        return F.normalize(self.visual(images).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, L] -> L2-normalised fp32 embeddings [B, E] from the causal pass."""
+        return F.normalize(self.text(ids).float(), dim=-1)
