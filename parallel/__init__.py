@@ -1,0 +1,1 @@
+"""Process groups, collectives and the DeepSpeed engine: everything that knows about ranks."""

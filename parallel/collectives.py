@@ -1,0 +1,35 @@
+"""Autograd-aware collectives used by losses."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's tensor along dim 0; backward sums the incoming gradients over ranks
+    and returns this rank's slice. Gloo has no reduce_scatter, so the sum is an all_reduce."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ws = dist.get_world_size(group)
+        ctx.group, ctx.rank, ctx.n = group, dist.get_rank(group), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(ws)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+def all_gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    """(gathered [world*B, ...], offset of this rank's rows). Equal B on every rank is required.
+
+    Not distributed (or a group of one): returns `x` and 0 unchanged.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return x, 0
+    return _AllGatherWithGrad.apply(x, group), dist.get_rank(group) * x.shape[0]

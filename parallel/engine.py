@@ -1,0 +1,82 @@
+"""DeepSpeed engine construction: the one place that turns our config into a DeepSpeed config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from pretrain.config import Config
+
+
+def lr_lambda(cfg: Config):
+    """Multiplier of `optim.lr` at a step: linear warm-up, then cosine (or constant) decay."""
+    warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        if cfg.optim.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def deepspeed_config(cfg: Config, dp_world: int) -> dict[str, Any]:
+    """DeepSpeed JSON config for this run (also written to RUN_DIR/ds_config.json for reference)."""
+    t, o, p = cfg.train, cfg.optim, cfg.parallel
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage == 3:
+        zero.update({
+            "stage3_param_persistence_threshold": p.persistence_threshold,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+        })
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * dp_world,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                       "torch_adam": True, "adam_w_mode": True},
+        },
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 500, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norms, embeddings, tokens and the logit scale are exempt (CLIP)."""
+    decay, no_decay = [], []
+    for name, prm in model.named_parameters():
+        if not prm.requires_grad:
+            continue
+        exempt = (prm.ndim < 2 or "embedding" in name or "logit_scale" in name or "token" in name
+                  or name.endswith(".bias"))
+        (no_decay if exempt else decay).append(prm)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, dp_world: int):
+    """Wrap `model` in a DeepSpeed engine with AdamW, our LR schedule, ZeRO and mixed precision."""
+    import deepspeed
+
+    ds_cfg = deepspeed_config(cfg, dp_world)
+    schedule = lr_lambda(cfg)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=ds_cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    return engine, ds_cfg

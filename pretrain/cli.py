@@ -1,0 +1,165 @@
+"""`pretrain` command line: train, eval, data synth|tokenizer, config, demo.
+
+Each subcommand parses its own few flags and hands a typed Config (or plain arguments) to library code;
+nothing below this file sees argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from pretrain.config import Config, ConfigError, dump_yaml, field_help, load_config
+
+
+def embedded_config_path(name: str = "demo.yaml") -> Path:
+    """Path of a recipe shipped inside the package (configs/ in the repo)."""
+    return Path(str(resources.files("pretrain.configs").joinpath(name)))
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config or embedded_config_path(), args.overrides)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (default: the embedded configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.steps=100 data.train='shards/{0..7}.tar'")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pretrain.train import train
+
+    cfg = _load(args)
+    summary = train(cfg, resume=args.resume)
+    from parallel import groups
+
+    if groups.rank() == 0:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pretrain.evaluate import evaluate
+
+    result = evaluate(args.checkpoint, args.data, args.classnames, batch_size=args.batch_size,
+                      max_samples=args.max_samples)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        for k, v in result.items():
+            print(f"{k:>14}: {v}")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from data_pipelines.synth import write_synthetic_shards
+
+    summary = write_synthetic_shards(args.out, samples=args.samples, samples_per_shard=args.samples_per_shard,
+                                     image_size=args.image_size, seed=args.seed)
+    print(json.dumps(summary, default=str), flush=True)
+    return 0
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    from data_pipelines.tokenizer import train_tokenizer_from_shards
+
+    tok = train_tokenizer_from_shards(args.data, args.vocab_size, args.samples)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tok.save(args.out)
+    print(json.dumps({"out": args.out, "vocab_size": tok.vocab_size}), flush=True)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.keys or args.markdown:
+        if args.markdown:
+            print("| key | type | default | meaning |\n|---|---|---|---|")
+        for key, tname, default, doc in field_help():
+            if args.markdown:
+                print(f"| `{key}` | {tname} | `{default!r}` | {doc.replace('|', '/')} |")
+            else:
+                print(f"{key} ({tname}, default {default!r}): {doc}")
+        return 0
+    sys.stdout.write(dump_yaml(_load(args)))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pretrain.demo import run_demo
+
+    result = run_demo(Path(args.out), procs=args.procs, overrides=args.overrides)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="pretrain (single process or under any launcher)")
+    _add_config_args(p)
+    p.add_argument("--resume", help="'latest' (newest checkpoint of this run, if any) or a checkpoint path")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="zero-shot classification and retrieval from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint folder")
+    p.add_argument("--data", required=True, help="held-out shard URLs (brace-expandable)")
+    p.add_argument("--classnames", required=True, help="classnames.txt; `.cls` of each sample indexes it")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-samples", type=int, default=0, help="stop after this many samples (0: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    data_parser = sub.add_parser("data", help="write and prepare shards")
+    data = data_parser.add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("synth", help="synthetic image-caption WebDataset shards")
+    p.add_argument("out")
+    p.add_argument("--samples", type=int, required=True)
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("tokenizer", help="train a BPE tokenizer on the captions of shards")
+    p.add_argument("--data", required=True, help="shard URLs (brace-expandable)")
+    p.add_argument("--out", required=True, help="tokenizer.json to write")
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--samples", type=int, default=20000, help="captions to read")
+    p.set_defaults(func=cmd_data_tokenizer)
+
+    p = sub.add_parser("config", help="print the resolved config, or every key with --keys")
+    _add_config_args(p)
+    p.add_argument("--keys", action="store_true", help="list every key, its type, default and meaning")
+    p.add_argument("--markdown", action="store_true", help="the same as a Markdown table (README reference)")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("demo", help="synthesise data, train on 2 CPU ranks with the deepspeed launcher, eval")
+    p.add_argument("--out", default="runs/demo", help="folder for shards and the run")
+    p.add_argument("--procs", type=int, default=2, help="ranks to launch")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for training")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"pretrain: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

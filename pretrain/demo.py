@@ -1,0 +1,70 @@
+"""`make demo`: the whole path on the embedded default, small enough for a 2-core machine.
+
+synthetic shards -> `deepspeed` launcher with 2 CPU ranks (ZeRO-3, all three objectives) -> standard
+DeepSpeed checkpoint -> zero-shot and retrieval eval on held-out shards -> one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from parallel.groups import free_port
+
+TRAIN_SAMPLES, VAL_SAMPLES, PER_SHARD, SEED_TRAIN, SEED_VAL = 12000, 1000, 500, 0, 1
+
+
+def _synth(out: Path, samples: int, seed: int, image_size: int) -> None:
+    from data_pipelines.synth import write_synthetic_shards
+
+    stamp = out / ".complete"
+    want = f"{samples} {PER_SHARD} {image_size} {seed}"
+    if stamp.exists() and stamp.read_text() == want:
+        return  # shards are deterministic: the same arguments wrote the same bytes before
+    if out.exists():
+        shutil.rmtree(out)
+    write_synthetic_shards(out, samples=samples, samples_per_shard=PER_SHARD, image_size=image_size,
+                           seed=seed)
+    stamp.write_text(want)
+
+
+def launcher_command(procs: int, config: Path, overrides: list[str], port: int) -> list[str]:
+    """The deepspeed launcher line the demo runs (CPU: --num_accelerators sets the rank count)."""
+    beside = Path(sys.executable).parent / "deepspeed"  # the venv's launcher, even when not activated
+    exe = str(beside) if beside.exists() else (shutil.which("deepspeed") or "deepspeed")
+    return [exe, "--num_accelerators", str(procs), "--master_port", str(port),
+            "--no_local_rank", "--module", "pretrain.cli", "train", "--config", str(config), *overrides]
+
+
+def run_demo(out: Path, procs: int = 2, overrides: list[str] | None = None) -> dict[str, Any]:
+    from pretrain.cli import embedded_config_path
+    from pretrain.config import load_config
+    from pretrain.evaluate import evaluate
+
+    t0 = time.time()
+    config = embedded_config_path("demo.yaml")
+    cfg = load_config(config, overrides or [])
+    n_shards = TRAIN_SAMPLES // PER_SHARD
+    train_dir, val_dir = out / "data" / "train", out / "data" / "val"
+    _synth(train_dir, TRAIN_SAMPLES, SEED_TRAIN, cfg.model.image_size)
+    _synth(val_dir, VAL_SAMPLES, SEED_VAL, cfg.model.image_size)
+    run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
+    train_urls = f"{train_dir}/shard-{{000000..{n_shards - 1:06d}}}.tar"
+    val_urls = f"{val_dir}/shard-{{000000..{VAL_SAMPLES // PER_SHARD - 1:06d}}}.tar"
+    cmd = launcher_command(procs, config, [f"data.train={train_urls}", f"data.val={val_urls}",
+                                           f"run.dir={run_dir}", *(overrides or [])], free_port())
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    result = evaluate(run_dir, val_urls, val_dir / "classnames.txt")
+    return {
+        "zeroshot_top1": result["zeroshot_top1"], "chance": result["chance"], "i2t_r1": result["i2t_r1"],
+        "t2i_r1": result["t2i_r1"], "zeroshot_top5": result["zeroshot_top5"],
+        "steps": summary["steps"], "samples_per_s": summary["samples_per_s"],
+        "wall_s": round(time.time() - t0, 1), "run_dir": str(run_dir),
+    }
