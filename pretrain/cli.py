@@ -97,6 +97,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_optional(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
+                       data: argparse._SubParsersAction) -> None:
+    """Subcommands owned by other modules: each exposes `register(sub=..., bench=..., data=...)` and adds
+    parsers (with `set_defaults(func=...)`) to the top level, `pretrain bench ...` or `pretrain data ...`."""
+    import importlib
+
+    for module in REGISTRARS:
+        importlib.import_module(module).register(sub=sub, bench=bench, data=data)
+
+
+# Modules that add subcommands via register(sub, bench, data); append yours here.
+REGISTRARS: list[str] = []
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -138,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", action="store_true", help="list every key, its type, default and meaning")
     p.add_argument("--markdown", action="store_true", help="the same as a Markdown table (README reference)")
     p.set_defaults(func=cmd_config)
+
+    bench = sub.add_parser("bench", help="benchmarks (throughput, memory)").add_subparsers(
+        dest="bench_cmd", required=True)
+    # --- bench subcommands: each owner registers its own below (data_pipelines, pretrain, parallel) ---
+    _register_optional(sub, bench, data)
+    # --- end bench subcommands ---
 
     p = sub.add_parser("demo", help="synthesise data, train on 2 CPU ranks with the deepspeed launcher, eval")
     p.add_argument("--out", default="runs/demo", help="folder for shards and the run")
