@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared GPU run (fits the few minutes a lent GPU is available): the demo path on CUDA, unchanged,
+# then throughput at ViT-B/16 scale. Wheels the GPU machine lacks travel in .whl/ (see docs/benchmarks.md).
+# Usage on the GPU machine, from the repo root:  bash scripts/gpu_check.sh [OUTDIR]
+set -euo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUTDIR=${1:-${OUT:-/tmp/mmpt-gpu}}
+mkdir -p "$OUTDIR"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+  DS="python3 /tmp/site/bin/deepspeed"
+else
+  DS=deepspeed
+fi
+python3 - <<'PY' | tee "$OUTDIR/env.txt"
+import torch, deepspeed, megatron.core, webdataset
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+print("deepspeed", deepspeed.__version__, "megatron-core", megatron.core.__version__)
+PY
+git rev-parse HEAD 2>/dev/null | tee -a "$OUTDIR/env.txt" || true
+D=/tmp/mmpt-data
+python3 -m pretrain.cli data synth $D/train64 --samples 12000 --samples-per-shard 500 --image-size 64 --seed 0 >/dev/null
+python3 -m pretrain.cli data synth $D/val64 --samples 1000 --samples-per-shard 500 --image-size 64 --seed 1 >/dev/null
+
+echo "== 1. demo recipe on CUDA (deepspeed launcher, 1 GPU, ZeRO-3, bf16)"
+t0=$(date +%s)
+$DS --num_gpus 1 --no_local_rank --module pretrain.cli train --config configs/demo.yaml \
+  "data.train=$D/train64/shard-{000000..000023}.tar" run.dir=/tmp/run-demo data.workers=4 logging.progress=false
+python3 -m pretrain.cli eval --checkpoint /tmp/run-demo --data "$D/val64/shard-{000000..000001}.tar" \
+  --classnames $D/val64/classnames.txt --json | tee "$OUTDIR/demo_eval.json"
+echo "demo wall_s $(( $(date +%s) - t0 ))" | tee -a "$OUTDIR/env.txt"
+cp /tmp/run-demo/summary.json "$OUTDIR/demo_summary.json"
+
+echo "== 2. ViT-B/16-scale CLIP+MAE+MLM throughput, bf16, ZeRO-3, 1 GPU"
+python3 -m pretrain.cli data synth $D/train224 --samples 8000 --samples-per-shard 250 --image-size 224 --seed 0 >/dev/null
+$DS --num_gpus 1 --no_local_rank --module pretrain.cli train --config configs/demo.yaml \
+  "data.train=$D/train224/shard-{000000..000031}.tar" run.dir=/tmp/run-b16 data.workers=12 logging.progress=false \
+  model.image_size=224 model.embed_dim=512 model.vision.patch_size=16 model.vision.width=768 model.vision.layers=12 \
+  model.vision.heads=12 model.text.width=512 model.text.layers=12 model.text.heads=8 model.text.context_length=77 \
+  model.decoder.width=512 model.decoder.layers=4 model.decoder.heads=16 data.vocab_size=4096 \
+  train.micro_batch=256 train.steps=60 logging.every=10 checkpoint.every=0 optim.warmup_steps=10
+cp /tmp/run-b16/metrics.jsonl "$OUTDIR/b16_metrics.jsonl"
+cp /tmp/run-b16/summary.json "$OUTDIR/b16_summary.json"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUTDIR/env.txt"
