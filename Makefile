@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mmpt-installed
 # CPU build of torch (the default on these machines); CUDA users install their own torch first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo test test-fast lint format clean docs
 
 setup: $(STAMP)
 
@@ -35,3 +35,6 @@ format: setup
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info
+
+docs: setup
+	$(BIN)/python scripts/update_readme_config.py

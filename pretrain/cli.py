@@ -13,7 +13,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, dump_yaml, field_help, load_config
+from pretrain.config import Config, ConfigError, dump_yaml, field_help, load_config, markdown_reference
 
 
 def embedded_config_path(name: str = "demo.yaml") -> Path:
@@ -76,14 +76,12 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    if args.keys or args.markdown:
-        if args.markdown:
-            print("| key | type | default | meaning |\n|---|---|---|---|")
+    if args.markdown:
+        sys.stdout.write(markdown_reference())
+        return 0
+    if args.keys:
         for key, tname, default, doc in field_help():
-            if args.markdown:
-                print(f"| `{key}` | {tname} | `{default!r}` | {doc.replace('|', '/')} |")
-            else:
-                print(f"{key} ({tname}, default {default!r}): {doc}")
+            print(f"{key} ({tname}, default {default!r}): {doc}")
         return 0
     sys.stdout.write(dump_yaml(_load(args)))
     return 0

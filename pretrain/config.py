@@ -99,6 +99,10 @@ class ModelConfig:
     """MLP activation: gelu or quick_gelu (OpenAI CLIP's)."""
     dropout: float = 0.0
     """Dropout in attention output and MLP (0 for pretraining at scale)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities. The probabilities are per head, so under tensor parallelism
+    each TP rank draws its heads' masks from its own random stream (megatron's RNG tracker); runs with
+    different `parallel.tp` then draw different masks, so set 0 to compare layouts exactly."""
     vocab_pad_multiple: int = 64
     """The embedding table is padded to a multiple of this (tensor-parallel friendly)."""
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -416,6 +420,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(m.text.context_length >= 4, "model.text.context_length must be >= 4")
     check(m.embed_dim > 0, "model.embed_dim must be > 0")
     check(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
+    check(0.0 <= m.attention_dropout < 1.0, "model.attention_dropout must be in [0, 1)")
     check(m.vocab_pad_multiple >= 1, "model.vocab_pad_multiple must be >= 1")
     o = cfg.objectives
     for name in ("contrastive", "mim", "mlm"):
@@ -449,14 +454,39 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     p = cfg.parallel
     check(p.tp >= 1, "parallel.tp must be >= 1")
     check(p.timeout_s > 0, "parallel.timeout_s must be > 0")
+    if p.tp > 1:
+        problems.extend(_tensor_parallel_problems(cfg))
     if world_size is not None:
         check(world_size % p.tp == 0,
-              f"world size {world_size} is not divisible by parallel.tp ({p.tp})")
+              f"world size {world_size} is not divisible by parallel.tp ({p.tp}); launch a multiple of "
+              f"{p.tp} ranks (data-parallel degree = world size / tp)")
     check(cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0")
     check(cfg.logging.every >= 1, "logging.every must be >= 1")
     check(bool(cfg.run.dir), "run.dir must be set")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _tensor_parallel_problems(cfg: Config) -> list[str]:
+    """Every width that tensor parallelism splits must divide by `parallel.tp`: attention heads (each
+    rank computes whole heads), MLP hidden widths (fc1 columns / fc2 rows) and the padded vocabulary
+    (embedding rows, MLM logits). The padded vocabulary is a multiple of `model.vocab_pad_multiple`
+    whatever the tokenizer's size, so requiring tp | vocab_pad_multiple covers every tokenizer."""
+    m, tp, out = cfg.model, cfg.parallel.tp, []
+    for name, tower in (("vision", m.vision), ("text", m.text), ("decoder", m.decoder)):
+        if name == "decoder" and cfg.objectives.mim.weight <= 0:
+            continue  # no decoder is built
+        if tower.heads % tp:
+            out.append(f"model.{name}.heads ({tower.heads}) must be divisible by parallel.tp ({tp}): "
+                       f"each tensor-parallel rank computes whole heads")
+        hidden = int(tower.width * m.mlp_ratio)
+        if hidden % tp:
+            out.append(f"model.{name}: MLP width {hidden} (width {tower.width} x model.mlp_ratio "
+                       f"{m.mlp_ratio}) must be divisible by parallel.tp ({tp})")
+    if m.vocab_pad_multiple % tp:
+        out.append(f"model.vocab_pad_multiple ({m.vocab_pad_multiple}) must be divisible by parallel.tp "
+                   f"({tp}) so the padded vocabulary splits evenly over tensor-parallel ranks")
+    return out
 
 
 def get_key(cfg: Config, dotted: str) -> Any:
@@ -496,3 +526,11 @@ def field_help(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any
                 tname = f"list[{typing.get_args(tp)[0].__name__}]"
             rows.append((prefix + f.name, tname, getattr(default, f.name), docs.get(f.name, "")))
     return rows
+
+
+def markdown_reference() -> str:
+    """The README's configuration table: every key, its type, default and docstring."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, tname, default, doc in field_help():
+        lines.append(f"| `{key}` | {tname} | `{default!r}` | {doc.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"

@@ -96,3 +96,13 @@ def test_cli_reports_bad_key_with_exit_2():
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "unknown config key 'train.nope'" in r.stderr
+
+
+def test_readme_config_reference_is_current():
+    """README's table is generated (`make docs`); a new or changed key must be documented there too."""
+    from pathlib import Path
+
+    from pretrain.config import markdown_reference
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_reference() in readme, "README config reference is stale: run `make docs`"
