@@ -33,6 +33,8 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6"],
+        # `pretrain data import --from parquet` (and its tests); everything else runs without it
+        "data": ["pyarrow>=14"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
 )

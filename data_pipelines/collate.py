@@ -14,11 +14,13 @@ import torch
 
 from .masking import mlm_mask
 from .tokenizer import TextTokenizer
+from .transforms import normalize_batch
 
 
 @dataclass
 class TrainExample:
-    """One decoded training sample plus the generators that fix its MLM mask and patch noise."""
+    """One decoded training sample (uint8 [H, W, 3]) plus the generators that fix its MLM mask and patch
+    noise, and the epoch it belongs to (for the key audit)."""
 
     key: str
     image: np.ndarray
@@ -26,6 +28,7 @@ class TrainExample:
     cls: int
     mlm_rng: np.random.Generator
     noise_rng: np.random.Generator
+    epoch: int = 0
 
 
 @dataclass
@@ -42,6 +45,8 @@ def collate_train(
     context_length: int,
     mask_prob: float,
     num_patches: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
 ) -> dict[str, Any]:
     """Model inputs for a training batch (the keys and dtypes are the contract with the model code)."""
     text = tokenizer.encode_batch([e.caption for e in examples], context_length)
@@ -54,22 +59,24 @@ def collate_train(
                                                mask_id=tokenizer.mask_id)
     noise = np.stack([ex.noise_rng.random(num_patches, dtype=np.float32) for ex in examples])
     return {
-        "image": torch.from_numpy(np.stack([ex.image for ex in examples])),
+        "image": normalize_batch([ex.image for ex in examples], mean, std),
         "text": text,
         "mlm_input": torch.from_numpy(mlm_input),
         "mlm_labels": torch.from_numpy(mlm_labels),
         "patch_noise": torch.from_numpy(noise),
         "cls": torch.tensor([ex.cls for ex in examples], dtype=torch.long),
         "_keys": [ex.key for ex in examples],
+        "_epochs": [ex.epoch for ex in examples],
     }
 
 
 def collate_eval(
-    examples: list[EvalExample], tokenizer: TextTokenizer, context_length: int
+    examples: list[EvalExample], tokenizer: TextTokenizer, context_length: int, mean: tuple[float, ...],
+    std: tuple[float, ...],
 ) -> dict[str, Any]:
     """Inputs for zero-shot / retrieval evaluation: no masking, no noise."""
     return {
-        "image": torch.from_numpy(np.stack([ex.image for ex in examples])),
+        "image": normalize_batch([ex.image for ex in examples], mean, std),
         "text": tokenizer.encode_batch([ex.caption for ex in examples], context_length),
         "cls": torch.tensor([ex.cls for ex in examples], dtype=torch.long),
         "_keys": [ex.key for ex in examples],

@@ -12,7 +12,15 @@ from typing import Any
 
 from PIL import Image
 
-from .stats import BAD_IMAGE, BAD_TEXT, EMPTY_CAPTION, MISSING_CAPTION, MISSING_IMAGE, SkipCounter
+from .stats import (
+    BAD_IMAGE,
+    BAD_TEXT,
+    EMPTY_CAPTION,
+    IMAGE_TOO_LARGE,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    SkipCounter,
+)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEY = "txt"
@@ -58,17 +66,32 @@ def label_of(sample: dict[str, Any]) -> int:
 
 
 def decode_image(
-    data: bytes, key: str, skips: SkipCounter, view: Callable[[Image.Image], Image.Image]
-) -> Image.Image | None:
+    data: bytes,
+    key: str,
+    skips: SkipCounter,
+    view: Callable[[Image.Image], Any],
+    max_pixels: int = 0,
+) -> Any | None:
     """Open the bytes lazily and apply `view` (crop + resize, which forces the decode); None on failure.
 
-    `view` gets the still-undecoded image so it can choose a reduced JPEG decode scale.
+    `view` gets the still-undecoded image so it can choose a reduced JPEG decode scale; it returns a
+    decoded image or array. Images with more
+    than `max_pixels` pixels (0: no limit) are refused from the header alone, before any pixel is decoded:
+    a few-kB "decompression bomb" would otherwise allocate gigabytes in a DataLoader worker.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if max_pixels and width * height > max_pixels:
+                skips.skip(IMAGE_TOO_LARGE, f"{key}: {width}x{height} > {max_pixels} pixels")
+                return None
             out = view(img)
-            out.load()
+            if isinstance(out, Image.Image):
+                out.load()
             return out
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, when above ours
+        skips.skip(IMAGE_TOO_LARGE, f"{key}: {exc}")
+        return None
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         skips.skip(BAD_IMAGE, f"{key}: {type(exc).__name__}: {exc}")
         return None

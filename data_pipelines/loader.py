@@ -1,46 +1,49 @@
 """Training and evaluation data streams: sharded, shuffled, augmented, tokenized and resumable.
 
-Layout of the training stream, per rank and per DataLoader worker (a *stream*):
+Layout of the training stream, per rank and per DataLoader worker (a *stream*, see `plan`):
 
-    epoch e:  shards (shuffled by (seed, e))  ->  [rank::world]  ->  [worker::workers]
-              -> webdataset tar expansion (bad shards counted, not raised)
-              -> shuffle buffer seeded by (seed, e, rank, worker), drained at the end of the epoch
-              -> decode + crop + normalise  (per-sample RNG from (seed, e, hash(key)))
-              -> batches of train.micro_batch, tokenized and masked inside the worker
+    epoch e:  work items (whole shards, or strided slices of shards when shards < streams)
+              -> dealt to stream g = rank + world * worker (`plan.fresh_items`, or a re-deal on resume)
+              -> `interleave` items open at once, next sample from a seeded random one (`cursor`)
+              -> inside each item: blocks of `shuffle_buffer / interleave` samples, each block permuted
+              -> decode + checks + crop (per-sample RNG from (seed, e, key)), skips counted by reason
+              -> batches of train.micro_batch, tokenized, masked and normalised inside the worker
 
-Each stream is a pure function of the seed and the shard list, so its position is (epoch, raw samples taken
-from the shuffle buffer). Batches carry that position; `PositionTracker` turns the consumed ones into a
-checkpointable dict, and `make_train_loader(..., position=...)` restarts every stream there, skipping the
-consumed raw samples without decoding them. PyTorch's DataLoader always serves worker 0 first, so after k
-consumed batches actual worker a plays stream (a + k) % workers to keep the round-robin order unchanged.
+Every sample of an epoch lies in exactly one item and every item goes to exactly one stream, so an epoch
+is covered exactly once across ranks x workers. A stream's whole state is a few integers per open item
+(`plan.StreamState`); each batch carries it as `_position`, `PositionTracker` keeps the consumed ones, and
+`make_train_loader(..., position=...)` restarts every stream there: from its own state when the layout is
+unchanged (identical batches), or from a re-deal of the unconsumed items when ranks/workers changed
+(exactly the unseen samples). The stream is infinite: epoch e+1 follows epoch e in each stream, so ranks
+never run dry at different times.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
-import random
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pretrain.config import Config
 
 from .collate import EvalExample, TrainExample, collate_eval, collate_train
+from .cursor import StreamCursor
 from .decode import decode_image, label_of, split_sample
-from .position import PositionTracker, parse_position, streams_for
-from .seeding import derive_seed, sample_rngs
-from .sharding import check_enough_shards, epoch_shards
+from .plan import PlanParams, StreamState, split_counts
+from .position import PositionTracker, shards_fingerprint, start_states, stream_index, streams_for
+from .seeding import sample_rngs
 from .shardstream import shard_samples
 from .stats import SkipCounter
 from .tokenizer import TextTokenizer
-from .transforms import center_crop_resize, random_resized_crop, to_normalized_array
-from .urls import expand_urls
+from .transforms import center_crop_resize_array, random_resized_crop_array
+from .urls import expand_sources, known_sizes
 
-__all__ = ["PositionTracker", "make_eval_loader", "make_train_loader"]
+__all__ = ["PositionTracker", "TrainLoader", "make_eval_loader", "make_train_loader", "plan_params"]
 
 logger = logging.getLogger("data_pipelines")
 
@@ -53,25 +56,35 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
+def plan_params(cfg: Config, sources: list[list[str]]) -> PlanParams:
+    """The plan parameters of `cfg` over the expanded `::` sources of data.train."""
+    d = cfg.data
+    return PlanParams(
+        num_shards=sum(len(s) for s in sources), seed=cfg.train.seed, shard_shuffle=d.shard_shuffle,
+        block=max(1, d.shuffle_buffer // max(d.interleave, 1)), sampling=d.sampling,
+        source_sizes=tuple(len(s) for s in sources), weights=tuple(d.train_weights))
+
+
 class _TrainStream(IterableDataset):
     """The infinite per-worker training stream described in the module docstring."""
 
-    def __init__(self, cfg: Config, tokenizer: TextTokenizer, shards: list[str], rank: int, world: int,
-                 starts: dict[int, tuple[int, int]], batches_done: int) -> None:
+    def __init__(self, cfg: Config, tokenizer: TextTokenizer, urls: list[str], params: PlanParams, rank: int,
+                 world: int, starts: dict[int, StreamState], batches_done: int) -> None:
         super().__init__()
         d, m = cfg.data, cfg.model
         self.tokenizer = tokenizer
-        self.shards = shards
+        self.urls = urls
+        self.params = params
         self.rank, self.world = rank, world
         self.num_streams = streams_for(d.workers)
         self.starts = starts
         self.batches_done = batches_done
         self.seed = cfg.train.seed
-        self.shard_shuffle = d.shard_shuffle
-        self.shuffle_buffer = d.shuffle_buffer
+        self.interleave = d.interleave
         self.batch_size = cfg.train.micro_batch
         self.image_size = m.image_size
         self.crop_scale = tuple(d.crop_scale)
+        self.max_pixels = d.max_image_pixels
         self.mean, self.std = tuple(d.mean), tuple(d.std)
         self.context_length = m.text.context_length
         self.mask_prob = cfg.objectives.mlm.mask_prob
@@ -84,15 +97,6 @@ class _TrainStream(IterableDataset):
                                f"runs in {count}; use the loader make_train_loader returns")
         return self._stream((actual + self.batches_done) % self.num_streams)
 
-    def _epoch_samples(self, stream: int, epoch: int, skips: SkipCounter) -> Iterator[dict[str, Any]]:
-        shards = epoch_shards(self.shards, epoch, self.seed, self.shard_shuffle, self.rank, self.world,
-                              stream, self.num_streams)
-        raw = shard_samples(shards, skips)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(derive_seed(self.seed, epoch, self.rank, stream))
-            raw = wds.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
-        return raw
-
     def _example(self, sample: dict[str, Any], epoch: int, skips: SkipCounter) -> TrainExample | None:
         parts = split_sample(sample, skips)
         if parts is None:
@@ -100,50 +104,52 @@ class _TrainStream(IterableDataset):
         data, caption = parts
         key = sample["__key__"]
         crop_rng, mlm_rng, noise_rng = sample_rngs(self.seed, epoch, key)
-        img = decode_image(data, key, skips,
-                           lambda im: random_resized_crop(im, self.image_size, self.crop_scale, rng=crop_rng))
+        view = lambda im: random_resized_crop_array(im, self.image_size, self.crop_scale, rng=crop_rng)
+        img = decode_image(data, key, skips, view, max_pixels=self.max_pixels)
         if img is None:
             return None
-        return TrainExample(key, to_normalized_array(img, self.mean, self.std), caption, label_of(sample),
-                            mlm_rng, noise_rng)
+        return TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng, epoch)
 
-    def _stream(self, stream: int) -> Iterator[dict[str, Any]]:
-        epoch, drop = self.starts.get(stream, (0, 0))
-        skips = SkipCounter(where=f"rank {self.rank} worker {stream}")
+    def _stream(self, worker: int) -> Iterator[dict[str, Any]]:
+        state = copy.deepcopy(self.starts[worker])
+        stream = stream_index(self.rank, self.world, worker)
+        skips = SkipCounter(where=f"rank {self.rank} worker {worker}")
+        skips.restore(state.skips)
+        cursor = StreamCursor(self.urls, self.params, state, stream, self.world * self.num_streams,
+                              self.interleave, skips)
         pending: list[TrainExample] = []
         empty_epochs = 0
         while True:
-            offset = delivered = 0
-            for sample in self._epoch_samples(stream, epoch, skips):
-                offset += 1
-                if offset <= drop:
-                    continue  # consumed before the checkpoint: skip without decoding
-                example = self._example(sample, epoch, skips)
+            fresh, items = cursor.at_epoch_start(), cursor.items()
+            delivered_before = state.delivered
+            while (sample := cursor.next_in_epoch()) is not None:
+                example = self._example(sample, state.epoch, skips)
                 if example is None:
                     continue
-                delivered += 1
+                state.delivered += 1
                 pending.append(example)
                 if len(pending) == self.batch_size:
                     batch = collate_train(pending, self.tokenizer, self.context_length, self.mask_prob,
-                                          self.num_patches)
-                    batch["_position"] = {"worker": stream, "epoch": epoch, "offset": offset}
-                    batch["_skips"] = skips.as_dict()
+                                          self.num_patches, self.mean, self.std)
+                    state.skips = skips.as_dict()
+                    batch["_position"] = state.as_dict(worker)
+                    batch["_skips"] = dict(state.skips)
                     pending = []
                     yield batch
-            if delivered == 0 and drop == 0:
+            if fresh and items and state.delivered == delivered_before:
                 empty_epochs += 1
-                shards = epoch_shards(self.shards, epoch, self.seed, self.shard_shuffle, self.rank,
-                                      self.world, stream, self.num_streams)
-                msg = (f"rank {self.rank} worker {stream}: no usable samples in epoch {epoch} from "
-                       f"{len(shards)} shard(s) {shards[:4]}{'...' if len(shards) > 4 else ''}; "
-                       f"skips so far: {skips.as_dict()}")
+                shards = sorted({self.urls[i.shard] for i in items})
+                hint = (f" (every {items[0].stride}th sample of a shard: fewer samples than streams?)"
+                        if items[0].stride > 1 else "")
+                msg = (f"rank {self.rank} worker {worker}: no usable samples in epoch {state.epoch} from "
+                       f"{len(items)} item(s) of shard(s) {shards[:4]}{'...' if len(shards) > 4 else ''}"
+                       f"{hint}; skips so far: {skips.as_dict()}")
                 if empty_epochs >= _MAX_EMPTY_EPOCHS:
                     raise RuntimeError(f"{msg} ({empty_epochs} epochs in a row, giving up)")
                 logger.warning(msg)
-            else:
+            elif state.delivered > delivered_before:
                 empty_epochs = 0
-            drop = 0
-            epoch += 1
+            cursor.next_epoch()
 
 
 class _EvalStream(IterableDataset):
@@ -169,11 +175,10 @@ class _EvalStream(IterableDataset):
                 continue
             data, caption = parts
             img = decode_image(data, sample["__key__"], skips,
-                               lambda im: center_crop_resize(im, self.image_size))
+                               lambda im: center_crop_resize_array(im, self.image_size))
             if img is None:
                 continue
-            pending.append(EvalExample(sample["__key__"], to_normalized_array(img, self.mean, self.std),
-                                       caption, label_of(sample)))
+            pending.append(EvalExample(sample["__key__"], img, caption, label_of(sample)))
             if len(pending) == self.batch_size:
                 yield self._batch(pending, skips)
                 pending = []
@@ -181,7 +186,7 @@ class _EvalStream(IterableDataset):
             yield self._batch(pending, skips)
 
     def _batch(self, examples: list[EvalExample], skips: SkipCounter) -> dict[str, Any]:
-        batch = collate_eval(examples, self.tokenizer, self.context_length)
+        batch = collate_eval(examples, self.tokenizer, self.context_length, self.mean, self.std)
         batch["_skips"] = skips.as_dict()
         return batch
 
@@ -201,18 +206,46 @@ def _data_loader(dataset: IterableDataset, workers: int, persistent: bool) -> Da
     )
 
 
+class TrainLoader:
+    """Iterable of training batches, plus `tracker`: a `PositionTracker` primed with every worker's start
+    state (so a checkpoint written before a worker delivers anything still records its place)."""
+
+    def __init__(self, loader: DataLoader, tracker: PositionTracker) -> None:
+        self.loader = loader
+        self.tracker = tracker
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.loader)
+
+
+def _check_streams_have_samples(urls: list[str], params: PlanParams, world: int, streams: int) -> None:
+    """With shard sizes known (sizes.json), fail before training if some stream would get no sample."""
+    if params.sampling != "epoch":
+        return
+    counts = split_counts(known_sizes(urls), params, world * streams)
+    empty = [g for g, c in enumerate(counts) if c == 0]
+    if empty:
+        total = sum(c for c in counts if c)
+        g = empty[0]
+        raise ValueError(
+            f"{len(urls)} shard(s) with {total} samples cannot feed {world} ranks x {streams} workers: "
+            f"{len(empty)} stream(s) (first: rank {g % world} worker {g // world}) would get no sample per "
+            f"epoch; lower data.workers or the number of ranks, or write more samples")
+
+
 def make_train_loader(
     cfg: Config,
     tokenizer: TextTokenizer,
     rank: int,
     world: int,
-    position: dict[str, Any] | None = None,
-) -> Iterable[dict[str, Any]]:
-    """Infinite iterable of training batches for `rank` of `world` (see the module docstring).
+    position: dict[str, Any] | list[dict[str, Any]] | None = None,
+) -> TrainLoader:
+    """Infinite iterable of training batches for data-parallel `rank` of `world` (see the module docstring).
 
     Batch keys: image f32 [B,3,S,S], text / mlm_input / mlm_labels i64 [B,L], patch_noise f32 [B,P],
-    cls i64 [B], _keys, _position {worker, epoch, offset}, _skips {reason: count}. `position` is a
-    `PositionTracker.state()` saved with the same world size and data.workers.
+    cls i64 [B], _keys, _epochs (epoch of each sample), _position (the stream's `StreamState`, with worker,
+    epoch and offset), _skips {reason: count}. `position` is the checkpoint's list of every rank's
+    `PositionTracker.state()` (any earlier layout), or this rank's entry under an unchanged layout.
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
@@ -224,14 +257,19 @@ def make_train_loader(
         raise ValueError(f"train.micro_batch must be >= 1, got {cfg.train.micro_batch}")
     if cfg.data.workers < 0:
         raise ValueError(f"data.workers must be >= 0, got {cfg.data.workers}")
-    shards = expand_urls(cfg.data.train)
-    check_enough_shards(len(shards), world, cfg.data.workers)
-    starts: dict[int, tuple[int, int]] = {}
-    batches_done = 0
-    if position is not None:
-        starts, batches_done = parse_position(position, world, streams_for(cfg.data.workers))
-    dataset = _TrainStream(cfg, tokenizer, shards, rank, world, starts, batches_done)
-    return _data_loader(dataset, cfg.data.workers, persistent=True)
+    sources = expand_sources(cfg.data.train)
+    if cfg.data.train_weights and len(cfg.data.train_weights) != len(sources):
+        raise ValueError(f"data.train_weights has {len(cfg.data.train_weights)} entries for {len(sources)} "
+                         f"'::'-separated sources of data.train")
+    urls = [u for source in sources for u in source]
+    params = plan_params(cfg, sources)
+    streams = streams_for(cfg.data.workers)
+    _check_streams_have_samples(urls, params, world, streams)
+    fingerprint = shards_fingerprint(urls)
+    starts, batches_done = start_states(params, fingerprint, rank, world, cfg.data.workers, position)
+    tracker = PositionTracker(params, fingerprint, rank, world, cfg.data.workers, starts, batches_done)
+    dataset = _TrainStream(cfg, tokenizer, urls, params, rank, world, starts, batches_done)
+    return TrainLoader(_data_loader(dataset, cfg.data.workers, persistent=True), tracker)
 
 
 def make_eval_loader(
@@ -251,7 +289,7 @@ def make_eval_loader(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    shards = expand_urls(urls)
+    shards = [u for source in expand_sources(urls) for u in source]
     workers = min(max(int(workers), 0), len(shards))
     dataset = _EvalStream(shards, tokenizer, image_size, batch_size, context_length, mean, std)
     return _data_loader(dataset, workers, persistent=False)

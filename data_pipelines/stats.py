@@ -17,8 +17,14 @@ MISSING_CAPTION = "missing_caption"
 EMPTY_CAPTION = "empty_caption"
 BAD_IMAGE = "bad_image"
 BAD_TEXT = "bad_text"
+IMAGE_TOO_LARGE = "image_too_large"
+FETCH_FAILED = "fetch_failed"  # importers only: an image URL could not be downloaded
 BAD_SHARD = "bad_shard"
 DUPLICATE_MEMBER = "duplicate_member"
+
+SAMPLE_REASONS: tuple[str, ...] = (MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_IMAGE, BAD_TEXT,
+                                   IMAGE_TOO_LARGE)
+"""Reasons that each lose one sample (bad_shard loses the rest of a shard, duplicate_member nothing)."""
 
 
 class SkipCounter:
@@ -53,6 +59,11 @@ class SkipCounter:
             logger.warning("%sskipped so far: %s (latest: %s%s)", prefix, self.as_dict(), reason,
                            f": {detail}" if detail else "")
 
+    def restore(self, counts: dict[str, int]) -> None:
+        """Continue from counts saved in a checkpoint (totals stay run-wide across resumes)."""
+        self._counts = {str(k): int(v) for k, v in counts.items()}
+        self._warned = min(self.first_warnings, self.total)
+
     def __getitem__(self, reason: str) -> int:
         return self._counts.get(reason, 0)
 
@@ -66,3 +77,37 @@ class SkipCounter:
 
     def __repr__(self) -> str:
         return f"SkipCounter({self.where!r}, {self.as_dict()})"
+
+
+class DataQualityError(RuntimeError):
+    """Too much of the data is unusable to keep training (see `data.max_bad_fraction`)."""
+
+
+def bad_fractions(skips: dict[str, int], delivered: int, shards: int) -> tuple[float, float]:
+    """(skipped samples / samples read, bad shards / shards opened), 0 where nothing was read yet."""
+    bad = sum(int(skips.get(r, 0)) for r in SAMPLE_REASONS)
+    samples = bad + int(delivered)
+    bad_shards = int(skips.get(BAD_SHARD, 0))
+    return (bad / samples if samples else 0.0, bad_shards / shards if shards else 0.0)
+
+
+def check_bad_fraction(skips: dict[str, int], delivered: int, shards: int, max_fraction: float,
+                       min_samples: int) -> None:
+    """Raise `DataQualityError` once at least `min_samples` samples were read and more than
+    `max_fraction` of samples (or of shards opened) were unusable.
+
+    Called with run-wide totals on every rank at the same step, so all ranks stop together instead of
+    some hanging in a collective.
+    """
+    if max_fraction >= 1.0:
+        return
+    bad = sum(int(skips.get(r, 0)) for r in SAMPLE_REASONS)
+    read = bad + int(delivered)
+    sample_frac, shard_frac = bad_fractions(skips, delivered, shards)
+    if read >= min_samples and (sample_frac > max_fraction or shard_frac > max_fraction):
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(skips.items()) if v)
+        raise DataQualityError(
+            f"aborting: {bad} of {read} samples ({sample_frac:.1%}) and {skips.get(BAD_SHARD, 0)} of "
+            f"{shards} shard reads ({shard_frac:.1%}) were unusable, above "
+            f"data.max_bad_fraction={max_fraction:g} (skipped by reason: {reasons or 'none'}); check "
+            f"data.train with `pretrain data inspect`, or raise data.max_bad_fraction")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from .shardstream import shard_samples
 from .stats import BAD_TEXT, EMPTY_CAPTION, MISSING_CAPTION, SkipCounter
@@ -25,7 +25,6 @@ logger = logging.getLogger("data_pipelines")
 PAD, UNK, SOS, EOS, MASK = "[PAD]", "[UNK]", "[SOS]", "[EOS]", "[MASK]"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, SOS, EOS, MASK)
 PAD_ID, UNK_ID, SOS_ID, EOS_ID, MASK_ID = range(len(SPECIAL_TOKENS))
-_WORD_END = "</w>"
 
 
 def _check_specials(tok: Tokenizer, source: str) -> None:
@@ -133,10 +132,12 @@ class TextTokenizer:
 
 
 def _new_bpe() -> Tokenizer:
-    tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix=_WORD_END))
+    # No end-of-word suffix: HF's trainer adds suffixed symbols in hash-map order, which made two trainings
+    # on the same captions assign different ids (and so different runs). Without it training is
+    # deterministic; words never merge across whitespace anyway (the pre-tokenizer splits there).
+    tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # splits on whitespace and on each punctuation
-    tok.decoder = decoders.BPEDecoder(suffix=_WORD_END)
     return tok
 
 
@@ -165,7 +166,7 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int) -> TextTokenizer:
 
     tok = _new_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  end_of_word_suffix=_WORD_END, show_progress=False)
+                                  show_progress=False)
     tok.train_from_iterator(counted(), trainer=trainer)
     if seen == 0:
         raise ValueError("cannot train a tokenizer on zero captions")

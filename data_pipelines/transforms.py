@@ -1,16 +1,26 @@
-"""Image augmentation and normalisation with PIL and NumPy only (no torchvision dependency).
+"""Image augmentation and normalisation with PIL, NumPy and torch (no torchvision dependency).
 
 Crops are decided on the encoded image's header size and, for JPEGs much larger than the output, decoded
-at a reduced scale (`Image.draft`, DCT scaling), which is the main CPU cost of web-scale image loading.
-Crop and resize happen in one `resize(box=...)` call so no intermediate image is materialised.
+at a reduced scale (`Image.draft`, DCT scaling: the decoder does less work and the resize has fewer
+pixels to filter). Two ways to produce the crop, with the same crop box from the same RNG draws:
+
+* `random_resized_crop` / `center_crop_resize` return PIL images: crop and resize in one
+  `resize(box=...)` call (fractional box, no intermediate image);
+* the `*_array` versions, which the training and eval streams use, crop only the needed pixels (before
+  any colour conversion) and resize with torch's vectorised uint8 antialiased bicubic kernel -- the same
+  filter as PIL's bicubic (mean absolute difference ~0.1 grey level, box rounded to whole pixels as
+  torchvision does) at about a sixth of PIL's resize cost, the largest per-sample CPU cost after decoding.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 
@@ -31,9 +41,62 @@ def _draft_for(img: Image.Image, box: tuple[float, float, float, float], size: i
 def _resize_box(img: Image.Image, size: int, box: tuple[float, float, float, float]) -> Image.Image:
     box = _draft_for(img, box, size)
     if img.mode not in ("RGB", "L"):
-        img = img.convert("RGB")  # palette / alpha / CMYK: resampling needs a plain colour mode
+        # palette / alpha / CMYK: resampling needs a plain colour mode; crop first (cheap in any mode) so
+        # the conversion touches only the pixels the crop keeps
+        x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+        x1, y1 = min(math.ceil(box[2]), img.size[0]), min(math.ceil(box[3]), img.size[1])
+        img = img.crop((x0, y0, x1, y1)).convert("RGB")
+        box = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
     out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     return out if out.mode == "RGB" else out.convert("RGB")
+
+
+def _resize_box_array(img: Image.Image, size: int, box: tuple[float, float, float, float]) -> np.ndarray:
+    """uint8 [size, size, 3] of `box` of `img`: draft decode, whole-pixel crop, torch bicubic resize."""
+    box = _draft_for(img, box, size)
+    width, height = img.size
+    x0 = min(max(int(round(box[0])), 0), width - 1)
+    y0 = min(max(int(round(box[1])), 0), height - 1)
+    x1 = min(max(int(round(box[2])), x0 + 1), width)
+    y1 = min(max(int(round(box[3])), y0 + 1), height)
+    region = img.crop((x0, y0, x1, y1))  # decodes the image; copies only the crop
+    if region.mode != "RGB":
+        region = region.convert("RGB")  # after the crop: converts only the pixels kept
+    arr = np.asarray(region)
+    if arr.shape[0] == arr.shape[1] == size:
+        return arr
+    with warnings.catch_warnings():  # np.asarray(PIL image) is read-only; torch only reads it here
+        warnings.simplefilter("ignore", UserWarning)
+        chw = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)  # channels-last memory: the fast kernel
+    out = F.interpolate(chw, size=(size, size), mode="bicubic", antialias=True)
+    return out[0].permute(1, 2, 0).numpy()
+
+
+def _rrc_box(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], rng: np.random.Generator | None
+) -> tuple[int, int, int, int]:
+    if rng is None:
+        raise TypeError("random_resized_crop needs an explicit numpy Generator `rng` (reproducible crops)")
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
 
 
 def random_resized_crop(
@@ -49,29 +112,25 @@ def random_resized_crop(
     ratio. All randomness comes from `rng`, which is required (no hidden global RNG) so a sample's crop is
     reproducible from its key.
     """
-    if rng is None:
-        raise TypeError("random_resized_crop needs an explicit numpy Generator `rng` (reproducible crops)")
+    return _resize_box(img, size, _rrc_box(*img.size, scale, ratio, rng))
+
+
+def random_resized_crop_array(
+    img: Image.Image,
+    size: int,
+    scale: Sequence[float],
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """`random_resized_crop` (same box for the same `rng`) as uint8 [size, size, 3], the fast way."""
+    return _resize_box_array(img, size, _rrc_box(*img.size, scale, ratio, rng))
+
+
+def _center_box(img: Image.Image) -> tuple[float, float, float, float]:
     width, height = img.size
-    area = width * height
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return _resize_box(img, size, (left, top, left + w, top + h))
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return _resize_box(img, size, (left, top, left + w, top + h))
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
 
 
 def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
@@ -79,10 +138,12 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
 
     Done as one resize of the centred square box, which is the same geometry without an intermediate.
     """
-    width, height = img.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return _resize_box(img, size, (left, top, left + side, top + side))
+    return _resize_box(img, size, _center_box(img))
+
+
+def center_crop_resize_array(img: Image.Image, size: int) -> np.ndarray:
+    """`center_crop_resize` as uint8 [size, size, 3], the fast way."""
+    return _resize_box_array(img, size, _center_box(img))
 
 
 def to_normalized_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -92,3 +153,25 @@ def to_normalized_array(img: Image.Image, mean: Sequence[float], std: Sequence[f
     inv_std = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
     arr = (arr - mean_a) * inv_std
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def to_uint8_array(img: Image.Image) -> np.ndarray:
+    """RGB image -> uint8 [H, W, 3]; normalisation is left to `normalize_batch` (one pass per batch)."""
+    return np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
+
+
+def normalize_batch(
+    images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 [H, W, 3] images -> float32 [B, 3, H, W], scaled to [0, 1] and normalised per channel.
+
+    One transposing copy into a preallocated tensor and two in-place ops for the whole batch, instead of
+    four array passes per sample; same values as `to_normalized_array`.
+    """
+    stacked = torch.from_numpy(np.stack(images))
+    b, h, w, c = stacked.shape
+    out = torch.empty((b, c, h, w), dtype=torch.float32)
+    out.copy_(stacked.permute(0, 3, 1, 2))
+    mean_t = torch.tensor([m * 255.0 for m in mean], dtype=torch.float32).view(1, c, 1, 1)
+    scale_t = torch.tensor([1.0 / (s * 255.0) for s in std], dtype=torch.float32).view(1, c, 1, 1)
+    return out.sub_(mean_t).mul_(scale_t)

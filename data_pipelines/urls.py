@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 
 import braceexpand
+
+logger = logging.getLogger("data_pipelines")
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
@@ -18,6 +22,43 @@ def is_local(url: str) -> bool:
 
 def _local_path(url: str) -> str:
     return re.sub(r"^file:(//)?", "", url) if url.lower().startswith("file:") else url
+
+
+def expand_sources(spec: str) -> list[list[str]]:
+    """The `::`-separated sources of `spec`, each expanded (see `expand_urls`), for weighted mixing."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"no shard URLs given (empty spec {spec!r})")
+    sources = []
+    for part in spec.split("::"):
+        if not part.strip():
+            raise ValueError(f"shard spec {spec!r} has an empty source between '::'")
+        sources.append(expand_urls(part))
+    return sources
+
+
+def known_sizes(urls: list[str]) -> list[int | None]:
+    """Samples per shard from a `sizes.json` beside local shards (written by `data synth` / `data import`),
+    None where unknown. Used for start-up checks only; nothing depends on it being present."""
+    cache: dict[str, dict[str, int]] = {}
+    sizes: list[int | None] = []
+    for url in urls:
+        if not is_local(url):
+            sizes.append(None)
+            continue
+        path = _local_path(url)
+        folder, name = os.path.split(path)
+        if folder not in cache:
+            cache[folder] = {}
+            sidecar = os.path.join(folder or ".", "sizes.json")
+            if os.path.isfile(sidecar):
+                try:
+                    with open(sidecar, encoding="utf-8") as fh:
+                        loaded = json.load(fh)
+                    cache[folder] = {str(k): int(v) for k, v in loaded.items()}
+                except (OSError, ValueError, AttributeError) as exc:
+                    logger.warning("ignoring unreadable %s: %s", sidecar, exc)
+        sizes.append(cache[folder].get(name))
+    return sizes
 
 
 def expand_urls(spec: str) -> list[str]:

@@ -1,4 +1,6 @@
-"""Training/eval streams: layout-independent sharding, exact resume, plain tars, bad data counted."""
+"""Training/eval streams: layout-independent sharding, exact resume, plain tars, bad data counted.
+
+Exact coverage under many layouts and elastic resume are in test_data_coverage.py / test_data_resume.py."""
 
 import io
 import json
@@ -10,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipelines.loader import PositionTracker, make_eval_loader, make_train_loader
+from data_pipelines.loader import make_eval_loader, make_train_loader
 from data_pipelines.synth import make_sample, write_synthetic_shards
 from data_pipelines.tokenizer import SOS_ID, TextTokenizer, train_tokenizer
 from data_pipelines.urls import expand_urls
@@ -98,8 +100,9 @@ def test_batch_shapes_and_dtypes(shards, tok):
     # normalised with CLIP mean/std: pixel values in [0,1] map to roughly [-1.8, 2.2]
     assert -2.0 < batch["image"].min() < batch["image"].max() < 2.3
     assert len(batch["_keys"]) == 4 and all(k.startswith("s0_") for k in batch["_keys"])
-    assert batch["_position"] == {"worker": 0, "epoch": 0, "offset": batch["_position"]["offset"]}
-    assert batch["_position"]["offset"] >= 4 and batch["_skips"] == {}
+    assert (batch["_position"]["worker"], batch["_position"]["epoch"]) == (0, 0)
+    assert batch["_position"]["offset"] >= 4 and batch["_position"]["delivered"] == 4
+    assert batch["_skips"] == {} and batch["_epochs"] == [0] * 4
 
 
 def test_ranks_and_workers_see_disjoint_samples_covering_the_epoch(shards, tok):
@@ -126,11 +129,14 @@ def test_ranks_and_workers_see_disjoint_samples_covering_the_epoch(shards, tok):
                     assert torch.equal(b[name][i], ref[name][j]), (k, name)
 
 
-def test_too_few_shards_is_a_clear_error(shards, tok):
-    with pytest.raises(ValueError, match="8 shards cannot feed 2 ranks x 8 workers"):
-        make_train_loader(_cfg(shards["urls"], workers=8), tok, rank=0, world=2)
+def test_missing_shards_and_too_few_samples_are_clear_errors(shards, tok, tmp_path):
     with pytest.raises(ValueError, match="do not exist"):
         make_train_loader(_cfg(shards["urls"].replace("shard-", "nope-")), tok, rank=0, world=1)
+    # 3 samples cannot give each of 2 x 2 streams a sample; sizes.json makes this a start-up error
+    tiny = write_synthetic_shards(tmp_path, samples=3, samples_per_shard=3, image_size=16, seed=0)
+    with pytest.raises(ValueError, match="1 shard.* with 3 samples cannot feed 2 ranks x 2 workers"):
+        make_train_loader(_cfg(tiny["urls"], workers=2), tok, rank=0, world=2)
+    make_train_loader(_cfg(tiny["urls"], workers=1), tok, rank=0, world=2)  # 2 streams: fine
 
 
 # ----------------------------------------------------------------------------------------- resume
@@ -145,33 +151,40 @@ def _assert_same_batches(got: list[dict], want: list[dict]) -> None:
 def test_resume_continues_exactly(shards, tok):
     cfg = _cfg(shards["urls"], workers=2, buffer=10)
     # 16 batches per epoch on one rank: 19 batches cross into epoch 1
-    reference = _take(make_train_loader(cfg, tok, rank=0, world=1), 19)
-    tracker = PositionTracker(cfg.data.workers, world=1)
+    loader = make_train_loader(cfg, tok, rank=0, world=1)
+    reference = _take(loader, 19)
+    tracker = loader.tracker
     for batch in reference[:5]:
         tracker.update(batch)
-    saved = json.loads(json.dumps(tracker.state(batches=5)))  # what a checkpoint stores
+    saved = json.loads(json.dumps(tracker.state()))  # what a checkpoint stores
     assert saved["num_workers"] == 2 and saved["world"] == 1 and saved["batches"] == 5
     assert set(saved["workers"]) == {"0", "1"}
 
-    resumed_loader = iter(make_train_loader(cfg, tok, rank=0, world=1, position=saved))
-    first = list(islice(resumed_loader, 4))
+    resumed = make_train_loader(cfg, tok, rank=0, world=1, position=saved)
+    first = list(islice(iter(resumed), 4))
     _assert_same_batches(first, reference[5:9])
     # resume again after one more batch (from worker 1): worker 0's place must come from the first save
-    tracker2 = PositionTracker(cfg.data.workers, world=1, position=saved)
+    tracker2 = resumed.tracker
     tracker2.update(first[0])
-    saved2 = tracker2.state(batches=6)
+    saved2 = tracker2.state()
+    assert saved2["batches"] == 6 and saved2["workers"]["0"] == saved["workers"]["0"]
     again = _take(make_train_loader(cfg, tok, rank=0, world=1, position=saved2), 13)
     _assert_same_batches(again, reference[6:19])
     assert again[-1]["_position"]["epoch"] == 1
 
 
-def test_resume_with_other_layout_is_rejected(shards, tok):
+def test_unusable_positions_are_rejected_clearly(shards, tok):
     cfg = _cfg(shards["urls"], workers=2)
-    position = {"workers": {"0": {"epoch": 0, "offset": 4}}, "num_workers": 2, "world": 1, "batches": 1}
-    with pytest.raises(ValueError, match="saved with 1 ranks x 2 workers.*2 ranks x 2 workers"):
-        make_train_loader(cfg, tok, rank=0, world=2, position=position)
-    with pytest.raises(ValueError, match="elastic"):
-        make_train_loader(_cfg(shards["urls"], workers=1), tok, rank=0, world=1, position=position)
+    saved = make_train_loader(cfg, tok, rank=0, world=1).tracker.state()
+    # one rank's entry is enough for an unchanged layout, not for a re-deal
+    with pytest.raises(ValueError, match="saved with 1 ranks x 2 workers.*2 ranks x 2 workers.*every rank"):
+        make_train_loader(cfg, tok, rank=0, world=2, position=saved)
+    with pytest.raises(ValueError, match="format version None.*older mmpt"):
+        old = {"workers": {"0": {"epoch": 0, "offset": 4}}, "num_workers": 2, "world": 1, "batches": 1}
+        make_train_loader(cfg, tok, rank=0, world=1, position=[old])
+    fewer = _cfg(shards["files"][0] + "::" + shards["files"][1], workers=2)
+    with pytest.raises(ValueError, match="covers 8 shards but data.train now expands to 2"):
+        make_train_loader(fewer, tok, rank=0, world=1, position=[saved])
 
 
 # -------------------------------------------------------------------------------- foreign / bad data

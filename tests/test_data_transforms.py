@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from data_pipelines.seeding import derive_seed, sample_rngs, stable_hash
@@ -87,3 +88,38 @@ def test_skip_counter_counts_and_limits_warnings(caplog):
     assert counter.as_dict() == {"bad_image": 50, "empty_caption": 1}
     assert counter["bad_image"] == 50 and counter["nope"] == 0 and counter.total == 51
     assert len(caplog.records) <= 4  # 2 detailed + 1 notice + at most 1 summary, not 51 lines
+
+
+def test_fast_array_crop_matches_the_pil_crop():
+    """The loader's torch-resized crop: same box as the PIL path, same bicubic filter (rounding aside)."""
+    from data_pipelines.transforms import center_crop_resize_array, random_resized_crop_array
+
+    rng = np.random.default_rng(0)
+    smooth = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).resize((640, 480),
+                                                                                      Image.BICUBIC)
+    for img in (smooth, _as_jpeg(smooth), smooth.convert("L"), smooth.convert("P")):
+        for seed in range(4):
+            fast = random_resized_crop_array(img, 48, (0.3, 1.0), rng=np.random.default_rng(seed))
+            slow = random_resized_crop(img, 48, (0.3, 1.0), rng=np.random.default_rng(seed))
+            assert fast.shape == (48, 48, 3) and fast.dtype == np.uint8
+            diff = np.abs(fast.astype(np.float32) - np.asarray(slow, dtype=np.float32))
+            assert diff.mean() < 1.5, (img.mode, seed, diff.mean())
+        center = center_crop_resize_array(img, 32)
+        diff = np.abs(center.astype(np.float32) - np.asarray(center_crop_resize(img, 32), dtype=np.float32))
+        assert center.shape == (32, 32, 3) and diff.mean() < 1.5
+    small = random_resized_crop_array(Image.new("RGB", (20, 10), (9, 8, 7)), 64, (1.0, 1.0),
+                                      rng=np.random.default_rng(0))  # upsampling works too
+    assert small.shape == (64, 64, 3) and (small == (9, 8, 7)).all()
+
+
+def test_normalize_batch_matches_the_per_sample_version():
+    from data_pipelines.transforms import normalize_batch
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(3)]
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.3, 0.25]
+    batch = normalize_batch(images, mean, std)
+    assert batch.shape == (3, 3, 5, 7) and batch.dtype == torch.float32 and batch.is_contiguous()
+    for got, img in zip(batch, images):
+        want = to_normalized_array(Image.fromarray(img), mean, std)
+        assert np.allclose(got.numpy(), want, atol=1e-5)

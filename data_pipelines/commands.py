@@ -1,0 +1,116 @@
+"""CLI subcommands owned by data_pipelines, registered through `pretrain.cli.REGISTRARS`:
+
+    pretrain data import --from folder|csv|parquet|wds SRC OUT   shards + sizes.json + stats.json
+    pretrain data inspect URLS [--json]                         counts, keys/extensions, bad by reason
+    pretrain bench data --shards URLS ...                       our stream vs. a plain reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+
+def parse_size(text: str) -> int:
+    """`1000`, `512MB`, `1.5GiB`, `2G` -> bytes (decimal units for kB/MB/GB, binary for KiB/MiB/GiB)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1000000, 500MB, 1GiB)")
+    number, unit = float(match.group(1)), match.group(2)
+    power = " kmgt".index(unit[0]) if unit and unit[0] in "kmgt" else 0
+    base = 1024 if "i" in unit else 1000
+    return int(number * base**power)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importers import ImportOptions, run_import
+
+    opts = ImportOptions(samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_bytes,
+                         workers=args.workers, prefix=args.prefix, check=args.check,
+                         max_image_pixels=args.max_image_pixels, image_col=args.image_col,
+                         caption_col=args.caption_col, key_col=args.key_col, delimiter=args.delimiter,
+                         opener=args.opener, progress=not args.no_progress)
+    stats = run_import(args.source_kind, args.src, args.out, opts)
+    short = {k: stats[k] for k in ("out", "samples", "bytes", "skipped", "urls", "wall_s") if k in stats}
+    short["shards"] = len(stats["shards"])
+    print(json.dumps(short), flush=True)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import format_report, inspect_shards
+
+    report = inspect_shards(args.urls, decode=not args.no_decode, max_image_pixels=args.max_image_pixels,
+                            workers=args.workers)
+    print(json.dumps(report) if args.json else format_report(report), flush=True)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    result = run_bench(args.shards, batch_size=args.batch_size, workers=args.workers,
+                       image_size=args.image_size, batches=args.batches, warmup=args.warmup,
+                       tokenizer=args.tokenizer, crop_scale=tuple(args.crop_scale), repeats=args.repeats)
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        for name in ("ours", "reference"):
+            r = result[name]
+            print(f"{name:<9} {r['samples_per_s']:9.1f} samples/s, "
+                  f"{r['samples_per_cpu_s']:9.1f} per CPU-second")
+        print(f"ratio     {result['ratio']:9.2f}x per core ({result['ratio_wall']:.2f}x wall clock); "
+              f"reference: {result['reference_pipeline']}")
+    sys.stdout.flush()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
+             data: argparse._SubParsersAction) -> None:
+    """Add `data import`, `data inspect` and `bench data` (see the module docstring)."""
+    from .importers import SOURCE_KINDS
+
+    p = data.add_parser("import", help="convert a folder, CSV/TSV, Parquet or WebDataset shards to shards")
+    p.add_argument("--from", dest="source_kind", required=True, choices=SOURCE_KINDS,
+                   help="folder: images + NAME.txt captions; csv: image path/URL + caption columns; "
+                        "parquet: image bytes/paths + caption; wds: re-shard existing shards")
+    p.add_argument("src", help="folder, .csv/.tsv file, .parquet file or folder, or shard URLs")
+    p.add_argument("out", help="output folder for shards, sizes.json and stats.json")
+    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--shard-bytes", type=parse_size, default=0, help="also cap shard size, e.g. 1GB")
+    p.add_argument("--workers", type=int, default=4, help="loader processes (0: in-process)")
+    p.add_argument("--prefix", default="shard", help="shard file name prefix")
+    p.add_argument("--check", choices=("header", "decode"), default="header",
+                   help="header: format, size and pixel limit; decode: also decode every image")
+    p.add_argument("--max-image-pixels", type=int, default=89478485, help="skip larger images (0: no limit)")
+    p.add_argument("--image-col", default="", help="CSV/Parquet column with the image (guessed if omitted)")
+    p.add_argument("--caption-col", default="", help="CSV/Parquet column with the caption")
+    p.add_argument("--key-col", default="", help="column with sample keys (default: row number)")
+    p.add_argument("--delimiter", default="", help="CSV separator (default: tab for .tsv, else comma)")
+    p.add_argument("--opener", default="", help="module:function mapping an image URL/path to bytes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_import)
+
+    p = data.add_parser("inspect", help="count samples, keys, extensions and bad samples by reason")
+    p.add_argument("urls", help="shard URLs (brace-expandable, '::'-joined, pipe:, http)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-decode", action="store_true", help="check members and captions only")
+    p.add_argument("--workers", type=int, default=0, help="inspect shards in parallel processes")
+    p.add_argument("--max-image-pixels", type=int, default=89478485)
+    p.set_defaults(func=cmd_inspect)
+
+    p = bench.add_parser("data", help="data pipeline samples/s vs. a plain webdataset reference")
+    p.add_argument("--shards", required=True,
+                   help="shard URLs (e.g. written by `pretrain data synth --image-size 512`)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers for both pipelines")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batches", type=int, default=30, help="timed batches per pipeline")
+    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--repeats", type=int, default=1, help="alternating runs per pipeline, summed")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=[0.6, 1.0], metavar=("MIN", "MAX"))
+    p.add_argument("--tokenizer", default="", help="tokenizer.json (default: train one on the captions)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
