@@ -68,9 +68,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, dp_world: int):
-    """Wrap `model` in a DeepSpeed engine with AdamW, our LR schedule, ZeRO and mixed precision."""
+    """Wrap `model` in a DeepSpeed engine with AdamW, our LR schedule, ZeRO and mixed precision.
+
+    Once megatron-core's groups exist (`groups.init_distributed`), DeepSpeed gets the `mpu` adapter:
+    ZeRO then partitions, reduces gradients and broadcasts start-up weights over the data-parallel group
+    only (each TP rank keeps its own shards), and grad norms / overflow checks sum over the TP group
+    counting split parameters on every rank and replicated ones once. With tp > 1 the per-TP-rank
+    dropout stream is seeded here, before the first forward.
+    """
     import deepspeed
 
+    from parallel import groups, rng
+    from parallel.mpu import MegatronMPU
+
+    mpu = MegatronMPU() if groups.get_data_parallel_group() is not None else None
+    if groups.tp_size() > 1:
+        rng.seed_tensor_parallel_rng(cfg.train.seed, groups.tp_rank())
     ds_cfg = deepspeed_config(cfg, dp_world)
     schedule = lr_lambda(cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
@@ -78,5 +91,6 @@ def build_engine(cfg: Config, model: torch.nn.Module, dp_world: int):
         model_parameters=param_groups(model, cfg.optim.weight_decay),
         config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        mpu=mpu,
     )
     return engine, ds_cfg

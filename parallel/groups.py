@@ -1,17 +1,22 @@
 """Process groups. Model and loss code ask here for the data-parallel group instead of touching
-torch.distributed directly, so the same code runs single-process, under ZeRO and (later) with TP."""
+torch.distributed directly, so the same code runs single-process, under ZeRO and with tensor parallelism.
+
+Layout (megatron-core's default order "tp-cp-ep-dp-pp"): global rank = dp_rank * tp + tp_rank, so the
+`tp` ranks of one tensor-parallel group are consecutive (one node's GPUs) and the data-parallel groups
+stride across them. megatron-core's `parallel_state` owns the groups; this module only creates them after
+torch.distributed is up and answers questions about them. All TP ranks of one DP group must read
+identical batches: the trainer splits data by `dp_rank()` / `dp_world_size()`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import socket
 
 import torch.distributed as dist
 
-from launch.env import discover, export_torch_env
+from launch.rendezvous import init_process_group
 
-_STATE: dict[str, object] = {"tp": 1}
+_STATE: dict[str, object] = {"tp": 1, "megatron": False}
 
 
 def is_distributed() -> bool:
@@ -19,22 +24,55 @@ def is_distributed() -> bool:
 
 
 def init_distributed(timeout_s: int = 600, tp: int = 1) -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA) once.
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA) once, then
+    megatron-core's tensor/data-parallel groups for `tp`.
 
     A plain `pretrain train` with no launcher becomes a world of one on a free loopback port, so
     DeepSpeed (which insists on a process group) and the trainer keep a single code path. Code that
     runs without any init (unit tests, eval) sees the helpers below degrade to the trivial group.
     """
-    _STATE["tp"] = tp
-    if is_distributed():
-        return
-    info = discover()
-    if info.source == "single":
-        info = dataclasses.replace(info, master_port=free_port())
-    export_torch_env(info)
-    import deepspeed
+    if not is_distributed():
+        # rank discovery (torchrun/deepspeed, Open MPI, PMI, Slurm, mpi4py) and a checked rendezvous
+        init_process_group(timeout_s)
+    init_model_parallel(tp, timeout_s)
 
-    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+def init_model_parallel(tp: int, timeout_s: int = 600) -> None:
+    """megatron-core `parallel_state` groups for tensor-parallel degree `tp` (idempotent for one tp).
+
+    Needs torch.distributed initialised. Raises ValueError when the world size is not a multiple of
+    `tp` (before megatron would fail with a bare assertion).
+    """
+    from megatron.core import parallel_state as ps
+
+    world = dist.get_world_size()
+    if tp < 1 or world % tp:
+        raise ValueError(f"world size {world} is not divisible by parallel.tp ({tp}); launch a multiple "
+                         f"of {tp} ranks or change parallel.tp")
+    if ps.model_parallel_is_initialized():
+        have = ps.get_tensor_model_parallel_world_size()
+        if have != tp:
+            raise ValueError(f"process groups already exist for tp={have}, not {tp}")
+    else:
+        # gloo duplicates of every group are only needed by megatron's own distributed optimizer
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                     distributed_timeout_minutes=max(1, -(-timeout_s // 60)),
+                                     create_gloo_process_groups=False)
+    _STATE["tp"], _STATE["megatron"] = tp, True
+
+
+def destroy_model_parallel() -> None:
+    """Forget megatron's groups (tests that build several layouts in one process)."""
+    if _STATE["megatron"]:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+    _STATE["tp"], _STATE["megatron"] = 1, False
+
+
+def model_parallel_initialized() -> bool:
+    """Whether megatron-core's tensor/data-parallel groups exist in this process."""
+    return bool(_STATE["megatron"])
 
 
 def world_size() -> int:
@@ -46,20 +84,51 @@ def rank() -> int:
 
 
 def tp_size() -> int:
+    """Tensor-parallel degree of the initialised groups (1 when nothing is initialised)."""
     return int(_STATE["tp"])  # type: ignore[arg-type]
 
 
+def tp_rank() -> int:
+    if not _STATE["megatron"]:
+        return 0
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank()
+
+
+def get_tensor_parallel_group() -> dist.ProcessGroup | None:
+    """The ranks that hold the shards of one layer; None when not initialised."""
+    if not _STATE["megatron"]:
+        return None
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
+
+
 def get_data_parallel_group() -> dist.ProcessGroup | None:
-    """Group over which samples differ (and ZeRO partitions); None means the default world group."""
-    return None
+    """Group over which samples differ (and ZeRO partitions): megatron's DP group once initialised;
+    None (the default world group) before that."""
+    if not _STATE["megatron"]:
+        return None
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
 
 
 def dp_world_size() -> int:
-    return world_size() // tp_size()
+    if not _STATE["megatron"]:
+        return world_size() // tp_size()
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_world_size()
 
 
 def dp_rank() -> int:
-    return rank() // tp_size()
+    if not _STATE["megatron"]:
+        return rank() // tp_size()
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank()
 
 
 def barrier() -> None:

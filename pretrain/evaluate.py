@@ -15,6 +15,7 @@ import torch
 from data_pipelines.loader import make_eval_loader
 from data_pipelines.tokenizer import TextTokenizer
 from pretrain import checkpoint as ckpt
+from pretrain import checkpoint_tp
 from pretrain.config import Config, config_from_dict
 from pretrain.models.pretrain_model import PretrainModel
 
@@ -41,7 +42,9 @@ def load_model(checkpoint: str | Path, tag: str | None = None) -> tuple[Pretrain
         tokenizer = TextTokenizer.load(path)
     model = PretrainModel(cfg.model, cfg.objectives, vocab_size=tokenizer.vocab_size,
                           pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
-    state = ckpt.consolidated_state_dict(root, tag)
+    # tensor-parallel checkpoints hold one set of ZeRO files per TP rank: join their slices
+    full_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    state = checkpoint_tp.consolidate(root, tag, full_shapes, ckpt.consolidated_state_dict)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {root}/{tag} does not match the model: missing {missing[:5]}, "

@@ -90,13 +90,13 @@ def test_shapes_of_every_part():
     assert torch.allclose(model.encode_text(ids).norm(dim=-1), torch.ones(B))
 
 
-def test_layer_factory_plain_at_tp1_and_refuses_tp2(monkeypatch):
+def test_layer_factory_plain_at_tp1_and_needs_groups_for_tp2(monkeypatch):
     assert type(column_linear(4, 8)) is nn.Linear and type(row_linear(8, 4, bias=False)) is nn.Linear
     assert row_linear(8, 4, bias=False).bias is None
     assert isinstance(layer_norm(8), nn.LayerNorm)  # no apex / no CUDA here
-    monkeypatch.setitem(groups._STATE, "tp", 2)
+    monkeypatch.setitem(groups._STATE, "tp", 2)  # tp=2 without process groups (tests/test_tp_* has them)
     for make in (column_linear, row_linear):
-        with pytest.raises(NotImplementedError, match="megatron-core"):
+        with pytest.raises(RuntimeError, match="process groups"):
             make(4, 8)
 
 

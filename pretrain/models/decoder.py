@@ -36,14 +36,15 @@ def sincos_2d(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
 
 class MAEDecoder(nn.Module):
     def __init__(self, grid_size: int, patch_size: int, in_width: int, width: int, layers: int, heads: int,
-                 mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0):
+                 mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0,
+                 attn_dropout: float = 0.0):
         super().__init__()
         self.grid_size, self.patch_size = grid_size, patch_size
         self.num_patches = grid_size ** 2
         self.decoder_embed = nn.Linear(in_width, width)
         self.mask_token = nn.Parameter(torch.empty(1, 1, width))
         self.register_buffer("decoder_pos_embed", sincos_2d(width, grid_size)[None], persistent=False)
-        self.transformer = Transformer(width, layers, heads, mlp_ratio, act, dropout)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, act, dropout, attn_dropout)
         self.decoder_norm = layer_norm(width)
         self.decoder_pred = nn.Linear(width, patch_size * patch_size * 3)
         self.init_weights()

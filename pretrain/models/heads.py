@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.models.layers import layer_norm
+from pretrain.models.layers import init_normal_, layer_norm, vocab_linear
 
 
 class MLMHead(nn.Module):
@@ -21,18 +21,18 @@ class MLMHead(nn.Module):
         self.dense = nn.Linear(width, width)
         self.act = nn.GELU()
         self.norm = layer_norm(width)
-        self.decoder = nn.Linear(width, vocab_size)
+        self.decoder = vocab_linear(width, vocab_size)  # under TP: this rank's vocabulary slice
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """BERT: N(0, 0.02^2) weights, zero biases, identity norm."""
         for lin in (self.dense, self.decoder):
-            nn.init.normal_(lin.weight, std=0.02)
+            init_normal_(lin.weight, std=0.02)  # the same full tensor for every TP layout
             nn.init.zeros_(lin.bias)
         nn.init.ones_(self.norm.weight)
         nn.init.zeros_(self.norm.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, L, W] -> logits [B, L, V]."""
+        """x [B, L, W] -> logits [B, L, V] (with tensor parallelism [B, L, V / tp], this rank's slice)."""
         return self.decoder(self.norm(self.act(self.dense(x))))

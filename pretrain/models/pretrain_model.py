@@ -35,7 +35,8 @@ class PretrainModel(nn.Module):
         self.model_cfg, self.obj_cfg = m, o
         self.vocab_size = padded_vocab_size(vocab_size, m.vocab_pad_multiple)
         self.pad_id, self.eos_id = pad_id, eos_id
-        common = dict(mlp_ratio=m.mlp_ratio, act=m.activation, dropout=m.dropout)
+        common = dict(mlp_ratio=m.mlp_ratio, act=m.activation, dropout=m.dropout,
+                      attn_dropout=m.attention_dropout)
         v, t, d = m.vision, m.text, m.decoder
         self.visual = VisionTower(m.image_size, v.patch_size, v.width, v.layers, v.heads, m.embed_dim,
                                   **common)
@@ -98,7 +99,8 @@ class PretrainModel(nn.Module):
             losses["loss_mim"] = mim_loss(pred, images, mask, self.visual.patch_size, o.mim.norm_pix_loss)
         if use_mlm:
             hidden = self.text.forward_tokens(batch["mlm_input"], causal=False)  # [B, L, W]
-            losses["loss_mlm"] = mlm_loss(self.mlm_head(hidden), batch["mlm_labels"])
+            losses["loss_mlm"] = mlm_loss(self.mlm_head(hidden), batch["mlm_labels"],
+                                          group=get_data_parallel_group())
 
         weights = {"loss_contrastive": o.contrastive.weight, "loss_mim": o.mim.weight,
                    "loss_mlm": o.mlm.weight}

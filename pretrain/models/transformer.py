@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.models.layers import column_linear, layer_norm, row_linear
+from pretrain.models.layers import (
+    checkpoint_rng_contexts,
+    column_linear,
+    heads_per_rank,
+    init_normal_,
+    layer_norm,
+    row_linear,
+    tensor_parallel_rng,
+)
 
 
 def fused_qkv_to_stacked(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -49,14 +57,17 @@ def activation(name: str) -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         if width % heads:
             raise ValueError(f"heads ({heads}) must divide width ({width})")
-        self.heads, self.head_dim = heads, width // heads
+        # this rank's heads: all of them without tensor parallelism, heads / tp with it (the column
+        # split of qkv's [heads, 3, head_dim] rows hands each rank whole heads)
+        self.heads, self.head_dim = heads_per_rank(heads), width // heads
         self.qkv = column_linear(width, 3 * width)  # out features: [heads, 3, head_dim]
         self.proj = row_linear(width, width)
         self.drop = nn.Dropout(dropout)
+        self.attn_dropout = attn_dropout
 
     def forward(self, x: torch.Tensor, causal: bool = False,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,7 +83,10 @@ class Attention(nn.Module):
             mask = keep[:, None, None, :]  # [B, 1, 1, T]
             if causal:  # SDPA takes either a mask or is_causal, so fold the triangle in
                 mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        p = self.attn_dropout if self.training else 0.0
+        with tensor_parallel_rng(p > 0):  # probabilities are per head: each TP rank draws its own masks
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                               dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, W]
         return self.drop(self.proj(y))
 
@@ -91,10 +105,10 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         self.ln_1 = layer_norm(width)
-        self.attn = Attention(width, heads, dropout)
+        self.attn = Attention(width, heads, dropout, attn_dropout)
         self.ln_2 = layer_norm(width)
         self.mlp = MLP(width, int(width * mlp_ratio), act, dropout)
 
@@ -106,18 +120,21 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         self.width, self.layers, self.heads = width, layers, heads
-        self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, dropout) for _ in range(layers))
+        self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, dropout, attn_dropout)
+                                       for _ in range(layers))
         self.grad_checkpointing = False  # recompute blocks in backward (training only)
 
     def forward(self, x: torch.Tensor, causal: bool = False,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         for blk in self.resblocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                # non-reentrant: works with kwargs-free calls, inputs without grad and ZeRO-3 hooks
-                x = checkpoint(blk, x, causal, key_padding_mask, use_reentrant=False)
+                # non-reentrant: works with kwargs-free calls, inputs without grad and ZeRO-3 hooks;
+                # the context replays the per-TP-rank dropout stream in recomputation
+                x = checkpoint(blk, x, causal, key_padding_mask, use_reentrant=False,
+                               context_fn=checkpoint_rng_contexts)
             else:
                 x = blk(x, causal, key_padding_mask)
         return x
@@ -135,5 +152,5 @@ class Transformer(nn.Module):
                 nn.init.zeros_(ln.bias)
             for lin, std in ((blk.attn.qkv, attn_std), (blk.attn.proj, proj_std),
                              (blk.mlp.fc1, fc_std), (blk.mlp.fc2, proj_std)):
-                nn.init.normal_(lin.weight, std=std)
+                init_normal_(lin.weight, std=std)  # the same full tensor for every TP layout
                 nn.init.zeros_(lin.bias)

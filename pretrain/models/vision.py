@@ -35,7 +35,8 @@ def random_masking(x: torch.Tensor, noise: torch.Tensor, mask_ratio: float
 
 class VisionTower(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-                 embed_dim: int, mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0):
+                 embed_dim: int, mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0,
+                 attn_dropout: float = 0.0):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
@@ -46,7 +47,7 @@ class VisionTower(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(1 + self.num_patches, width))
         self.ln_pre = layer_norm(width)
-        self.transformer = Transformer(width, layers, heads, mlp_ratio, act, dropout)
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, act, dropout, attn_dropout)
         self.ln_post = layer_norm(width)
         self.proj = nn.Parameter(torch.empty(width, embed_dim))
         self.init_weights()
