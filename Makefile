@@ -6,7 +6,7 @@ STAMP := $(VENV)/.mmpt-installed
 # CPU build of torch (the default on these machines); CUDA users install their own torch first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint format clean docs
+.PHONY: setup demo test test-fast lint format clean docs system-deps
 
 setup: $(STAMP)
 
@@ -14,13 +14,40 @@ $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,mpi]"
+	$(BIN)/python -m pip install -q -e ".[dev,mpi,data]"
 	touch $(STAMP)
 
-demo: setup
-	$(BIN)/pretrain demo --out runs/demo
+# extra config overrides for the demo, e.g. `make demo DEMO_ARGS=parallel.tp=2` (2 ranks: tp=2 x dp=1)
+DEMO_ARGS ?=
 
-test: setup
+demo: setup
+	$(BIN)/pretrain demo --out runs/demo $(DEMO_ARGS)
+
+# Debian packages the launch tests run for real (tests/test_launch_*.py): Slurm with munge, Open MPI,
+# iproute2. Installed only as root where apt-get exists (CI); elsewhere nothing happens and those tests
+# skip saying why. Idempotent: nothing is done when every program is there. MPI goes in before Slurm
+# (slurmd must find it when it starts, for srun --mpi=pmix); a temporary policy-rc.d keeps apt from
+# starting the system's own daemons, since the tests start private ones.
+SYSTEM_PROGRAMS := mpirun munged slurmctld slurmd sbatch ip
+MPI_PACKAGES := openmpi-bin libopenmpi-dev
+SLURM_PACKAGES := munge slurm-wlm slurmctld slurmd slurm-client iproute2
+
+system-deps:
+	@if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "system-deps: not root or no apt-get: skipping (Slurm/MPI launch tests will skip)"; exit 0; fi; \
+	missing=""; for p in $(SYSTEM_PROGRAMS); do \
+	    PATH="$$PATH:/usr/sbin:/sbin" command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	[ -z "$$missing" ] && exit 0; \
+	echo "system-deps: installing Debian packages for:$$missing"; \
+	rc_policy=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; rc_policy=1; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq && \
+	apt-get install -y -qq --no-install-recommends $(MPI_PACKAGES) >/dev/null && \
+	apt-get install -y -qq --no-install-recommends $(SLURM_PACKAGES) >/dev/null; status=$$?; \
+	[ -n "$$rc_policy" ] && rm -f /usr/sbin/policy-rc.d; exit $$status
+
+test: setup system-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

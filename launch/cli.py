@@ -1,0 +1,152 @@
+"""`pretrain launch`: start training under deepspeed, torchrun, mpirun or srun with one command.
+
+    pretrain launch --launcher torchrun --nodes 2 --procs-per-node 8 [--dry-run] -- train --config c.yaml
+
+Defaults come from the environment, so inside a Slurm allocation `--nodes`, the master address (the
+first node's NodeAddr), the port (from the job id), the node rank (SLURM_NODEID) and a deepspeed hostfile
+(from SLURM_JOB_NODELIST) need no flags. The launcher replaces this process (exec), so its exit status
+is the job's and signals reach it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+
+from launch.commands import LAUNCHERS, LaunchPlan, LaunchPlanError, build_command, render
+from launch.env import DEFAULT_PORT, slurm_port
+from launch.hostfile import node_address, read_hostfile, slurm_hosts, write_hostfile
+from launch.rendezvous import free_port
+
+
+def _mpi_flavor(env: Mapping[str, str]) -> str:
+    """openmpi or mpich, from MMPT_MPI_FLAVOR or `mpirun --version` (Open MPI names itself there)."""
+    if env.get("MMPT_MPI_FLAVOR"):
+        return env["MMPT_MPI_FLAVOR"]
+    if shutil.which("mpirun") is None:
+        return "openmpi"
+    try:
+        out = subprocess.run(["mpirun", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (subprocess.SubprocessError, OSError):
+        return "openmpi"
+    return "openmpi" if "Open MPI" in out or "OpenRTE" in out else "mpich"
+
+
+def _default_procs() -> int:
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:
+        return 1
+
+
+def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> LaunchPlan:
+    """Fill what the flags leave open from the environment (Slurm allocation, MASTER_*), then check."""
+    e = os.environ if env is None else env
+    in_slurm = bool(e.get("SLURM_JOB_ID"))
+    nodes = args.nodes or int(e.get("SLURM_JOB_NUM_NODES") or e.get("SLURM_NNODES") or 1)
+    ppn = args.procs_per_node or _default_procs()
+    program = list(args.program)
+    if program and program[0] == "--":
+        program = program[1:]
+    if program and program[0].startswith("-"):
+        raise LaunchPlanError(f"expected a pretrain subcommand after `--`, got {program[0]!r} "
+                              "(e.g. `-- train --config c.yaml`)")
+
+    hosts = slurm_hosts(e)[:nodes] if in_slurm else []
+    hostfile = args.hostfile
+    if hostfile is None and args.launcher == "deepspeed" and nodes > 1 and hosts:
+        hostfile = str(write_hostfile(hosts, ppn))
+
+    explicit_addr = args.master_addr or e.get("MASTER_ADDR")
+    master_addr: str | None = explicit_addr
+    if master_addr is None and args.launcher != "mpirun":
+        if nodes == 1 and not hostfile:
+            master_addr = "127.0.0.1"
+        elif hosts:
+            master_addr = node_address(hosts[0])
+        elif hostfile:
+            master_addr = read_hostfile(hostfile)[0][0]
+        else:
+            raise LaunchPlanError(f"{nodes} nodes but no way to find rank 0: pass --master-addr (or "
+                                  "--hostfile, or run inside a Slurm allocation)")
+    if args.master_port:
+        master_port: int | None = args.master_port
+    elif e.get("MASTER_PORT"):
+        master_port = int(e["MASTER_PORT"])
+    elif in_slurm:
+        master_port = slurm_port(e)
+    elif args.launcher == "mpirun":
+        master_port = None  # rank 0 picks a free one and tells the others over MPI
+    elif nodes == 1:
+        master_port = free_port()  # concurrent single-node runs must not collide
+    else:
+        master_port = DEFAULT_PORT
+
+    per_node_start = args.launcher == "torchrun" or args.no_ssh
+    if args.node_rank is not None:
+        node_rank = args.node_rank
+    elif per_node_start and nodes > 1 and e.get("SLURM_NODEID"):
+        node_rank = int(e["SLURM_NODEID"])
+    else:
+        node_rank = 0
+    if args.launcher == "torchrun" and nodes > 1 and args.node_rank is None and not e.get("SLURM_NODEID"):
+        raise LaunchPlanError("torchrun on several nodes: run it once per node with --node-rank")
+
+    return LaunchPlan(
+        launcher=args.launcher, nodes=nodes, procs_per_node=ppn, train_args=tuple(program),
+        master_addr=master_addr, master_port=master_port, node_rank=node_rank, hostfile=hostfile,
+        no_ssh=args.no_ssh, launcher_args=tuple(shlex.split(args.launcher_args or "")),
+        python=args.python or sys.executable, as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
+        mpi_flavor=_mpi_flavor(e) if args.launcher == "mpirun" else "openmpi",
+    )
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    plan = plan_from_args(args)
+    cmd = build_command(plan)
+    if args.dry_run:
+        print(render(cmd), flush=True)
+        return 0
+    print(f"+ {render(cmd)}", file=sys.stderr, flush=True)
+    if plan.launcher in ("deepspeed", "torchrun"):
+        # Slurm signals every process of a step. These launchers die on SIGUSR1 (its default action)
+        # and would take the ranks down before they checkpoint; ignored here (inherited across exec),
+        # the ranks still get it: the trainer installs its own handler (launch/signals.py).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    os.execvp(cmd[0], cmd)
+    return 127  # not reached
+
+
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
+             data: argparse._SubParsersAction) -> None:
+    """Add `pretrain launch` (called by pretrain/cli.py through REGISTRARS)."""
+    p = sub.add_parser("launch", help="start training under deepspeed, torchrun, mpirun or srun",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--launcher", choices=LAUNCHERS, required=True)
+    p.add_argument("--nodes", type=int, help="nodes (default: SLURM_JOB_NUM_NODES, else 1)")
+    p.add_argument("--procs-per-node", type=int, help="ranks per node (default: CUDA devices, else 1)")
+    p.add_argument("--hostfile", help="`host slots=N` lines (deepspeed, mpirun); written from "
+                                      "SLURM_JOB_NODELIST for deepspeed inside an allocation")
+    p.add_argument("--master-addr", help="rank 0's address (default: MASTER_ADDR, the first Slurm node's "
+                                         "NodeAddr, 127.0.0.1 on one node; mpirun: shared over MPI)")
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: MASTER_PORT, 29500 + Slurm "
+                                                   "job id %% 1000, else 29500; mpirun: a free port)")
+    p.add_argument("--node-rank", type=int, help="this node's index for per-node starts (default: "
+                                                 "SLURM_NODEID)")
+    p.add_argument("--no-ssh", action="store_true", help="deepspeed: start only this node's ranks "
+                                                         "(one launch per node, e.g. under srun)")
+    p.add_argument("--launcher-args", help="extra launcher flags, one shell-quoted string, e.g. "
+                                           "--launcher-args='--mca btl self,vader,tcp'")
+    p.add_argument("--python", help="interpreter of the ranks (default: this one)")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- train ARGS",
+                   help="the pretrain subcommand each rank runs")
+    p.set_defaults(func=cmd_launch)  # LaunchPlanError is a ValueError: main() prints it and exits 2

@@ -1,0 +1,72 @@
+"""Hosts of a Slurm allocation, their addresses, and the hostfiles launchers read.
+
+Slurm names nodes (`n[1-2]`); the address other nodes reach a node at is its NodeAddr, which differs
+from the name on clusters (and on test set-ups) where names do not resolve. The deepspeed launcher and
+mpirun want a hostfile: one line per host with its slot count, in their two spellings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from launch.env import expand_nodelist
+
+
+def slurm_hosts(env: Mapping[str, str] | None = None) -> list[str]:
+    """Node names of the current allocation (job step first, then job), in Slurm's order."""
+    e = os.environ if env is None else env
+    nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST") or ""
+    return expand_nodelist(nodelist) if nodelist else []
+
+
+def node_address(node: str) -> str:
+    """NodeAddr of a Slurm node as `scontrol` reports it; the name itself when Slurm is not reachable."""
+    if shutil.which("scontrol") is None:
+        return node
+    try:
+        out = subprocess.run(["scontrol", "show", "node", node, "-o"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return node
+    for field in out.split():
+        if field.startswith("NodeAddr="):
+            return field.split("=", 1)[1] or node
+    return node
+
+
+def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
+    """(host, slots) pairs from a deepspeed (`host slots=N`) or Open MPI (`host slots=N`/`host`) file."""
+    hosts: list[tuple[str, int]] = []
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, *rest = line.split()
+        slots = 1
+        for item in rest:
+            if item.startswith("slots="):
+                slots = int(item.split("=", 1)[1])
+        hosts.append((name, slots))
+    return hosts
+
+
+def hostfile_text(hosts: list[str], slots: int) -> str:
+    """`host slots=N` lines: the format of both the deepspeed launcher and Open MPI's mpirun."""
+    return "".join(f"{h} slots={slots}\n" for h in hosts)
+
+
+def write_hostfile(hosts: list[str], slots: int, directory: str | None = None) -> Path:
+    """Write a hostfile for `hosts` into `directory` (default: $TMPDIR) and return its path.
+
+    Each node of a `--no_ssh` start writes its own copy, so the file need not be on shared storage.
+    """
+    job = os.environ.get("SLURM_JOB_ID", "local")
+    fd, name = tempfile.mkstemp(prefix=f"mmpt-hostfile-{job}-", dir=directory)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(hostfile_text(hosts, slots))
+    return Path(name)

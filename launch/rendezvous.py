@@ -1,0 +1,178 @@
+"""One rendezvous for every launcher: resolve who we are, meet the other ranks, start torch.distributed.
+
+torch's own env:// rendezvous works, but its failures are slow and vague on a cluster: a wrong
+MASTER_ADDR retries for up to twice the timeout, a rank started with another WORLD_SIZE waits out
+the whole timeout and reports "1/2 clients joined". Here rank 0 opens the TCPStore itself, the other
+ranks first wait (up to the timeout) for its port to accept, and every rank checks its world size
+against rank 0's before building the process group, so each mistake ends in time with a message
+naming the address, the ranks and the variables involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from launch import mpi
+from launch.env import LaunchEnvError, RankInfo, discover, export_torch_env, mpi_launcher_hint
+
+log = logging.getLogger("mmpt.launch")
+# torchrun restarts reuse its agent's store: one key space per attempt
+_KEY = f"mmpt/rendezvous/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+class RendezvousError(RuntimeError):
+    """The ranks could not meet (master unreachable, ranks missing, port taken) within the timeout."""
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback (single-process runs and tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def resolve(env: Mapping[str, str] | None = None) -> RankInfo:
+    """`discover()` plus what only MPI can tell: ranks under unknown MPI launchers, and rank 0's
+    address when an MPI launch did not set MASTER_ADDR/MASTER_PORT. A world of one gets a free port."""
+    info = discover(env)
+    if info.source == "single" and mpi_launcher_hint(env):
+        info = mpi.rank_info_from_mpi(info.master_port) or info
+    if info.source in ("openmpi", "pmi", "mpi4py") and not info.master_given:
+        shared = mpi.share_master(info)
+        if shared is not None:
+            info = shared
+        elif info.local_world_size != info.world_size and not (os.environ if env is None else env).get(
+                "MASTER_ADDR"):
+            raise LaunchEnvError(f"{info.world_size} MPI ranks span several nodes but MASTER_ADDR is not set "
+                                 "and mpi4py is not installed to share rank 0's address; export MASTER_ADDR "
+                                 "(and MASTER_PORT) or `pip install mpi4py`")
+    if info.source == "single":
+        info = dataclasses.replace(info, master_port=free_port())
+    return info
+
+
+def backend_name() -> str:
+    """DeepSpeed's choice for this machine's accelerator (nccl on CUDA, gloo on CPU)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        return str(get_accelerator().communication_backend_name())
+    except ImportError:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _where(info: RankInfo) -> str:
+    return (f"rank {info.rank} of {info.world_size} (from {info.source} variables), master "
+            f"{info.master_addr}:{info.master_port}")
+
+
+def wait_for_master(info: RankInfo, deadline: float) -> None:
+    """Poll rank 0's port until it accepts a connection; RendezvousError naming it at the deadline."""
+    last: OSError | None = None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RendezvousError(f"{_where(info)}: nothing accepted a connection at "
+                                  f"{info.master_addr}:{info.master_port} within the timeout "
+                                  f"({last or 'no answer'}); is rank 0 running, and are MASTER_ADDR/"
+                                  "MASTER_PORT right and reachable from this node?")
+        try:
+            with socket.create_connection((info.master_addr, info.master_port), timeout=min(left, 2.0)):
+                return
+        except OSError as e:  # refused (not up yet), unreachable, name not resolvable: retry until deadline
+            last = e
+            time.sleep(min(0.25, max(left, 0)))
+
+
+def agent_hosts_store() -> bool:
+    """torchrun's agent already serves the TCPStore at MASTER_ADDR:MASTER_PORT; every rank is a client."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _open_store(info: RankInfo, timeout_s: float, deadline: float) -> dist.TCPStore:
+    if info.rank == 0 and not agent_hosts_store():
+        try:
+            return dist.TCPStore(info.master_addr, info.master_port, info.world_size, True,
+                                 timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        except (RuntimeError, OSError) as e:
+            raise RendezvousError(f"{_where(info)}: rank 0 could not listen on port {info.master_port} "
+                                  f"({e}); is another job or a second rank 0 using it?") from e
+    wait_for_master(info, deadline)
+    left = max(1.0, deadline - time.monotonic())
+    try:
+        return dist.TCPStore(info.master_addr, info.master_port, info.world_size, False,
+                             timeout=datetime.timedelta(seconds=left))
+    except (RuntimeError, OSError) as e:
+        raise RendezvousError(f"{_where(info)}: could not join the store at "
+                              f"{info.master_addr}:{info.master_port}: {e}") from e
+
+
+def _check_world(store: dist.TCPStore, info: RankInfo, deadline: float) -> None:
+    """Catch a second process with the same rank and ranks started with different world sizes."""
+    if store.add(f"{_KEY}/claim/{info.rank}", 1) > 1:
+        store.set(f"{_KEY}/problem", f"two processes were started as rank {info.rank}")
+        raise LaunchEnvError(f"{_where(info)}: another process already joined as rank {info.rank}; "
+                             "each rank needs its own RANK value")
+    store.set(f"{_KEY}/world/{info.rank}", str(info.world_size))
+    store.add(f"{_KEY}/joined", 1)
+    if info.rank == 0:
+        return
+    store.set_timeout(datetime.timedelta(seconds=max(1.0, deadline - time.monotonic())))
+    theirs = int(store.get(f"{_KEY}/world/0"))
+    if theirs != info.world_size:
+        msg = (f"world size mismatch: rank {info.rank} was started with world size {info.world_size} "
+               f"({info.source} variables) but rank 0 with {theirs}")
+        store.set(f"{_KEY}/problem", msg)
+        raise LaunchEnvError(msg + "; start every rank with the same world size")
+
+
+def _explain_timeout(store: dist.TCPStore, info: RankInfo, timeout_s: float, err: Exception) -> str:
+    try:
+        joined = store.add(f"{_KEY}/joined", 0)
+        problem = store.get(f"{_KEY}/problem").decode() if store.check([f"{_KEY}/problem"]) else ""
+    except Exception:  # the store itself may be gone with rank 0; the original error still says why
+        joined, problem = -1, ""
+    seen = "" if joined < 0 else f"{joined} of {info.world_size} ranks joined; "
+    return (f"{_where(info)}: the process group did not form within {timeout_s:g} s ({seen}"
+            f"{problem + '; ' if problem else ''}{type(err).__name__}: {str(err).splitlines()[0]})")
+
+
+def init_process_group(timeout_s: float, env: Mapping[str, str] | None = None) -> RankInfo:
+    """Start torch.distributed (gloo on CPU, nccl on CUDA) for this process, once; return who we are.
+
+    `timeout_s` bounds the rendezvous and every later collective: a rank that dies makes the others
+    fail after at most this long instead of hanging. DeepSpeed's communication layer is initialised
+    on top of the same group. Also exports RANK/WORLD_SIZE/... for libraries that read them.
+    """
+    info = resolve(env)
+    export_torch_env(info)
+    if dist.is_available() and dist.is_initialized():
+        return info
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
+    log.info("%s%s", _where(info), f", SLURM_RESTART_COUNT={restarts}" if restarts is not None else "")
+    backend = backend_name()
+    if backend == "nccl":
+        torch.cuda.set_device(info.local_rank % max(1, torch.cuda.device_count()))
+    deadline = time.monotonic() + timeout_s
+    store = _open_store(info, timeout_s, deadline)
+    try:
+        _check_world(store, info, deadline)
+        store.set_timeout(datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # DistError and friends; LaunchEnvError (a ValueError) passes unchanged
+        raise RendezvousError(_explain_timeout(store, info, timeout_s, e)) from e
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return info

@@ -1,0 +1,90 @@
+"""Stop requests from the scheduler: SIGUSR1 (Slurm's `--signal=USR1@T` warning before the time limit,
+or an explicit `scancel --signal=USR1`) and SIGTERM (preemption, `scancel`, node drain).
+
+The handler only records the request; the training loop polls it after each optimizer step, all ranks
+agree through one tiny collective (`parallel.consensus.any_rank`), save a checkpoint at that step and
+exit with REQUEUE_EXIT_CODE. Doing the work in the loop rather than in the handler keeps every rank at
+the same step and never interrupts a collective or a checkpoint write halfway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+
+log = logging.getLogger("mmpt.launch")
+
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM)
+REQUEUE_EXIT_CODE = 75
+"""EX_TEMPFAIL: "not finished, try again". The sbatch script requeues the job on it; anything else
+(0 finished, other codes failed) ends the job."""
+
+
+class StoppedForRequeue(SystemExit):
+    """Raised by the trainer after the checkpoint of `step` is written because a stop was requested.
+
+    A SystemExit so `pretrain train` ends with REQUEUE_EXIT_CODE without any caller having to know;
+    code that calls `train()` itself can catch it and read `.step` and `.signal_name`.
+    """
+
+    def __init__(self, step: int, signal_name: str):
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.step, self.signal_name = step, signal_name
+
+    def __str__(self) -> str:
+        return (f"stopped at step {self.step} on {self.signal_name}; checkpoint saved, "
+                "resume with --resume latest")
+
+
+class StopRequest:
+    """Remembers the first stop signal this process received. Install once in the main process before
+    forking data workers: they inherit the handler, so a signal sent to the whole process tree (Slurm
+    signals every process of a step) does not kill them."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._pid = os.getpid()
+        self._previous: dict[int, object] = {}
+
+    def install(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for s in signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked data worker: the main process handles it
+            return
+        if self.signum is None:
+            self.signum = signum
+            log.warning("received %s: will checkpoint after the current step and exit %d",
+                        signal.Signals(signum).name, REQUEUE_EXIT_CODE)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "a peer rank's request"
+
+    def ignore_further(self) -> None:
+        """From here on the process is exiting for requeue: ignore stop signals at the OS level.
+
+        CPython puts default actions back for Python-level handlers while it finalizes (seconds for a
+        torch-sized module graph), and srun --kill-on-bad-exit sends SIGTERM to the other ranks as soon
+        as the first one exits 75; without this they would die by that signal instead of exiting 75.
+        SIG_IGN survives finalization. `restore()` undoes it for callers that carry on.
+        """
+        if threading.current_thread() is threading.main_thread():
+            for s in self._previous:
+                signal.signal(s, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        """Put the previous handlers back (tests and programs that call train() several times)."""
+        for s, h in self._previous.items():
+            signal.signal(s, h)  # type: ignore[arg-type]
+        self._previous.clear()

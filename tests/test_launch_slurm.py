@@ -1,0 +1,109 @@
+"""slurm/pretrain.sbatch against a real Slurm (munge, slurmctld, two slurmd) started on this machine:
+a 2-node run trains and checkpoints; SIGUSR1 mid-run -> checkpoint -> requeue -> resume -> completion with
+every step logged exactly once; the deepspeed launcher's per-node (--no_ssh) mode under srun."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from localcluster import SLURM_PROGRAMS, missing, slurm_cluster
+from tiny import PYTHON, ROOT, logged_steps, train_args
+from tiny import write_micro_shards as write_shards
+
+pytestmark = pytest.mark.slow
+SBATCH = str(ROOT / "slurm" / "pretrain.sbatch")
+JOB_ENV = {"MMPT_PYTHON": PYTHON, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = missing(SLURM_PROGRAMS + ("mpirun",))
+    if reason:
+        pytest.skip(reason)
+    with slurm_cluster() as c:
+        print(f"\nslurm cluster up in {c.startup_s:.1f} s")
+        yield c
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+def submit(cluster, out: Path, nodes: int, args: list[str], env: dict[str, str] | None = None) -> int:
+    return cluster.sbatch([f"--nodes={nodes}", "--ntasks-per-node=1", f"--output={out}", f"--chdir={ROOT}",
+                           SBATCH, *args], env={**JOB_ENV, **(env or {})})
+
+
+def checkpoint_files(run: Path, step: int) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints" / f"global_step{step}").glob("*.pt"))
+
+
+def test_two_node_job_trains_and_checkpoints(cluster, shards, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    t0 = time.monotonic()
+    jid = submit(cluster, out, 2, train_args(shards, run, 4))
+    info = cluster.wait_job(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 240, str(out))
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
+    assert "rank 1 of 2 (from slurm variables), master 127.0.0.1" in log  # ranks from SLURM_PROCID et al.
+    assert logged_steps(run) == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "global_step4"
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= \
+        set(checkpoint_files(run, 4))
+    print(f"2-node sbatch run: {time.monotonic() - t0:.1f} s")
+
+
+def test_usr1_checkpoints_requeues_and_resumes_without_losing_or_repeating_a_step(cluster, shards, tmp_path):
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    steps = 40
+    t0 = time.monotonic()
+    jid = submit(cluster, out, 2, train_args(shards, run, steps))
+    deadline = time.monotonic() + 180
+    while len(logged_steps(run)) < 3:  # mid-run: training is under way on both nodes
+        assert time.monotonic() < deadline, out.read_text()[-3000:] if out.exists() else "no output"
+        assert cluster.job(jid).get("JobState") in ("PENDING", "RUNNING"), out.read_text()[-3000:]
+        time.sleep(0.2)
+    # what `#SBATCH --signal=B:USR1@120` does before the time limit: signal the batch script only
+    cluster.run(["scancel", "--signal=USR1", "--batch", str(jid)])
+    info = cluster.wait_job(jid, {"PENDING"}, 120, str(out))  # requeued by the script; BeginTime ~2 min away
+    assert info["Restarts"] == "1", info
+    stopped_at = logged_steps(run)[-1]
+    assert stopped_at < steps
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{stopped_at}"
+    # Skip the ~2 min BeginTime Slurm gives requeued jobs, but not within the second of the requeue:
+    # slurmd refuses to relaunch a job whose credential it revoked in that same second.
+    time.sleep(2)
+    cluster.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"])
+    info = cluster.wait_job(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 240, str(out))
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:] + cluster.diagnostics(jid)
+    assert logged_steps(run) == list(range(1, steps + 1)), log[-4000:]  # contiguous, none repeated
+    assert "batch script got SIGUSR1" in log
+    assert "training step exited with status 75" in log
+    assert "requeueing job" in log
+    assert "SLURM_RESTART_COUNT=0" in log and "SLURM_RESTART_COUNT=1" in log
+    assert f"resumed from {run / 'checkpoints'}/global_step{stopped_at} at step {stopped_at}" in log
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{steps}"
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["start_step"], summary["steps"]) == (stopped_at, steps)
+    print(f"USR1 at step {stopped_at}: checkpoint, requeue, resume, finish in {time.monotonic() - t0:.1f} s")
+
+
+def test_deepspeed_launcher_per_node_no_ssh_under_srun(cluster, shards, tmp_path):
+    """One srun task per node runs `pretrain launch --launcher deepspeed --no-ssh`: hostfile written from
+    SLURM_JOB_NODELIST, node rank from SLURM_NODEID, rank 0 at the first node's NodeAddr."""
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    jid = submit(cluster, out, 2, train_args(shards, run, 3),
+                 env={"MMPT_LAUNCHER": "deepspeed", "TMPDIR": str(tmp_path)})  # hostfiles go there
+    info = cluster.wait_job(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 240, str(out))
+    log = out.read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "--no_ssh --node_rank 0" in log and "--no_ssh --node_rank 1" in log
+    assert "--master_addr 127.0.0.1" in log and "--hostfile" in log
+    assert "rank 1 of 2 (from torch variables)" in log
+    assert logged_steps(run) == [1, 2, 3]
