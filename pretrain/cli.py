@@ -32,9 +32,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from launch.env import discover
     from pretrain.train import train
 
-    cfg = _load(args)
+    # Validate against the launcher's world size before any process group exists.
+    cfg = load_config(args.config or embedded_config_path(), args.overrides, world_size=discover().world_size)
     summary = train(cfg, resume=args.resume)
     from parallel import groups
 
@@ -106,7 +108,7 @@ def _register_optional(sub: argparse._SubParsersAction, bench: argparse._SubPars
 
 
 # Modules that add subcommands via register(sub, bench, data); append yours here.
-REGISTRARS: list[str] = []
+REGISTRARS: list[str] = ["pretrain.plan", "launch.cli", "data_pipelines.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,11 +33,32 @@ class DataConfig:
     val: str = ""
     """Held-out shards for evaluation, same syntax as `data.train`."""
     workers: int = 2
-    """DataLoader worker processes per rank; shards are split across ranks x workers."""
+    """DataLoader worker processes per rank; shards are split across ranks x workers (and within
+    shards when there are fewer shards than that)."""
     shuffle_buffer: int = 500
-    """Sample shuffle buffer per worker (0 disables sample shuffling)."""
+    """Samples each worker holds for shuffling: every open shard is read in blocks of
+    shuffle_buffer / interleave samples, each block permuted by a seed of (seed, epoch, shard, block),
+    which keeps resume exact (<= 1 per block: shard order)."""
     shard_shuffle: bool = True
     """Shuffle the shard order each epoch (seeded by `train.seed` and the epoch)."""
+    interleave: int = 4
+    """Shards each worker reads at once, taking every next sample from one of them at random (seeded)."""
+    sampling: str = "epoch"
+    """`epoch`: every sample exactly once per epoch across all ranks and workers, with exact (also
+    elastic) resume; `resampled`: shards drawn with replacement, weighted by `data.train_weights`."""
+    train_weights: list[float] = field(default_factory=list)
+    """Relative weight of each `::`-separated source of `data.train` (resampled sampling only); empty:
+    every shard equally likely."""
+    max_image_pixels: int = 89478485
+    """Images with more pixels are skipped from their header (decompression bombs); 0: no limit."""
+    max_bad_fraction: float = 0.5
+    """Abort with an error when more than this fraction of the samples read (or of the shards opened)
+    was unusable; 1 disables the check."""
+    bad_check_after: int = 1000
+    """Samples to read before `data.max_bad_fraction` is enforced (the first few are too noisy)."""
+    log_keys: bool = False
+    """Audit: append `epoch key step` of every consumed sample to RUN_DIR/keys/rank{R}.txt (data-parallel
+    rank), kept consistent across resumes."""
     tokenizer: str = ""
     """Path of a tokenizer.json; empty trains a BPE tokenizer on `data.train` captions at start-up
     and stores it in the run directory."""
@@ -186,6 +207,12 @@ class TrainConfig:
     """Seed for initialisation, shuffling, augmentation and masking."""
     activation_checkpointing: bool = False
     """Recompute transformer blocks in backward instead of storing their activations."""
+    global_batch: int = 0
+    """Expected global batch (micro_batch x grad_accum x data-parallel ranks); 0 derives it. Set it in
+    recipes so a launch with the wrong rank count fails before training instead of changing the math."""
+    nonfinite_patience: int = 3
+    """A micro-batch whose loss is NaN/inf is skipped and counted; this many in a row stop the run with
+    the step and the objective that went non-finite."""
 
 
 @dataclass
@@ -207,6 +234,13 @@ class CheckpointConfig:
     """Save every N optimizer steps (0: only at the end of training)."""
     dir: str = ""
     """Checkpoint directory (default: RUN_DIR/checkpoints)."""
+    keep_last: int = 0
+    """Keep only the newest N complete checkpoints (0 keeps all). Never deletes the one `latest` names."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of K, whatever `keep_last` says (0: none)."""
+    max_failures: int = 3
+    """A failed save (full or unwritable disk) is reported and training goes on from memory; this many
+    failures in a row stop the run. The final save must succeed."""
 
 
 @dataclass
@@ -361,8 +395,10 @@ def _set_nested(tree: dict[str, Any], path: list[str], value: Any, cls: type, fu
             scls = tp
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read YAML (safe_load: nothing in it runs), apply `dotted.key=value` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                world_size: int | None = None) -> Config:
+    """Read YAML (safe_load: nothing in it runs), apply `dotted.key=value` overrides, validate (against
+    `world_size` too when given, so every problem is listed in one error)."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -378,7 +414,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         keys, value = parse_override(ov)
         _set_nested(tree, keys, value, Config, ".".join(keys))
     cfg = _build(Config, tree, "")
-    validate(cfg)
+    validate(cfg, world_size=world_size)
     return cfg
 
 
@@ -437,6 +473,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(t.micro_batch >= 1, "train.micro_batch must be >= 1")
     check(t.grad_accum >= 1, "train.grad_accum must be >= 1")
     check(t.grad_clip >= 0, "train.grad_clip must be >= 0")
+    check(t.global_batch >= 0, "train.global_batch must be >= 0")
+    check(t.nonfinite_patience >= 1, "train.nonfinite_patience must be >= 1")
+    if world_size is not None and t.global_batch and world_size % max(cfg.parallel.tp, 1) == 0:
+        dp = world_size // max(cfg.parallel.tp, 1)
+        check(t.global_batch == t.micro_batch * t.grad_accum * dp,
+              f"train.global_batch ({t.global_batch}) != train.micro_batch ({t.micro_batch}) x "
+              f"train.grad_accum ({t.grad_accum}) x data-parallel ranks ({dp} = world {world_size} / "
+              f"tp {cfg.parallel.tp})")
     op = cfg.optim
     check(op.lr > 0, "optim.lr must be > 0")
     check(0 <= op.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
@@ -446,6 +490,20 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     d = cfg.data
     check(d.workers >= 0, "data.workers must be >= 0")
     check(d.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+    check(d.interleave >= 1, "data.interleave must be >= 1")
+    check(d.sampling in ("epoch", "resampled"),
+          f"data.sampling: {d.sampling!r} is not one of epoch, resampled")
+    check(all(w > 0 for w in d.train_weights), "data.train_weights must all be > 0")
+    check(not d.train_weights or d.sampling == "resampled",
+          "data.train_weights needs data.sampling=resampled (epoch sampling reads every sample once)")
+    if d.train_weights and d.train:
+        sources = len(d.train.split("::"))
+        check(len(d.train_weights) == sources,
+              f"data.train_weights has {len(d.train_weights)} entries but data.train has {sources} "
+              f"'::'-separated source(s)")
+    check(d.max_image_pixels >= 0, "data.max_image_pixels must be >= 0 (0: no limit)")
+    check(0 < d.max_bad_fraction <= 1, "data.max_bad_fraction must be in (0, 1]")
+    check(d.bad_check_after >= 0, "data.bad_check_after must be >= 0")
     check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
           "data.crop_scale must be [min, max] with 0 < min <= max <= 1")
     check(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
@@ -461,6 +519,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
               f"world size {world_size} is not divisible by parallel.tp ({p.tp}); launch a multiple of "
               f"{p.tp} ranks (data-parallel degree = world size / tp)")
     check(cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0")
+    check(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last must be >= 0")
+    check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every must be >= 0")
+    check(cfg.checkpoint.max_failures >= 1, "checkpoint.max_failures must be >= 1")
     check(cfg.logging.every >= 1, "logging.every must be >= 1")
     check(bool(cfg.run.dir), "run.dir must be set")
     if problems:

@@ -17,15 +17,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from data_pipelines.audit import KeyAudit
 from data_pipelines.loader import make_train_loader
+from data_pipelines.monitor import local_totals, merge_totals, metrics_row
 from data_pipelines.position import PositionTracker
+from data_pipelines.stats import check_bad_fraction
 from data_pipelines.tokenizer import TextTokenizer, train_tokenizer_from_shards
+from launch.env import discover
+from launch.signals import StoppedForRequeue, StopRequest
 from parallel import groups
+from parallel.consensus import any_rank
 from parallel.engine import build_engine
 from pretrain import checkpoint as ckpt
+from pretrain import faults
 from pretrain.config import Config, config_from_dict, dump_yaml, to_dict, validate
 from pretrain.metrics import MetricsWriter
 from pretrain.models.pretrain_model import PretrainModel
+from pretrain.plan import log_startup_plan, record_measured
 
 log = logging.getLogger("mmpt.train")
 # DeepSpeed's ZeRO-3 calls these torch.distributed spellings once per step; the warning is not ours to fix.
@@ -75,9 +83,10 @@ def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str
     return dict(zip(keys, t.tolist()))
 
 
-def _gather_positions(tracker: PositionTracker, batches: int) -> list[dict[str, Any]]:
-    """Every rank's data position, so each rank's checkpoint file can describe the whole stream."""
-    mine = tracker.state(batches)
+def _gather_positions(tracker: PositionTracker) -> list[dict[str, Any]]:
+    """Every rank's data position, so each rank's checkpoint file can describe the whole stream (and a
+    resume under another layout can re-deal the unconsumed samples)."""
+    mine = tracker.state()
     if not groups.is_distributed() or groups.world_size() == 1:
         return [mine]
     allpos: list[Any] = [None] * groups.world_size()
@@ -85,29 +94,36 @@ def _gather_positions(tracker: PositionTracker, batches: int) -> list[dict[str, 
     return allpos
 
 
-def _skip_totals(per_worker: dict[int, dict[str, int]]) -> dict[str, int]:
-    """Skipped samples by reason, summed over this rank's workers and then over all ranks.
+def _data_totals(tracker: PositionTracker) -> dict[str, Any]:
+    """Skips by reason, samples delivered and shards opened, summed over all data-parallel ranks.
 
-    Reasons differ between ranks, so this gathers dicts (a few bytes, only at log steps)."""
-    mine: dict[str, int] = {}
-    for counts in per_worker.values():
-        for reason, n in counts.items():
-            mine[reason] = mine.get(reason, 0) + int(n)
-    if not groups.is_distributed() or groups.world_size() == 1:
-        return mine
-    every: list[Any] = [None] * groups.world_size()
-    dist.all_gather_object(every, mine)
-    total: dict[str, int] = {}
-    for counts in every:
-        for reason, n in counts.items():
-            total[reason] = total.get(reason, 0) + n
-    return total
+    Gathers small dicts, only at log steps; every rank gets the same totals, so the bad-fraction check
+    stops all ranks at the same step."""
+    mine = local_totals(tracker)
+    if not groups.is_distributed() or groups.dp_world_size() == 1:
+        return merge_totals([mine])
+    every: list[Any] = [None] * groups.dp_world_size()
+    dist.all_gather_object(every, mine, group=groups.get_data_parallel_group())
+    return merge_totals(every)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite losses or gradients; the message names the step and objective."""
+
+
+def _nonfinite(out: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the objectives whose loss is NaN or inf in this micro-batch."""
+    bad = [k for k in LOSS_KEYS if k != "loss" and k in out and not torch.isfinite(out[k]).all()]
+    if not bad and not torch.isfinite(out["loss"]).all():
+        bad = ["loss"]
+    return bad
 
 
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Run `cfg.train.steps` optimizer steps (continuing from `resume`); return a summary dict."""
+    stop = StopRequest().install()  # preemption (launch/signals.py): SIGUSR1/SIGTERM -> checkpoint + exit 75
+    validate(cfg, world_size=discover().world_size)  # every config problem, before any process group
     groups.init_distributed(cfg.parallel.timeout_s, cfg.parallel.tp)
-    validate(cfg, world_size=groups.world_size())
     rank, dp_rank, dp_world = groups.rank(), groups.dp_rank(), groups.dp_world_size()
     run_dir = Path(cfg.run.dir)
     root = ckpt.checkpoint_root(cfg)
@@ -130,6 +146,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     model = PretrainModel(cfg.model, cfg.objectives, vocab_size=tokenizer.vocab_size,
                           pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
                           activation_checkpointing=cfg.train.activation_checkpointing)
+    memory_plan = log_startup_plan(cfg, model, groups.world_size(), rank)  # per-rank bytes (pretrain/plan.py)
     engine, _ = build_engine(cfg, model, dp_world)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
@@ -140,24 +157,40 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {target[0]}/{target[1]}")
         state = client["mmpt"]
         start_step = int(state["step"])
-        position = state["data_positions"][dp_rank]
+        position = state["data_positions"]  # all ranks': the loader re-deals them if the layout changed
         torch.set_rng_state(state["rng"])
         log.info("resumed from %s/%s at step %d", target[0], target[1], start_step)
 
     loader = make_train_loader(cfg, tokenizer, rank=dp_rank, world=dp_world, position=position)
-    tracker = PositionTracker(cfg.data.workers, dp_world, position)
-    batches = int(position["batches"]) if position else 0
+    tracker = loader.tracker  # every worker's start state; updated with each consumed batch
+    audit = KeyAudit(run_dir, dp_rank, dp_world, enabled=cfg.data.log_keys and groups.tp_rank() == 0,
+                     resume_step=start_step if target is not None else None)
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
     per_step = cfg.train.micro_batch * cfg.train.grad_accum * dp_world
 
-    def save(step: int) -> None:
+    save_failures = 0
+
+    def save(step: int, final: bool = False) -> None:
+        """Atomic save; a failure is reported and training goes on from memory, up to a limit."""
+        nonlocal save_failures
         client = {"mmpt": {
             "step": step, "config": to_dict(cfg), "tokenizer": (run_dir / "tokenizer.json").read_text(),
-            "data_positions": _gather_positions(tracker, batches), "dp_world": dp_world,
+            "data_positions": _gather_positions(tracker), "dp_world": dp_world,
             "tp": cfg.parallel.tp, "rng": torch.get_rng_state(),
         }}
-        engine.save_checkpoint(str(root), tag=ckpt.tag_for(step), client_state=client)
-        log.info("saved checkpoint %s/%s", root, ckpt.tag_for(step))
+        audit.flush()
+        try:
+            tag = ckpt.save_atomic(engine, root, step, client, keep_last=cfg.checkpoint.keep_last,
+                                   keep_every=cfg.checkpoint.keep_every)
+        except ckpt.CheckpointSaveError as e:
+            save_failures += 1
+            log.error("%s (failure %d of at most %d in a row)", e, save_failures, cfg.checkpoint.max_failures)
+            metrics.log(step, {"checkpoint_failed": str(e)})
+            if final or save_failures >= cfg.checkpoint.max_failures:
+                raise
+            return
+        save_failures = 0
+        log.info("saved checkpoint %s/%s", root, tag)
 
     bar = None
     if rank == 0 and cfg.logging.progress:
@@ -169,35 +202,61 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     sums: dict[str, float] = {}
     n_micro, wait_s, window_start = 0, 0.0, time.perf_counter()
     run_start, last_logged = time.perf_counter(), {}
-    worker_skips: dict[int, dict[str, int]] = {}
     step = start_step
     engine.train()
+    nonfinite_run, nonfinite_total, skipped_before = 0, 0, engine.skipped_steps
     while step < cfg.train.steps:
-        for _ in range(cfg.train.grad_accum):
+        done = 0
+        while done < cfg.train.grad_accum:
             t0 = time.perf_counter()
             batch = next(it)
             wait_s += time.perf_counter() - t0
             tracker.update(batch)
-            worker_skips[batch["_position"]["worker"]] = dict(batch.get("_skips", {}))
-            batches += 1
-            out = engine(_to_device(batch, engine.device, dtype))
+            audit.record(batch, step + 1)
+            out = faults.poison(engine(_to_device(batch, engine.device, dtype)))
+            bad = _nonfinite(out)
+            if any_rank(bool(bad), engine.device):
+                # Skip like an fp16 overflow: no backward, no step; every rank drops this micro-batch.
+                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+                what = ", ".join(bad) or "loss on another rank"
+                log.warning("step %d: non-finite %s; micro-batch skipped (%d in a row)", step + 1, what,
+                            nonfinite_run)
+                if nonfinite_run >= cfg.train.nonfinite_patience:
+                    raise NonFiniteError(
+                        f"stopping at step {step + 1}: non-finite {what} in {nonfinite_run} micro-batches "
+                        f"in a row (train.nonfinite_patience={cfg.train.nonfinite_patience}); "
+                        f"last checkpoint: {ckpt.latest_tag(root) or 'none'}")
+                continue
             engine.backward(out["loss"])
             engine.step()
+            done += 1
+            if engine.skipped_steps > skipped_before:  # ZeRO found inf/NaN gradients and skipped
+                skipped_before = engine.skipped_steps
+                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+                log.warning("step %d: non-finite gradients, optimizer step skipped", step + 1)
+                if nonfinite_run >= cfg.train.nonfinite_patience:
+                    raise NonFiniteError(f"stopping at step {step + 1}: non-finite gradients in "
+                                         f"{nonfinite_run} steps in a row")
+            else:
+                nonfinite_run = 0
             for k in LOSS_KEYS:
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + float(out[k].detach().float())
             n_micro += 1
             temperature = 1.0 / float(out["logit_scale"])
         step += 1
+        if step == start_step + 1:  # measured per-rank bytes next to the plan -> RUN_DIR/memory.json
+            record_measured(engine, memory_plan, run_dir)
+        stopping = any_rank(stop.requested, engine.device)  # preemption: all ranks stop at the same step
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{float(out['loss']):.3f}")
-        if step % cfg.logging.every == 0 or step == cfg.train.steps:
+        if step % cfg.logging.every == 0 or step == cfg.train.steps or stopping:
             elapsed = time.perf_counter() - window_start
             steps_in_window = n_micro / cfg.train.grad_accum
             values = _mean_over_ranks({**{k: v / n_micro for k, v in sums.items()},
                               "wait": wait_s / max(elapsed, 1e-9)}, engine.device)
-            skips = _skip_totals(worker_skips)
+            data_totals = _data_totals(tracker)
             grad_norm = engine.get_global_grad_norm()
             row = {
                 **{k: round(values[k], 6) for k in LOSS_KEYS if k in values},
@@ -206,23 +265,39 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
                 "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                 "samples_per_s": round(steps_in_window * per_step / max(elapsed, 1e-9), 3),
                 "data_wait_frac": round(values["wait"], 4),
-                "skipped": int(sum(skips.values())),
+                **metrics_row(data_totals),  # skipped samples, skip_<reason>, bad fractions
+                "nonfinite_skipped": nonfinite_total,
             }
             metrics.log(step, row)
             last_logged = row
+            d = cfg.data
+            check_bad_fraction(data_totals["skips"], data_totals["delivered"], data_totals["shards"],
+                               d.max_bad_fraction, d.bad_check_after)
             sums, n_micro, wait_s, window_start = {}, 0, 0.0, time.perf_counter()
-        if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            save(step)
+        faults.maybe_kill("after-step", step)
+        if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping:
+            save(step, final=step == cfg.train.steps or stopping)
+        if stopping:  # preemption: this step is logged and saved; the requeued job resumes after it
+            break
     if bar is not None:
         bar.close()
     metrics.close()
+    audit.close()
+    if step < cfg.train.steps:  # preemption: stopped early on request
+        groups.barrier()  # every rank's checkpoint shard is written before any rank exits
+        log.warning("stopped at step %d on %s; checkpoint saved", step, stop.signal_name)
+        stop.ignore_further()  # a late TERM (srun --kill-on-bad-exit) must not turn exit 75 into 143
+        raise StoppedForRequeue(step, stop.signal_name)
+    stop.restore()
     wall = time.perf_counter() - run_start
     summary = {
         "steps": step, "start_step": start_step, "run_dir": str(run_dir),
         "wall_s": round(wall, 2),
         "samples_per_s": round((step - start_step) * per_step / max(wall, 1e-9), 3),
         "final": last_logged, "checkpoint": str(root),
-        "skipped": _skip_totals(worker_skips),
+        "skipped": (data_totals := _data_totals(tracker))["skips"],
+        "data": {**metrics_row(data_totals), "samples_delivered": data_totals["delivered"],
+                 "shards_opened": data_totals["shards"]},
     }
     if rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -14,42 +14,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny import ROOT, TINY, run_pretrain, write_shards
 
-from parallel.groups import free_port
 from pretrain.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.image_size=32", "model.vision.patch_size=8", "model.vision.width=64", "model.vision.layers=2",
-    "model.vision.heads=2", "model.text.width=64", "model.text.layers=2", "model.text.heads=2",
-    "model.text.context_length=24", "model.embed_dim=32", "model.decoder.width=32", "model.decoder.layers=1",
-    "model.decoder.heads=2", "data.vocab_size=256", "data.workers=2", "data.shuffle_buffer=50",
-    "train.micro_batch=8", "train.precision=fp32", "optim.warmup_steps=2", "optim.lr=2e-3",
-    "logging.every=1", "logging.progress=false", "parallel.zero_stage=3", "parallel.persistence_threshold=0",
-]
-
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, str]:
-    from data_pipelines.synth import write_synthetic_shards
-
-    d = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(d / "train", samples=640, samples_per_shard=80, image_size=32, seed=0)
-    write_synthetic_shards(d / "val", samples=128, samples_per_shard=64, image_size=32, seed=1)
-    return {"train": f"{d}/train/shard-{{000000..000007}}.tar",
-            "val": f"{d}/val/shard-{{000000..000001}}.tar",
-            "classnames": str(d / "val" / "classnames.txt")}
+    return write_shards(tmp_path_factory.mktemp("shards"))
 
 
 def deepspeed_train(run_dir: Path, overrides: list[str], procs: int = 2, resume: str | None = None):
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(procs), "--master_port",
-           str(free_port()), "--no_local_rank", "--module", "pretrain.cli", "train", f"run.dir={run_dir}",
-           *TINY, *overrides]
-    if resume:
-        cmd += ["--resume", resume]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    args = ["train", f"run.dir={run_dir}", *TINY, *overrides] + (["--resume", resume] if resume else [])
+    r = run_pretrain(args, procs=procs, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 

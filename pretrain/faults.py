@@ -1,0 +1,53 @@
+"""Fault injection for reliability tests: crash a process at a named point, or poison a loss.
+
+Driven by environment variables so tests can hit real code paths inside real launched jobs; unset in
+normal runs, where every function here is a cheap no-op.
+
+- `MMPT_FAULT_KILL=point:step[:rank]`  SIGKILL this process at `point` (e.g. `save-before-commit`,
+  `after-step`) when training reaches `step` (on `rank` only, if given).
+- `MMPT_FAULT_NONFINITE=objective:n[,n...]`  make that objective's loss NaN in the n-th micro-batch the
+  process runs (1-based, skipped ones included; with grad_accum=1 and no earlier skip, n is the step).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def maybe_kill(point: str, step: int) -> None:
+    spec = os.environ.get("MMPT_FAULT_KILL")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] != point or int(parts[1]) != step:
+        return
+    if len(parts) > 2 and int(parts[2]) != _rank():
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+_MICRO = [0]
+
+
+def poison(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return `out` with the configured objective's loss (and the total) replaced by NaN when this is
+    one of the configured micro-batches."""
+    spec = os.environ.get("MMPT_FAULT_NONFINITE")
+    if not spec:
+        return out
+    _MICRO[0] += 1
+    objective, which = spec.split(":", 1)
+    if _MICRO[0] not in {int(n) for n in which.split(",") if n}:
+        return out
+    key = f"loss_{objective}"
+    if key not in out:
+        return out
+    nan = torch.full_like(out[key], float("nan"))
+    return {**out, key: nan, "loss": out["loss"] + nan}

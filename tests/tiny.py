@@ -1,0 +1,76 @@
+"""Shared bits for tests that run real training: tiny models, synthetic shards, and running `pretrain`
+the way users do (one process or the real deepspeed launcher)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pretrain.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+# A model small enough that a DeepSpeed step takes milliseconds on one CPU core.
+TINY = [
+    "model.image_size=32", "model.vision.patch_size=8", "model.vision.width=64", "model.vision.layers=2",
+    "model.vision.heads=2", "model.text.width=64", "model.text.layers=2", "model.text.heads=2",
+    "model.text.context_length=24", "model.embed_dim=32", "model.decoder.width=32", "model.decoder.layers=1",
+    "model.decoder.heads=2", "data.vocab_size=256", "data.workers=2", "data.shuffle_buffer=50",
+    "train.micro_batch=8", "train.precision=fp32", "optim.warmup_steps=2", "optim.lr=2e-3",
+    "logging.every=1", "logging.progress=false", "parallel.zero_stage=3", "parallel.persistence_threshold=0",
+]
+
+
+def write_shards(d: Path) -> dict[str, str]:
+    """640 training samples in 8 shards and 128 held-out samples in 2, 32-px images."""
+    from data_pipelines.synth import write_synthetic_shards
+
+    write_synthetic_shards(d / "train", samples=640, samples_per_shard=80, image_size=32, seed=0)
+    write_synthetic_shards(d / "val", samples=128, samples_per_shard=64, image_size=32, seed=1)
+    return {"train": f"{d}/train/shard-{{000000..000007}}.tar",
+            "val": f"{d}/val/shard-{{000000..000001}}.tar",
+            "classnames": str(d / "val" / "classnames.txt")}
+
+
+def run_pretrain(args: list[str], env: dict[str, str] | None = None, timeout: float = 300,
+                 procs: int = 1) -> subprocess.CompletedProcess:
+    """`pretrain ARGS` as a user runs it: one process, or `procs` ranks under the real deepspeed launcher."""
+    from parallel.groups import free_port
+
+    if procs > 1:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(procs),
+               "--master_port", str(free_port()), "--no_local_rank", "--module", "pretrain.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "pretrain.cli", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+# An even smaller model for launcher tests: they measure launch paths, not learning.
+MICRO = [
+    "model.image_size=32", "model.vision.patch_size=8", "model.vision.width=32", "model.vision.layers=1",
+    "model.vision.heads=2", "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
+    "model.text.context_length=16", "model.embed_dim=16", "model.decoder.width=16", "model.decoder.layers=1",
+    "model.decoder.heads=2", "data.vocab_size=128", "data.tokenizer_samples=200", "data.workers=1",
+    "data.shuffle_buffer=20", "train.micro_batch=4", "train.precision=fp32", "optim.warmup_steps=1",
+    "logging.every=1", "logging.progress=false", "logging.tensorboard=false", "parallel.zero_stage=3",
+]
+
+
+def write_micro_shards(directory: Path) -> str:
+    """320 synthetic image-caption samples in 4 shards; returns the brace URL for data.train."""
+    from data_pipelines.synth import write_synthetic_shards
+
+    write_synthetic_shards(directory, samples=320, samples_per_shard=80, image_size=32, seed=0)
+    return f"{directory}/shard-{{000000..000003}}.tar"
+
+
+def train_args(shards: str, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return [*MICRO, f"data.train={shards}", f"run.dir={run_dir}", f"train.steps={steps}", *extra]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [row["step"] for row in read_metrics(run_dir)]
