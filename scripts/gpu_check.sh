@@ -19,6 +19,8 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_dev
 print("deepspeed", deepspeed.__version__, "megatron-core", megatron.core.__version__)
 PY
 git rev-parse HEAD 2>/dev/null | tee -a "$OUTDIR/env.txt" || true
+echo "== 0. CUDA unit tests (towers, fused paths, bf16 on device)"
+python3 -m pytest -q -p no:cacheprovider tests/test_model_cuda.py 2>&1 | tail -3 | tee "$OUTDIR/cuda_tests.txt"
 D=/tmp/mmpt-data
 python3 -m pretrain.cli data synth $D/train64 --samples 12000 --samples-per-shard 500 --image-size 64 --seed 0 >/dev/null
 python3 -m pretrain.cli data synth $D/val64 --samples 1000 --samples-per-shard 500 --image-size 64 --seed 1 >/dev/null
