@@ -108,7 +108,7 @@ def _register_optional(sub: argparse._SubParsersAction, bench: argparse._SubPars
 
 
 # Modules that add subcommands via register(sub, bench, data); append yours here.
-REGISTRARS: list[str] = ["pretrain.plan", "launch.cli", "data_pipelines.commands"]
+REGISTRARS: list[str] = ["pretrain.plan", "launch.cli", "data_pipelines.commands", "pretrain.bench_commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -142,6 +142,12 @@ class ContrastiveConfig:
     """Initial softmax temperature (learned as a log logit scale)."""
     max_logit_scale: float = 100.0
     """Upper clamp of the learned logit scale (1 / temperature)."""
+    loss: str = "infonce"
+    """`infonce`: CLIP's softmax loss in both directions; `siglip`: SigLIP's pairwise sigmoid loss with a
+    learned logit bias (initialised at -10; the parameter exists only with this choice)."""
+    chunk: int = 0
+    """0: plain loss holding the B_local x B_global logits; > 0: tiled loss over chunk x chunk blocks
+    recomputed in backward, never holding the logits (same value and gradients, ~2x the logit FLOPs)."""
 
 
 @dataclass
@@ -285,6 +291,7 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.activation": ("gelu", "quick_gelu"),
     "optim.schedule": ("cosine", "constant"),
+    "objectives.contrastive.loss": ("infonce", "siglip"),
     "train.precision": ("bf16", "fp16", "fp32"),
     "parallel.zero_stage": (0, 1, 2, 3),
 }
@@ -468,6 +475,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
           "objectives.mim.mask_ratio must be > 0 when objectives.mim.weight > 0")
     check(0.0 < o.mlm.mask_prob < 1.0, "objectives.mlm.mask_prob must be in (0, 1)")
     check(o.contrastive.init_temperature > 0, "objectives.contrastive.init_temperature must be > 0")
+    check(o.contrastive.chunk >= 0, "objectives.contrastive.chunk must be >= 0 (0: plain loss)")
     t = cfg.train
     check(t.steps >= 1, "train.steps must be >= 1")
     check(t.micro_batch >= 1, "train.micro_batch must be >= 1")

@@ -21,6 +21,10 @@ from pretrain.models.text import TextTower
 from pretrain.models.vision import VisionTower
 from pretrain.objectives import contrastive_loss, mim_loss, mlm_loss
 
+SIGLIP_INIT_BIAS = -10.0
+"""SigLIP's initial logit bias: with ~B negatives per positive, starting near log(1/B) keeps the first
+steps from being dominated by pushing every negative down."""
+
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     """Round the tokenizer's vocabulary up so the embedding table splits evenly (tensor parallelism)."""
@@ -49,6 +53,8 @@ class PretrainModel(nn.Module):
         # shape [1], not CLIP's 0-dim: DeepSpeed's start-up broadcast views every parameter as bytes,
         # which a 0-dim tensor refuses; exporters reshape it to a scalar
         self.logit_scale = nn.Parameter(torch.empty(1))
+        # SigLIP's learned bias, only when that loss is selected (InfoNCE models keep their state dict)
+        self.logit_bias = nn.Parameter(torch.empty(1)) if o.contrastive.loss == "siglip" else None
         self.init_weights()
         self.set_grad_checkpointing(activation_checkpointing)
 
@@ -63,6 +69,8 @@ class PretrainModel(nn.Module):
         if self.mlm_head is not None:
             self.mlm_head.init_weights()
         self.logit_scale.fill_(math.log(1.0 / self.obj_cfg.contrastive.init_temperature))
+        if self.logit_bias is not None:
+            self.logit_bias.fill_(SIGLIP_INIT_BIAS)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every transformer block in backward (all towers and the decoder)."""
@@ -91,7 +99,10 @@ class PretrainModel(nn.Module):
         scale = self.logit_scale.clamp(max=math.log(o.contrastive.max_logit_scale)).exp().squeeze(0)  # []
         if use_con:
             txt = self.text(batch["text"], causal=True)  # [B, E], pooled at EOS
-            losses["loss_contrastive"] = contrastive_loss(pooled, txt, scale, group=get_data_parallel_group())
+            c = o.contrastive
+            bias = self.logit_bias.squeeze(0) if self.logit_bias is not None else None
+            losses["loss_contrastive"] = contrastive_loss(pooled, txt, scale, group=get_data_parallel_group(),
+                                                          loss=c.loss, chunk=c.chunk, logit_bias=bias)
         if use_mim:
             if ratio == 0:  # eval: the pass above saw every patch, reconstruction needs a masked one
                 _, tokens, mask, ids_restore = self.visual.forward_features(images, noise, o.mim.mask_ratio)

@@ -1,0 +1,202 @@
+"""`pretrain bench step`: samples/s, time split, peak memory, analytic FLOPs and MFU of training steps.
+
+The loop is the training loop's step stripped of metrics and checkpoints, on the same pieces: the
+`PretrainModel` and `build_engine` (DeepSpeed, ZeRO, precision) that `pretrain train` builds, and its
+data loader when `data.train` is set (else synthetic batches of the right shapes, made in this
+process, so "data" then measures only batch creation). Each phase is timed with a device
+synchronisation on both sides, which serialises what CUDA would overlap: the split is an attribution,
+and samples/s is measured over the whole timed steps. One process: there are no collectives, so
+communication is 0 by construction; under several ranks ZeRO's gathers and reduce-scatters run inside
+forward/backward and would need a profiler to separate.
+
+MFU = analytic model FLOPs per sample (`pretrain/flops.py`, 3 x forward) x samples/s / peak, with the
+peak from a table of bf16 dense rates by CUDA device name, or on CPU a measured fp32 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from pretrain.config import Config, load_config
+from pretrain.flops import flops_per_sample
+
+log = logging.getLogger("mmpt.bench")
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+"""Dense bf16 tensor-core peak FLOP/s (no sparsity), matched against torch.cuda.get_device_name."""
+
+
+def measured_cpu_peak(n: int = 1024, reps: int = 8) -> float:
+    """fp32 matmul FLOP/s of this CPU with torch's current threads (best of `reps`, after a warm-up)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def device_peak(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_FLOPS.items():
+            if key in name:
+                return peak, f"table: {key} bf16 dense ({name})"
+        raise ValueError(f"no peak FLOP/s for {name!r}; known: {', '.join(PEAK_FLOPS)}")
+    return measured_cpu_peak(), f"measured fp32 matmul on CPU ({torch.get_num_threads()} threads)"
+
+
+def synthetic_batches(cfg: Config, vocab_size: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Random batches with the shapes and key set the training stream delivers."""
+    m, b = cfg.model, cfg.train.micro_batch
+    n = (m.image_size // m.vision.patch_size) ** 2
+    L = m.text.context_length
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(4, vocab_size, (b, L), generator=gen)
+        ids[:, 0], ids[:, -1] = 1, 3  # BOS ... EOS
+        labels = torch.where(torch.rand(b, L, generator=gen) < cfg.objectives.mlm.mask_prob, ids, -100)
+        yield {"image": torch.randn(b, 3, m.image_size, m.image_size, generator=gen), "text": ids,
+               "mlm_input": torch.where(labels != -100, 2, ids), "mlm_labels": labels,
+               "patch_noise": torch.rand(b, n, generator=gen)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"peak_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "how": "torch.cuda.max_memory_allocated (measured)"}
+    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "how": "peak RSS of this process incl. Python, torch and DeepSpeed (measured)"}
+
+
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = False) -> dict[str, Any]:
+    """Build model + engine as training does, run `warmup` untimed and `steps` timed optimizer steps."""
+    from parallel import groups
+    from parallel.engine import build_engine
+    from pretrain.models.pretrain_model import PretrainModel
+    from pretrain.train import _to_device
+
+    if steps < 1 or warmup < 0:
+        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    groups.init_distributed(cfg.parallel.timeout_s, cfg.parallel.tp)
+    if groups.world_size() != 1:
+        raise ValueError("bench step runs single-process; launch it without a launcher")
+    use_data = bool(cfg.data.train) and not synthetic
+    if use_data:
+        from data_pipelines.loader import make_train_loader
+        from data_pipelines.tokenizer import TextTokenizer, train_tokenizer_from_shards
+
+        tok = (TextTokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else
+               train_tokenizer_from_shards(cfg.data.train, cfg.data.vocab_size, cfg.data.tokenizer_samples))
+        vocab, pad_id, eos_id = tok.vocab_size, tok.pad_id, tok.eos_id
+        batches: Iterator[dict[str, Any]] = iter(make_train_loader(cfg, tok, rank=0, world=1))
+    else:
+        vocab, pad_id, eos_id = cfg.data.vocab_size, 0, 3
+        batches = synthetic_batches(cfg, vocab, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    model = PretrainModel(cfg.model, cfg.objectives, vocab_size=vocab, pad_id=pad_id, eos_id=eos_id,
+                          activation_checkpointing=cfg.train.activation_checkpointing)
+    padded_vocab, n_params = model.vocab_size, sum(p.numel() for p in model.parameters())  # before ZeRO-3
+    engine, _ = build_engine(cfg, model, 1)
+    device = engine.device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    engine.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    micro = 0
+    t_start = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            phases = dict.fromkeys(phases, 0.0)
+            t_start = time.perf_counter()
+        for _ in range(cfg.train.grad_accum):
+            t0 = time.perf_counter()
+            batch = _to_device(next(batches), device, dtype)
+            _sync(device)
+            t1 = time.perf_counter()
+            out = engine(batch)
+            _sync(device)
+            t2 = time.perf_counter()
+            engine.backward(out["loss"])
+            _sync(device)
+            t3 = time.perf_counter()
+            engine.step()  # DeepSpeed steps the optimizer on the last micro-batch of the step
+            _sync(device)
+            t4 = time.perf_counter()
+            for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                phases[k] += dt
+            micro += step >= warmup
+    wall = time.perf_counter() - t_start
+    samples = micro * cfg.train.micro_batch
+    sps = samples / wall
+    flops = flops_per_sample(cfg, padded_vocab, global_batch=cfg.train.micro_batch)
+    peak, peak_source = device_peak(device)
+    achieved = flops["train"] * sps
+    return {
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "precision": cfg.train.precision, "zero_stage": cfg.parallel.zero_stage,
+        "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
+        "steps": steps, "warmup_steps": warmup, "samples": samples, "wall_s": round(wall, 4),
+        "samples_per_s": round(sps, 3),
+        "data_source": "training loader (data.train)" if use_data else "synthetic batches in-process",
+        "time_s": {**{k: round(v, 4) for k, v in phases.items()}, "communication": 0.0},
+        "time_frac": {k: round(v / wall, 4) for k, v in phases.items()},
+        "communication_note": "single process: no collectives (0 by construction)",
+        "memory": _peak_memory(device),
+        "flops_per_sample": flops["train"], "flops_forward_per_sample": flops["forward"],
+        "flops_parts": flops["parts"],
+        "achieved_flops_per_s": round(achieved, 1), "peak_flops_per_s": round(peak, 1),
+        "peak_source": peak_source, "mfu": round(achieved / peak, 5),
+        "parameters": n_params,
+    }
+
+
+def cmd_bench_step(args: argparse.Namespace) -> int:
+    from pretrain.cli import embedded_config_path
+
+    cfg = load_config(args.config or embedded_config_path(), args.overrides)
+    res = run_bench(cfg, steps=args.steps, warmup=args.warmup, synthetic=args.synthetic)
+    if args.json:
+        print(json.dumps(res), flush=True)
+        return 0
+    t = res["time_s"]
+    print(f"{res['samples_per_s']} samples/s on {res['device']} ({res['precision']}, micro-batch "
+          f"{res['micro_batch']}, {res['steps']} timed steps, {res['data_source']})")
+    print("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in t.items()) + f" of {res['wall_s']}s")
+    print(f"  peak memory {res['memory']['peak_bytes'] / 2**20:.1f} MiB ({res['memory']['how']})")
+    print(f"  {res['flops_per_sample'] / 1e9:.3f} GFLOP/sample (fwd+bwd), "
+          f"{res['achieved_flops_per_s'] / 1e12:.4f} TFLOP/s achieved, MFU {res['mfu']:.2%} vs "
+          f"{res['peak_flops_per_s'] / 1e12:.3f} TFLOP/s ({res['peak_source']})")
+    return 0
+
+
+def add_step_parser(bench: argparse._SubParsersAction) -> None:
+    """`pretrain bench step` arguments (registered by `pretrain.bench_commands`)."""
+    p = bench.add_parser("step", help="training-step throughput, time split, peak memory, FLOPs and MFU")
+    p.add_argument("--config", help="YAML recipe (default: the embedded configs/demo.yaml)")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random batches even when data.train is set (model cost only)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.set_defaults(func=cmd_bench_step)
