@@ -98,7 +98,7 @@ def resolve(spec: str, default_root: Path) -> tuple[Path, str] | None:
             return root, tag
     if p.is_dir() and any(p.glob("*model_states.pt")):
         return p.parent, p.name
-    raise FileNotFoundError(f"--resume {spec}: no DeepSpeed checkpoint there (expected a 'latest' file, "
+    raise FileNotFoundError(f"no DeepSpeed checkpoint at {spec} (expected a 'latest' file, "
                             "a tag folder with *_model_states.pt, or a run directory)")
 
 

@@ -30,7 +30,7 @@ from parallel.consensus import any_rank
 from parallel.engine import build_engine
 from pretrain import checkpoint as ckpt
 from pretrain import faults
-from pretrain.config import Config, config_from_dict, dump_yaml, to_dict, validate
+from pretrain.config import Config, ConfigError, config_from_dict, dump_yaml, to_dict, validate
 from pretrain.metrics import MetricsWriter
 from pretrain.models.pretrain_model import PretrainModel
 from pretrain.plan import log_startup_plan, record_measured
@@ -123,6 +123,9 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     """Run `cfg.train.steps` optimizer steps (continuing from `resume`); return a summary dict."""
     stop = StopRequest().install()  # preemption (launch/signals.py): SIGUSR1/SIGTERM -> checkpoint + exit 75
     validate(cfg, world_size=discover().world_size)  # every config problem, before any process group
+    if not cfg.data.train.strip():
+        raise ConfigError("data.train is empty: give the training shards, e.g. "
+                          "data.train='shards/shard-{000000..000023}.tar' (see `pretrain data synth|import`)")
     groups.init_distributed(cfg.parallel.timeout_s, cfg.parallel.tp)
     rank, dp_rank, dp_world = groups.rank(), groups.dp_rank(), groups.dp_world_size()
     run_dir = Path(cfg.run.dir)

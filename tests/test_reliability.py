@@ -177,6 +177,20 @@ def test_all_config_problems_listed_before_any_process_group(tmp_path):
         assert needle in r.stderr, r.stderr[-2000:]
 
 
+def test_missing_training_data_is_named_before_any_process_group(tmp_path):
+    t0 = time.monotonic()
+    r = run_pretrain(["train", f"run.dir={tmp_path}"], timeout=120)  # demo.yaml leaves data.train empty
+    assert r.returncode == 2
+    assert "data.train is empty" in r.stderr
+    assert "DeepSpeed" not in r.stderr and time.monotonic() - t0 < 60
+
+
+def test_eval_of_a_missing_checkpoint_names_the_path(tmp_path):
+    r = run_pretrain(["eval", "--checkpoint", str(tmp_path / "nope"), "--data", "x", "--classnames", "y"])
+    assert r.returncode == 2
+    assert f"no DeepSpeed checkpoint at {tmp_path / 'nope'}" in r.stderr
+
+
 # ------------------------------------------------------------------------------ safety
 class _Exploit:
     def __reduce__(self):
