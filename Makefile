@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mmpt-installed
-# CPU build of torch (the default on these machines); CUDA users install their own torch first.
-TORCH_SPEC ?= torch==2.13.0
+# torch with a matching torchvision (open_clip_torch, used by `bench step --vs open_clip` and the export
+# tests, imports torchvision). CUDA users install their own torch + torchvision first; this is skipped then.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup demo test test-fast lint format clean docs system-deps
 
@@ -13,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev,mpi,data]"
 	touch $(STAMP)
 

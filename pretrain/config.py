@@ -247,6 +247,10 @@ class CheckpointConfig:
     max_failures: int = 3
     """A failed save (full or unwritable disk) is reported and training goes on from memory; this many
     failures in a row stop the run. The final save must succeed."""
+    universal: bool = False
+    """Also write each checkpoint in the layout-free universal format (`<dir>/universal/<tag>`: full fp32
+    weights and Adam moments per parameter, with TP split metadata), which `--resume` loads under any
+    other data-/tensor-parallel layout. Same as `pretrain convert SRC DST --to universal` afterwards."""
 
 
 @dataclass
