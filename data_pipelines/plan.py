@@ -32,8 +32,9 @@ fresh plan of (epoch, g, n)"), how many it opened, the progress of each open one
 for later epochs if it is itself still working off an earlier re-deal. From all saved streams the
 remaining work of every epoch that any stream is still inside is recovered as items with their `start`
 progress; epochs after that are untouched and start fresh under the new layout. The remaining items of
-each such epoch are put in a canonical order and dealt round-robin to the new streams. Because an item's
-order does not depend on who reads it, "skip the first `start` samples" is exactly "skip what was seen".
+each such epoch are put back in their global order (see `remaining_work`) and dealt round-robin to the
+new streams. Because an item's order does not depend on who reads it, "skip the first `start` samples"
+is exactly "skip what was seen".
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ from .seeding import derive_seed
 
 SAMPLING_MODES = ("epoch", "resampled")
 _SALT_MASK = (1 << 62) - 1
-_U64 = (1 << 64) - 1
 _RESAMPLE_TAG = 0x5E5A
 
 
@@ -228,46 +228,44 @@ def remaining_work(states: dict[int, StreamState], params: PlanParams, streams: 
 
     Covers every epoch from the earliest any stream is in to the last one any stream has explicit items
     or progress for; later epochs are untouched by all streams and need no entry.
+
+    Order (what the re-deal hands out round-robin): first the open items of every stream, then the
+    streams' unopened items interleaved (stream 0's first, stream 1's first, ..., stream 0's second, ...).
+    A fresh epoch dealt items round-robin from one list, so this restores that list's order: the global
+    sequence of items continues as it was, and when every stream stopped at an item boundary a new layout
+    whose batches cover whole items reads the same global batches the old layout would have read.
     """
     if not states:
         return {}
     last = max(max([s.epoch, *s.later]) for s in states.values())
-    work: dict[int, list[Item]] = {e: [] for e in range(min(s.epoch for s in states.values()), last + 1)}
-    for g, state in states.items():
+    first = min(s.epoch for s in states.values())
+    opened: dict[int, list[Item]] = {e: [] for e in range(first, last + 1)}
+    pending: dict[int, list[list[Item]]] = {e: [] for e in range(first, last + 1)}
+    for g in sorted(states):
+        state = states[g]
         items = state.items_of(params, g, streams)
         for index, progress in state.open:
             if not 0 <= index < len(items):
                 raise ValueError(f"data position: stream {g} has an open item {index} of {len(items)}")
-            work[state.epoch].append(items[index].with_start(progress))
-        work[state.epoch].extend(items[state.opened:])
+            opened[state.epoch].append(items[index].with_start(progress))
+        pending[state.epoch].append(list(items[state.opened:]))
         for epoch in range(state.epoch + 1, last + 1):
-            if epoch in state.later:
-                work[epoch].extend(state.later[epoch])
-            else:
-                work[epoch].extend(fresh_items(params, epoch, g, streams))
-    return work
+            later = state.later[epoch] if epoch in state.later else fresh_items(params, epoch, g, streams)
+            pending[epoch].append(list(later))
+    return {e: opened[e] + _interleave(pending[e]) for e in opened}
 
 
-def _mix(*values: int) -> int:
-    """splitmix64 over a few integers: a cheap, stable pseudo-random sort key (100k items in ~0.1 s)."""
-    h = 0
-    for v in values:
-        h = (h ^ (v & _U64)) + 0x9E3779B97F4A7C15 & _U64
-        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _U64
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _U64
-        h ^= h >> 31
-    return h
-
-
-def _canonical(items: list[Item]) -> list[Item]:
-    """A deterministic, shard-mixing order of work items for dealing (ties cannot reorder across runs)."""
-    return sorted(items, key=lambda it: (_mix(it.salt, it.shard, it.phase, it.stride), tuple(it)))
+def _interleave(lists: list[list[Item]]) -> list[Item]:
+    out: list[Item] = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out.extend(x[i] for x in lists if i < len(x))
+    return out
 
 
 def redeal(work: dict[int, list[Item]], streams: int) -> dict[int, StreamState]:
     """Start states of `streams` new streams that share `work` (epoch -> items) round-robin."""
     epochs = sorted(work)
-    ordered = {e: _canonical(work[e]) for e in epochs}
+    ordered = {e: list(work[e]) for e in epochs}
     states: dict[int, StreamState] = {}
     for g in range(streams):
         lists = {e: ordered[e][g::streams] for e in epochs}

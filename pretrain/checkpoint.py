@@ -29,6 +29,7 @@ from parallel import groups
 from parallel.consensus import any_rank
 from pretrain import faults
 from pretrain.config import Config
+from pretrain.tensor_files import IntegrityError, file_sha256
 
 log = logging.getLogger("mmpt.checkpoint")
 STAGING = ".staging"
@@ -253,12 +254,16 @@ def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any]
             + (f" on rank {rank}: {error}" if error else " on another rank")
             + f"; nothing was published, the previous checkpoint ({prev or 'none'}) is intact")
     faults.maybe_kill("save-before-commit", step)
+    hashes = _gather_hashes(staging / tag)
     if rank == 0:
         try:
             files = sorted(p for p in (staging / tag).iterdir() if p.is_file())
             for f in files:
                 _fsync_file(f)
-            manifest = {"tag": tag, "step": step, "files": {f.name: f.stat().st_size for f in files}}
+                if f.name not in hashes:  # files no rank claimed (e.g. ZeRO-0's single model file)
+                    hashes[f.name] = file_sha256(f)
+            manifest = {"tag": tag, "step": step, "files": {f.name: f.stat().st_size for f in files},
+                        "sha256": {f.name: hashes[f.name] for f in files}}
             _write_atomic(staging / tag / MARKER, json.dumps(manifest, indent=1))
             final = root / tag
             if final.exists():  # the same step saved again (after a resume): replace, old one last
@@ -287,6 +292,62 @@ def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any]
         prune(root, keep_last, keep_every)
     _barrier()
     return tag
+
+
+def _own_files(tag_dir: Path) -> list[Path]:
+    """The files this rank wrote (or, on load, reads) in a ZeRO checkpoint: its (dp, tp) pair's."""
+    return sorted(Path(tag_dir).glob(f"zero_pp_rank_{groups.dp_rank()}_mp_rank_{groups.tp_rank():02d}_*"))
+
+
+def _gather_hashes(tag_dir: Path) -> dict[str, str]:
+    """sha256 of every rank's own files, computed in parallel by their writers, collected on every rank."""
+    mine = {f.name: file_sha256(f) for f in _own_files(tag_dir)}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mine
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {k: v for d in every for k, v in d.items()}
+
+
+def verify_marker(tag_dir: Path, files: list[Path] | None = None) -> None:
+    """Refuse a checkpoint folder whose files differ from its completion marker (size, then sha256).
+
+    `files` limits the (expensive) hash check to those files (each rank checks what it reads); sizes of
+    all files are always checked. Folders written by plain DeepSpeed carry no marker and are not checked."""
+    tag_dir = Path(tag_dir)
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        return
+    try:
+        info = json.loads(marker.read_text())
+    except json.JSONDecodeError as e:
+        raise IntegrityError(f"{marker}: not valid JSON ({e}); the checkpoint cannot be trusted") from None
+    for name, size in info.get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise IntegrityError(f"{path}: listed in {MARKER} but missing")
+        if path.stat().st_size != size:
+            raise IntegrityError(f"{path}: {path.stat().st_size} bytes, {MARKER} says {size} (truncated or "
+                                 "replaced); refusing to load it")
+    check = info.get("sha256", {})
+    names = [f.name for f in files] if files is not None else list(check)
+    for name in names:
+        if name in check and file_sha256(tag_dir / name) != check[name]:
+            raise IntegrityError(f"{tag_dir / name}: sha256 does not match {MARKER}: the file is corrupt; "
+                                 "refusing to load it")
+
+
+def verify_for_load(tag_dir: Path) -> None:
+    """Every rank checks the files it will read; all ranks fail together, each naming what it found."""
+    error: Exception | None = None
+    try:
+        verify_marker(tag_dir, _own_files(tag_dir) or None)
+    except IntegrityError as e:
+        error = e
+    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+    if any_rank(error is not None, "cuda" if nccl else "cpu"):
+        raise error or IntegrityError(f"{tag_dir}: another rank found a corrupt checkpoint file "
+                                      "(see its log)")
 
 
 def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:

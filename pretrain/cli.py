@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # Validate against the launcher's world size before any process group exists.
     cfg = load_config(args.config or embedded_config_path(), args.overrides, world_size=discover().world_size)
-    summary = train(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume, init_from=args.init_from)
     from parallel import groups
 
     if groups.rank() == 0:
@@ -108,7 +108,8 @@ def _register_optional(sub: argparse._SubParsersAction, bench: argparse._SubPars
 
 
 # Modules that add subcommands via register(sub, bench, data); append yours here.
-REGISTRARS: list[str] = ["pretrain.plan", "launch.cli", "data_pipelines.commands", "pretrain.bench_commands"]
+REGISTRARS: list[str] = ["pretrain.plan", "launch.cli", "data_pipelines.commands", "pretrain.bench_commands",
+                         "pretrain.embed", "pretrain.convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="pretrain (single process or under any launcher)")
     _add_config_args(p)
-    p.add_argument("--resume", help="'latest' (newest checkpoint of this run, if any) or a checkpoint path")
+    p.add_argument("--resume", help="'latest' (newest checkpoint of this run, if any), a checkpoint path, or "
+                   "a universal checkpoint (any data/tensor-parallel layout)")
+    p.add_argument("--init-from", help="start from these weights with a fresh optimizer at step 0: a "
+                   "`pretrain convert` output (--from hf|open_clip, --to safetensors|universal) "
+                   "or a checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=cmd_train)
 

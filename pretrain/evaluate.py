@@ -1,12 +1,12 @@
 """Zero-shot classification and image<->text retrieval on held-out shards, from a DeepSpeed checkpoint.
 
-Runs in one process on the consolidated fp32 weights (DeepSpeed's own zero_to_fp32 reader), so what is
+Runs in one process on the consolidated fp32 weights (read parameter by parameter from any checkpoint
+kind; for ZeRO-3 the same tensors DeepSpeed's zero_to_fp32 gives, which a test checks), so what is
 evaluated is exactly what a user converting the checkpoint would get.
 """
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +14,8 @@ import torch
 
 from data_pipelines.loader import make_eval_loader
 from data_pipelines.tokenizer import TextTokenizer
-from pretrain import checkpoint as ckpt
-from pretrain import checkpoint_tp
-from pretrain.config import Config, config_from_dict
+from pretrain.ckpt_source import load_tokenizer, open_source
+from pretrain.config import Config
 from pretrain.models.pretrain_model import PretrainModel
 
 TEMPLATES = (
@@ -28,26 +27,16 @@ TEMPLATES = (
 
 
 def load_model(checkpoint: str | Path, tag: str | None = None) -> tuple[PretrainModel, TextTokenizer, Config]:
-    """Model (eval mode, fp32), tokenizer and config from a run directory or checkpoint folder."""
-    target = ckpt.resolve(str(checkpoint), Path(checkpoint) / "checkpoints")
-    if target is None:
-        raise FileNotFoundError(f"{checkpoint}: no checkpoint found")
-    root, found_tag = target
-    tag = tag or found_tag
-    client = ckpt.read_client_state(root, tag)
-    cfg = config_from_dict(client["config"])
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "tokenizer.json"
-        path.write_text(client["tokenizer"])
-        tokenizer = TextTokenizer.load(path)
+    """Model (eval mode, fp32), tokenizer and config from a run directory, DeepSpeed checkpoint of any
+    (dp, tp), universal checkpoint or weights export (`pretrain.ckpt_source.open_source`)."""
+    src = open_source(checkpoint, tag)
+    cfg = src.config
+    tokenizer = load_tokenizer(src.meta["tokenizer"])
     model = PretrainModel(cfg.model, cfg.objectives, vocab_size=tokenizer.vocab_size,
                           pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id)
-    # tensor-parallel checkpoints hold one set of ZeRO files per TP rank: join their slices
-    full_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    state = checkpoint_tp.consolidate(root, tag, full_shapes, ckpt.consolidated_state_dict)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {root}/{tag} does not match the model: missing {missing[:5]}, "
+        raise ValueError(f"checkpoint {src.path} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     return model.eval(), tokenizer, cfg
 

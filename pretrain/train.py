@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -28,8 +29,11 @@ from launch.signals import StoppedForRequeue, StopRequest
 from parallel import groups
 from parallel.consensus import any_rank
 from parallel.engine import build_engine
+from parallel.universal_load import load_full_tensors, load_universal
 from pretrain import checkpoint as ckpt
 from pretrain import faults
+from pretrain import universal as universal_io
+from pretrain.ckpt_source import DeepSpeedSource, UniversalSource, is_universal, open_source
 from pretrain.config import Config, ConfigError, config_from_dict, dump_yaml, to_dict, validate
 from pretrain.metrics import MetricsWriter
 from pretrain.models.pretrain_model import PretrainModel
@@ -119,8 +123,33 @@ def _nonfinite(out: dict[str, torch.Tensor]) -> list[str]:
     return bad
 
 
-def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
-    """Run `cfg.train.steps` optimizer steps (continuing from `resume`); return a summary dict."""
+def save_universal(root: Path, tag: str) -> None:
+    """Also write the just-published checkpoint as `<root>/universal/<tag>` (rank 0 converts, reading the
+    files back parameter by parameter; the others wait)."""
+    if groups.rank() == 0:
+        out = universal_io.write_universal(DeepSpeedSource(root, tag), root / "universal" / tag,
+                                           overwrite=True)
+        (root / "universal" / "latest").write_text(tag)
+        kept = set(ckpt.complete_tags(root))  # retention follows the DeepSpeed checkpoints
+        for old in (root / "universal").iterdir():
+            if old.is_dir() and old.name.startswith("global_step") and old.name not in kept:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("saved universal checkpoint %s (%.1f MB in %.1f s)", out["out"], out["bytes"] / 1e6,
+                 out["seconds"])
+    groups.barrier()
+
+
+def open_universal(resume: str) -> UniversalSource | None:
+    """The universal checkpoint `resume` names (a folder with universal.json), else None."""
+    path = Path(resume)
+    if not is_universal(path) and (path / "latest").is_file():  # a folder of universal checkpoints
+        path = path / (path / "latest").read_text().strip()
+    return UniversalSource(path) if is_universal(path) else None
+
+
+def train(cfg: Config, resume: str | None = None, init_from: str | None = None) -> dict[str, Any]:
+    """Run `cfg.train.steps` optimizer steps (continuing from `resume`, or starting from the weights of
+    `init_from`); return a summary dict."""
     stop = StopRequest().install()  # preemption (launch/signals.py): SIGUSR1/SIGTERM -> checkpoint + exit 75
     validate(cfg, world_size=discover().world_size)  # every config problem, before any process group
     if not cfg.data.train.strip():
@@ -134,14 +163,20 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
     groups.barrier()
 
-    target = ckpt.resolve(resume, root) if resume else None
-    resumed = ckpt.read_client_state(*target) if target else None
+    universal = open_universal(resume) if resume else None  # layout-free: any (dp, tp) resumes it
+    target = ckpt.resolve(resume, root) if resume and universal is None else None
+    resumed = universal.client_state() if universal else ckpt.read_client_state(*target) if target else None
     if resumed is not None:
         saved = config_from_dict(resumed["config"])
         if (saved.model, saved.objectives) != (cfg.model, cfg.objectives):
             raise ValueError(f"--resume {resume}: model or objectives config differs from the checkpoint's; "
                              "resume with the same model.* and objectives.* settings")
-    tokenizer = _prepare_tokenizer(cfg, run_dir, resumed)
+    init_src = open_source(init_from) if init_from and resumed is None else None
+    if init_src is not None and init_src.config.model != cfg.model:
+        raise ConfigError(f"--init-from {init_from}: its model config differs from this run's; train with "
+                          f"its config (`--config {Path(init_from) / 'train.yaml'}` for imports) or the same "
+                          "model.* settings")
+    tokenizer = _prepare_tokenizer(cfg, run_dir, resumed or (init_src.meta if init_src else None))
     if rank == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
@@ -154,15 +189,23 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
     start_step, position = 0, None
-    if target is not None:
+    if universal is not None:
+        load_universal(engine, universal)
+    elif target is not None:
+        ckpt.verify_for_load(target[0] / target[1])  # refuse corrupt files, naming them
         load_path, client = engine.load_checkpoint(str(target[0]), tag=target[1])
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {target[0]}/{target[1]}")
-        state = client["mmpt"]
+    elif init_src is not None:
+        load_full_tensors(engine, init_src.tensor, init_src.layout, keys=("fp32",))
+        log.info("initialised weights from %s (fresh optimizer, step 0)", init_from)
+    if resumed is not None:
+        state = resumed
         start_step = int(state["step"])
         position = state["data_positions"]  # all ranks': the loader re-deals them if the layout changed
         torch.set_rng_state(state["rng"])
-        log.info("resumed from %s/%s at step %d", target[0], target[1], start_step)
+        log.info("resumed from %s at step %d", universal.path if universal else f"{target[0]}/{target[1]}",
+                 start_step)
 
     loader = make_train_loader(cfg, tokenizer, rank=dp_rank, world=dp_world, position=position)
     tracker = loader.tracker  # every worker's start state; updated with each consumed batch
@@ -194,6 +237,8 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
             return
         save_failures = 0
         log.info("saved checkpoint %s/%s", root, tag)
+        if cfg.checkpoint.universal:
+            save_universal(root, tag)
 
     bar = None
     if rank == 0 and cfg.logging.progress:

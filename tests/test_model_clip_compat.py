@@ -1,7 +1,9 @@
-"""The towers are exactly HF `CLIPModel`'s architecture: copying the weights over (fused QKV reordered with
-`fused_qkv_to_stacked`, projections transposed) gives the same image and text embeddings.
+"""The towers are exactly HF `CLIPModel`'s architecture: copying the weights over with the exporter's
+mapping (`pretrain.export.hf.to_hf_state_dict`: fused QKV reordered with `fused_qkv_to_stacked`, projections
+transposed) gives the same unnormalised image and text features. Whole export folders (config, tokenizer,
+from_pretrained) are tested in tests/test_export_hf.py.
 
-Skipped where `transformers` is not installed; the weight mapping here is the reference for the exporter.
+Skipped where `transformers` is not installed.
 """
 
 from __future__ import annotations
@@ -10,49 +12,20 @@ import pytest
 import torch
 
 from pretrain.config import DecoderConfig, ModelConfig, ObjectivesConfig, TextConfig, VisionConfig
+from pretrain.export import hf as hf_export
 from pretrain.models import PretrainModel
-from pretrain.models.transformer import fused_qkv_to_stacked
 
 transformers = pytest.importorskip("transformers")
 
 EOS = 3
 
 
-def _blocks(prefix: str, tower, out: dict[str, torch.Tensor]) -> None:
-    heads = tower.transformer.heads
-    for i, blk in enumerate(tower.transformer.resblocks):
-        p = f"{prefix}.encoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = fused_qkv_to_stacked(getattr(blk.attn.qkv, kind), heads).chunk(3, dim=0)
-            out.update({p + f"self_attn.q_proj.{kind}": q, p + f"self_attn.k_proj.{kind}": k,
-                        p + f"self_attn.v_proj.{kind}": v,
-                        p + f"self_attn.out_proj.{kind}": getattr(blk.attn.proj, kind),
-                        p + f"layer_norm1.{kind}": getattr(blk.ln_1, kind),
-                        p + f"layer_norm2.{kind}": getattr(blk.ln_2, kind),
-                        p + f"mlp.fc1.{kind}": getattr(blk.mlp.fc1, kind),
-                        p + f"mlp.fc2.{kind}": getattr(blk.mlp.fc2, kind)})
-
-
 def to_hf_state_dict(model: PretrainModel) -> dict[str, torch.Tensor]:
+    """The exporter's mapping (`pretrain.export.hf.to_hf_state_dict`) applied to a live model."""
     v, t = model.visual, model.text
-    out = {
-        "vision_model.embeddings.class_embedding": v.class_embedding,
-        "vision_model.embeddings.patch_embedding.weight": v.conv1.weight,
-        "vision_model.embeddings.position_embedding.weight": v.positional_embedding,
-        "vision_model.pre_layrnorm.weight": v.ln_pre.weight, "vision_model.pre_layrnorm.bias": v.ln_pre.bias,
-        "vision_model.post_layernorm.weight": v.ln_post.weight,
-        "vision_model.post_layernorm.bias": v.ln_post.bias,
-        "visual_projection.weight": v.proj.T,
-        "text_model.embeddings.token_embedding.weight": t.token_embedding.weight,
-        "text_model.embeddings.position_embedding.weight": t.positional_embedding,
-        "text_model.final_layer_norm.weight": t.ln_final.weight,
-        "text_model.final_layer_norm.bias": t.ln_final.bias,
-        "text_projection.weight": t.text_projection.T,
-        "logit_scale": model.logit_scale.reshape(()),
-    }
-    _blocks("vision_model", v, out)
-    _blocks("text_model", t, out)
-    return {k: x.detach().clone() for k, x in out.items()}
+    return hf_export.to_hf_state_dict(model.state_dict(), {"visual": len(v.transformer.resblocks),
+                                                           "text": len(t.transformer.resblocks)},
+                                      {"visual": v.transformer.heads, "text": t.transformer.heads})
 
 
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
