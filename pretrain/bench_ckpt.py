@@ -75,6 +75,7 @@ def run_ckpt_bench(cfg: Any, workdir: Path) -> dict[str, Any]:
     convert = _rate(_dir_bytes(uni), child["seconds"])
     convert["wall_s_with_startup"] = round(wall, 2)  # process start + imports + meta model, once
     convert["peak_rss_mb"] = child["peak_rss_mb"]  # the converter's own peak (imports included)
+    convert["rss_before_mb"] = child["rss_before_mb"]  # after imports and opening the source
 
     t0 = time.perf_counter()
     load_universal(engine, UniversalSource(uni))

@@ -53,7 +53,30 @@ def convert(src_path: str | Path, dst: str | Path, to: str, dtype: str = "fp32",
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose fp32 or bf16")
     src = open_source(src_path)
-    dst = Path(dst)
+    src.layout  # noqa: B018 -- built before measuring: the data movement below is what streams
+    rss_before = current_rss_mb()
+    out = _convert(src, Path(dst), to, dtype, overwrite)
+    out["rss_before_mb"] = rss_before
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def current_rss_mb() -> float:
+    """Resident set size now (Linux /proc), MB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return round(pages * resource.getpagesize() / 2**20, 1)
+
+
+def peak_rss_mb() -> float:
+    """This process image's peak RSS (VmHWM). Not ru_maxrss: that survives exec and so reports the
+    parent's footprint for a child started by a large process (e.g. `bench ckpt`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _convert(src: Source, dst: Path, to: str, dtype: str, overwrite: bool) -> dict[str, Any]:
     if to == "universal":
         if dtype != "fp32":
             raise ValueError("--to universal keeps fp32 master weights and moments; "
@@ -120,7 +143,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"pretrain convert: error: {e}", file=sys.stderr)
         return 2
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(out))
     return 0
 

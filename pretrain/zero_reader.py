@@ -51,12 +51,18 @@ def optim_files(tag_dir: Path, tp_rank: int) -> list[Path]:
 class Zero3Reader:
     """Full (TP-local) tensors of one TP rank of a ZeRO-3 checkpoint, read lazily from all DP ranks."""
 
-    def __init__(self, tag_dir: Path, tp_rank: int = 0) -> None:
+    def __init__(self, tag_dir: Path, tp_rank: int = 0, window_mb: int = 64) -> None:
         self.tag_dir = Path(tag_dir)
         files = optim_files(self.tag_dir, tp_rank)
-        self.dp = len(files)
+        self.dp, self._files = len(files), files
         self.model_states = mmap_load(self.tag_dir / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")
         self._optim = [mmap_load(f)["optimizer_state_dict"] for f in files]
+        # Pages read through a mapping stay resident (and count in RSS) while it is open: re-map after
+        # every window read so a conversion's footprint stays bounded whatever the model's size (the
+        # window grows with the largest parameter so re-mapping stays rare for huge tensors).
+        largest = max((torch.Size(s).numel() for g in self.model_states["param_shapes"] for s in g.values()),
+                      default=0)
+        self._window, self._read = max(window_mb << 20, 2 * 4 * largest), 0
         first = self._optim[0]
         stage = int(getattr(first.get("zero_stage"), "value", first.get("zero_stage", 0)))
         if stage != 3:
@@ -90,7 +96,13 @@ class Zero3Reader:
         """Parameter `name`'s full fp32 value (`key`="fp32") or Adam moment, as this TP rank holds it."""
         group, offset, part, shape = self.index[name]
         pieces = [self._flat(d, group, key)[offset:offset + part] for d in range(self.dp)]
-        return torch.cat(pieces)[:shape.numel()].view(shape)  # cat copies: nothing stays mapped
+        out = torch.cat(pieces)[:shape.numel()].view(shape)  # cat copies: nothing refers to the mapping
+        self._read += out.numel() * out.element_size()
+        if self._read > self._window:
+            del pieces
+            self._optim = [mmap_load(f)["optimizer_state_dict"] for f in self._files]
+            self._read = 0
+        return out
 
     def optimizer_step(self) -> int:
         step = self._optim[0]["optimizer_state_dict"]["state"].get(0, {}).get("step", 0)
