@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from pretrain.config import Config
+from parallel import optimizers
+from pretrain.config import Config, check_runtime
 
 
 def lr_lambda(cfg: Config):
@@ -25,9 +26,16 @@ def lr_lambda(cfg: Config):
     return fn
 
 
-def deepspeed_config(cfg: Config, dp_world: int) -> dict[str, Any]:
-    """DeepSpeed JSON config for this run (also written to RUN_DIR/ds_config.json for reference)."""
+def deepspeed_config(cfg: Config, dp_world: int, impl: str | None = None) -> dict[str, Any]:
+    """DeepSpeed JSON config for this run (also written to RUN_DIR/ds_config.json for reference).
+
+    `impl` is the resolved `optim.impl` (default: resolved here). torch_fused / apex_fused are client
+    optimizers (see `build_engine`), so their config has no `optimizer` section; cpu_adam adds ZeRO's
+    optimizer offload. Precision: bf16 = bf16 parameters with fp32 master weights; fp16 = dynamic loss
+    scaling; bf16_autocast = fp32 parameters, bf16 compute under DeepSpeed's `torch_autocast`.
+    """
     t, o, p = cfg.train, cfg.optim, cfg.parallel
+    impl = impl or optimizers.resolve_impl(o.impl)
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage == 3:
         zero.update({
@@ -35,24 +43,30 @@ def deepspeed_config(cfg: Config, dp_world: int) -> dict[str, Any]:
             "overlap_comm": True,
             "contiguous_gradients": True,
         })
-    return {
+    offload = optimizers.offload_section(impl)
+    if offload is not None:
+        zero["offload_optimizer"] = offload
+    ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.micro_batch * t.grad_accum * dp_world,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                       "torch_adam": True, "adam_w_mode": True},
-        },
+    }
+    section = optimizers.deepspeed_optimizer_section(impl, o)
+    if section is not None:
+        ds["optimizer"] = section
+    ds.update({
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 500, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
-    }
+    })
+    if t.precision == "bf16_autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return ds
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -68,7 +82,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, dp_world: int):
-    """Wrap `model` in a DeepSpeed engine with AdamW, our LR schedule, ZeRO and mixed precision.
+    """Wrap `model` in a DeepSpeed engine with AdamW (`optim.impl`), our LR schedule, ZeRO and mixed
+    precision, after applying the kernel switches (`model.attention`, `model.fused_layernorm`,
+    `train.compile`; see `pretrain.models.transformer.configure_kernels`).
 
     Once megatron-core's groups exist (`groups.init_distributed`), DeepSpeed gets the `mpu` adapter:
     ZeRO then partitions, reduces gradients and broadcasts start-up weights over the data-parallel group
@@ -80,15 +96,21 @@ def build_engine(cfg: Config, model: torch.nn.Module, dp_world: int):
 
     from parallel import groups, rng
     from parallel.mpu import MegatronMPU
+    from pretrain.models.transformer import configure_kernels
 
+    check_runtime(cfg)  # fused kernels asked for but unavailable: ConfigError naming the key
     mpu = MegatronMPU() if groups.get_data_parallel_group() is not None else None
     if groups.tp_size() > 1:
         rng.seed_tensor_parallel_rng(cfg.train.seed, groups.tp_rank())
-    ds_cfg = deepspeed_config(cfg, dp_world)
+    configure_kernels(model, attention=cfg.model.attention, fused_layernorm=cfg.model.fused_layernorm,
+                      compile=cfg.train.compile)
+    impl = optimizers.resolve_impl(cfg.optim.impl)
+    ds_cfg = deepspeed_config(cfg, dp_world, impl)
     schedule = lr_lambda(cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.optim.weight_decay),
+        optimizer=optimizers.client_optimizer(impl, cfg.optim),
         config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         mpu=mpu,

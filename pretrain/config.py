@@ -126,6 +126,12 @@ class ModelConfig:
     different `parallel.tp` then draw different masks, so set 0 to compare layouts exactly."""
     vocab_pad_multiple: int = 64
     """The embedding table is padded to a multiple of this (tensor-parallel friendly)."""
+    attention: str = "sdpa"
+    """Attention kernel: `sdpa` (torch's scaled_dot_product_attention: flash / memory-efficient kernels on
+    GPU) or `math` (explicit softmax(QK^T/sqrt(d))V, the reference). Same parameters and results."""
+    fused_layernorm: bool = False
+    """apex FusedLayerNorm instead of nn.LayerNorm (needs apex built with CUDA; a config error otherwise).
+    Same parameter names and shapes, so checkpoints stay interchangeable."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     """Image tower (ViT)."""
     text: TextConfig = field(default_factory=TextConfig)
@@ -195,6 +201,11 @@ class OptimConfig:
     """AdamW betas."""
     eps: float = 1e-6
     """AdamW epsilon."""
+    impl: str = "auto"
+    """AdamW implementation: `torch` (torch.optim.AdamW), `torch_fused` (torch.optim.AdamW(fused=True)),
+    `deepspeed_fused` (DeepSpeed FusedAdam, CUDA only), `apex_fused` (apex FusedAdam, CUDA + apex),
+    `cpu_adam` (DeepSpeedCPUAdam with the optimizer offloaded to CPU by ZeRO, stage >= 1; JIT-built) or
+    `auto` (deepspeed_fused on CUDA, torch_fused on CPU, torch where fused is unsupported)."""
 
 
 @dataclass
@@ -206,7 +217,9 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step; global batch = micro_batch x grad_accum x dp."""
     precision: str = "bf16"
-    """Numeric precision: bf16, fp16 (dynamic loss scaling) or fp32."""
+    """Numeric precision: bf16 (bf16 params, fp32 master weights), fp16 (dynamic loss scaling), fp32, or
+    bf16_autocast (fp32 params and master weights, bf16 compute under torch.autocast; DeepSpeed's
+    `torch_autocast`)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
     seed: int = 0
@@ -219,6 +232,9 @@ class TrainConfig:
     nonfinite_patience: int = 3
     """A micro-batch whose loss is NaN/inf is skipped and counted; this many in a row stop the run with
     the step and the objective that went non-finite."""
+    compile: bool = False
+    """torch.compile each transformer block (not the DeepSpeed engine); the first steps are slow while
+    it compiles (inductor; on CPU it needs a C++ compiler)."""
 
 
 @dataclass
@@ -294,9 +310,11 @@ class Config:
 # ----------------------------------------------------------------------------------- choices
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.activation": ("gelu", "quick_gelu"),
+    "model.attention": ("sdpa", "math"),
     "optim.schedule": ("cosine", "constant"),
+    "optim.impl": ("auto", "torch", "torch_fused", "deepspeed_fused", "apex_fused", "cpu_adam"),
     "objectives.contrastive.loss": ("infonce", "siglip"),
-    "train.precision": ("bf16", "fp16", "fp32"),
+    "train.precision": ("bf16", "fp16", "fp32", "bf16_autocast"),
     "parallel.zero_stage": (0, 1, 2, 3),
 }
 
@@ -499,6 +517,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(op.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     check(len(op.betas) == 2 and all(0 <= b < 1 for b in op.betas),
           "optim.betas must be two numbers in [0, 1)")
+    check(op.impl != "cpu_adam" or cfg.parallel.zero_stage >= 1,
+          f"optim.impl=cpu_adam offloads the optimizer through ZeRO: it needs parallel.zero_stage >= 1 "
+          f"(got {cfg.parallel.zero_stage})")
     d = cfg.data
     check(d.workers >= 0, "data.workers must be >= 0")
     check(d.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
@@ -560,6 +581,26 @@ def _tensor_parallel_problems(cfg: Config) -> list[str]:
         out.append(f"model.vocab_pad_multiple ({m.vocab_pad_multiple}) must be divisible by parallel.tp "
                    f"({tp}) so the padded vocabulary splits evenly over tensor-parallel ranks")
     return out
+
+
+def check_runtime(cfg: Config) -> None:
+    """Raise one ConfigError naming every switch that asks for a kernel this machine cannot run (CUDA,
+    apex, a C++ compiler). `validate` stays machine-independent (a GPU run's config still loads on a
+    laptop for eval or planning); the engine builder calls this on the machine that trains.
+    `optim.impl=auto` never fails here."""
+    from parallel.optimizers import optimizer_problem
+    from pretrain.models.layers import fused_layer_norm_problem
+
+    problems = []
+    problem = optimizer_problem(cfg.optim.impl)
+    if problem:
+        problems.append(problem)
+    if cfg.model.fused_layernorm:
+        problem = fused_layer_norm_problem()
+        if problem:
+            problems.append(f"model.fused_layernorm=true: {problem}; set model.fused_layernorm=false")
+    if problems:
+        raise ConfigError("config cannot run on this machine:\n  - " + "\n  - ".join(problems))
 
 
 def get_key(cfg: Config, dotted: str) -> Any:

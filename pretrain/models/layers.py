@@ -208,18 +208,51 @@ def checkpoint_rng_contexts():
 
 
 # ------------------------------------------------------------------------------------------ norms
+def fused_layer_norm_problem() -> str | None:
+    """Why apex's FusedLayerNorm cannot be used here (a sentence), or None when it can."""
+    if importlib.util.find_spec("apex") is None:
+        return "apex is not installed (NVIDIA apex is built from source; PyPI's `apex` is unrelated)"
+    try:
+        from apex.normalization import FusedLayerNorm  # noqa: F401
+    except ImportError as e:  # apex installed without its CUDA extensions, or the unrelated PyPI apex
+        return f"apex.normalization.FusedLayerNorm does not import ({e})"
+    if not torch.cuda.is_available():
+        return "apex FusedLayerNorm is a CUDA kernel and torch sees no CUDA device here"
+    return None
+
+
 @functools.cache
 def _fused_layer_norm_cls() -> type[nn.Module] | None:
-    if importlib.util.find_spec("apex") is None or not torch.cuda.is_available():
+    if fused_layer_norm_problem() is not None:
         return None
-    try:
-        from apex.normalization import FusedLayerNorm
-    except ImportError:  # apex installed without its CUDA extensions
-        return None
+    from apex.normalization import FusedLayerNorm
+
     return FusedLayerNorm
 
 
-def layer_norm(dim: int, eps: float = 1e-5) -> nn.Module:
-    """apex FusedLayerNorm on CUDA when available (same `weight`/`bias` names), else nn.LayerNorm."""
+def layer_norm(dim: int, eps: float = 1e-5, fused: bool = False) -> nn.Module:
+    """nn.LayerNorm, or with `fused` apex's FusedLayerNorm (same `weight`/`bias` names and shapes;
+    ValueError when apex or CUDA is missing: see `model.fused_layernorm`)."""
+    if not fused:
+        return nn.LayerNorm(dim, eps=eps)
     cls = _fused_layer_norm_cls()
-    return cls(dim, eps=eps) if cls is not None else nn.LayerNorm(dim, eps=eps)
+    if cls is None:
+        raise ValueError(f"model.fused_layernorm=true: {fused_layer_norm_problem()}")
+    return cls(dim, eps=eps)
+
+
+def fuse_layer_norms(model: nn.Module) -> int:
+    """Replace every nn.LayerNorm in `model` by apex FusedLayerNorm holding the SAME Parameter objects
+    (names, shapes and values unchanged: checkpoints and optimizer groups stay valid). Returns how many
+    were replaced. Call before the model is wrapped by DeepSpeed."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (type(child) is not nn.LayerNorm or len(child.normalized_shape) != 1
+                    or child.weight is None or child.bias is None):  # ours are all affine, 1-D
+                continue
+            fused = layer_norm(child.normalized_shape[0], eps=child.eps, fused=True)
+            fused.weight, fused.bias = child.weight, child.bias
+            setattr(parent, name, fused)
+            replaced += 1
+    return replaced

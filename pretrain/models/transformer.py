@@ -21,12 +21,15 @@ from torch.utils.checkpoint import checkpoint
 from pretrain.models.layers import (
     checkpoint_rng_contexts,
     column_linear,
+    fuse_layer_norms,
     heads_per_rank,
     init_normal_,
     layer_norm,
     row_linear,
     tensor_parallel_rng,
 )
+
+ATTENTION_IMPLS = ("sdpa", "math")
 
 
 def fused_qkv_to_stacked(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -56,11 +59,34 @@ def activation(name: str) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}; expected gelu or quick_gelu")
 
 
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                   is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """Reference attention, softmax(Q K^T / sqrt(d) + mask) V, with SDPA's signature and semantics:
+    q, k, v [B, H, T, D]; `attn_mask` bool (True = attend) broadcastable to [B, H, T, T]; `is_causal`
+    applies the lower triangle. The softmax runs in fp32 whatever the input dtype."""
+    T, S = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # [B, H, T, S]
+    keep = attn_mask
+    if is_causal:
+        tri = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        keep = tri if keep is None else keep & tri
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs.to(v.dtype) @ v
+
+
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float = 0.0, attn_dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, dropout: float = 0.0, attn_dropout: float = 0.0,
+                 attention: str = "sdpa"):
         super().__init__()
         if width % heads:
             raise ValueError(f"heads ({heads}) must divide width ({width})")
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention: {attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        self.attention = attention  # kernel only: no parameters depend on it
         # this rank's heads: all of them without tensor parallelism, heads / tp with it (the column
         # split of qkv's [heads, 3, head_dim] rows hands each rank whole heads)
         self.heads, self.head_dim = heads_per_rank(heads), width // heads
@@ -85,8 +111,8 @@ class Attention(nn.Module):
                 mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         p = self.attn_dropout if self.training else 0.0
         with tensor_parallel_rng(p > 0):  # probabilities are per head: each TP rank draws its own masks
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                               dropout_p=p)
+            fn = F.scaled_dot_product_attention if self.attention == "sdpa" else math_attention
+            y = fn(q, k, v, attn_mask=mask, is_causal=causal and mask is None, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, W]
         return self.drop(self.proj(y))
 
@@ -105,11 +131,12 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu",
-                 dropout: float = 0.0, attn_dropout: float = 0.0):
+                 dropout: float = 0.0, attn_dropout: float = 0.0, attention: str = "sdpa",
+                 fused_layernorm: bool = False):
         super().__init__()
-        self.ln_1 = layer_norm(width)
-        self.attn = Attention(width, heads, dropout, attn_dropout)
-        self.ln_2 = layer_norm(width)
+        self.ln_1 = layer_norm(width, fused=fused_layernorm)
+        self.attn = Attention(width, heads, dropout, attn_dropout, attention)
+        self.ln_2 = layer_norm(width, fused=fused_layernorm)
         self.mlp = MLP(width, int(width * mlp_ratio), act, dropout)
 
     def forward(self, x: torch.Tensor, causal: bool = False,
@@ -120,12 +147,20 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu",
-                 dropout: float = 0.0, attn_dropout: float = 0.0):
+                 dropout: float = 0.0, attn_dropout: float = 0.0, attention: str = "sdpa",
+                 fused_layernorm: bool = False):
         super().__init__()
         self.width, self.layers, self.heads = width, layers, heads
-        self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, dropout, attn_dropout)
+        self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, dropout, attn_dropout, attention,
+                                             fused_layernorm)
                                        for _ in range(layers))
         self.grad_checkpointing = False  # recompute blocks in backward (training only)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile every block in place (`nn.Module.compile`): parameter names, state-dict keys and
+        module hooks (ZeRO-3's gathers run eagerly, as graph breaks) are unchanged."""
+        for blk in self.resblocks:
+            blk.compile(**compile_kwargs)
 
     def forward(self, x: torch.Tensor, causal: bool = False,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,3 +189,23 @@ class Transformer(nn.Module):
                              (blk.mlp.fc1, fc_std), (blk.mlp.fc2, proj_std)):
                 init_normal_(lin.weight, std=std)  # the same full tensor for every TP layout
                 nn.init.zeros_(lin.bias)
+
+
+def configure_kernels(model: nn.Module, attention: str = "sdpa", fused_layernorm: bool = False,
+                      compile: bool = False, compile_kwargs: dict | None = None) -> nn.Module:
+    """Apply the kernel switches (`model.attention`, `model.fused_layernorm`, `train.compile`) to a
+    built model in place, without touching its parameters: every `Attention` uses `attention`, every
+    nn.LayerNorm becomes apex FusedLayerNorm holding the same parameters, every transformer block is
+    compiled. Call before DeepSpeed wraps the model (ZeRO-3 hooks the modules present then)."""
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention: {attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+    for mod in model.modules():
+        if isinstance(mod, Attention):
+            mod.attention = attention
+    if fused_layernorm:
+        fuse_layer_norms(model)
+    if compile:
+        for mod in model.modules():
+            if isinstance(mod, Transformer):
+                mod.compile_blocks(**(compile_kwargs or {}))
+    return model
