@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mmpt-installed
 # tests, imports torchvision). CUDA users install their own torch + torchvision first; this is skipped then.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast lint format clean docs system-deps
+.PHONY: setup demo test test-fast lint format clean docs system-deps bench-gpu
 
 setup: $(STAMP)
 
@@ -66,3 +66,11 @@ clean:
 
 docs: setup
 	$(BIN)/python scripts/update_readme_config.py
+
+# ViT-B/16 CLIP+MAE+MLM throughput and MFU with each fusion switch on/off and the open_clip baseline, one
+# run (< 8 min on one H100/H200); appends a table to docs/benchmarks.md. On a machine without a GPU:
+# `make bench-gpu BENCH_GPU_ARGS="--device cpu --tiny"` (seconds per variant).
+BENCH_GPU_ARGS ?=
+
+bench-gpu: setup
+	$(BIN)/python scripts/bench_gpu.py $(BENCH_GPU_ARGS)

@@ -11,6 +11,11 @@ forward/backward and would need a profiler to separate.
 
 MFU = analytic model FLOPs per sample (`pretrain/flops.py`, 3 x forward) x samples/s / peak, with the
 peak from a table of bf16 dense rates by CUDA device name, or on CPU a measured fp32 matmul rate.
+
+`--vs open_clip` then trains open_clip_torch's CLIP with the same shapes, batches, precision and steps in
+this process (`pretrain/bench_vs.py`) and adds `vs_open_clip` (its samples/s and ratio = ours / open_clip);
+`--vs-patch-dropout P` adds a second open_clip line with its own FLIP patch dropout. The comparison uses
+synthetic batches on both sides (the same generator and seed).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import json
 import logging
 import resource
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -85,8 +91,13 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
             "how": "peak RSS of this process incl. Python, torch and DeepSpeed (measured)"}
 
 
-def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = False) -> dict[str, Any]:
-    """Build model + engine as training does, run `warmup` untimed and `steps` timed optimizer steps."""
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = False,
+              vs: str | None = None, vs_patch_dropout: float = 0.0) -> dict[str, Any]:
+    """Build model + engine as training does, run `warmup` untimed and `steps` timed optimizer steps.
+
+    `vs="open_clip"`: afterwards train open_clip's CLIP on the same synthetic batches (see
+    `pretrain/bench_vs.py`) and add `vs_open_clip`; `vs_patch_dropout` > 0 adds a second open_clip run
+    with that patch dropout under `vs_open_clip["patch_dropout_run"]`."""
     from parallel import groups
     from parallel.engine import build_engine
     from pretrain.models.pretrain_model import PretrainModel
@@ -94,6 +105,15 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
 
     if steps < 1 or warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    if vs not in (None, "open_clip"):
+        raise ValueError(f"--vs {vs!r}: only open_clip is supported")
+    if not 0.0 <= vs_patch_dropout < 1.0:
+        raise ValueError("--vs-patch-dropout must be in [0, 1)")
+    if vs:
+        from pretrain.bench_vs import import_open_clip
+
+        import_open_clip()  # fail before building anything
+        synthetic = True  # both sides see the same synthetic batches
     groups.init_distributed(cfg.parallel.timeout_s, cfg.parallel.tp)
     if groups.world_size() != 1:
         raise ValueError("bench step runs single-process; launch it without a launcher")
@@ -113,6 +133,11 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
     model = PretrainModel(cfg.model, cfg.objectives, vocab_size=vocab, pad_id=pad_id, eos_id=eos_id,
                           activation_checkpointing=cfg.train.activation_checkpointing)
     padded_vocab, n_params = model.vocab_size, sum(p.numel() for p in model.parameters())  # before ZeRO-3
+    n_shared = 0
+    if vs:
+        from pretrain.bench_vs import shared_parameter_count
+
+        n_shared = shared_parameter_count(model)  # also before ZeRO-3 empties the parameters
     engine, _ = build_engine(cfg, model, 1)
     device = engine.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
@@ -122,12 +147,12 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
 
     phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     micro = 0
-    t_start = 0.0
+    t_start = c_start = 0.0
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             phases = dict.fromkeys(phases, 0.0)
-            t_start = time.perf_counter()
+            t_start, c_start = time.perf_counter(), time.process_time()
         for _ in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = _to_device(next(batches), device, dtype)
@@ -145,18 +170,19 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
             for k, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 phases[k] += dt
             micro += step >= warmup
-    wall = time.perf_counter() - t_start
+    wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
     samples = micro * cfg.train.micro_batch
     sps = samples / wall
     flops = flops_per_sample(cfg, padded_vocab, global_batch=cfg.train.micro_batch)
     peak, peak_source = device_peak(device)
     achieved = flops["train"] * sps
-    return {
+    res = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "precision": cfg.train.precision, "zero_stage": cfg.parallel.zero_stage,
         "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
         "steps": steps, "warmup_steps": warmup, "samples": samples, "wall_s": round(wall, 4),
         "samples_per_s": round(sps, 3),
+        "process_cpu_s": round(cpu, 4),  # CPU time of all this process's threads over the timed steps
         "data_source": "training loader (data.train)" if use_data else "synthetic batches in-process",
         "time_s": {**{k: round(v, 4) for k, v in phases.items()}, "communication": 0.0},
         "time_frac": {k: round(v / wall, 4) for k, v in phases.items()},
@@ -168,13 +194,42 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
         "peak_source": peak_source, "mfu": round(achieved / peak, 5),
         "parameters": n_params,
     }
+    if vs:
+        res["vs_open_clip"] = _vs_open_clip(cfg, n_shared, res, padded_vocab, vocab, device, steps, warmup,
+                                            peak, vs_patch_dropout)
+    return res
+
+
+def _vs_open_clip(cfg: Config, n_shared: int, ours: dict[str, Any], padded_vocab: int, vocab: int,
+                  device: torch.device, steps: int, warmup: int, peak: float,
+                  patch_dropout: float) -> dict[str, Any]:
+    """open_clip side(s) of `--vs open_clip`, on the batches our run saw (fresh generator, same seed)."""
+    from pretrain.bench_vs import compare, open_clip_flops, run_open_clip
+
+    runs = [0.0] + ([patch_dropout] if patch_dropout > 0 else [])
+    rows = []
+    for p in runs:
+        theirs = run_open_clip(cfg, padded_vocab, synthetic_batches(cfg, vocab, cfg.train.seed), device,
+                               steps, warmup, patch_dropout=p)
+        rows.append(compare(ours, theirs, peak, open_clip_flops(cfg, padded_vocab, p)))
+    main = rows[0]
+    main["ours_shared_parameters"] = n_shared  # our parameters open_clip's CLIP also has
+    if len(rows) > 1:
+        main["patch_dropout_run"] = rows[1]
+    return main
 
 
 def cmd_bench_step(args: argparse.Namespace) -> int:
+    from pretrain.bench_vs import OpenClipUnavailable
     from pretrain.cli import embedded_config_path
 
     cfg = load_config(args.config or embedded_config_path(), args.overrides)
-    res = run_bench(cfg, steps=args.steps, warmup=args.warmup, synthetic=args.synthetic)
+    try:
+        res = run_bench(cfg, steps=args.steps, warmup=args.warmup, synthetic=args.synthetic, vs=args.vs,
+                        vs_patch_dropout=args.vs_patch_dropout)
+    except OpenClipUnavailable as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(res), flush=True)
         return 0
@@ -186,6 +241,19 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     print(f"  {res['flops_per_sample'] / 1e9:.3f} GFLOP/sample (fwd+bwd), "
           f"{res['achieved_flops_per_s'] / 1e12:.4f} TFLOP/s achieved, MFU {res['mfu']:.2%} vs "
           f"{res['peak_flops_per_s'] / 1e12:.3f} TFLOP/s ({res['peak_source']})")
+    vs = res.get("vs_open_clip")
+    for row in [vs, (vs or {}).get("patch_dropout_run")]:
+        if row:
+            tt = row["time_s"]
+            print(f"{row['library']} (patch_dropout {row['patch_dropout']}, {row['precision_mode']}, "
+                  f"{row['loss']}, same batches): {row['samples_per_s']} samples/s; "
+                  f"ours / open_clip = {row['ratio']:.3f}x"
+                  + (f" ({row['ratio_per_cpu_s']:.3f}x per CPU-second)" if "ratio_per_cpu_s" in row else ""))
+            print("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in tt.items()) + f" of {row['wall_s']}s"
+                  + (f"; MFU {row['mfu']:.2%}" if "mfu" in row else ""))
+    if vs:
+        print(f"  parameters: open_clip {vs['parameters']:,}, ours {res['parameters']:,} of which "
+              f"{vs['ours_shared_parameters']:,} in common (the rest: MAE decoder, MLM head)")
     return 0
 
 
@@ -197,6 +265,11 @@ def add_step_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--synthetic", action="store_true",
                    help="random batches even when data.train is set (model cost only)")
+    p.add_argument("--vs", choices=["open_clip"],
+                   help="also train open_clip_torch's CLIP (same shapes, batches, precision, steps) in this "
+                        "process and report its samples/s and the ratio ours / open_clip")
+    p.add_argument("--vs-patch-dropout", type=float, default=0.0, metavar="P",
+                   help="with --vs: a second open_clip run with patch_dropout=P (its FLIP option)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=cmd_bench_step)

@@ -2,6 +2,9 @@
 # One prepared GPU run (fits the few minutes a lent GPU is available): the demo path on CUDA, unchanged,
 # then throughput at ViT-B/16 scale. Wheels the GPU machine lacks travel in .whl/ (see docs/benchmarks.md).
 # Usage on the GPU machine, from the repo root:  bash scripts/gpu_check.sh [OUTDIR]
+# BENCH_GPU=1 adds step 3, `scripts/bench_gpu.py` (every fusion switch on/off + the open_clip baseline at
+# ViT-B/16, < 8 min): its table is appended to a copy of docs/benchmarks.md in OUTDIR. BENCH_GPU=only runs
+# nothing else (when the lent machine's time only allows that).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUTDIR=${1:-${OUT:-/tmp/mmpt-gpu}}
@@ -19,6 +22,12 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_dev
 print("deepspeed", deepspeed.__version__, "megatron-core", megatron.core.__version__)
 PY
 git rev-parse HEAD 2>/dev/null | tee -a "$OUTDIR/env.txt" || true
+if [ "${BENCH_GPU:-0}" = only ]; then
+  cp docs/benchmarks.md "$OUTDIR/benchmarks.md"
+  echo "== 3. fusion switches and open_clip baseline, ViT-B/16 (scripts/bench_gpu.py)"
+  python3 scripts/bench_gpu.py --out "$OUTDIR/benchmarks.md" --json-out "$OUTDIR/bench_gpu.json"
+  exit 0
+fi
 echo "== 0. CUDA unit tests (towers, fused paths, bf16 on device)"
 python3 -m pytest -q -p no:cacheprovider tests/test_model_cuda.py 2>&1 | tail -3 | tee "$OUTDIR/cuda_tests.txt"
 D=/tmp/mmpt-data
@@ -45,3 +54,9 @@ $DS --num_gpus 1 --no_local_rank --module pretrain.cli train --config configs/de
 cp /tmp/run-b16/metrics.jsonl "$OUTDIR/b16_metrics.jsonl"
 cp /tmp/run-b16/summary.json "$OUTDIR/b16_summary.json"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUTDIR/env.txt"
+
+if [ "${BENCH_GPU:-0}" != 0 ]; then
+  echo "== 3. fusion switches and open_clip baseline, ViT-B/16 (scripts/bench_gpu.py)"
+  cp docs/benchmarks.md "$OUTDIR/benchmarks.md"
+  python3 scripts/bench_gpu.py --out "$OUTDIR/benchmarks.md" --json-out "$OUTDIR/bench_gpu.json"
+fi
