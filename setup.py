@@ -32,8 +32,10 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],
-        # dev: tests and benches, incl. the libraries exports are checked against (`--to hf|open_clip`, `--vs open_clip`)
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "transformers>=4.40", "open_clip_torch>=2.24"],
+        # dev: tests and benches, incl. the libraries exports are checked against
+        # (`convert --to hf|open_clip`, `bench step --vs open_clip`)
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "transformers>=4.40",
+                "open_clip_torch>=2.24"],
         # `pretrain data import --from parquet` (and its tests); everything else runs without it
         "data": ["pyarrow>=14"],
     },

@@ -145,6 +145,16 @@ def safe_load(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu")
 
 
+def mmap_load(path: Path) -> Any:
+    """Safe, lazy torch.load of a checkpoint file (tensors memory-mapped: slicing reads only those
+    pages); a damaged file is reported by name."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch reports zip/pickle damage with many exception types
+        raise ValueError(f"{path}: cannot be read as a checkpoint file ({type(e).__name__}: {e})") from None
+
+
 def read_client_state(root: Path, tag: str | None = None) -> dict[str, Any]:
     """The client state saved with rank 0's model states (config, tokenizer, step, data positions)."""
     tag = tag or latest_tag(root)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -29,21 +28,18 @@ from launch.signals import StoppedForRequeue, StopRequest
 from parallel import groups
 from parallel.consensus import any_rank
 from parallel.engine import build_engine
-from parallel.universal_load import load_full_tensors, load_universal
 from pretrain import checkpoint as ckpt
 from pretrain import faults
-from pretrain import universal as universal_io
-from pretrain.ckpt_source import DeepSpeedSource, UniversalSource, is_universal, open_source
-from pretrain.config import Config, ConfigError, config_from_dict, dump_yaml, to_dict, validate
+from pretrain.config import Config, ConfigError, dump_yaml, to_dict, validate
 from pretrain.metrics import MetricsWriter
 from pretrain.models.pretrain_model import PretrainModel
+from pretrain.nonfinite import LOSS_KEYS, NonFiniteGuard
 from pretrain.plan import log_startup_plan, record_measured
+from pretrain.resume import resolve_start, save_universal
 
 log = logging.getLogger("mmpt.train")
 # DeepSpeed's ZeRO-3 calls these torch.distributed spellings once per step; the warning is not ours to fix.
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
-
-LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm")
 
 
 def _prepare_tokenizer(cfg: Config, run_dir: Path, resumed: dict[str, Any] | None) -> TextTokenizer:
@@ -111,42 +107,6 @@ def _data_totals(tracker: PositionTracker) -> dict[str, Any]:
     return merge_totals(every)
 
 
-class NonFiniteError(RuntimeError):
-    """Too many consecutive non-finite losses or gradients; the message names the step and objective."""
-
-
-def _nonfinite(out: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the objectives whose loss is NaN or inf in this micro-batch."""
-    bad = [k for k in LOSS_KEYS if k != "loss" and k in out and not torch.isfinite(out[k]).all()]
-    if not bad and not torch.isfinite(out["loss"]).all():
-        bad = ["loss"]
-    return bad
-
-
-def save_universal(root: Path, tag: str) -> None:
-    """Also write the just-published checkpoint as `<root>/universal/<tag>` (rank 0 converts, reading the
-    files back parameter by parameter; the others wait)."""
-    if groups.rank() == 0:
-        out = universal_io.write_universal(DeepSpeedSource(root, tag), root / "universal" / tag,
-                                           overwrite=True)
-        (root / "universal" / "latest").write_text(tag)
-        kept = set(ckpt.complete_tags(root))  # retention follows the DeepSpeed checkpoints
-        for old in (root / "universal").iterdir():
-            if old.is_dir() and old.name.startswith("global_step") and old.name not in kept:
-                shutil.rmtree(old, ignore_errors=True)
-        log.info("saved universal checkpoint %s (%.1f MB in %.1f s)", out["out"], out["bytes"] / 1e6,
-                 out["seconds"])
-    groups.barrier()
-
-
-def open_universal(resume: str) -> UniversalSource | None:
-    """The universal checkpoint `resume` names (a folder with universal.json), else None."""
-    path = Path(resume)
-    if not is_universal(path) and (path / "latest").is_file():  # a folder of universal checkpoints
-        path = path / (path / "latest").read_text().strip()
-    return UniversalSource(path) if is_universal(path) else None
-
-
 def train(cfg: Config, resume: str | None = None, init_from: str | None = None) -> dict[str, Any]:
     """Run `cfg.train.steps` optimizer steps (continuing from `resume`, or starting from the weights of
     `init_from`); return a summary dict."""
@@ -163,20 +123,8 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         run_dir.mkdir(parents=True, exist_ok=True)
     groups.barrier()
 
-    universal = open_universal(resume) if resume else None  # layout-free: any (dp, tp) resumes it
-    target = ckpt.resolve(resume, root) if resume and universal is None else None
-    resumed = universal.client_state() if universal else ckpt.read_client_state(*target) if target else None
-    if resumed is not None:
-        saved = config_from_dict(resumed["config"])
-        if (saved.model, saved.objectives) != (cfg.model, cfg.objectives):
-            raise ValueError(f"--resume {resume}: model or objectives config differs from the checkpoint's; "
-                             "resume with the same model.* and objectives.* settings")
-    init_src = open_source(init_from) if init_from and resumed is None else None
-    if init_src is not None and init_src.config.model != cfg.model:
-        raise ConfigError(f"--init-from {init_from}: its model config differs from this run's; train with "
-                          f"its config (`--config {Path(init_from) / 'train.yaml'}` for imports) or the same "
-                          "model.* settings")
-    tokenizer = _prepare_tokenizer(cfg, run_dir, resumed or (init_src.meta if init_src else None))
+    start = resolve_start(cfg, root, resume, init_from)  # checks the config fits; loads nothing yet
+    tokenizer = _prepare_tokenizer(cfg, run_dir, start.tokenizer_state)
     if rank == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
@@ -188,29 +136,12 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     engine, _ = build_engine(cfg, model, dp_world)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
-    start_step, position = 0, None
-    if universal is not None:
-        load_universal(engine, universal)
-    elif target is not None:
-        ckpt.verify_for_load(target[0] / target[1])  # refuse corrupt files, naming them
-        load_path, client = engine.load_checkpoint(str(target[0]), tag=target[1])
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {target[0]}/{target[1]}")
-    elif init_src is not None:
-        load_full_tensors(engine, init_src.tensor, init_src.layout, keys=("fp32",))
-        log.info("initialised weights from %s (fresh optimizer, step 0)", init_from)
-    if resumed is not None:
-        state = resumed
-        start_step = int(state["step"])
-        position = state["data_positions"]  # all ranks': the loader re-deals them if the layout changed
-        torch.set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d", universal.path if universal else f"{target[0]}/{target[1]}",
-                 start_step)
+    start_step, position = start.load(engine)
 
     loader = make_train_loader(cfg, tokenizer, rank=dp_rank, world=dp_world, position=position)
     tracker = loader.tracker  # every worker's start state; updated with each consumed batch
     audit = KeyAudit(run_dir, dp_rank, dp_world, enabled=cfg.data.log_keys and groups.tp_rank() == 0,
-                     resume_step=start_step if target is not None else None)
+                     resume_step=start_step if start.resumed else None)
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
     per_step = cfg.train.micro_batch * cfg.train.grad_accum * dp_world
 
@@ -238,7 +169,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         save_failures = 0
         log.info("saved checkpoint %s/%s", root, tag)
         if cfg.checkpoint.universal:
-            save_universal(root, tag)
+            save_universal(root, tag)  # pretrain/resume.py
 
     bar = None
     if rank == 0 and cfg.logging.progress:
@@ -252,7 +183,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     run_start, last_logged = time.perf_counter(), {}
     step = start_step
     engine.train()
-    nonfinite_run, nonfinite_total, skipped_before = 0, 0, engine.skipped_steps
+    guard = NonFiniteGuard(cfg.train.nonfinite_patience, engine, lambda: ckpt.latest_tag(root))
     while step < cfg.train.steps:
         done = 0
         while done < cfg.train.grad_accum:
@@ -262,31 +193,12 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             tracker.update(batch)
             audit.record(batch, step + 1)
             out = faults.poison(engine(_to_device(batch, engine.device, dtype)))
-            bad = _nonfinite(out)
-            if any_rank(bool(bad), engine.device):
-                # Skip like an fp16 overflow: no backward, no step; every rank drops this micro-batch.
-                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-                what = ", ".join(bad) or "loss on another rank"
-                log.warning("step %d: non-finite %s; micro-batch skipped (%d in a row)", step + 1, what,
-                            nonfinite_run)
-                if nonfinite_run >= cfg.train.nonfinite_patience:
-                    raise NonFiniteError(
-                        f"stopping at step {step + 1}: non-finite {what} in {nonfinite_run} micro-batches "
-                        f"in a row (train.nonfinite_patience={cfg.train.nonfinite_patience}); "
-                        f"last checkpoint: {ckpt.latest_tag(root) or 'none'}")
-                continue
+            if not guard.forward_ok(out, step + 1):
+                continue  # every rank drops this micro-batch: no backward, no step
             engine.backward(out["loss"])
             engine.step()
             done += 1
-            if engine.skipped_steps > skipped_before:  # ZeRO found inf/NaN gradients and skipped
-                skipped_before = engine.skipped_steps
-                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-                log.warning("step %d: non-finite gradients, optimizer step skipped", step + 1)
-                if nonfinite_run >= cfg.train.nonfinite_patience:
-                    raise NonFiniteError(f"stopping at step {step + 1}: non-finite gradients in "
-                                         f"{nonfinite_run} steps in a row")
-            else:
-                nonfinite_run = 0
+            guard.after_step(step + 1)
             for k in LOSS_KEYS:
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + float(out[k].detach().float())
@@ -314,7 +226,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
                 "samples_per_s": round(steps_in_window * per_step / max(elapsed, 1e-9), 3),
                 "data_wait_frac": round(values["wait"], 4),
                 **metrics_row(data_totals),  # skipped samples, skip_<reason>, bad fractions
-                "nonfinite_skipped": nonfinite_total,
+                "nonfinite_skipped": guard.total,
             }
             metrics.log(step, row)
             last_logged = row

@@ -133,6 +133,13 @@ def test_deepspeed_zero_to_fp32_equals_our_safetensors_export(runs, tmp_path):
     assert set(ours) == set(theirs) and len(ours) > 20
     for k in ours:
         assert torch.equal(ours[k], theirs[k].float()), k
+    # eval/embed read every kind: DeepSpeed, universal and the export give the same model
+    from pretrain.evaluate import load_model
+
+    kinds = (root / "global_step10", runs["universal"], tmp_path / "ours")
+    models = [load_model(p)[0].state_dict() for p in kinds]
+    for k in models[0]:
+        assert torch.equal(models[0][k], models[1][k]) and torch.equal(models[0][k], models[2][k]), k
     r = _cli("convert", str(root / "global_step10"), str(tmp_path / "bf16"), "--to", "safetensors",
              "--dtype", "bf16")
     assert r.returncode == 0, r.stderr[-2000:]

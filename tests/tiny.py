@@ -4,6 +4,7 @@ the way users do (one process or the real deepspeed launcher)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,8 +46,17 @@ def run_pretrain(args: list[str], env: dict[str, str] | None = None, timeout: fl
                "--master_port", str(free_port()), "--no_local_rank", "--module", "pretrain.cli", *args]
     else:
         cmd = [sys.executable, "-m", "pretrain.cli", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    # own session: a timed-out run is killed with all its ranks (subprocess.run would kill only the
+    # launcher and leave the ranks running, slowing every later test)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 # An even smaller model for launcher tests: they measure launch paths, not learning.

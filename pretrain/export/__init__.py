@@ -90,7 +90,9 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
 
         state: Any = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from pretrain.checkpoint import safe_load
+
+        state = safe_load(path)  # weights_only=True, the project's one loader
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
