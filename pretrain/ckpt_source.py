@@ -177,6 +177,7 @@ class UniversalSource(Source):
         self.meta = json.loads((self.path / UNIVERSAL_META).read_text())
         if self.meta.get("format") != "mmpt-universal":
             raise ValueError(f"{self.path / UNIVERSAL_META}: not an mmpt universal checkpoint")
+        self.meta["tokenizer"] = (self.path / "tokenizer.json").read_text()  # the run's own, on resume too
         self._files = _SafetensorsFiles(self.path)
 
     def tensor(self, name: str, key: str = "fp32") -> torch.Tensor:
