@@ -230,7 +230,7 @@ def remaining_work(states: dict[int, StreamState], params: PlanParams, streams: 
     or progress for; later epochs are untouched by all streams and need no entry.
 
     Order (what the re-deal hands out round-robin): first the open items of every stream, then the
-    streams' unopened items interleaved (stream 0's first, stream 1's first, ..., stream 0's second, ...).
+    streams' unopened items in the order they were dealt (item i of stream g sat at place i*n + g).
     A fresh epoch dealt items round-robin from one list, so this restores that list's order: the global
     sequence of items continues as it was, and when every stream stopped at an item boundary a new layout
     whose batches cover whole items reads the same global batches the old layout would have read.
@@ -240,7 +240,7 @@ def remaining_work(states: dict[int, StreamState], params: PlanParams, streams: 
     last = max(max([s.epoch, *s.later]) for s in states.values())
     first = min(s.epoch for s in states.values())
     opened: dict[int, list[Item]] = {e: [] for e in range(first, last + 1)}
-    pending: dict[int, list[list[Item]]] = {e: [] for e in range(first, last + 1)}
+    pending: dict[int, list[tuple[int, int, Item]]] = {e: [] for e in range(first, last + 1)}
     for g in sorted(states):
         state = states[g]
         items = state.items_of(params, g, streams)
@@ -248,18 +248,12 @@ def remaining_work(states: dict[int, StreamState], params: PlanParams, streams: 
             if not 0 <= index < len(items):
                 raise ValueError(f"data position: stream {g} has an open item {index} of {len(items)}")
             opened[state.epoch].append(items[index].with_start(progress))
-        pending[state.epoch].append(list(items[state.opened:]))
+        # (index in the stream's list, stream): item i of stream g was dealt at global place i*n + g
+        pending[state.epoch].extend((i, g, it) for i, it in enumerate(items) if i >= state.opened)
         for epoch in range(state.epoch + 1, last + 1):
             later = state.later[epoch] if epoch in state.later else fresh_items(params, epoch, g, streams)
-            pending[epoch].append(list(later))
-    return {e: opened[e] + _interleave(pending[e]) for e in opened}
-
-
-def _interleave(lists: list[list[Item]]) -> list[Item]:
-    out: list[Item] = []
-    for i in range(max((len(x) for x in lists), default=0)):
-        out.extend(x[i] for x in lists if i < len(x))
-    return out
+            pending[epoch].extend((i, g, it) for i, it in enumerate(later))
+    return {e: opened[e] + [it for _, _, it in sorted(pending[e], key=lambda p: p[:2])] for e in opened}
 
 
 def redeal(work: dict[int, list[Item]], streams: int) -> dict[int, StreamState]:

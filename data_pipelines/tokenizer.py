@@ -71,6 +71,15 @@ class TextTokenizer:
             raise ValueError(f"tokenizer file {path} is not a valid tokenizer.json: {exc}") from None
         return cls(tok, source=str(path))
 
+    @classmethod
+    def from_json(cls, text: str, source: str = "tokenizer.json") -> TextTokenizer:
+        """From tokenizer.json text (as checkpoints and exports carry it); a clear error if it is not one."""
+        try:
+            tok = Tokenizer.from_str(text)
+        except Exception as exc:  # the Rust side raises a generic Exception with a serde message
+            raise ValueError(f"{source} is not a valid tokenizer.json: {exc}") from None
+        return cls(tok, source=source)
+
     def __getstate__(self) -> dict:
         return {"json": self.to_json()}
 

@@ -4,10 +4,13 @@ Reads DeepSpeed's own buffers rather than `model.parameters()`, because under Ze
 `.data` is an empty placeholder between forward passes and the rank's share lives in `ds_tensor`, its
 gradient share in one flat buffer and the optimizer's fp32 master and moments in flat partitions.
 Optimizer moments exist only after the first step (torch's AdamW creates them lazily): measure then.
+Also process RSS now and at its peak (VmHWM), which the benches and `pretrain convert` report.
 """
 
 from __future__ import annotations
 
+import resource
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,3 +65,18 @@ def measure_model_states(engine: Any) -> dict[str, Any]:
     total = p_bytes + o_bytes + (g_bytes or 0)
     return {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes, "total": total,
             "local_params": local, "how": how}
+
+
+def current_rss_mb() -> float:
+    """Resident set size now (Linux /proc), MB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return round(pages * resource.getpagesize() / 2**20, 1)
+
+
+def peak_rss_mb() -> float:
+    """This process image's peak RSS (VmHWM). Not ru_maxrss: that survives exec and so reports the
+    parent's footprint for a child started by a large process (e.g. `bench ckpt`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -21,9 +21,9 @@ synthetic batches on both sides (the same generator and seed).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from data_pipelines.tokenizer import EOS_ID, MASK_ID, SOS_ID
+from parallel.memory import peak_rss_mb
 from pretrain.config import Config, load_config
 from pretrain.flops import flops_per_sample
 
@@ -40,14 +42,19 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 """Dense bf16 tensor-core peak FLOP/s (no sparsity), matched against torch.cuda.get_device_name."""
 
 
-def measured_cpu_peak(n: int = 1024, reps: int = 8) -> float:
-    """fp32 matmul FLOP/s of this CPU with torch's current threads (best of `reps`, after a warm-up)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measured_cpu_peak(n: int = 1024, reps: int = 8, device: torch.device | None = None,
+                      dtype: torch.dtype = torch.float32) -> float:
+    """Matmul FLOP/s of this CPU (fp32, torch's current threads) or of `device` in `dtype`: best of
+    `reps` after a warm-up."""
+    device = device or torch.device("cpu")
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
@@ -59,7 +66,9 @@ def device_peak(device: torch.device) -> tuple[float, str]:
         for key, peak in PEAK_FLOPS.items():
             if key in name:
                 return peak, f"table: {key} bf16 dense ({name})"
-        raise ValueError(f"no peak FLOP/s for {name!r}; known: {', '.join(PEAK_FLOPS)}")
+        # a GPU not in the table: measure rather than fail after the whole benchmark ran
+        peak = measured_cpu_peak(4096, 8, device, torch.bfloat16)
+        return peak, f"measured bf16 matmul on {name} (not in the peak table {', '.join(PEAK_FLOPS)})"
     return measured_cpu_peak(), f"measured fp32 matmul on CPU ({torch.get_num_threads()} threads)"
 
 
@@ -70,11 +79,11 @@ def synthetic_batches(cfg: Config, vocab_size: int, seed: int = 0) -> Iterator[d
     L = m.text.context_length
     gen = torch.Generator().manual_seed(seed)
     while True:
-        ids = torch.randint(4, vocab_size, (b, L), generator=gen)
-        ids[:, 0], ids[:, -1] = 1, 3  # BOS ... EOS
+        ids = torch.randint(MASK_ID + 1, vocab_size, (b, L), generator=gen)  # no special ids inside
+        ids[:, 0], ids[:, -1] = SOS_ID, EOS_ID
         labels = torch.where(torch.rand(b, L, generator=gen) < cfg.objectives.mlm.mask_prob, ids, -100)
         yield {"image": torch.randn(b, 3, m.image_size, m.image_size, generator=gen), "text": ids,
-               "mlm_input": torch.where(labels != -100, 2, ids), "mlm_labels": labels,
+               "mlm_input": torch.where(labels != -100, MASK_ID, ids), "mlm_labels": labels,
                "patch_noise": torch.rand(b, n, generator=gen)}
 
 
@@ -87,8 +96,8 @@ def _peak_memory(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         return {"peak_bytes": int(torch.cuda.max_memory_allocated(device)),
                 "how": "torch.cuda.max_memory_allocated (measured)"}
-    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "how": "peak RSS of this process incl. Python, torch and DeepSpeed (measured)"}
+    return {"peak_bytes": int(peak_rss_mb() * 2**20),
+            "how": "peak RSS (VmHWM) of this process incl. Python, torch and DeepSpeed (measured)"}
 
 
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = False,
@@ -180,11 +189,11 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "precision": cfg.train.precision, "zero_stage": cfg.parallel.zero_stage,
         "micro_batch": cfg.train.micro_batch, "grad_accum": cfg.train.grad_accum,
-        "steps": steps, "warmup_steps": warmup, "samples": samples, "wall_s": round(wall, 4),
+        "steps": steps, "warmup_steps": warmup, "samples": samples, "wall_s": round(wall, 6),
         "samples_per_s": round(sps, 3),
         "process_cpu_s": round(cpu, 4),  # CPU time of all this process's threads over the timed steps
         "data_source": "training loader (data.train)" if use_data else "synthetic batches in-process",
-        "time_s": {**{k: round(v, 4) for k, v in phases.items()}, "communication": 0.0},
+        "time_s": {**{k: round(v, 6) for k, v in phases.items()}, "communication": 0.0},
         "time_frac": {k: round(v / wall, 4) for k, v in phases.items()},
         "communication_note": "single process: no collectives (0 by construction)",
         "memory": _peak_memory(device),
@@ -195,6 +204,11 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
         "parameters": n_params,
     }
     if vs:
+        # free our engine first: open_clip's peak memory and speed must not include ours
+        del engine, model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         res["vs_open_clip"] = _vs_open_clip(cfg, n_shared, res, padded_vocab, vocab, device, steps, warmup,
                                             peak, vs_patch_dropout)
     return res

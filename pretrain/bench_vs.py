@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_pipelines.tokenizer import EOS_ID, PAD_ID
 from pretrain.config import Config
 
 INSTALL_HINT = ("install the dev extra (`pip install -e '.[dev]'`: open_clip_torch and a torchvision "
@@ -61,7 +62,7 @@ def open_clip_config(cfg: Config, vocab_size: int, patch_dropout: float = 0.0) -
                        "patch_dropout": patch_dropout},
         "text_cfg": {"context_length": t.context_length, "vocab_size": vocab_size, "width": t.width,
                      "heads": t.heads, "layers": t.layers, "mlp_ratio": m.mlp_ratio,
-                     "pool_type": "eos", "eos_id": 3, "pad_id": 0},  # synthetic captions end in EOS = 3
+                     "pool_type": "eos", "eos_id": EOS_ID, "pad_id": PAD_ID},  # captions end in EOS
     }
 
 
@@ -177,9 +178,9 @@ def run_open_clip(cfg: Config, vocab_size: int, batches: Iterator[dict[str, torc
                            if amp_dtype is not None else "fp32"),
         "optimizer": "torch.optim.AdamW (defaults for this device)",
         "loss": "SigLipLoss" if siglip else "ClipLoss",
-        "samples": samples, "wall_s": round(wall, 4), "samples_per_s": round(samples / wall, 3),
+        "samples": samples, "wall_s": round(wall, 6), "samples_per_s": round(samples / wall, 3),
         "process_cpu_s": round(cpu, 4),
-        "time_s": {k: round(v, 4) for k, v in phases.items()},
+        "time_s": {k: round(v, 6) for k, v in phases.items()},
         "parameters": n_params,
         "final_loss": round(last_loss, 5),
     }

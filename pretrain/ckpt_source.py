@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -46,10 +45,7 @@ def build_model(cfg: Config, tokenizer_json: str, device: str | torch.device = "
 def load_tokenizer(tokenizer_json: str):
     from data_pipelines.tokenizer import TextTokenizer
 
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "tokenizer.json"
-        path.write_text(tokenizer_json)
-        return TextTokenizer.load(path)
+    return TextTokenizer.from_json(tokenizer_json, source="the checkpoint's tokenizer")
 
 
 def param_layout(model: torch.nn.Module) -> dict[str, dict[str, Any]]:

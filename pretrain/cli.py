@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pretrain: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2
 

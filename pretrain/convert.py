@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from parallel.memory import current_rss_mb, peak_rss_mb
 from pretrain.ckpt_source import DictSource, Source, load_tokenizer, open_source
 from pretrain.config import Config, dump_yaml, load_config, to_dict
-from pretrain.tensor_files import file_entry, staged_output, write_manifest
+from pretrain.tensor_files import staged_output, write_manifest
 from pretrain.universal import write_universal, write_weights
 
 TARGETS = ("universal", "safetensors", "hf", "open_clip")
@@ -59,21 +59,6 @@ def convert(src_path: str | Path, dst: str | Path, to: str, dtype: str = "fp32",
     out["rss_before_mb"] = rss_before
     out["peak_rss_mb"] = peak_rss_mb()
     return out
-
-
-def current_rss_mb() -> float:
-    """Resident set size now (Linux /proc), MB."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return round(pages * resource.getpagesize() / 2**20, 1)
-
-
-def peak_rss_mb() -> float:
-    """This process image's peak RSS (VmHWM). Not ru_maxrss: that survives exec and so reports the
-    parent's footprint for a child started by a large process (e.g. `bench ckpt`)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _convert(src: Source, dst: Path, to: str, dtype: str, overwrite: bool) -> dict[str, Any]:
@@ -122,12 +107,8 @@ def import_checkpoint(kind: str, src: str | Path, dst: str | Path, base_config: 
     if set(fresh) - {"decoder", "mlm_head", "logit_bias"}:
         raise ValueError(f"{src}: lacks CLIP tensors the model needs: {[k for k in missing][:5]}")
     meta = {"config": to_dict(cfg), "tokenizer": tok_json, "step": 0, "source": str(src)}
-    summary = write_weights(DictSource(model.state_dict(), meta, str(src)), Path(dst), overwrite=overwrite)
-    yaml_text = dump_yaml(cfg)
-    (Path(dst) / "train.yaml").write_text(yaml_text)
-    manifest = json.loads((Path(dst) / "manifest.json").read_text())
-    manifest["files"]["train.yaml"] = file_entry(Path(dst) / "train.yaml")
-    (Path(dst) / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    summary = write_weights(DictSource(model.state_dict(), meta, str(src)), Path(dst), overwrite=overwrite,
+                            extra_files={"train.yaml": dump_yaml(cfg)})
     return {**summary, "from": kind, "fresh": fresh}
 
 

@@ -26,7 +26,7 @@ import torch
 
 from data_pipelines.decode import IMAGE_KEYS, decode_image
 from data_pipelines.loader import make_eval_loader
-from data_pipelines.stats import SkipCounter
+from data_pipelines.stats import BAD_IMAGE, SkipCounter
 from data_pipelines.transforms import center_crop_resize_array, normalize_batch
 
 logger = logging.getLogger("mmpt.embed")
@@ -37,8 +37,14 @@ IMAGE_SUFFIXES = tuple(f".{k}" for k in IMAGE_KEYS)
 
 # ------------------------------------------------------------------------------------------ inputs
 def _check_inputs(checkpoint: str | Path, data: str | None, images: str | Path | None,
-                  texts: str | Path | None, batch_size: int, max_samples: int) -> None:
+                  texts: str | Path | None, batch_size: int, max_samples: int, out: str | Path | None = None,
+                  overwrite: bool = True) -> None:
     """Every argument problem that needs no model, before the (slow) checkpoint load."""
+    if out is not None:
+        if Path(out).is_dir():
+            raise IsADirectoryError(f"--out {out} is a folder; give a .npz file path")
+        if Path(out).exists() and not overwrite:
+            raise FileExistsError(f"--out {out} exists; choose a new path or pass --overwrite")
     if not Path(checkpoint).exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if data and (images or texts):
@@ -82,7 +88,13 @@ def _load_images(files: list[Path], image_size: int, max_pixels: int, skips: Ski
     """Decode + centre crop as the eval stream does; unreadable files are skipped, counted and named."""
     arrays, names = [], []
     for path in files:
-        arr = decode_image(path.read_bytes(), path.name, skips,
+        try:
+            raw = path.read_bytes()
+        except OSError as e:  # unreadable file or broken link: skipped and counted like a bad image
+            skips.skip(BAD_IMAGE, f"{path.name}: {e}")
+            logger.warning("skipping unreadable image %s (%s)", path, e)
+            continue
+        arr = decode_image(raw, path.name, skips,
                            lambda im: center_crop_resize_array(im, image_size), max_pixels=max_pixels)
         if arr is None:
             logger.warning("skipping unreadable image %s", path)
@@ -158,14 +170,14 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
 
 def embed(checkpoint: str | Path, out: str | Path, data: str | None = None, images: str | Path | None = None,
           texts: str | Path | None = None, batch_size: int = 64, max_samples: int = 0,
-          device: str | None = None) -> dict[str, np.ndarray]:
+          device: str | None = None, overwrite: bool = True) -> dict[str, np.ndarray]:
     """Embed `--data` shards (paired) or `--images` files and/or `--texts` lines with the checkpoint's
     model and write them to `out` (.npz); returns the arrays written (keys in the module docstring).
 
     `max_samples` (0: all) caps samples, image files and text lines alike. Argument errors raise
     ValueError / FileNotFoundError before the checkpoint is read.
     """
-    _check_inputs(checkpoint, data, images, texts, batch_size, max_samples)
+    _check_inputs(checkpoint, data, images, texts, batch_size, max_samples, out, overwrite)
     files = image_files(images, max_samples) if images is not None else []
     lines = text_lines(texts, max_samples) if texts is not None else []
     from pretrain.evaluate import load_model
@@ -192,7 +204,7 @@ def embed(checkpoint: str | Path, out: str | Path, data: str | None = None, imag
 # ------------------------------------------------------------------------------------------ CLI
 def cmd_embed(args: argparse.Namespace) -> int:
     result = embed(args.checkpoint, args.out, data=args.data, images=args.images, texts=args.texts,
-                   batch_size=args.batch_size, max_samples=args.max_samples)
+                   batch_size=args.batch_size, max_samples=args.max_samples, overwrite=args.overwrite)
     summary = {"out": str(args.out), **{k: list(v.shape) for k, v in result.items()}}
     print(json.dumps(summary), flush=True)
     return 0
@@ -208,6 +220,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--images", help="folder of jpg/png/webp files, embedded in sorted name order")
     p.add_argument("--texts", help="text file, one text per line")
     p.add_argument("--out", required=True, help=".npz to write (image, text, keys[, texts])")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-samples", type=int, default=0,
                    help="at most this many samples / files / lines (0: all)")

@@ -66,9 +66,10 @@ def write_universal(src: Source, dst: Path, overwrite: bool = False) -> dict[str
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def write_weights(src: Source, dst: Path, dtype: torch.dtype = torch.float32, overwrite: bool = False
-                  ) -> dict[str, Any]:
-    """Consolidated single-device weights (`model.safetensors`) + config + tokenizer, streamed."""
+def write_weights(src: Source, dst: Path, dtype: torch.dtype = torch.float32, overwrite: bool = False,
+                  extra_files: dict[str, str] | None = None) -> dict[str, Any]:
+    """Consolidated single-device weights (`model.safetensors`) + config + tokenizer, streamed;
+    `extra_files` (name -> text) go into the same staged folder, under the same manifest."""
     layout = src.layout
     t0 = time.perf_counter()
     specs = [(n, dtype, tuple(e["shape"])) for n, e in layout.items()]
@@ -82,6 +83,8 @@ def write_weights(src: Source, dst: Path, dtype: torch.dtype = torch.float32, ov
             "step": src.meta.get("step"), "config": src.meta["config"], "tokenizer": src.meta["tokenizer"],
             "params": layout}, indent=1))
         (tmp / "tokenizer.json").write_text(src.meta["tokenizer"])
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         write_manifest(tmp, {WEIGHTS_FILE: entry}, kind="weights")
     return {"to": "safetensors", "out": str(dst), "params": len(layout), "bytes": entry["bytes"],
             "seconds": round(time.perf_counter() - t0, 3)}

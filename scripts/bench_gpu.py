@@ -99,7 +99,10 @@ def run_variant(overrides: list[str], env: dict[str, str], steps: int, warmup: i
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         return {"status": "failed: " + (lines[-1] if lines else f"exit {proc.returncode}")[:200]}
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:  # one variant's odd output must not cost the rows already measured
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError) as e:
+        return {"status": f"failed: no JSON result on stdout ({type(e).__name__})"}
     res["status"] = "ok"
     res["seconds"] = round(time.perf_counter() - t0, 1)
     return res

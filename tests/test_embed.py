@@ -122,3 +122,15 @@ def test_cli_errors_exit_nonzero_naming_the_problem(run, tmp_path: Path, capsys:
     assert main(argv) != 0
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_existing_out_is_kept_unless_overwrite(run, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    texts = tmp_path / "t.txt"
+    texts.write_text("a red square\n")
+    out = tmp_path / "out.npz"
+    out.write_bytes(b"user data")
+    assert main(["embed", "--checkpoint", str(run["run"]), "--texts", str(texts), "--out", str(out)]) != 0
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == b"user data"
+    assert main(["embed", "--checkpoint", str(run["run"]), "--texts", str(texts), "--out", str(out),
+                 "--overwrite"]) == 0
+    assert np.load(out)["text"].shape[0] == 1

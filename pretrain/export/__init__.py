@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +65,13 @@ def check_state_matches_config(state: dict[str, torch.Tensor], cfg: Config) -> N
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
-    """Write `tensors` (floating ones cast to `dtype`) as safetensors, atomically.
+    """Write `tensors` (floating ones cast to `dtype`) with the project's streaming safetensors writer
+    (`pretrain/tensor_files.py`: any view is written as its own bytes). Exports are written into a
+    staged folder renamed into place only when complete (`pretrain convert`), so no temporary name here."""
+    from pretrain.tensor_files import save_tensors
 
-    Every tensor is made contiguous and given its own storage: safetensors refuses views sharing memory
-    (e.g. a transposed projection next to its source), and a half-written file must never be mistaken for
-    an export, hence the temporary name and `os.replace`.
-    """
-    from safetensors.torch import save_file
-
-    out = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().clone()
-           for k, v in tensors.items()}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(out, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    save_tensors(path, {k: v.detach().to(dtype) if v.is_floating_point() else v.detach()
+                        for k, v in tensors.items()}, metadata={"format": "pt"})
 
 
 def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
@@ -121,13 +114,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def tokenizer_from_json(text: str) -> TextTokenizer:
     """Our tokenizer from tokenizer.json text; raises ValueError when its special ids are not ours."""
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_str(text)
-    except Exception as exc:  # the Rust side raises a bare Exception with a serde message
-        raise ValueError(f"not a valid tokenizer.json: {exc}") from None
-    return TextTokenizer(tok, source="tokenizer.json")
+    return TextTokenizer.from_json(text)
 
 
 def write_hf_tokenizer_files(out: Path, tokenizer_json: str, context_length: int) -> None:
