@@ -32,9 +32,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pretrain.config import Config
-
 from .loader import make_train_loader
+from .settings import DataConfig, StreamSpec
 from .tokenizer import TextTokenizer, train_tokenizer_from_shards
 from .urls import expand_sources
 
@@ -156,18 +155,15 @@ def run_bench(shards: str, batch_size: int = 64, workers: int = 1, image_size: i
         raise ValueError(f"{len(urls)} shards for {workers} workers: the reference pipeline splits by "
                          f"whole shards, so give at least as many shards as workers")
     tok = TextTokenizer.load(tokenizer) if tokenizer else train_tokenizer_from_shards(shards, 512, 2000)
-    cfg = Config()
-    cfg.data.train = shards
-    cfg.data.workers = workers
-    cfg.data.crop_scale = list(crop_scale)
-    cfg.train.micro_batch = batch_size
-    cfg.model.image_size = image_size
-    cfg.model.vision.patch_size = math.gcd(image_size, 16) if image_size % 16 else 16
+    data = DataConfig(train=shards, workers=workers, crop_scale=list(crop_scale))
+    spec = StreamSpec(micro_batch=batch_size, image_size=image_size,
+                      patch_size=math.gcd(image_size, 16) if image_size % 16 else 16)
     ours_runs, ref_runs = [], []
     for _ in range(repeats):
-        ours_runs.append(_measure(make_train_loader(cfg, tok, rank=0, world=1), batches, warmup, batch_size))
-        ref = reference_loader(urls, tok, batch_size, workers, image_size, crop_scale,
-                               cfg.model.text.context_length, cfg.data.mean, cfg.data.std)
+        loader = make_train_loader(data, spec, tok, rank=0, world=1)
+        ours_runs.append(_measure(loader, batches, warmup, batch_size))
+        ref = reference_loader(urls, tok, batch_size, workers, image_size, crop_scale, spec.context_length,
+                               data.mean, data.std)
         ref_runs.append(_measure(ref, batches, warmup, batch_size))
     ours, reference = _combine(ours_runs), _combine(ref_runs)
     per = max(workers, 1)

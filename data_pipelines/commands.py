@@ -2,7 +2,6 @@
 
     pretrain data import --from folder|csv|parquet|wds SRC OUT   shards + sizes.json + stats.json
     pretrain data inspect URLS [--json]                         counts, keys/extensions, bad by reason
-    pretrain bench data --shards URLS ...                       our stream vs. a plain reference
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 
 
 def parse_size(text: str) -> int:
@@ -48,28 +46,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
-
-    result = run_bench(args.shards, batch_size=args.batch_size, workers=args.workers,
-                       image_size=args.image_size, batches=args.batches, warmup=args.warmup,
-                       tokenizer=args.tokenizer, crop_scale=tuple(args.crop_scale), repeats=args.repeats)
-    if args.json:
-        print(json.dumps(result), flush=True)
-    else:
-        for name in ("ours", "reference"):
-            r = result[name]
-            print(f"{name:<9} {r['samples_per_s']:9.1f} samples/s, "
-                  f"{r['samples_per_cpu_s']:9.1f} per CPU-second")
-        print(f"ratio     {result['ratio']:9.2f}x per core ({result['ratio_wall']:.2f}x wall clock); "
-              f"reference: {result['reference_pipeline']}")
-    sys.stdout.flush()
-    return 0
-
-
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
              data: argparse._SubParsersAction) -> None:
-    """Add `data import`, `data inspect` and `bench data` (see the module docstring)."""
+    """Add `data import` and `data inspect` (see the module docstring)."""
     from .importers import SOURCE_KINDS
 
     p = data.add_parser("import", help="convert a folder, CSV/TSV, Parquet or WebDataset shards to shards")
@@ -100,17 +79,3 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--workers", type=int, default=0, help="inspect shards in parallel processes")
     p.add_argument("--max-image-pixels", type=int, default=89478485)
     p.set_defaults(func=cmd_inspect)
-
-    p = bench.add_parser("data", help="data pipeline samples/s vs. a plain webdataset reference")
-    p.add_argument("--shards", required=True,
-                   help="shard URLs (e.g. written by `pretrain data synth --image-size 512`)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers for both pipelines")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batches", type=int, default=30, help="timed batches per pipeline")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
-    p.add_argument("--repeats", type=int, default=1, help="alternating runs per pipeline, summed")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=[0.6, 1.0], metavar=("MIN", "MAX"))
-    p.add_argument("--tokenizer", default="", help="tokenizer.json (default: train one on the captions)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_bench)

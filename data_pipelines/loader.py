@@ -29,14 +29,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pretrain.config import Config
-
 from .collate import EvalExample, TrainExample, collate_eval, collate_train
 from .cursor import StreamCursor
 from .decode import decode_image, label_of, split_sample
 from .plan import PlanParams, StreamState, split_counts
 from .position import PositionTracker, shards_fingerprint, start_states, stream_index, streams_for
 from .seeding import sample_rngs
+from .settings import DataConfig, StreamSpec
 from .shardstream import shard_samples
 from .stats import SkipCounter
 from .tokenizer import TextTokenizer
@@ -56,11 +55,10 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def plan_params(cfg: Config, sources: list[list[str]]) -> PlanParams:
-    """The plan parameters of `cfg` over the expanded `::` sources of data.train."""
-    d = cfg.data
+def plan_params(d: DataConfig, seed: int, sources: list[list[str]]) -> PlanParams:
+    """The plan parameters of `data.*` and `train.seed` over the expanded `::` sources of data.train."""
     return PlanParams(
-        num_shards=sum(len(s) for s in sources), seed=cfg.train.seed, shard_shuffle=d.shard_shuffle,
+        num_shards=sum(len(s) for s in sources), seed=seed, shard_shuffle=d.shard_shuffle,
         block=max(1, d.shuffle_buffer // max(d.interleave, 1)), sampling=d.sampling,
         source_sizes=tuple(len(s) for s in sources), weights=tuple(d.train_weights))
 
@@ -68,10 +66,10 @@ def plan_params(cfg: Config, sources: list[list[str]]) -> PlanParams:
 class _TrainStream(IterableDataset):
     """The infinite per-worker training stream described in the module docstring."""
 
-    def __init__(self, cfg: Config, tokenizer: TextTokenizer, urls: list[str], params: PlanParams, rank: int,
-                 world: int, starts: dict[int, StreamState], batches_done: int) -> None:
+    def __init__(self, d: DataConfig, spec: StreamSpec, tokenizer: TextTokenizer, urls: list[str],
+                 params: PlanParams, rank: int, world: int, starts: dict[int, StreamState],
+                 batches_done: int) -> None:
         super().__init__()
-        d, m = cfg.data, cfg.model
         self.tokenizer = tokenizer
         self.urls = urls
         self.params = params
@@ -79,16 +77,16 @@ class _TrainStream(IterableDataset):
         self.num_streams = streams_for(d.workers)
         self.starts = starts
         self.batches_done = batches_done
-        self.seed = cfg.train.seed
+        self.seed = spec.seed
         self.interleave = d.interleave
-        self.batch_size = cfg.train.micro_batch
-        self.image_size = m.image_size
+        self.batch_size = spec.micro_batch
+        self.image_size = spec.image_size
         self.crop_scale = tuple(d.crop_scale)
         self.max_pixels = d.max_image_pixels
         self.mean, self.std = tuple(d.mean), tuple(d.std)
-        self.context_length = m.text.context_length
-        self.mask_prob = cfg.objectives.mlm.mask_prob
-        self.num_patches = (m.image_size // m.vision.patch_size) ** 2
+        self.context_length = spec.context_length
+        self.mask_prob = spec.mlm_prob
+        self.num_patches = spec.num_patches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         actual, count = _worker()
@@ -234,7 +232,8 @@ def _check_streams_have_samples(urls: list[str], params: PlanParams, world: int,
 
 
 def make_train_loader(
-    cfg: Config,
+    data: DataConfig,
+    spec: StreamSpec,
     tokenizer: TextTokenizer,
     rank: int,
     world: int,
@@ -246,30 +245,23 @@ def make_train_loader(
     cls i64 [B], _keys, _epochs (epoch of each sample), _position (the stream's `StreamState`, with worker,
     epoch and offset), _skips {reason: count}. `position` is the checkpoint's list of every rank's
     `PositionTracker.state()` (any earlier layout), or this rank's entry under an unchanged layout.
+    Ranges and divisibility of `data` and `spec` are checked once, by `pretrain.config.validate`.
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
-    m = cfg.model
-    if m.image_size % m.vision.patch_size:
-        raise ValueError(f"model.image_size ({m.image_size}) is not a multiple of model.vision.patch_size "
-                         f"({m.vision.patch_size})")
-    if cfg.train.micro_batch < 1:
-        raise ValueError(f"train.micro_batch must be >= 1, got {cfg.train.micro_batch}")
-    if cfg.data.workers < 0:
-        raise ValueError(f"data.workers must be >= 0, got {cfg.data.workers}")
-    sources = expand_sources(cfg.data.train)
-    if cfg.data.train_weights and len(cfg.data.train_weights) != len(sources):
-        raise ValueError(f"data.train_weights has {len(cfg.data.train_weights)} entries for {len(sources)} "
+    sources = expand_sources(data.train)
+    if data.train_weights and len(data.train_weights) != len(sources):  # needs the expanded sources
+        raise ValueError(f"data.train_weights has {len(data.train_weights)} entries for {len(sources)} "
                          f"'::'-separated sources of data.train")
     urls = [u for source in sources for u in source]
-    params = plan_params(cfg, sources)
-    streams = streams_for(cfg.data.workers)
+    params = plan_params(data, spec.seed, sources)
+    streams = streams_for(data.workers)
     _check_streams_have_samples(urls, params, world, streams)
     fingerprint = shards_fingerprint(urls)
-    starts, batches_done = start_states(params, fingerprint, rank, world, cfg.data.workers, position)
-    tracker = PositionTracker(params, fingerprint, rank, world, cfg.data.workers, starts, batches_done)
-    dataset = _TrainStream(cfg, tokenizer, urls, params, rank, world, starts, batches_done)
-    return TrainLoader(_data_loader(dataset, cfg.data.workers, persistent=True), tracker)
+    starts, batches_done = start_states(params, fingerprint, rank, world, data.workers, position)
+    tracker = PositionTracker(params, fingerprint, rank, world, data.workers, starts, batches_done)
+    dataset = _TrainStream(data, spec, tokenizer, urls, params, rank, world, starts, batches_done)
+    return TrainLoader(_data_loader(dataset, data.workers, persistent=True), tracker)
 
 
 def make_eval_loader(

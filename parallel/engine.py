@@ -8,17 +8,17 @@ from typing import Any
 import torch
 
 from parallel import optimizers
-from pretrain.config import Config, check_runtime
+from parallel.settings import EngineSpec
 
 
-def lr_lambda(cfg: Config):
+def lr_lambda(spec: EngineSpec):
     """Multiplier of `optim.lr` at a step: linear warm-up, then cosine (or constant) decay."""
-    warm, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+    warm, total, floor = spec.optim.warmup_steps, spec.steps, spec.optim.min_lr_ratio
 
     def fn(step: int) -> float:
         if warm > 0 and step < warm:
             return (step + 1) / warm
-        if cfg.optim.schedule == "constant":
+        if spec.optim.schedule == "constant":
             return 1.0
         progress = min(1.0, (step - warm) / max(1, total - warm))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -26,7 +26,7 @@ def lr_lambda(cfg: Config):
     return fn
 
 
-def deepspeed_config(cfg: Config, dp_world: int, impl: str | None = None) -> dict[str, Any]:
+def deepspeed_config(spec: EngineSpec, dp_world: int, impl: str | None = None) -> dict[str, Any]:
     """DeepSpeed JSON config for this run (also written to RUN_DIR/ds_config.json for reference).
 
     `impl` is the resolved `optim.impl` (default: resolved here). torch_fused / apex_fused are client
@@ -34,7 +34,7 @@ def deepspeed_config(cfg: Config, dp_world: int, impl: str | None = None) -> dic
     optimizer offload. Precision: bf16 = bf16 parameters with fp32 master weights; fp16 = dynamic loss
     scaling; bf16_autocast = fp32 parameters, bf16 compute under DeepSpeed's `torch_autocast`.
     """
-    t, o, p = cfg.train, cfg.optim, cfg.parallel
+    t, o, p = spec, spec.optim, spec.parallel
     impl = impl or optimizers.resolve_impl(o.impl)
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage == 3:
@@ -81,36 +81,31 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, dp_world: int):
-    """Wrap `model` in a DeepSpeed engine with AdamW (`optim.impl`), our LR schedule, ZeRO and mixed
-    precision, after applying the kernel switches (`model.attention`, `model.fused_layernorm`,
-    `train.compile`; see `pretrain.models.transformer.configure_kernels`).
+def build_engine(spec: EngineSpec, model: torch.nn.Module, dp_world: int):
+    """Wrap `model` (already prepared by `pretrain.parallelize`) in a DeepSpeed engine with AdamW
+    (`optim.impl`), our LR schedule, ZeRO and mixed precision.
 
     Once megatron-core's groups exist (`groups.init_distributed`), DeepSpeed gets the `mpu` adapter:
     ZeRO then partitions, reduces gradients and broadcasts start-up weights over the data-parallel group
     only (each TP rank keeps its own shards), and grad norms / overflow checks sum over the TP group
     counting split parameters on every rank and replicated ones once. With tp > 1 the per-TP-rank
-    dropout stream is seeded here, before the first forward.
+    dropout stream is seeded here, before the first forward. Returns (engine, DeepSpeed config dict).
     """
     import deepspeed
 
     from parallel import groups, rng
     from parallel.mpu import MegatronMPU
-    from pretrain.models.transformer import configure_kernels
 
-    check_runtime(cfg)  # fused kernels asked for but unavailable: ConfigError naming the key
     mpu = MegatronMPU() if groups.get_data_parallel_group() is not None else None
     if groups.tp_size() > 1:
-        rng.seed_tensor_parallel_rng(cfg.train.seed, groups.tp_rank())
-    configure_kernels(model, attention=cfg.model.attention, fused_layernorm=cfg.model.fused_layernorm,
-                      compile=cfg.train.compile)
-    impl = optimizers.resolve_impl(cfg.optim.impl)
-    ds_cfg = deepspeed_config(cfg, dp_world, impl)
-    schedule = lr_lambda(cfg)
+        rng.seed_tensor_parallel_rng(spec.seed, groups.tp_rank())
+    impl = optimizers.resolve_impl(spec.optim.impl)
+    ds_cfg = deepspeed_config(spec, dp_world, impl)
+    schedule = lr_lambda(spec)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
-        optimizer=optimizers.client_optimizer(impl, cfg.optim),
+        model_parameters=param_groups(model, spec.optim.weight_decay),
+        optimizer=optimizers.client_optimizer(impl, spec.optim),
         config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         mpu=mpu,

@@ -1,6 +1,6 @@
 """Cross-entropy over a vocabulary whose logits may be split across tensor-parallel ranks.
 
-Lives in `parallel/` (not in the model's layer factory) because the losses in `pretrain/objectives` use it
+Lives in `parallel/` (not in the model) because the losses in `pretrain/objectives` use it
 and must not import the model package.
 """
 

@@ -10,15 +10,17 @@ import argparse
 import json
 import logging
 import sys
-from importlib import resources
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError, dump_yaml, field_help, load_config, markdown_reference
-
-
-def embedded_config_path(name: str = "demo.yaml") -> Path:
-    """Path of a recipe shipped inside the package (configs/ in the repo)."""
-    return Path(str(resources.files("pretrain.configs").joinpath(name)))
+from pretrain.config import (
+    Config,
+    ConfigError,
+    dump_yaml,
+    embedded_config_path,
+    field_help,
+    load_config,
+    markdown_reference,
+)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -46,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pretrain.evaluate import evaluate
+    from pretrain.evaluation.evaluate import evaluate
 
     result = evaluate(args.checkpoint, args.data, args.classnames, batch_size=args.batch_size,
                       max_samples=args.max_samples)
@@ -108,8 +110,9 @@ def _register_optional(sub: argparse._SubParsersAction, bench: argparse._SubPars
 
 
 # Modules that add subcommands via register(sub, bench, data); append yours here.
-REGISTRARS: list[str] = ["pretrain.plan", "launch.cli", "data_pipelines.commands", "pretrain.bench_commands",
-                         "pretrain.embed", "pretrain.convert"]
+REGISTRARS: list[str] = ["pretrain.plan.memory", "launch.cli", "data_pipelines.commands",
+                         "pretrain.bench.commands", "pretrain.evaluation.embed",
+                         "pretrain.checkpoint.convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:

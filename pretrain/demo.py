@@ -42,9 +42,8 @@ def launcher_command(procs: int, config: Path, overrides: list[str], port: int) 
 
 
 def run_demo(out: Path, procs: int = 2, overrides: list[str] | None = None) -> dict[str, Any]:
-    from pretrain.cli import embedded_config_path
-    from pretrain.config import load_config
-    from pretrain.evaluate import evaluate
+    from pretrain.config import embedded_config_path, load_config
+    from pretrain.evaluation.evaluate import evaluate
 
     t0 = time.time()
     config = embedded_config_path("demo.yaml")

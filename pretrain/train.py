@@ -2,7 +2,7 @@
 
 Runs unchanged as one process, under the deepspeed launcher, torchrun, mpirun or srun: rank discovery
 lives in `launch/`, process groups and the engine in `parallel/`, the model and losses in
-`pretrain/models` and `pretrain/objectives`.
+`pretrain/models` and `pretrain/objectives`, prepared for training by `pretrain/parallelize.py`.
 """
 
 from __future__ import annotations
@@ -28,14 +28,23 @@ from launch.signals import StoppedForRequeue, StopRequest
 from parallel import groups
 from parallel.consensus import any_rank
 from parallel.engine import build_engine
-from pretrain import checkpoint as ckpt
 from pretrain import faults
-from pretrain.config import Config, ConfigError, dump_yaml, to_dict, validate
+from pretrain.checkpoint import atomic as ckpt
+from pretrain.checkpoint.resume import resolve_start, save_universal
+from pretrain.config import (
+    Config,
+    ConfigError,
+    dump_yaml,
+    engine_spec,
+    stream_spec,
+    to_dict,
+    validate,
+)
 from pretrain.metrics import MetricsWriter
 from pretrain.models.pretrain_model import PretrainModel
 from pretrain.nonfinite import LOSS_KEYS, NonFiniteGuard
-from pretrain.plan import log_startup_plan, record_measured
-from pretrain.resume import resolve_start, save_universal
+from pretrain.parallelize import parallelize
+from pretrain.plan.memory import log_startup_plan, record_measured
 
 log = logging.getLogger("mmpt.train")
 # DeepSpeed's ZeRO-3 calls these torch.distributed spellings once per step; the warning is not ours to fix.
@@ -60,7 +69,7 @@ def _prepare_tokenizer(cfg: Config, run_dir: Path, resumed: dict[str, Any] | Non
     return TextTokenizer.load(path)
 
 
-def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def move_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Move tensors; floating inputs follow the engine's parameter dtype (bf16/fp16 under DeepSpeed)."""
     out = {}
     for k, v in batch.items():
@@ -129,16 +138,15 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     torch.manual_seed(cfg.train.seed)
-    model = PretrainModel(cfg.model, cfg.objectives, vocab_size=tokenizer.vocab_size,
-                          pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
-                          activation_checkpointing=cfg.train.activation_checkpointing)
-    memory_plan = log_startup_plan(cfg, model, groups.world_size(), rank)  # per-rank bytes (pretrain/plan.py)
-    engine, _ = build_engine(cfg, model, dp_world)
+    model = parallelize(PretrainModel.from_config(cfg, tokenizer), cfg)  # this rank's share under TP
+    memory_plan = log_startup_plan(cfg, model, groups.world_size(), rank)  # per-rank bytes (pretrain/plan/)
+    engine, _ = build_engine(engine_spec(cfg), model, dp_world)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
     start_step, position = start.load(engine)
 
-    loader = make_train_loader(cfg, tokenizer, rank=dp_rank, world=dp_world, position=position)
+    loader = make_train_loader(cfg.data, stream_spec(cfg), tokenizer, rank=dp_rank, world=dp_world,
+                               position=position)
     tracker = loader.tracker  # every worker's start state; updated with each consumed batch
     audit = KeyAudit(run_dir, dp_rank, dp_world, enabled=cfg.data.log_keys and groups.tp_rank() == 0,
                      resume_step=start_step if start.resumed else None)
@@ -169,7 +177,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         save_failures = 0
         log.info("saved checkpoint %s/%s", root, tag)
         if cfg.checkpoint.universal:
-            save_universal(root, tag)  # pretrain/resume.py
+            save_universal(root, tag)  # pretrain/checkpoint/resume.py
 
     bar = None
     if rank == 0 and cfg.logging.progress:
@@ -192,7 +200,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             wait_s += time.perf_counter() - t0
             tracker.update(batch)
             audit.record(batch, step + 1)
-            out = faults.poison(engine(_to_device(batch, engine.device, dtype)))
+            out = faults.poison(engine(move_batch(batch, engine.device, dtype)))
             if not guard.forward_ok(out, step + 1):
                 continue  # every rank drops this micro-batch: no backward, no step
             engine.backward(out["loss"])

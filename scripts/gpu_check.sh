@@ -29,7 +29,7 @@ if [ "${BENCH_GPU:-0}" = only ]; then
   exit 0
 fi
 echo "== 0. CUDA unit tests (towers, fused paths, bf16 on device)"
-python3 -m pytest -q -p no:cacheprovider tests/test_model_cuda.py 2>&1 | tail -3 | tee "$OUTDIR/cuda_tests.txt"
+python3 -m pytest -q -p no:cacheprovider tests/unit/test_model_cuda.py 2>&1 | tail -3 | tee "$OUTDIR/cuda_tests.txt"
 D=/tmp/mmpt-data
 python3 -m pretrain.cli data synth $D/train64 --samples 12000 --samples-per-shard 500 --image-size 64 --seed 0 >/dev/null
 python3 -m pretrain.cli data synth $D/val64 --samples 1000 --samples-per-shard 500 --image-size 64 --seed 1 >/dev/null

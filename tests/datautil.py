@@ -15,9 +15,14 @@ from PIL import Image
 from data_pipelines.loader import TrainLoader, make_train_loader
 from data_pipelines.synth import make_sample
 from data_pipelines.tokenizer import TextTokenizer, train_tokenizer
-from pretrain.config import Config
+from pretrain.config import Config, stream_spec
 
 SIZE, PATCH, CTX = 32, 8, 16
+
+
+def train_loader(cfg: Config, tok: TextTokenizer, **kwargs: Any) -> TrainLoader:
+    """`make_train_loader` as training calls it, from a whole Config."""
+    return make_train_loader(cfg.data, stream_spec(cfg), tok, **kwargs)
 
 
 def tiny_tokenizer() -> TextTokenizer:
@@ -78,7 +83,7 @@ def run_ranks(cfg: Config, tok: TextTokenizer, world: int, batches: int | None =
     keys: list[tuple[int, str]] = []
     positions = []
     for rank in range(world):
-        loader = make_train_loader(cfg, tok, rank=rank, world=world, position=position)
+        loader = train_loader(cfg, tok, rank=rank, world=world, position=position)
         got = take(loader, batches) if batches is not None else drain(loader, until_epoch)
         keys += [k for b in got for k in sample_keys(b)]
         positions.append(json.loads(json.dumps(loader.tracker.state())))

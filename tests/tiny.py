@@ -84,3 +84,9 @@ def train_args(shards: str, run_dir: Path, steps: int, *extra: str) -> list[str]
 
 def logged_steps(run_dir: Path) -> list[int]:
     return [row["step"] for row in read_metrics(run_dir)]
+
+
+def pretrain_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m pretrain.cli ARGS` in the repository root, output captured."""
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)

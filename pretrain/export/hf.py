@@ -29,7 +29,7 @@ import torch
 
 from data_pipelines.tokenizer import EOS_ID, PAD_ID, SOS_ID
 from pretrain.config import Config
-from pretrain.export import (
+from pretrain.export.common import (
     LAYER_NORM_EPS,
     check_state_matches_config,
     load_weight_file,

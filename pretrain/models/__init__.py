@@ -1,5 +1,6 @@
 """Model code: towers, decoder, heads and the joint pretraining model. Single-device code throughout;
-tensor parallelism enters through `layers.py`, data parallelism only through the losses."""
+tensor parallelism is applied to the built model by `pretrain/parallelize.py`, data parallelism enters
+only through the losses."""
 
 from pretrain.models.decoder import MAEDecoder
 from pretrain.models.heads import MLMHead

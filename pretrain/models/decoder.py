@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.models.layers import layer_norm
-from pretrain.models.transformer import Transformer
+from pretrain.models.transformer import Transformer, layer_norm
 
 
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:

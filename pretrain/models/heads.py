@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.models.layers import init_normal_, layer_norm, vocab_linear
+from pretrain.models.transformer import layer_norm
 
 
 class MLMHead(nn.Module):
@@ -21,14 +21,14 @@ class MLMHead(nn.Module):
         self.dense = nn.Linear(width, width)
         self.act = nn.GELU()
         self.norm = layer_norm(width)
-        self.decoder = vocab_linear(width, vocab_size)  # under TP: this rank's vocabulary slice
+        self.decoder = nn.Linear(width, vocab_size)  # vocabulary-parallel (column) under TP
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """BERT: N(0, 0.02^2) weights, zero biases, identity norm."""
         for lin in (self.dense, self.decoder):
-            init_normal_(lin.weight, std=0.02)  # the same full tensor for every TP layout
+            nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
         nn.init.ones_(self.norm.weight)
         nn.init.zeros_(self.norm.bias)

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipelines.tokenizer import EOS_ID, PAD_ID, TextTokenizer
 from parallel.groups import get_data_parallel_group
-from pretrain.config import ModelConfig, ObjectivesConfig
+from pretrain.config import Config, ModelConfig, ObjectivesConfig
 from pretrain.models.decoder import MAEDecoder
 from pretrain.models.heads import MLMHead
 from pretrain.models.text import TextTower
@@ -32,8 +33,11 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
 
 
 class PretrainModel(nn.Module):
+    """CLIP towers + MAE decoder + MLM head. Build it with `from_config`; `pretrain.parallelize` then
+    prepares it for training (tensor parallelism, activation checkpointing, kernels, compile)."""
+
     def __init__(self, model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, vocab_size: int, pad_id: int = 0,
-                 eos_id: int = 3, activation_checkpointing: bool = False):
+                 eos_id: int = 3):
         super().__init__()
         m, o = model_cfg, obj_cfg
         self.model_cfg, self.obj_cfg = m, o
@@ -56,7 +60,18 @@ class PretrainModel(nn.Module):
         # SigLIP's learned bias, only when that loss is selected (InfoNCE models keep their state dict)
         self.logit_bias = nn.Parameter(torch.empty(1)) if o.contrastive.loss == "siglip" else None
         self.init_weights()
-        self.set_grad_checkpointing(activation_checkpointing)
+
+    @classmethod
+    def from_config(cls, cfg: Config, tokenizer: TextTokenizer | None = None,
+                    vocab_size: int | None = None) -> PretrainModel:
+        """The one way to build the model of a run: `cfg.model` and `cfg.objectives`, with the vocabulary
+        and special ids of `tokenizer` (or, without one, `vocab_size` and our tokenizer's fixed ids; the
+        default is `data.vocab_size`, for planning and benchmarks)."""
+        if tokenizer is not None:
+            return cls(cfg.model, cfg.objectives, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                       eos_id=tokenizer.eos_id)
+        return cls(cfg.model, cfg.objectives, vocab_size=vocab_size or cfg.data.vocab_size, pad_id=PAD_ID,
+                   eos_id=EOS_ID)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -71,12 +86,6 @@ class PretrainModel(nn.Module):
         self.logit_scale.fill_(math.log(1.0 / self.obj_cfg.contrastive.init_temperature))
         if self.logit_bias is not None:
             self.logit_bias.fill_(SIGLIP_INIT_BIAS)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every transformer block in backward (all towers and the decoder)."""
-        for mod in self.modules():
-            if hasattr(mod, "grad_checkpointing"):
-                mod.grad_checkpointing = enable
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weighted total loss plus each enabled loss (detached, for logging) and the logit scale.

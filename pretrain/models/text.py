@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.models.layers import init_normal_, layer_norm, vocab_embedding
-from pretrain.models.transformer import Transformer
+from pretrain.models.transformer import Transformer, layer_norm
 
 
 class TextTower(nn.Module):
@@ -22,7 +21,7 @@ class TextTower(nn.Module):
         self.vocab_size, self.context_length = vocab_size, context_length
         self.width, self.embed_dim = width, embed_dim
         self.eos_id, self.pad_id = eos_id, pad_id
-        self.token_embedding = vocab_embedding(vocab_size, width)  # vocabulary-parallel under TP
+        self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = Transformer(width, layers, heads, mlp_ratio, act, dropout, attn_dropout)
         self.ln_final = layer_norm(width)
@@ -32,7 +31,7 @@ class TextTower(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """OpenAI CLIP: tokens N(0, 0.02^2), positions N(0, 0.01^2), projection N(0, W^-1)."""
-        init_normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=self.width ** -0.5)
         nn.init.ones_(self.ln_final.weight)

@@ -1,7 +1,9 @@
 """Pre-LN transformer shared by the image tower, the text tower and the MAE decoder.
 
-Tensors are batch-first: [B, T, W]. Linear layers come from `layers.py` so tensor parallelism can be
-plugged in without touching this file.
+Tensors are batch-first: [B, T, W]. Single-device code: plain nn.Linear / nn.LayerNorm. Tensor
+parallelism, activation checkpointing, kernel choices and compilation are applied to the built model by
+`pretrain/parallelize.py`; the only trace of them here is that attention reads its (local) head count
+from the tensor shape and runs dropout on split activations inside `rng.tensor_parallel_rng()`.
 
 Fused QKV layout. `Attention.qkv` is ONE linear with 3*W output features laid out as
 [heads, 3, head_dim] (Megatron-LM's layout): rows h*3*D ... (h+1)*3*D - 1 hold head h's query, key
@@ -13,23 +15,22 @@ stack [3, heads, head_dim] (all queries, then keys, then values); exporters conv
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.models.layers import (
-    checkpoint_rng_contexts,
-    column_linear,
-    fuse_layer_norms,
-    heads_per_rank,
-    init_normal_,
-    layer_norm,
-    row_linear,
-    tensor_parallel_rng,
-)
+from parallel import rng
 
 ATTENTION_IMPLS = ("sdpa", "math")
+LAYER_NORM_EPS = 1e-5
+"""Epsilon of every LayerNorm in the towers (OpenAI CLIP's); exporters read it from here."""
+
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
 
 
 def fused_qkv_to_stacked(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -87,11 +88,9 @@ class Attention(nn.Module):
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention: {attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
         self.attention = attention  # kernel only: no parameters depend on it
-        # this rank's heads: all of them without tensor parallelism, heads / tp with it (the column
-        # split of qkv's [heads, 3, head_dim] rows hands each rank whole heads)
-        self.heads, self.head_dim = heads_per_rank(heads), width // heads
-        self.qkv = column_linear(width, 3 * width)  # out features: [heads, 3, head_dim]
-        self.proj = row_linear(width, width)
+        self.heads, self.head_dim = heads, width // heads
+        self.qkv = nn.Linear(width, 3 * width)  # out features: [heads, 3, head_dim]
+        self.proj = nn.Linear(width, width)
         self.drop = nn.Dropout(dropout)
         self.attn_dropout = attn_dropout
 
@@ -99,7 +98,9 @@ class Attention(nn.Module):
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, T, W]; key_padding_mask [B, T] bool, True = padding (never attended to)."""
         B, T, _ = x.shape
-        qkv = self.qkv(x).view(B, T, self.heads, 3, self.head_dim)  # [B, T, H, 3, D]
+        # H = the heads this rank computes: all of them, or heads / tp once qkv is column-parallel (its
+        # [heads, 3, head_dim] rows split into whole heads), read from the shape
+        qkv = self.qkv(x).view(B, T, -1, 3, self.head_dim)  # [B, T, H, 3, D]
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, H, T, D]
         mask = None
         if key_padding_mask is not None:
@@ -110,7 +111,8 @@ class Attention(nn.Module):
             if causal:  # SDPA takes either a mask or is_causal, so fold the triangle in
                 mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         p = self.attn_dropout if self.training else 0.0
-        with tensor_parallel_rng(p > 0):  # probabilities are per head: each TP rank draws its own masks
+        # probabilities are per head: under TP each rank draws its own masks (parallel/rng.py)
+        with rng.tensor_parallel_rng() if p > 0 else contextlib.nullcontext():
             fn = F.scaled_dot_product_attention if self.attention == "sdpa" else math_attention
             y = fn(q, k, v, attn_mask=mask, is_causal=causal and mask is None, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, -1)  # [B, T, W]
@@ -120,9 +122,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, act: str = "gelu", dropout: float = 0.0):
         super().__init__()
-        self.fc1 = column_linear(width, hidden)
+        self.fc1 = nn.Linear(width, hidden)
         self.act = activation(act)
-        self.fc2 = row_linear(hidden, width)
+        self.fc2 = nn.Linear(hidden, width)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,12 +133,11 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu",
-                 dropout: float = 0.0, attn_dropout: float = 0.0, attention: str = "sdpa",
-                 fused_layernorm: bool = False):
+                 dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
-        self.ln_1 = layer_norm(width, fused=fused_layernorm)
-        self.attn = Attention(width, heads, dropout, attn_dropout, attention)
-        self.ln_2 = layer_norm(width, fused=fused_layernorm)
+        self.ln_1 = layer_norm(width)
+        self.attn = Attention(width, heads, dropout, attn_dropout)
+        self.ln_2 = layer_norm(width)
         self.mlp = MLP(width, int(width * mlp_ratio), act, dropout)
 
     def forward(self, x: torch.Tensor, causal: bool = False,
@@ -147,20 +148,12 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu",
-                 dropout: float = 0.0, attn_dropout: float = 0.0, attention: str = "sdpa",
-                 fused_layernorm: bool = False):
+                 dropout: float = 0.0, attn_dropout: float = 0.0):
         super().__init__()
         self.width, self.layers, self.heads = width, layers, heads
-        self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, dropout, attn_dropout, attention,
-                                             fused_layernorm)
+        self.resblocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, dropout, attn_dropout)
                                        for _ in range(layers))
         self.grad_checkpointing = False  # recompute blocks in backward (training only)
-
-    def compile_blocks(self, **compile_kwargs) -> None:
-        """torch.compile every block in place (`nn.Module.compile`): parameter names, state-dict keys and
-        module hooks (ZeRO-3's gathers run eagerly, as graph breaks) are unchanged."""
-        for blk in self.resblocks:
-            blk.compile(**compile_kwargs)
 
     def forward(self, x: torch.Tensor, causal: bool = False,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,7 +162,7 @@ class Transformer(nn.Module):
                 # non-reentrant: works with kwargs-free calls, inputs without grad and ZeRO-3 hooks;
                 # the context replays the per-TP-rank dropout stream in recomputation
                 x = checkpoint(blk, x, causal, key_padding_mask, use_reentrant=False,
-                               context_fn=checkpoint_rng_contexts)
+                               context_fn=rng.checkpoint_contexts)
             else:
                 x = blk(x, causal, key_padding_mask)
         return x
@@ -187,25 +180,6 @@ class Transformer(nn.Module):
                 nn.init.zeros_(ln.bias)
             for lin, std in ((blk.attn.qkv, attn_std), (blk.attn.proj, proj_std),
                              (blk.mlp.fc1, fc_std), (blk.mlp.fc2, proj_std)):
-                init_normal_(lin.weight, std=std)  # the same full tensor for every TP layout
+                nn.init.normal_(lin.weight, std=std)
                 nn.init.zeros_(lin.bias)
 
-
-def configure_kernels(model: nn.Module, attention: str = "sdpa", fused_layernorm: bool = False,
-                      compile: bool = False, compile_kwargs: dict | None = None) -> nn.Module:
-    """Apply the kernel switches (`model.attention`, `model.fused_layernorm`, `train.compile`) to a
-    built model in place, without touching its parameters: every `Attention` uses `attention`, every
-    nn.LayerNorm becomes apex FusedLayerNorm holding the same parameters, every transformer block is
-    compiled. Call before DeepSpeed wraps the model (ZeRO-3 hooks the modules present then)."""
-    if attention not in ATTENTION_IMPLS:
-        raise ValueError(f"model.attention: {attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
-    for mod in model.modules():
-        if isinstance(mod, Attention):
-            mod.attention = attention
-    if fused_layernorm:
-        fuse_layer_norms(model)
-    if compile:
-        for mod in model.modules():
-            if isinstance(mod, Transformer):
-                mod.compile_blocks(**(compile_kwargs or {}))
-    return model

@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.models.layers import layer_norm
-from pretrain.models.transformer import Transformer
+from pretrain.models.transformer import Transformer, layer_norm
 
 
 def random_masking(x: torch.Tensor, noise: torch.Tensor, mask_ratio: float

@@ -1,0 +1,78 @@
+"""The data section of the run configuration (`data.*`, owned here, composed into `pretrain.config`) and
+the few numbers from other sections the training stream needs (`StreamSpec`), so this package never
+imports `pretrain`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training shards: brace-expandable URLs (`dir/shard-{000000..000031}.tar`), local paths,
+    `pipe:CMD` or http(s). `pipe:` runs the user's own shell command, like webdataset does."""
+    val: str = ""
+    """Held-out shards for evaluation, same syntax as `data.train`."""
+    workers: int = 2
+    """DataLoader worker processes per rank; shards are split across ranks x workers (and within
+    shards when there are fewer shards than that)."""
+    shuffle_buffer: int = 500
+    """Samples each worker holds for shuffling: every open shard is read in blocks of
+    shuffle_buffer / interleave samples, each block permuted by a seed of (seed, epoch, shard, block),
+    which keeps resume exact (<= 1 per block: shard order)."""
+    shard_shuffle: bool = True
+    """Shuffle the shard order each epoch (seeded by `train.seed` and the epoch)."""
+    interleave: int = 4
+    """Shards each worker reads at once, taking every next sample from one of them at random (seeded)."""
+    sampling: str = "epoch"
+    """`epoch`: every sample exactly once per epoch across all ranks and workers, with exact (also
+    elastic) resume; `resampled`: shards drawn with replacement, weighted by `data.train_weights`."""
+    train_weights: list[float] = field(default_factory=list)
+    """Relative weight of each `::`-separated source of `data.train` (resampled sampling only); empty:
+    every shard equally likely."""
+    max_image_pixels: int = 89478485
+    """Images with more pixels are skipped from their header (decompression bombs); 0: no limit."""
+    max_bad_fraction: float = 0.5
+    """Abort with an error when more than this fraction of the samples read (or of the shards opened)
+    was unusable; 1 disables the check."""
+    bad_check_after: int = 1000
+    """Samples to read before `data.max_bad_fraction` is enforced (the first few are too noisy)."""
+    log_keys: bool = False
+    """Audit: append `epoch key step` of every consumed sample to RUN_DIR/keys/rank{R}.txt (data-parallel
+    rank), kept consistent across resumes."""
+    tokenizer: str = ""
+    """Path of a tokenizer.json; empty trains a BPE tokenizer on `data.train` captions at start-up
+    and stores it in the run directory."""
+    vocab_size: int = 1024
+    """Vocabulary size when a tokenizer is trained at start-up."""
+    tokenizer_samples: int = 20000
+    """How many captions to read from `data.train` when training the tokenizer."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.6, 1.0])
+    """Random-resized-crop area range (fraction of the source image)."""
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    """Per-channel normalisation mean (CLIP's)."""
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    """Per-channel normalisation std (CLIP's)."""
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What the training stream needs beyond `data.*`: made by `pretrain.config.stream_spec(cfg)`."""
+
+    seed: int = 0
+    """`train.seed`: shard order, shuffling, crops, MLM masks and MAE patch noise derive from it."""
+    micro_batch: int = 32
+    """`train.micro_batch`: samples per batch."""
+    image_size: int = 224
+    """`model.image_size`: square crop size in pixels."""
+    patch_size: int = 16
+    """`model.vision.patch_size`: one MAE noise value per patch."""
+    context_length: int = 77
+    """`model.text.context_length`: token ids per caption."""
+    mlm_prob: float = 0.15
+    """`objectives.mlm.mask_prob`: fraction of caption tokens masked for MLM."""
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2

@@ -1,0 +1,65 @@
+"""The optimizer and parallelism sections of the run configuration (`optim.*`, `parallel.*`, owned here
+and composed into `pretrain.config`) and `EngineSpec`, everything the DeepSpeed engine is built from,
+so this package never imports `pretrain`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `optim.lr` (cosine schedule)."""
+    warmup_steps: int = 50
+    """Linear warm-up steps from 0 to `optim.lr`."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: cosine or constant."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (not applied to biases, norms, embeddings, logit scale)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    impl: str = "auto"
+    """AdamW implementation: `torch` (torch.optim.AdamW), `torch_fused` (torch.optim.AdamW(fused=True)),
+    `deepspeed_fused` (DeepSpeed FusedAdam, CUDA only), `apex_fused` (apex FusedAdam, CUDA + apex),
+    `cpu_adam` (DeepSpeedCPUAdam with the optimizer offloaded to CPU by ZeRO, stage >= 1; JIT-built) or
+    `auto` (deepspeed_fused on CUDA, torch_fused on CPU, torch where fused is unsupported)."""
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage 0-3 (3 partitions parameters, gradients and optimizer states)."""
+    tp: int = 1
+    """Tensor-parallel degree; data-parallel degree is world size / tp."""
+    timeout_s: int = 600
+    """Collective timeout in seconds; a dead or missing rank fails the job after this."""
+    persistence_threshold: int = 10000
+    """ZeRO-3 keeps parameters with fewer elements than this unpartitioned (saves collectives on
+    biases and norms; 0 partitions everything)."""
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What `parallel.engine.build_engine` needs: made by `pretrain.config.engine_spec(cfg)`."""
+
+    optim: OptimConfig
+    """`optim.*`: AdamW implementation and hyper-parameters, learning-rate schedule."""
+    parallel: ParallelConfig
+    """`parallel.*`: ZeRO stage, persistence threshold."""
+    steps: int
+    """`train.steps`: length of the cosine schedule."""
+    micro_batch: int
+    """`train.micro_batch`."""
+    grad_accum: int
+    """`train.grad_accum`."""
+    grad_clip: float
+    """`train.grad_clip` (0 disables)."""
+    precision: str
+    """`train.precision`: bf16, fp16, fp32 or bf16_autocast."""
+    seed: int
+    """`train.seed`: seeds the per-tensor-parallel-rank dropout stream."""

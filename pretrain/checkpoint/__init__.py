@@ -1,0 +1,11 @@
+"""Everything about checkpoints, in one room.
+
+- `atomic`: atomic save with retention, `latest`, manifests and safe (weights-only) loading
+- `sources`: read any checkpoint (DeepSpeed ZeRO folder, universal, safetensors) as named tensors
+- `zero_reader`: stream full tensors out of ZeRO-3 shards without holding the model
+- `tp_split`: merge and split tensor-parallel shards
+- `universal`, `universal_load`: the layout-free format, written and loaded under any (dp, tp)
+- `tensor_files`: safetensors writing, staged outputs, sha256 manifests
+- `resume`: where a run starts (resume of any kind, `--init-from`)
+- `convert`: `pretrain convert` (universal, safetensors, HF, open_clip in and out)
+"""

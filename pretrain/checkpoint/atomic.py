@@ -1,0 +1,378 @@
+"""Checkpoints: standard DeepSpeed layout (`latest`, `<tag>/zero_pp_rank_*_model_states.pt`) plus our
+client state (step, config, tokenizer, data position, RNG), written atomically, and read back for resume
+and eval.
+
+Atomic save protocol (a kill -9 or a full disk at any point leaves the previous checkpoint loadable):
+1. every rank writes its DeepSpeed files into `<root>/.staging/<tag>/` (never into a live tag folder);
+2. each rank fsyncs what it wrote; all ranks agree (all_reduce) whether every write succeeded;
+3. rank 0 writes `<tag>/mmpt_complete.json` (file names and sizes), fsyncs, renames the folder to
+   `<root>/<tag>`, then replaces `latest` through a fsynced temporary file and a rename.
+A folder without `mmpt_complete.json` is never resumed from; `--resume latest` takes the newest complete
+checkpoint even if `latest` was lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel import groups
+from parallel.consensus import any_rank
+from pretrain import faults
+from pretrain.checkpoint.tensor_files import IntegrityError, file_sha256
+from pretrain.config import Config
+
+log = logging.getLogger("mmpt.checkpoint")
+STAGING = ".staging"
+MARKER = "mmpt_complete.json"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank; nothing was published and the previous checkpoint is intact."""
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.run.dir) / "checkpoints")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def step_of(tag: str) -> int:
+    m = re.search(r"(\d+)$", tag)
+    return int(m.group(1)) if m else -1
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Tags under `root` whose folder carries the completion marker, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file()]
+    return sorted(tags, key=step_of)
+
+
+def latest_tag(root: Path) -> str | None:
+    """The tag `latest` names if that folder is complete; else the newest complete one.
+
+    Folders written by plain DeepSpeed (no marker) are accepted when `latest` names them, so checkpoints
+    from other tools still load."""
+    root = Path(root)
+    f = root / "latest"
+    named = f.read_text().strip() if f.is_file() else ""
+    complete = complete_tags(root)
+    if named and (named in complete or (not complete and (root / named).is_dir())):
+        return named
+    if complete:
+        if named:
+            log.warning("%s/latest names %r, which is not a complete checkpoint; using %s",
+                        root, named, complete[-1])
+        return complete[-1]
+    return None
+
+
+def resolve(spec: str, default_root: Path) -> tuple[Path, str] | None:
+    """Map `--resume` to (checkpoint root, tag).
+
+    `latest` means the newest checkpoint under the run's own checkpoint folder, or None when there is
+    none yet (a first start and a requeued restart then share one command line). Any other value is
+    a checkpoint root (holding `latest`), a tag folder inside one, or a run directory; a path that
+    holds no checkpoint is an error, never a silent fresh start.
+    """
+    if spec == "latest":
+        tag = latest_tag(default_root)
+        return (default_root, tag) if tag else None
+    p = Path(spec)
+    for root in (p, p / "checkpoints"):
+        tag = latest_tag(root)
+        if tag:
+            return root, tag
+    if p.is_dir() and any(p.glob("*model_states.pt")):
+        return p.parent, p.name
+    raise FileNotFoundError(f"no DeepSpeed checkpoint at {spec} (expected a 'latest' file, "
+                            "a tag folder with *_model_states.pt, or a run directory)")
+
+
+def _model_states_file(tag_dir: Path) -> Path:
+    files = sorted(tag_dir.glob("*model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir}: no *_model_states.pt file; not a DeepSpeed checkpoint")
+    rank0 = [f for f in files if re.search(r"(zero_pp_rank_0_)?mp_rank_00_model_states\.pt$", f.name)]
+    return rank0[0] if rank0 else files[0]
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The few DeepSpeed classes its checkpoint files pickle (enums and loss-scaler records)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Force `weights_only=True` on every torch.load in the block, DeepSpeed's own readers included.
+
+    DeepSpeed's zero_to_fp32 turns weights-only loading off (full unpickling, i.e. arbitrary code from a
+    file). Checkpoints travel between clusters and users, so we never unpickle them: only tensors,
+    containers and the allow-listed DeepSpeed records above are accepted."""
+    original = torch.load
+
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        torch.load = safe_load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+def safe_load(path: str | Path) -> Any:
+    with weights_only_loads():
+        return torch.load(path, map_location="cpu")
+
+
+def mmap_load(path: Path) -> Any:
+    """Safe, lazy torch.load of a checkpoint file (tensors memory-mapped: slicing reads only those
+    pages); a damaged file is reported by name."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch reports zip/pickle damage with many exception types
+        raise ValueError(f"{path}: cannot be read as a checkpoint file ({type(e).__name__}: {e})") from None
+
+
+def read_client_state(root: Path, tag: str | None = None) -> dict[str, Any]:
+    """The client state saved with rank 0's model states (config, tokenizer, step, data positions)."""
+    tag = tag or latest_tag(root)
+    if tag is None:
+        raise FileNotFoundError(f"{root}: no complete checkpoint; not a checkpoint folder")
+    state = safe_load(_model_states_file(Path(root) / tag))
+    client = state.get("mmpt")
+    if client is None:
+        raise ValueError(f"{root}/{tag}: checkpoint was not written by mmpt (no 'mmpt' client state)")
+    return client
+
+
+def consolidated_state_dict(root: Path, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from any ZeRO stage, via DeepSpeed's own zero_to_fp32 reader (loads forced safe)."""
+    tag = tag or latest_tag(root)
+    tag_dir = Path(root) / str(tag)
+    with weights_only_loads():
+        if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        else:  # ZeRO stage 0: the module's weights sit whole in the model states file
+            sd = torch.load(_model_states_file(tag_dir), map_location="cpu")["module"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+# ------------------------------------------------------------------------------------------ saving
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync_file(path)  # a directory's entries (renames) are made durable by fsyncing the directory
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _agree(ok: bool) -> bool:
+    """True only if `ok` on every rank."""
+    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+    return not any_rank(not ok, "cuda" if nccl else "cpu")
+
+
+def _explain(error: BaseException, where: Path) -> BaseException:
+    """torch.save reports a full disk as a zip-writer RuntimeError; say what it really is."""
+    if isinstance(error, OSError):
+        return error
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return error
+    if free < 64 * 2**20:
+        return OSError(f"No space left on device ({free} bytes free under {where}; torch.save said: {error})")
+    return error
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int = 0,
+                keep_every: int = 0) -> str:
+    """Write a checkpoint for `step` with the protocol in the module docstring; return its tag.
+
+    Raises CheckpointSaveError (on every rank) if any rank failed; the staging folder is then removed
+    and `latest` still names the previous complete checkpoint."""
+    root = Path(root)
+    tag = tag_for(step)
+    staging = root / STAGING
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(staging / tag, ignore_errors=True)  # leftovers of a save killed mid-way
+        staging.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    error: BaseException | None = None
+    try:
+        engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+        for f in (staging / tag).glob(f"*rank_{groups.dp_rank()}_*"):
+            _fsync_file(f)
+    except (OSError, RuntimeError) as e:  # full disk, permissions, quota, I/O (torch.save: RuntimeError)
+        error = _explain(e, staging)
+        _barrier()  # stand in for DeepSpeed's closing barrier that the other ranks are waiting in
+    if not _agree(error is None):
+        if rank == 0:
+            shutil.rmtree(staging / tag, ignore_errors=True)
+        _barrier()
+        prev = latest_tag(root)
+        raise CheckpointSaveError(
+            f"saving checkpoint {tag} under {root} failed"
+            + (f" on rank {rank}: {error}" if error else " on another rank")
+            + f"; nothing was published, the previous checkpoint ({prev or 'none'}) is intact")
+    faults.maybe_kill("save-before-commit", step)
+    hashes = _gather_hashes(staging / tag)
+    if rank == 0:
+        try:
+            files = sorted(p for p in (staging / tag).iterdir() if p.is_file())
+            for f in files:
+                _fsync_file(f)
+                if f.name not in hashes:  # files no rank claimed (e.g. ZeRO-0's single model file)
+                    hashes[f.name] = file_sha256(f)
+            manifest = {"tag": tag, "step": step, "files": {f.name: f.stat().st_size for f in files},
+                        "sha256": {f.name: hashes[f.name] for f in files}}
+            _write_atomic(staging / tag / MARKER, json.dumps(manifest, indent=1))
+            final = root / tag
+            if final.exists():  # the same step saved again (after a resume): replace, old one last
+                old = root / STAGING / f"{tag}.replaced"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(staging / tag, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging / tag, final)
+            _fsync_dir(root)
+            _write_atomic(root / "latest", tag)
+            for helper in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's consolidation scripts
+                if (staging / helper).is_file() and not (root / helper).exists():
+                    shutil.copy2(staging / helper, root / helper)
+            ok = True
+        except OSError as e:
+            error, ok = _explain(e, staging), False
+            shutil.rmtree(staging / tag, ignore_errors=True)
+    else:
+        ok = True
+    if not _agree(ok):
+        raise CheckpointSaveError(f"publishing checkpoint {tag} under {root} failed: {error or 'rank 0'}; "
+                                  f"the previous checkpoint ({latest_tag(root) or 'none'}) is intact")
+    if rank == 0 and (keep_last or keep_every):
+        prune(root, keep_last, keep_every)
+    _barrier()
+    return tag
+
+
+def _own_files(tag_dir: Path) -> list[Path]:
+    """The files this rank wrote (or, on load, reads) in a ZeRO checkpoint: its (dp, tp) pair's."""
+    return sorted(Path(tag_dir).glob(f"zero_pp_rank_{groups.dp_rank()}_mp_rank_{groups.tp_rank():02d}_*"))
+
+
+def _gather_hashes(tag_dir: Path) -> dict[str, str]:
+    """sha256 of every rank's own files, computed in parallel by their writers, collected on every rank."""
+    mine = {f.name: file_sha256(f) for f in _own_files(tag_dir)}
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mine
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {k: v for d in every for k, v in d.items()}
+
+
+def verify_marker(tag_dir: Path, files: list[Path] | None = None) -> None:
+    """Refuse a checkpoint folder whose files differ from its completion marker (size, then sha256).
+
+    `files` limits the (expensive) hash check to those files (each rank checks what it reads); sizes of
+    all files are always checked. Folders written by plain DeepSpeed carry no marker and are not checked."""
+    tag_dir = Path(tag_dir)
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        return
+    try:
+        info = json.loads(marker.read_text())
+    except json.JSONDecodeError as e:
+        raise IntegrityError(f"{marker}: not valid JSON ({e}); the checkpoint cannot be trusted") from None
+    for name, size in info.get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise IntegrityError(f"{path}: listed in {MARKER} but missing")
+        if path.stat().st_size != size:
+            raise IntegrityError(f"{path}: {path.stat().st_size} bytes, {MARKER} says {size} (truncated or "
+                                 "replaced); refusing to load it")
+    check = info.get("sha256", {})
+    names = [f.name for f in files] if files is not None else list(check)
+    for name in names:
+        if name in check and file_sha256(tag_dir / name) != check[name]:
+            raise IntegrityError(f"{tag_dir / name}: sha256 does not match {MARKER}: the file is corrupt; "
+                                 "refusing to load it")
+
+
+def verify_for_load(tag_dir: Path) -> None:
+    """Every rank checks the files it will read; all ranks fail together, each naming what it found."""
+    error: Exception | None = None
+    try:
+        verify_marker(tag_dir, _own_files(tag_dir) or None)
+    except IntegrityError as e:
+        error = e
+    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+    if any_rank(error is not None, "cuda" if nccl else "cpu"):
+        raise error or IntegrityError(f"{tag_dir}: another rank found a corrupt checkpoint file "
+                                      "(see its log)")
+
+
+def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:
+    """Delete complete checkpoints outside the retention policy; return the deleted tags."""
+    tags = complete_tags(root)
+    keep = set(tags[-keep_last:]) if keep_last else set(tags)
+    if keep_every:
+        keep |= {t for t in tags if step_of(t) % keep_every == 0}
+    named = (Path(root) / "latest").read_text().strip() if (Path(root) / "latest").is_file() else None
+    keep |= {named} if named else set()
+    removed = []
+    for t in tags:
+        if t not in keep:
+            shutil.rmtree(Path(root) / t, ignore_errors=True)
+            removed.append(t)
+    if removed:
+        log.info("removed old checkpoints %s (keep_last=%d keep_every=%d)", removed, keep_last, keep_every)
+    return removed

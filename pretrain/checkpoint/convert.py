@@ -1,0 +1,145 @@
+"""`pretrain convert`: checkpoints between layouts and tools.
+
+    pretrain convert SRC DST --to universal            any (dp, tp) ZeRO-3 checkpoint -> layout-free
+    pretrain convert SRC DST --to safetensors [--dtype bf16]   consolidated weights + config + tokenizer
+    pretrain convert SRC DST --to hf                   transformers.CLIPModel.from_pretrained(DST)
+    pretrain convert SRC DST --to open_clip            open_clip model config + weights
+    pretrain convert --from hf|open_clip SRC DST       start pretraining from an existing CLIP model
+
+SRC is a run directory, a DeepSpeed checkpoint folder, a universal checkpoint or a weights export. Every
+output is written into a temporary folder and renamed into place when complete, carries a manifest
+(sizes and sha256 of every file and tensor), and nothing is unpickled on the way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel.memory import current_rss_mb, peak_rss_mb
+from pretrain.checkpoint.sources import DictSource, Source, load_tokenizer, open_source
+from pretrain.checkpoint.tensor_files import staged_output, write_manifest
+from pretrain.checkpoint.universal import write_universal, write_weights
+from pretrain.config import Config, dump_yaml, load_config, to_dict
+
+TARGETS = ("universal", "safetensors", "hf", "open_clip")
+IMPORTS = ("hf", "open_clip")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _export_with(src: Source, dst: Path, to: str, dtype: torch.dtype, overwrite: bool) -> dict[str, Any]:
+    """HF / open_clip exports: the library-specific writer fills a staged folder, we add the manifest."""
+    if to == "hf":
+        from pretrain.export.hf import export_hf as export
+    else:
+        from pretrain.export.open_clip import export_open_clip as export
+    with staged_output(dst, overwrite) as tmp:
+        export(src.state_dict(), src.config, src.meta["tokenizer"], tmp, dtype=dtype)
+        write_manifest(tmp, {}, kind=to, step=src.meta.get("step"))
+        nbytes = sum(e["bytes"] for e in json.loads((tmp / "manifest.json").read_text())["files"].values())
+    return {"to": to, "out": str(dst), "params": len(src.names), "bytes": nbytes}
+
+
+def convert(src_path: str | Path, dst: str | Path, to: str, dtype: str = "fp32", overwrite: bool = False
+            ) -> dict[str, Any]:
+    """Convert one checkpoint; returns a summary (output path, tensors, bytes, seconds)."""
+    if to not in TARGETS:
+        raise ValueError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose fp32 or bf16")
+    src = open_source(src_path)
+    src.layout  # noqa: B018 -- built before measuring: the data movement below is what streams
+    rss_before = current_rss_mb()
+    out = _convert(src, Path(dst), to, dtype, overwrite)
+    out["rss_before_mb"] = rss_before
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def _convert(src: Source, dst: Path, to: str, dtype: str, overwrite: bool) -> dict[str, Any]:
+    if to == "universal":
+        if dtype != "fp32":
+            raise ValueError("--to universal keeps fp32 master weights and moments; "
+                             "--dtype applies to exports")
+        return write_universal(src, dst, overwrite)
+    if to == "safetensors":
+        return write_weights(src, dst, DTYPES[dtype], overwrite)
+    return _export_with(src, dst, to, DTYPES[dtype], overwrite)
+
+
+def import_checkpoint(kind: str, src: str | Path, dst: str | Path, base_config: str | None = None,
+                      tokenizer: str | None = None, seed: int = 0, overwrite: bool = False) -> dict[str, Any]:
+    """HF / open_clip CLIP -> our weights export (+ `train.yaml`), for `pretrain train --init-from DST`.
+
+    The CLIP towers come from SRC; the MAE decoder and MLM head (which those formats lack) are freshly
+    initialised from `seed`. The model config is SRC's; everything else is `base_config`'s (default: the
+    embedded demo recipe)."""
+    from pretrain.config import embedded_config_path
+    from pretrain.models.pretrain_model import PretrainModel
+
+    if kind not in IMPORTS:
+        raise ValueError(f"--from {kind!r}: choose one of {', '.join(IMPORTS)}")
+    if kind == "hf":
+        from pretrain.export.hf import import_hf as read
+    else:
+        from pretrain.export.open_clip import import_open_clip as read
+    state, overrides, tok_json = read(Path(src))
+    if tokenizer:
+        tok_json = Path(tokenizer).read_text()
+    if tok_json is None:
+        raise ValueError(f"{src}: holds no tokenizer.json this project can use; pass --tokenizer FILE "
+                         "(e.g. one made by `pretrain data tokenizer`) whose vocabulary matches the model")
+    dotted = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+    cfg: Config = load_config(base_config or embedded_config_path(), dotted)
+    tok = load_tokenizer(tok_json)
+    torch.manual_seed(seed)
+    model = PretrainModel.from_config(cfg, tok)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{src}: tensors the model has no place for: {unexpected[:5]}")
+    fresh = sorted({k.split(".")[0] for k in missing})
+    if set(fresh) - {"decoder", "mlm_head", "logit_bias"}:
+        raise ValueError(f"{src}: lacks CLIP tensors the model needs: {[k for k in missing][:5]}")
+    meta = {"config": to_dict(cfg), "tokenizer": tok_json, "step": 0, "source": str(src)}
+    summary = write_weights(DictSource(model.state_dict(), meta, str(src)), Path(dst), overwrite=overwrite,
+                            extra_files={"train.yaml": dump_yaml(cfg)})
+    return {**summary, "from": kind, "fresh": fresh}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        if args.src_kind:
+            out = import_checkpoint(args.src_kind, args.src, args.dst, args.config, args.tokenizer,
+                                    overwrite=args.overwrite)
+        else:
+            if not args.to:
+                raise ValueError("give --to universal|safetensors|hf|open_clip (or --from hf|open_clip)")
+            out = convert(args.src, args.dst, args.to, args.dtype, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        print(f"pretrain convert: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
+             data: argparse._SubParsersAction) -> None:
+    """Add `convert`."""
+    p = sub.add_parser("convert", help="checkpoints between layouts and tools (universal, safetensors, "
+                       "hf, open_clip; imports)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="run dir, DeepSpeed checkpoint, universal checkpoint, weights export "
+                   "(with --from: an HF or open_clip model folder)")
+    p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--to", choices=TARGETS)
+    p.add_argument("--from", dest="src_kind", choices=IMPORTS, help="import an existing CLIP model")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="exported weights' dtype")
+    p.add_argument("--config", help="with --from: YAML recipe for the non-model settings (default: demo)")
+    p.add_argument("--tokenizer", help="with --from: tokenizer.json to use when SRC has none")
+    p.add_argument("--overwrite", action="store_true", help="replace DST (only once the new one is complete)")
+    p.set_defaults(func=cmd_convert)

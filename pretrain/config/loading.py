@@ -1,0 +1,165 @@
+"""YAML + dotted overrides -> a validated `Config`.
+
+Unknown keys and values of the wrong type raise `ConfigError` naming the key and what would have been
+valid, so a typo in a 500-node job fails in a second rather than silently using a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretrain.config.schema import Config, ConfigError
+from pretrain.config.validation import validate
+
+
+def embedded_config_path(name: str = "demo.yaml") -> Path:
+    """Path of a recipe shipped inside the package (configs/ in the repo)."""
+    return Path(str(resources.files("pretrain.configs").joinpath(name)))
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotated type `tp`, converting only lossless cases (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' in {where}; valid keys: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        key, tp, value = prefix + name, hints[name], data[name]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of {', '.join(_field_names(tp))}")
+            kwargs[name] = _build(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, tp)
+    return cls(**kwargs)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], YAML-parsed value) so `x=3` is an int and `x=[1,2]` a list."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': cannot parse value: {e}") from None
+    if value is None:
+        value = raw
+    return key.split("."), value
+
+
+def _set_nested(tree: dict[str, Any], path: list[str], value: Any, cls: type, full: str) -> None:
+    """Insert `value` at `path`, validating each segment against the schema for a clear error."""
+    node, scls = tree, cls
+    for i, part in enumerate(path):
+        names = _field_names(scls)
+        if part not in names:
+            where = ".".join(path[:i]) or "top level"
+            raise ConfigError(f"unknown config key '{full}': '{part}' is not in {where}; "
+                              f"valid keys: {', '.join(names)}")
+        tp = typing.get_type_hints(scls)[part]
+        if i == len(path) - 1:
+            if _is_dataclass_type(tp):
+                raise ConfigError(f"'{full}' is a section; set one of its keys: "
+                                  f"{', '.join(_field_names(tp))}")
+            node[part] = value
+        else:
+            if not _is_dataclass_type(tp):
+                raise ConfigError(f"'{'.'.join(path[:i + 1])}' is not a section in '{full}'")
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"'{'.'.join(path[:i + 1])}' must be a mapping")
+            scls = tp
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                world_size: int | None = None) -> Config:
+    """Read YAML (safe_load: nothing in it runs), apply `dotted.key=value` overrides, validate (against
+    `world_size` too when given, so every problem is listed in one error)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        tree = loaded
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        _set_nested(tree, keys, value, Config, ".".join(keys))
+    cfg = _build(Config, tree, "")
+    validate(cfg, world_size=world_size)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict()` output (e.g. the copy stored in a checkpoint)."""
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,228 @@
+"""Typed run configuration: one dataclass per concern, every field with a docstring under it.
+
+The docstrings are read back by `reference.field_help` (so `pretrain config --keys` and the README's
+table come from one source); `loading` turns YAML + dotted overrides into these classes and
+`validation` checks them all at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_pipelines.settings import DataConfig
+from parallel.settings import OptimConfig, ParallelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------------------- sections
+@dataclass
+class VisionConfig:
+    patch_size: int = 8
+    """Patch side in pixels; `model.image_size` must be a multiple of it."""
+    width: int = 128
+    """Transformer width of the image tower."""
+    layers: int = 4
+    """Number of transformer blocks in the image tower."""
+    heads: int = 4
+    """Attention heads in the image tower; must divide `width`."""
+
+
+@dataclass
+class TextConfig:
+    width: int = 128
+    """Transformer width of the text tower."""
+    layers: int = 4
+    """Number of transformer blocks in the text tower."""
+    heads: int = 4
+    """Attention heads in the text tower; must divide `width`."""
+    context_length: int = 32
+    """Tokens per caption including start and end tokens (longer captions are truncated)."""
+
+
+@dataclass
+class DecoderConfig:
+    width: int = 64
+    """Width of the MAE pixel decoder."""
+    layers: int = 2
+    """Number of transformer blocks in the MAE decoder."""
+    heads: int = 4
+    """Attention heads in the MAE decoder; must divide `width`."""
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 64
+    """Side of the square training images in pixels."""
+    embed_dim: int = 128
+    """Dimension of the joint image-text embedding space."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of the block width."""
+    activation: str = "gelu"
+    """MLP activation: gelu or quick_gelu (OpenAI CLIP's)."""
+    dropout: float = 0.0
+    """Dropout in attention output and MLP (0 for pretraining at scale)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities. The probabilities are per head, so under tensor parallelism
+    each TP rank draws its heads' masks from its own random stream (megatron's RNG tracker); runs with
+    different `parallel.tp` then draw different masks, so set 0 to compare layouts exactly."""
+    vocab_pad_multiple: int = 64
+    """The embedding table is padded to a multiple of this (tensor-parallel friendly)."""
+    attention: str = "sdpa"
+    """Attention kernel: `sdpa` (torch's scaled_dot_product_attention: flash / memory-efficient kernels on
+    GPU) or `math` (explicit softmax(QK^T/sqrt(d))V, the reference). Same parameters and results."""
+    fused_layernorm: bool = False
+    """apex FusedLayerNorm instead of nn.LayerNorm (needs apex built with CUDA; a config error otherwise).
+    Same parameter names and shapes, so checkpoints stay interchangeable."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Image tower (ViT)."""
+    text: TextConfig = field(default_factory=TextConfig)
+    """Text tower (causal transformer, CLIP-style)."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """MAE decoder that reconstructs masked patches."""
+
+
+@dataclass
+class ContrastiveConfig:
+    weight: float = 1.0
+    """Weight of the CLIP InfoNCE loss in the total (0 disables it)."""
+    init_temperature: float = 0.07
+    """Initial softmax temperature (learned as a log logit scale)."""
+    max_logit_scale: float = 100.0
+    """Upper clamp of the learned logit scale (1 / temperature)."""
+    loss: str = "infonce"
+    """`infonce`: CLIP's softmax loss in both directions; `siglip`: SigLIP's pairwise sigmoid loss with a
+    learned logit bias (initialised at -10; the parameter exists only with this choice)."""
+    chunk: int = 0
+    """0: plain loss holding the B_local x B_global logits; > 0: tiled loss over chunk x chunk blocks
+    recomputed in backward, never holding the logits (same value and gradients, ~2x the logit FLOPs)."""
+
+
+@dataclass
+class MIMConfig:
+    weight: float = 1.0
+    """Weight of the MAE masked-image loss (0 disables the decoder)."""
+    mask_ratio: float = 0.5
+    """Fraction of patches hidden from the image encoder during training. The same visible-patch
+    pass feeds the contrastive loss (FLIP), so this also speeds training up; 0 keeps all patches."""
+    norm_pix_loss: bool = True
+    """Reconstruct per-patch normalised pixels (MAE's better-representation setting)."""
+
+
+@dataclass
+class MLMConfig:
+    weight: float = 1.0
+    """Weight of the BERT-style masked-language loss (0 disables the bidirectional pass)."""
+    mask_prob: float = 0.15
+    """Fraction of caption tokens selected for prediction (80% [MASK], 10% random, 10% kept)."""
+
+
+@dataclass
+class ObjectivesConfig:
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    """Contrastive image-text loss (CLIP)."""
+    mim: MIMConfig = field(default_factory=MIMConfig)
+    """Masked image modeling (MAE)."""
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    """Masked language modeling (BERT)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps to run."""
+    micro_batch: int = 32
+    """Samples per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; global batch = micro_batch x grad_accum x dp."""
+    precision: str = "bf16"
+    """Numeric precision: bf16 (bf16 params, fp32 master weights), fp16 (dynamic loss scaling), fp32, or
+    bf16_autocast (fp32 params and master weights, bf16 compute under torch.autocast; DeepSpeed's
+    `torch_autocast`)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+    seed: int = 0
+    """Seed for initialisation, shuffling, augmentation and masking."""
+    activation_checkpointing: bool = False
+    """Recompute transformer blocks in backward instead of storing their activations."""
+    global_batch: int = 0
+    """Expected global batch (micro_batch x grad_accum x data-parallel ranks); 0 derives it. Set it in
+    recipes so a launch with the wrong rank count fails before training instead of changing the math."""
+    nonfinite_patience: int = 3
+    """A micro-batch whose loss is NaN/inf is skipped and counted; this many in a row stop the run with
+    the step and the objective that went non-finite."""
+    compile: bool = False
+    """torch.compile each transformer block (not the DeepSpeed engine); the first steps are slow while
+    it compiles (inductor; on CPU it needs a C++ compiler)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every N optimizer steps (0: only at the end of training)."""
+    dir: str = ""
+    """Checkpoint directory (default: RUN_DIR/checkpoints)."""
+    keep_last: int = 0
+    """Keep only the newest N complete checkpoints (0 keeps all). Never deletes the one `latest` names."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of K, whatever `keep_last` says (0: none)."""
+    max_failures: int = 3
+    """A failed save (full or unwritable disk) is reported and training goes on from memory; this many
+    failures in a row stop the run. The final save must succeed."""
+    universal: bool = False
+    """Also write each checkpoint in the layout-free universal format (`<dir>/universal/<tag>`: full fp32
+    weights and Adam moments per parameter, with TP split metadata), which `--resume` loads under any
+    other data-/tensor-parallel layout. Same as `pretrain convert SRC DST --to universal` afterwards."""
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """Write metrics every N optimizer steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files under RUN_DIR/tensorboard."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: metrics.jsonl, tensorboard/, tokenizer.json, config.yaml, checkpoints/."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input shards, decoding and tokenization."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture of the towers and decoder."""
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    """Losses and their weights."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Steps, batch sizes, precision."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """ZeRO and tensor parallelism."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When and where to save."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics, TensorBoard, progress bar."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where the run lives."""
+
+
+# ----------------------------------------------------------------------------------- choices
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.activation": ("gelu", "quick_gelu"),
+    "model.attention": ("sdpa", "math"),
+    "optim.schedule": ("cosine", "constant"),
+    "optim.impl": ("auto", "torch", "torch_fused", "deepspeed_fused", "apex_fused", "cpu_adam"),
+    "objectives.contrastive.loss": ("infonce", "siglip"),
+    "train.precision": ("bf16", "fp16", "fp32", "bf16_autocast"),
+    "parallel.zero_stage": (0, 1, 2, 3),
+}

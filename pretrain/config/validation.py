@@ -1,0 +1,158 @@
+"""All-at-once validation: every problem of a config in one `ConfigError`, each naming its key.
+
+`validate` is machine-independent (a GPU recipe still loads on a laptop for eval or planning);
+`check_runtime` is the machine-dependent part, called where training starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain.config.schema import CHOICES, Config, ConfigError
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check ranges, choices and divisibility; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    for key, choices in CHOICES.items():
+        value = get_key(cfg, key)
+        check(value in choices, f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    m = cfg.model
+    check(m.image_size > 0 and m.vision.patch_size > 0 and m.image_size % m.vision.patch_size == 0,
+          f"model.image_size ({m.image_size}) must be a positive multiple of "
+          f"model.vision.patch_size ({m.vision.patch_size})")
+    for name, tower in (("vision", m.vision), ("text", m.text), ("decoder", m.decoder)):
+        check(tower.width > 0 and tower.heads > 0 and tower.width % tower.heads == 0,
+              f"model.{name}.heads ({tower.heads}) must divide model.{name}.width ({tower.width})")
+        check(tower.layers >= 1, f"model.{name}.layers must be >= 1")
+    check(m.text.context_length >= 4, "model.text.context_length must be >= 4")
+    check(m.embed_dim > 0, "model.embed_dim must be > 0")
+    check(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
+    check(0.0 <= m.attention_dropout < 1.0, "model.attention_dropout must be in [0, 1)")
+    check(m.vocab_pad_multiple >= 1, "model.vocab_pad_multiple must be >= 1")
+    o = cfg.objectives
+    for name in ("contrastive", "mim", "mlm"):
+        check(getattr(o, name).weight >= 0, f"objectives.{name}.weight must be >= 0")
+    check(o.contrastive.weight + o.mim.weight + o.mlm.weight > 0,
+          "at least one of objectives.{contrastive,mim,mlm}.weight must be > 0")
+    check(0.0 <= o.mim.mask_ratio < 1.0, "objectives.mim.mask_ratio must be in [0, 1)")
+    check(not (o.mim.weight > 0 and o.mim.mask_ratio == 0),
+          "objectives.mim.mask_ratio must be > 0 when objectives.mim.weight > 0")
+    check(0.0 < o.mlm.mask_prob < 1.0, "objectives.mlm.mask_prob must be in (0, 1)")
+    check(o.contrastive.init_temperature > 0, "objectives.contrastive.init_temperature must be > 0")
+    check(o.contrastive.chunk >= 0, "objectives.contrastive.chunk must be >= 0 (0: plain loss)")
+    t = cfg.train
+    check(t.steps >= 1, "train.steps must be >= 1")
+    check(t.micro_batch >= 1, "train.micro_batch must be >= 1")
+    check(t.grad_accum >= 1, "train.grad_accum must be >= 1")
+    check(t.grad_clip >= 0, "train.grad_clip must be >= 0")
+    check(t.global_batch >= 0, "train.global_batch must be >= 0")
+    check(t.nonfinite_patience >= 1, "train.nonfinite_patience must be >= 1")
+    if world_size is not None and t.global_batch and world_size % max(cfg.parallel.tp, 1) == 0:
+        dp = world_size // max(cfg.parallel.tp, 1)
+        check(t.global_batch == t.micro_batch * t.grad_accum * dp,
+              f"train.global_batch ({t.global_batch}) != train.micro_batch ({t.micro_batch}) x "
+              f"train.grad_accum ({t.grad_accum}) x data-parallel ranks ({dp} = world {world_size} / "
+              f"tp {cfg.parallel.tp})")
+    op = cfg.optim
+    check(op.lr > 0, "optim.lr must be > 0")
+    check(0 <= op.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+    check(op.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    check(len(op.betas) == 2 and all(0 <= b < 1 for b in op.betas),
+          "optim.betas must be two numbers in [0, 1)")
+    check(op.impl != "cpu_adam" or cfg.parallel.zero_stage >= 1,
+          f"optim.impl=cpu_adam offloads the optimizer through ZeRO: it needs parallel.zero_stage >= 1 "
+          f"(got {cfg.parallel.zero_stage})")
+    d = cfg.data
+    check(d.workers >= 0, "data.workers must be >= 0")
+    check(d.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+    check(d.interleave >= 1, "data.interleave must be >= 1")
+    check(d.sampling in ("epoch", "resampled"),
+          f"data.sampling: {d.sampling!r} is not one of epoch, resampled")
+    check(all(w > 0 for w in d.train_weights), "data.train_weights must all be > 0")
+    check(not d.train_weights or d.sampling == "resampled",
+          "data.train_weights needs data.sampling=resampled (epoch sampling reads every sample once)")
+    if d.train_weights and d.train:
+        sources = len(d.train.split("::"))
+        check(len(d.train_weights) == sources,
+              f"data.train_weights has {len(d.train_weights)} entries but data.train has {sources} "
+              f"'::'-separated source(s)")
+    check(d.max_image_pixels >= 0, "data.max_image_pixels must be >= 0 (0: no limit)")
+    check(0 < d.max_bad_fraction <= 1, "data.max_bad_fraction must be in (0, 1]")
+    check(d.bad_check_after >= 0, "data.bad_check_after must be >= 0")
+    check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+          "data.crop_scale must be [min, max] with 0 < min <= max <= 1")
+    check(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
+          "data.mean and data.std must have 3 entries (std > 0)")
+    check(d.vocab_size >= 64, "data.vocab_size must be >= 64")
+    p = cfg.parallel
+    check(p.tp >= 1, "parallel.tp must be >= 1")
+    check(p.timeout_s > 0, "parallel.timeout_s must be > 0")
+    if p.tp > 1:
+        problems.extend(_tensor_parallel_problems(cfg))
+    if world_size is not None:
+        check(world_size % p.tp == 0,
+              f"world size {world_size} is not divisible by parallel.tp ({p.tp}); launch a multiple of "
+              f"{p.tp} ranks (data-parallel degree = world size / tp)")
+    check(cfg.checkpoint.every >= 0, "checkpoint.every must be >= 0")
+    check(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last must be >= 0")
+    check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every must be >= 0")
+    check(cfg.checkpoint.max_failures >= 1, "checkpoint.max_failures must be >= 1")
+    check(cfg.logging.every >= 1, "logging.every must be >= 1")
+    check(bool(cfg.run.dir), "run.dir must be set")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _tensor_parallel_problems(cfg: Config) -> list[str]:
+    """Every width that tensor parallelism splits must divide by `parallel.tp`: attention heads (each
+    rank computes whole heads), MLP hidden widths (fc1 columns / fc2 rows) and the padded vocabulary
+    (embedding rows, MLM logits). The padded vocabulary is a multiple of `model.vocab_pad_multiple`
+    whatever the tokenizer's size, so requiring tp | vocab_pad_multiple covers every tokenizer."""
+    m, tp, out = cfg.model, cfg.parallel.tp, []
+    for name, tower in (("vision", m.vision), ("text", m.text), ("decoder", m.decoder)):
+        if name == "decoder" and cfg.objectives.mim.weight <= 0:
+            continue  # no decoder is built
+        if tower.heads % tp:
+            out.append(f"model.{name}.heads ({tower.heads}) must be divisible by parallel.tp ({tp}): "
+                       f"each tensor-parallel rank computes whole heads")
+        hidden = int(tower.width * m.mlp_ratio)
+        if hidden % tp:
+            out.append(f"model.{name}: MLP width {hidden} (width {tower.width} x model.mlp_ratio "
+                       f"{m.mlp_ratio}) must be divisible by parallel.tp ({tp})")
+    if m.vocab_pad_multiple % tp:
+        out.append(f"model.vocab_pad_multiple ({m.vocab_pad_multiple}) must be divisible by parallel.tp "
+                   f"({tp}) so the padded vocabulary splits evenly over tensor-parallel ranks")
+    return out
+
+
+def check_runtime(cfg: Config) -> None:
+    """Raise one ConfigError naming every switch that asks for a kernel this machine cannot run (CUDA,
+    apex, a C++ compiler). `validate` stays machine-independent (a GPU run's config still loads on a
+    laptop for eval or planning); the engine builder calls this on the machine that trains.
+    `optim.impl=auto` never fails here."""
+    from parallel.kernels import fused_layer_norm_problem
+    from parallel.optimizers import optimizer_problem
+
+    problems = []
+    problem = optimizer_problem(cfg.optim.impl)
+    if problem:
+        problems.append(problem)
+    if cfg.model.fused_layernorm:
+        problem = fused_layer_norm_problem()
+        if problem:
+            problems.append(f"model.fused_layernorm=true: {problem}; set model.fused_layernorm=false")
+    if problems:
+        raise ConfigError("config cannot run on this machine:\n  - " + "\n  - ".join(problems))
+
+
+def get_key(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node

@@ -1,0 +1,2 @@
+"""Evaluation of trained models: zero-shot classification and retrieval (`evaluate`) and batch
+embedding of shards or folders (`embed`)."""

@@ -1,0 +1,154 @@
+"""Exports of the CLIP part of `PretrainModel` to Hugging Face `transformers` and open_clip, and imports back.
+
+`pretrain.export.hf` and `pretrain.export.open_clip` hold the per-library name mappings; this module holds
+what both need: which of our parameters are the CLIP towers, file writing (safetensors, JSON, tokenizer
+files), reading foreign weight files safely, and the config overrides an import hands back.
+
+Only the two CLIP towers and the logit scale leave the model: the MAE decoder and the MLM head have no
+counterpart in either library, so exports drop them and imports leave them at their fresh initialisation.
+Neither this module nor the exporters import `transformers` or `open_clip`: writing an export needs only
+`safetensors`; the libraries are needed to load the result.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_pipelines.tokenizer import EOS, MASK, PAD, SOS, UNK, TextTokenizer
+from pretrain.config import Config
+from pretrain.models.transformer import LAYER_NORM_EPS as _EPS
+
+__all__ = ["CLIP_PREFIXES", "LAYER_NORM_EPS", "check_state_matches_config", "clip_state", "load_weight_file",
+           "read_json", "tokenizer_from_json", "vocab_overrides", "write_hf_tokenizer_files", "write_json",
+           "write_safetensors"]
+
+CLIP_PREFIXES: tuple[str, ...] = ("visual.", "text.")
+"""Our state-dict prefixes of the two CLIP towers (everything else but the logit scale is left behind)."""
+
+LAYER_NORM_EPS: float = _EPS
+"""The epsilon of every LayerNorm in our towers, read from the model code so exports cannot drift."""
+
+
+# ------------------------------------------------------------------------------------------ state dicts
+def clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The CLIP towers' tensors of our state dict (decoder, MLM head and logit scale/bias excluded)."""
+    return {k: v for k, v in state.items() if k.startswith(CLIP_PREFIXES)}
+
+
+def check_state_matches_config(state: dict[str, torch.Tensor], cfg: Config) -> None:
+    """Fail with the offending key when `state` was not produced by a model of `cfg` (a config from
+    another run would otherwise write a config.json that silently disagrees with the weights)."""
+    m = cfg.model
+    expected = {
+        "visual.positional_embedding": ((m.image_size // m.vision.patch_size) ** 2 + 1, m.vision.width),
+        "visual.proj": (m.vision.width, m.embed_dim),
+        "text.positional_embedding": (m.text.context_length, m.text.width),
+        "text.text_projection": (m.text.width, m.embed_dim),
+        "visual.transformer.resblocks.0.mlp.fc1.weight": (int(m.vision.width * m.mlp_ratio), m.vision.width),
+    }
+    for key, shape in expected.items():
+        if key not in state:
+            raise ValueError(f"state dict has no {key!r}: not a PretrainModel state dict")
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"state dict {key!r} has shape {tuple(state[key].shape)} but the config implies "
+                             f"{shape}: the config does not belong to these weights")
+    for tower, layers in (("visual", m.vision.layers), ("text", m.text.layers)):
+        last = f"{tower}.transformer.resblocks.{layers - 1}.ln_1.weight"
+        extra = f"{tower}.transformer.resblocks.{layers}.ln_1.weight"
+        if last not in state or extra in state:
+            raise ValueError(f"state dict does not have {layers} {tower} blocks as the config says")
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> None:
+    """Write `tensors` (floating ones cast to `dtype`) with the project's streaming safetensors writer
+    (`pretrain/checkpoint/tensor_files.py`: any view is written as its own bytes). Exports are written into a
+    staged folder renamed into place only when complete (`pretrain convert`), so no temporary name here."""
+    from pretrain.checkpoint.tensor_files import save_tensors
+
+    save_tensors(path, {k: v.detach().to(dtype) if v.is_floating_point() else v.detach()
+                        for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or a torch pickle read with `weights_only=True` (nothing in a
+    downloaded checkpoint may run code); a `{"state_dict": ...}` wrapper and DDP's `module.` prefix are
+    undone."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path))
+    else:
+        from pretrain.checkpoint.atomic import safe_load
+
+        state = safe_load(path)  # weights_only=True, the project's one loader
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ files
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return obj
+
+
+def tokenizer_from_json(text: str) -> TextTokenizer:
+    """Our tokenizer from tokenizer.json text; raises ValueError when its special ids are not ours."""
+    return TextTokenizer.from_json(text)
+
+
+def write_hf_tokenizer_files(out: Path, tokenizer_json: str, context_length: int) -> None:
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json, loadable with
+    `transformers.AutoTokenizer.from_pretrained(out)` as a fast tokenizer.
+
+    The tokenizer.json carries our post-processor ([SOS] text [EOS]) and normaliser, so
+    `tok(texts, padding="max_length", max_length=context_length, truncation=True)` yields exactly our
+    `TextTokenizer.encode_batch` ids (truncation keeps [EOS], padding uses [PAD] = 0).
+    """
+    tokenizer_from_json(tokenizer_json)  # validates the special ids before anything is written
+    (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    specials = {"pad_token": PAD, "unk_token": UNK, "bos_token": SOS, "eos_token": EOS, "mask_token": MASK}
+    write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": context_length,
+        "padding_side": "right",
+        "truncation_side": "right",
+        "clean_up_tokenization_spaces": False,
+        **specials,
+    })
+    write_json(out / "special_tokens_map.json", specials)
+
+
+# ---------------------------------------------------------------------------------------------- imports
+def vocab_overrides(rows: int, tokenizer_json: str | None, source: str) -> dict[str, Any]:
+    """Config overrides that make our padded embedding table exactly `rows` rows.
+
+    Our model pads the tokenizer's vocabulary up to a multiple of `model.vocab_pad_multiple`; with the
+    multiple equal to `rows`, any tokenizer of at most `rows` entries pads to exactly the imported table.
+    A tokenizer shipped with the import is checked against that bound here, before any model is built.
+    """
+    if tokenizer_json is not None:
+        n = tokenizer_from_json(tokenizer_json).vocab_size
+        if n > rows:
+            raise ValueError(f"{source}: its tokenizer has {n} tokens but the embedding table only "
+                             f"{rows} rows")
+    return {"model.vocab_pad_multiple": rows}

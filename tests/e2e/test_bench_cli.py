@@ -1,0 +1,46 @@
+"""`pretrain bench loss` and `pretrain bench step` run end to end on tiny sizes and print one JSON object
+with the promised keys; the computed memory model says what the tiled loss is for.
+
+The multi-process and end-to-end tests; the fast single-process ones are in tests/unit/test_bench_cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow  # one DeepSpeed bench process per variant (~10 s each on CPU)
+def test_bench_gpu_script_tiny_cpu_appends_a_row_for_every_variant(tmp_path):
+    """`scripts/bench_gpu.py --device cpu --tiny` (what `make bench-gpu` runs on a GPU, at tiny size): every
+    variant gets a row, measured or "unavailable: <reason>" (apex, CUDA-only kernels), never a crash."""
+    import subprocess
+    import sys
+
+    from tiny import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_gpu import ALL_FUSIONS, variants
+
+    doc = tmp_path / "benchmarks.md"
+    before = (ROOT / "docs" / "benchmarks.md").read_text()
+    doc.write_text(before)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--device", "cpu", "--tiny",
+           "--out", str(doc), "--json-out", str(tmp_path / "v.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    text = doc.read_text()
+    assert text.startswith(before)
+    added = text[len(before):]
+    assert "`make bench-gpu`" in added and "commit " in added and "| variant | samples/s |" in added
+    rows = {line.split("|")[1].strip(): line for line in added.splitlines() if line.startswith("| ")}
+    for name, _ in variants(tiny=True):
+        match = [r for n, r in rows.items() if n == name or (name == ALL_FUSIONS and n.startswith(name))]
+        assert len(match) == 1, (name, list(rows))
+        status = match[0].rstrip(" |").split("|")[-1].strip()
+        assert status == "ok" or status.startswith("unavailable: "), match[0]
+    assert "ok" in rows["baseline (+ open_clip)"]
+    assert "open_clip baseline (full images)" in rows and "open_clip, patch_dropout=0.5" in rows
+    data = json.loads((tmp_path / "v.json").read_text())
+    assert len(data["variants"]) == len(variants(tiny=True)) and data["meta"]["commit"]

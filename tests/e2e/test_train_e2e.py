@@ -1,0 +1,132 @@
+"""End-to-end: shards -> 2-rank ZeRO-3 training under the real deepspeed launcher -> checkpoint -> resume
+-> eval. Small enough for 2 CPU cores; marked slow."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny import ROOT, TINY, run_pretrain
+
+from pretrain.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def deepspeed_train(run_dir: Path, overrides: list[str], procs: int = 2, resume: str | None = None):
+    args = ["train", f"run.dir={run_dir}", *TINY, *overrides] + (["--resume", resume] if resume else [])
+    r = run_pretrain(args, procs=procs, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def straight_run(shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("straight") / "run"
+    deepspeed_train(run, [f"data.train={shards['train']}", "train.steps=16", "checkpoint.every=8"])
+    return run
+
+
+def test_two_rank_zero3_loss_falls(straight_run):
+    rows = read_metrics(straight_run)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    first = np.mean([r["loss"] for r in rows[:4]])
+    last = np.mean([r["loss"] for r in rows[-4:]])
+    assert last < first * 0.9, (first, last)
+    for key in ("loss_contrastive", "loss_mim", "loss_mlm", "lr", "temperature", "grad_norm",
+                "samples_per_s", "data_wait_frac"):
+        assert key in rows[-1], key
+    assert all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_checkpoint_is_standard_deepspeed_zero3(straight_run):
+    ck = straight_run / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "global_step16"
+    for step in (8, 16):
+        tag = ck / f"global_step{step}"
+        for r in (0, 1):
+            assert (tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").is_file()
+            assert (tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file()
+
+
+def test_tensorboard_has_each_objective(straight_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(straight_run / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for t in ("loss/loss_contrastive", "loss/loss_mim", "loss/loss_mlm", "loss/loss"):
+        assert t in tags, tags
+    assert len(acc.Scalars("loss/loss_mim")) == 16
+
+
+def test_resume_matches_uninterrupted_run(straight_run, shards, tmp_path):
+    """Resume from the step-8 checkpoint of the straight run: steps 9..16 give the same losses."""
+    run = tmp_path / "resumed"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight_run / "checkpoints" / "global_step8", run / "checkpoints" / "global_step8")
+    (run / "checkpoints" / "latest").write_text("global_step8")
+    deepspeed_train(run, [f"data.train={shards['train']}", "train.steps=16", "checkpoint.every=8"],
+                    resume="latest")
+    a, b = losses(straight_run), losses(run)
+    assert sorted(b) == list(range(9, 17))
+    for step in range(9, 17):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
+
+
+def test_eval_reports_zero_shot_and_retrieval(straight_run, shards):
+    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(straight_run),
+                        "--data", shards["val"], "--classnames", shards["classnames"], "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("zeroshot_top1", "zeroshot_top5", "chance", "i2t_r1", "t2i_r1"):
+        assert 0.0 <= out[key] <= 1.0, key
+    assert out["samples"] == 128
+    assert out["zeroshot_top5"] >= out["zeroshot_top1"]
+
+
+def _write_foreign_shards(d: Path, n_shards: int = 4, per_shard: int = 16) -> str:
+    """Shards as another tool writes them: plain tarfile, only .jpg/.txt/.cls, no sizes.json."""
+    rng = np.random.default_rng(0)
+    d.mkdir(parents=True)
+    for s in range(n_shards):
+        with tarfile.open(d / f"part-{s}.tar", "w") as tar:
+            for i in range(per_shard):
+                key = f"img{s:02d}{i:03d}"
+                colour = ["red", "green", "blue"][i % 3]
+                arr = np.zeros((40, 48, 3), np.uint8)
+                arr[..., i % 3] = 200 + rng.integers(0, 50)
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="JPEG")
+                for ext, data in (("jpg", buf.getvalue()), ("txt", f"a {colour} square".encode()),
+                                  ("cls", str(i % 3).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return f"{d}/part-{{0..{n_shards - 1}}}.tar"
+
+
+def test_trains_on_shards_written_by_other_tools(tmp_path):
+    urls = _write_foreign_shards(tmp_path / "foreign")
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", f"data.train={urls}", f"run.dir={run}",
+                        *TINY, "data.workers=1", "train.steps=3", "parallel.zero_stage=0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(run)
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert rows[-1]["skipped"] == 0
+    assert (run / "checkpoints" / "latest").is_file()

@@ -1,0 +1,104 @@
+"""`pretrain bench step --vs open_clip`: the open_clip side is the same CLIP (parameter for parameter), its
+numbers and the ratio land in the JSON, and a missing open_clip is a clear error. No timing assertions.
+
+The single-process tests; the multi-process and end-to-end ones are in tests/e2e/test_bench_vs.py.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from pretrain.bench.step import synthetic_batches
+from pretrain.bench.vs_open_clip import (
+    OpenClipUnavailable,
+    build_open_clip,
+    compare,
+    import_open_clip,
+    open_clip_flops,
+    run_open_clip,
+    shared_parameter_count,
+)
+from pretrain.cli import main
+from pretrain.config import load_config
+from pretrain.models import PretrainModel
+from pretrain.plan.flops import flops_per_sample
+
+TINY = ["model.image_size=16", "model.vision.patch_size=4", "model.vision.width=32", "model.vision.layers=2",
+        "model.vision.heads=4", "model.text.width=32", "model.text.layers=2", "model.text.heads=4",
+        "model.text.context_length=8", "model.embed_dim=16", "model.decoder.width=16",
+        "model.decoder.layers=1", "model.decoder.heads=2", "data.vocab_size=100", "train.micro_batch=4",
+        "train.precision=fp32"]
+
+
+def _ours(cfg):
+    torch.manual_seed(0)
+    return PretrainModel.from_config(cfg)
+
+
+@pytest.mark.parametrize("extra", [[], ["objectives.contrastive.loss=siglip"],
+                                   ["model.activation=quick_gelu", "model.mlp_ratio=2.0"],
+                                   ["objectives.mim.weight=0", "objectives.mlm.weight=0"]])
+def test_open_clip_model_has_exactly_our_clip_parameters(extra):
+    pytest.importorskip("open_clip")
+    cfg = load_config(None, [*TINY, *extra])
+    ours = _ours(cfg)
+    theirs = build_open_clip(cfg, ours.vocab_size)
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    n_ours = sum(p.numel() for p in ours.parameters())
+    only_ours = sum(p.numel() for n, p in ours.named_parameters() if n.startswith(("decoder.", "mlm_head.")))
+    assert shared_parameter_count(ours) == n_theirs == n_ours - only_ours
+    # the towers themselves, module by module
+    vis_theirs = sum(p.numel() for p in theirs.visual.parameters())
+    assert vis_theirs == sum(p.numel() for p in ours.visual.parameters())
+    bias = theirs.logit_bias.numel() if theirs.logit_bias is not None else 0
+    text_theirs = n_theirs - vis_theirs - theirs.logit_scale.numel() - bias
+    assert text_theirs == sum(p.numel() for p in ours.text.parameters())
+    blk = theirs.visual.transformer.resblocks[0]
+    assert blk.attn.num_heads == cfg.model.vision.heads
+    assert blk.mlp.c_fc.out_features == int(cfg.model.vision.width * cfg.model.mlp_ratio)
+    act = type(blk.mlp.gelu).__name__
+    assert act == ("QuickGELU" if cfg.model.activation == "quick_gelu" else "GELU")
+    assert (theirs.logit_bias is not None) == (cfg.objectives.contrastive.loss == "siglip")
+
+
+def test_run_open_clip_reports_throughput_split_and_flops():
+    pytest.importorskip("open_clip")
+    cfg = load_config(None, TINY)
+    for p in (0.0, 0.5):
+        res = run_open_clip(cfg, 128, synthetic_batches(cfg, 100), torch.device("cpu"), steps=2, warmup=1,
+                            patch_dropout=p)
+        assert res["samples"] == 2 * 4 and res["samples_per_s"] > 0 and res["patch_dropout"] == p
+        assert set(res["time_s"]) == {"data", "forward", "backward", "optimizer"}
+        assert sum(res["time_s"].values()) <= res["wall_s"] * 1.01
+        assert res["loss"] == "ClipLoss" and res["precision_mode"] == "fp32"
+        assert torch.isfinite(torch.tensor(res["final_loss"]))
+    # FLOPs of the open_clip side: contrastive only, int(N * (1 - p)) patches seen
+    full, half = open_clip_flops(cfg, 128, 0.0), open_clip_flops(cfg, 128, 0.5)
+    con = load_config(None, [*TINY, "objectives.mim.weight=0", "objectives.mlm.weight=0",
+                             "objectives.mim.mask_ratio=0"])
+    assert full == flops_per_sample(con, 128)["train"] and half < full
+
+
+def test_compare_ratio_is_ours_over_theirs_from_the_reported_numbers():
+    row = compare({"samples_per_s": 30.0}, {"samples_per_s": 40.0, "x": 1}, peak_flops=1e9, flops=10**7)
+    assert row["ratio"] == 0.75 and row["x"] == 1 and "ratio_per_cpu_s" not in row
+    assert row["mfu"] == pytest.approx(10**7 * 40.0 / 1e9)
+    row = compare({"samples_per_s": 30.0, "samples": 60, "process_cpu_s": 4.0},
+                  {"samples_per_s": 40.0, "samples": 60, "process_cpu_s": 2.0})
+    assert row["ratio_per_cpu_s"] == 0.5  # 15 vs 30 samples per CPU-second
+
+
+def test_missing_open_clip_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` raises ImportError
+    with pytest.raises(OpenClipUnavailable, match=r"open_clip_torch.*not importable.*pip install"):
+        import_open_clip()
+    cfg = load_config(None, TINY)
+    with pytest.raises(OpenClipUnavailable):
+        build_open_clip(cfg, 128)
+    # the CLI fails before building our model or DeepSpeed, exit status 2, message on stderr
+    assert main(["bench", "step", "--vs", "open_clip", "--steps", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain: error:" in err and "open_clip_torch" in err and "dev extra" in err

@@ -1,0 +1,125 @@
+"""`pretrain launch --dry-run`: the exact command of each launcher, with defaults from a Slurm allocation."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from launch import cli as launch_cli
+from launch.commands import LaunchPlan, LaunchPlanError, build_command
+from launch.hostfile import read_hostfile
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+TRAIN = ("train", "--config", "c.yaml", "train.steps=9")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    launch_cli.register(sub=sub, bench=None, data=None)  # type: ignore[arg-type]
+    return parser.parse_args(["launch", *argv])
+
+
+def plan(argv: list[str], env: dict[str, str] | None = None) -> LaunchPlan:
+    return launch_cli.plan_from_args(parse(argv), env or {})
+
+
+def test_deepspeed_single_node():
+    p = plan(["--launcher", "deepspeed", "--procs-per-node", "2", "--master-port", "4000", "--python", PY,
+              "--", *TRAIN])
+    assert build_command(p) == [str(Path(PY).parent / "deepspeed"), "--num_accelerators", "2",
+                                "--master_port", "4000", "--no_local_rank", "--module", "pretrain.cli",
+                                *TRAIN]
+
+
+def test_deepspeed_hostfile_from_slurm_nodelist_and_no_ssh_node_rank(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where write_hostfile puts it
+    monkeypatch.setattr(launch_cli, "node_address", lambda n: {"n1": "10.1.0.1"}.get(n, n))
+    env = {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_NODEID": "1"}
+    p = plan(["--launcher", "deepspeed", "--procs-per-node", "4", "--no-ssh", "--python", PY, "--", *TRAIN],
+             env)
+    cmd = build_command(p)
+    hostfile = cmd[cmd.index("--hostfile") + 1]
+    assert hostfile.startswith(str(tmp_path))
+    assert read_hostfile(hostfile) == [("n1", 4), ("n2", 4)]
+    assert cmd[cmd.index("--hostfile") + 2:] == [
+        "--num_nodes", "2", "--num_accelerators", "4", "--master_addr", "10.1.0.1", "--master_port",
+        str(29500 + 77), "--no_ssh", "--node_rank", "1", "--no_local_rank", "--module", "pretrain.cli",
+        *TRAIN]
+
+
+def test_torchrun_per_node():
+    p = plan(["--launcher", "torchrun", "--nodes", "2", "--procs-per-node", "8", "--node-rank", "1",
+              "--master-addr", "10.0.0.1", "--master-port", "29400", "--python", PY, "--", *TRAIN])
+    assert build_command(p) == [PY, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "8",
+                                "--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "29400",
+                                "-m", "pretrain.cli", *TRAIN]
+
+
+def test_torchrun_several_nodes_needs_a_node_rank():
+    with pytest.raises(LaunchPlanError, match="node-rank"):
+        plan(["--launcher", "torchrun", "--nodes", "2", "--master-addr", "h", "--", *TRAIN])
+
+
+def test_mpirun_open_mpi_leaves_the_master_to_mpi4py_unless_given(monkeypatch):
+    monkeypatch.setattr(launch_cli.os, "geteuid", lambda: 0)
+    env = {"MMPT_MPI_FLAVOR": "openmpi"}
+    p = plan(["--launcher", "mpirun", "--nodes", "1", "--procs-per-node", "2", "--python", PY,
+              "--launcher-args=--oversubscribe --mca btl self,vader,tcp", "--", *TRAIN], env)
+    assert build_command(p) == ["mpirun", "-np", "2", "--npernode", "2", "--allow-run-as-root", "--bind-to",
+                                "none", "--oversubscribe", "--mca", "btl", "self,vader,tcp", PY, "-m",
+                                "pretrain.cli", *TRAIN]
+    p = plan(["--launcher", "mpirun", "--nodes", "2", "--procs-per-node", "2", "--hostfile", "hf",
+              "--master-addr", "h0", "--master-port", "5000", "--python", PY, "--", *TRAIN], env)
+    assert build_command(p)[:14] == ["mpirun", "-np", "4", "--npernode", "2", "--allow-run-as-root",
+                                     "--bind-to", "none", "--hostfile", "hf", "-x", "MASTER_ADDR=h0", "-x",
+                                     "MASTER_PORT=5000"]
+    p = plan(["--launcher", "mpirun", "--launcher-args=--bind-to core", "--", *TRAIN], env)
+    assert build_command(p).count("--bind-to") == 1  # the user's choice wins
+
+
+def test_mpirun_mpich_spelling():
+    p = plan(["--launcher", "mpirun", "--nodes", "2", "--procs-per-node", "3", "--hostfile", "hf",
+              "--master-addr", "h0", "--master-port", "5000", "--python", PY, "--", *TRAIN],
+             {"MMPT_MPI_FLAVOR": "mpich"})
+    assert build_command(p)[:13] == ["mpirun", "-n", "6", "-ppn", "3", "-f", "hf", "-genv", "MASTER_ADDR",
+                                     "h0", "-genv", "MASTER_PORT", "5000"]
+
+
+def test_srun_one_task_per_rank():
+    p = plan(["--launcher", "srun", "--nodes", "2", "--procs-per-node", "4", "--master-addr", "10.0.0.9",
+              "--master-port", "6000", "--python", PY, "--", *TRAIN])
+    assert build_command(p) == ["srun", "--nodes", "2", "--ntasks-per-node", "4", "--ntasks", "8",
+                                "--kill-on-bad-exit=1", "--export=ALL,MASTER_ADDR=10.0.0.9,MASTER_PORT=6000",
+                                PY, "-m", "pretrain.cli", *TRAIN]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--launcher", "deepspeed", "--nodes", "2", "--master-addr", "h", "--"] + list(TRAIN), "hostfile"),
+    (["--launcher", "srun", "--nodes", "3", "--"] + list(TRAIN), "--master-addr"),
+    (["--launcher", "srun", "--no-ssh", "--"] + list(TRAIN), "deepspeed launcher mode"),
+    (["--launcher", "srun"], "nothing to launch"),
+    (["--launcher", "srun", "--", "--config", "x"], "subcommand"),
+])
+def test_impossible_requests_are_refused(argv, words):
+    with pytest.raises(LaunchPlanError, match=words):
+        build_command(plan(argv))
+
+
+def test_dry_run_through_the_pretrain_cli_prints_one_runnable_line():
+    r = subprocess.run([PY, "-m", "pretrain.cli", "launch", "--launcher", "torchrun", "--procs-per-node", "2",
+                        "--master-port", "29999", "--dry-run", "--", *TRAIN], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert shlex.split(r.stdout.strip()) == [PY, "-m", "torch.distributed.run", "--nnodes", "1",
+                                             "--nproc_per_node", "2", "--node_rank", "0", "--master_addr",
+                                             "127.0.0.1", "--master_port", "29999", "-m", "pretrain.cli",
+                                             *TRAIN]
