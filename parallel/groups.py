@@ -10,8 +10,6 @@ identical batches: the trainer splits data by `dp_rank()` / `dp_world_size()`.
 
 from __future__ import annotations
 
-import socket
-
 import torch.distributed as dist
 
 from launch.rendezvous import init_process_group
@@ -134,10 +132,3 @@ def dp_rank() -> int:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
-
-
-def free_port() -> int:
-    """An unused TCP port on loopback (for single-process runs and tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from parallel.groups import free_port
+from launch.rendezvous import free_port
 
 TRAIN_SAMPLES, VAL_SAMPLES, PER_SHARD, SEED_TRAIN, SEED_VAL = 12000, 1000, 500, 0, 1
 

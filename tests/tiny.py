@@ -39,7 +39,7 @@ def write_shards(d: Path) -> dict[str, str]:
 def run_pretrain(args: list[str], env: dict[str, str] | None = None, timeout: float = 300,
                  procs: int = 1) -> subprocess.CompletedProcess:
     """`pretrain ARGS` as a user runs it: one process, or `procs` ranks under the real deepspeed launcher."""
-    from parallel.groups import free_port
+    from launch.rendezvous import free_port
 
     if procs > 1:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", str(procs),

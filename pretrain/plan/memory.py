@@ -43,16 +43,7 @@ import torch
 from torch import nn
 
 from pretrain.config import Config, load_config, validate
-from pretrain.plan.activations import (  # noqa: F401 -- also importable from here, as before
-    DS_PREFETCH_BUCKET_SIZE,
-    DS_REDUCE_BUCKET_SIZE,
-    GIB,
-    activation_plan,
-    block_activation_bytes,
-    fit_plan,
-    max_micro_batch,
-    total_bytes_at,
-)
+from pretrain.plan.activations import GIB, activation_plan, fit_plan
 
 log = logging.getLogger("mmpt.plan")
 

@@ -12,9 +12,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from localcluster import free_port
 from tiny import PYTHON, ROOT, logged_steps, train_args
 from tiny import write_micro_shards as write_shards
+
+from launch.rendezvous import free_port
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = 8

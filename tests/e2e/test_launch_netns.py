@@ -7,9 +7,11 @@ import os
 import subprocess
 
 import pytest
-from localcluster import free_port, missing, netns_pair
+from localcluster import missing, netns_pair
 from tiny import PYTHON, ROOT, logged_steps, train_args
 from tiny import write_micro_shards as write_shards
+
+from launch.rendezvous import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel.groups import free_port
+from launch.rendezvous import free_port
 from pretrain.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -10,15 +10,14 @@ import json
 
 from pretrain.cli import main
 from pretrain.config import load_config
-from pretrain.plan.memory import (
+from pretrain.plan.activations import (
     DS_PREFETCH_BUCKET_SIZE,
     DS_REDUCE_BUCKET_SIZE,
     block_activation_bytes,
-    bytes_per_param,
     max_micro_batch,
-    memory_plan,
     total_bytes_at,
 )
+from pretrain.plan.memory import bytes_per_param, memory_plan
 
 TINY = ["model.image_size=16", "model.vision.patch_size=4", "model.vision.width=32", "model.vision.layers=1",
         "model.vision.heads=4", "model.text.width=32", "model.text.layers=1", "model.text.heads=4",
