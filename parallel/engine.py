@@ -58,7 +58,8 @@ def deepspeed_config(spec: EngineSpec, dp_world: int, impl: str | None = None) -
         ds["optimizer"] = section
     ds.update({
         "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": t.fp16_initial_scale_power,
                  "loss_scale_window": 500, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -111,3 +112,25 @@ def build_engine(spec: EngineSpec, model: torch.nn.Module, dp_world: int):
         mpu=mpu,
     )
     return engine, ds_cfg
+
+
+@torch.no_grad()
+def clamp_parameter_(param: torch.nn.Parameter, max_value: float) -> None:
+    """Clamp `param` in place after an optimizer step (CLIP's logit-scale ceiling), under any ZeRO stage and
+    precision: in the fp32 master copy the optimizer updates (ZeRO 1-3, bf16/fp16 optimizers) and in the
+    working copy the forward reads. Every rank calls it. Under ZeRO-3 each rank clamps its own partitions
+    (the clamp is elementwise: no communication); no host sync anywhere."""
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
+
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's fp32 partition and working partition
+        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(max=max_value))
+        param.ds_tensor.data.clamp_(max=max_value)
+    elif (master := safe_get_full_fp32_param(param)) is not None:  # ZeRO 1-2, bf16/fp16 optimizers
+        safe_set_full_fp32_param(param, master.clamp(max=max_value))
+    if param.data.numel():  # the working copy the forward reads (ZeRO-3: a persistent parameter)
+        param.data.clamp_(max=max_value)

@@ -63,3 +63,5 @@ class EngineSpec:
     """`train.precision`: bf16, fp16, fp32 or bf16_autocast."""
     seed: int
     """`train.seed`: seeds the per-tensor-parallel-rank dropout stream."""
+    fp16_initial_scale_power: int = 16
+    """`train.fp16_initial_scale_power`: fp16 dynamic loss scaling starts at 2^this."""

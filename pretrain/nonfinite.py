@@ -50,9 +50,17 @@ class NonFiniteGuard:
         return False
 
     def after_step(self, step: int) -> None:
-        """Count a step ZeRO skipped for inf/NaN gradients; a clean step resets the run."""
+        """Count a step ZeRO skipped for inf/NaN gradients; a clean step resets the run.
+
+        Not under fp16 dynamic loss scaling: there a skipped step is the scaler halving a scale that
+        overflowed fp16 (several in a row at start-up, from 2^train.fp16_initial_scale_power down to what
+        the gradients fit), and DeepSpeed itself stops the run once the scale is at its minimum and still
+        overflows."""
         if self.engine.skipped_steps > self._skipped:
             self._skipped = self.engine.skipped_steps
+            if self.engine.fp16_enabled() and self.engine.dynamic_loss_scale():
+                log.info("step %d: fp16 gradient overflow, step skipped and loss scale lowered", step)
+                return
             self.run, self.total = self.run + 1, self.total + 1
             log.warning("step %d: non-finite gradients, optimizer step skipped", step)
             if self.run >= self.patience:

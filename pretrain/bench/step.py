@@ -105,7 +105,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
     `pretrain/bench/vs_open_clip.py`) and add `vs_open_clip`; `vs_patch_dropout` > 0 adds a second
     open_clip run with that patch dropout under `vs_open_clip["patch_dropout_run"]`."""
     from parallel import groups
-    from parallel.engine import build_engine
+    from parallel.engine import build_engine, clamp_parameter_
     from pretrain.models.pretrain_model import PretrainModel
     from pretrain.parallelize import parallelize
     from pretrain.train import move_batch
@@ -153,10 +153,15 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    def optimizer_step(i: int) -> None:
+        engine.step()  # DeepSpeed steps the optimizer on the last micro-batch of the step
+        if i == cfg.train.grad_accum - 1:  # then the logit-scale ceiling, as training (and open_clip) do
+            clamp_parameter_(engine.module.logit_scale, engine.module.logit_scale_ceiling)
+
     timed = timed_steps(device, steps, warmup, cfg.train.grad_accum,
                         data=lambda: move_batch(next(batches), device, dtype), forward=engine,
                         backward=lambda out: engine.backward(out["loss"]),
-                        optimizer=lambda _: engine.step())  # DeepSpeed steps on the last micro-batch
+                        optimizer=optimizer_step)
     micro, wall, cpu, phases = timed["micro"], timed["wall_s"], timed["cpu_s"], timed["phases"]
     samples = micro * cfg.train.micro_batch
     sps = samples / wall

@@ -142,6 +142,10 @@ class TrainConfig:
     """Numeric precision: bf16 (bf16 params, fp32 master weights), fp16 (dynamic loss scaling), fp32, or
     bf16_autocast (fp32 params and master weights, bf16 compute under torch.autocast; DeepSpeed's
     `torch_autocast`)."""
+    fp16_initial_scale_power: int = 16
+    """fp16 only: dynamic loss scaling starts at 2^this (DeepSpeed's `initial_scale_power`). A step whose
+    scaled gradients overflow is skipped and the scale halved, so a too-high start costs a few skipped steps
+    at the beginning (small models with large gradients); lower it to start nearer the scale they fit."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
     seed: int = 0

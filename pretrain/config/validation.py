@@ -51,6 +51,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(t.micro_batch >= 1, "train.micro_batch must be >= 1")
     check(t.grad_accum >= 1, "train.grad_accum must be >= 1")
     check(t.grad_clip >= 0, "train.grad_clip must be >= 0")
+    check(0 <= t.fp16_initial_scale_power <= 32, "train.fp16_initial_scale_power must be in [0, 32]")
     check(t.global_batch >= 0, "train.global_batch must be >= 0")
     check(t.nonfinite_patience >= 1, "train.nonfinite_patience must be >= 1")
     if world_size is not None and t.global_batch and world_size % max(cfg.parallel.tp, 1) == 0:

@@ -83,9 +83,16 @@ class PretrainModel(nn.Module):
             self.decoder.init_weights()
         if self.mlm_head is not None:
             self.mlm_head.init_weights()
-        self.logit_scale.fill_(math.log(1.0 / self.obj_cfg.contrastive.init_temperature))
+        self.logit_scale.fill_(min(math.log(1.0 / self.obj_cfg.contrastive.init_temperature),
+                                   self.logit_scale_ceiling))
         if self.logit_bias is not None:
             self.logit_bias.fill_(SIGLIP_INIT_BIAS)
+
+    @property
+    def logit_scale_ceiling(self) -> float:
+        """log(`objectives.contrastive.max_logit_scale`): the training loop clamps `logit_scale` to this after
+        every optimizer step (`parallel.engine.clamp_parameter_`)."""
+        return math.log(self.obj_cfg.contrastive.max_logit_scale)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weighted total loss plus each enabled loss (detached, for logging) and the logit scale.
@@ -105,7 +112,9 @@ class PretrainModel(nn.Module):
         if use_con or (use_mim and ratio > 0):
             pooled, tokens, mask, ids_restore = self.visual.forward_features(images, noise, ratio)
 
-        scale = self.logit_scale.clamp(max=math.log(o.contrastive.max_logit_scale)).exp().squeeze(0)  # []
+        # no clamp here (it would zero the gradient above the ceiling, where Adam's momentum can carry the
+        # parameter and leave it stuck): the training loop clamps the parameter after each step, as CLIP does
+        scale = self.logit_scale.exp().squeeze(0)  # []
         if use_con:
             txt = self.text(batch["text"], causal=True)  # [B, E], pooled at EOS
             c = o.contrastive

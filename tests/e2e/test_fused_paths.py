@@ -3,35 +3,20 @@
 bf16_autocast) and `model.fused_layernorm`; plus the config errors for kernels this machine lacks.
 
 Fast tests compare modules directly. Slow ones train a tiny model for a few steps through the real
-`build_engine` (DeepSpeed ZeRO-3, one rank) in a child process -- this file run as a script -- so the
-pytest process never holds a process group or DeepSpeed's global state.
+`build_engine` (DeepSpeed ZeRO-3, one rank) in a child process (`tests/engines.py`), so the pytest process
+never holds a process group or DeepSpeed's global state. The CUDA-only kernels (`deepspeed_fused`,
+`apex_fused`, `model.fused_layernorm`, and fp16 on a GPU) are compared with the plain path in
+tests/unit/test_model_cuda.py, which runs wherever a GPU exists (scripts/gpu_check.sh).
 
 The multi-process and end-to-end tests; the fast single-process ones are in tests/unit/test_fused_paths.py.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from batches import EOS, PAD, VOCAB, make_batch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-# The shapes of tests/tiny.py's MICRO model (ZeRO-3, persistence 0 so every parameter is partitioned).
-ENGINE_BASE = [
-    "model.image_size=16", "model.vision.patch_size=4", "model.vision.width=32", "model.vision.layers=2",
-    "model.vision.heads=2", "model.text.width=32", "model.text.layers=2", "model.text.heads=2",
-    "model.text.context_length=12", "model.embed_dim=16", "model.decoder.width=16", "model.decoder.layers=1",
-    "model.decoder.heads=2", "model.vocab_pad_multiple=64", "train.micro_batch=4", "train.precision=fp32",
-    "optim.warmup_steps=1", "optim.lr=2e-3", "optim.schedule=constant", "parallel.zero_stage=3",
-    "parallel.persistence_threshold=0", "train.grad_clip=1.0",
-]
+from batches import FP16_START
+from engines import mismatched, run_engines
 
 
 def test_compiled_block_same_outputs_and_grads():
@@ -61,80 +46,6 @@ def test_compiled_block_same_outputs_and_grads():
 
 
 # ------------------------------------------------------------------------ DeepSpeed engine runs
-def run_engines(runs: dict[str, list[str]], steps: int, tmp_path: Path, timeout: float = 900) -> dict:
-    """Train each named override list for `steps` steps in one child process; returns per run the losses
-    and the final full parameters (as lists)."""
-    spec = tmp_path / "spec.json"
-    out = tmp_path / "out.pt"
-    spec.write_text(json.dumps({"runs": runs, "steps": steps, "out": str(out)}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}  # the script imports tests/batches.py
-    r = subprocess.run([sys.executable, __file__, str(spec)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout, env=env)
-    if r.returncode != 0:
-        raise AssertionError(r.stdout[-3000:] + r.stderr[-5000:])
-    return torch.load(out, weights_only=True)
-
-
-def _worker(spec_path: str) -> None:
-    import deepspeed
-
-    from parallel import groups
-    from parallel.engine import build_engine
-    from pretrain.config import engine_spec, load_config
-    from pretrain.models import PretrainModel
-    from pretrain.parallelize import parallelize
-
-    spec = json.loads(Path(spec_path).read_text())
-    torch.set_num_threads(1)
-    groups.init_distributed(600, 1)
-    from torch._dynamo.utils import counters
-
-    results: dict = {}
-    for name, overrides in spec["runs"].items():
-        torch._dynamo.reset()  # every run compiles its own graphs (inductor's disk cache keeps it quick)
-        graphs_before = int(counters["stats"]["unique_graphs"])
-        cfg = load_config(None, [*ENGINE_BASE, *overrides])
-        m = cfg.model
-        torch.manual_seed(cfg.train.seed)
-        model = PretrainModel(m, cfg.objectives, vocab_size=VOCAB, pad_id=PAD, eos_id=EOS)
-        engine, ds_cfg = build_engine(engine_spec(cfg), parallelize(model, cfg), 1)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-        gen = torch.Generator().manual_seed(123)
-        losses = []
-        engine.train()
-        for _ in range(spec["steps"]):
-            patches = (m.image_size // m.vision.patch_size) ** 2
-            batch = make_batch(gen, cfg.train.micro_batch, m.image_size, patches, m.text.context_length)
-            batch = {k: (v.to(engine.device, dtype) if v.is_floating_point() else v.to(engine.device))
-                     for k, v in batch.items()}
-            out = engine(batch)
-            engine.backward(out["loss"])
-            engine.step()
-            losses.append(float(out["loss"]))
-        params = list(engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, enabled=cfg.parallel.zero_stage == 3):
-            full = {n: p.detach().float().clone().cpu() for n, p in engine.module.named_parameters()}
-        basic = type(engine.basic_optimizer).__name__
-        compiled = sum(getattr(mod, "_compiled_call_impl", None) is not None
-                       for mod in engine.module.modules())
-        fused = bool(getattr(engine.basic_optimizer, "defaults", {}).get("fused"))
-        results[name] = {"losses": torch.tensor(losses, dtype=torch.float64), "params": full,
-                         "optimizer": basic, "fused": fused,
-                         "param_dtype": str(next(engine.module.parameters()).dtype),
-                         "offload": "offload_optimizer" in ds_cfg["zero_optimization"],
-                         "compiled_blocks": compiled,
-                         "graphs": int(counters["stats"]["unique_graphs"]) - graphs_before}
-        del engine, model
-    torch.save(results, spec["out"])
-
-
-def _mismatched(a: dict, b: dict, rtol: float, atol: float) -> list[str]:
-    """Names of the parameters where `b` is not within atol + rtol * |a| of `a`, elementwise. An absolute
-    term is needed: e.g. the key part of the QKV bias gets (numerically) zero gradient -- softmax ignores
-    it -- so Adam moves it by m / sqrt(v) of rounding noise, differently in every kernel, by ~lr/1000."""
-    return [n for n, t in a.items() if not torch.allclose(b[n], t, rtol=rtol, atol=atol)]
-
-
 @pytest.mark.slow
 def test_optimizer_impls_match_plain_torch_adamw(tmp_path):
     """torch (the reference), torch_fused and cpu_adam (JIT-built on first use, ~1 min) give the same
@@ -152,11 +63,11 @@ def test_optimizer_impls_match_plain_torch_adamw(tmp_path):
     assert ref["losses"][-1] < first  # it trains
     for name in ("torch_fused", "cpu_adam", "auto"):
         torch.testing.assert_close(res[name]["losses"], ref["losses"], rtol=1e-4, atol=1e-5, msg=name)
-        assert not _mismatched(ref["params"], res[name]["params"], 1e-4, 1e-5), name
+        assert not mismatched(ref["params"], res[name]["params"], 1e-4, 1e-5), name
     # the comparison can fail: a different learning rate moves the parameters far beyond that tolerance
     (tmp_path / "lr").mkdir()
     other = run_engines({"lr": ["optim.impl=torch", "optim.lr=2.2e-3"]}, steps, tmp_path / "lr")
-    assert len(_mismatched(ref["params"], other["lr"]["params"], 1e-4, 1e-5)) > 10
+    assert len(mismatched(ref["params"], other["lr"]["params"], 1e-4, 1e-5)) > 10
 
 
 @pytest.mark.slow
@@ -169,7 +80,7 @@ def test_activation_checkpointing_and_math_attention_engine_runs_match(tmp_path)
     for name, (rtol, atol) in {"ckpt": (1e-6, 1e-7), "math": (1e-4, 1e-5), "both": (1e-4, 1e-5)}.items():
         torch.testing.assert_close(res[name]["losses"], res["plain"]["losses"], rtol=1e-5, atol=1e-6,
                                    msg=name)
-        assert not _mismatched(res["plain"]["params"], res[name]["params"], rtol, atol), name
+        assert not mismatched(res["plain"]["params"], res[name]["params"], rtol, atol), name
 
 
 @pytest.mark.slow
@@ -186,7 +97,7 @@ def test_compile_engine_run_matches_eager(tmp_path):
         assert res[name]["graphs"] > 0  # dynamo really captured graphs
         torch.testing.assert_close(res[name]["losses"], res["eager"]["losses"], rtol=1e-4, atol=1e-5,
                                    msg=name)
-        assert not _mismatched(res["eager"]["params"], res[name]["params"], 1e-4, 1e-5), name
+        assert not mismatched(res["eager"]["params"], res[name]["params"], 1e-4, 1e-5), name
 
 
 @pytest.mark.slow
@@ -210,14 +121,12 @@ def test_bf16_paths_train_and_track_fp32(tmp_path):
 @pytest.mark.slow
 def test_fp16_trains_or_is_unsupported_on_cpu(tmp_path):
     try:
-        res = run_engines({"fp32": [], "fp16": ["train.precision=fp16"]}, 6, tmp_path)
+        res = run_engines({"fp32": [], "fp16": ["train.precision=fp16",
+                                                f"train.fp16_initial_scale_power={FP16_START}"]}, 6, tmp_path)
     except AssertionError as e:
         if "fp16" in str(e) and "not supported" in str(e):
             pytest.skip("fp16 not supported by DeepSpeed's CPU accelerator")
         raise
     losses, ref = res["fp16"]["losses"], res["fp32"]["losses"]
-    assert torch.isfinite(losses).all() and ((losses - ref).abs() / ref).max() < 0.05
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])
+    assert res["fp16"]["skipped_steps"] == 0  # every step updated the weights, as in fp32
+    assert torch.isfinite(losses).all() and ((losses - ref).abs() / ref).max() < 0.05, (losses, ref)

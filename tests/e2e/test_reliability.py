@@ -10,12 +10,14 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from tiny import TINY, run_pretrain
 
+from data_pipelines.audit import read_keys
 from pretrain.checkpoint import atomic as ckpt
 from pretrain.metrics import read_metrics
 
@@ -140,11 +142,14 @@ def test_full_disk_during_save_is_reported_and_previous_checkpoint_survives(shar
 # ------------------------------------------------------------------------------ non-finite steps
 def test_nonfinite_loss_is_skipped_and_counted(shards, tmp_path):
     run = tmp_path / "run"
-    r = train(shards, run, "train.steps=5", env={"MMPT_FAULT_NONFINITE": "mim:3"})
+    r = train(shards, run, "train.steps=5", "data.log_keys=true", env={"MMPT_FAULT_NONFINITE": "mim:3"})
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_metrics(run)
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
     assert rows[-1]["nonfinite_skipped"] == 1
+    # the key audit lists exactly what was trained: 5 steps x 8 samples, not the dropped 3rd micro-batch
+    audited = read_keys(run)
+    assert sorted(Counter(rec.step for rec in audited).items()) == [(s, 8) for s in range(1, 6)]
     assert all(row["loss"] == row["loss"] for row in rows)  # no NaN reached the weights or the logs
     assert "step 3: non-finite loss_mim" in r.stderr
 

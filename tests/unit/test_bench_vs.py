@@ -91,6 +91,14 @@ def test_compare_ratio_is_ours_over_theirs_from_the_reported_numbers():
     assert row["ratio_per_cpu_s"] == 0.5  # 15 vs 30 samples per CPU-second
 
 
+def test_ratios_keep_four_significant_digits_at_any_magnitude():
+    """A loaded machine made ours/open_clip 0.009987; 4 decimals reported 0.01 (0.13% off)."""
+    row = compare({"samples_per_s": 1.0, "samples": 10, "process_cpu_s": 100.13},
+                  {"samples_per_s": 100.13, "samples": 10, "process_cpu_s": 1.0})
+    assert row["ratio"] == 0.009987 and row["ratio_per_cpu_s"] == 0.009987
+    assert compare({"samples_per_s": 123456.0}, {"samples_per_s": 1.0})["ratio"] == 123500.0
+
+
 def test_missing_open_clip_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` raises ImportError
     with pytest.raises(OpenClipUnavailable, match=r"open_clip_torch.*not importable.*pip install"):

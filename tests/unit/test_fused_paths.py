@@ -2,6 +2,11 @@
 `optim.impl`, `train.compile`, `train.activation_checkpointing`, `train.precision` (bf16, fp16,
 bf16_autocast) and `model.fused_layernorm`; plus the config errors for kernels this machine lacks.
 
+What CPU cannot check: `optim.impl=deepspeed_fused|apex_fused` and `model.fused_layernorm=true` are CUDA
+kernels. Here the layer-norm swap is tested with a stand-in class (not apex) and the fused optimizers only
+through their config errors; tests/unit/test_model_cuda.py compares the real kernels (and fp16 on a GPU)
+with the plain path wherever a GPU exists.
+
 Fast tests compare modules directly. Slow ones train a tiny model for a few steps through the real
 `build_engine` (DeepSpeed ZeRO-3, one rank) in a child process -- this file run as a script -- so the
 pytest process never holds a process group or DeepSpeed's global state.
@@ -14,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from batches import PAD, VOCAB, make_batch
+from batches import ENGINE_BASE, EOS, FP16_START, PAD, VOCAB, make_batch
 from torch import nn
 
 
@@ -343,3 +348,40 @@ def test_torch_fused_client_optimizer_matches_plain_adamw():
 
 
 # ------------------------------------------------------------------------ DeepSpeed engine runs
+
+
+# ------------------------------------------------------------------------------------ fp16 start scale
+def test_fp16_start_scale_fits_the_engine_model_gradients():
+    """Why tests/e2e's fp16 engine run starts at 2^FP16_START: at DeepSpeed's default 2^16 the first scaled
+    fp16 backward of that model overflows (ZeRO then skips the step; five such steps made fp16 look like it
+    diverged from fp32), at 2^FP16_START it stays finite. fp16 CPU kernels exist on every x86 CPU (through
+    fp32 where the CPU has no native fp16)."""
+    from pretrain.config import load_config
+    from pretrain.models import PretrainModel
+
+    cfg = load_config(None, ENGINE_BASE)
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    model = PretrainModel(m, cfg.objectives, vocab_size=VOCAB, pad_id=PAD, eos_id=EOS).half().train()
+    patches = (m.image_size // m.vision.patch_size) ** 2
+    batch = make_batch(torch.Generator().manual_seed(123), cfg.train.micro_batch, m.image_size, patches,
+                       m.text.context_length)  # the engine runs' first batch
+    batch = {k: (v.half() if v.is_floating_point() else v) for k, v in batch.items()}
+
+    def finite_grads(scale: float) -> bool:
+        model.zero_grad(set_to_none=True)
+        (model(batch)["loss"] * scale).backward()  # what DeepSpeed's fp16 engine.backward does
+        return all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+
+    assert not finite_grads(2.0 ** 16)
+    assert finite_grads(2.0 ** FP16_START)
+
+
+def test_fp16_initial_scale_power_reaches_deepspeed():
+    from parallel.engine import deepspeed_config
+    from pretrain.config import ConfigError, engine_spec, load_config
+
+    cfg = load_config(None, ["train.precision=fp16", "train.fp16_initial_scale_power=10"])
+    assert deepspeed_config(engine_spec(cfg), 1, "torch")["fp16"]["initial_scale_power"] == 10
+    with pytest.raises(ConfigError, match="train.fp16_initial_scale_power"):
+        load_config(None, ["train.fp16_initial_scale_power=40"])

@@ -1,5 +1,7 @@
 """The model on a CUDA device (skipped without one): bf16 parameters as DeepSpeed's bf16 mode makes them,
-SDPA's GPU kernels with the padding and causal masks, activation checkpointing."""
+SDPA's GPU kernels with the padding and causal masks, activation checkpointing; and the CUDA-only switches
+against the plain path (`optim.impl=deepspeed_fused|apex_fused`, `train.precision=fp16` through the real
+DeepSpeed engine, `model.fused_layernorm`). No CI machine has a GPU: these run in scripts/gpu_check.sh."""
 
 from __future__ import annotations
 
@@ -89,3 +91,63 @@ def test_cuda_activation_checkpointing_same_grads():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ------------------------------------------------ CUDA-only kernels against the plain path
+# These run only where a GPU exists (scripts/gpu_check.sh runs this file); on CPU they skip, and a kernel
+# the GPU machine lacks (apex, a CUDA toolkit for DeepSpeed's FusedAdam) skips naming what is missing.
+def test_cuda_fused_adam_matches_plain_adamw(tmp_path):
+    from engines import mismatched, run_engines
+
+    from parallel.optimizers import optimizer_problem
+
+    runs = {"torch": ["optim.impl=torch"]}
+    missing = {}
+    for impl in ("deepspeed_fused", "apex_fused"):
+        problem = optimizer_problem(impl)
+        if problem:
+            missing[impl] = problem
+        else:
+            runs[impl] = [f"optim.impl={impl}"]
+    if len(runs) == 1:
+        pytest.skip(f"no fused Adam here: {missing}")
+    res = run_engines(runs, 6, tmp_path)
+    ref = res["torch"]
+    assert ref["param_dtype"] == "torch.float32"  # ENGINE_BASE trains fp32: differences are the kernel's
+    for impl in runs.keys() - {"torch"}:
+        torch.testing.assert_close(res[impl]["losses"], ref["losses"], rtol=1e-4, atol=1e-5, msg=impl)
+        assert not mismatched(ref["params"], res[impl]["params"], 1e-4, 1e-5), impl
+
+
+def test_cuda_fp16_tracks_fp32(tmp_path):
+    from batches import FP16_START
+    from engines import run_engines
+
+    res = run_engines({"fp32": [], "fp16": ["train.precision=fp16",
+                                            f"train.fp16_initial_scale_power={FP16_START}"]}, 6, tmp_path)
+    losses, ref = res["fp16"]["losses"], res["fp32"]["losses"]
+    assert res["fp16"]["param_dtype"] == "torch.float16" and res["fp16"]["skipped_steps"] == 0
+    assert torch.isfinite(losses).all() and ((losses - ref).abs() / ref).max() < 0.05, (losses, ref)
+    assert not torch.equal(losses, ref)  # really another numeric path
+
+
+def test_cuda_fused_layernorm_same_outputs_and_grads():
+    from parallel.kernels import fuse_layer_norms, fused_layer_norm_problem
+
+    problem = fused_layer_norm_problem()
+    if problem:
+        pytest.skip(problem)
+    torch.manual_seed(0)
+    plain = PretrainModel(cfg(), ObjectivesConfig(), vocab_size=V).cuda().train()
+    fused = copy.deepcopy(plain)
+    assert fuse_layer_norms(fused) > 0
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    res = []
+    for model in (plain, fused):
+        out = model(batch("cuda"))
+        out["loss"].backward()
+        res.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    for k in res[0][0]:
+        torch.testing.assert_close(res[1][0][k], res[0][0][k], rtol=1e-4, atol=1e-5, msg=k)
+    for n, g in res[0][1].items():
+        torch.testing.assert_close(res[1][1][n], g, rtol=1e-3, atol=1e-5, msg=n)

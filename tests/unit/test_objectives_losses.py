@@ -134,7 +134,7 @@ def test_forward_gives_finite_losses_and_expected_keys():
     assert out["loss_mlm"].item() == pytest.approx(math.log(64), rel=0.1)  # near-uniform at init
 
 
-def test_weights_scale_the_total_and_logit_scale_is_clamped():
+def test_weights_scale_the_total_and_logit_scale_starts_at_most_at_its_ceiling():
     torch.manual_seed(0)
     o = objectives(contrastive=0.5, mim=2.0, mlm=0.25)
     o.contrastive.max_logit_scale = 10.0  # below the initial 1/0.07
@@ -144,7 +144,9 @@ def test_weights_scale_the_total_and_logit_scale_is_clamped():
     torch.testing.assert_close(out["loss"].detach(), expect)
     assert out["logit_scale"].item() == pytest.approx(10.0)
     out["loss"].backward()
-    assert model.logit_scale.grad.item() == 0.0  # clamped: no gradient past the ceiling
+    # no clamp in forward: at the ceiling the gradient still flows, so the scale can come back down
+    # (the training loop clamps the parameter after each step: tests/e2e/test_logit_scale.py)
+    assert model.logit_scale.grad.item() != 0.0
 
 
 def test_bf16_forward_computes_losses_in_fp32():

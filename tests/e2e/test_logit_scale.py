@@ -1,0 +1,101 @@
+"""CLIP's logit-scale ceiling is applied to the parameter after each optimizer step (as CLIP and open_clip
+do), through the real DeepSpeed engine at every ZeRO stage and precision: the parameter never ends a step
+above the ceiling, in the fp32 master copy the optimizer updates and in the working copy, and once the loss
+wants a lower scale it comes back down. With a clamp inside forward instead, the gradient above the ceiling
+is zero, Adam's momentum carries the parameter past it and it stays there, frozen."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import json, math, sys
+import torch
+from torch import nn
+from deepspeed.utils import safe_get_full_fp32_param
+from parallel import groups
+from parallel.engine import build_engine, clamp_parameter_
+from parallel.settings import EngineSpec, OptimConfig, ParallelConfig
+
+CEIL = math.log(100.0)
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.full([1], CEIL - 0.05))
+        self.other = nn.Linear(8, 8)
+
+    def forward(self, sign):
+        return sign * self.logit_scale.exp().sum() + 0.0 * self.other.weight.float().sum()
+
+
+torch.manual_seed(0)
+groups.init_distributed(600, 1)
+stage, precision, threshold = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+optim = OptimConfig(lr=0.05, warmup_steps=0, schedule="constant", weight_decay=0.0, impl="torch")
+spec = EngineSpec(optim=optim,
+                  parallel=ParallelConfig(zero_stage=stage, persistence_threshold=threshold), steps=100,
+                  micro_batch=1, grad_accum=1, grad_clip=0.0, precision=precision, seed=0)
+engine, _ = build_engine(spec, Scale(), 1)
+p = engine.module.logit_scale
+
+
+def value():
+    master = safe_get_full_fp32_param(p)
+    import deepspeed, contextlib
+    ctx = deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext()
+    with ctx:
+        work = float(p.data.float().reshape(-1)[0])
+    return (float(master.reshape(-1)[0]) if master is not None else work), work
+
+
+trace = []
+for sign in [-1.0] * 6 + [1.0] * 14:  # the loss first wants a larger scale, then a smaller one
+    loss = engine(torch.tensor(sign))
+    engine.backward(loss)
+    engine.step()
+    clamp_parameter_(p, CEIL)
+    trace.append(value())
+print(json.dumps({"ceil": CEIL, "trace": trace}))
+"""
+
+
+@pytest.mark.parametrize("stage,precision,threshold", [
+    (0, "fp32", 0), (2, "bf16", 0), (3, "bf16", 0), (3, "bf16", 10000), (3, "fp32", 0)])
+def test_ceiling_holds_and_the_scale_comes_back_down(stage, precision, threshold):
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(stage), precision, str(threshold)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    ceil, trace = res["ceil"], res["trace"]
+    tol = 0.02 if precision == "bf16" else 1e-6  # the bf16 working copy rounds log(100) = 4.605 by ~0.016
+    for master, work in trace:
+        assert master <= ceil + 1e-6 and work <= ceil + tol, trace
+    assert trace[5][0] == pytest.approx(ceil, abs=1e-6)  # pushed up: it sits at the ceiling
+    assert trace[-1][0] < ceil - 0.2, trace  # the loss wants it lower: it came back down
+
+
+@pytest.mark.parametrize("threshold", [0, 10000])
+def test_training_on_two_ranks_keeps_the_scale_at_most_its_ceiling(tmp_path, threshold):
+    """The training loop's clamp on 2 ZeRO-3 ranks, with the logit scale partitioned (threshold 0: one element
+    over two ranks, one of them padding) and persistent (the default threshold)."""
+    from tiny import run_pretrain, train_args, write_micro_shards
+
+    from pretrain.metrics import read_metrics
+
+    shards = write_micro_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    r = run_pretrain(["train", *train_args(shards, run, 4, "objectives.contrastive.max_logit_scale=10",
+                                           f"parallel.persistence_threshold={threshold}")], procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    temperatures = [row["temperature"] for row in read_metrics(run) if "temperature" in row]
+    assert len(temperatures) == 4 and min(temperatures) >= 0.1 - 1e-6, temperatures
