@@ -41,7 +41,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspection import format_report, inspect_shards
 
     report = inspect_shards(args.urls, decode=not args.no_decode, max_image_pixels=args.max_image_pixels,
-                            workers=args.workers)
+                            workers=args.workers, max_sample_bytes=args.max_sample_bytes)
     print(json.dumps(report) if args.json else format_report(report), flush=True)
     return 0
 
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
              data: argparse._SubParsersAction) -> None:
     """Add `data import` and `data inspect` (see the module docstring)."""
     from .importers import SOURCE_KINDS
+    from .settings import DEFAULT_MAX_SAMPLE_BYTES
 
     p = data.add_parser("import", help="convert a folder, CSV/TSV, Parquet or WebDataset shards to shards")
     p.add_argument("--from", dest="source_kind", required=True, choices=SOURCE_KINDS,
@@ -78,4 +79,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--no-decode", action="store_true", help="check members and captions only")
     p.add_argument("--workers", type=int, default=0, help="inspect shards in parallel processes")
     p.add_argument("--max-image-pixels", type=int, default=89478485)
+    p.add_argument("--max-sample-bytes", type=parse_size, default=DEFAULT_MAX_SAMPLE_BYTES,
+                   help="skip samples whose tar members add up to more bytes, as data.max_sample_bytes "
+                        "does (0: no limit)")
     p.set_defaults(func=cmd_inspect)
