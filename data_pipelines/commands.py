@@ -27,8 +27,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     opts = ImportOptions(samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_bytes,
                          workers=args.workers, prefix=args.prefix, check=args.check,
-                         max_image_pixels=args.max_image_pixels, image_col=args.image_col,
-                         caption_col=args.caption_col, key_col=args.key_col, delimiter=args.delimiter,
+                         max_image_pixels=args.max_image_pixels, max_sample_bytes=args.max_sample_bytes,
+                         image_col=args.image_col, caption_col=args.caption_col, key_col=args.key_col,
+                         delimiter=args.delimiter,
                          opener=args.opener, progress=not args.no_progress)
     stats = run_import(args.source_kind, args.src, args.out, opts)
     short = {k: stats[k] for k in ("out", "samples", "bytes", "skipped", "urls", "wall_s") if k in stats}
@@ -65,6 +66,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--check", choices=("header", "decode"), default="header",
                    help="header: format, size and pixel limit; decode: also decode every image")
     p.add_argument("--max-image-pixels", type=int, default=89478485, help="skip larger images (0: no limit)")
+    p.add_argument("--max-sample-bytes", type=parse_size, default=DEFAULT_MAX_SAMPLE_BYTES,
+                   help="skip images (and samples) over this many bytes, e.g. 64MiB (0: no limit)")
     p.add_argument("--image-col", default="", help="CSV/Parquet column with the image (guessed if omitted)")
     p.add_argument("--caption-col", default="", help="CSV/Parquet column with the caption")
     p.add_argument("--key-col", default="", help="column with sample keys (default: row number)")
