@@ -203,8 +203,9 @@ def parquet_records(src: str, opts: ImportOptions) -> Iterator[Record]:
 
 
 def wds_records(src: str, skips: SkipCounter, max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> Iterator[Record]:
-    """Samples of existing WebDataset shards (brace spec, `::`, pipe:, http), every member kept. Samples
-    over `max_bytes` are counted as too_large without reading their big members."""
+    """Samples of existing WebDataset shards (brace spec, `::`, pipe:, http), every member kept, keys
+    made safe like the other sources' (`safe_key`: no `..`, leading `/` or odd characters in member
+    names). Samples over `max_bytes` are counted as too_large without reading their big members."""
     for sample in shard_samples(expand_urls(src), skips, max_bytes=max_bytes):
         if TOO_LARGE_KEY in sample:
             skips.skip(TOO_LARGE, f"{sample['__key__']}: {sample[TOO_LARGE_KEY]}")
@@ -212,7 +213,7 @@ def wds_records(src: str, skips: SkipCounter, max_bytes: int = DEFAULT_MAX_SAMPL
         image = image_bytes(sample)
         extra = {k: v for k, v in sample.items()
                  if not k.startswith("__") and k not in IMAGE_KEYS and k != "txt"}
-        yield sample["__key__"], image, sample.get("txt"), extra
+        yield safe_key(sample["__key__"]), image, sample.get("txt"), extra
 
 
 # ------------------------------------------------------------------------------------------ loading

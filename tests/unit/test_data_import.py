@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import subprocess
+import tarfile
 import threading
 from pathlib import Path
 
@@ -194,6 +195,28 @@ def read_back_synth(files: list[str]) -> dict[str, dict]:
 def test_safe_keys():
     assert safe_key("a/b.c d/e.f") == "a/b_c_d/e_f"
     assert safe_key("/../x/./y") == "x/y" and safe_key("") == "_"
+
+
+def test_wds_import_makes_keys_safe_like_the_other_sources(tmp_path):
+    raw = ["x", "../x", "/abs/y", "a/../../b", "sp ace", "ctl\x01ch\x7far", "./c//d"]
+    members = [(f"{k}.{ext}", data) for i, k in enumerate(raw)
+               for ext, data in (("jpg", image_bytes(colour=(i, 0, 0))), ("txt", f"caption {i}".encode()),
+                                 ("json", b"{}"))]
+    write_tar(tmp_path / "src.tar", members)
+    stats = run_import("wds", str(tmp_path / "src.tar"), tmp_path / "out", ImportOptions(workers=0,
+                                                                                        progress=False))
+    with tarfile.open(tmp_path / "out" / stats["shards"][0]["name"]) as tar:
+        names = tar.getnames()
+    assert len(names) == 3 * len(raw)
+    for name in names:
+        assert not name.startswith("/") and ".." not in name.split("/") and "." not in name.split("/")
+        assert name.isprintable() and " " not in name
+    keys = sorted({n.split(".", 1)[0] for n in names})
+    assert keys == sorted(["x", "x_dup1", "abs/y", "a/b", "sp_ace", "ctl_ch_ar", "c/d"])
+    assert stats["renamed_duplicate_keys"] == 1  # "../x" -> "x" again: renamed, not merged or dropped
+    samples = read_back(tmp_path / "out")
+    assert samples["x"]["txt"] == b"caption 0" and samples["x_dup1"]["txt"] == b"caption 1"
+    assert samples["ctl_ch_ar"]["txt"] == b"caption 5" and samples["c/d"]["json"] == b"{}"
 
 
 class _NoLength(http.server.SimpleHTTPRequestHandler):
