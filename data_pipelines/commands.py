@@ -27,8 +27,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     opts = ImportOptions(samples_per_shard=args.samples_per_shard, shard_bytes=args.shard_bytes,
                          workers=args.workers, prefix=args.prefix, check=args.check,
-                         max_image_pixels=args.max_image_pixels, image_col=args.image_col,
-                         caption_col=args.caption_col, key_col=args.key_col, delimiter=args.delimiter,
+                         max_image_pixels=args.max_image_pixels, max_sample_bytes=args.max_sample_bytes,
+                         image_col=args.image_col, caption_col=args.caption_col, key_col=args.key_col,
+                         delimiter=args.delimiter,
                          opener=args.opener, progress=not args.no_progress)
     stats = run_import(args.source_kind, args.src, args.out, opts)
     short = {k: stats[k] for k in ("out", "samples", "bytes", "skipped", "urls", "wall_s") if k in stats}
@@ -41,7 +42,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspection import format_report, inspect_shards
 
     report = inspect_shards(args.urls, decode=not args.no_decode, max_image_pixels=args.max_image_pixels,
-                            workers=args.workers)
+                            workers=args.workers, max_sample_bytes=args.max_sample_bytes)
     print(json.dumps(report) if args.json else format_report(report), flush=True)
     return 0
 
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
              data: argparse._SubParsersAction) -> None:
     """Add `data import` and `data inspect` (see the module docstring)."""
     from .importers import SOURCE_KINDS
+    from .settings import DEFAULT_MAX_SAMPLE_BYTES
 
     p = data.add_parser("import", help="convert a folder, CSV/TSV, Parquet or WebDataset shards to shards")
     p.add_argument("--from", dest="source_kind", required=True, choices=SOURCE_KINDS,
@@ -64,6 +66,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--check", choices=("header", "decode"), default="header",
                    help="header: format, size and pixel limit; decode: also decode every image")
     p.add_argument("--max-image-pixels", type=int, default=89478485, help="skip larger images (0: no limit)")
+    p.add_argument("--max-sample-bytes", type=parse_size, default=DEFAULT_MAX_SAMPLE_BYTES,
+                   help="skip images (and samples) over this many bytes, e.g. 64MiB (0: no limit)")
     p.add_argument("--image-col", default="", help="CSV/Parquet column with the image (guessed if omitted)")
     p.add_argument("--caption-col", default="", help="CSV/Parquet column with the caption")
     p.add_argument("--key-col", default="", help="column with sample keys (default: row number)")
@@ -78,4 +82,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--no-decode", action="store_true", help="check members and captions only")
     p.add_argument("--workers", type=int, default=0, help="inspect shards in parallel processes")
     p.add_argument("--max-image-pixels", type=int, default=89478485)
+    p.add_argument("--max-sample-bytes", type=parse_size, default=DEFAULT_MAX_SAMPLE_BYTES,
+                   help="skip samples whose tar members add up to more bytes, as data.max_sample_bytes "
+                        "does (0: no limit)")
     p.set_defaults(func=cmd_inspect)

@@ -19,6 +19,7 @@ import numpy as np
 
 from .plan import Item, PlanParams, StreamState
 from .seeding import derive_seed
+from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .shardstream import shard_samples
 from .stats import SkipCounter
 
@@ -26,13 +27,14 @@ _DRAW_BLOCK = 1024
 _DRAW_TAG = 0xD7A
 
 
-def item_samples(url: str, item: Item, skips: SkipCounter) -> Iterator[dict[str, Any]]:
+def item_samples(url: str, item: Item, skips: SkipCounter,
+                 max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> Iterator[dict[str, Any]]:
     """Raw samples of `item` (from `url`) in the item's order, starting after its `start` consumed ones.
 
     Skipped blocks are read but neither permuted nor yielded; a shard failure ends the item (counted by
-    `shard_samples`).
+    `shard_samples`, as is `max_bytes`, the `data.max_sample_bytes` limit).
     """
-    raw = shard_samples([url], skips)
+    raw = shard_samples([url], skips, max_bytes=max_bytes)
     mine = islice(raw, item.phase, None, item.stride) if item.stride > 1 else raw
     if item.block <= 1:
         yield from islice(mine, item.start, None)
@@ -55,13 +57,14 @@ class StreamCursor:
     """Pulls raw samples for one stream; `state` is updated in place and is always resumable."""
 
     def __init__(self, urls: list[str], params: PlanParams, state: StreamState, stream: int, streams: int,
-                 interleave: int, skips: SkipCounter) -> None:
+                 interleave: int, skips: SkipCounter, max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> None:
         self.urls = urls
         self.params = params
         self.state = state
         self.stream, self.streams = stream, streams
         self.interleave = max(1, int(interleave))
         self.skips = skips
+        self.max_bytes = max_bytes
         self._items: list[Item] | None = None
         self._readers: dict[int, Iterator[dict[str, Any]]] = {}
         self._draws_key: tuple[int, int] | None = None
@@ -108,7 +111,8 @@ class StreamCursor:
             reader = self._readers.get(index)
             if reader is None:
                 item = items[index].with_start(progress)
-                reader = self._readers[index] = item_samples(self.urls[item.shard], item, self.skips)
+                reader = item_samples(self.urls[item.shard], item, self.skips, self.max_bytes)
+                self._readers[index] = reader
             sample = next(reader, None)
             if sample is None:
                 del state.open[slot]

@@ -19,6 +19,8 @@ from .stats import (
     IMAGE_TOO_LARGE,
     MISSING_CAPTION,
     MISSING_IMAGE,
+    TOO_LARGE,
+    TOO_LARGE_KEY,
     SkipCounter,
 )
 
@@ -98,7 +100,13 @@ def decode_image(
 
 
 def split_sample(sample: dict[str, Any], skips: SkipCounter) -> tuple[bytes, str] | None:
-    """(image bytes, caption) of a sample with both present and a usable caption, else None (counted)."""
+    """(image bytes, caption) of a sample with both present and a usable caption, else None (counted).
+
+    A sample over data.max_sample_bytes (marked by `shard_samples`) is counted as `too_large`, once.
+    """
+    if TOO_LARGE_KEY in sample:
+        skips.skip(TOO_LARGE, f"{sample.get('__key__', '?')}: {sample[TOO_LARGE_KEY]}")
+        return None
     data = image_bytes(sample)
     if data is None:
         skips.skip(MISSING_IMAGE, sample.get("__key__", "?"))

@@ -2,8 +2,9 @@
 
 Every source is turned into a stream of small *records* (key, image reference or bytes, caption, extra
 members) in a deterministic order; a pool of worker processes loads and checks each record (reads or
-fetches the image, checks the header, the pixel limit and the caption exactly as training will) and the
-main process writes the results in input order, so the output shards do not depend on the worker count.
+fetches the image through `openers`, checks the byte limit, the header, the pixel limit and the caption
+exactly as training will) and the main process writes the results in input order, so the output shards
+do not depend on the worker count.
 At most a few chunks per worker are in flight, so a Parquet file of image bytes is never all in memory.
 
 Written per import: `OUT/{prefix}-NNNNNN.tar` (plain tar, KEY.jpg|png|webp + KEY.txt + KEY.json with the
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import importlib
 import io
 import json
 import logging
@@ -25,7 +25,6 @@ import os
 import re
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,9 @@ from typing import Any
 from PIL import Image
 
 from .decode import IMAGE_KEYS, image_bytes
+from .openers import SampleTooLarge, default_opener, resolve_opener
 from .seeding import stable_hash
+from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .shardstream import shard_samples
 from .shardwriter import ShardWriter
 from .stats import (
@@ -45,6 +46,8 @@ from .stats import (
     IMAGE_TOO_LARGE,
     MISSING_CAPTION,
     MISSING_IMAGE,
+    TOO_LARGE,
+    TOO_LARGE_KEY,
     SkipCounter,
 )
 from .urls import expand_urls
@@ -75,6 +78,9 @@ class ImportOptions:
     """`header`: open each image (format, size, pixel limit); `decode`: also decode it fully (catches
     truncated files, ~10x slower)."""
     max_image_pixels: int = 89478485
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+    """Skip (as `too_large`) images and samples over this many bytes, as training's data.max_sample_bytes
+    would; local files and http(s) bodies over it are never read whole (0: no limit)."""
     image_col: str = ""
     caption_col: str = ""
     key_col: str = ""
@@ -95,32 +101,6 @@ class _Lazy:
 
 Record = tuple[str, Any, Any, dict[str, Any]]
 """(key, image: URL/path str | bytes | None, caption: str | bytes | _Lazy | None, extra members)."""
-
-
-# ------------------------------------------------------------------------------------------ openers
-def default_opener(ref: str) -> bytes:
-    """Bytes of a local path or an http(s) URL."""
-    if ref.startswith(("http://", "https://")):
-        with urllib.request.urlopen(ref, timeout=60) as response:  # noqa: S310 - the user's own URLs
-            return response.read()
-    with open(ref, "rb") as fh:
-        return fh.read()
-
-
-def resolve_opener(spec: str) -> Callable[[str], bytes]:
-    """`module:function` -> the function (for --opener); empty -> `default_opener`."""
-    if not spec:
-        return default_opener
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ValueError(f"--opener must be module:function, got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"--opener {spec!r}: {exc}") from None
-    if not callable(fn):
-        raise ValueError(f"--opener {spec!r} is not callable")
-    return fn
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -222,13 +202,18 @@ def parquet_records(src: str, opts: ImportOptions) -> Iterator[Record]:
                 index += 1
 
 
-def wds_records(src: str, skips: SkipCounter) -> Iterator[Record]:
-    """Samples of existing WebDataset shards (brace spec, `::`, pipe:, http), every member kept."""
-    for sample in shard_samples(expand_urls(src), skips):
+def wds_records(src: str, skips: SkipCounter, max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> Iterator[Record]:
+    """Samples of existing WebDataset shards (brace spec, `::`, pipe:, http), every member kept, keys
+    made safe like the other sources' (`safe_key`: no `..`, leading `/` or odd characters in member
+    names). Samples over `max_bytes` are counted as too_large without reading their big members."""
+    for sample in shard_samples(expand_urls(src), skips, max_bytes=max_bytes):
+        if TOO_LARGE_KEY in sample:
+            skips.skip(TOO_LARGE, f"{sample['__key__']}: {sample[TOO_LARGE_KEY]}")
+            continue
         image = image_bytes(sample)
         extra = {k: v for k, v in sample.items()
                  if not k.startswith("__") and k not in IMAGE_KEYS and k != "txt"}
-        yield sample["__key__"], image, sample.get("txt"), extra
+        yield safe_key(sample["__key__"]), image, sample.get("txt"), extra
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -240,10 +225,9 @@ def _init_worker(opts: ImportOptions, opener: Callable[[str], bytes] | None) -> 
     _worker_state["opener"] = opener or resolve_opener(opts.opener)
 
 
-def _read(value: Any) -> Any:
+def _read(value: Any, max_bytes: int = 0) -> Any:
     if isinstance(value, _Lazy):
-        with open(value.path, "rb") as fh:
-            return fh.read()
+        return default_opener(value.path, max_bytes)
     return value
 
 
@@ -279,8 +263,9 @@ def load_record(record: Record, opts: ImportOptions, opener: Callable[[str], byt
                 ) -> tuple[dict[str, Any] | None, str, str]:
     """(sample, "", "") or (None, reason, detail) for one record."""
     key, image, caption, extra = record
+    limit = opts.max_sample_bytes
     try:
-        caption = _read(caption)
+        caption = _read(caption, limit)
         if caption is None:
             raise _Skip(MISSING_CAPTION)
         if isinstance(caption, (bytes, bytearray, memoryview)):
@@ -294,22 +279,31 @@ def load_record(record: Record, opts: ImportOptions, opener: Callable[[str], byt
         source = image if isinstance(image, str) else None
         if isinstance(image, str):
             try:
-                image = opener(image)
+                image = default_opener(image, limit) if opener is default_opener else opener(image)
+            except SampleTooLarge as exc:
+                raise _Skip(TOO_LARGE, str(exc)) from None
             except FileNotFoundError:
                 raise _Skip(MISSING_IMAGE, f"{source} not found") from None
             except Exception as exc:  # network, permissions, the user's opener
                 raise _Skip(FETCH_FAILED, f"{source}: {type(exc).__name__}: {exc}") from None
         if not image:
             raise _Skip(MISSING_IMAGE)
+        if limit and len(image) > limit:  # bytes from Parquet or from a user's --opener
+            raise _Skip(TOO_LARGE, f"{source or 'image'}: {len(image)} bytes > {limit}")
         ext, data, width, height = check_image(bytes(image), opts.check, opts.max_image_pixels)
+        sample = {"__key__": key, ext: data, "txt": text.encode("utf-8")}
+        for name, value in extra.items():
+            sample[name] = bytes(_read(value, limit))
+        if "json" not in sample:
+            meta = {"width": width, "height": height, **({"source": source} if source else {})}
+            sample["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
+        total = sum(len(v) for k, v in sample.items() if k != "__key__")
+        if limit and total > limit:  # training would skip it: the members of a sample add up
+            raise _Skip(TOO_LARGE, f"members of {total} bytes > {limit}")
+    except SampleTooLarge as exc:  # a sidecar file
+        return None, TOO_LARGE, f"{key}: {exc}"
     except _Skip as skip:
         return None, skip.reason, f"{key}: {skip.detail}" if skip.detail else key
-    sample = {"__key__": key, ext: data, "txt": text.encode("utf-8")}
-    for name, value in extra.items():
-        sample[name] = bytes(_read(value))
-    if "json" not in sample:
-        meta = {"width": width, "height": height, **({"source": source} if source else {})}
-        sample["json"] = json.dumps(meta, sort_keys=True).encode("utf-8")
     return sample, "", ""
 
 
@@ -372,7 +366,7 @@ def run_import(kind: str, src: str, out: str | os.PathLike, opts: ImportOptions 
     elif kind == "parquet":
         records = parquet_records(src, opts)
     else:
-        records = wds_records(src, skips)
+        records = wds_records(src, skips, opts.max_sample_bytes)
     from tqdm import tqdm
 
     t0 = time.perf_counter()

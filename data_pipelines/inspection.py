@@ -1,9 +1,9 @@
 """`pretrain data inspect`: what is in a set of shards, and what training would skip, by reason.
 
-Each sample goes through the same checks as training (members present, caption UTF-8 and non-empty, pixel
-limit, image decodes) so the report predicts the skip counts a run will log. Images are decoded at a
-reduced JPEG scale (the entropy-coded data is still read, so truncation is still caught), which makes a
-full check of a shard about as fast as reading it. Shards are inspected in parallel, one per task.
+Each sample goes through the same checks as training (byte limit, members present, caption UTF-8 and
+non-empty, pixel limit, image decodes) so the report predicts the skip counts a run will log. Images are
+decoded at a reduced JPEG scale (the entropy-coded data is still read, so truncation is still caught), which
+makes a full check of a shard about as fast as reading it. Shards are inspected in parallel, one per task.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from .decode import decode_image, split_sample
+from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .shardstream import shard_samples
 from .stats import SkipCounter
 from .urls import expand_sources
@@ -41,13 +42,16 @@ class _Examples(SkipCounter):
             kept.append(detail[:300])
 
 
-def inspect_shard(url: str, decode: bool = True, max_image_pixels: int = 89478485) -> dict[str, Any]:
-    """Counts for one shard: samples, good ones, extensions, keys, and skips by reason with examples."""
+def inspect_shard(url: str, decode: bool = True, max_image_pixels: int = 89478485,
+                  max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> dict[str, Any]:
+    """Counts for one shard: samples, good ones, extensions, keys, and skips by reason with examples.
+
+    Oversized members (over `max_sample_bytes`) are skipped without being read, as training does."""
     skips = _Examples(where=url)
     extensions: collections.Counter = collections.Counter()
     keys: list[str] = []
     good = 0
-    for sample in shard_samples([url], skips):
+    for sample in shard_samples([url], skips, max_bytes=max_sample_bytes):
         keys.append(sample["__key__"])
         extensions.update(k for k in sample if not k.startswith("__"))
         parts = split_sample(sample, skips)
@@ -60,15 +64,15 @@ def inspect_shard(url: str, decode: bool = True, max_image_pixels: int = 8947848
             "bad": skips.as_dict(), "examples": skips.examples, "keys": keys}
 
 
-def _inspect_args(args: tuple[str, bool, int]) -> dict[str, Any]:
+def _inspect_args(args: tuple[str, bool, int, int]) -> dict[str, Any]:
     return inspect_shard(*args)
 
 
 def inspect_shards(spec: str, decode: bool = True, max_image_pixels: int = 89478485,
-                   workers: int = 0) -> dict[str, Any]:
+                   workers: int = 0, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> dict[str, Any]:
     """Report over every shard of `spec` (brace / `::` / pipe: / http); see the module docstring."""
     urls = [u for source in expand_sources(spec) for u in source]
-    tasks = [(u, decode, max_image_pixels) for u in urls]
+    tasks = [(u, decode, max_image_pixels, max_sample_bytes) for u in urls]
     if workers > 0 and len(urls) > 1:
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ctx.Pool(min(workers, len(urls))) as pool:

@@ -35,7 +35,7 @@ from .decode import decode_image, label_of, split_sample
 from .plan import PlanParams, StreamState, split_counts
 from .position import PositionTracker, shards_fingerprint, start_states, stream_index, streams_for
 from .seeding import sample_rngs
-from .settings import DataConfig, StreamSpec
+from .settings import DEFAULT_MAX_SAMPLE_BYTES, DataConfig, StreamSpec
 from .shardstream import shard_samples
 from .stats import SkipCounter
 from .tokenizer import TextTokenizer
@@ -83,6 +83,7 @@ class _TrainStream(IterableDataset):
         self.image_size = spec.image_size
         self.crop_scale = tuple(d.crop_scale)
         self.max_pixels = d.max_image_pixels
+        self.max_bytes = d.max_sample_bytes
         self.mean, self.std = tuple(d.mean), tuple(d.std)
         self.context_length = spec.context_length
         self.mask_prob = spec.mlm_prob
@@ -114,7 +115,7 @@ class _TrainStream(IterableDataset):
         skips = SkipCounter(where=f"rank {self.rank} worker {worker}")
         skips.restore(state.skips)
         cursor = StreamCursor(self.urls, self.params, state, stream, self.world * self.num_streams,
-                              self.interleave, skips)
+                              self.interleave, skips, self.max_bytes)
         pending: list[TrainExample] = []
         empty_epochs = 0
         while True:
@@ -154,9 +155,10 @@ class _EvalStream(IterableDataset):
     """Every sample of the eval shards once, in shard order (per worker), centre-cropped, no randomness."""
 
     def __init__(self, shards: list[str], tokenizer: TextTokenizer, image_size: int, batch_size: int,
-                 context_length: int, mean: Iterable[float], std: Iterable[float]) -> None:
+                 context_length: int, mean: Iterable[float], std: Iterable[float], max_bytes: int) -> None:
         super().__init__()
         self.shards = shards
+        self.max_bytes = max_bytes
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.batch_size = batch_size
@@ -167,7 +169,7 @@ class _EvalStream(IterableDataset):
         worker, count = _worker()
         skips = SkipCounter(where=f"eval worker {worker}")
         pending: list[EvalExample] = []
-        for sample in shard_samples(self.shards[worker::count], skips):
+        for sample in shard_samples(self.shards[worker::count], skips, max_bytes=self.max_bytes):
             parts = split_sample(sample, skips)
             if parts is None:
                 continue
@@ -273,15 +275,18 @@ def make_eval_loader(
     mean: Iterable[float],
     std: Iterable[float],
     workers: int = 0,
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
 ) -> Iterable[dict[str, Any]]:
     """Finite iterable over every sample of `urls` once, without augmentation; re-iterable.
 
     Batches hold image, text, cls, _keys and _skips; the last batch may be smaller. With workers > 0 each
-    worker reads every workers-th shard, so the order is shard order within each worker.
+    worker reads every workers-th shard, so the order is shard order within each worker. Samples over
+    `max_sample_bytes` (`data.max_sample_bytes`) are skipped as `too_large`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shards = [u for source in expand_sources(urls) for u in source]
     workers = min(max(int(workers), 0), len(shards))
-    dataset = _EvalStream(shards, tokenizer, image_size, batch_size, context_length, mean, std)
+    dataset = _EvalStream(shards, tokenizer, image_size, batch_size, context_length, mean, std,
+                          max_sample_bytes)
     return _data_loader(dataset, workers, persistent=False)

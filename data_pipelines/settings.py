@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_MAX_SAMPLE_BYTES = 64 << 20
+"""64 MiB: see `DataConfig.max_sample_bytes`; also the default of the importers and `data inspect`."""
+
 
 @dataclass
 class DataConfig:
@@ -33,6 +36,12 @@ class DataConfig:
     every shard equally likely."""
     max_image_pixels: int = 89478485
     """Images with more pixels are skipped from their header (decompression bombs); 0: no limit."""
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
+    """A sample whose tar members add up to more bytes is skipped as `too_large` (local, `pipe:` and
+    http(s) shards alike: oversized members are skipped over in small blocks, never held); 0: no limit.
+    The default, 64 MiB, is far above any real image (a JPEG at the `data.max_image_pixels` limit is
+    ~20-40 MB), yet bounds what one shard can make a worker hold (at most `data.shuffle_buffer` such
+    samples)."""
     max_bad_fraction: float = 0.5
     """Abort with an error when more than this fraction of the samples read (or of the shards opened)
     was unusable; 1 disables the check."""

@@ -18,12 +18,16 @@ EMPTY_CAPTION = "empty_caption"
 BAD_IMAGE = "bad_image"
 BAD_TEXT = "bad_text"
 IMAGE_TOO_LARGE = "image_too_large"
+TOO_LARGE = "too_large"  # more bytes than data.max_sample_bytes (tar members of a sample, a fetched image)
 FETCH_FAILED = "fetch_failed"  # importers only: an image URL could not be downloaded
 BAD_SHARD = "bad_shard"
 DUPLICATE_MEMBER = "duplicate_member"
 
+TOO_LARGE_KEY = "__too_large__"
+"""Set (to why) in a raw sample whose tar members exceed data.max_sample_bytes (see `shardstream`)."""
+
 SAMPLE_REASONS: tuple[str, ...] = (MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_IMAGE, BAD_TEXT,
-                                   IMAGE_TOO_LARGE)
+                                   IMAGE_TOO_LARGE, TOO_LARGE)
 """Reasons that each lose one sample (bad_shard loses the rest of a shard, duplicate_member nothing)."""
 
 

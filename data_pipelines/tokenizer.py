@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
+from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .shardstream import shard_samples
-from .stats import BAD_TEXT, EMPTY_CAPTION, MISSING_CAPTION, SkipCounter
+from .stats import BAD_TEXT, EMPTY_CAPTION, MISSING_CAPTION, TOO_LARGE, TOO_LARGE_KEY, SkipCounter
 from .urls import expand_urls
 
 logger = logging.getLogger("data_pipelines")
@@ -182,11 +183,12 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int) -> TextTokenizer:
     return TextTokenizer(tok)
 
 
-def train_tokenizer_from_shards(urls: str, vocab_size: int, max_samples: int) -> TextTokenizer:
+def train_tokenizer_from_shards(urls: str, vocab_size: int, max_samples: int,
+                                max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> TextTokenizer:
     """Train on the `.txt` captions of the first `max_samples` good samples of `urls`, in shard order.
 
     Only caption members are read from the tars (images are skipped without decoding), and unreadable
-    captions or shards are skipped and counted like in training.
+    captions or shards, and samples over `max_sample_bytes`, are skipped and counted like in training.
     """
     if max_samples < 1:
         raise ValueError(f"max_samples must be >= 1, got {max_samples}")
@@ -196,7 +198,11 @@ def train_tokenizer_from_shards(urls: str, vocab_size: int, max_samples: int) ->
 
     def captions() -> Iterator[str]:
         taken = 0
-        for sample in shard_samples(shards, skips, select_files=lambda name: name.lower().endswith(".txt")):
+        for sample in shard_samples(shards, skips, select_files=lambda name: name.lower().endswith(".txt"),
+                                    max_bytes=max_sample_bytes):
+            if TOO_LARGE_KEY in sample:
+                skips.skip(TOO_LARGE, f"{sample.get('__key__', '?')}: {sample[TOO_LARGE_KEY]}")
+                continue
             raw = sample.get("txt")
             if raw is None:
                 skips.skip(MISSING_CAPTION, sample.get("__key__", "?"))

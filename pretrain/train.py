@@ -63,7 +63,8 @@ def _prepare_tokenizer(cfg: Config, run_dir: Path, resumed: dict[str, Any] | Non
             tok.save(path)
     elif groups.rank() == 0 and not path.exists():
         log.info("training a %d-token BPE tokenizer on %s", cfg.data.vocab_size, cfg.data.train)
-        tok = train_tokenizer_from_shards(cfg.data.train, cfg.data.vocab_size, cfg.data.tokenizer_samples)
+        tok = train_tokenizer_from_shards(cfg.data.train, cfg.data.vocab_size, cfg.data.tokenizer_samples,
+                                          cfg.data.max_sample_bytes)
         tok.save(path)
     groups.barrier()
     return TextTokenizer.load(path)

@@ -130,7 +130,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
         from data_pipelines.tokenizer import TextTokenizer, train_tokenizer_from_shards
 
         tok = (TextTokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else
-               train_tokenizer_from_shards(cfg.data.train, cfg.data.vocab_size, cfg.data.tokenizer_samples))
+               train_tokenizer_from_shards(cfg.data.train, cfg.data.vocab_size, cfg.data.tokenizer_samples,
+                                           cfg.data.max_sample_bytes))
         vocab = tok.vocab_size
         batches: Iterator[dict[str, Any]] = iter(make_train_loader(cfg.data, stream_spec(cfg), tok, rank=0,
                                                                     world=1))

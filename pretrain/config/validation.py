@@ -84,6 +84,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
               f"data.train_weights has {len(d.train_weights)} entries but data.train has {sources} "
               f"'::'-separated source(s)")
     check(d.max_image_pixels >= 0, "data.max_image_pixels must be >= 0 (0: no limit)")
+    check(d.max_sample_bytes >= 0, "data.max_sample_bytes must be >= 0 (0: no limit)")
     check(0 < d.max_bad_fraction <= 1, "data.max_bad_fraction must be in (0, 1]")
     check(d.bad_check_after >= 0, "data.bad_check_after must be >= 0")
     check(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,

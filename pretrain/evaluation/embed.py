@@ -139,7 +139,8 @@ def embed_shards(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: in
     """Paired image and text embeddings of every readable sample of `urls` (eval loader, shard order)."""
     device = next(model.parameters()).device
     loader = make_eval_loader(urls, tokenizer, cfg.model.image_size, batch_size,
-                              cfg.model.text.context_length, cfg.data.mean, cfg.data.std, workers=0)
+                              cfg.model.text.context_length, cfg.data.mean, cfg.data.std, workers=0,
+                              max_sample_bytes=cfg.data.max_sample_bytes)
     imgs, txts, keys = [], [], []
     for batch in loader:
         imgs.append(model.encode_image(batch["image"].to(device)).cpu())

@@ -72,7 +72,8 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     weights = classifier_weights(model, tokenizer, classnames, L)
     imgs, txts, labels = [], [], []
     loader = make_eval_loader(data, tokenizer, cfg.model.image_size, batch_size, L,
-                              cfg.data.mean, cfg.data.std, workers=workers)
+                              cfg.data.mean, cfg.data.std, workers=workers,
+                              max_sample_bytes=cfg.data.max_sample_bytes)
     for batch in loader:
         imgs.append(model.encode_image(batch["image"].float()))
         txts.append(model.encode_text(batch["text"]))

@@ -9,6 +9,7 @@ def test_defaults_are_valid_and_documented():
     cfg = load_config(None, [])
     assert (cfg.data.sampling, cfg.data.interleave, cfg.data.log_keys) == ("epoch", 4, False)
     assert 0 < cfg.data.max_bad_fraction <= 1 and cfg.data.max_image_pixels > 0
+    assert cfg.data.max_sample_bytes == 64 << 20
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -20,6 +21,7 @@ def test_defaults_are_valid_and_documented():
     (["data.max_bad_fraction=0"], r"data.max_bad_fraction must be in \(0, 1\]"),
     (["data.interleave=0"], "data.interleave must be >= 1"),
     (["data.max_image_pixels=-1"], "data.max_image_pixels must be >= 0"),
+    (["data.max_sample_bytes=-1"], r"data.max_sample_bytes must be >= 0 \(0: no limit\)"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import subprocess
+import tarfile
 import threading
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from datautil import EXPECTED_SKIPS, image_bytes, write_corrupt_shards
+from datautil import EXPECTED_SKIPS, image_bytes, write_corrupt_shards, write_tar
 from PIL import Image
 from tiny import pretrain_cli
 
@@ -194,6 +195,87 @@ def read_back_synth(files: list[str]) -> dict[str, dict]:
 def test_safe_keys():
     assert safe_key("a/b.c d/e.f") == "a/b_c_d/e_f"
     assert safe_key("/../x/./y") == "x/y" and safe_key("") == "_"
+
+
+def test_wds_import_makes_keys_safe_like_the_other_sources(tmp_path):
+    raw = ["x", "../x", "/abs/y", "a/../../b", "sp ace", "ctl\x01ch\x7far", "./c//d"]
+    members = [(f"{k}.{ext}", data) for i, k in enumerate(raw)
+               for ext, data in (("jpg", image_bytes(colour=(i, 0, 0))), ("txt", f"caption {i}".encode()),
+                                 ("json", b"{}"))]
+    write_tar(tmp_path / "src.tar", members)
+    stats = run_import("wds", str(tmp_path / "src.tar"), tmp_path / "out", ImportOptions(workers=0,
+                                                                                        progress=False))
+    with tarfile.open(tmp_path / "out" / stats["shards"][0]["name"]) as tar:
+        names = tar.getnames()
+    assert len(names) == 3 * len(raw)
+    for name in names:
+        assert not name.startswith("/") and ".." not in name.split("/") and "." not in name.split("/")
+        assert name.isprintable() and " " not in name
+    keys = sorted({n.split(".", 1)[0] for n in names})
+    assert keys == sorted(["x", "x_dup1", "abs/y", "a/b", "sp_ace", "ctl_ch_ar", "c/d"])
+    assert stats["renamed_duplicate_keys"] == 1  # "../x" -> "x" again: renamed, not merged or dropped
+    samples = read_back(tmp_path / "out")
+    assert samples["x"]["txt"] == b"caption 0" and samples["x_dup1"]["txt"] == b"caption 1"
+    assert samples["ctl_ch_ar"]["txt"] == b"caption 5" and samples["c/d"]["json"] == b"{}"
+
+
+class _NoLength(http.server.SimpleHTTPRequestHandler):
+    """Serves the folder; /endless.jpg is a JPEG followed by zeros, with no Content-Length, forever."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path != "/endless.jpg":
+            return super().do_GET()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.end_headers()
+        try:
+            self.wfile.write(image_bytes())
+            while True:
+                self.wfile.write(b"\0" * 65536)
+        except OSError:  # the client stopped reading
+            pass
+
+
+def test_importers_skip_images_over_the_byte_limit(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    small, big = image_bytes(colour=(1, 2, 3)), image_bytes(colour=(3, 2, 1)) + b"\0" * 200_000
+    (tmp_path / "imgs" / "small.jpg").write_bytes(small)
+    (tmp_path / "imgs" / "big.jpg").write_bytes(big)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_NoLength, directory=str(tmp_path / "imgs")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    rows = ["imgs/small.jpg", "imgs/big.jpg", f"{base}/small.jpg", f"{base}/big.jpg", f"{base}/endless.jpg"]
+    lines = "".join(f"{r},row {i}\n" for i, r in enumerate(rows))
+    (tmp_path / "pairs.csv").write_text(f"path,caption\n{lines}")
+    try:
+        stats = run_import("csv", str(tmp_path / "pairs.csv"), tmp_path / "out",
+                           ImportOptions(workers=2, max_sample_bytes=10_000, progress=False))
+    finally:
+        server.shutdown()
+    assert stats["skipped"] == {"too_large": 3}
+    examples = " | ".join(stats["skipped_examples"]["too_large"])
+    assert "big.jpg: 2" in examples  # the local file, from its size
+    assert "Content-Length" in examples and "endless.jpg: more than 10000 bytes" in examples
+    samples = read_back(tmp_path / "out")
+    assert sorted(s["txt"] for s in samples.values()) == [b"row 0", b"row 2"]
+    assert all(s["jpg"] == small for s in samples.values())
+
+    # Parquet bytes and shards (through the CLI): the same limit, the same reason
+    pq.write_table(pa.table({"image": [small, big], "caption": ["fits", "too big"]}), tmp_path / "p.parquet")
+    stats = run_import("parquet", str(tmp_path / "p.parquet"), tmp_path / "pq",
+                       ImportOptions(workers=0, max_sample_bytes=10_000, progress=False))
+    assert stats["skipped"] == {"too_large": 1} and stats["samples"] == 1
+    write_tar(tmp_path / "src.tar", [("a.jpg", small), ("a.txt", b"fits"), ("b.jpg", big), ("b.txt", b"big"),
+                                     ("c.jpg", small), ("c.txt", b"fits too")])
+    r = pretrain_cli("data", "import", "--from", "wds", str(tmp_path / "src.tar"), str(tmp_path / "wds"),
+                     "--max-sample-bytes", "10kB", "--workers", "0", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["skipped"] == {"too_large": 1}
+    assert sorted(read_back(tmp_path / "wds")) == ["a", "c"]
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -19,7 +19,7 @@ def memory_shards(monkeypatch):
     """Shards as in-memory lists: url "mem:i" holds keys "i/0" ... "i/(size-1)"."""
     sizes: dict[str, int] = {}
 
-    def fake(urls, skips, select_files=None):
+    def fake(urls, skips, select_files=None, max_bytes=0):
         (url,) = urls
         return iter([{"__key__": f"{url[4:]}/{j}"} for j in range(sizes[url])])
 
