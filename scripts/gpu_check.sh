@@ -4,7 +4,7 @@
 # Usage on the GPU machine, from the repo root:  bash scripts/gpu_check.sh [OUTDIR]
 # BENCH_GPU=1 adds step 3, `scripts/bench_gpu.py` (every fusion switch on/off + the open_clip baseline at
 # ViT-B/16, < 8 min): its table is appended to a copy of docs/benchmarks.md in OUTDIR. BENCH_GPU=only runs
-# nothing else (when the lent machine's time only allows that).
+# nothing else (when the lent machine's time only allows that); SKIP_B16=1 stops after step 1.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUTDIR=${1:-${OUT:-/tmp/mmpt-gpu}}
@@ -28,8 +28,11 @@ if [ "${BENCH_GPU:-0}" = only ]; then
   python3 scripts/bench_gpu.py --out "$OUTDIR/benchmarks.md" --json-out "$OUTDIR/bench_gpu.json"
   exit 0
 fi
-echo "== 0. CUDA unit tests (towers, fused paths, bf16 on device)"
-python3 -m pytest -q -p no:cacheprovider tests/unit/test_model_cuda.py 2>&1 | tail -3 | tee "$OUTDIR/cuda_tests.txt"
+echo "== 0. CUDA tests: towers, bf16 on device, fp16 / fused Adam / fused LayerNorm against the plain path,"
+echo "     fp32 MAE noise, the logit-scale ceiling through the engine (tests that need several ranks deselected)"
+python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_model_cuda.py tests/unit/test_train_inputs.py \
+  tests/unit/test_nonfinite_guard.py tests/e2e/test_logit_scale.py -k "not two_ranks" 2>&1 | tail -12 \
+  | tee "$OUTDIR/cuda_tests.txt"
 D=/tmp/mmpt-data
 python3 -m pretrain.cli data synth $D/train64 --samples 12000 --samples-per-shard 500 --image-size 64 --seed 0 >/dev/null
 python3 -m pretrain.cli data synth $D/val64 --samples 1000 --samples-per-shard 500 --image-size 64 --seed 1 >/dev/null
@@ -43,6 +46,7 @@ python3 -m pretrain.cli eval --checkpoint /tmp/run-demo --data "$D/val64/shard-{
 echo "demo wall_s $(( $(date +%s) - t0 ))" | tee -a "$OUTDIR/env.txt"
 cp /tmp/run-demo/summary.json "$OUTDIR/demo_summary.json"
 
+if [ "${SKIP_B16:-0}" = 1 ]; then echo "== 2. skipped (SKIP_B16=1)"; exit 0; fi
 echo "== 2. ViT-B/16-scale CLIP+MAE+MLM throughput, bf16, ZeRO-3, 1 GPU"
 python3 -m pretrain.cli data synth $D/train224 --samples 8000 --samples-per-shard 250 --image-size 224 --seed 0 >/dev/null
 $DS --num_gpus 1 --no_local_rank --module pretrain.cli train --config configs/demo.yaml \
