@@ -24,7 +24,8 @@ def run_engines(runs: dict[str, list[str]], steps: int, tmp_path: Path, timeout:
     spec = tmp_path / "spec.json"
     out = tmp_path / "out.pt"
     spec.write_text(json.dumps({"runs": runs, "steps": steps, "out": str(out)}))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}  # the script imports tests/batches.py
+    path = [str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]  # it imports tests/batches.py
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     r = subprocess.run([sys.executable, __file__, str(spec)], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env=env)
     if r.returncode != 0:
