@@ -103,14 +103,15 @@ def build_engine(spec: EngineSpec, model: torch.nn.Module, dp_world: int):
     impl = optimizers.resolve_impl(spec.optim.impl)
     ds_cfg = deepspeed_config(spec, dp_world, impl)
     schedule = lr_lambda(spec)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, spec.optim.weight_decay),
-        optimizer=optimizers.client_optimizer(impl, spec.optim),
-        config=ds_cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        mpu=mpu,
-    )
+    with optimizers.deepspeed_arch_list():  # FusedAdam may be JIT-built in here
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, spec.optim.weight_decay),
+            optimizer=optimizers.client_optimizer(impl, spec.optim),
+            config=ds_cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            mpu=mpu,
+        )
     return engine, ds_cfg
 
 

@@ -17,11 +17,13 @@ has fused kernels for the device, else `torch`. Availability problems are report
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -161,3 +163,24 @@ def client_optimizer(impl: str, optim_cfg: Any) -> Callable[[Any], torch.optim.O
 
         return lambda params: FusedAdam(params, adam_w_mode=True, **kwargs)
     return None
+
+
+@contextlib.contextmanager
+def deepspeed_arch_list() -> Iterator[None]:
+    """Run the block with a TORCH_CUDA_ARCH_LIST that DeepSpeed's JIT op builder can parse.
+
+    CUDA images set arch-specific targets such as `9.0a` or `10.0f` (Hopper's wgmma, Blackwell families);
+    DeepSpeed 0.19.8 sorts the list with int() on each part and fails on the suffix
+    (`invalid literal for int() with base 10: '0a'`), so `optim.impl=auto|deepspeed_fused` could not build
+    FusedAdam on such a machine. The suffix only adds arch-specific instructions FusedAdam does not use:
+    the block sees `9.0`, `10.0`, `+PTX` kept; the variable is restored afterwards."""
+    original = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    fixed = None if original is None else re.sub(r"(\d+\.\d+)[a-z]+", r"\1", original)
+    if fixed == original:
+        yield
+        return
+    os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
+    try:
+        yield
+    finally:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = original

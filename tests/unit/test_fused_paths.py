@@ -385,3 +385,23 @@ def test_fp16_initial_scale_power_reaches_deepspeed():
     assert deepspeed_config(engine_spec(cfg), 1, "torch")["fp16"]["initial_scale_power"] == 10
     with pytest.raises(ConfigError, match="train.fp16_initial_scale_power"):
         load_config(None, ["train.fp16_initial_scale_power=40"])
+
+
+def test_deepspeed_sees_an_arch_list_it_can_parse(monkeypatch):
+    """CUDA images set TORCH_CUDA_ARCH_LIST='... 9.0a ...'; DeepSpeed 0.19.8's JIT builder died on the
+    suffix, so optim.impl=auto could not build FusedAdam on the H200. Its own sort is the check here."""
+    import os
+
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder  # the CUDA builder, also on a CPU box
+
+    from parallel.optimizers import deepspeed_arch_list
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0a;10.0f+PTX")
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True
+    with pytest.raises(ValueError, match="invalid literal"):
+        builder.compute_capability_args()
+    with deepspeed_arch_list():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;8.6;9.0;10.0+PTX"
+        builder.compute_capability_args()  # parses and sorts the list (the nvcc flags need a GPU here)
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;8.6;9.0a;10.0f+PTX"
