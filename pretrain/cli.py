@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -175,8 +176,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*=")
+"""A `dotted.key=value` override (as opposed to a typo'd flag or a stray positional)."""
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse with `key=value` overrides accepted anywhere on the line, as people type them: argparse takes
+    the overrides positional once, so overrides after an option (`train a=1 --resume latest b=2`) come
+    back as unknown arguments; they are appended, in order, to the subcommand's overrides. Anything else
+    unknown is still an error."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if not (OVERRIDE.match(a) and hasattr(args, "overrides"))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
