@@ -227,7 +227,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         stopping = any_rank(stop.requested, engine.device)  # preemption: all ranks stop at the same step
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(out['loss']):.3f}")
+            bar.set_postfix(loss=f"{float(out['loss'].detach()):.3f}")
         if step % cfg.logging.every == 0 or step == cfg.train.steps or stopping:
             elapsed = time.perf_counter() - window_start
             steps_in_window = n_micro / cfg.train.grad_accum
