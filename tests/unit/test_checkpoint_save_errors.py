@@ -76,3 +76,10 @@ def test_save_atomic_fails_whole_and_publishes_nothing(tmp_path):
     assert engine.after_writes == 1
     assert ckpt.complete_tags(tmp_path) == [] and not (tmp_path / "latest").exists()
     assert not (tmp_path / ckpt.STAGING / "global_step3").exists()
+
+
+def test_a_failed_universal_copy_is_a_failed_save(tmp_path):
+    from pretrain.checkpoint.resume import save_universal
+
+    with pytest.raises(ckpt.CheckpointSaveError, match=r"universal copy of .* failed on rank 0: "):
+        save_universal(tmp_path, "global_step1")  # nothing there to convert
