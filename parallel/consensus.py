@@ -18,3 +18,16 @@ def any_rank(flag: bool, device: torch.device | str = "cpu", group: dist.Process
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
+
+
+def failures_by_rank(error: BaseException | str | None, group: dist.ProcessGroup | None = None) -> list[str]:
+    """Every rank's error (`rank R: message`, empty when none failed), on every rank: one all_gather of a
+    small object, for a step that can fail on some ranks only (a checkpoint write). Every rank must call it,
+    whatever happened to it, so that the ranks then act together."""
+    mine = None if error is None else str(error) or type(error).__name__
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        every = [mine]
+    else:
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, mine, group=group)
+    return [f"rank {r}: {e}" for r, e in enumerate(every) if e is not None]

@@ -36,13 +36,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launch.env import discover
+    from parallel import groups
+    from pretrain.checkpoint.atomic import CheckpointSaveError
     from pretrain.train import train
 
     # Validate against the launcher's world size before any process group exists.
     cfg = load_config(args.config or embedded_config_path(), args.overrides, world_size=discover().world_size)
-    summary = train(cfg, resume=args.resume, init_from=args.init_from)
-    from parallel import groups
-
+    try:
+        summary = train(cfg, resume=args.resume, init_from=args.init_from)
+    except CheckpointSaveError as e:  # raised on every rank together; each says so and exits
+        print(f"pretrain: error on rank {groups.rank()}: {e}", file=sys.stderr, flush=True)
+        return 1
     if groups.rank() == 0:
         print(json.dumps(summary), flush=True)
     return 0

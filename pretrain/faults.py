@@ -5,12 +5,16 @@ normal runs, where every function here is a cheap no-op.
 
 - `MMPT_FAULT_KILL=point:step[:rank]`  SIGKILL this process at `point` (e.g. `save-before-commit`,
   `after-step`) when training reaches `step` (on `rank` only, if given).
+- `MMPT_FAULT_WRITE=step[:rank[:name]]`  fail this process's checkpoint file writes in the save at `step`
+  with an I/O error, as a full or broken disk would (on `rank` only, if given; only files whose name
+  contains `name`, if given, e.g. `optim_states`).
 - `MMPT_FAULT_NONFINITE=objective:n[,n...]`  make that objective's loss NaN in the n-th micro-batch the
   process runs (1-based, skipped ones included; with grad_accum=1 and no earlier skip, n is the step).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -31,6 +35,19 @@ def maybe_kill(point: str, step: int) -> None:
     if len(parts) > 2 and int(parts[2]) != _rank():
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_fail_write(step: int, path: str | os.PathLike) -> None:
+    """Raise an I/O error for a checkpoint file write, as configured by `MMPT_FAULT_WRITE`."""
+    spec = os.environ.get("MMPT_FAULT_WRITE")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if int(parts[0]) != step or (len(parts) > 1 and parts[1] and int(parts[1]) != _rank()):
+        return
+    if len(parts) > 2 and parts[2] not in os.path.basename(path):
+        return
+    raise OSError(errno.EIO, f"injected write failure (MMPT_FAULT_WRITE) on rank {_rank()}", str(path))
 
 
 _MICRO = [0]

@@ -172,20 +172,21 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             "tp": cfg.parallel.tp, "rng": torch.get_rng_state(),
         }}
         audit.flush()
-        try:
+        try:  # a failure on any rank raises on every rank, at the same point (pretrain/checkpoint/atomic.py)
             tag = ckpt.save_atomic(engine, root, step, client, keep_last=cfg.checkpoint.keep_last,
                                    keep_every=cfg.checkpoint.keep_every)
+            log.info("saved checkpoint %s/%s", root, tag)
+            if cfg.checkpoint.universal:
+                save_universal(root, tag)  # pretrain/checkpoint/resume.py
         except ckpt.CheckpointSaveError as e:
             save_failures += 1
-            log.error("%s (failure %d of at most %d in a row)", e, save_failures, cfg.checkpoint.max_failures)
+            log.error("rank %d: %s (failure %d of at most %d in a row)", rank, e, save_failures,
+                      cfg.checkpoint.max_failures)
             metrics.log(step, {"checkpoint_failed": str(e)})
             if final or save_failures >= cfg.checkpoint.max_failures:
                 raise
             return
         save_failures = 0
-        log.info("saved checkpoint %s/%s", root, tag)
-        if cfg.checkpoint.universal:
-            save_universal(root, tag)  # pretrain/checkpoint/resume.py
 
     bar = None
     if rank == 0 and cfg.logging.progress:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from parallel.settings import ParallelConfig
 from pretrain.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +24,16 @@ TINY = [
     "train.micro_batch=8", "train.precision=fp32", "optim.warmup_steps=2", "optim.lr=2e-3",
     "logging.every=1", "logging.progress=false", "parallel.zero_stage=3", "parallel.persistence_threshold=0",
 ]
+# TINY and the other test recipes partition every parameter (threshold 0); the correctness tests also run at
+# the shipped default, under which ZeRO-3 keeps the small parameters of these models whole on every rank.
+DEFAULT_PERSISTENCE = f"parallel.persistence_threshold={ParallelConfig.persistence_threshold}"
+
+
+def persistent_params(run_dir: Path) -> int:
+    """Elements per TP rank that ZeRO-3 kept whole in `run_dir`'s run (the plan in its memory.json)."""
+    import json
+
+    return json.loads((Path(run_dir) / "memory.json").read_text())["plan"]["params"]["persistent_per_tp_rank"]
 
 
 def write_shards(d: Path) -> dict[str, str]:

@@ -4,11 +4,19 @@ and eval.
 
 Atomic save protocol (a kill -9 or a full disk at any point leaves the previous checkpoint loadable):
 1. every rank writes its DeepSpeed files into `<root>/.staging/<tag>/` (never into a live tag folder);
-2. each rank fsyncs what it wrote; all ranks agree (all_reduce) whether every write succeeded;
+2. each rank fsyncs what it wrote; all ranks agree (one all_gather of each rank's error, if any) whether
+   every write succeeded;
 3. rank 0 writes `<tag>/mmpt_complete.json` (file names and sizes), fsyncs, renames the folder to
    `<root>/<tag>`, then replaces `latest` through a fsynced temporary file and a rename.
 A folder without `mmpt_complete.json` is never resumed from; `--resume latest` takes the newest complete
 checkpoint even if `latest` was lost.
+
+A failure on one rank never leaves the ranks in different collectives: DeepSpeed's `save_checkpoint` runs
+collectives between and after its file writes (the tag check, the all_gather of persistent ZeRO-3
+parameters, a closing barrier), so a write error is recorded instead of raised
+(`write_errors.deferred_write_errors`) and DeepSpeed goes on through them on every rank; every step that
+may fail on one rank is followed by an agreement that every rank reaches (`consensus.failures_by_rank`),
+and all ranks then raise CheckpointSaveError together, each naming the failing ranks and their errors.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ import torch
 import torch.distributed as dist
 
 from parallel import groups
-from parallel.consensus import any_rank
+from parallel.consensus import any_rank, failures_by_rank
 from pretrain import faults
 from pretrain.checkpoint.tensor_files import IntegrityError, file_sha256
+from pretrain.checkpoint.write_errors import deferred_write_errors
 from pretrain.config import Config
 
 log = logging.getLogger("mmpt.checkpoint")
@@ -204,12 +213,6 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _agree(ok: bool) -> bool:
-    """True only if `ok` on every rank."""
-    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
-    return not any_rank(not ok, "cuda" if nccl else "cpu")
-
-
 def _explain(error: BaseException, where: Path) -> BaseException:
     """torch.save reports a full disk as a zip-writer RuntimeError; say what it really is."""
     if isinstance(error, OSError):
@@ -232,39 +235,54 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _raise_if_failed(error: BaseException | None, doing: str, root: Path, tag: str) -> None:
+    """Agree over all ranks whether `doing` succeeded; if not, raise CheckpointSaveError on every rank
+    (after rank 0 removed the staged files)."""
+    failed = failures_by_rank(error)
+    if not failed:
+        return
+    if _rank() == 0:
+        shutil.rmtree(root / STAGING / tag, ignore_errors=True)
+    _barrier()  # every rank is here: the staged files are gone before any rank goes on
+    prev = latest_tag(root) or "none"
+    after = (f"the newest complete checkpoint is {prev}" if doing == "publishing" else
+             f"nothing was published, the previous checkpoint ({prev}) is intact")
+    raise CheckpointSaveError(f"{doing} checkpoint {tag} under {root} failed on {'; '.join(failed)}; {after}")
+
+
 def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int = 0,
                 keep_every: int = 0) -> str:
     """Write a checkpoint for `step` with the protocol in the module docstring; return its tag.
 
-    Raises CheckpointSaveError (on every rank) if any rank failed; the staging folder is then removed
-    and `latest` still names the previous complete checkpoint."""
+    Raises CheckpointSaveError on every rank if any rank failed, naming each failing rank and its error;
+    the staging folder is then removed and `latest` still names the previous complete checkpoint."""
     root = Path(root)
     tag = tag_for(step)
     staging = root / STAGING
     rank = _rank()
-    if rank == 0:
-        shutil.rmtree(staging / tag, ignore_errors=True)  # leftovers of a save killed mid-way
-        staging.mkdir(parents=True, exist_ok=True)
-    _barrier()
     error: BaseException | None = None
-    try:
+    if rank == 0:
+        try:
+            shutil.rmtree(staging / tag, ignore_errors=True)  # leftovers of a save killed mid-way
+            staging.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            error = _explain(e, root)
+    _raise_if_failed(error, "preparing", root, tag)  # (also the barrier before any rank writes)
+
+    with deferred_write_errors(engine, step) as write_errors:
         engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
-        for f in (staging / tag).glob(f"*rank_{groups.dp_rank()}_*"):
-            _fsync_file(f)
-    except (OSError, RuntimeError) as e:  # full disk, permissions, quota, I/O (torch.save: RuntimeError)
-        error = _explain(e, staging)
-        _barrier()  # stand in for DeepSpeed's closing barrier that the other ranks are waiting in
-    if not _agree(error is None):
-        if rank == 0:
-            shutil.rmtree(staging / tag, ignore_errors=True)
-        _barrier()
-        prev = latest_tag(root)
-        raise CheckpointSaveError(
-            f"saving checkpoint {tag} under {root} failed"
-            + (f" on rank {rank}: {error}" if error else " on another rank")
-            + f"; nothing was published, the previous checkpoint ({prev or 'none'}) is intact")
+    error = write_errors[0] if write_errors else None
+    if error is None:
+        try:
+            for f in (staging / tag).glob(f"*rank_{groups.dp_rank()}_*"):
+                _fsync_file(f)
+        except OSError as e:
+            error = e
+    _raise_if_failed(error and _explain(error, staging), "saving", root, tag)
+
     faults.maybe_kill("save-before-commit", step)
-    hashes = _gather_hashes(staging / tag)
+    hashes, error = _gather_hashes(staging / tag)
+    _raise_if_failed(error, "hashing", root, tag)
     if rank == 0:
         try:
             files = sorted(p for p in (staging / tag).iterdir() if p.is_file())
@@ -289,17 +307,14 @@ def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any]
             for helper in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's consolidation scripts
                 if (staging / helper).is_file() and not (root / helper).exists():
                     shutil.copy2(staging / helper, root / helper)
-            ok = True
-        except OSError as e:
-            error, ok = _explain(e, staging), False
-            shutil.rmtree(staging / tag, ignore_errors=True)
-    else:
-        ok = True
-    if not _agree(ok):
-        raise CheckpointSaveError(f"publishing checkpoint {tag} under {root} failed: {error or 'rank 0'}; "
-                                  f"the previous checkpoint ({latest_tag(root) or 'none'}) is intact")
+        except Exception as e:  # anything: the other ranks are waiting for rank 0's verdict below
+            error = _explain(e, staging)
+    _raise_if_failed(error, "publishing", root, tag)
     if rank == 0 and (keep_last or keep_every):
-        prune(root, keep_last, keep_every)
+        try:
+            prune(root, keep_last, keep_every)
+        except OSError as e:  # the new checkpoint is published; old ones stay until the next save
+            log.warning("pruning old checkpoints under %s failed: %s", root, e)
     _barrier()
     return tag
 
@@ -309,14 +324,18 @@ def _own_files(tag_dir: Path) -> list[Path]:
     return sorted(Path(tag_dir).glob(f"zero_pp_rank_{groups.dp_rank()}_mp_rank_{groups.tp_rank():02d}_*"))
 
 
-def _gather_hashes(tag_dir: Path) -> dict[str, str]:
-    """sha256 of every rank's own files, computed in parallel by their writers, collected on every rank."""
-    mine = {f.name: file_sha256(f) for f in _own_files(tag_dir)}
+def _gather_hashes(tag_dir: Path) -> tuple[dict[str, str], BaseException | None]:
+    """sha256 of every rank's own files, computed in parallel by their writers, collected on every rank;
+    and this rank's error reading its files, if any (every rank still takes part in the gather)."""
+    try:
+        mine, error = {f.name: file_sha256(f) for f in _own_files(tag_dir)}, None
+    except OSError as e:
+        mine, error = {}, e
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return mine
+        return mine, error
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
-    return {k: v for d in every for k, v in d.items()}
+    return {k: v for d in every for k, v in d.items()}, error
 
 
 def verify_marker(tag_dir: Path, files: list[Path] | None = None) -> None:

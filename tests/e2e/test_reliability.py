@@ -1,4 +1,5 @@
-"""Fault injection: kill -9 mid-save and mid-training, a full disk during a save, non-finite losses,
+"""Fault injection: kill -9 mid-save and mid-training, a full disk during a save, a write failure on one
+rank, non-finite losses,
 up-front config validation, safe loading, determinism. Real training runs; marked slow."""
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import TINY, run_pretrain
+from tiny import DEFAULT_PERSISTENCE, TINY, run_pretrain
 
 from data_pipelines.audit import read_keys
 from pretrain.checkpoint import atomic as ckpt
@@ -137,6 +139,69 @@ def test_full_disk_during_save_is_reported_and_previous_checkpoint_survives(shar
               resume=str(tmp_path / "copy"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert [row["step"] for row in read_metrics(tmp_path / "run2")] == [3]
+
+
+# ------------------------------------------------------------------------------ one rank's failed save
+# 2 ranks at the default persistence threshold, where DeepSpeed's save_checkpoint runs collectives (the
+# all_gather of persistent parameters, a barrier) after the file writes: a write failing on rank 1 must
+# neither leave rank 1 out of them nor make any rank wait for parallel.timeout_s.
+TIMEOUT_S = 60
+ONE_RANK_FAILS = (DEFAULT_PERSISTENCE, "train.steps=6", "checkpoint.every=2",
+                  f"parallel.timeout_s={TIMEOUT_S}")
+
+
+def _logged_at(stderr: str, needle: str) -> float:
+    """Wall-clock time of the first log line containing `needle` (the trainer's `%(asctime)s` prefix)."""
+    for line in stderr.splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ", line)
+        if m and needle in line:
+            return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    raise AssertionError(f"no log line with {needle!r}:\n{stderr[-3000:]}")
+
+
+def test_write_failure_on_one_rank_is_reported_by_every_rank_and_training_goes_on(shards, tmp_path):
+    run = tmp_path / "run"
+    r = train(shards, run, *ONE_RANK_FAILS, "checkpoint.max_failures=3", procs=2,
+              env={"MMPT_FAULT_WRITE": "4:1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    failed = "saving checkpoint global_step4 under"
+    t_fail = _logged_at(r.stderr, "rank 1: writing")  # the injected error, when rank 1 hit it
+    for rank in (0, 1):  # both ranks report it, naming rank 1, within seconds (a hang would take 60 s)
+        t = _logged_at(r.stderr, f"rank {rank}: {failed}")
+        assert t - t_fail < TIMEOUT_S / 4, f"rank {rank} reported the failed save {t - t_fail:.0f}s late"
+    assert re.search(r"rank 0: saving checkpoint global_step4 .* failed on rank 1: .*injected write failure",
+                     r.stderr)
+    rows = read_metrics(run)
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]  # went on from memory
+    fails = [row for row in rows if "checkpoint_failed" in row]
+    assert [row["step"] for row in fails] == [4] and "failed on rank 1" in fails[0]["checkpoint_failed"]
+    root = run / "checkpoints"
+    assert ckpt.complete_tags(root) == ["global_step2", "global_step6"]  # the next save succeeded
+    assert (root / "latest").read_text() == "global_step6"
+    assert not (root / ".staging" / "global_step4").exists()
+    assert ckpt.read_client_state(root)["step"] == 6
+
+
+@pytest.mark.parametrize("case", ["max_failures", "final_save"])
+def test_write_failure_on_one_rank_stops_every_rank_promptly(shards, tmp_path, case):
+    """checkpoint.max_failures=1 stops at the first failed save; a failed final save always stops. Every
+    rank exits nonzero with the error, seconds after the failure (not after parallel.timeout_s)."""
+    run = tmp_path / "run"
+    step, limit, fault = (4, 1, "4:1") if case == "max_failures" else (6, 3, "6:1:optim_states")
+    r = train(shards, run, *ONE_RANK_FAILS, f"checkpoint.max_failures={limit}", procs=2,
+              env={"MMPT_FAULT_WRITE": fault})
+    ended = time.time()
+    assert r.returncode != 0
+    t_fail = _logged_at(r.stderr, "rank 1: writing")
+    assert ended - t_fail < TIMEOUT_S / 2, f"the job exited {ended - t_fail:.0f}s after the failed write"
+    for rank in (0, 1):
+        assert re.search(rf"pretrain: error on rank {rank}: saving checkpoint global_step{step} .* failed on "
+                         r"rank 1: .*injected write failure", r.stderr), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert [row["step"] for row in read_metrics(run) if "loss" in row] == list(range(1, step + 1))
+    root = run / "checkpoints"
+    assert ckpt.latest_tag(root) == f"global_step{step - 2}"  # the previous checkpoint is what remains
+    assert not (root / ".staging" / f"global_step{step}").exists()
 
 
 # ------------------------------------------------------------------------------ non-finite steps

@@ -1,5 +1,6 @@
 """2-D layouts end to end under the real deepspeed launcher on CPU gloo ranks: a single process, (tp=1, dp=2),
-(tp=2, dp=1) and (tp=2, dp=2) train 10 fp32 steps from the same seed on the same global batches and log
+(tp=2, dp=1) and (tp=2, dp=2) (the latter also at the default persistence threshold, where ZeRO-3 keeps
+small parameters whole) train 10 fp32 steps from the same seed on the same global batches and log
 the same losses and grad norms; the 4-rank ZeRO-3 run holds about a quarter of the model states per rank;
 a TP checkpoint consolidates into the single-device model for eval.
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import DEFAULT_PERSISTENCE, persistent_params
 
 from launch.rendezvous import free_port
 from pretrain.metrics import read_metrics
@@ -42,6 +44,9 @@ LAYOUTS = {  # name: (ranks, overrides); global batch 16 everywhere; the referen
     "dp2": (2, ["parallel.tp=1", "train.micro_batch=8", "parallel.zero_stage=3"]),
     "tp2": (2, ["parallel.tp=2", "train.micro_batch=16", "parallel.zero_stage=3", "checkpoint.every=5"]),
     "tp2dp2": (4, ["parallel.tp=2", "train.micro_batch=8", "parallel.zero_stage=3"]),
+    # the default persistence threshold: ZeRO-3 keeps attention matrices, norms and biases whole
+    "tp2dp2_default": (4, ["parallel.tp=2", "train.micro_batch=8", "parallel.zero_stage=3",
+                           DEFAULT_PERSISTENCE]),
 }
 
 
@@ -83,7 +88,7 @@ def test_every_layout_logs_the_same_losses_for_ten_steps(runs):
     assert [r["step"] for r in ref] == list(range(1, STEPS + 1))
     assert ref[-1]["loss"] < ref[0]["loss"] * 0.9  # it trains, so the steps are not all alike
     norms = read_metrics(runs["dp2"])  # ZeRO-0 (the plain reference) does not report a grad norm
-    for name in ("dp2", "tp2", "tp2dp2"):
+    for name in ("dp2", "tp2", "tp2dp2", "tp2dp2_default"):
         rows = read_metrics(runs[name])
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), name
         for a, b, n in zip(ref, rows, norms):
@@ -106,6 +111,12 @@ def test_tp2_dp2_zero3_holds_a_quarter_of_the_model_states_per_rank(runs):
         for key in ("params", "grads", "optimizer"):
             assert m[key] == pytest.approx(plan["per_rank_bytes"][key], rel=0.02), (key, m)
         assert m["local_params"] == plan["params"]["per_tp_rank"]  # the TP share the plan predicted
+    # at the default threshold each rank also holds its whole persistent parameters, as planned
+    report = json.loads((runs["tp2dp2_default"] / "memory.json").read_text())
+    plan = report["plan"]
+    assert persistent_params(runs["tp2dp2_default"]) > 0
+    for m in report["measured"]:
+        assert m["total"] == pytest.approx(plan["per_rank_bytes"]["total"], rel=0.02), m
     # and the single-process run holds everything in one place
     single = json.loads((runs["single"] / "memory.json").read_text())
     assert single["measured"][0]["params"] == pytest.approx(4 * single["plan"]["params"]["total"], rel=0.01)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import ROOT, TINY, run_pretrain
+from tiny import DEFAULT_PERSISTENCE, ROOT, TINY, persistent_params, run_pretrain
 
 from pretrain.metrics import read_metrics
 
@@ -36,6 +36,16 @@ def losses(run_dir: Path) -> dict[int, float]:
 def straight_run(shards, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("straight") / "run"
     deepspeed_train(run, [f"data.train={shards['train']}", "train.steps=16", "checkpoint.every=8"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def straight_run_default(shards, tmp_path_factory) -> Path:
+    """The same run at the default persistence threshold: ZeRO-3 keeps the small parameters whole."""
+    run = tmp_path_factory.mktemp("straight_default") / "run"
+    deepspeed_train(run, [f"data.train={shards['train']}", "train.steps=16", "checkpoint.every=8",
+                          DEFAULT_PERSISTENCE])
+    assert persistent_params(run) > 0
     return run
 
 
@@ -72,18 +82,27 @@ def test_tensorboard_has_each_objective(straight_run):
     assert len(acc.Scalars("loss/loss_mim")) == 16
 
 
-def test_resume_matches_uninterrupted_run(straight_run, shards, tmp_path):
-    """Resume from the step-8 checkpoint of the straight run: steps 9..16 give the same losses."""
+@pytest.mark.parametrize("persistence", ["threshold0", "default_threshold"])
+def test_resume_matches_uninterrupted_run(persistence, request, shards, tmp_path):
+    """Resume from the step-8 checkpoint of the straight run: steps 9..16 give the same losses, with every
+    parameter partitioned (threshold 0) and with the default's persistent (unpartitioned) parameters."""
+    default = persistence == "default_threshold"
+    straight = request.getfixturevalue("straight_run_default" if default else "straight_run")
+    extra = [DEFAULT_PERSISTENCE] if default else []
     run = tmp_path / "resumed"
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight_run / "checkpoints" / "global_step8", run / "checkpoints" / "global_step8")
+    shutil.copytree(straight / "checkpoints" / "global_step8", run / "checkpoints" / "global_step8")
     (run / "checkpoints" / "latest").write_text("global_step8")
-    deepspeed_train(run, [f"data.train={shards['train']}", "train.steps=16", "checkpoint.every=8"],
+    deepspeed_train(run, [f"data.train={shards['train']}", "train.steps=16", "checkpoint.every=8", *extra],
                     resume="latest")
-    a, b = losses(straight_run), losses(run)
+    a, b = losses(straight), losses(run)
     assert sorted(b) == list(range(9, 17))
     for step in range(9, 17):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
+    if default:  # persistence changes where parameters live, not the math
+        ref = losses(request.getfixturevalue("straight_run"))
+        for step, value in a.items():
+            assert value == pytest.approx(ref[step], rel=1e-5, abs=1e-6), (step, ref[step], value)
 
 
 def test_eval_reports_zero_shot_and_retrieval(straight_run, shards):

@@ -1,6 +1,9 @@
 """A run's state survives a change of layout: 20 steps straight at (dp=2, tp=1) versus 10 steps there ->
 universal checkpoint -> 10 more at (dp=1, tp=2) and at (dp=4, tp=1), under the real deepspeed launcher.
 
+The same again at the default `parallel.persistence_threshold`, where ZeRO-3 keeps these small parameters
+whole on every rank (the other cases partition everything): written, converted and loaded under both.
+
 Steps 11-20 must log the same losses (fp32, 1e-4 relative) and train on exactly the same samples. Same
 global batches in every layout: 4-sample shards, no sample shuffle, one open shard per stream, so each
 step's global batch is 4 whole shards (16 samples: micro_batch 8 x dp 2, 16 x 1, 4 x 4) and the re-deal
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import ROOT, pretrain_cli, run_pretrain
+from tiny import DEFAULT_PERSISTENCE, ROOT, persistent_params, pretrain_cli, run_pretrain
 
 from data_pipelines.audit import read_keys
 from pretrain.metrics import read_metrics
@@ -65,29 +68,49 @@ def _keys_by_step(run_dir: Path) -> dict[int, set[str]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def runs(data, tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("uni_runs")
-    straight = base / "straight"  # also saves at step 10, in both formats (checkpoint.universal)
-    _train(straight, 2, ["train.micro_batch=8", "checkpoint.every=10", "checkpoint.universal=true"], data)
-    uni = base / "universal10"
-    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "convert",
-                        str(straight / "checkpoints" / "global_step10"), str(uni), "--to", "universal"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+def _convert(checkpoint: Path, out: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "convert", str(checkpoint), str(out), "--to",
+                        "universal"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _layout_runs(base: Path, data: list[str], extra: list[str]) -> dict[str, Path]:
+    """Straight (dp=2) run -> universal conversion of step 10 -> resumed under (tp=2) and (dp=4).
+
+    The straight run also saves at step 10 in both formats (checkpoint.universal)."""
+    straight = base / "straight"
+    _train(straight, 2, ["train.micro_batch=8", "checkpoint.every=10", "checkpoint.universal=true", *extra],
+           data)
+    uni = base / "universal10"
+    _convert(straight / "checkpoints" / "global_step10", uni)
     out = {"straight": straight, "universal": uni}
-    for name, procs, extra in [("tp2", 2, ["parallel.tp=2", "train.micro_batch=16"]),
-                               ("dp4", 4, ["train.micro_batch=4"])]:
+    for name, procs, layout in [("tp2", 2, ["parallel.tp=2", "train.micro_batch=16"]),
+                                ("dp4", 4, ["train.micro_batch=4"])]:
         # no data.tokenizer: the resumed run must take the checkpoint's own tokenizer
-        _train(base / name, procs, extra, data[:1], resume=str(uni))
+        _train(base / name, procs, [*layout, *extra], data[:1], resume=str(uni))
         assert (base / name / "tokenizer.json").read_text() == (straight / "tokenizer.json").read_text()
         out[name] = base / name
     return out
 
 
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory) -> dict[str, Path]:
+    return _layout_runs(tmp_path_factory.mktemp("uni_runs"), data, [])
+
+
+@pytest.fixture(scope="module")
+def runs_default(data, tmp_path_factory) -> dict[str, Path]:
+    """Every run at the default persistence threshold (all of SMALL's parameters stay whole)."""
+    out = _layout_runs(tmp_path_factory.mktemp("uni_runs_default"), data, [DEFAULT_PERSISTENCE])
+    assert persistent_params(out["straight"]) > 0
+    return out
+
+
 @pytest.mark.timeout(1200)
+@pytest.mark.parametrize("persistence", ["threshold0", "default_threshold"])
 @pytest.mark.parametrize("layout", ["tp2", "dp4"])
-def test_resume_under_new_layout_matches_straight_run(runs, layout):
+def test_resume_under_new_layout_matches_straight_run(request, layout, persistence):
+    runs = request.getfixturevalue("runs" if persistence == "threshold0" else "runs_default")
     ref, got = _losses(runs["straight"]), _losses(runs[layout])
     assert sorted(got) == list(range(HALF + 1, STEPS + 1)), "the resumed run must log steps 11..20"
     for step in range(HALF + 1, STEPS + 1):
@@ -112,6 +135,26 @@ def test_direct_universal_save_equals_conversion(runs):
     assert meta["step"] == HALF and meta["dp_world"] == 2 and meta["tp"] == 1
     assert any(e["tp_split_dim"] == 0 for e in meta["params"].values())  # column-parallel weights
     assert any(e["tp_split_dim"] == 1 for e in meta["params"].values())  # row-parallel weights
+
+
+@pytest.mark.timeout(1200)
+def test_default_threshold_trains_and_converts_to_the_same_state(runs, runs_default):
+    """Persistent parameters change where ZeRO-3 keeps them, not the math or what a checkpoint holds."""
+    from pretrain.checkpoint.sources import open_source
+
+    ref, got = _losses(runs["straight"]), _losses(runs_default["straight"])
+    assert sorted(got) == sorted(ref)
+    for step, values in ref.items():
+        for k, v in values.items():
+            assert got[step][k] == pytest.approx(v, rel=1e-5), (step, k, got[step][k], v)
+    ref = open_source(runs["universal"])
+    direct = runs_default["straight"] / "checkpoints" / "universal" / "global_step10"
+    for src in (open_source(runs_default["universal"]), open_source(direct)):  # converted, saved directly
+        assert src.names == ref.names
+        for name in ref.names:
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(src.tensor(name, key), ref.tensor(name, key), rtol=1e-5, atol=1e-7,
+                                           msg=f"{src.path}: {name} {key}")
 
 
 @pytest.mark.timeout(1200)
