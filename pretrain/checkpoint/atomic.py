@@ -17,8 +17,11 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -112,47 +115,91 @@ def _model_states_file(tag_dir: Path) -> Path:
 
 
 def _deepspeed_safe_globals() -> list[Any]:
-    """The few DeepSpeed classes its checkpoint files pickle (enums and loss-scaler records)."""
+    """The few DeepSpeed classes its checkpoint files pickle: enums, loss-scaler records and (ZeRO 1-2
+    optimizer states) the `fragment_address` (numel, start) records of each parameter's slice."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+class UnsafeCheckpointError(ValueError, pickle.UnpicklingError):
+    """A checkpoint file holds code or objects other than tensors, containers and DeepSpeed's allow-listed
+    records: refused without running anything in it."""
+
+
+def _why_refused(error: BaseException) -> str:
+    """What torch's weights-only refusal found, in a few words (e.g. `unsupported global posix.system`)."""
+    text = str(error)
+    m = re.search(r"GLOBAL (\S+)", text)
+    if m:
+        return f"unsupported global {m.group(1)}"
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if m:
+        return m.group(1).strip()[:300]
+    parts = [p.strip() for p in text.split("\n\n") if p.strip()
+             and not p.strip().startswith(("Weights only load failed", "Check the documentation"))]
+    return (parts[0] if parts else text.strip() or type(error).__name__).splitlines()[0][:300]
+
+
+def load_error(path: Any, error: BaseException) -> Exception:
+    """Our error, naming the file, for a failed weights-only torch.load of `path`."""
+    if isinstance(error, (UnsafeCheckpointError, FileNotFoundError)):
+        return error
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+        return UnsafeCheckpointError(f"{path}: refused: contains code or objects that are not tensors "
+                                     f"({_why_refused(error)}); checkpoints are never unpickled")
+    return ValueError(f"{path}: cannot be read as a checkpoint file ({type(error).__name__}: {error})")
+
+
+def _load(f: Any, *args: Any, **kwargs: Any) -> Any:
+    """torch's own loader (`torch.serialization.load`, never a patched `torch.load`) with weights_only=True
+    and only DeepSpeed's allow-listed records; any failure raised naming the file."""
+    kwargs["weights_only"] = True
+    kwargs.pop("pickle_module", None)  # a custom unpickler is exactly what weights_only rules out
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.serialization.load(f, *args, **kwargs)
+    except Exception as e:  # torch reports refusals and damage with many exception types
+        raise load_error(os.fspath(f) if isinstance(f, (str, os.PathLike)) else repr(f), e) from None
 
 
 @contextlib.contextmanager
 def weights_only_loads():
     """Force `weights_only=True` on every torch.load in the block, DeepSpeed's own readers included.
 
-    DeepSpeed's zero_to_fp32 turns weights-only loading off (full unpickling, i.e. arbitrary code from a
-    file). Checkpoints travel between clusters and users, so we never unpickle them: only tensors,
-    containers and the allow-listed DeepSpeed records above are accepted."""
+    DeepSpeed's checkpoint engine (`engine.load_checkpoint`), zero_to_fp32 and universal loaders turn
+    weights-only loading off (full unpickling, i.e. arbitrary code from a file). Checkpoints travel between
+    clusters and users, so we never unpickle them: only tensors, containers and the allow-listed DeepSpeed
+    records above are accepted, and a file holding anything else raises `UnsafeCheckpointError` naming it."""
     original = torch.load
-
-    def safe_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        torch.load = safe_load
-        try:
-            yield
-        finally:
-            torch.load = original
+    torch.load = _load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def safe_load(path: str | Path) -> Any:
-    with weights_only_loads():
-        return torch.load(path, map_location="cpu")
+    """Weights-only torch.load of a whole checkpoint file; a damaged or refused file is reported by name."""
+    return _load(path, map_location="cpu")
 
 
 def mmap_load(path: Path) -> Any:
     """Safe, lazy torch.load of a checkpoint file (tensors memory-mapped: slicing reads only those
-    pages); a damaged file is reported by name."""
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch reports zip/pickle damage with many exception types
-        raise ValueError(f"{path}: cannot be read as a checkpoint file ({type(e).__name__}: {e})") from None
+    pages); a damaged or refused file is reported by name."""
+    return _load(path, map_location="cpu", mmap=True)
+
+
+def check_loadable(files: Iterable[Path]) -> None:
+    """Parse each file weights-only (memory-mapped: only its pickle is read, not its tensor data) and
+    raise `UnsafeCheckpointError` / ValueError naming the first one that holds code or cannot be read.
+
+    Run before handing files to a reader that is only kept weights-only by `weights_only_loads`
+    (DeepSpeed's), so a bad file is refused by name, on the ranks that agree to stop, before any load."""
+    for f in files:
+        _load(f, map_location="cpu", mmap=zipfile.is_zipfile(f))
 
 
 def read_client_state(root: Path, tag: str | None = None) -> dict[str, Any]:
@@ -305,8 +352,9 @@ def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any]
 
 
 def _own_files(tag_dir: Path) -> list[Path]:
-    """The files this rank wrote (or, on load, reads) in a ZeRO checkpoint: its (dp, tp) pair's."""
-    return sorted(Path(tag_dir).glob(f"zero_pp_rank_{groups.dp_rank()}_mp_rank_{groups.tp_rank():02d}_*"))
+    """The files this rank wrote (or, on load, reads) in a ZeRO checkpoint: its (dp, tp) pair's (bf16
+    ZeRO 1-2 optimizer states carry DeepSpeed's `bf16_` prefix)."""
+    return sorted(Path(tag_dir).glob(f"*zero_pp_rank_{groups.dp_rank()}_mp_rank_{groups.tp_rank():02d}_*"))
 
 
 def _gather_hashes(tag_dir: Path) -> dict[str, str]:
@@ -347,17 +395,61 @@ def verify_marker(tag_dir: Path, files: list[Path] | None = None) -> None:
                                  "refusing to load it")
 
 
-def verify_for_load(tag_dir: Path) -> None:
-    """Every rank checks the files it will read; all ranks fail together, each naming what it found."""
+def deepspeed_reads(tag_dir: Path, elastic: bool = False) -> list[Path]:
+    """Every file DeepSpeed's `engine.load_checkpoint` may read on this rank: the model-states files its
+    DP rank globs (ZeRO-3: `zero_pp_rank_<dp>_mp_rank_*`; ZeRO 0-2: the shared `mp_rank_*`) and its own
+    optimizer states (with ZeRO's elastic checkpoints: every DP rank's of its TP rank)."""
+    tag_dir = Path(tag_dir)
+    dp, tp = groups.dp_rank(), groups.tp_rank()
+    found = {*tag_dir.glob(f"zero_pp_rank_{dp}_mp_rank_*_model_states.pt"),
+             *tag_dir.glob("mp_rank_*_model_states.pt"),
+             *tag_dir.glob(f"*zero_pp_rank_{'*' if elastic else dp}_mp_rank_{tp:02d}*optim_states.pt")}
+    return sorted(found)
+
+
+def _fail_together(error: Exception | None) -> None:
+    """Raise on every rank if any rank found `error`: a rank raises its own finding, the others the first
+    failing rank's (so every rank's log names the file), and none is left waiting in a collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    nccl = dist.get_backend() == "nccl"
+    if not any_rank(error is not None, "cuda" if nccl else "cpu"):
+        return
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    rank, (kind, message) = next((r, e) for r, e in enumerate(every) if e is not None)
+    kinds = {"UnsafeCheckpointError": UnsafeCheckpointError, "IntegrityError": IntegrityError}
+    cls = kinds.get(kind, ValueError)
+    raise cls(f"{message} (found by rank {rank}; every rank stops before loading)")
+
+
+def verify_for_load(tag_dir: Path, elastic: bool = False) -> None:
+    """Every rank checks the files it will read: sha256 against the marker, then a weights-only parse of
+    every file DeepSpeed will read on it (a file holding code is refused by name). All ranks fail
+    together, each naming what was found, before anything is loaded."""
     error: Exception | None = None
     try:
         verify_marker(tag_dir, _own_files(tag_dir) or None)
-    except IntegrityError as e:
+        check_loadable(deepspeed_reads(tag_dir, elastic))
+    except (ValueError, OSError) as e:  # IntegrityError, UnsafeCheckpointError, unreadable files
         error = e
-    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
-    if any_rank(error is not None, "cuda" if nccl else "cpu"):
-        raise error or IntegrityError(f"{tag_dir}: another rank found a corrupt checkpoint file "
-                                      "(see its log)")
+    _fail_together(error)
+
+
+def load_deepspeed(engine: Any, root: Path, tag: str) -> None:
+    """DeepSpeed's own `engine.load_checkpoint(root, tag)`, without ever unpickling: every rank first
+    checks what it will read (`verify_for_load`), then DeepSpeed loads with every torch.load forced
+    weights-only (`weights_only_loads`)."""
+    elastic = bool(getattr(engine, "zero_elastic_checkpoint", lambda: False)())
+    verify_for_load(Path(root) / tag, elastic)
+    with weights_only_loads():
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {root}/{tag}")
 
 
 def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:
