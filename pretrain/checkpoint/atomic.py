@@ -9,19 +9,19 @@ Atomic save protocol (a kill -9 or a full disk at any point leaves the previous 
    `<root>/<tag>`, then replaces `latest` through a fsynced temporary file and a rename.
 A folder without `mmpt_complete.json` is never resumed from; `--resume latest` takes the newest complete
 checkpoint even if `latest` was lost.
+
+Loading (`load_deepspeed`): every rank checks the files it will read (sha256 against the marker, then a
+weights-only parse), all ranks stop together if any file is refused, and DeepSpeed's own load runs with
+every torch.load forced weights-only (`weights_only.py`; `safe_load` and `mmap_load` are re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
-import zipfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,14 @@ from parallel import groups
 from parallel.consensus import any_rank
 from pretrain import faults
 from pretrain.checkpoint.tensor_files import IntegrityError, file_sha256
+from pretrain.checkpoint.weights_only import (
+    UnsafeCheckpointError,
+    check_loadable,
+    safe_load,
+    weights_only_loads,
+)
+from pretrain.checkpoint.weights_only import _deepspeed_safe_globals as _deepspeed_safe_globals
+from pretrain.checkpoint.weights_only import mmap_load as mmap_load
 from pretrain.config import Config
 
 log = logging.getLogger("mmpt.checkpoint")
@@ -112,94 +120,6 @@ def _model_states_file(tag_dir: Path) -> Path:
         raise FileNotFoundError(f"{tag_dir}: no *_model_states.pt file; not a DeepSpeed checkpoint")
     rank0 = [f for f in files if re.search(r"(zero_pp_rank_0_)?mp_rank_00_model_states\.pt$", f.name)]
     return rank0[0] if rank0 else files[0]
-
-
-def _deepspeed_safe_globals() -> list[Any]:
-    """The few DeepSpeed classes its checkpoint files pickle: enums, loss-scaler records and (ZeRO 1-2
-    optimizer states) the `fragment_address` (numel, start) records of each parameter's slice."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-class UnsafeCheckpointError(ValueError, pickle.UnpicklingError):
-    """A checkpoint file holds code or objects other than tensors, containers and DeepSpeed's allow-listed
-    records: refused without running anything in it."""
-
-
-def _why_refused(error: BaseException) -> str:
-    """What torch's weights-only refusal found, in a few words (e.g. `unsupported global posix.system`)."""
-    text = str(error)
-    m = re.search(r"GLOBAL (\S+)", text)
-    if m:
-        return f"unsupported global {m.group(1)}"
-    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    if m:
-        return m.group(1).strip()[:300]
-    parts = [p.strip() for p in text.split("\n\n") if p.strip()
-             and not p.strip().startswith(("Weights only load failed", "Check the documentation"))]
-    return (parts[0] if parts else text.strip() or type(error).__name__).splitlines()[0][:300]
-
-
-def load_error(path: Any, error: BaseException) -> Exception:
-    """Our error, naming the file, for a failed weights-only torch.load of `path`."""
-    if isinstance(error, (UnsafeCheckpointError, FileNotFoundError)):
-        return error
-    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
-        return UnsafeCheckpointError(f"{path}: refused: contains code or objects that are not tensors "
-                                     f"({_why_refused(error)}); checkpoints are never unpickled")
-    return ValueError(f"{path}: cannot be read as a checkpoint file ({type(error).__name__}: {error})")
-
-
-def _load(f: Any, *args: Any, **kwargs: Any) -> Any:
-    """torch's own loader (`torch.serialization.load`, never a patched `torch.load`) with weights_only=True
-    and only DeepSpeed's allow-listed records; any failure raised naming the file."""
-    kwargs["weights_only"] = True
-    kwargs.pop("pickle_module", None)  # a custom unpickler is exactly what weights_only rules out
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.serialization.load(f, *args, **kwargs)
-    except Exception as e:  # torch reports refusals and damage with many exception types
-        raise load_error(os.fspath(f) if isinstance(f, (str, os.PathLike)) else repr(f), e) from None
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Force `weights_only=True` on every torch.load in the block, DeepSpeed's own readers included.
-
-    DeepSpeed's checkpoint engine (`engine.load_checkpoint`), zero_to_fp32 and universal loaders turn
-    weights-only loading off (full unpickling, i.e. arbitrary code from a file). Checkpoints travel between
-    clusters and users, so we never unpickle them: only tensors, containers and the allow-listed DeepSpeed
-    records above are accepted, and a file holding anything else raises `UnsafeCheckpointError` naming it."""
-    original = torch.load
-    torch.load = _load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
-def safe_load(path: str | Path) -> Any:
-    """Weights-only torch.load of a whole checkpoint file; a damaged or refused file is reported by name."""
-    return _load(path, map_location="cpu")
-
-
-def mmap_load(path: Path) -> Any:
-    """Safe, lazy torch.load of a checkpoint file (tensors memory-mapped: slicing reads only those
-    pages); a damaged or refused file is reported by name."""
-    return _load(path, map_location="cpu", mmap=True)
-
-
-def check_loadable(files: Iterable[Path]) -> None:
-    """Parse each file weights-only (memory-mapped: only its pickle is read, not its tensor data) and
-    raise `UnsafeCheckpointError` / ValueError naming the first one that holds code or cannot be read.
-
-    Run before handing files to a reader that is only kept weights-only by `weights_only_loads`
-    (DeepSpeed's), so a bad file is refused by name, on the ranks that agree to stop, before any load."""
-    for f in files:
-        _load(f, map_location="cpu", mmap=zipfile.is_zipfile(f))
 
 
 def read_client_state(root: Path, tag: str | None = None) -> dict[str, Any]:
