@@ -5,7 +5,7 @@ One process builds the configured model in a DeepSpeed ZeRO-3 engine and then ti
 * convert: `pretrain convert --to universal` in a child process (so its peak RSS is its own: streaming
   means it stays near a few of the largest tensors, not the model), bytes written / seconds;
 * load: the universal checkpoint into the engine (`pretrain/checkpoint/universal_load.py`) and DeepSpeed's
-  own load.
+  own load (`checkpoint.atomic.load_deepspeed`: files checked, every torch.load weights-only).
 
 Make the model larger with the usual overrides (e.g. model.vision.width=768 model.vision.layers=12).
 """
@@ -82,7 +82,7 @@ def run_ckpt_bench(cfg: Any, workdir: Path) -> dict[str, Any]:
     load_universal(engine, UniversalSource(uni))
     load_uni = _rate(_dir_bytes(uni), time.perf_counter() - t0)
     t0 = time.perf_counter()
-    engine.load_checkpoint(str(root), tag=tag)
+    ckpt.load_deepspeed(engine, root, tag)  # DeepSpeed's own load, weights-only
     load_ds = _rate(_dir_bytes(root / tag), time.perf_counter() - t0)
     return {"params": n_params, "fp32_model_mb": round(n_params * 4 / 2**20, 1), "save": save,
             "convert_universal": convert, "load_universal": load_uni, "load_deepspeed": load_ds,

@@ -17,11 +17,14 @@ parameters, a closing barrier), so a write error is recorded instead of raised
 (`write_errors.deferred_write_errors`) and DeepSpeed goes on through them on every rank; every step that
 may fail on one rank is followed by an agreement that every rank reaches (`consensus.failures_by_rank`),
 and all ranks then raise CheckpointSaveError together, each naming the failing ranks and their errors.
+
+Loading (`load_deepspeed`): every rank checks the files it will read (sha256 against the marker, then a
+weights-only parse), all ranks stop together if any file is refused, and DeepSpeed's own load runs with
+every torch.load forced weights-only (`weights_only.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -37,6 +40,12 @@ from parallel import groups
 from parallel.consensus import any_rank, failures_by_rank
 from pretrain import faults
 from pretrain.checkpoint.tensor_files import IntegrityError, file_sha256
+from pretrain.checkpoint.weights_only import (
+    UnsafeCheckpointError,
+    check_loadable,
+    safe_load,
+    weights_only_loads,
+)
 from pretrain.checkpoint.write_errors import deferred_write_errors
 from pretrain.config import Config
 
@@ -118,50 +127,6 @@ def _model_states_file(tag_dir: Path) -> Path:
         raise FileNotFoundError(f"{tag_dir}: no *_model_states.pt file; not a DeepSpeed checkpoint")
     rank0 = [f for f in files if re.search(r"(zero_pp_rank_0_)?mp_rank_00_model_states\.pt$", f.name)]
     return rank0[0] if rank0 else files[0]
-
-
-def _deepspeed_safe_globals() -> list[Any]:
-    """The few DeepSpeed classes its checkpoint files pickle (enums and loss-scaler records)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Force `weights_only=True` on every torch.load in the block, DeepSpeed's own readers included.
-
-    DeepSpeed's zero_to_fp32 turns weights-only loading off (full unpickling, i.e. arbitrary code from a
-    file). Checkpoints travel between clusters and users, so we never unpickle them: only tensors,
-    containers and the allow-listed DeepSpeed records above are accepted."""
-    original = torch.load
-
-    def safe_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        torch.load = safe_load
-        try:
-            yield
-        finally:
-            torch.load = original
-
-
-def safe_load(path: str | Path) -> Any:
-    with weights_only_loads():
-        return torch.load(path, map_location="cpu")
-
-
-def mmap_load(path: Path) -> Any:
-    """Safe, lazy torch.load of a checkpoint file (tensors memory-mapped: slicing reads only those
-    pages); a damaged file is reported by name."""
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch reports zip/pickle damage with many exception types
-        raise ValueError(f"{path}: cannot be read as a checkpoint file ({type(e).__name__}: {e})") from None
 
 
 def read_client_state(root: Path, tag: str | None = None) -> dict[str, Any]:
@@ -320,8 +285,9 @@ def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any]
 
 
 def _own_files(tag_dir: Path) -> list[Path]:
-    """The files this rank wrote (or, on load, reads) in a ZeRO checkpoint: its (dp, tp) pair's."""
-    return sorted(Path(tag_dir).glob(f"zero_pp_rank_{groups.dp_rank()}_mp_rank_{groups.tp_rank():02d}_*"))
+    """The files this rank wrote (or, on load, reads) in a ZeRO checkpoint: its (dp, tp) pair's (bf16
+    ZeRO 1-2 optimizer states carry DeepSpeed's `bf16_` prefix)."""
+    return sorted(Path(tag_dir).glob(f"*zero_pp_rank_{groups.dp_rank()}_mp_rank_{groups.tp_rank():02d}_*"))
 
 
 def _gather_hashes(tag_dir: Path) -> tuple[dict[str, str], BaseException | None]:
@@ -366,17 +332,61 @@ def verify_marker(tag_dir: Path, files: list[Path] | None = None) -> None:
                                  "refusing to load it")
 
 
-def verify_for_load(tag_dir: Path) -> None:
-    """Every rank checks the files it will read; all ranks fail together, each naming what it found."""
+def deepspeed_reads(tag_dir: Path, elastic: bool = False) -> list[Path]:
+    """Every file DeepSpeed's `engine.load_checkpoint` may read on this rank: the model-states files its
+    DP rank globs (ZeRO-3: `zero_pp_rank_<dp>_mp_rank_*`; ZeRO 0-2: the shared `mp_rank_*`) and its own
+    optimizer states (with ZeRO's elastic checkpoints: every DP rank's of its TP rank)."""
+    tag_dir = Path(tag_dir)
+    dp, tp = groups.dp_rank(), groups.tp_rank()
+    found = {*tag_dir.glob(f"zero_pp_rank_{dp}_mp_rank_*_model_states.pt"),
+             *tag_dir.glob("mp_rank_*_model_states.pt"),
+             *tag_dir.glob(f"*zero_pp_rank_{'*' if elastic else dp}_mp_rank_{tp:02d}*optim_states.pt")}
+    return sorted(found)
+
+
+def _fail_together(error: Exception | None) -> None:
+    """Raise on every rank if any rank found `error`: a rank raises its own finding, the others the first
+    failing rank's (so every rank's log names the file), and none is left waiting in a collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    nccl = dist.get_backend() == "nccl"
+    if not any_rank(error is not None, "cuda" if nccl else "cpu"):
+        return
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    rank, (kind, message) = next((r, e) for r, e in enumerate(every) if e is not None)
+    kinds = {"UnsafeCheckpointError": UnsafeCheckpointError, "IntegrityError": IntegrityError}
+    cls = kinds.get(kind, ValueError)
+    raise cls(f"{message} (found by rank {rank}; every rank stops before loading)")
+
+
+def verify_for_load(tag_dir: Path, elastic: bool = False) -> None:
+    """Every rank checks the files it will read: sha256 against the marker, then a weights-only parse of
+    every file DeepSpeed will read on it (a file holding code is refused by name). All ranks fail
+    together, each naming what was found, before anything is loaded."""
     error: Exception | None = None
     try:
         verify_marker(tag_dir, _own_files(tag_dir) or None)
-    except IntegrityError as e:
+        check_loadable(deepspeed_reads(tag_dir, elastic))
+    except (ValueError, OSError) as e:  # IntegrityError, UnsafeCheckpointError, unreadable files
         error = e
-    nccl = dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
-    if any_rank(error is not None, "cuda" if nccl else "cpu"):
-        raise error or IntegrityError(f"{tag_dir}: another rank found a corrupt checkpoint file "
-                                      "(see its log)")
+    _fail_together(error)
+
+
+def load_deepspeed(engine: Any, root: Path, tag: str) -> None:
+    """DeepSpeed's own `engine.load_checkpoint(root, tag)`, without ever unpickling: every rank first
+    checks what it will read (`verify_for_load`), then DeepSpeed loads with every torch.load forced
+    weights-only (`weights_only_loads`)."""
+    elastic = bool(getattr(engine, "zero_elastic_checkpoint", lambda: False)())
+    verify_for_load(Path(root) / tag, elastic)
+    with weights_only_loads():
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {root}/{tag}")
 
 
 def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:

@@ -59,10 +59,8 @@ class StartPoint:
         if self.universal is not None:
             load_universal(engine, self.universal)
         elif self.target is not None:
-            ckpt.verify_for_load(self.target[0] / self.target[1])  # refuse corrupt files, naming them
-            load_path, _ = engine.load_checkpoint(str(self.target[0]), tag=self.target[1])
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load the checkpoint {self.describe()}")
+            # every rank checks its files (sha256, weights-only), then DeepSpeed loads, never unpickling
+            ckpt.load_deepspeed(engine, *self.target)
         elif self.init is not None:
             load_full_tensors(engine, self.init.tensor, self.init.layout, keys=("fp32",))
             log.info("initialised weights from %s (fresh optimizer, step 0)", self.init.path)

@@ -99,6 +99,7 @@ class DeepSpeedSource(Source):
         self.root, self.tag = target[0], tag or target[1]
         self.path = self.root / self.tag
         ckpt.verify_marker(self.path)
+        ckpt.check_loadable(sorted(self.path.glob("*.pt")))  # a file holding code is refused, named, unrun
         self.tp_ranks = checkpoint_tp.tp_ranks_in(self.path)
         client = ckpt.read_client_state(self.root, self.tag)
         self.meta = dict(client)

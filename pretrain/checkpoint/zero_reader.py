@@ -6,9 +6,9 @@ ZeRO-3 stores, per data-parallel rank d, one flat fp32 tensor per optimizer para
 `cat(flat_d[off_i : off_i + part_i] for d in ranks)[:numel_i]`, where `off_i` is the sum of earlier parts;
 the names and shapes in order come from `param_shapes` in the model-states file.
 
-Files are opened memory-mapped and weights-only (`checkpoint.mmap_load`): slicing reads only the pages
-of the one parameter asked for, so converting a checkpoint needs memory for a few parameters, not the
-model, and nothing is unpickled beyond tensors, containers and DeepSpeed's allow-listed records.
+Files are opened memory-mapped and weights-only (`checkpoint.weights_only.mmap_load`): slicing reads only
+the pages of the one parameter asked for, so converting a checkpoint needs memory for a few parameters, not
+the model, and nothing is unpickled beyond tensors, containers and DeepSpeed's allow-listed records.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoint.atomic import mmap_load
+from pretrain.checkpoint.weights_only import mmap_load
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 _DP = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")  # bf16 runs prefix "bf16_"

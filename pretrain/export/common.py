@@ -82,7 +82,7 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
 
         state: Any = load_file(str(path))
     else:
-        from pretrain.checkpoint.atomic import safe_load
+        from pretrain.checkpoint.weights_only import safe_load
 
         state = safe_load(path)  # weights_only=True, the project's one loader
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
