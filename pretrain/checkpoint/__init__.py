@@ -2,6 +2,7 @@
 
 - `atomic`: atomic save with retention, `latest`, markers, and the checked, weights-only DeepSpeed load
 - `weights_only`: loading that never unpickles (ours and DeepSpeed's readers), refusals named
+- `write_errors`: a write failing on one rank is recorded, not raised mid-collective (no hang)
 - `sources`: read any checkpoint (DeepSpeed ZeRO folder, universal, safetensors) as named tensors
 - `zero_reader`: stream full tensors out of ZeRO-3 shards without holding the model
 - `tp_split`: merge and split tensor-parallel shards
