@@ -94,7 +94,9 @@ def run_recipe(name: str, data: dict[str, Any], out: Path, args: argparse.Namesp
 
             python = ensure_venv(out / "cache", args.open_clip_python)
             device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
-            folder, wall = train_open_clip(cfg, data["tokenizer"], data, run_dir, samples, python, device)
+            folder, wall, samples = train_open_clip(cfg, data["tokenizer"], data, run_dir, samples, python,
+                                                    device)
+            row["samples_seen"] = samples
             checkpoint = run_dir / "imported"
             import_checkpoint("open_clip", folder, checkpoint, tokenizer=data["tokenizer"], overwrite=True)
         else:

@@ -56,8 +56,9 @@ def ensure_venv(cache: Path, python: str | None) -> str:
 
 
 def train_open_clip(cfg: Config, tokenizer_path: str, data: dict[str, Any], out: Path, samples_seen: int,
-                    python: str, device: str) -> tuple[Path, float]:
-    """Train with open_clip_train; return (an open_clip folder holding its final weights, wall seconds)."""
+                    python: str, device: str) -> tuple[Path, float, int]:
+    """Train with open_clip_train; return (an open_clip folder holding its final weights, wall seconds,
+    samples seen: whole epochs of ceil(train samples / batch) batches, the nearest to `samples_seen`)."""
     out.mkdir(parents=True, exist_ok=True)
     folder = (out / "open_clip_model").resolve()
     folder.mkdir(exist_ok=True)
@@ -73,7 +74,8 @@ def train_open_clip(cfg: Config, tokenizer_path: str, data: dict[str, Any], out:
     (out / "run_open_clip.py").write_text(WRAPPER)
     n_train = int(data["train_samples"])
     b = cfg.train.micro_batch * cfg.train.grad_accum
-    epochs = max(1, round(samples_seen / n_train))
+    per_epoch = -(-n_train // b) * b  # open_clip rounds an epoch up to whole batches
+    epochs = max(1, round(samples_seen / per_epoch))
     o, d = cfg.optim, cfg.data
     logs = out / "logs"
     argv = [
@@ -103,4 +105,4 @@ def train_open_clip(cfg: Config, tokenizer_path: str, data: dict[str, Any], out:
     for name in WEIGHT_FILES:  # the exported random init must not shadow the trained weights
         (folder / name).unlink(missing_ok=True)
     os.link(ckpts[-1], folder / "open_clip_pytorch_model.bin")  # {"state_dict": ...}, "module." undone
-    return folder, wall
+    return folder, wall, epochs * per_epoch
