@@ -10,7 +10,7 @@ package, plus transformers for the tokenizer). It is driven through its CLI,
 Same architecture: our model (same config, seed) exported with `pretrain.export.open_clip`, whose
 `model_cfg` is open_clip's `CLIP` with our shapes, EOS pooling and our tokenizer (`hf_tokenizer_name` =
 the export folder, read by transformers offline). Same batch, lr, warm-up, betas, eps, weight decay,
-gradient clipping, crop scale, normalisation and samples seen (`--epochs` passes over the train shards).
+gradient clipping, crop scale, normalisation and exactly our samples seen (`epoch_plan`).
 Its final checkpoint goes back into that folder and through `pretrain convert --from open_clip`, so it is
 scored by exactly our `pretrain eval` code.
 """
@@ -55,10 +55,22 @@ def ensure_venv(cache: Path, python: str | None) -> str:
     return str(py)
 
 
+def epoch_plan(samples_seen: int, batch: int, train_samples: int) -> tuple[int, int]:
+    """(epochs, samples per epoch) giving open_clip_train exactly our `samples_seen // batch` steps.
+
+    open_clip counts an epoch as `--train-num-samples` rounded up to whole batches (repeating or cutting
+    the shuffled shards); epochs are the smallest divisor of our step count that keeps each epoch within
+    one pass over the train shards."""
+    steps = max(1, samples_seen // batch)
+    least = max(1, -(-steps * batch // train_samples))
+    epochs = min(d for d in range(1, steps + 1) if steps % d == 0 and d >= least)
+    return epochs, steps // epochs * batch
+
+
 def train_open_clip(cfg: Config, tokenizer_path: str, data: dict[str, Any], out: Path, samples_seen: int,
                     python: str, device: str) -> tuple[Path, float, int]:
     """Train with open_clip_train; return (an open_clip folder holding its final weights, wall seconds,
-    samples seen: whole epochs of ceil(train samples / batch) batches, the nearest to `samples_seen`)."""
+    samples seen: ours exactly, see `epoch_plan`)."""
     out.mkdir(parents=True, exist_ok=True)
     folder = (out / "open_clip_model").resolve()
     folder.mkdir(exist_ok=True)
@@ -72,14 +84,12 @@ def train_open_clip(cfg: Config, tokenizer_path: str, data: dict[str, Any], out:
     cfg_dir.mkdir(exist_ok=True)
     (cfg_dir / "mmpt_quality.json").write_text(json.dumps(model_cfg, indent=1))
     (out / "run_open_clip.py").write_text(WRAPPER)
-    n_train = int(data["train_samples"])
     b = cfg.train.micro_batch * cfg.train.grad_accum
-    per_epoch = -(-n_train // b) * b  # open_clip rounds an epoch up to whole batches
-    epochs = max(1, round(samples_seen / per_epoch))
+    epochs, per_epoch = epoch_plan(samples_seen, b, int(data["train_samples"]))
     o, d = cfg.optim, cfg.data
     logs = out / "logs"
     argv = [
-        "--train-data", data["train"], "--dataset-type", "webdataset", "--train-num-samples", str(n_train),
+        "--train-data", data["train"], "--dataset-type", "webdataset", "--train-num-samples", str(per_epoch),
         "--model", "mmpt_quality", "--batch-size", str(b), "--epochs", str(epochs),
         "--lr", str(o.lr), "--beta1", str(o.betas[0]), "--beta2", str(o.betas[1]), "--eps", str(o.eps),
         "--wd", str(o.weight_decay), "--warmup", str(o.warmup_steps),
