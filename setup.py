@@ -29,6 +29,7 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "braceexpand>=0.1.7",
+        "scikit-learn>=1.3",  # `pretrain eval --linear-probe` (logistic regression), `bench quality` digits
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],

@@ -56,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pretrain.evaluation.evaluate import evaluate
 
     result = evaluate(args.checkpoint, args.data, args.classnames, batch_size=args.batch_size,
-                      max_samples=args.max_samples)
+                      max_samples=args.max_samples, linear_probe=args.linear_probe)
     if args.json:
         print(json.dumps(result), flush=True)
     else:
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classnames", required=True, help="classnames.txt; `.cls` of each sample indexes it")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-samples", type=int, default=0, help="stop after this many samples (0: all)")
+    p.add_argument("--linear-probe", metavar="TRAIN_SHARDS",
+                   help="labelled train shard URLs: fit logistic regression on their frozen image features "
+                   "(C chosen on a held-out split) and report linear_probe_top1 on --data")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

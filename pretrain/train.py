@@ -201,7 +201,9 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     step = start_step
     engine.train()
     guard = NonFiniteGuard(cfg.train.nonfinite_patience, engine, lambda: ckpt.latest_tag(root))
+    tail_from = cfg.train.steps - cfg.objectives.mim.unmasked_tail_steps  # by step number: resumable
     while step < cfg.train.steps:
+        engine.module.set_unmasked_tail(step >= tail_from)  # FLIP's unmasking tuning for the last steps
         done = 0
         while done < cfg.train.grad_accum:
             t0 = time.perf_counter()
@@ -245,6 +247,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
                 "data_wait_frac": round(values["wait"], 4),
                 **metrics_row(data_totals),  # skipped samples, skip_<reason>, bad fractions
                 "nonfinite_skipped": guard.total,
+                "contrastive_mask_ratio": engine.module.contrastive_mask_ratio(),
             }
             metrics.log(step, row)
             last_logged = row

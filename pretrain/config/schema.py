@@ -110,6 +110,16 @@ class MIMConfig:
     pass feeds the contrastive loss (FLIP), so this also speeds training up; 0 keeps all patches."""
     norm_pix_loss: bool = True
     """Reconstruct per-patch normalised pixels (MAE's better-representation setting)."""
+    shared_pass: bool = True
+    """True: one encoder pass over the visible patches (`mask_ratio`) feeds both the contrastive loss and
+    the MAE decoder (FLIP + MAE, cheapest). False: separate views, the contrastive loss gets its own pass
+    over every patch (the view zero-shot and retrieval see) and MAE keeps its masked pass; costs one
+    more encoder pass per step. Only matters when both objectives are on."""
+    unmasked_tail_steps: int = 0
+    """The last N optimizer steps train the contrastive loss on full images (FLIP's unmasking tuning),
+    closing the gap between masked training and unmasked evaluation. The MAE loss is skipped in the
+    tail (FLIP's tuning is contrastive-only, and a masked pass for it would cost an extra encoder pass
+    per step). Defined by the step number, so a resume inside the tail continues unmasked. 0: off."""
 
 
 @dataclass

@@ -43,6 +43,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(0.0 <= o.mim.mask_ratio < 1.0, "objectives.mim.mask_ratio must be in [0, 1)")
     check(not (o.mim.weight > 0 and o.mim.mask_ratio == 0),
           "objectives.mim.mask_ratio must be > 0 when objectives.mim.weight > 0")
+    check(o.mim.unmasked_tail_steps >= 0, "objectives.mim.unmasked_tail_steps must be >= 0 (0: off)")
+    check(o.mim.unmasked_tail_steps <= cfg.train.steps,
+          f"objectives.mim.unmasked_tail_steps ({o.mim.unmasked_tail_steps}) must be <= train.steps "
+          f"({cfg.train.steps})")
     check(0.0 < o.mlm.mask_prob < 1.0, "objectives.mlm.mask_prob must be in (0, 1)")
     check(o.contrastive.init_temperature > 0, "objectives.contrastive.init_temperature must be > 0")
     check(o.contrastive.chunk >= 0, "objectives.contrastive.chunk must be >= 0 (0: plain loss)")

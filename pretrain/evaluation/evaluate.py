@@ -62,9 +62,12 @@ def _recall(sim: torch.Tensor, k: int) -> float:
 
 @torch.no_grad()
 def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, batch_size: int = 128,
-             max_samples: int = 0, workers: int = 0) -> dict[str, Any]:
-    """Zero-shot top-1/top-5 (prompt ensemble) and i2t/t2i recall@1/5 on `data`'s held-out samples."""
-    model, tokenizer, cfg = load_model(checkpoint)
+             max_samples: int = 0, workers: int = 0, linear_probe: str | None = None,
+             model_bundle: tuple[Any, TextTokenizer, Config] | None = None) -> dict[str, Any]:
+    """Zero-shot top-1/top-5 (prompt ensemble) and i2t/t2i recall@1/5 on `data`'s held-out samples; with
+    `linear_probe` (labelled train shard URLs) also `linear_probe_top1` (`pretrain.evaluation.probe`).
+    `model_bundle` (model, tokenizer, config) evaluates an already loaded model instead of `checkpoint`."""
+    model, tokenizer, cfg = model_bundle if model_bundle is not None else load_model(checkpoint)
     classnames = [c.strip() for c in Path(classnames_file).read_text().splitlines() if c.strip()]
     if not classnames:
         raise ValueError(f"{classnames_file}: no class names")
@@ -99,4 +102,12 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     sim = img @ txt.T
     out["i2t_r1"], out["i2t_r5"] = round(_recall(sim, 1), 6), round(_recall(sim, 5), 6)
     out["t2i_r1"], out["t2i_r5"] = round(_recall(sim.T, 1), 6), round(_recall(sim.T, 5), 6)
+    if linear_probe:
+        from pretrain.evaluation.probe import labelled_image_features
+        from pretrain.evaluation.probe import linear_probe as fit_probe
+
+        if not has_label.any():
+            raise ValueError(f"--linear-probe: {data} has no labelled (.cls) samples to score the probe on")
+        train_x, train_y = labelled_image_features(model, tokenizer, cfg, linear_probe, batch_size)
+        out.update(fit_probe(train_x, train_y, img[has_label].numpy(), y[has_label].numpy()))
     return out

@@ -59,6 +59,7 @@ class PretrainModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.empty(1))
         # SigLIP's learned bias, only when that loss is selected (InfoNCE models keep their state dict)
         self.logit_bias = nn.Parameter(torch.empty(1)) if o.contrastive.loss == "siglip" else None
+        self.unmasked_tail = False  # set per step by the training loop (`set_unmasked_tail`)
         self.init_weights()
 
     @classmethod
@@ -94,19 +95,36 @@ class PretrainModel(nn.Module):
         every optimizer step (`parallel.engine.clamp_parameter_`)."""
         return math.log(self.obj_cfg.contrastive.max_logit_scale)
 
+    def set_unmasked_tail(self, on: bool) -> None:
+        """The training loop's switch for `objectives.mim.unmasked_tail_steps`: while on, training
+        forwards run the contrastive loss on full images and skip the MAE loss."""
+        self.unmasked_tail = bool(on)
+
+    def contrastive_mask_ratio(self) -> float:
+        """Fraction of patches the contrastive pass hides in the next forward (0 in eval mode, in the
+        unmasked tail and with separate views)."""
+        o = self.obj_cfg
+        if not self.training or self.unmasked_tail or (not o.mim.shared_pass and o.mim.weight > 0):
+            return 0.0
+        return o.mim.mask_ratio
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Weighted total loss plus each enabled loss (detached, for logging) and the logit scale.
 
         Training: one encoder pass over the visible patches (mask ratio `objectives.mim.mask_ratio`,
-        noise `batch["patch_noise"]`) feeds both the contrastive loss and the decoder (FLIP + MAE).
-        Eval mode: the contrastive loss sees every patch, as retrieval does; the MIM loss then needs
-        its own masked pass.
+        noise `batch["patch_noise"]`) feeds both the contrastive loss and the decoder (FLIP + MAE);
+        with `objectives.mim.shared_pass=false` the contrastive loss has its own pass over every patch.
+        In the unmasked tail (`set_unmasked_tail`) the contrastive pass sees every patch and the MAE
+        loss is skipped. Eval mode: the contrastive loss sees every patch, as retrieval does; the MIM
+        loss then needs its own masked pass.
         """
         o = self.obj_cfg
         use_con, use_mim, use_mlm = o.contrastive.weight > 0, o.mim.weight > 0, o.mlm.weight > 0
+        if self.training and self.unmasked_tail:
+            use_mim = False
         losses: dict[str, torch.Tensor] = {}
         images = batch["image"]  # [B, 3, S, S]
-        ratio = o.mim.mask_ratio if self.training else 0.0
+        ratio = self.contrastive_mask_ratio()
         noise = batch.get("patch_noise")  # [B, N]
         pooled = tokens = mask = ids_restore = None
         if use_con or (use_mim and ratio > 0):
@@ -122,7 +140,7 @@ class PretrainModel(nn.Module):
             losses["loss_contrastive"] = contrastive_loss(pooled, txt, scale, group=get_data_parallel_group(),
                                                           loss=c.loss, chunk=c.chunk, logit_bias=bias)
         if use_mim:
-            if ratio == 0:  # eval: the pass above saw every patch, reconstruction needs a masked one
+            if ratio == 0:  # eval / separate views: the pass above saw every patch, MAE needs a masked one
                 _, tokens, mask, ids_restore = self.visual.forward_features(images, noise, o.mim.mask_ratio)
             pred = self.decoder(tokens, ids_restore)  # [B, N, p*p*3]
             losses["loss_mim"] = mim_loss(pred, images, mask, self.visual.patch_size, o.mim.norm_pix_loss)

@@ -1,0 +1,173 @@
+"""`pretrain bench quality`: which objectives help representation quality, side by side on the same shards.
+
+    pretrain bench quality --out runs/quality [--samples-seen 8192] [--image-size 32] [--set KEY=VALUE ...]
+
+For each dataset (synthetic coloured shapes with a held-out split; scikit-learn's real handwritten digits,
+upscaled) it trains every recipe from the same seed on the same shards for the same number of samples
+(`--samples-seen` / batch steps) and scores each final checkpoint with `pretrain eval` (zero-shot top-1/5,
+i2t/t2i R@1/5, linear probe on the train shards' frozen features). Recipes (`--recipes`):
+
+- `contrastive_full`: contrastive only, full images (CLIP)
+- `contrastive_flip50`: contrastive only, 50% of patches masked (FLIP)
+- `default`: the embedded recipe, contrastive + MAE + MLM sharing one 50%-masked pass
+- `default_tail`: default + `objectives.mim.unmasked_tail_steps` (`--tail-fraction` of the steps)
+- `separate_views`: default with `objectives.mim.shared_pass=false` (contrastive on full images)
+- `open_clip_train`: the real open_clip trainer from PyPI, same architecture and hyper-parameters
+  (`quality_openclip.py`; its own venv because of its webdataset pin)
+
+The model is `SMALL` (ViT 4x128 patch 8, text 4x128) unless `--set` overrides it: the same command scales
+to ViT-B on a GPU (`--set model.vision.width=768 model.vision.layers=12 ... --image-size 224`).
+Output: `OUT/quality.json` and, with `--docs FILE`, a Markdown table appended there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrain.config import embedded_config_path, load_config
+
+SMALL = [
+    "model.vision.patch_size=8", "model.vision.width=128", "model.vision.layers=4", "model.vision.heads=4",
+    "model.text.width=128", "model.text.layers=4", "model.text.heads=4", "model.text.context_length=32",
+    "model.embed_dim=128", "model.decoder.width=64", "model.decoder.layers=2", "model.decoder.heads=4",
+    "data.vocab_size=512", "train.micro_batch=64", "train.precision=fp32", "optim.lr=1e-3",
+    "parallel.zero_stage=0", "data.workers=1",
+]
+"""The CPU-sized model of the bench (`--set` overrides any key)."""
+
+RECIPES: dict[str, list[str]] = {
+    "contrastive_full": ["objectives.mim.weight=0", "objectives.mlm.weight=0", "objectives.mim.mask_ratio=0"],
+    "contrastive_flip50": ["objectives.mim.weight=0", "objectives.mlm.weight=0",
+                           "objectives.mim.mask_ratio=0.5"],
+    "default": [],
+    "default_tail": [],  # + unmasked_tail_steps, from --tail-fraction
+    "separate_views": ["objectives.mim.shared_pass=false"],
+    "open_clip_train": ["objectives.mim.weight=0", "objectives.mlm.weight=0", "objectives.mim.mask_ratio=0"],
+}
+METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "linear_probe_top1")
+
+
+def recipe_overrides(name: str, data: dict[str, Any], run_dir: Path, args: argparse.Namespace) -> list[str]:
+    """Every override of one run: bench model, data, equal samples seen, then the recipe, then --set."""
+    steps = max(1, args.samples_seen // args.batch_size)
+    out = [*SMALL, f"model.image_size={args.image_size}", f"train.micro_batch={args.batch_size}",
+           f"train.steps={steps}", f"optim.warmup_steps={max(1, steps // 20)}", f"data.train={data['train']}",
+           f"data.tokenizer={data['tokenizer']}", f"run.dir={run_dir}", "checkpoint.every=0",
+           "logging.every=10", "logging.progress=false", "logging.tensorboard=false",
+           f"train.seed={args.seed}", *RECIPES[name]]
+    if name == "default_tail":
+        out.append(f"objectives.mim.unmasked_tail_steps={max(1, round(steps * args.tail_fraction))}")
+    return out + list(args.set)
+
+
+def train_ours(overrides: list[str], run_dir: Path) -> tuple[dict[str, Any], float]:
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", *overrides], capture_output=True,
+                       text=True)
+    wall = time.perf_counter() - t0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train.log").write_text(r.stdout + r.stderr)
+    if r.returncode:
+        raise RuntimeError(f"training failed (exit {r.returncode}): {r.stderr[-1500:]}")
+    return json.loads((run_dir / "summary.json").read_text()), wall
+
+
+def run_recipe(name: str, data: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.evaluation.evaluate import evaluate
+
+    run_dir = out / "runs" / data["name"] / name
+    overrides = recipe_overrides(name, data, run_dir, args)
+    cfg = load_config(embedded_config_path(), overrides)
+    samples = cfg.train.steps * cfg.train.micro_batch * cfg.train.grad_accum
+    row: dict[str, Any] = {"dataset": data["name"], "recipe": name, "samples_seen": samples}
+    try:
+        if name == "open_clip_train":
+            from pretrain.bench.quality_openclip import ensure_venv, train_open_clip
+            from pretrain.checkpoint.convert import import_checkpoint
+
+            python = ensure_venv(out / "cache", args.open_clip_python)
+            device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
+            folder, wall, samples = train_open_clip(cfg, data["tokenizer"], data, run_dir, samples, python,
+                                                    device)
+            row["samples_seen"] = samples
+            checkpoint = run_dir / "imported"
+            import_checkpoint("open_clip", folder, checkpoint, tokenizer=data["tokenizer"], overwrite=True)
+        else:
+            summary, wall = train_ours(overrides, run_dir)
+            row["train_samples_per_s"] = summary["samples_per_s"]
+            checkpoint = run_dir
+        row.update(wall_s=round(wall, 1), samples_per_s=round(samples / wall, 1))
+        result = evaluate(checkpoint, data["val"], data["classnames"], batch_size=256,
+                          linear_probe=data["train"])
+        row.update({k: result.get(k) for k in METRICS}, chance=result["chance"])
+    except Exception as e:  # one failed recipe must not lose the others' numbers
+        row["error"] = f"{type(e).__name__}: {e}"[:2000]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], command: str, commit: str) -> str:
+    head = ["dataset", "recipe", "zero-shot top-1", "top-5", "i2t R@1", "i2t R@5", "t2i R@1", "t2i R@5",
+            "linear probe", "wall s", "samples/s"]
+    keys = [*METRICS, "wall_s", "samples_per_s"]
+    lines = [f"### Representation quality ({datetime.date.today()}, commit {commit})", "",
+             f"`{command}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["dataset"], r["recipe"]] + [
+            "" if r.get(k) is None else (f"{r[k]:.3f}" if k in METRICS else str(r[k])) for k in keys]
+        if "error" in r:
+            cells[2] = f"failed: {r['error'][:80]}"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_quality(args: argparse.Namespace) -> int:
+    from pretrain.bench.quality_data import prepare_dataset
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = load_config(embedded_config_path(), [*SMALL, *args.set]).data.vocab_size
+    rows = []
+    for ds in args.datasets:
+        data = prepare_dataset(ds, out / "data", args.image_size, vocab, args.shapes_train, args.shapes_val)
+        rows += [run_recipe(name, data, out, args) for name in args.recipes]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[2]).stdout.strip() or "unknown"
+    command = "pretrain " + " ".join(sys.argv[1:])
+    report = {"command": command, "commit": commit, "date": str(datetime.date.today()), "rows": rows}
+    (out / "quality.json").write_text(json.dumps(report, indent=1))
+    table = markdown(rows, command, commit)
+    print(table)
+    if args.docs:
+        with open(args.docs, "a", encoding="utf-8") as f:
+            f.write("\n" + table)
+    return 1 if any("error" in r for r in rows) and args.strict else 0
+
+
+def add_quality_parser(bench: argparse._SubParsersAction) -> None:
+    p = bench.add_parser("quality", help="zero-shot, retrieval and linear probe of each recipe (and "
+                         "open_clip_train) at equal samples seen", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder for data, runs and quality.json")
+    p.add_argument("--datasets", nargs="+", default=["shapes", "digits"], choices=["shapes", "digits"])
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--samples-seen", type=int, default=8192, help="training samples per run")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--tail-fraction", type=float, default=0.1, help="default_tail: unmasked share of steps")
+    p.add_argument("--shapes-train", type=int, default=4096)
+    p.add_argument("--shapes-val", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for every run (model size, precision, ...)")
+    p.add_argument("--open-clip-python", help="python of an env with open_clip_train (default: a venv "
+                   "created under OUT/cache)")
+    p.add_argument("--docs", help="append the Markdown table to this file (e.g. docs/benchmarks.md)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any recipe failed")
+    p.set_defaults(func=cmd_quality)

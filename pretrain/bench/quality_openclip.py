@@ -1,0 +1,118 @@
+"""`pretrain bench quality`, recipe `open_clip_train`: the real open_clip trainer from PyPI on our shards.
+
+open_clip's trainer pins webdataset<=0.2.86 (we use 1.x), so it runs from its own virtual environment
+(`--open-clip-python`, or one created under the cache folder with `python -m venv` + pip:
+torch/torchvision matching ours and `open_clip_torch[training]`, which ships the `open_clip_train`
+package, plus transformers for the tokenizer). It is driven through its CLI,
+`open_clip_train.main.main(argv)`, by a two-line wrapper that first registers our architecture with
+`open_clip.add_model_config(folder)` (the trainer has no flag for a config file).
+
+Same architecture: our model (same config, seed) exported with `pretrain.export.open_clip`, whose
+`model_cfg` is open_clip's `CLIP` with our shapes, EOS pooling and our tokenizer (`hf_tokenizer_name` =
+the export folder, read by transformers offline). Same batch, lr, warm-up, betas, eps, weight decay,
+gradient clipping, crop scale, normalisation and exactly our samples seen (`epoch_plan`).
+Its final checkpoint goes back into that folder and through `pretrain convert --from open_clip`, so it is
+scored by exactly our `pretrain eval` code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_pipelines.tokenizer import TextTokenizer
+from pretrain.config import Config
+from pretrain.export.open_clip import CONFIG_FILE, WEIGHT_FILES, export_open_clip
+from pretrain.models.pretrain_model import PretrainModel
+
+WRAPPER = """import sys, open_clip
+open_clip.add_model_config(sys.argv[1])
+from open_clip_train.main import main
+main(sys.argv[2:])
+"""
+
+
+def ensure_venv(cache: Path, python: str | None) -> str:
+    """Python of an environment where `open_clip_train` imports: `python`, or a venv made under `cache`."""
+    if python:
+        return python
+    venv = cache / "open_clip_venv"
+    py = venv / "bin" / "python"
+    if not py.exists() or subprocess.run([str(py), "-c", "import open_clip_train, transformers"],
+                                         capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        tv = {"2.14.1": "0.29.1"}.get(torch.__version__.split("+")[0])
+        pins = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={tv}" if tv else "torchvision"]
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *pins, "open_clip_torch[training]",
+                        "transformers"], check=True)
+    return str(py)
+
+
+def epoch_plan(samples_seen: int, batch: int, train_samples: int) -> tuple[int, int]:
+    """(epochs, samples per epoch) giving open_clip_train exactly our `samples_seen // batch` steps.
+
+    open_clip counts an epoch as `--train-num-samples` rounded up to whole batches (repeating or cutting
+    the shuffled shards); epochs are the smallest divisor of our step count that keeps each epoch within
+    one pass over the train shards."""
+    steps = max(1, samples_seen // batch)
+    least = max(1, -(-steps * batch // train_samples))
+    epochs = min(d for d in range(1, steps + 1) if steps % d == 0 and d >= least)
+    return epochs, steps // epochs * batch
+
+
+def train_open_clip(cfg: Config, tokenizer_path: str, data: dict[str, Any], out: Path, samples_seen: int,
+                    python: str, device: str) -> tuple[Path, float, int]:
+    """Train with open_clip_train; return (an open_clip folder holding its final weights, wall seconds,
+    samples seen: ours exactly, see `epoch_plan`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    folder = (out / "open_clip_model").resolve()
+    folder.mkdir(exist_ok=True)
+    tok = TextTokenizer.load(tokenizer_path)
+    torch.manual_seed(cfg.train.seed)
+    model = PretrainModel.from_config(cfg, tok)
+    export_open_clip(model.state_dict(), cfg, tok.to_json(), folder)  # config + tokenizer files
+    model_cfg = json.loads((folder / CONFIG_FILE).read_text())["model_cfg"]
+    model_cfg["text_cfg"]["hf_tokenizer_name"] = str(folder)  # a local folder: transformers, offline
+    cfg_dir = out / "model_configs"
+    cfg_dir.mkdir(exist_ok=True)
+    (cfg_dir / "mmpt_quality.json").write_text(json.dumps(model_cfg, indent=1))
+    (out / "run_open_clip.py").write_text(WRAPPER)
+    b = cfg.train.micro_batch * cfg.train.grad_accum
+    epochs, per_epoch = epoch_plan(samples_seen, b, int(data["train_samples"]))
+    o, d = cfg.optim, cfg.data
+    logs = out / "logs"
+    argv = [
+        "--train-data", data["train"], "--dataset-type", "webdataset", "--train-num-samples", str(per_epoch),
+        "--model", "mmpt_quality", "--batch-size", str(b), "--epochs", str(epochs),
+        "--lr", str(o.lr), "--beta1", str(o.betas[0]), "--beta2", str(o.betas[1]), "--eps", str(o.eps),
+        "--wd", str(o.weight_decay), "--warmup", str(o.warmup_steps),
+        "--grad-clip-norm", str(cfg.train.grad_clip),
+        "--precision", "fp32" if cfg.train.precision == "fp32" else "amp_bf16", "--workers", "1",
+        "--device", device, "--seed", str(cfg.train.seed), "--logs", str(logs), "--name", "run",
+        "--save-frequency", str(epochs), "--zeroshot-frequency", "0", "--val-frequency", "0",
+        "--report-to", "", "--log-every-n-steps", "10",
+        "--image-mean", *map(str, d.mean), "--image-std", *map(str, d.std),
+        "--aug-cfg", f"scale=({d.crop_scale[0]}, {d.crop_scale[1]})",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
+    t0 = time.perf_counter()
+    r = subprocess.run([python, str(out / "run_open_clip.py"), str(cfg_dir), *argv], cwd=out, env=env,
+                       capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    (out / "open_clip_train.log").write_text(r.stdout + r.stderr)
+    ckpts = sorted((logs / "run" / "checkpoints").glob("epoch_*.pt"),
+                   key=lambda p: int(p.stem.split("_")[1]))
+    if r.returncode or not ckpts:
+        raise RuntimeError(f"open_clip_train failed (exit {r.returncode}); log "
+                           f"{out / 'open_clip_train.log'}: {(r.stdout + r.stderr)[-1500:]}")
+    for name in WEIGHT_FILES:  # the exported random init must not shadow the trained weights
+        (folder / name).unlink(missing_ok=True)
+    os.link(ckpts[-1], folder / "open_clip_pytorch_model.bin")  # {"state_dict": ...}, "module." undone
+    return folder, wall, epochs * per_epoch
