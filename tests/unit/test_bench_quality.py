@@ -12,9 +12,9 @@ import pytest
 import torch
 from datautil import tiny_tokenizer
 
+from data_pipelines.digits import DIGIT_NAMES, write_digits
 from data_pipelines.loader import make_eval_loader
 from pretrain.bench.quality import RECIPES, markdown, recipe_overrides
-from pretrain.bench.quality_data import DIGIT_NAMES, write_digits
 from pretrain.cli import main
 from pretrain.config import embedded_config_path, load_config
 
