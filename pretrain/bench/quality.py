@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -54,14 +55,32 @@ RECIPES: dict[str, list[str]] = {
 METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "linear_probe_top1")
 
 
+def parse_added_recipes(specs: list[list[str]]) -> dict[str, list[str]]:
+    """`--add-recipe NAME KEY=VALUE ...` (repeatable): named ablations on top of the embedded defaults, so
+    every row of a published table can be rerun from the command line that made it."""
+    added: dict[str, list[str]] = {}
+    for spec in specs:
+        name, *overrides = spec
+        if name in RECIPES or name in added:
+            raise ValueError(f"--add-recipe {name}: the name is taken; choose another")
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"--add-recipe {name}: {bad[0]!r} is not KEY=VALUE")
+        added[name] = overrides
+    return added
+
+
 def recipe_overrides(name: str, data: dict[str, Any], run_dir: Path, args: argparse.Namespace) -> list[str]:
     """Every override of one run: bench model, data, equal samples seen, then the recipe, then --set."""
     steps = max(1, args.samples_seen // args.batch_size)
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        recipe = parse_added_recipes(getattr(args, "add_recipe", None) or [])[name]
     out = [*SMALL, f"model.image_size={args.image_size}", f"train.micro_batch={args.batch_size}",
            f"train.steps={steps}", f"optim.warmup_steps={max(1, steps // 20)}", f"data.train={data['train']}",
            f"data.tokenizer={data['tokenizer']}", f"run.dir={run_dir}", "checkpoint.every=0",
            "logging.every=10", "logging.progress=false", "logging.tensorboard=false",
-           f"train.seed={args.seed}", *RECIPES[name]]
+           f"train.seed={args.seed}", *recipe]
     if name == "default_tail":
         out.append(f"objectives.mim.unmasked_tail_steps={max(1, round(steps * args.tail_fraction))}")
     return out + list(args.set)
@@ -83,10 +102,13 @@ def run_recipe(name: str, data: dict[str, Any], out: Path, args: argparse.Namesp
     from pretrain.evaluation.evaluate import evaluate
 
     run_dir = out / "runs" / data["name"] / name
+    if len(args.seeds) > 1:
+        run_dir = run_dir / f"seed{args.seed}"
     overrides = recipe_overrides(name, data, run_dir, args)
     cfg = load_config(embedded_config_path(), overrides)
     samples = cfg.train.steps * cfg.train.micro_batch * cfg.train.grad_accum
-    row: dict[str, Any] = {"dataset": data["name"], "recipe": name, "samples_seen": samples}
+    row: dict[str, Any] = {"dataset": data["name"], "recipe": name, "seed": args.seed,
+                           "samples_seen": samples}
     try:
         if name == "open_clip_train":
             from pretrain.bench.quality_openclip import ensure_venv, train_open_clip
@@ -113,18 +135,52 @@ def run_recipe(name: str, data: dict[str, Any], out: Path, args: argparse.Namesp
     return row
 
 
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation over seeds of each (dataset, recipe): single runs of these small
+    models differ by a few points from seed to seed, more than some of the effects being measured."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["dataset"], r["recipe"]), []).append(r)
+    out = []
+    for (dataset, recipe), rs in groups.items():
+        s: dict[str, Any] = {"dataset": dataset, "recipe": recipe, "seeds": [r.get("seed") for r in rs]}
+        for k in (*METRICS, "wall_s"):
+            vals = [float(r[k]) for r in rs if r.get(k) is not None]
+            if vals:
+                s[k] = statistics.fmean(vals)
+                s[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(s)
+    return out
+
+
+def summary_markdown(summary: list[dict[str, Any]]) -> str:
+    head = ["dataset", "recipe", "seeds", "zero-shot top-1", "i2t R@1", "t2i R@1", "linear probe", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["dataset"], s["recipe"], str(len(s["seeds"]))]
+        for k in ("zeroshot_top1", "i2t_r1", "t2i_r1", "linear_probe_top1", "wall_s"):
+            fmt = ".1f" if k == "wall_s" else ".3f"
+            cells.append("" if k not in s else f"{s[k]:{fmt}} ± {s[k + '_std']:{fmt}}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict[str, Any]], command: str, commit: str) -> str:
-    head = ["dataset", "recipe", "zero-shot top-1", "top-5", "i2t R@1", "i2t R@5", "t2i R@1", "t2i R@5",
-            "linear probe", "wall s", "samples/s"]
+    head = ["dataset", "recipe", "seed", "zero-shot top-1", "top-5", "i2t R@1", "i2t R@5", "t2i R@1",
+            "t2i R@5", "linear probe", "wall s", "samples/s"]
     keys = [*METRICS, "wall_s", "samples_per_s"]
     lines = [f"### Representation quality ({datetime.date.today()}, commit {commit})", "",
              f"`{command}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["dataset"], r["recipe"]] + [
+        cells = [r["dataset"], r["recipe"], str(r.get("seed", ""))] + [
             "" if r.get(k) is None else (f"{r[k]:.3f}" if k in METRICS else str(r[k])) for k in keys]
         if "error" in r:
-            cells[2] = f"failed: {r['error'][:80]}"
+            cells[3] = f"failed: {r['error'][:80]}"
         lines.append("| " + " | ".join(cells) + " |")
+    summary = summarize(rows)
+    if any(len(s["seeds"]) > 1 for s in summary):
+        lines += ["", "Mean ± standard deviation over seeds:", "", summary_markdown(summary).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -133,15 +189,21 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    added = parse_added_recipes(args.add_recipe or [])
+    recipes = [*args.recipes, *(n for n in added if n not in args.recipes)]
+    args.seeds = args.seeds or [args.seed]
     vocab = load_config(embedded_config_path(), [*SMALL, *args.set]).data.vocab_size
     rows = []
     for ds in args.datasets:
         data = prepare_dataset(ds, out / "data", args.image_size, vocab, args.shapes_train, args.shapes_val)
-        rows += [run_recipe(name, data, out, args) for name in args.recipes]
+        for seed in args.seeds:
+            rows += [run_recipe(name, data, out, argparse.Namespace(**{**vars(args), "seed": seed}))
+                     for name in recipes]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[2]).stdout.strip() or "unknown"
     command = "pretrain " + " ".join(sys.argv[1:])
-    report = {"command": command, "commit": commit, "date": str(datetime.date.today()), "rows": rows}
+    report = {"command": command, "commit": commit, "date": str(datetime.date.today()), "rows": rows,
+              "summary": summarize(rows)}
     (out / "quality.json").write_text(json.dumps(report, indent=1))
     table = markdown(rows, command, commit)
     print(table)
@@ -156,14 +218,19 @@ def add_quality_parser(bench: argparse._SubParsersAction) -> None:
                          "open_clip_train) at equal samples seen", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for data, runs and quality.json")
     p.add_argument("--datasets", nargs="+", default=["shapes", "digits"], choices=["shapes", "digits"])
-    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES),
+                   help="built-in recipes to run (none: only those of --add-recipe)")
     p.add_argument("--samples-seen", type=int, default=8192, help="training samples per run")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--tail-fraction", type=float, default=0.1, help="default_tail: unmasked share of steps")
     p.add_argument("--shapes-train", type=int, default=4096)
     p.add_argument("--shapes-val", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed of a single-seed run")
+    p.add_argument("--seeds", type=int, nargs="+", help="run every recipe once per seed; the table adds mean "
+                   "± std per recipe (runs go to runs/DATASET/RECIPE/seedN)")
+    p.add_argument("--add-recipe", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="an extra recipe: NAME then overrides on the embedded defaults (repeatable)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every run (model size, precision, ...)")
     p.add_argument("--open-clip-python", help="python of an env with open_clip_train (default: a venv "

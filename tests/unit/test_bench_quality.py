@@ -14,7 +14,7 @@ from datautil import tiny_tokenizer
 
 from data_pipelines.digits import DIGIT_NAMES, write_digits
 from data_pipelines.loader import make_eval_loader
-from pretrain.bench.quality import RECIPES, markdown, recipe_overrides
+from pretrain.bench.quality import RECIPES, markdown, parse_added_recipes, recipe_overrides, summarize
 from pretrain.cli import main
 from pretrain.config import embedded_config_path, load_config
 
@@ -49,6 +49,30 @@ def test_every_recipe_is_a_valid_config_with_equal_samples_seen(name, tmp_path):
     assert o.mim.shared_pass is (name != "separate_views")
 
 
+def test_added_recipes_are_named_ablations_on_the_defaults(tmp_path):
+    spec = [["sv_nomlm", "objectives.mim.shared_pass=false", "objectives.mlm.weight=0"]]
+    assert parse_added_recipes(spec) == {"sv_nomlm": spec[0][1:]}
+    data = {"train": "t/shard-000000.tar", "tokenizer": "tok.json"}
+    overrides = recipe_overrides("sv_nomlm", data, tmp_path, _args(add_recipe=spec))
+    cfg = load_config(embedded_config_path(), overrides)
+    assert cfg.objectives.mlm.weight == 0 and cfg.objectives.mim.shared_pass is False
+    with pytest.raises(ValueError, match="--add-recipe default: the name is taken"):
+        parse_added_recipes([["default", "objectives.mlm.weight=0"]])
+    with pytest.raises(ValueError, match="'objectives.mlm.weight' is not KEY=VALUE"):
+        parse_added_recipes([["x", "objectives.mlm.weight"]])
+
+
+def test_summary_is_mean_and_std_over_seeds():
+    rows = [{"dataset": "d", "recipe": "r", "seed": s, "zeroshot_top1": z, "linear_probe_top1": 0.5,
+             "wall_s": 10.0} for s, z in ((0, 0.6), (1, 0.8))]
+    rows.append({"dataset": "d", "recipe": "r", "seed": 2, "error": "boom"})  # failed runs are left out
+    (s,) = summarize(rows)
+    assert s["seeds"] == [0, 1] and s["zeroshot_top1"] == pytest.approx(0.7)
+    assert s["zeroshot_top1_std"] == pytest.approx(0.1414, abs=1e-4) and s["linear_probe_top1_std"] == 0
+    text = markdown(rows, "cmd", "abc")
+    assert "| d | r | 2 | 0.700 ± 0.141 |" in text
+
+
 def test_markdown_table():
     rows = [{"dataset": "digits", "recipe": "default", "zeroshot_top1": 0.5, "zeroshot_top5": 0.9,
              "i2t_r1": 0.1, "i2t_r5": 0.2, "t2i_r1": 0.1, "t2i_r5": 0.3, "linear_probe_top1": 0.8,
@@ -56,22 +80,29 @@ def test_markdown_table():
             {"dataset": "digits", "recipe": "open_clip_train", "error": "RuntimeError: boom"}]
     text = markdown(rows, "pretrain bench quality --out x", "abc1234")
     assert "commit abc1234" in text and "`pretrain bench quality --out x`" in text
-    assert "| digits | default | 0.500 | 0.900 |" in text and "failed: RuntimeError: boom" in text
+    assert "| digits | default |  | 0.500 | 0.900 |" in text and "failed: RuntimeError: boom" in text
 
 
 def test_tiny_end_to_end(tmp_path, capsys):
     args = ["bench", "quality", "--out", str(tmp_path), "--datasets", "digits", "--recipes", "default_tail",
-            "--samples-seen", "64", "--batch-size", "16", "--image-size", "16", "--strict", "--set",
+            "--seeds", "0", "1", "--samples-seen", "64", "--batch-size", "16", "--image-size", "16",
+            "--strict", "--set",
             "model.vision.patch_size=4", "model.vision.layers=1", "model.text.layers=1",
             "model.vision.width=32", "model.text.width=32", "model.embed_dim=16", "model.decoder.width=16",
             "model.decoder.layers=1", "data.vocab_size=128"]
     assert main(args) == 0
     report = json.loads((tmp_path / "quality.json").read_text())
-    (row,) = report["rows"]
-    assert row["recipe"] == "default_tail" and row["samples_seen"] == 64 and "error" not in row
-    for key in ("zeroshot_top1", "i2t_r1", "t2i_r5", "linear_probe_top1", "wall_s", "samples_per_s"):
-        assert row[key] is not None
-    metrics = [json.loads(line) for line in (tmp_path / "runs/digits/default_tail/metrics.jsonl").open()]
+    rows = report["rows"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    for row in rows:
+        assert row["recipe"] == "default_tail" and row["samples_seen"] == 64 and "error" not in row
+        for key in ("zeroshot_top1", "i2t_r1", "t2i_r5", "linear_probe_top1", "wall_s", "samples_per_s"):
+            assert row[key] is not None
+    (summary,) = report["summary"]
+    assert summary["seeds"] == [0, 1]
+    assert summary["linear_probe_top1"] == pytest.approx(sum(r["linear_probe_top1"] for r in rows) / 2)
+    log = tmp_path / "runs/digits/default_tail/seed1/metrics.jsonl"
+    metrics = [json.loads(line) for line in log.open()]
     assert metrics[-1]["contrastive_mask_ratio"] == 0.0  # the last step is in the unmasked tail
 
 
