@@ -1,11 +1,13 @@
 """`pretrain bench quality`, recipe `open_clip_train`: the real open_clip trainer from PyPI on our shards.
 
 open_clip's trainer pins webdataset<=0.2.86 (we use 1.x), so it runs from its own virtual environment
-(`--open-clip-python`, or one created under the cache folder with `python -m venv` + pip:
-torch/torchvision matching ours and `open_clip_torch[training]`, which ships the `open_clip_train`
-package, plus transformers for the tokenizer). It is driven through its CLI,
-`open_clip_train.main.main(argv)`, by a two-line wrapper that first registers our architecture with
-`open_clip.add_model_config(folder)` (the trainer has no flag for a config file).
+(`--open-clip-python`, or `make_venv` under the cache folder; `make test` makes `.venv-openclip`): an
+overlay that sees this environment's packages (torch, torchvision, `open_clip_torch`, which ships the
+`open_clip_train` package, transformers for the tokenizer) through a .pth file and installs only what
+the trainer needs otherwise, webdataset 0.2.86 and pandas: ~100 MB instead of a second torch.
+It is driven through its CLI, `open_clip_train.main.main(argv)`, by a two-line wrapper that first
+registers our architecture with `open_clip.add_model_config(folder)` (the trainer has no flag for a
+config file).
 
 Same architecture: our model (same config, seed) exported with `pretrain.export.open_clip`, whose
 `model_cfg` is open_clip's `CLIP` with our shapes, EOS pooling and our tokenizer (`hf_tokenizer_name` =
@@ -21,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from typing import Any
@@ -39,20 +42,36 @@ main(sys.argv[2:])
 """
 
 
-def ensure_venv(cache: Path, python: str | None) -> str:
-    """Python of an environment where `open_clip_train` imports: `python`, or a venv made under `cache`."""
-    if python:
-        return python
-    venv = cache / "open_clip_venv"
+OVERLAY_PACKAGES = ("webdataset==0.2.86", "pandas")
+"""What open_clip_train needs beyond this environment (its webdataset pin; pandas for its CSV loader)."""
+PROBE = "import open_clip_train.main, transformers, webdataset; assert webdataset.__version__ <= '0.2.86'"
+
+
+def make_venv(venv: Path) -> Path:
+    """An environment where `open_clip_train` runs, made once at `venv` (reused while it still imports):
+    a venv whose .pth adds this interpreter's site-packages after its own, so its webdataset 0.2.86
+    shadows our 1.x while torch and open_clip come from here, at the same versions as our runs."""
     py = venv / "bin" / "python"
-    if not py.exists() or subprocess.run([str(py), "-c", "import open_clip_train, transformers"],
-                                         capture_output=True).returncode:
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        tv = {"2.14.1": "0.29.1"}.get(torch.__version__.split("+")[0])
-        pins = [f"torch=={torch.__version__.split('+')[0]}", f"torchvision=={tv}" if tv else "torchvision"]
-        subprocess.run([str(py), "-m", "pip", "install", "-q", *pins, "open_clip_torch[training]",
-                        "transformers"], check=True)
-    return str(py)
+    if py.exists() and not subprocess.run([str(py), "-c", PROBE], capture_output=True).returncode:
+        return py
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    parents = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (Path(site) / "_mmpt_parent_env.pth").write_text(
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in sorted(parents)))
+    # pip's resolver notes that our mmpt wants webdataset>=0.2.90: true, and irrelevant in this env
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    *OVERLAY_PACKAGES], check=True, stderr=subprocess.DEVNULL)
+    check = subprocess.run([str(py), "-c", PROBE], capture_output=True, text=True)
+    if check.returncode:
+        raise RuntimeError(f"{venv}: open_clip_train does not import there: {check.stderr[-800:]}")
+    return py
+
+
+def ensure_venv(cache: Path, python: str | None) -> str:
+    """Python of an environment where `open_clip_train` imports: `python`, or `make_venv` under `cache`."""
+    return python or str(make_venv(cache / "open_clip_venv"))
 
 
 def epoch_plan(samples_seen: int, batch: int, train_samples: int) -> tuple[int, int]:
@@ -116,3 +135,7 @@ def train_open_clip(cfg: Config, tokenizer_path: str, data: dict[str, Any], out:
         (folder / name).unlink(missing_ok=True)
     os.link(ckpts[-1], folder / "open_clip_pytorch_model.bin")  # {"state_dict": ...}, "module." undone
     return folder, wall, epochs * per_epoch
+
+
+if __name__ == "__main__":  # `make test`: python -m pretrain.bench.quality_openclip .venv-openclip
+    print(make_venv(Path(sys.argv[1]).resolve()))
