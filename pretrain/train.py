@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from data_pipelines.position import PositionTracker
 from data_pipelines.stats import check_bad_fraction
 from data_pipelines.tokenizer import TextTokenizer, train_tokenizer_from_shards
 from launch.env import discover
+from launch.logs import install_filters
 from launch.signals import StoppedForRequeue, StopRequest
 from parallel import groups
 from parallel.consensus import any_rank
@@ -47,8 +47,7 @@ from pretrain.parallelize import parallelize
 from pretrain.plan.memory import log_startup_plan, record_measured
 
 log = logging.getLogger("mmpt.train")
-# DeepSpeed's ZeRO-3 calls these torch.distributed spellings once per step; the warning is not ours to fix.
-warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+install_filters()  # also when train() is called in-process, not through pretrain.cli (launch/logs.py)
 
 
 def _prepare_tokenizer(cfg: Config, run_dir: Path, resumed: dict[str, Any] | None) -> TextTokenizer:
