@@ -40,7 +40,7 @@ from pretrain.config import (
     to_dict,
     validate,
 )
-from pretrain.metrics import MetricsWriter
+from pretrain.metrics import MetricsWriter, ProgressBar
 from pretrain.models.pretrain_model import PretrainModel
 from pretrain.nonfinite import LOSS_KEYS, NonFiniteGuard
 from pretrain.parallelize import parallelize
@@ -187,11 +187,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             return
         save_failures = 0
 
-    bar = None
-    if rank == 0 and cfg.logging.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
+    bar = ProgressBar(cfg.train.steps, start_step) if rank == 0 and cfg.logging.progress else None
 
     it = iter(loader)
     sums: dict[str, float] = {}
@@ -228,8 +224,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             record_measured(engine, memory_plan, run_dir)
         stopping = any_rank(stop.requested, engine.device)  # preemption: all ranks stop at the same step
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(out['loss'].detach()):.3f}")
+            bar.step(float(out["loss"].detach()))
         if step % cfg.logging.every == 0 or step == cfg.train.steps or stopping:
             elapsed = time.perf_counter() - window_start
             steps_in_window = n_micro / cfg.train.grad_accum
