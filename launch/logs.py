@@ -133,3 +133,18 @@ def drop_printed(pattern: re.Pattern[str] = PRINTED_NOISE) -> Iterator[None]:
             sys.stdout.write("".join(kept))
             sys.stdout.flush()
 
+
+def quiet_launcher_env(env: dict[str, str]) -> dict[str, str]:
+    """Environment for the deepspeed launcher's own processes, which run no code of ours to filter:
+    when DeepSpeed finds no accelerator here, tell it `DS_ACCELERATOR=cpu` so the launcher, its per-node
+    agent and every rank skip the detection and its "Setting accelerator to CPU" warning."""
+    if "DS_ACCELERATOR" in env:
+        return env
+    try:
+        from deepspeed.accelerator import get_accelerator
+    except ImportError:
+        return env
+    install_filters()
+    if get_accelerator().device_name() == "cpu":
+        return {**env, "DS_ACCELERATOR": "cpu"}
+    return env
