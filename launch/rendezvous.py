@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from launch import mpi
 from launch.env import LaunchEnvError, RankInfo, discover, export_torch_env, mpi_launcher_hint
+from launch.logs import drop_printed
 
 log = logging.getLogger("mmpt.launch")
 # torchrun restarts reuse its agent's store: one key space per attempt
@@ -70,6 +71,16 @@ def backend_name() -> str:
         return str(get_accelerator().communication_backend_name())
     except ImportError:
         return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def on_cpu() -> bool:
+    """Whether DeepSpeed found no accelerator (its CPU accelerator trains instead)."""
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        return str(get_accelerator().device_name()) == "cpu"
+    except ImportError:
+        return not torch.cuda.is_available()
 
 
 def _where(info: RankInfo) -> str:
@@ -162,6 +173,8 @@ def init_process_group(timeout_s: float, env: Mapping[str, str] | None = None) -
     restarts = os.environ.get("SLURM_RESTART_COUNT")
     log.info("%s%s", _where(info), f", SLURM_RESTART_COUNT={restarts}" if restarts is not None else "")
     backend = backend_name()
+    if on_cpu():  # in place of DeepSpeed's "Setting accelerator to CPU" warning (launch/logs.py)
+        log.info("no GPU: training on CPU")
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank % max(1, torch.cuda.device_count()))
     deadline = time.monotonic() + timeout_s
@@ -175,10 +188,29 @@ def init_process_group(timeout_s: float, env: Mapping[str, str] | None = None) -
         raise RendezvousError(_explain_timeout(store, info, timeout_s, e)) from e
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    if _shm_op_unbuilt():  # instead of minutes of silence
+        log.info("compiling DeepSpeed's shared-memory allreduce (first run on this machine: a minute or two)")
+    with drop_printed():  # its "DeepSpeed ... built successfully" print, once per rank
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
     _unlink_deepspeed_shm(info)
     return info
+
+
+def _shm_op_unbuilt() -> bool:
+    """Whether `deepspeed.init_distributed` is about to compile DeepSpeed's CPU shared-memory allreduce
+    (no cached build in torch's extension folder). Best effort: False when anything here is unknown."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # as deepspeed.comm.torch does
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return False
+        return not (Path(_get_build_directory(builder.name, False)) / f"{builder.name}.so").exists()
+    except Exception:  # a private torch helper, another DeepSpeed: say nothing rather than fail
+        return False
 
 
 def _unlink_deepspeed_shm(info: RankInfo) -> None:

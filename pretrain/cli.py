@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 from pathlib import Path
 
+from launch.logs import install_filters, quiet_other_ranks, setup_logging
 from pretrain.config import (
     Config,
     ConfigError,
@@ -41,7 +41,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pretrain.train import train
 
     # Validate against the launcher's world size before any process group exists.
-    cfg = load_config(args.config or embedded_config_path(), args.overrides, world_size=discover().world_size)
+    me = discover()
+    cfg = load_config(args.config or embedded_config_path(), args.overrides, world_size=me.world_size)
+    quiet_other_ranks(me.rank, cfg.logging.all_ranks)  # ranks > 0: warnings and errors only
     try:
         summary = train(cfg, resume=args.resume, init_from=args.init_from)
     except CheckpointSaveError as e:  # raised on every rank together; each says so and exits
@@ -202,9 +204,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    install_filters()  # before build_parser's imports: some noise is printed while libraries import
     args = parse_args(build_parser(), argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except ConfigError as e:

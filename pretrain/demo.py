@@ -7,6 +7,7 @@ DeepSpeed checkpoint -> zero-shot and retrieval eval on held-out shards -> one J
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from launch.logs import quiet_launcher_env
 from launch.rendezvous import free_port
 
 TRAIN_SAMPLES, VAL_SAMPLES, PER_SHARD, SEED_TRAIN, SEED_VAL = 12000, 1000, 500, 0, 1
@@ -34,10 +36,14 @@ def _synth(out: Path, samples: int, seed: int, image_size: int) -> None:
 
 
 def launcher_command(procs: int, config: Path, overrides: list[str], port: int) -> list[str]:
-    """The deepspeed launcher line the demo runs (CPU: --num_accelerators sets the rank count)."""
+    """The deepspeed launcher line the demo runs (CPU: --num_accelerators sets the rank count).
+
+    `--log_level error`: the launcher's INFO lines (its own command line, world info, one line per rank
+    spawned and exited) and its warning that there is no hostfile (the demo is local by design) say
+    nothing the demo's "+ ..." line does not; a rank that fails is still reported (an error)."""
     beside = Path(sys.executable).parent / "deepspeed"  # the venv's launcher, even when not activated
     exe = str(beside) if beside.exists() else (shutil.which("deepspeed") or "deepspeed")
-    return [exe, "--num_accelerators", str(procs), "--master_port", str(port),
+    return [exe, "--num_accelerators", str(procs), "--master_port", str(port), "--log_level", "error",
             "--no_local_rank", "--module", "pretrain.cli", "train", "--config", str(config), *overrides]
 
 
@@ -58,7 +64,7 @@ def run_demo(out: Path, procs: int = 2, overrides: list[str] | None = None) -> d
     cmd = launcher_command(procs, config, [f"data.train={train_urls}", f"data.val={val_urls}",
                                            f"run.dir={run_dir}", *(overrides or [])], free_port())
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=quiet_launcher_env(dict(os.environ)))
     summary = json.loads((run_dir / "summary.json").read_text())
     result = evaluate(run_dir, val_urls, val_dir / "classnames.txt")
     return {

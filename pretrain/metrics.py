@@ -43,6 +43,29 @@ class MetricsWriter:
                 self._tb.close()
 
 
+class ProgressBar:
+    """Rank 0's tqdm bar. While it is open, log lines go through `tqdm.write` (printed above the bar,
+    which is then redrawn) instead of straight to stderr, where they would land in the middle of the
+    bar's line; `close()` restores the handlers."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
+        self._bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    def step(self, loss: float) -> None:
+        """One optimizer step done; one redraw (the postfix does not redraw by itself)."""
+        self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+        self._redirect.__exit__(None, None, None)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """All rows of RUN_DIR/metrics.jsonl (for tests, the demo summary and users' scripts)."""
     path = Path(run_dir) / "metrics.jsonl"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from data_pipelines.position import PositionTracker
 from data_pipelines.stats import check_bad_fraction
 from data_pipelines.tokenizer import TextTokenizer, train_tokenizer_from_shards
 from launch.env import discover
+from launch.logs import install_filters
 from launch.signals import StoppedForRequeue, StopRequest
 from parallel import groups
 from parallel.consensus import any_rank
@@ -40,15 +40,14 @@ from pretrain.config import (
     to_dict,
     validate,
 )
-from pretrain.metrics import MetricsWriter
+from pretrain.metrics import MetricsWriter, ProgressBar
 from pretrain.models.pretrain_model import PretrainModel
 from pretrain.nonfinite import LOSS_KEYS, NonFiniteGuard
 from pretrain.parallelize import parallelize
 from pretrain.plan.memory import log_startup_plan, record_measured
 
 log = logging.getLogger("mmpt.train")
-# DeepSpeed's ZeRO-3 calls these torch.distributed spellings once per step; the warning is not ours to fix.
-warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+install_filters()  # also when train() is called in-process, not through pretrain.cli (launch/logs.py)
 
 
 def _prepare_tokenizer(cfg: Config, run_dir: Path, resumed: dict[str, Any] | None) -> TextTokenizer:
@@ -188,11 +187,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             return
         save_failures = 0
 
-    bar = None
-    if rank == 0 and cfg.logging.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", dynamic_ncols=True)
+    bar = ProgressBar(cfg.train.steps, start_step) if rank == 0 and cfg.logging.progress else None
 
     it = iter(loader)
     sums: dict[str, float] = {}
@@ -229,8 +224,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             record_measured(engine, memory_plan, run_dir)
         stopping = any_rank(stop.requested, engine.device)  # preemption: all ranks stop at the same step
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(out['loss'].detach()):.3f}")
+            bar.step(float(out["loss"].detach()))
         if step % cfg.logging.every == 0 or step == cfg.train.steps or stopping:
             elapsed = time.perf_counter() - window_start
             steps_in_window = n_micro / cfg.train.grad_accum

@@ -200,6 +200,9 @@ class LoggingConfig:
     """Also write TensorBoard event files under RUN_DIR/tensorboard."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    all_ranks: bool = False
+    """Log INFO lines on every rank. By default ranks > 0 log only warnings and errors (DeepSpeed's logger
+    too): every rank runs the same code, so their INFO lines repeat rank 0's."""
 
 
 @dataclass
@@ -225,7 +228,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """When and where to save."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    """Metrics, TensorBoard, progress bar."""
+    """Metrics, TensorBoard, progress bar, which ranks log."""
     run: RunConfig = field(default_factory=RunConfig)
     """Where the run lives."""
 

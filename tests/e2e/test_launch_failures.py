@@ -53,7 +53,9 @@ def rendezvous_started(log: str) -> float:
 def test_unreachable_master_fails_within_the_timeout_naming_the_address(shards, tmp_path):
     port = free_port()  # nothing listens there
     log = tmp_path / "rank1.log"
-    args = train_args(shards, tmp_path / "run", 3, f"parallel.timeout_s={TIMEOUT_S}")
+    # logging.all_ranks: rank 1's own INFO line "rank 1 of 2 ..." times the rendezvous below
+    args = train_args(shards, tmp_path / "run", 3, f"parallel.timeout_s={TIMEOUT_S}",
+                      "logging.all_ranks=true")
     p = start(1, 2, "127.0.0.2", port, args, log)
     rc = p.wait(timeout=180)
     ended, text = time.time(), log.read_text()

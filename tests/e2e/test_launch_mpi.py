@@ -34,7 +34,7 @@ def test_mpirun_two_ranks_train(tmp_path):
     run = tmp_path / "run"
     r = subprocess.run([PYTHON, "-m", "pretrain.cli", "launch", "--launcher", "mpirun", "--nodes", "1",
                         "--procs-per-node", "2", f"--launcher-args={LOCAL_ONLY}", "--",
-                        "train", *train_args(shards, run, 3)],
+                        "train", *train_args(shards, run, 3, "logging.all_ranks=true")],  # rank 1's line
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = r.stdout + r.stderr

@@ -24,7 +24,7 @@ def test_torchrun_across_two_network_namespaces(tmp_path):
     run = tmp_path / "run"
     port = free_port()  # free on the host; each namespace has its own, empty, port space
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
-    train = ["train", *train_args(shards, run, 3, "parallel.timeout_s=60")]
+    train = ["train", *train_args(shards, run, 3, "parallel.timeout_s=60", "logging.all_ranks=true")]
     with netns_pair() as ((ns_a, addr_a), (ns_b, _)):
         procs = []
         for node_rank, ns in enumerate((ns_a, ns_b)):

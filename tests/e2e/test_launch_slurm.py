@@ -45,7 +45,7 @@ def checkpoint_files(run: Path, step: int) -> list[str]:
 def test_two_node_job_trains_and_checkpoints(cluster, shards, tmp_path):
     run, out = tmp_path / "run", tmp_path / "job.out"
     t0 = time.monotonic()
-    jid = submit(cluster, out, 2, train_args(shards, run, 4))
+    jid = submit(cluster, out, 2, train_args(shards, run, 4, "logging.all_ranks=true"))  # rank 1's line
     info = cluster.wait_job(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 240, str(out))
     log = out.read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
@@ -98,7 +98,7 @@ def test_deepspeed_launcher_per_node_no_ssh_under_srun(cluster, shards, tmp_path
     """One srun task per node runs `pretrain launch --launcher deepspeed --no-ssh`: hostfile written from
     SLURM_JOB_NODELIST, node rank from SLURM_NODEID, rank 0 at the first node's NodeAddr."""
     run, out = tmp_path / "run", tmp_path / "job.out"
-    jid = submit(cluster, out, 2, train_args(shards, run, 3),
+    jid = submit(cluster, out, 2, train_args(shards, run, 3, "logging.all_ranks=true"),  # rank 1's line
                  env={"MMPT_LAUNCHER": "deepspeed", "TMPDIR": str(tmp_path)})  # hostfiles go there
     info = cluster.wait_job(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 240, str(out))
     log = out.read_text()
