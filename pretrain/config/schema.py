@@ -110,6 +110,11 @@ class MIMConfig:
     pass feeds the contrastive loss (FLIP), so this also speeds training up; 0 keeps all patches."""
     norm_pix_loss: bool = True
     """Reconstruct per-patch normalised pixels (MAE's better-representation setting)."""
+    norm_pix_eps: float = 1.0e-6
+    """Added to each target patch's pixel variance before dividing by its square root (`norm_pix_loss`).
+    MAE's 1e-6 suits photos; on flat patches (rendered or scanned images, white product backgrounds)
+    it blows JPEG noise up to unit-variance targets nothing can predict. A floor like 1e-2 (in
+    normalised-pixel units) leaves textured patches as they were and flat ones near zero."""
     shared_pass: bool = True
     """True: one encoder pass over the visible patches (`mask_ratio`) feeds both the contrastive loss and
     the MAE decoder (FLIP + MAE, cheapest). False: separate views, the contrastive loss gets its own pass

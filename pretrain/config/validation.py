@@ -43,6 +43,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(0.0 <= o.mim.mask_ratio < 1.0, "objectives.mim.mask_ratio must be in [0, 1)")
     check(not (o.mim.weight > 0 and o.mim.mask_ratio == 0),
           "objectives.mim.mask_ratio must be > 0 when objectives.mim.weight > 0")
+    check(o.mim.norm_pix_eps > 0, "objectives.mim.norm_pix_eps must be > 0")
     check(o.mim.unmasked_tail_steps >= 0, "objectives.mim.unmasked_tail_steps must be >= 0 (0: off)")
     check(o.mim.unmasked_tail_steps <= cfg.train.steps,
           f"objectives.mim.unmasked_tail_steps ({o.mim.unmasked_tail_steps}) must be <= train.steps "

@@ -143,7 +143,8 @@ class PretrainModel(nn.Module):
             if ratio == 0:  # eval / separate views: the pass above saw every patch, MAE needs a masked one
                 _, tokens, mask, ids_restore = self.visual.forward_features(images, noise, o.mim.mask_ratio)
             pred = self.decoder(tokens, ids_restore)  # [B, N, p*p*3]
-            losses["loss_mim"] = mim_loss(pred, images, mask, self.visual.patch_size, o.mim.norm_pix_loss)
+            losses["loss_mim"] = mim_loss(pred, images, mask, self.visual.patch_size, o.mim.norm_pix_loss,
+                                         o.mim.norm_pix_eps)
         if use_mlm:
             hidden = self.text.forward_tokens(batch["mlm_input"], causal=False)  # [B, L, W]
             losses["loss_mlm"] = mlm_loss(self.mlm_head(hidden), batch["mlm_labels"],

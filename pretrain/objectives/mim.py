@@ -29,17 +29,19 @@ def unpatchify(x: torch.Tensor, p: int, channels: int = 3) -> torch.Tensor:
 
 
 def mim_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch_size: int,
-             norm_pix_loss: bool = True) -> torch.Tensor:
+             norm_pix_loss: bool = True, norm_pix_eps: float = 1e-6) -> torch.Tensor:
     """pred [B, N, p*p*3], images [B, 3, S, S], mask [B, N] (1 = masked) -> scalar fp32 loss.
 
     With `norm_pix_loss` each target patch is normalised by its own mean and variance (MAE's setting
-    that gives better representations). Visible patches are left out: predicting them is trivial.
+    that gives better representations); `norm_pix_eps` is added to the variance first (MAE: 1e-6; a
+    larger floor keeps near-flat patches from becoming amplified noise). Visible patches are left out:
+    predicting them is trivial.
     """
     target = patchify(images.float(), patch_size)  # [B, N, p*p*3]
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
+        target = (target - mean) / (var + norm_pix_eps) ** 0.5
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # [B, N]
     mask = mask.float()
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)

@@ -121,6 +121,19 @@ def test_mim_norm_pix_targets_are_per_patch_normalised():
     assert mim_loss(t, images, mask, P, norm_pix_loss=True).item() > 1.0
 
 
+def test_mim_norm_pix_eps_keeps_flat_patches_from_becoming_noise():
+    gen = torch.Generator().manual_seed(6)
+    images = 0.5 + 3e-3 * torch.randn(2, 3, S, S, generator=gen)  # flat patches + JPEG-sized noise
+    mask = torch.ones(2, N)
+    flat = torch.zeros(2, N, P * P * 3)  # predicting "flat" is all anyone can do
+    assert mim_loss(flat, images, mask, P, norm_pix_eps=1e-6).item() > 0.85  # MAE's eps: unit-variance noise
+    assert mim_loss(flat, images, mask, P, norm_pix_eps=1e-2).item() < 1e-3
+    textured = 3.0 + 2.0 * torch.randn(2, 3, S, S, generator=gen)  # var ~4: the floor changes ~nothing
+    t = patchify(textured, P)
+    normed = (t - t.mean(-1, keepdim=True)) / t.var(-1, keepdim=True).sqrt()
+    assert mim_loss(normed, textured, mask, P, norm_pix_eps=1e-2).item() < 1e-5
+
+
 # ---------------------------------------------------------------------------------- joint model
 def test_forward_gives_finite_losses_and_expected_keys():
     torch.manual_seed(0)
