@@ -12,7 +12,7 @@ Universal checkpoint (`pretrain convert SRC DST --to universal`, or `checkpoint.
     DST/manifest.json           written last: every file's size and sha256, every tensor's too
 
 `--resume DST` loads it under any (dp', tp') (pretrain/checkpoint/universal_load.py): each rank slices
-the full tensor along `tp_split_dim` for its TP rank, then takes its ZeRO-3 partition.
+the full tensor along `tp_split_dim` for its TP rank, then takes its ZeRO 1-3 partition.
 
 Weights export (`--to safetensors`): `model.safetensors` (fp32 or bf16), `config.json`
 (`{"format": "mmpt-weights", "config": ..., "step": ...}`), `tokenizer.json`, `manifest.json`.
@@ -45,7 +45,7 @@ def _json_safe(value: Any) -> Any:
 def write_universal(src: Source, dst: Path, overwrite: bool = False) -> dict[str, Any]:
     """Convert `src` (which must carry optimizer state) into a universal checkpoint at `dst`."""
     if not src.has_optimizer:
-        raise ValueError(f"{src.path}: holds no Adam moments (not a ZeRO-3 training checkpoint); "
+        raise ValueError(f"{src.path}: holds no Adam moments (not a ZeRO 1-3 training checkpoint); "
                          "a universal checkpoint needs them to resume training exactly")
     layout = src.layout  # (builds the meta model once: not part of the timed data movement)
     t0 = time.perf_counter()
