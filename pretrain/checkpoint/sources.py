@@ -23,7 +23,7 @@ import torch
 
 from pretrain.checkpoint import atomic as ckpt
 from pretrain.checkpoint import tp_split as checkpoint_tp
-from pretrain.checkpoint.tensor_files import IntegrityError, verify_manifest
+from pretrain.checkpoint.tensor_files import IntegrityError, file_sha256, verify_manifest
 from pretrain.config import Config, config_from_dict
 
 UNIVERSAL_META = "universal.json"
@@ -107,11 +107,19 @@ class DeepSpeedSource(Source):
         client = ckpt.read_client_state(self.root, self.tag)
         self.meta = dict(client)
         self.meta["tp"] = len(self.tp_ranks)
+        self.meta["source_sha256"] = self.fingerprint(self.path)
         if isinstance(self.meta.get("rng"), torch.Tensor):
             self.meta["rng"] = base64.b64encode(self.meta["rng"].numpy().tobytes()).decode()
         self.stage = int(self.config.parallel.zero_stage)
         self.has_optimizer = self.stage in ZERO_STAGES_WITH_OPTIMIZER
         self._whole: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def fingerprint(tag_dir: Path) -> str | None:
+        """sha256 of the checkpoint's completion marker (which lists every file's sha256): tells a copy made
+        from this checkpoint from one of an earlier save of the same tag. None for plain DeepSpeed folders."""
+        marker = Path(tag_dir) / ckpt.MARKER
+        return file_sha256(marker) if marker.is_file() else None
 
     @cached_property
     def readers(self) -> list[Any]:

@@ -1,10 +1,13 @@
 """Writing layout-free checkpoints and weight exports from any `ckpt_source.Source`.
 
-Universal checkpoint (`pretrain convert SRC DST --to universal`, or `checkpoint.universal=true`)::
+Universal checkpoint (`pretrain convert SRC DST --to universal`, `checkpoint.universal=true`, or a
+`--resume` at another layout)::
 
     DST/universal.json          format, step, optimizer step, LR-schedule and loss-scaler state, optimizer
-                                hyper-parameters, data positions, RNG, config, and per parameter its full
-                                shape and `tp_split_dim` (the dimension TP ranks split it along, or null)
+                                hyper-parameters, data positions, RNG, config, the source's layout and
+                                `source_sha256` (its completion marker's, so a resume can tell it is a copy
+                                of that very checkpoint), and per parameter its full shape and
+                                `tp_split_dim` (the dimension TP ranks split it along, or null)
     DST/tokenizer.json
     DST/fp32.safetensors        full fp32 master weights, one tensor per parameter
     DST/exp_avg.safetensors     Adam first moments (same names and shapes)
@@ -35,7 +38,7 @@ from pretrain.checkpoint.tensor_files import SafetensorsWriter, staged_output, w
 
 FORMAT_VERSION = 1
 _META_KEYS = ("step", "config", "data_positions", "dp_world", "tp", "rng", "optimizer_step", "param_groups",
-              "loss_scaler", "lr_scheduler", "global_samples", "skipped_steps")
+              "loss_scaler", "lr_scheduler", "global_samples", "skipped_steps", "source_sha256")
 
 
 def _json_safe(value: Any) -> Any:
