@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from parallel import groups
-from parallel.consensus import failures_by_rank
+from parallel.consensus import failures_by_rank, on_rank0
 from pretrain.checkpoint import atomic as ckpt
 from pretrain.checkpoint import universal as universal_io
 from pretrain.checkpoint.sources import (
@@ -145,14 +145,15 @@ def _universal_copy(root: Path, tag: str, resume: str, saved: Layout, now: Layou
     """`<root>/universal/<tag>`, written once by rank 0 (streamed, staged, like `pretrain convert`) unless a
     complete copy of this very checkpoint is there; the other ranks wait. A failure raises on every rank."""
     dst = root / "universal" / tag
-    t0, error, done = time.perf_counter(), None, "reused"
-    if groups.rank() == 0:
-        try:
-            if not _is_copy_of(dst, DeepSpeedSource.fingerprint(root / tag)):
-                out = universal_io.write_universal(DeepSpeedSource(root, tag), dst, overwrite=True)
-                done = f"converted ({out['bytes'] / 1e6:.1f} MB)"
-        except Exception as e:  # the other ranks wait for rank 0's verdict below, whatever happened
-            error = e
+    t0 = time.perf_counter()
+
+    def copy() -> str:
+        if _is_copy_of(dst, DeepSpeedSource.fingerprint(root / tag)):
+            return "reused"
+        out = universal_io.write_universal(DeepSpeedSource(root, tag), dst, overwrite=True)
+        return f"converted ({out['bytes'] / 1e6:.1f} MB)"
+
+    done, error = on_rank0(copy)  # the others wait, polling: a long conversion outlasts no timeout
     failed = failures_by_rank(error)
     if failed:
         raise ValueError(f"--resume {resume}: writing the universal copy {dst} of {root}/{tag} (saved at "
