@@ -2,13 +2,21 @@
 
 Signals reach ranks at slightly different moments (or only some ranks); if each acted alone, one
 would leave the loop while the others block in the next collective. One all_reduce(MAX) of a single
-integer per step makes every rank take the same decision at the same step.
+integer per step makes every rank take the same decision at the same step. The same agreement, repeated,
+lets the other ranks wait for a long piece of work on rank 0 (`on_rank0`) without a collective timing out.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu", group: dist.ProcessGroup | None = None) -> bool:
@@ -31,3 +39,32 @@ def failures_by_rank(error: BaseException | str | None, group: dist.ProcessGroup
         every = [None] * dist.get_world_size(group)
         dist.all_gather_object(every, mine, group=group)
     return [f"rank {r}: {e}" for r, e in enumerate(every) if e is not None]
+
+
+def on_rank0(fn: Callable[[], T], poll_s: float = 0.5) -> tuple[T | None, Exception | None]:
+    """Run `fn` on rank 0 while the other ranks wait for it, however long it takes: rank 0 runs it in a
+    thread and every rank joins a one-integer all_reduce each `poll_s` seconds until it has finished. (One
+    collective held open instead, e.g. `failures_by_rank` at once, would fail after the process group's
+    timeout when `fn` is a long conversion.) Returns rank 0's (result, exception), (None, None) elsewhere;
+    every rank must call it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        try:
+            return fn(), None
+        except Exception as e:
+            return None, e
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = fn()
+        except Exception as e:  # reported to the caller, which tells every rank
+            box["error"] = e
+
+    thread = None
+    if dist.get_rank() == 0:
+        thread = threading.Thread(target=work, name="mmpt-rank0-work", daemon=True)
+        thread.start()
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    while not any_rank(thread is not None and not thread.is_alive(), device):
+        time.sleep(poll_s)
+    return box.get("result"), box.get("error")

@@ -401,6 +401,7 @@ def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:
     for t in tags:
         if t not in keep:
             shutil.rmtree(Path(root) / t, ignore_errors=True)
+            shutil.rmtree(Path(root) / "universal" / t, ignore_errors=True)  # its universal copy, if any
             removed.append(t)
     if removed:
         log.info("removed old checkpoints %s (keep_last=%d keep_every=%d)", removed, keep_last, keep_every)

@@ -1,26 +1,37 @@
-"""Where a run starts: fresh; a DeepSpeed checkpoint of the same layout; a universal checkpoint of any
+"""Where a run starts: fresh; a DeepSpeed checkpoint (at its own layout: DeepSpeed loads it; at another
+one: through its universal copy, written on the way if there is none yet); a universal checkpoint of any
 layout; or another model's weights (`--init-from`: imports, exports, checkpoints) with a fresh optimizer.
 
-`resolve_start` runs before the model exists (it supplies the tokenizer and refuses a config that does
-not fit the checkpoint); `StartPoint.load` runs once the engine exists and returns the step and data
+`resolve_start` runs once the process groups exist but before the model does (it supplies the tokenizer,
+refuses a config that does not fit the checkpoint, and converts a checkpoint of another layout: rank 0
+writes, the others wait); `StartPoint.load` runs once the engine exists and returns the step and data
 positions to continue from. Universal checkpoints also get written here, next to each DeepSpeed save.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from parallel import groups
-from parallel.consensus import failures_by_rank
+from parallel.consensus import failures_by_rank, on_rank0
 from pretrain.checkpoint import atomic as ckpt
 from pretrain.checkpoint import universal as universal_io
-from pretrain.checkpoint.sources import DeepSpeedSource, Source, UniversalSource, is_universal, open_source
+from pretrain.checkpoint.sources import (
+    UNIVERSAL_META,
+    DeepSpeedSource,
+    Source,
+    UniversalSource,
+    is_universal,
+    open_source,
+)
 from pretrain.checkpoint.universal_load import load_full_tensors, load_universal
 from pretrain.config import Config, ConfigError, ModelConfig, config_from_dict
 
@@ -82,8 +93,84 @@ def open_universal(resume: str) -> UniversalSource | None:
     return UniversalSource(path) if is_universal(path) else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What a DeepSpeed checkpoint's files are cut for: data- and tensor-parallel degree, ZeRO stage."""
+
+    dp: int
+    tp: int
+    zero_stage: int
+
+    def __str__(self) -> str:
+        return f"dp={self.dp} tp={self.tp}"
+
+    def ranks(self) -> str:
+        n = self.dp * self.tp
+        return f"{n} rank{'s' if n > 1 else ''}"
+
+
+def needs_universal(saved: Layout, now: Layout, resume: str) -> bool:
+    """Whether resuming a checkpoint saved at `saved` under `now` must go through its universal copy.
+
+    DeepSpeed loads its own files only into the layout that wrote them, except ZeRO-0's, which hold each TP
+    rank's whole optimizer and so load under any DP size. Our universal format reads ZeRO 1-3 files and
+    loads into ZeRO 1-3 engines; anything else is refused here, naming the command that works."""
+    if saved == now:
+        return False
+    if saved.zero_stage == now.zero_stage == 0 and saved.tp == now.tp:
+        return False
+    if 0 in (saved.zero_stage, now.zero_stage):
+        ranks = "any number of ranks" if saved.tp == 1 else f"any multiple of {saved.tp} ranks"
+        fix = (f"parallel.zero_stage={saved.zero_stage} (any layout)" if saved.zero_stage else
+               f"parallel.zero_stage=0 parallel.tp={saved.tp} on {ranks} (e.g. {saved.ranks()}: the saved "
+               "layout)")
+        raise ConfigError(
+            f"--resume {resume}: saved at {saved} with parallel.zero_stage={saved.zero_stage}, resumed at "
+            f"{now} with parallel.zero_stage={now.zero_stage}: a resume at another layout or ZeRO stage "
+            "needs stages 1-3 on both sides (a ZeRO-0 checkpoint resumes at its own tensor-parallel degree, "
+            f"under any number of data-parallel ranks). Resume with {fix}")
+    return True
+
+
+def _is_copy_of(dst: Path, fingerprint: str | None) -> bool:
+    """Whether `dst` is a complete universal copy of the DeepSpeed checkpoint with `fingerprint` (a tag
+    saved again after an earlier resume is another checkpoint; copies written before fingerprints were
+    recorded are taken as they are)."""
+    if not is_universal(dst):
+        return False
+    return json.loads((dst / UNIVERSAL_META).read_text()).get("source_sha256", fingerprint) == fingerprint
+
+
+def _universal_copy(root: Path, tag: str, resume: str, saved: Layout, now: Layout) -> UniversalSource:
+    """`<root>/universal/<tag>`, written once by rank 0 (streamed, staged, like `pretrain convert`) unless a
+    complete copy of this very checkpoint is there; the other ranks wait. A failure raises on every rank."""
+    dst = root / "universal" / tag
+    t0 = time.perf_counter()
+
+    def copy() -> str:
+        if _is_copy_of(dst, DeepSpeedSource.fingerprint(root / tag)):
+            return "reused"
+        out = universal_io.write_universal(DeepSpeedSource(root, tag), dst, overwrite=True)
+        return f"converted ({out['bytes'] / 1e6:.1f} MB)"
+
+    done, error = on_rank0(copy)  # the others wait, polling: a long conversion outlasts no timeout
+    failed = failures_by_rank(error)
+    if failed:
+        raise ValueError(f"--resume {resume}: writing the universal copy {dst} of {root}/{tag} (saved at "
+                         f"{saved}, resumed at {now}) failed on {'; '.join(failed)}; convert it with "
+                         f"`pretrain convert {root / tag} DST --to universal` and `--resume DST`, or resume "
+                         f"at the saved layout (parallel.tp={saved.tp} on {saved.ranks()})")
+    if groups.rank() == 0:
+        log.info("resuming %s/%s from layout %s to %s (ZeRO %d -> %d) through its universal copy %s: %s in "
+                 "%.1f s", root, tag, saved, now, saved.zero_stage, now.zero_stage, dst, done,
+                 time.perf_counter() - t0)
+    return UniversalSource(dst)
+
+
 def resolve_start(cfg: Config, root: Path, resume: str | None, init_from: str | None) -> StartPoint:
-    """Find the checkpoint (or weights) to start from and check it fits `cfg`; nothing is loaded yet."""
+    """Find the checkpoint (or weights) to start from and check it fits `cfg`; a DeepSpeed checkpoint of
+    another layout is switched to its universal copy (written now if needed: a collective, so every rank
+    calls this after the process groups exist). No tensor is loaded into a model yet."""
     start = StartPoint()
     if resume:
         start.universal = open_universal(resume)  # layout-free: any (dp, tp) resumes it
@@ -97,6 +184,12 @@ def resolve_start(cfg: Config, root: Path, resume: str | None, init_from: str | 
         if _architecture(saved.model) != _architecture(cfg.model) or saved.objectives != cfg.objectives:
             raise ConfigError(f"--resume {resume}: model or objectives config differs from the checkpoint's; "
                               "resume with the same model.* and objectives.* settings")
+        if start.target is not None and start.client.get("dp_world") is not None:
+            was = Layout(int(start.client["dp_world"]), int(start.client["tp"]), saved.parallel.zero_stage)
+            now = Layout(groups.dp_world_size(), cfg.parallel.tp, cfg.parallel.zero_stage)
+            if needs_universal(was, now, resume):
+                start.universal = _universal_copy(*start.target, resume, was, now)
+                start.target, start.client = None, start.universal.client_state()
     elif init_from:
         start.init = open_source(init_from)
         if _architecture(start.init.config.model) != _architecture(cfg.model):

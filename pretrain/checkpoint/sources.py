@@ -1,9 +1,9 @@
 """Every kind of checkpoint read through one interface: full single-device tensors, one at a time.
 
-* `DeepSpeedSource`: a DeepSpeed checkpoint of any (dp, tp). ZeRO-3 files are read lazily per parameter
-  (`zero_reader.Zero3Reader` per TP rank) and TP slices joined along each parameter's split dimension
-  (`pretrain.parallelize.tp_split_dims`); other ZeRO stages fall back to DeepSpeed's own consolidation
-  (weights only, whole model in memory).
+* `DeepSpeedSource`: a DeepSpeed checkpoint of any (dp, tp). ZeRO 1-3 files are read lazily per parameter
+  (`zero_reader.ZeroReader` per TP rank), optimizer state included, and TP slices joined along each
+  parameter's split dimension (`pretrain.parallelize.tp_split_dims`); ZeRO-0 checkpoints fall back to
+  DeepSpeed's own consolidation (weights only, whole model in memory).
 * `UniversalSource`: our layout-free folder (`universal.json` + `fp32|exp_avg|exp_avg_sq.safetensors`).
 * `WeightsSource`: a `pretrain convert --to safetensors` export (`config.json` + `model.safetensors`).
 
@@ -23,13 +23,16 @@ import torch
 
 from pretrain.checkpoint import atomic as ckpt
 from pretrain.checkpoint import tp_split as checkpoint_tp
-from pretrain.checkpoint.tensor_files import IntegrityError, verify_manifest
+from pretrain.checkpoint.tensor_files import IntegrityError, file_sha256, verify_manifest
 from pretrain.config import Config, config_from_dict
 
 UNIVERSAL_META = "universal.json"
 WEIGHTS_CONFIG = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
+ZERO_STAGES_WITH_OPTIMIZER = (1, 2, 3)
+"""ZeRO stages whose partitioned optimizer files `zero_reader` reads (ZeRO-0 keeps DeepSpeed's whole optimizer
+inside the model-states file, in the order of the optimizer's parameter groups, not by name)."""
 
 
 def build_model(cfg: Config, tokenizer_json: str, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -104,17 +107,25 @@ class DeepSpeedSource(Source):
         client = ckpt.read_client_state(self.root, self.tag)
         self.meta = dict(client)
         self.meta["tp"] = len(self.tp_ranks)
+        self.meta["source_sha256"] = self.fingerprint(self.path)
         if isinstance(self.meta.get("rng"), torch.Tensor):
             self.meta["rng"] = base64.b64encode(self.meta["rng"].numpy().tobytes()).decode()
         self.stage = int(self.config.parallel.zero_stage)
-        self.has_optimizer = self.stage == 3
+        self.has_optimizer = self.stage in ZERO_STAGES_WITH_OPTIMIZER
         self._whole: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def fingerprint(tag_dir: Path) -> str | None:
+        """sha256 of the checkpoint's completion marker (which lists every file's sha256): tells a copy made
+        from this checkpoint from one of an earlier save of the same tag. None for plain DeepSpeed folders."""
+        marker = Path(tag_dir) / ckpt.MARKER
+        return file_sha256(marker) if marker.is_file() else None
 
     @cached_property
     def readers(self) -> list[Any]:
-        from pretrain.checkpoint.zero_reader import Zero3Reader
+        from pretrain.checkpoint.zero_reader import ZeroReader
 
-        readers = [Zero3Reader(self.path, t) for t in self.tp_ranks]
+        readers = [ZeroReader(self.path, t) for t in self.tp_ranks]
         r0 = readers[0]
         self.meta.update({
             "optimizer_step": r0.optimizer_step(), "param_groups": r0.param_groups(),
@@ -128,9 +139,9 @@ class DeepSpeedSource(Source):
         entry = self.layout.get(name)
         if entry is None:
             raise KeyError(f"{self.path}: the model has no parameter {name!r}")
-        if self.stage != 3:
+        if not self.has_optimizer:
             if key != "fp32":
-                raise ValueError(f"{self.path}: optimizer state is read from ZeRO stage 3 checkpoints only "
+                raise ValueError(f"{self.path}: optimizer state is read from ZeRO stage 1-3 checkpoints only "
                                  f"(this one is stage {self.stage})")
             if self._whole is None:
                 full = {n: torch.Size(e["shape"]) for n, e in self.layout.items()}

@@ -1,10 +1,13 @@
 """Writing layout-free checkpoints and weight exports from any `ckpt_source.Source`.
 
-Universal checkpoint (`pretrain convert SRC DST --to universal`, or `checkpoint.universal=true`)::
+Universal checkpoint (`pretrain convert SRC DST --to universal`, `checkpoint.universal=true`, or a
+`--resume` at another layout)::
 
     DST/universal.json          format, step, optimizer step, LR-schedule and loss-scaler state, optimizer
-                                hyper-parameters, data positions, RNG, config, and per parameter its full
-                                shape and `tp_split_dim` (the dimension TP ranks split it along, or null)
+                                hyper-parameters, data positions, RNG, config, the source's layout and
+                                `source_sha256` (its completion marker's, so a resume can tell it is a copy
+                                of that very checkpoint), and per parameter its full shape and
+                                `tp_split_dim` (the dimension TP ranks split it along, or null)
     DST/tokenizer.json
     DST/fp32.safetensors        full fp32 master weights, one tensor per parameter
     DST/exp_avg.safetensors     Adam first moments (same names and shapes)
@@ -12,7 +15,7 @@ Universal checkpoint (`pretrain convert SRC DST --to universal`, or `checkpoint.
     DST/manifest.json           written last: every file's size and sha256, every tensor's too
 
 `--resume DST` loads it under any (dp', tp') (pretrain/checkpoint/universal_load.py): each rank slices
-the full tensor along `tp_split_dim` for its TP rank, then takes its ZeRO-3 partition.
+the full tensor along `tp_split_dim` for its TP rank, then takes its ZeRO 1-3 partition.
 
 Weights export (`--to safetensors`): `model.safetensors` (fp32 or bf16), `config.json`
 (`{"format": "mmpt-weights", "config": ..., "step": ...}`), `tokenizer.json`, `manifest.json`.
@@ -35,7 +38,7 @@ from pretrain.checkpoint.tensor_files import SafetensorsWriter, staged_output, w
 
 FORMAT_VERSION = 1
 _META_KEYS = ("step", "config", "data_positions", "dp_world", "tp", "rng", "optimizer_step", "param_groups",
-              "loss_scaler", "lr_scheduler", "global_samples", "skipped_steps")
+              "loss_scaler", "lr_scheduler", "global_samples", "skipped_steps", "source_sha256")
 
 
 def _json_safe(value: Any) -> Any:
@@ -45,7 +48,7 @@ def _json_safe(value: Any) -> Any:
 def write_universal(src: Source, dst: Path, overwrite: bool = False) -> dict[str, Any]:
     """Convert `src` (which must carry optimizer state) into a universal checkpoint at `dst`."""
     if not src.has_optimizer:
-        raise ValueError(f"{src.path}: holds no Adam moments (not a ZeRO-3 training checkpoint); "
+        raise ValueError(f"{src.path}: holds no Adam moments (not a ZeRO 1-3 training checkpoint); "
                          "a universal checkpoint needs them to resume training exactly")
     layout = src.layout  # (builds the meta model once: not part of the timed data movement)
     t0 = time.perf_counter()

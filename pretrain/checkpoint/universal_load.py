@@ -1,13 +1,19 @@
-"""Load full single-device tensors (a universal checkpoint or imported weights) into a ZeRO-3 engine of
+"""Load full single-device tensors (a universal checkpoint or imported weights) into a ZeRO 1-3 engine of
 any data- x tensor-parallel layout.
 
-For each parameter, in the order the ZeRO-3 optimizer packs its flat fp32 partitions: take the full
+ZeRO-3: for each parameter, in the order the optimizer packs its flat fp32 partitions, take the full
 tensor, cut this rank's TP slice along the parameter's `tp_split_dim` (the same cut `pretrain.parallelize`
 makes after the model is built), pad it to a multiple of the DP size and keep this DP rank's equal part. The
 fp32 master weights, both Adam moments and the step counter are set this way; then the working-precision
-partitions are refreshed from the master weights, exactly as after an optimizer step. One parameter is
-in memory at a time. DeepSpeed's own universal loader unpickles its files and re-slices TP only for its
-AutoTP; this needs neither.
+partitions are refreshed from the master weights, exactly as after an optimizer step.
+
+ZeRO 1-2: every rank holds the whole working-precision model and one contiguous range of the flattened
+fp32 master weights and moments; DeepSpeed records for each parameter which fragment of it lies in this
+rank's range (`_hp_mapping`), so the TP slice is copied whole into the working copy and that fragment into
+the master weights and moments.
+
+One parameter is in memory at a time. DeepSpeed's own universal loader unpickles its files and re-slices
+TP only for its AutoTP; this needs neither.
 """
 
 from __future__ import annotations
@@ -37,12 +43,81 @@ def _dp_part(local: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return flat[rank * part:(rank + 1) * part]
 
 
-def _stage3_optimizer(engine: Any) -> Any:
+def _zero12_groups(opt: Any) -> tuple[list[list[Any]], list[torch.Tensor]] | None:
+    """(working-precision parameters, flat fp32 partition) per group of a ZeRO 1-2 optimizer, else None."""
+    lp, hp = getattr(opt, "bit16_groups", None), getattr(opt, "single_partition_of_fp32_groups", None)
+    return (lp, hp) if lp is not None and hp is not None else None
+
+
+def _checked_names(engine: Any, layout: dict[str, dict[str, Any]]) -> dict[Any, str]:
+    if not (hasattr(engine.optimizer, "fp32_partitioned_groups_flat") or _zero12_groups(engine.optimizer)):
+        raise ValueError("loading a universal checkpoint or imported weights needs a ZeRO-partitioned "
+                         "optimizer: parallel.zero_stage=1, 2 or 3 (3 is the default), not 0")
+    names = {p: n for n, p in engine.module.named_parameters()}
+    missing = [n for n in names.values() if n not in layout]
+    if missing:
+        raise ValueError(f"the checkpoint has no tensors for {len(missing)} parameters of this model, "
+                         f"e.g. {missing[:3]}; was it written for another model config?")
+    return names
+
+
+def _local(tensor: Any, name: str, key: str, entry: dict[str, Any], numel: int) -> torch.Tensor:
+    """This TP rank's slice of `name`'s full `key` tensor, shape-checked against the layout and the rank's
+    parameter of `numel` elements."""
+    full = tensor(name, key)
+    if list(full.shape) != list(entry["shape"]):
+        raise ValueError(f"{name}: checkpoint tensor {key} has shape {tuple(full.shape)}, "
+                         f"expected {tuple(entry['shape'])}")
+    local = _tp_slice(full.float(), entry["tp_split_dim"])
+    if local.numel() != numel:
+        raise ValueError(f"{name}: TP slice of {local.numel()} elements, this rank's parameter has {numel}")
+    return local
+
+
+def _create_adam_state(inner: Any, flats: list[torch.Tensor]) -> None:
+    """Adam creates its moments at the first step; create them now, with the optimizer's own dtypes and
+    devices, by one step on zero gradients at learning rate 0 (which moves no weight, weight decay
+    included), so that they can be overwritten."""
+    if all(inner.state.get(f) for f in flats):
+        return
+    lrs = [g["lr"] for g in inner.param_groups]
+    grads = [f.grad for f in flats]  # ZeRO's CPU offload keeps its own gradient buffers there
+    for g in inner.param_groups:
+        g["lr"] = 0.0
+    for f, grad in zip(flats, grads):
+        f.grad = torch.zeros_like(f) if grad is None else grad.zero_()
+    inner.step()
+    for g, lr in zip(inner.param_groups, lrs):
+        g["lr"] = lr
+    for f, grad in zip(flats, grads):
+        f.grad = grad
+
+
+@torch.no_grad()
+def _load_zero12(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]], keys: tuple[str, ...],
+                 names: dict[Any, str]) -> int:
+    """ZeRO 1-2 (see the module docstring); returns the number of parameters set."""
     opt = engine.optimizer
-    if not hasattr(opt, "fp32_partitioned_groups_flat"):
-        raise ValueError("loading a universal checkpoint or imported weights needs ZeRO stage 3 "
-                         "(parallel.zero_stage=3, the default)")
-    return opt
+    lp_groups, hp_flats = _zero12_groups(opt)
+    if any(k != "fp32" for k in keys):
+        _create_adam_state(opt.optimizer, hp_flats)
+    count = 0
+    for params, flat in zip(lp_groups, hp_flats):
+        state = opt.optimizer.state[flat]
+        targets = {k: flat if k == "fp32" else state[k] for k in keys}
+        for p in params:
+            name = names[p]
+            mapping = getattr(p, "_hp_mapping", None)
+            for key in keys:
+                local = _local(tensor, name, key, layout[name], p.numel())
+                if key == "fp32":
+                    p.data.copy_(local.view_as(p))  # the whole working copy (every rank holds all of it)
+                if mapping is not None:  # the fragment of it in this rank's fp32 range
+                    lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                    targets[key].narrow(0, hp.start, hp.numel).copy_(local.reshape(-1).narrow(0, lp.start,
+                                                                                             lp.numel))
+            count += 1
+    return count
 
 
 def load_full_tensors(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]],
@@ -50,12 +125,10 @@ def load_full_tensors(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]
     """Set `keys` of every parameter from `tensor(name, key)` (full single-device tensors); return count.
 
     `keys` = ("fp32",) loads weights only (imports): Adam moments keep their fresh zeros."""
-    opt = _stage3_optimizer(engine)
-    names = {p: n for n, p in engine.module.named_parameters()}
-    missing = [n for n in names.values() if n not in layout]
-    if missing:
-        raise ValueError(f"the checkpoint has no tensors for {len(missing)} parameters of this model, "
-                         f"e.g. {missing[:3]}; was it written for another model config?")
+    names = _checked_names(engine, layout)
+    opt = engine.optimizer
+    if not hasattr(opt, "fp32_partitioned_groups_flat"):
+        return _load_zero12(engine, tensor, layout, keys, names)
     opt.checkpoint_event_prologue()
     count = 0
     for sub, params in enumerate(opt.fp16_groups):
@@ -66,17 +139,8 @@ def load_full_tensors(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]
             name = names[p]
             group = opt._get_param_partition_group(p)
             rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
-            want = list(layout[name]["shape"])
             for key in keys:
-                full = tensor(name, key)
-                if list(full.shape) != want:
-                    raise ValueError(f"{name}: checkpoint tensor {key} has shape {tuple(full.shape)}, "
-                                     f"expected {tuple(want)}")
-                local = _tp_slice(full.float(), layout[name]["tp_split_dim"])
-                if local.numel() != p.ds_numel:
-                    raise ValueError(f"{name}: TP slice of {local.numel()} elements, this rank's parameter "
-                                     f"has {p.ds_numel}")
-                piece = _dp_part(local, rank, world)
+                piece = _dp_part(_local(tensor, name, key, layout[name], p.ds_numel), rank, world)
                 bufs[key][offset:offset + piece.numel()].copy_(piece)
                 if piece.numel() != p.ds_tensor.ds_numel:
                     raise RuntimeError(f"{name}: DP part of {piece.numel()} elements, ZeRO-3 holds "
@@ -107,8 +171,17 @@ def load_universal(engine: Any, src: Any) -> None:
     load_full_tensors(engine, src.tensor, meta["params"])
     opt = engine.optimizer
     step = torch.tensor(float(meta.get("optimizer_step") or meta["step"]))
-    for fp32_flat in opt.fp32_partitioned_groups_flat:
-        opt.optimizer.state[fp32_flat]["step"] = step.clone()
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+        for fp32_flat in opt.fp32_partitioned_groups_flat:
+            opt.optimizer.state[fp32_flat]["step"] = step.clone()
+    else:  # ZeRO 1-2: keep the step's type (torch Adam: a tensor on its device; DeepSpeed's FusedAdam: int)
+        for group in opt.optimizer.param_groups:
+            for flat in group["params"]:
+                st = opt.optimizer.state[flat]
+                old = st.get("step")
+                st["step"] = old.new_full((), float(step)) if torch.is_tensor(old) else int(step)
+            if "step" in group:
+                group["step"] = int(step)
     saved_groups = meta.get("param_groups") or []
     if len(saved_groups) == len(opt.optimizer.param_groups):
         for group, saved in zip(opt.optimizer.param_groups, saved_groups):

@@ -1,10 +1,15 @@
-"""Read one tensor-parallel rank's DeepSpeed ZeRO-3 files parameter by parameter, memory-mapped.
+"""Read one tensor-parallel rank's DeepSpeed ZeRO 1-3 files parameter by parameter, memory-mapped.
 
-ZeRO-3 stores, per data-parallel rank d, one flat fp32 tensor per optimizer parameter group (and one flat
-`exp_avg` / `exp_avg_sq` each) holding, for every parameter of the group in order, that rank's
-`ceil(numel / dp)` elements (the last rank's slice zero-padded). Parameter i of a group is therefore
-`cat(flat_d[off_i : off_i + part_i] for d in ranks)[:numel_i]`, where `off_i` is the sum of earlier parts;
-the names and shapes in order come from `param_shapes` in the model-states file.
+Each data-parallel rank d stores one flat fp32 tensor per optimizer parameter group (and one flat
+`exp_avg` / `exp_avg_sq` each); a parameter's full (TP-local) value is the concatenation, in DP-rank order,
+of its fragments on the ranks that hold any of it:
+
+* ZeRO-3 partitions every parameter: rank d holds `ceil(numel / dp)` elements of each (the last rank's
+  slice zero-padded), at offset `off_i` = the sum of earlier parts; names and shapes in order come from
+  `param_shapes` in the model-states file.
+* ZeRO 1-2 partition the flattened group (parameters in order, alignment-padded) into equal contiguous
+  ranges, so a parameter lies on one or a few neighbouring ranks; each rank's file records where
+  (`param_slice_mappings`: name -> (numel, start) within its partition).
 
 Files are opened memory-mapped and weights-only (`checkpoint.weights_only.mmap_load`): slicing reads only
 the pages of the one parameter asked for, so converting a checkpoint needs memory for a few parameters, not
@@ -24,6 +29,9 @@ from pretrain.checkpoint.weights_only import mmap_load
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 _DP = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")  # bf16 runs prefix "bf16_"
+# where each stage keeps the flat fp32 partitions and the wrapped torch optimizer's state dict
+_FLAT = {3: "fp32_flat_groups", 1: "single_partition_of_fp32_groups", 2: "single_partition_of_fp32_groups"}
+_BASE = {3: "optimizer_state_dict", 1: "base_optimizer_state", 2: "base_optimizer_state"}
 
 
 def optim_files(tag_dir: Path, tp_rank: int) -> list[Path]:
@@ -39,14 +47,20 @@ def optim_files(tag_dir: Path, tp_rank: int) -> list[Path]:
     return [found[d] for d in range(len(found))]
 
 
-class Zero3Reader:
-    """Full (TP-local) tensors of one TP rank of a ZeRO-3 checkpoint, read lazily from all DP ranks."""
+def _stage(sd: dict[str, Any]) -> int:
+    value = sd.get("zero_stage", 0)
+    return int(getattr(value, "value", value))
+
+
+class ZeroReader:
+    """Full (TP-local) tensors of one TP rank of a ZeRO 1-3 checkpoint, read lazily from all DP ranks."""
 
     def __init__(self, tag_dir: Path, tp_rank: int = 0, window_mb: int = 64) -> None:
         self.tag_dir = Path(tag_dir)
         files = optim_files(self.tag_dir, tp_rank)
         self.dp, self._files = len(files), files
-        self.model_states = mmap_load(self.tag_dir / f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_model_states.pt")
+        states = [self.tag_dir / f"{p}mp_rank_{tp_rank:02d}_model_states.pt" for p in ("zero_pp_rank_0_", "")]
+        self.model_states = mmap_load(next((f for f in states if f.is_file()), states[0]))  # ZeRO-3, ZeRO 1-2
         self._optim = [mmap_load(f)["optimizer_state_dict"] for f in files]
         # Pages read through a mapping stay resident (and count in RSS) while it is open: re-map after
         # every window read so a conversion's footprint stays bounded whatever the model's size (the
@@ -55,39 +69,51 @@ class Zero3Reader:
                       default=0)
         self._window, self._read = max(window_mb << 20, 2 * 4 * largest), 0
         first = self._optim[0]
-        stage = int(getattr(first.get("zero_stage"), "value", first.get("zero_stage", 0)))
-        if stage != 3:
-            raise ValueError(f"{self.tag_dir}: ZeRO stage {stage} checkpoint; layout conversion reads ZeRO "
-                             "stage 3 (parallel.zero_stage=3, the default)")
-        if int(first.get("partition_count", self.dp)) != self.dp:
-            raise ValueError(f"{self.tag_dir}: written by {first['partition_count']} DP ranks but "
-                             f"{self.dp} optimizer files are present")
-        self.index: dict[str, tuple[int, int, int, torch.Size]] = {}  # name -> group, offset, part, shape
+        self.stage = _stage(first)
+        if self.stage not in _FLAT:
+            raise ValueError(f"{self.tag_dir}: ZeRO stage {self.stage} checkpoint; layout conversion reads "
+                             "ZeRO stages 1-3 (parallel.zero_stage=1, 2 or 3)")
+        counts = first.get("partition_count", self.dp)
+        if any(int(c) != self.dp for c in (counts if isinstance(counts, list) else [counts])):
+            raise ValueError(f"{self.tag_dir}: written by {counts} DP ranks but {self.dp} optimizer files "
+                             "are present")
+        # name -> (group, shape, [(dp rank, start, numel) of its fragments in DP-rank order])
+        self.index: dict[str, tuple[int, torch.Size, list[tuple[int, int, int]]]] = {}
         for g, shapes in enumerate(self.model_states["param_shapes"]):
             offset = 0
             for name, shape in shapes.items():
-                part = math.ceil(torch.Size(shape).numel() / self.dp)
-                self.index[name] = (g, offset, part, torch.Size(shape))
-                offset += part
+                shape = torch.Size(shape)
+                if self.stage == 3:
+                    part = math.ceil(shape.numel() / self.dp)
+                    frags = [(d, offset, part) for d in range(self.dp)]
+                    offset += part
+                else:
+                    frags = [(d, int(m.start), int(m.numel)) for d, sd in enumerate(self._optim)
+                             if (m := sd["param_slice_mappings"][g].get(name)) is not None]
+                self.index[name] = (g, shape, frags)
             have = self._flat(0, g, "fp32").numel()
-            if have != offset:
+            if self.stage == 3 and have != offset:
                 raise ValueError(f"{files[0]}: group {g} holds {have} elements, its parameters need {offset}")
 
     def _flat(self, d: int, group: int, key: str) -> torch.Tensor:
         sd = self._optim[d]
         if key == "fp32":
-            return sd["fp32_flat_groups"][group]
-        state = sd["optimizer_state_dict"]["state"]
+            return sd[_FLAT[self.stage]][group]
+        state = sd[_BASE[self.stage]]["state"]
         if group not in state or key not in state[group]:
             # saved before the first optimizer step: Adam creates its moments as zeros on that step
-            return torch.zeros_like(sd["fp32_flat_groups"][group])
+            return torch.zeros_like(sd[_FLAT[self.stage]][group])
         return state[group][key]
 
     def tensor(self, name: str, key: str = "fp32") -> torch.Tensor:
         """Parameter `name`'s full fp32 value (`key`="fp32") or Adam moment, as this TP rank holds it."""
-        group, offset, part, shape = self.index[name]
-        pieces = [self._flat(d, group, key)[offset:offset + part] for d in range(self.dp)]
-        out = torch.cat(pieces)[:shape.numel()].view(shape)  # cat copies: nothing refers to the mapping
+        group, shape, frags = self.index[name]
+        pieces = [self._flat(d, group, key)[start:start + n] for d, start, n in frags]
+        out = torch.cat(pieces)[:shape.numel()]  # cat copies: nothing refers to the mapping
+        if out.numel() != shape.numel():
+            raise ValueError(f"{self.tag_dir}: {name} has {out.numel()} of its {shape.numel()} elements in "
+                             "the optimizer-state files")
+        out = out.view(shape)
         self._read += out.numel() * out.element_size()
         if self._read > self._window:
             del pieces
@@ -95,14 +121,17 @@ class Zero3Reader:
             self._read = 0
         return out
 
+    def _base(self) -> dict[str, Any]:
+        return self._optim[0][_BASE[self.stage]]
+
     def optimizer_step(self) -> int:
-        step = self._optim[0]["optimizer_state_dict"]["state"].get(0, {}).get("step", 0)
+        step = self._base()["state"].get(0, {}).get("step", 0)
         return int(step.item() if isinstance(step, torch.Tensor) else step)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Hyper-parameters of each optimizer group (no tensors), JSON-safe."""
         out = []
-        for group in self._optim[0]["optimizer_state_dict"]["param_groups"]:
+        for group in self._base()["param_groups"]:
             out.append({k: (list(v) if isinstance(v, tuple) else v)
                         for k, v in group.items() if k != "params"})
         return out

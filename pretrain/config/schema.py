@@ -194,7 +194,8 @@ class CheckpointConfig:
     universal: bool = False
     """Also write each checkpoint in the layout-free universal format (`<dir>/universal/<tag>`: full fp32
     weights and Adam moments per parameter, with TP split metadata), which `--resume` loads under any
-    other data-/tensor-parallel layout. Same as `pretrain convert SRC DST --to universal` afterwards."""
+    other data-/tensor-parallel layout. Same as `pretrain convert SRC DST --to universal` afterwards; without
+    it, a resume at another layout writes the one copy it needs then."""
 
 
 @dataclass

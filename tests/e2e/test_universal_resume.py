@@ -4,10 +4,8 @@ universal checkpoint -> 10 more at (dp=1, tp=2) and at (dp=4, tp=1), under the r
 The same again at the default `parallel.persistence_threshold`, where ZeRO-3 keeps these small parameters
 whole on every rank (the other cases partition everything): written, converted and loaded under both.
 
-Steps 11-20 must log the same losses (fp32, 1e-4 relative) and train on exactly the same samples. Same
-global batches in every layout: 4-sample shards, no sample shuffle, one open shard per stream, so each
-step's global batch is 4 whole shards (16 samples: micro_batch 8 x dp 2, 16 x 1, 4 x 4) and the re-deal
-continues the global shard sequence. MLM/MIM masks and crops come from (seed, epoch, key).
+Steps 11-20 must log the same losses (fp32, 1e-4 relative) and train on exactly the same samples: the
+global batches are the same in every layout (tests/layouts.py).
 """
 
 from __future__ import annotations
@@ -15,57 +13,28 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
+from layouts import SMALL as LAYOUT_SMALL
+from layouts import keys_by_step, losses, write_layout_data
 from tiny import DEFAULT_PERSISTENCE, ROOT, persistent_params, pretrain_cli, run_pretrain
-
-from data_pipelines.audit import read_keys
-from pretrain.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 STEPS, HALF = 20, 10
-SMALL = [
-    "model.image_size=16", "model.vision.patch_size=4", "model.vision.width=32", "model.vision.layers=1",
-    "model.vision.heads=2", "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
-    "model.text.context_length=16", "model.embed_dim=16", "model.decoder.width=16", "model.decoder.layers=1",
-    "model.decoder.heads=2", "data.workers=1", "data.shuffle_buffer=0", "data.interleave=1",
-    "data.log_keys=true", "train.precision=fp32", "optim.warmup_steps=2", "optim.lr=2e-3", "logging.every=1",
-    "logging.progress=false", "logging.tensorboard=false", "parallel.zero_stage=3",
-    "parallel.persistence_threshold=0", f"train.steps={STEPS}",
-]
+SMALL = [*LAYOUT_SMALL, f"train.steps={STEPS}"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> list[str]:
-    from data_pipelines.synth import write_synthetic_shards
-    from data_pipelines.tokenizer import train_tokenizer_from_shards
-
-    d = tmp_path_factory.mktemp("uni_data")
-    out = write_synthetic_shards(d / "train", samples=16 * STEPS, samples_per_shard=4, image_size=16, seed=0)
-    tok = train_tokenizer_from_shards(out["urls"], 128, 1000)
-    tok.save(d / "tokenizer.json")
-    return [f"data.train={out['urls']}", f"data.tokenizer={d / 'tokenizer.json'}"]
+    return write_layout_data(tmp_path_factory.mktemp("uni_data"), STEPS)
 
 
 def _train(run_dir: Path, procs: int, extra: list[str], data: list[str], resume: str | None = None) -> None:
     args = ["train", f"run.dir={run_dir}", *SMALL, *data, *extra] + (["--resume", resume] if resume else [])
     r = run_pretrain(args, procs=procs, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-
-def _losses(run_dir: Path) -> dict[int, dict[str, float]]:
-    keys = ("loss", "loss_contrastive", "loss_mim", "loss_mlm")
-    return {row["step"]: {k: row[k] for k in keys} for row in read_metrics(run_dir) if "loss" in row}
-
-
-def _keys_by_step(run_dir: Path) -> dict[int, set[str]]:
-    out: dict[int, set[str]] = defaultdict(set)
-    for rec in read_keys(run_dir):
-        out[rec.step].add(f"{rec.epoch}/{rec.key}")
-    return out
 
 
 def _convert(checkpoint: Path, out: Path) -> None:
@@ -111,12 +80,12 @@ def runs_default(data, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("layout", ["tp2", "dp4"])
 def test_resume_under_new_layout_matches_straight_run(request, layout, persistence):
     runs = request.getfixturevalue("runs" if persistence == "threshold0" else "runs_default")
-    ref, got = _losses(runs["straight"]), _losses(runs[layout])
+    ref, got = losses(runs["straight"]), losses(runs[layout])
     assert sorted(got) == list(range(HALF + 1, STEPS + 1)), "the resumed run must log steps 11..20"
     for step in range(HALF + 1, STEPS + 1):
         for k, v in ref[step].items():
             assert got[step][k] == pytest.approx(v, rel=1e-4), (layout, step, k, got[step][k], v)
-    keys_ref, keys_got = _keys_by_step(runs["straight"]), _keys_by_step(runs[layout])
+    keys_ref, keys_got = keys_by_step(runs["straight"]), keys_by_step(runs[layout])
     for step in range(HALF + 1, STEPS + 1):
         assert keys_got[step] == keys_ref[step], f"{layout}: step {step} trained on different samples"
 
@@ -142,7 +111,7 @@ def test_default_threshold_trains_and_converts_to_the_same_state(runs, runs_defa
     """Persistent parameters change where ZeRO-3 keeps them, not the math or what a checkpoint holds."""
     from pretrain.checkpoint.sources import open_source
 
-    ref, got = _losses(runs["straight"]), _losses(runs_default["straight"])
+    ref, got = losses(runs["straight"]), losses(runs_default["straight"])
     assert sorted(got) == sorted(ref)
     for step, values in ref.items():
         for k, v in values.items():
