@@ -115,6 +115,13 @@ class MIMConfig:
     MAE's 1e-6 suits photos; on flat patches (rendered or scanned images, white product backgrounds)
     it blows JPEG noise up to unit-variance targets nothing can predict. A floor like 1e-2 (in
     normalised-pixel units) leaves textured patches as they were and flat ones near zero."""
+    target: str = "pixels"
+    """What the decoder predicts at the masked patches. "pixels": MAE's (normalised, `norm_pix_loss`)
+    pixels. "features": the contrastive pass's own output tokens for the same image with every patch
+    seen, stop-gradient and layer-normed (masked feature prediction, as MaskCLIP/data2vec, with the online
+    encoder as its own teacher): the masked view learns to infer what the full view represents, which
+    pulls in the direction of the contrastive loss instead of toward pixel detail. Needs
+    `shared_pass: false` (that full pass is the target) and costs no extra encoder pass then."""
     shared_pass: bool = True
     """True: one encoder pass over the visible patches (`mask_ratio`) feeds both the contrastive loss and
     the MAE decoder (FLIP + MAE, cheapest). False: separate views, the contrastive loss gets its own pass

@@ -44,6 +44,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(not (o.mim.weight > 0 and o.mim.mask_ratio == 0),
           "objectives.mim.mask_ratio must be > 0 when objectives.mim.weight > 0")
     check(o.mim.norm_pix_eps > 0, "objectives.mim.norm_pix_eps must be > 0")
+    check(o.mim.target in ("pixels", "features"),
+          f"objectives.mim.target must be pixels or features, got {o.mim.target!r}")
+    check(not (o.mim.weight > 0 and o.mim.target == "features" and o.mim.shared_pass),
+          "objectives.mim.target=features needs objectives.mim.shared_pass=false (the full-image pass of the "
+          "contrastive loss is its target)")
     check(o.mim.unmasked_tail_steps >= 0, "objectives.mim.unmasked_tail_steps must be >= 0 (0: off)")
     check(o.mim.unmasked_tail_steps <= cfg.train.steps,
           f"objectives.mim.unmasked_tail_steps ({o.mim.unmasked_tail_steps}) must be <= train.steps "

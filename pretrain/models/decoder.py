@@ -36,7 +36,7 @@ def sincos_2d(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
 class MAEDecoder(nn.Module):
     def __init__(self, grid_size: int, patch_size: int, in_width: int, width: int, layers: int, heads: int,
                  mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0,
-                 attn_dropout: float = 0.0):
+                 attn_dropout: float = 0.0, out_dim: int | None = None):
         super().__init__()
         self.grid_size, self.patch_size = grid_size, patch_size
         self.num_patches = grid_size ** 2
@@ -45,7 +45,8 @@ class MAEDecoder(nn.Module):
         self.register_buffer("decoder_pos_embed", sincos_2d(width, grid_size)[None], persistent=False)
         self.transformer = Transformer(width, layers, heads, mlp_ratio, act, dropout, attn_dropout)
         self.decoder_norm = layer_norm(width)
-        self.decoder_pred = nn.Linear(width, patch_size * patch_size * 3)
+        # pixels of a patch (MAE), or `out_dim` features per patch (objectives.mim.target=features)
+        self.decoder_pred = nn.Linear(width, out_dim or patch_size * patch_size * 3)
         self.init_weights()
 
     @torch.no_grad()
@@ -60,7 +61,7 @@ class MAEDecoder(nn.Module):
         self.transformer.init_weights()
 
     def forward(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """x [B, 1 + N_vis, W_enc] (CLS first), ids_restore [B, N] -> pixel predictions [B, N, p*p*3]."""
+        """x [B, 1 + N_vis, W_enc] (CLS first), ids_restore [B, N] -> predictions [B, N, p*p*3 or out_dim]."""
         x = self.decoder_embed(x)  # [B, 1 + N_vis, D]
         B, N = ids_restore.shape
         D = x.shape[-1]
@@ -71,4 +72,4 @@ class MAEDecoder(nn.Module):
         x = x + self.decoder_pos_embed.to(device=x.device, dtype=x.dtype)
         x = self.transformer(x)
         x = self.decoder_norm(x)
-        return self.decoder_pred(x)[:, 1:]  # [B, N, p*p*3], CLS dropped
+        return self.decoder_pred(x)[:, 1:]  # [B, N, p*p*3 or out_dim], CLS dropped

@@ -20,7 +20,7 @@ from pretrain.models.decoder import MAEDecoder
 from pretrain.models.heads import MLMHead
 from pretrain.models.text import TextTower
 from pretrain.models.vision import VisionTower
-from pretrain.objectives import contrastive_loss, mim_loss, mlm_loss
+from pretrain.objectives import contrastive_loss, feature_mim_loss, mim_loss, mlm_loss
 
 SIGLIP_INIT_BIAS = -10.0
 """SigLIP's initial logit bias: with ~B negatives per positive, starting near log(1/B) keeps the first
@@ -51,8 +51,9 @@ class PretrainModel(nn.Module):
         self.text = TextTower(self.vocab_size, t.context_length, t.width, t.layers, t.heads, m.embed_dim,
                               eos_id=eos_id, pad_id=pad_id, **common)
         # objectives with weight 0 get no modules at all: no parameters, no optimizer state
+        out_dim = v.width if o.mim.target == "features" else None  # features: predict the encoder's tokens
         self.decoder = (MAEDecoder(self.visual.grid_size, v.patch_size, v.width, d.width, d.layers, d.heads,
-                                   **common) if o.mim.weight > 0 else None)
+                                   **common, out_dim=out_dim) if o.mim.weight > 0 else None)
         self.mlm_head = MLMHead(t.width, self.vocab_size) if o.mlm.weight > 0 else None
         # shape [1], not CLIP's 0-dim: DeepSpeed's start-up broadcast views every parameter as bytes,
         # which a 0-dim tensor refuses; exporters reshape it to a scalar
@@ -126,9 +127,11 @@ class PretrainModel(nn.Module):
         images = batch["image"]  # [B, 3, S, S]
         ratio = self.contrastive_mask_ratio()
         noise = batch.get("patch_noise")  # [B, N]
+        features_target = use_mim and o.mim.target == "features"
         pooled = tokens = mask = ids_restore = None
-        if use_con or (use_mim and ratio > 0):
+        if use_con or (use_mim and ratio > 0) or features_target:
             pooled, tokens, mask, ids_restore = self.visual.forward_features(images, noise, ratio)
+        full_tokens = tokens if ratio == 0 else None  # [B, 1 + N, W]: the target of target=features
 
         # no clamp here (it would zero the gradient above the ceiling, where Adam's momentum can carry the
         # parameter and leave it stuck): the training loop clamps the parameter after each step, as CLIP does
@@ -142,9 +145,12 @@ class PretrainModel(nn.Module):
         if use_mim:
             if ratio == 0:  # eval / separate views: the pass above saw every patch, MAE needs a masked one
                 _, tokens, mask, ids_restore = self.visual.forward_features(images, noise, o.mim.mask_ratio)
-            pred = self.decoder(tokens, ids_restore)  # [B, N, p*p*3]
-            losses["loss_mim"] = mim_loss(pred, images, mask, self.visual.patch_size, o.mim.norm_pix_loss,
-                                         o.mim.norm_pix_eps)
+            pred = self.decoder(tokens, ids_restore)  # [B, N, p*p*3], or [B, N, W] for features
+            if features_target:  # what the full view made of each masked patch, stop-gradient
+                losses["loss_mim"] = feature_mim_loss(pred, full_tokens[:, 1:], mask)
+            else:
+                losses["loss_mim"] = mim_loss(pred, images, mask, self.visual.patch_size, o.mim.norm_pix_loss,
+                                             o.mim.norm_pix_eps)
         if use_mlm:
             hidden = self.text.forward_tokens(batch["mlm_input"], causal=False)  # [B, L, W]
             losses["loss_mlm"] = mlm_loss(self.mlm_head(hidden), batch["mlm_labels"],

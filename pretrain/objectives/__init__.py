@@ -1,7 +1,7 @@
 """Pretraining losses: CLIP contrastive, MAE masked-image and BERT masked-language modeling."""
 
 from pretrain.objectives.contrastive import contrastive_loss
-from pretrain.objectives.mim import mim_loss, patchify, unpatchify
+from pretrain.objectives.mim import feature_mim_loss, mim_loss, patchify, unpatchify
 from pretrain.objectives.mlm import mlm_loss
 
-__all__ = ["contrastive_loss", "mim_loss", "mlm_loss", "patchify", "unpatchify"]
+__all__ = ["contrastive_loss", "feature_mim_loss", "mim_loss", "mlm_loss", "patchify", "unpatchify"]

@@ -45,3 +45,17 @@ def mim_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # [B, N]
     mask = mask.float()
     return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def feature_mim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """pred [B, N, W], target [B, N, W] (the full view's patch tokens), mask [B, N] (1 = masked) ->
+    scalar fp32 mean squared error to the layer-normed target on masked patches.
+
+    The target gets no gradient (it is a teacher, and a loss that could move it would pull it toward
+    whatever is easiest to predict) and a parameter-free layer norm, so its scale is fixed whatever the
+    encoder's `ln_post` learns."""
+    t = target.detach().float()
+    t = torch.nn.functional.layer_norm(t, t.shape[-1:])
+    per_patch = (pred.float() - t).pow(2).mean(dim=-1)  # [B, N]
+    mask = mask.float()
+    return (per_patch * mask).sum() / mask.sum().clamp(min=1.0)

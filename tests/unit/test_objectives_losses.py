@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tinymodel import B, N, P, S, V, make_batch, objectives, tiny_model_cfg
 
 from pretrain.models import PretrainModel
-from pretrain.objectives import contrastive_loss, mim_loss, mlm_loss, patchify, unpatchify
+from pretrain.objectives import contrastive_loss, feature_mim_loss, mim_loss, mlm_loss, patchify, unpatchify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -266,3 +266,48 @@ def test_ignores_extra_batch_keys_and_requires_noise_when_masking():
         model({k: v for k, v in batch.items() if k != "patch_noise"})
     cfg = dataclasses.replace(tiny_model_cfg(), vocab_pad_multiple=7)
     assert PretrainModel(cfg, objectives(), vocab_size=V).vocab_size == 63
+
+
+# ---------------------------------------------------------------------- MIM with feature targets
+def test_feature_mim_loss_is_masked_mse_to_a_stop_gradient_layer_normed_target():
+    gen = torch.Generator().manual_seed(7)
+    target = (5.0 + 3.0 * torch.randn(B, N, 16, generator=gen)).requires_grad_()
+    mask = (torch.rand(B, N, generator=gen) > 0.5).float()
+    exact = F.layer_norm(target.detach(), (16,))
+    assert feature_mim_loss(exact, target, mask).item() < 1e-10
+    pred = exact.clone()
+    pred[mask == 0] += 100.0  # visible patches are not scored
+    assert feature_mim_loss(pred, target, mask).item() < 1e-10
+    pred = torch.zeros(B, N, 16, requires_grad=True)
+    loss = feature_mim_loss(pred, target, mask)
+    assert loss.item() == pytest.approx(1.0, rel=0.05)  # a layer-normed target has unit variance
+    loss.backward()
+    assert target.grad is None and pred.grad.abs().sum() > 0
+
+
+def test_feature_target_predicts_the_full_views_tokens():
+    torch.manual_seed(0)
+    o = objectives()
+    o.mim.target, o.mim.shared_pass = "features", False
+    model = PretrainModel(tiny_model_cfg(), o, vocab_size=V).train()
+    assert model.decoder.decoder_pred.out_features == model.visual.width
+    batch = make_batch()
+    out = model(batch)
+    assert torch.isfinite(out["loss_mim"])
+    _, full, _, _ = model.visual.forward_features(batch["image"])
+    _, vis, mask, ids = model.visual.forward_features(batch["image"], batch["patch_noise"], o.mim.mask_ratio)
+    expect = feature_mim_loss(model.decoder(vis, ids), full[:, 1:], mask)
+    torch.testing.assert_close(out["loss_mim"], expect.detach())
+    out["loss"].backward()
+    assert model.decoder.decoder_pred.weight.grad.abs().sum() > 0
+    assert model.visual.conv1.weight.grad.abs().sum() > 0
+
+
+def test_feature_target_needs_separate_views():
+    from pretrain.config import ConfigError, embedded_config_path, load_config
+
+    with pytest.raises(ConfigError, match="target=features needs objectives.mim.shared_pass=false"):
+        load_config(embedded_config_path(), ["objectives.mim.target=features",
+                                              "objectives.mim.shared_pass=true"])
+    with pytest.raises(ConfigError, match="objectives.mim.target must be pixels or features"):
+        load_config(embedded_config_path(), ["objectives.mim.target=tokens"])
