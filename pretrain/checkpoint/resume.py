@@ -203,21 +203,21 @@ def save_universal(root: Path, tag: str) -> None:
     """Also write the just-published checkpoint as `<root>/universal/<tag>` (rank 0 converts, reading the
     files back parameter by parameter; the others wait). Retention follows the DeepSpeed checkpoints.
 
-    A failure on rank 0 raises CheckpointSaveError on every rank (the DeepSpeed checkpoint stays)."""
-    error: Exception | None = None
-    if groups.rank() == 0:
-        try:
-            out = universal_io.write_universal(DeepSpeedSource(root, tag), root / "universal" / tag,
-                                               overwrite=True)
-            (root / "universal" / "latest").write_text(tag)
-            kept = set(ckpt.complete_tags(root))
-            for old in (root / "universal").iterdir():
-                if old.is_dir() and old.name.startswith("global_step") and old.name not in kept:
-                    shutil.rmtree(old, ignore_errors=True)
-            log.info("saved universal checkpoint %s (%.1f MB in %.1f s)", out["out"], out["bytes"] / 1e6,
-                     out["seconds"])
-        except Exception as e:  # the other ranks wait for rank 0's verdict below, whatever happened
-            error = e
+    A failure on rank 0 raises CheckpointSaveError on every rank (the DeepSpeed checkpoint stays). The
+    others wait by polling (`on_rank0`), so a conversion longer than `parallel.timeout_s` is fine."""
+
+    def convert() -> None:
+        out = universal_io.write_universal(DeepSpeedSource(root, tag), root / "universal" / tag,
+                                           overwrite=True)
+        (root / "universal" / "latest").write_text(tag)
+        kept = set(ckpt.complete_tags(root))
+        for old in (root / "universal").iterdir():
+            if old.is_dir() and old.name.startswith("global_step") and old.name not in kept:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("saved universal checkpoint %s (%.1f MB in %.1f s)", out["out"], out["bytes"] / 1e6,
+                 out["seconds"])
+
+    _, error = on_rank0(convert)
     failed = failures_by_rank(error)
     if failed:
         raise ckpt.CheckpointSaveError(f"writing the universal copy of {root}/{tag} failed on "
