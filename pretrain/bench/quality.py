@@ -1,6 +1,7 @@
 """`pretrain bench quality`: which objectives help representation quality, side by side on the same shards.
 
-    pretrain bench quality --out runs/quality [--samples-seen 8192] [--image-size 32] [--set KEY=VALUE ...]
+    pretrain bench quality --out runs/quality [--seeds 0 1 2] [--samples-seen 8192] [--image-size 32]
+                           [--recipes NAME ...] [--add-recipe NAME KEY=VALUE ...] [--set KEY=VALUE ...]
 
 For each dataset (synthetic coloured shapes with a held-out split; scikit-learn's real handwritten digits,
 upscaled) it trains every recipe from the same seed on the same shards for the same number of samples
@@ -9,11 +10,16 @@ i2t/t2i R@1/5, linear probe on the train shards' frozen features). Recipes (`--r
 
 - `contrastive_full`: contrastive only, full images (CLIP)
 - `contrastive_flip50`: contrastive only, 50% of patches masked (FLIP)
-- `default`: the embedded recipe, contrastive + MAE + MLM sharing one 50%-masked pass
-- `default_tail`: default + `objectives.mim.unmasked_tail_steps` (`--tail-fraction` of the steps)
-- `separate_views`: default with `objectives.mim.shared_pass=false` (contrastive on full images)
+- `flip50_tail`: FLIP + `objectives.mim.unmasked_tail_steps` (`--tail-fraction` of the steps on full images)
+- `default`: the embedded recipe (contrastive + masked image + masked language modeling)
+- `default_tail`: default + the unmasked tail (the masked-image loss off for the last steps)
+- `shared_pass`: the pre-#14 default: contrastive, MAE pixels and MLM, one 50%-masked pass (FLIP + MAE)
+- `separate_views`: contrastive on full images, MAE pixels on its own 50%-masked pass, MLM
 - `open_clip_train`: the real open_clip trainer from PyPI, same architecture and hyper-parameters
   (`quality_openclip.py`; its own venv because of its webdataset pin)
+
+`--add-recipe NAME KEY=VALUE ...` adds named ablations, `--seeds 0 1 2` repeats everything per seed and
+adds mean ± std per recipe (single runs of these small models differ by several points between seeds).
 
 The model is `SMALL` (ViT 4x128 patch 8, text 4x128) unless `--set` overrides it: the same command scales
 to ViT-B on a GPU (`--set model.vision.width=768 model.vision.layers=12 ... --image-size 224`).
@@ -43,15 +49,21 @@ SMALL = [
 ]
 """The CPU-sized model of the bench (`--set` overrides any key)."""
 
+CONTRASTIVE_ONLY = ["objectives.mim.weight=0", "objectives.mlm.weight=0"]
 RECIPES: dict[str, list[str]] = {
-    "contrastive_full": ["objectives.mim.weight=0", "objectives.mlm.weight=0", "objectives.mim.mask_ratio=0"],
-    "contrastive_flip50": ["objectives.mim.weight=0", "objectives.mlm.weight=0",
-                           "objectives.mim.mask_ratio=0.5"],
+    "contrastive_full": [*CONTRASTIVE_ONLY, "objectives.mim.mask_ratio=0"],
+    "contrastive_flip50": [*CONTRASTIVE_ONLY, "objectives.mim.mask_ratio=0.5"],
+    "flip50_tail": [*CONTRASTIVE_ONLY, "objectives.mim.mask_ratio=0.5"],  # + the unmasked tail
     "default": [],
-    "default_tail": [],  # + unmasked_tail_steps, from --tail-fraction
-    "separate_views": ["objectives.mim.shared_pass=false"],
-    "open_clip_train": ["objectives.mim.weight=0", "objectives.mlm.weight=0", "objectives.mim.mask_ratio=0"],
+    "default_tail": [],  # + the unmasked tail
+    "shared_pass": ["objectives.mim.shared_pass=true", "objectives.mim.target=pixels",
+                    "objectives.mim.mask_ratio=0.5"],
+    "separate_views": ["objectives.mim.shared_pass=false", "objectives.mim.target=pixels"],
+    "open_clip_train": [*CONTRASTIVE_ONLY, "objectives.mim.mask_ratio=0"],
 }
+"""Overrides of each built-in recipe on the embedded defaults (`default` is the defaults themselves)."""
+TAILED = ("flip50_tail", "default_tail")
+"""Recipes that add `objectives.mim.unmasked_tail_steps` = `--tail-fraction` of the steps."""
 METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "linear_probe_top1")
 
 
@@ -81,7 +93,7 @@ def recipe_overrides(name: str, data: dict[str, Any], run_dir: Path, args: argpa
            f"data.tokenizer={data['tokenizer']}", f"run.dir={run_dir}", "checkpoint.every=0",
            "logging.every=10", "logging.progress=false", "logging.tensorboard=false",
            f"train.seed={args.seed}", *recipe]
-    if name == "default_tail":
+    if name in TAILED:
         out.append(f"objectives.mim.unmasked_tail_steps={max(1, round(steps * args.tail_fraction))}")
     return out + list(args.set)
 

@@ -42,11 +42,14 @@ def test_every_recipe_is_a_valid_config_with_equal_samples_seen(name, tmp_path):
     cfg = load_config(embedded_config_path(), recipe_overrides(name, data, tmp_path, _args()))
     assert cfg.train.steps * cfg.train.micro_batch == 992  # 1000 // 32 steps of 32
     o = cfg.objectives
-    if name.startswith("contrastive") or name == "open_clip_train":
+    if name.startswith("contrastive") or name in ("open_clip_train", "flip50_tail"):
         assert o.mim.weight == o.mlm.weight == 0
-        assert o.mim.mask_ratio == (0.5 if name == "contrastive_flip50" else 0.0)
-    assert o.mim.unmasked_tail_steps == (3 if name == "default_tail" else 0)
-    assert o.mim.shared_pass is (name != "separate_views")
+        assert o.mim.mask_ratio == (0.5 if "flip50" in name else 0.0)
+    else:
+        assert o.mim.weight > 0 and o.mlm.weight > 0  # every other recipe keeps all three objectives
+    assert o.mim.unmasked_tail_steps == (3 if name in ("default_tail", "flip50_tail") else 0)
+    if name in ("shared_pass", "separate_views"):  # pixel MAE, on FLIP's masked pass or on its own
+        assert o.mim.shared_pass is (name == "shared_pass") and o.mim.target == "pixels"
 
 
 def test_added_recipes_are_named_ablations_on_the_defaults(tmp_path):
