@@ -7,6 +7,8 @@ helper modules beside it: `tiny` (tiny models, shards, running `pretrain` as use
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from datautil import tiny_tokenizer
@@ -35,3 +37,22 @@ def tiny_tok() -> TextTokenizer:
 def shards(tmp_path_factory) -> dict[str, str]:
     """`tiny.write_shards`: 640 training and 128 held-out 32-px samples, written once per module."""
     return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="session")
+def layout_data(tmp_path_factory) -> list[str]:
+    """`layouts.write_layout_data` for the reference run's STEPS global batches (the data.* overrides)."""
+    from layouts import STEPS, write_layout_data
+
+    return write_layout_data(tmp_path_factory.mktemp("layout_data"), STEPS)
+
+
+@pytest.fixture(scope="session")
+def layout_straight(layout_data, tmp_path_factory) -> Path:
+    """The reference run of tests/layouts.py, trained once for the resume and conversion tests: STEPS steps at
+    (dp=2, tp=1), checkpoints every EVERY steps in both formats (checkpoint.universal)."""
+    from layouts import EVERY, train
+
+    run = tmp_path_factory.mktemp("layout_runs") / "dp2"
+    train(run, layout_data, 2, extra=[f"checkpoint.every={EVERY}", "checkpoint.universal=true"])
+    return run

@@ -4,12 +4,21 @@ batches are the same in every layout, its shards, and what the runs logged (loss
 Same global batches in every layout: 4-sample shards, no sample shuffle, one open shard per stream, so
 each step's global batch is 4 whole shards (16 samples: micro_batch 8 x dp 2, 16 x 1, 4 x 4) and a resume
 re-deals the remaining global shard sequence. MLM/MIM masks and crops come from (seed, epoch, key).
+
+The reference run that tests/e2e/test_resume_any_layout.py and test_universal_resume.py both resume,
+convert and export is trained once per session (`layout_straight` in tests/conftest.py): STEPS steps at
+(dp=2, tp=1), ZeRO-3 with every parameter partitioned, saved every EVERY steps with universal copies.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
+from tiny import run_pretrain
 
 from data_pipelines.audit import read_keys
 from pretrain.metrics import read_metrics
@@ -25,6 +34,11 @@ SMALL = [
 ]
 GLOBAL_BATCH = 16
 LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm")
+STEPS, EVERY = 9, 3  # the reference run: checkpoints at steps 3, 6 and 9
+
+
+def tag(step: int) -> str:
+    return f"global_step{step}"
 
 
 def write_layout_data(d: Path, steps: int) -> list[str]:
@@ -55,3 +69,36 @@ def keys_by_step(run_dir: Path) -> dict[int, set[str]]:
     for rec in read_keys(run_dir):
         out[rec.step].add(f"{rec.epoch}/{rec.key}")
     return out
+
+
+def train(run_dir: Path, data: list[str], ranks: int = 2, tp: int = 1, steps: int = STEPS, extra=(),
+          resume: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    """`pretrain train` of the recipe on `ranks` ranks (tp x dp, global batch GLOBAL_BATCH) under the real
+    deepspeed launcher; asserts it succeeded (or, `ok=False`, failed)."""
+    args = ["train", f"run.dir={run_dir}", *SMALL, *data, f"parallel.tp={tp}", micro_batch(ranks // tp),
+            f"train.steps={steps}", *extra] + (["--resume", resume] if resume else [])
+    r = run_pretrain(args, procs=ranks, timeout=600)
+    assert (r.returncode == 0) == ok, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def only_checkpoint(src: Path, step: int, dst: Path) -> Path:
+    """A run directory holding just run `src`'s checkpoint of `step`, as `latest` (as if the job had died
+    after saving it): its DeepSpeed files only, no universal copy."""
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / tag(step), dst / "checkpoints" / tag(step))
+    (dst / "checkpoints" / "latest").write_text(tag(step))
+    return dst
+
+
+def assert_continues(straight: Path, resumed: Path, start: int, end: int) -> None:
+    """`resumed`, restarted from step `start`, logged steps start+1..end with `straight`'s losses (fp32, 1e-4
+    relative: a missing Adam moment is off by ~1e-2 two steps on) and trained on exactly its samples."""
+    ref, got = losses(straight), losses(resumed)
+    assert sorted(got) == list(range(start + 1, end + 1)), f"{resumed.name} must log steps {start + 1}..{end}"
+    for step in got:
+        for k, v in ref[step].items():
+            assert got[step][k] == pytest.approx(v, rel=1e-4), (resumed.name, step, k, got[step][k], v)
+    keys_ref, keys_got = keys_by_step(straight), keys_by_step(resumed)
+    for step in got:
+        assert keys_got[step] and keys_got[step] == keys_ref[step], f"{resumed.name}: step {step} samples"

@@ -2,86 +2,61 @@
 notices the layout change, writes the checkpoint's universal copy once (rank 0; the others wait) or reuses
 it, and continues as the run would have at its own layout.
 
-Straight 6-step runs at (dp=2), (dp=1) and (tp=2) save DeepSpeed checkpoints only (no checkpoint.universal)
-at step 3; resumed from there at 2 -> 1, 1 -> 2, dp2 -> tp2 and tp2 -> dp2 ranks, steps 4-6 must log the
-losses of the straight run (fp32, 1e-4 relative: a missing Adam moment is off by ~1e-2 at step 5) and train
-on exactly its samples. `--resume` names the checkpoint as a tag folder, a run directory and `latest`. The
-same from ZeRO-2 at dp2 to ZeRO-1 at dp1, whose partitions are cut differently. Global batches are identical
-in every layout (tests/layouts.py).
+The reference run (dp=2, 9 steps, tests/layouts.py) saved at step 3; that checkpoint's DeepSpeed files alone
+(no universal copy) resume at 2 -> 1 ranks (the copy written) and dp2 -> tp2 (the copy reused; no
+data.tokenizer: the checkpoint's own). Their step-6 checkpoints (DeepSpeed files only: training writes no
+universal copy unless asked) resume in turn at 1 -> 2 and tp2 -> dp2 ranks. Every resumed run must log the
+reference run's losses up to step 9 (fp32, 1e-4 relative; the LR schedule spans train.steps, the same in
+every run) and train on exactly its samples. `--resume` names the checkpoint as a tag folder, another run's
+directory and `latest`. The same from ZeRO-2 at dp2 to ZeRO-1 at dp1, whose partitions are cut differently.
+Global batches are identical in every layout.
 """
 
 from __future__ import annotations
 
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from layouts import SMALL, keys_by_step, losses, micro_batch, write_layout_data
-from tiny import run_pretrain
+import torch
+from layouts import EVERY, STEPS, assert_continues, only_checkpoint, tag, train
 
 pytestmark = pytest.mark.slow
-STEPS, HALF = 6, 3
-TAG = f"global_step{HALF}"
-LAYOUTS = {"dp2": (2, 1), "dp1": (1, 1), "tp2": (2, 2)}  # name: (ranks, tp)
+
+
+@dataclass
+class Resumed:
+    run: Path  # the resumed run
+    log: str  # its stderr
+    root: Path  # the checkpoint root it resumed from
+    start: int  # the step it resumed at
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> list[str]:
-    return write_layout_data(tmp_path_factory.mktemp("any_layout_data"), STEPS)
-
-
-def _train(run_dir: Path, layout: str, data: list[str], extra: list[str] = (), resume: str | None = None,
-           ok: bool = True):
-    ranks, tp = LAYOUTS[layout]
-    args = ["train", f"run.dir={run_dir}", *SMALL, *data, f"parallel.tp={tp}", micro_batch(ranks // tp),
-            f"train.steps={STEPS}", *extra] + (["--resume", resume] if resume else [])
-    r = run_pretrain(args, procs=ranks, timeout=600)
-    assert (r.returncode == 0) == ok, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
-
-
-def _only_step3(src: Path, dst: Path) -> Path:
-    """A run directory holding just `src`'s step-3 checkpoint (as if the job had died after saving it)."""
-    (dst / "checkpoints").mkdir(parents=True)
-    shutil.copytree(src / "checkpoints" / TAG, dst / "checkpoints" / TAG)
-    (dst / "checkpoints" / "latest").write_text(TAG)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def runs(data, tmp_path_factory) -> dict[str, tuple[Path, Path, str, Path]]:
-    """case -> (straight run it continues, resumed run, resumed run's log, checkpoint root resumed from);
-    in this order, so the second restart from dp2's checkpoint finds the universal copy the first wrote."""
+def runs(layout_data, layout_straight, tmp_path_factory) -> dict:
+    """case -> Resumed, in this order: the second restart from the step-3 checkpoint finds the universal copy
+    the first wrote; the last two resume the checkpoints the first two saved at step 6."""
     base = tmp_path_factory.mktemp("any_layout_runs")
-    for name in LAYOUTS:
-        _train(base / name, name, data, ["checkpoint.every=3"])
-        assert not (base / name / "checkpoints" / "universal").exists()
-    out: dict = {}
-    tag_dir = str(base / "dp2" / "checkpoints" / TAG)
-    copy = base / "dp2" / "checkpoints" / "universal" / TAG / "universal.json"
-    for case, layout, resume in [("2to1", "dp1", tag_dir),  # a tag folder: converted
-                                 ("dp2_to_tp2", "tp2", tag_dir)]:  # the same checkpoint again: reused
-        r = _train(base / case, layout, data, resume=resume)
-        out[case] = (base / "dp2", base / case, r.stderr, base / "dp2" / "checkpoints")
-        out[f"{case}_copy"] = (copy.stat().st_ino, copy.stat().st_mtime_ns)
-    src = _only_step3(base / "dp1", base / "dp1_step3")
-    r = _train(base / "1to2", "dp2", data, resume=str(src))  # another run's directory
-    out["1to2"] = (base / "dp1", base / "1to2", r.stderr, src / "checkpoints")
-    run = _only_step3(base / "tp2", base / "tp2_to_dp2")
-    r = _train(run, "dp2", data, resume="latest")  # the run's own newest checkpoint
-    out["tp2_to_dp2"] = (base / "tp2", run, r.stderr, run / "checkpoints")
+    src = only_checkpoint(layout_straight, EVERY, base / "dp2_step3")
+    out: dict = {"copy": src / "checkpoints" / "universal" / tag(EVERY)}
+    for case, ranks, tp, data in [("2to1", 1, 1, layout_data),  # a tag folder: converted
+                                  ("dp2_to_tp2", 2, 2, layout_data[:1])]:  # the same one again: reused
+        r = train(base / case, data, ranks, tp, extra=[f"checkpoint.every={EVERY}"],
+                  resume=str(src / "checkpoints" / tag(EVERY)))
+        out[case] = Resumed(base / case, r.stderr, src / "checkpoints", EVERY)
+        meta = out["copy"] / "universal.json"
+        out[f"{case}_copy"] = (meta.stat().st_ino, meta.stat().st_mtime_ns)
+        assert not (base / case / "checkpoints" / "universal").exists()  # DeepSpeed files only by default
+    # no data.tokenizer: the resumed run must take the checkpoint's own
+    tokenizer = (base / "dp2_to_tp2" / "tokenizer.json").read_text()
+    assert tokenizer == (layout_straight / "tokenizer.json").read_text()
+    src = only_checkpoint(base / "2to1", 2 * EVERY, base / "dp1_step6")
+    r = train(base / "1to2", layout_data, 2, resume=str(src))  # another run's directory
+    out["1to2"] = Resumed(base / "1to2", r.stderr, src / "checkpoints", 2 * EVERY)
+    run = only_checkpoint(base / "dp2_to_tp2", 2 * EVERY, base / "tp2_to_dp2")
+    r = train(run, layout_data, 2, resume="latest")  # the run's own newest checkpoint
+    out["tp2_to_dp2"] = Resumed(run, r.stderr, run / "checkpoints", 2 * EVERY)
     return out
-
-
-def _assert_continues(straight: Path, resumed: Path) -> None:
-    ref, got = losses(straight), losses(resumed)
-    assert sorted(got) == list(range(HALF + 1, STEPS + 1)), f"{resumed.name} must log steps 4..6"
-    for step in got:
-        for k, v in ref[step].items():
-            assert got[step][k] == pytest.approx(v, rel=1e-4), (resumed.name, step, k, got[step][k], v)
-    keys_ref, keys_got = keys_by_step(straight), keys_by_step(resumed)
-    for step in got:
-        assert keys_got[step] and keys_got[step] == keys_ref[step], f"{resumed.name}: step {step} samples"
 
 
 @pytest.mark.timeout(1200)
@@ -89,48 +64,61 @@ def _assert_continues(straight: Path, resumed: Path) -> None:
                                             ("1to2", "dp=1 tp=1", "dp=2 tp=1"),
                                             ("dp2_to_tp2", "dp=2 tp=1", "dp=1 tp=2"),
                                             ("tp2_to_dp2", "dp=1 tp=2", "dp=2 tp=1")])
-def test_resume_at_another_layout_continues_like_the_original_one(runs, case, was, now):
-    straight, resumed, log, root = runs[case]
-    _assert_continues(straight, resumed)
+def test_resume_at_another_layout_continues_like_the_original_one(runs, layout_straight, case, was, now):
+    got, log = runs[case], runs[case].log
+    assert_continues(layout_straight, got.run, got.start, STEPS)
     assert f"from layout {was} to {now} (ZeRO 3 -> 3) through its universal copy" in log, log[-3000:]
-    assert f"resumed from {root}/universal/{TAG} at step {HALF}" in log, log[-3000:]
-    assert (resumed / "checkpoints" / f"global_step{STEPS}").is_dir()  # saved at the new layout as usual
+    assert f"resumed from {got.root}/universal/{tag(got.start)} at step {got.start}" in log, log[-3000:]
+    assert (got.run / "checkpoints" / tag(STEPS)).is_dir()  # saved at the new layout as usual
 
 
 @pytest.mark.timeout(1200)
 def test_second_restart_reuses_the_universal_copy(runs):
-    first, second = runs["2to1"][2], runs["dp2_to_tp2"][2]
+    first, second = runs["2to1"].log, runs["dp2_to_tp2"].log
     assert ": converted (" in first and ": reused in " not in first, first[-3000:]
     assert ": reused in " in second and ": converted (" not in second, second[-3000:]
     assert runs["dp2_to_tp2_copy"] == runs["2to1_copy"], "the second restart rewrote the universal copy"
 
 
 @pytest.mark.timeout(1200)
-def test_zero2_checkpoint_resumes_at_another_layout_under_zero1(data, tmp_path):
-    """ZeRO 1-2 cut the flattened parameter groups (not each parameter) into DP ranges: read through the
-    per-parameter fragment addresses DeepSpeed records (the same weights as its own zero_to_fp32) and
-    loaded through those of the new engine; ZeRO-1 does the same math with other gradient buckets."""
-    import torch
-
-    from pretrain.checkpoint.atomic import consolidated_state_dict
+def test_copy_written_on_resume_equals_the_checkpoint_universal_save(runs, layout_straight):
+    """The copy a resume writes is the one `checkpoint.universal=true` saved with the checkpoint."""
     from pretrain.checkpoint.sources import open_source
 
-    _train(tmp_path / "dp2", "dp2", data, ["parallel.zero_stage=2", "checkpoint.every=3"])
-    root = tmp_path / "dp2" / "checkpoints"
-    src, theirs = open_source(root / TAG), consolidated_state_dict(root, TAG)
-    assert src.has_optimizer and set(src.names) == set(theirs) and len(theirs) > 20
-    for name in src.names:
-        assert torch.equal(src.tensor(name), theirs[name]), name
-    r = _train(tmp_path / "dp1", "dp1", data, ["parallel.zero_stage=1"], resume=str(root / TAG))
-    assert "from layout dp=2 tp=1 to dp=1 tp=1 (ZeRO 2 -> 1)" in r.stderr, r.stderr[-3000:]
-    _assert_continues(tmp_path / "dp2", tmp_path / "dp1")
+    direct = open_source(layout_straight / "checkpoints" / "universal" / tag(EVERY))
+    converted = open_source(runs["copy"])
+    assert direct.names == converted.names and len(direct.names) > 20
+    for name in direct.names:
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(direct.tensor(name, key), converted.tensor(name, key)), (name, key)
 
 
 @pytest.mark.timeout(1200)
-def test_failed_conversion_stops_every_rank_naming_it(runs, data, tmp_path):
-    src = _only_step3(runs["1to2"][0], tmp_path / "src")
+def test_zero2_checkpoint_resumes_at_another_layout_under_zero1(layout_data, tmp_path):
+    """ZeRO 1-2 cut the flattened parameter groups (not each parameter) into DP ranges: read through the
+    per-parameter fragment addresses DeepSpeed records (the same weights as its own zero_to_fp32) and
+    loaded through those of the new engine; ZeRO-1 does the same math with other gradient buckets."""
+    from pretrain.checkpoint.atomic import consolidated_state_dict
+    from pretrain.checkpoint.sources import open_source
+
+    train(tmp_path / "dp2", layout_data, 2, steps=2 * EVERY,
+          extra=["parallel.zero_stage=2", f"checkpoint.every={EVERY}"])
+    root = tmp_path / "dp2" / "checkpoints"
+    src, theirs = open_source(root / tag(EVERY)), consolidated_state_dict(root, tag(EVERY))
+    assert src.has_optimizer and set(src.names) == set(theirs) and len(theirs) > 20
+    for name in src.names:
+        assert torch.equal(src.tensor(name), theirs[name]), name
+    r = train(tmp_path / "dp1", layout_data, 1, steps=2 * EVERY, extra=["parallel.zero_stage=1"],
+              resume=str(root / tag(EVERY)))
+    assert "from layout dp=2 tp=1 to dp=1 tp=1 (ZeRO 2 -> 1)" in r.stderr, r.stderr[-3000:]
+    assert_continues(tmp_path / "dp2", tmp_path / "dp1", EVERY, 2 * EVERY)
+
+
+@pytest.mark.timeout(1200)
+def test_failed_conversion_stops_every_rank_naming_it(runs, layout_data, tmp_path):
+    src = only_checkpoint(runs["2to1"].run, 2 * EVERY, tmp_path / "src")  # saved at (dp=1)
     (src / "checkpoints" / "universal").write_text("not a folder")  # rank 0 cannot write the copy
-    r = _train(tmp_path / "run", "dp2", data, resume=str(src), ok=False)
+    r = train(tmp_path / "run", layout_data, 2, resume=str(src), ok=False)
     said = "writing the universal copy"  # (the two ranks' lines may interleave)
     assert r.stderr.count(said) == 2 == r.stderr.count(") failed on rank 0: "), r.stderr[-3000:]
     assert "pretrain convert" in r.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,7 +1,7 @@
 """The elastic re-deal continues the global item sequence: when every old stream stopped at an item
 boundary, the new streams' items, read round-robin, are exactly the old layout's unread items in the
 order the fresh epoch dealt them (what lets a resumed run under a new layout see the same global batches
-as the straight run: tests/test_universal_resume.py)."""
+as the straight run: tests/e2e/test_resume_any_layout.py)."""
 
 from __future__ import annotations
 
