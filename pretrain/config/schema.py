@@ -106,8 +106,9 @@ class MIMConfig:
     weight: float = 1.0
     """Weight of the MAE masked-image loss (0 disables the decoder)."""
     mask_ratio: float = 0.5
-    """Fraction of patches hidden from the image encoder during training. The same visible-patch
-    pass feeds the contrastive loss (FLIP), so this also speeds training up; 0 keeps all patches."""
+    """Fraction of patches hidden from the image encoder in the masked pass: the MAE decoder's input,
+    and with `shared_pass: true` also the contrastive loss's (FLIP: faster, at a cost in zero-shot
+    accuracy); with a contrastive-only recipe (`weight: 0`) it is FLIP's ratio. 0 keeps all patches."""
     norm_pix_loss: bool = True
     """Reconstruct per-patch normalised pixels (MAE's better-representation setting)."""
     norm_pix_eps: float = 1.0e-6
@@ -122,11 +123,12 @@ class MIMConfig:
     encoder as its own teacher): the masked view learns to infer what the full view represents, which
     pulls in the direction of the contrastive loss instead of toward pixel detail. Needs
     `shared_pass: false` (that full pass is the target) and costs no extra encoder pass then."""
-    shared_pass: bool = True
-    """True: one encoder pass over the visible patches (`mask_ratio`) feeds both the contrastive loss and
-    the MAE decoder (FLIP + MAE, cheapest). False: separate views, the contrastive loss gets its own pass
-    over every patch (the view zero-shot and retrieval see) and MAE keeps its masked pass; costs one
-    more encoder pass per step. Only matters when both objectives are on."""
+    shared_pass: bool = False
+    """False (default since issue #14): separate views, the contrastive loss gets its own pass over every
+    patch (the view zero-shot and retrieval see) and MAE its masked pass; costs one more (partial)
+    encoder pass per step. True: one pass over the visible patches (`mask_ratio`) feeds both the
+    contrastive loss and the decoder (FLIP + MAE): cheapest, but `pretrain bench quality` measured it
+    far behind contrastive-only in zero-shot (docs/benchmarks.md). Only matters when both are on."""
     unmasked_tail_steps: int = 0
     """The last N optimizer steps train the contrastive loss on full images (FLIP's unmasking tuning),
     closing the gap between masked training and unmasked evaluation. The MAE loss is skipped in the

@@ -174,7 +174,9 @@ def test_bf16_forward_computes_losses_in_fp32():
 
 def test_eval_contrastive_sees_every_patch():
     torch.manual_seed(0)
-    model = PretrainModel(tiny_model_cfg(), objectives(), vocab_size=V).eval()
+    o = objectives()
+    o.mim.shared_pass = True  # training masks the contrastive pass too (FLIP); eval must not
+    model = PretrainModel(tiny_model_cfg(), o, vocab_size=V).eval()
     batch = make_batch()
     with torch.no_grad():
         out = model(batch)

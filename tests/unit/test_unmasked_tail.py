@@ -44,13 +44,15 @@ def _model(**mim) -> PretrainModel:
     return PretrainModel(tiny_model_cfg(), o, vocab_size=60).train()
 
 
-def test_default_is_one_shared_masked_pass():
+def test_default_is_separate_views_and_shared_pass_is_one_masked_pass():
     ratios, out = _seen_ratios(_model(), make_batch())
+    assert ratios == [0.0, 0.5] and "loss_mim" in out and "loss_contrastive" in out  # full view, MAE view
+    ratios, out = _seen_ratios(_model(shared_pass=True), make_batch())
     assert ratios == [0.5] and "loss_mim" in out and "loss_contrastive" in out
 
 
 def test_tail_trains_contrastive_on_full_images_and_skips_mae():
-    model = _model()
+    model = _model(shared_pass=True)
     model.set_unmasked_tail(True)
     assert model.contrastive_mask_ratio() == 0.0
     ratios, out = _seen_ratios(model, make_batch())
@@ -90,7 +92,7 @@ def test_training_switches_at_the_right_step_and_a_resume_inside_the_tail_stays_
     does not break ZeRO-3."""
     shards = write_micro_shards(tmp_path / "shards")
     args = train_args(shards, tmp_path / "run", 5, "data.workers=0", "objectives.mim.unmasked_tail_steps=2",
-                      "checkpoint.every=1")
+                      "checkpoint.every=1", "objectives.mim.shared_pass=true")
     r = run_pretrain(["train", *args], env={"MMPT_FAULT_KILL": "after-step:4"})
     assert r.returncode != 0
     r = run_pretrain(["train", *args, "--resume", "latest"])
