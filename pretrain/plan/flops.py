@@ -46,10 +46,14 @@ def flops_per_sample(cfg: Config, vocab_size: int, global_batch: int | None = No
     n_vis = visible_patches(n, o.mim.mask_ratio)
     cols = global_batch or cfg.train.micro_batch
     parts: dict[str, int] = {}
-    if use_con or use_mim:  # one encoder pass over the visible patches feeds both
+    if use_con or use_mim:  # the pass over the visible patches (FLIP and/or MAE)
         parts["vision_encoder"] = (2 * n * 3 * v.patch_size ** 2 * v.width  # patch embedding (all patches)
                                    + v.layers * block_flops(v.width, 1 + n_vis, m.mlp_ratio))
         parts["vision_proj"] = 2 * v.width * m.embed_dim  # the tower always pools, used or not
+    if use_con and use_mim and not o.mim.shared_pass:  # separate views: the contrastive pass sees every patch
+        parts["vision_encoder_full"] = (2 * n * 3 * v.patch_size ** 2 * v.width
+                                        + v.layers * block_flops(v.width, 1 + n, m.mlp_ratio))
+        parts["vision_proj_full"] = 2 * v.width * m.embed_dim
     if use_con:
         parts["text_causal"] = t.layers * block_flops(t.width, t.context_length, m.mlp_ratio, causal=True)
         parts["text_proj"] = 2 * t.width * m.embed_dim
@@ -58,7 +62,8 @@ def flops_per_sample(cfg: Config, vocab_size: int, global_batch: int | None = No
     if use_mim:
         parts["decoder"] = (2 * (1 + n_vis) * v.width * d.width  # decoder_embed on CLS + visible tokens
                             + d.layers * block_flops(d.width, 1 + n, m.mlp_ratio)
-                            + 2 * (1 + n) * d.width * v.patch_size ** 2 * 3)  # pixel head
+                            + 2 * (1 + n) * d.width * (v.width if o.mim.target == "features"
+                                                       else v.patch_size ** 2 * 3))  # prediction head
     if use_mlm:
         parts["text_mlm"] = t.layers * block_flops(t.width, t.context_length, m.mlp_ratio, causal=False)
         parts["mlm_head"] = 2 * t.context_length * (t.width * t.width + t.width * vocab_size)

@@ -17,6 +17,7 @@ from pretrain.plan.flops import block_flops, flops_per_sample
 def _cfg(**weights: float) -> Config:
     cfg = Config()
     cfg.model, cfg.objectives, cfg.train.micro_batch = tiny_model_cfg(), objectives(**weights), B
+    cfg.objectives.mim.shared_pass = True  # the FLIP path; separate views' extra full pass: not yet here
     return cfg
 
 

@@ -318,8 +318,10 @@ def test_activation_checkpointing_same_loss_and_grads(monkeypatch):
     monkeypatch.setattr(transformer_mod, "checkpoint", counting)
     torch.manual_seed(0)
     batch = _batch(torch.Generator().manual_seed(6))
-    plain = PretrainModel(tiny_model_cfg(), ObjectivesConfig(), vocab_size=60)
-    ckpt = PretrainModel(tiny_model_cfg(), ObjectivesConfig(), vocab_size=60)
+    shared = ObjectivesConfig()
+    shared.mim.shared_pass = True  # one vision pass, so the block count below is simple
+    plain = PretrainModel(tiny_model_cfg(), shared, vocab_size=60)
+    ckpt = PretrainModel(tiny_model_cfg(), shared, vocab_size=60)
     set_activation_checkpointing(ckpt)
     ckpt.load_state_dict(plain.state_dict())
     results = []
