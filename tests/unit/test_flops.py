@@ -17,7 +17,7 @@ from pretrain.plan.flops import block_flops, flops_per_sample
 def _cfg(**weights: float) -> Config:
     cfg = Config()
     cfg.model, cfg.objectives, cfg.train.micro_batch = tiny_model_cfg(), objectives(**weights), B
-    cfg.objectives.mim.shared_pass = True  # the FLIP path; separate views' extra full pass: not yet here
+    cfg.objectives.mim.shared_pass = True  # the FLIP path here; separate views: their own test below
     return cfg
 
 
@@ -50,6 +50,8 @@ def _attention_flops(cfg: Config, f: dict) -> int:
     out = 0
     if "vision_encoder" in f["parts"]:
         out += m.vision.layers * 4 * (1 + f["visible_patches"]) ** 2 * m.vision.width
+    if "vision_encoder_full" in f["parts"]:  # separate views: the contrastive pass over every patch
+        out += m.vision.layers * 4 * (1 + f["patches"]) ** 2 * m.vision.width
     if "text_causal" in f["parts"]:
         L = m.text.context_length
         out += m.text.layers * 4 * (L * (L + 1) // 2) * m.text.width
@@ -68,6 +70,20 @@ def test_matches_torch_flop_counter_on_the_model(weights):
     with FlopCounterMode(display=False) as counter:
         model(make_batch())
     f = flops_per_sample(cfg, vocab_size=model.vocab_size)
+    assert counter.get_total_flops() == B * (f["forward"] - _attention_flops(cfg, f))
+
+
+@pytest.mark.parametrize("target", ["pixels", "features"])
+def test_separate_views_match_torch_flop_counter(target):
+    """The default recipe: a full-image contrastive pass plus MAE's masked pass (and a feature head)."""
+    torch.manual_seed(0)
+    cfg = _cfg()
+    cfg.objectives.mim.shared_pass, cfg.objectives.mim.target = False, target
+    model = PretrainModel(cfg.model, cfg.objectives, vocab_size=V).train()
+    with FlopCounterMode(display=False) as counter:
+        model(make_batch())
+    f = flops_per_sample(cfg, vocab_size=model.vocab_size)
+    assert "vision_encoder_full" in f["parts"]
     assert counter.get_total_flops() == B * (f["forward"] - _attention_flops(cfg, f))
 
 
