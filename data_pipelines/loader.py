@@ -152,10 +152,22 @@ class _TrainStream(IterableDataset):
 
 
 class _EvalStream(IterableDataset):
-    """Every sample of the eval shards once, in shard order (per worker), centre-cropped, no randomness."""
+    """The eval shards' samples once each, centre-cropped, no augmentation; this stream's share only.
+
+    Stream g of G (G = world x workers, g = rank x workers + worker) takes
+      - whole shards s with s % G == g when there are at least G shards and no cap, or
+      - the samples at global positions p (in shard order) with p % G == g, over the first `max_samples`
+        positions (every stream reads those tar bytes, decodes only its own), otherwise;
+    so the union over streams is exactly the single-process set. Each batch carries `_order` [B, 2]
+    (shard index, position in shard): sorting gathered rows by it gives the single-process order.
+    With `masking` = (seed, mlm_prob, num_patches) batches also hold `mlm_input`, `mlm_labels` and
+    `patch_noise` drawn from (seed, epoch 0, key): the same masks on every call and in every layout.
+    """
 
     def __init__(self, shards: list[str], tokenizer: TextTokenizer, image_size: int, batch_size: int,
-                 context_length: int, mean: Iterable[float], std: Iterable[float], max_bytes: int) -> None:
+                 context_length: int, mean: Iterable[float], std: Iterable[float], max_bytes: int,
+                 rank: int = 0, world: int = 1, max_samples: int = 0,
+                 masking: tuple[int, float, int] | None = None) -> None:
         super().__init__()
         self.shards = shards
         self.max_bytes = max_bytes
@@ -164,29 +176,58 @@ class _EvalStream(IterableDataset):
         self.batch_size = batch_size
         self.context_length = context_length
         self.mean, self.std = tuple(mean), tuple(std)
+        self.rank, self.world, self.max_samples, self.masking = rank, world, max_samples, masking
+
+    def _positions(self, stream: int, streams: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        skips = self._skips
+        if len(self.shards) >= streams and not self.max_samples:
+            for s in range(stream, len(self.shards), streams):
+                for j, sample in enumerate(shard_samples([self.shards[s]], skips, max_bytes=self.max_bytes)):
+                    yield s, j, sample
+            return
+        p = 0
+        for s, url in enumerate(self.shards):
+            for j, sample in enumerate(shard_samples([url], skips, max_bytes=self.max_bytes)):
+                if self.max_samples and p >= self.max_samples:
+                    return
+                if p % streams == stream:
+                    yield s, j, sample
+                p += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, count = _worker()
-        skips = SkipCounter(where=f"eval worker {worker}")
-        pending: list[EvalExample] = []
-        for sample in shard_samples(self.shards[worker::count], skips, max_bytes=self.max_bytes):
+        self._skips = skips = SkipCounter(where=f"eval worker {worker}")
+        pending: list[tuple[Any, tuple[int, int]]] = []
+        for s, j, sample in self._positions(self.rank * count + worker, self.world * count):
             parts = split_sample(sample, skips)
             if parts is None:
                 continue
             data, caption = parts
-            img = decode_image(data, sample["__key__"], skips,
-                               lambda im: center_crop_resize_array(im, self.image_size))
+            key = sample["__key__"]
+            img = decode_image(data, key, skips, lambda im: center_crop_resize_array(im, self.image_size))
             if img is None:
                 continue
-            pending.append(EvalExample(sample["__key__"], img, caption, label_of(sample)))
+            if self.masking is None:
+                example: Any = EvalExample(key, img, caption, label_of(sample))
+            else:
+                _, mlm_rng, noise_rng = sample_rngs(self.masking[0], 0, key)
+                example = TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng)
+            pending.append((example, (s, j)))
             if len(pending) == self.batch_size:
                 yield self._batch(pending, skips)
                 pending = []
         if pending:
             yield self._batch(pending, skips)
 
-    def _batch(self, examples: list[EvalExample], skips: SkipCounter) -> dict[str, Any]:
-        batch = collate_eval(examples, self.tokenizer, self.context_length, self.mean, self.std)
+    def _batch(self, pending: list[tuple[Any, tuple[int, int]]], skips: SkipCounter) -> dict[str, Any]:
+        examples = [e for e, _ in pending]
+        if self.masking is None:
+            batch = collate_eval(examples, self.tokenizer, self.context_length, self.mean, self.std)
+        else:
+            _, mlm_prob, num_patches = self.masking
+            batch = collate_train(examples, self.tokenizer, self.context_length, mlm_prob, num_patches,
+                                  self.mean, self.std)
+        batch["_order"] = torch.tensor([o for _, o in pending], dtype=torch.long).reshape(-1, 2)
         batch["_skips"] = skips.as_dict()
         return batch
 
@@ -276,17 +317,27 @@ def make_eval_loader(
     std: Iterable[float],
     workers: int = 0,
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES,
+    rank: int = 0,
+    world: int = 1,
+    max_samples: int = 0,
+    masking: tuple[int, float, int] | None = None,
 ) -> Iterable[dict[str, Any]]:
-    """Finite iterable over every sample of `urls` once, without augmentation; re-iterable.
+    """Finite iterable over every sample of `urls` once (this rank's share of `world`), without
+    augmentation; re-iterable.
 
-    Batches hold image, text, cls, _keys and _skips; the last batch may be smaller. With workers > 0 each
-    worker reads every workers-th shard, so the order is shard order within each worker. Samples over
+    Batches hold image, text, cls, _keys, _order (shard index, position in shard) and _skips; the last
+    batch may be smaller. `max_samples` > 0 keeps the first that many positions in shard order (unreadable
+    samples among them are skipped and counted). The split between ranks and workers is in `_EvalStream`;
+    the union over all ranks is the same set in every layout. `masking` = (seed, mlm_prob, num_patches)
+    adds fixed-seed MLM inputs/labels and MAE patch noise (validation losses). Samples over
     `max_sample_bytes` (`data.max_sample_bytes`) are skipped as `too_large`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
     shards = [u for source in expand_sources(urls) for u in source]
     workers = min(max(int(workers), 0), len(shards))
     dataset = _EvalStream(shards, tokenizer, image_size, batch_size, context_length, mean, std,
-                          max_sample_bytes)
+                          max_sample_bytes, rank=rank, world=world, max_samples=max_samples, masking=masking)
     return _data_loader(dataset, workers, persistent=False)

@@ -55,10 +55,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Single process, or every rank of a launcher (deepspeed, torchrun, mpirun, srun): each rank encodes
+    its share of the shards and rank 0 prints the (identical) result."""
+    from launch.env import discover
+    from parallel import groups
     from pretrain.evaluation.evaluate import evaluate
 
+    me = discover()
+    if me.world_size > 1:
+        quiet_other_ranks(me.rank, False)
+        groups.init_distributed(args.timeout_s, tp=1)
     result = evaluate(args.checkpoint, args.data, args.classnames, batch_size=args.batch_size,
-                      max_samples=args.max_samples, linear_probe=args.linear_probe)
+                      max_samples=args.max_samples, linear_probe=args.linear_probe, workers=args.workers)
+    if groups.rank() != 0:
+        return 0
     if args.json:
         print(json.dumps(result), flush=True)
     else:
@@ -146,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear-probe", metavar="TRAIN_SHARDS",
                    help="labelled train shard URLs: fit logistic regression on their frozen image features "
                    "(C chosen on a held-out split) and report linear_probe_top1 on --data")
+    p.add_argument("--workers", type=int, default=0, help="decode workers per rank")
+    p.add_argument("--timeout-s", type=int, default=1800,
+                   help="collective timeout under a launcher (a rank waits this long for the others)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

@@ -32,6 +32,9 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    if "/" in k:  # already grouped: val/zeroshot_top1 ...
+                        self._tb.add_scalar(k, v, step)
+                        continue
                     group = "loss" if k.startswith("loss") else "train"
                     self._tb.add_scalar(f"{group}/{k}", v, step)
 

@@ -30,6 +30,7 @@ from parallel.consensus import any_rank
 from parallel.engine import build_engine, clamp_parameter_
 from pretrain import faults
 from pretrain.checkpoint import atomic as ckpt
+from pretrain.checkpoint import best as best_ckpt
 from pretrain.checkpoint.resume import resolve_start, save_universal
 from pretrain.config import (
     Config,
@@ -40,6 +41,7 @@ from pretrain.config import (
     to_dict,
     validate,
 )
+from pretrain.evaluation.validate import Validator
 from pretrain.metrics import MetricsWriter, ProgressBar
 from pretrain.models.pretrain_model import PretrainModel
 from pretrain.nonfinite import LOSS_KEYS, NonFiniteGuard
@@ -162,9 +164,14 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
 
     save_failures = 0
 
-    def save(step: int, final: bool = False) -> None:
-        """Atomic save; a failure is reported and training goes on from memory, up to a limit."""
+    def save(step: int, final: bool = False, val: dict[str, Any] | None = None) -> None:
+        """Atomic save; a failure is reported and training goes on from memory, up to a limit. `val`: this
+        step's validation, for `checkpoint.keep_best`."""
         nonlocal save_failures
+        published, metric = None, cfg.checkpoint.keep_best
+        if metric and val and best_ckpt.improves(root, metric, val.get(metric)):
+            def published(tag: str) -> None:
+                best_ckpt.record_best(root, metric, val[metric], step, tag)
         client = {"mmpt": {
             "step": step, "config": to_dict(cfg), "tokenizer": (run_dir / "tokenizer.json").read_text(),
             "data_positions": _gather_positions(tracker), "dp_world": dp_world,
@@ -173,7 +180,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         audit.flush()
         try:  # a failure on any rank raises on every rank, at the same point (pretrain/checkpoint/atomic.py)
             tag = ckpt.save_atomic(engine, root, step, client, keep_last=cfg.checkpoint.keep_last,
-                                   keep_every=cfg.checkpoint.keep_every)
+                                   keep_every=cfg.checkpoint.keep_every, published=published)
             log.info("saved checkpoint %s/%s", root, tag)
             if cfg.checkpoint.universal:
                 save_universal(root, tag)  # pretrain/checkpoint/resume.py
@@ -188,6 +195,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         save_failures = 0
 
     bar = ProgressBar(cfg.train.steps, start_step) if rank == 0 and cfg.logging.progress else None
+    validator = Validator(cfg, tokenizer, engine.module, lambda b: move_batch(b, engine.device, dtype), dtype)
 
     it = iter(loader)
     sums: dict[str, float] = {}
@@ -249,9 +257,12 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             check_bad_fraction(data_totals["skips"], data_totals["delivered"], data_totals["shards"],
                                d.max_bad_fraction, d.bad_check_after)
             sums, n_micro, wait_s, window_start = {}, 0, 0.0, time.perf_counter()
+        val = validator.run(step) if validator.due(step) and not stopping else None  # eval.every / at_end
+        if val is not None:
+            metrics.log(step, val)
         faults.maybe_kill("after-step", step)
         if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping:
-            save(step, final=step == cfg.train.steps or stopping)
+            save(step, final=step == cfg.train.steps or stopping, val=val)
         if stopping:  # preemption: this step is logged and saved; the requeued job resumes after it
             break
     if bar is not None:
@@ -267,7 +278,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     wall = time.perf_counter() - run_start
     summary = {
         "steps": step, "start_step": start_step, "run_dir": str(run_dir),
-        "wall_s": round(wall, 2),
+        "wall_s": round(wall, 2), "validation_s": round(validator.seconds, 2),
         "samples_per_s": round((step - start_step) * per_step / max(wall, 1e-9), 3),
         "final": last_logged, "checkpoint": str(root),
         "skipped": (data_totals := _data_totals(tracker))["skips"],

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import torch.distributed as dist
 from parallel import groups
 from parallel.consensus import any_rank, failures_by_rank
 from pretrain import faults
+from pretrain.checkpoint.best import best_tag
 from pretrain.checkpoint.tensor_files import IntegrityError, file_sha256
 from pretrain.checkpoint.weights_only import (
     UnsafeCheckpointError,
@@ -216,7 +218,7 @@ def _raise_if_failed(error: BaseException | None, doing: str, root: Path, tag: s
 
 
 def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep_last: int = 0,
-                keep_every: int = 0) -> str:
+                keep_every: int = 0, published: Callable[[str], None] | None = None) -> str:
     """Write a checkpoint for `step` with the protocol in the module docstring; return its tag.
 
     Raises CheckpointSaveError on every rank if any rank failed, naming each failing rank and its error;
@@ -275,6 +277,11 @@ def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any]
         except Exception as e:  # anything: the other ranks are waiting for rank 0's verdict below
             error = _explain(e, staging)
     _raise_if_failed(error, "publishing", root, tag)
+    if rank == 0 and published is not None:
+        try:  # e.g. best.json (checkpoint.keep_best), before retention looks at it
+            published(tag)
+        except OSError as e:  # the checkpoint is published; only the note about it is missing
+            log.warning("after saving %s/%s: %s", root, tag, e)
     if rank == 0 and (keep_last or keep_every):
         try:
             prune(root, keep_last, keep_every)
@@ -397,6 +404,7 @@ def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:
         keep |= {t for t in tags if step_of(t) % keep_every == 0}
     named = (Path(root) / "latest").read_text().strip() if (Path(root) / "latest").is_file() else None
     keep |= {named} if named else set()
+    keep |= {best_tag(root)} - {None}  # checkpoint.keep_best
     removed = []
     for t in tags:
         if t not in keep:

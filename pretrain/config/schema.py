@@ -197,6 +197,10 @@ class CheckpointConfig:
     """Keep only the newest N complete checkpoints (0 keeps all). Never deletes the one `latest` names."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of K, whatever `keep_last` says (0: none)."""
+    keep_best: str = ""
+    """Also keep the checkpoint with the best value of this validation metric (e.g. `val/zeroshot_top1`,
+    `val/i2t_r1`, `val/loss`: losses lower is better, the rest higher), named in `<dir>/best.json`. Needs
+    `eval.every` with `checkpoint.every` a multiple of it, or `eval.at_end`. Empty: off."""
     max_failures: int = 3
     """A failed save (full or unwritable disk) is reported and training goes on from memory; this many
     failures in a row stop the run. The final save must succeed."""
@@ -205,6 +209,26 @@ class CheckpointConfig:
     weights and Adam moments per parameter, with TP split metadata), which `--resume` loads under any
     other data-/tensor-parallel layout. Same as `pretrain convert SRC DST --to universal` afterwards; without
     it, a resume at another layout writes the one copy it needs then."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Validate on `data.val` every N optimizer steps inside the training job, on all ranks at the same step
+    (0: never during training). Writes `val/...` rows to metrics.jsonl and TensorBoard."""
+    at_end: bool = False
+    """Also validate after the last step (before the final checkpoint, so `checkpoint.keep_best` sees it)."""
+    max_samples: int = 1000
+    """Validate on the first N samples of `data.val` in shard order (0: all). Losses, zero-shot and
+    retrieval all use this set; recall@k over more pairs is harder, so keep N fixed to compare runs."""
+    classnames: str = ""
+    """classnames.txt for zero-shot validation (`.cls` of each sample indexes it). Empty: a classnames.txt
+    beside the first `data.val` shard if there is one, else no zero-shot (losses and retrieval only)."""
+    batch_size: int = 0
+    """Samples per rank per validation forward (0: `train.micro_batch`)."""
+    seed: int = 1234
+    """Seed of the validation masks (MAE patch noise, MLM tokens): the same masks at every validation and in
+    every layout, so the validation losses of different steps and runs compare."""
 
 
 @dataclass
@@ -242,6 +266,8 @@ class Config:
     """ZeRO and tensor parallelism."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """When and where to save."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation during training on `data.val`."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics, TensorBoard, progress bar, which ranks log."""
     run: RunConfig = field(default_factory=RunConfig)

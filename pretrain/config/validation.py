@@ -115,10 +115,32 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(cfg.checkpoint.keep_last >= 0, "checkpoint.keep_last must be >= 0")
     check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every must be >= 0")
     check(cfg.checkpoint.max_failures >= 1, "checkpoint.max_failures must be >= 1")
+    problems += _eval_problems(cfg)
     check(cfg.logging.every >= 1, "logging.every must be >= 1")
     check(bool(cfg.run.dir), "run.dir must be set")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _eval_problems(cfg: Config) -> list[str]:
+    """eval.* and checkpoint.keep_best: ranges, and the keys they need."""
+    e, c, out = cfg.eval, cfg.checkpoint, []
+    for key in ("every", "max_samples", "batch_size"):
+        if getattr(e, key) < 0:
+            out.append(f"eval.{key} must be >= 0")
+    validating = e.every > 0 or e.at_end
+    if validating and not cfg.data.val.strip():
+        out.append("eval.every / eval.at_end need data.val (held-out shard URLs)")
+    if c.keep_best:
+        if not c.keep_best.startswith("val/"):
+            out.append(f"checkpoint.keep_best: {c.keep_best!r} is not a validation metric (val/...), e.g. "
+                       "val/zeroshot_top1, val/i2t_r1, val/loss")
+        if not validating:
+            out.append("checkpoint.keep_best needs eval.every > 0 or eval.at_end=true")
+        elif e.every and c.every and c.every % e.every:
+            out.append(f"checkpoint.keep_best: checkpoint.every ({c.every}) must be a multiple of eval.every "
+                       f"({e.every}), so every checkpoint has a validation result")
+    return out
 
 
 def _tensor_parallel_problems(cfg: Config) -> list[str]:

@@ -1,29 +1,30 @@
-"""Zero-shot classification and image<->text retrieval on held-out shards, from a DeepSpeed checkpoint.
+"""Zero-shot classification, image<->text retrieval and linear probe on held-out shards, from a checkpoint.
 
-Runs in one process on the consolidated fp32 weights (read parameter by parameter from any checkpoint
-kind; for ZeRO-3 the same tensors DeepSpeed's zero_to_fp32 gives, which a test checks), so what is
-evaluated is exactly what a user converting the checkpoint would get.
+Runs as one process, or under any launcher (deepspeed, torchrun, mpirun, srun): each rank then loads the
+consolidated fp32 weights (read parameter by parameter from any checkpoint kind and (dp, tp) layout; for
+ZeRO-3 the same tensors DeepSpeed's zero_to_fp32 gives, which a test checks), encodes its share of the
+shards, and the metrics are computed from the gathered features exactly as one process would
+(`pretrain.evaluation.distributed`). What is evaluated is what a user converting the checkpoint gets.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from data_pipelines.loader import make_eval_loader
 from data_pipelines.tokenizer import TextTokenizer
+from parallel import groups
 from pretrain.checkpoint.sources import load_tokenizer, open_source
 from pretrain.config import Config
+from pretrain.evaluation.distributed import metrics_from_features
+from pretrain.evaluation.features import TEMPLATES, classifier_weights, shard_features
 from pretrain.models.pretrain_model import PretrainModel
 
-TEMPLATES = (
-    "a photo of a {}.",
-    "an image of a {}.",
-    "a picture showing a {}.",
-    "a {} in the image.",
-)
+__all__ = ["TEMPLATES", "classifier_weights", "evaluate", "load_model", "read_classnames"]
 
 
 def load_model(checkpoint: str | Path, tag: str | None = None) -> tuple[PretrainModel, TextTokenizer, Config]:
@@ -40,74 +41,65 @@ def load_model(checkpoint: str | Path, tag: str | None = None) -> tuple[Pretrain
     return model.eval(), tokenizer, cfg
 
 
-@torch.no_grad()
-def classifier_weights(model: PretrainModel, tokenizer: TextTokenizer, classnames: list[str],
-                       context_length: int, templates: tuple[str, ...] = TEMPLATES) -> torch.Tensor:
-    """[C, E] class embeddings: each class's prompt embeddings averaged, then re-normalised."""
-    rows = []
-    for name in classnames:
-        ids = tokenizer.encode_batch([t.format(name) for t in templates], context_length)
-        emb = model.encode_text(ids).mean(dim=0)
-        rows.append(emb / emb.norm())
-    return torch.stack(rows)
+def read_classnames(path: str | Path) -> list[str]:
+    """Non-empty lines of a classnames.txt; FileNotFoundError / ValueError naming the file otherwise."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"classnames file not found: {path}")
+    names = [c.strip() for c in Path(path).read_text(encoding="utf-8").splitlines() if c.strip()]
+    if not names:
+        raise ValueError(f"{path}: no class names")
+    return names
 
 
-def _recall(sim: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose own column (the paired item) is among the top-k scores."""
-    k = min(k, sim.shape[1])
-    top = sim.topk(k, dim=1).indices
-    target = torch.arange(sim.shape[0]).unsqueeze(1)
-    return float((top == target).any(dim=1).float().mean())
+def eval_device() -> torch.device:
+    """This rank's GPU when there is one (LOCAL_RANK picks it), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _probe_on_rank0(model: Any, tokenizer: TextTokenizer, cfg: Config, train_urls: str, batch_size: int,
+                    test: dict[str, torch.Tensor], data: str) -> dict[str, Any]:
+    """Train features encoded by every rank, the logistic regression fitted once on rank 0 and its result
+    broadcast (scikit-learn runs on one process; the others would only repeat it)."""
+    from pretrain.evaluation.probe import linear_probe as fit_probe
+
+    has = test["cls"] >= 0
+    if not bool(has.any()):
+        raise ValueError(f"--linear-probe: {data} has no labelled (.cls) samples to score the probe on")
+    train = shard_features(model, tokenizer, cfg, train_urls, batch_size, texts=False)
+    keep = train["cls"] >= 0
+    if not bool(keep.any()):
+        raise ValueError(f"--linear-probe: no labelled (.cls) samples in {train_urls}")
+    result: list[Any] = [None]
+    if groups.rank() == 0:
+        def xy(f: dict[str, torch.Tensor], m: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            return f["image"][m].float().cpu().numpy(), f["cls"][m].cpu().numpy().astype(np.int64)
+
+        result[0] = fit_probe(*xy(train, keep), *xy(test, has))
+    if groups.is_distributed() and groups.world_size() > 1:
+        torch.distributed.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 @torch.no_grad()
 def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, batch_size: int = 128,
              max_samples: int = 0, workers: int = 0, linear_probe: str | None = None,
              model_bundle: tuple[Any, TextTokenizer, Config] | None = None) -> dict[str, Any]:
-    """Zero-shot top-1/top-5 (prompt ensemble) and i2t/t2i recall@1/5 on `data`'s held-out samples; with
-    `linear_probe` (labelled train shard URLs) also `linear_probe_top1` (`pretrain.evaluation.probe`).
-    `model_bundle` (model, tokenizer, config) evaluates an already loaded model instead of `checkpoint`."""
+    """Zero-shot top-1/top-5 (prompt ensemble) and i2t/t2i recall@1/5 on `data`'s held-out samples (the
+    first `max_samples` in shard order; 0: all); with `linear_probe` (labelled train shard URLs) also
+    `linear_probe_top1` (`pretrain.evaluation.probe`). `model_bundle` (model, tokenizer, config) evaluates
+    an already loaded model instead of `checkpoint`. Under a launcher every rank calls this and gets the
+    same dict."""
+    classnames = read_classnames(classnames_file)
     model, tokenizer, cfg = model_bundle if model_bundle is not None else load_model(checkpoint)
-    classnames = [c.strip() for c in Path(classnames_file).read_text().splitlines() if c.strip()]
-    if not classnames:
-        raise ValueError(f"{classnames_file}: no class names")
-    L = cfg.model.text.context_length
-    weights = classifier_weights(model, tokenizer, classnames, L)
-    imgs, txts, labels = [], [], []
-    loader = make_eval_loader(data, tokenizer, cfg.model.image_size, batch_size, L,
-                              cfg.data.mean, cfg.data.std, workers=workers,
-                              max_sample_bytes=cfg.data.max_sample_bytes)
-    for batch in loader:
-        imgs.append(model.encode_image(batch["image"].float()))
-        txts.append(model.encode_text(batch["text"]))
-        labels.append(batch["cls"])
-        if max_samples and sum(len(x) for x in labels) >= max_samples:
-            break
-    if not imgs:
-        raise ValueError(f"{data}: no readable samples to evaluate")
-    img, txt, y = torch.cat(imgs), torch.cat(txts), torch.cat(labels)
-    if max_samples:
-        img, txt, y = img[:max_samples], txt[:max_samples], y[:max_samples]
-    out: dict[str, Any] = {"samples": int(len(y)), "classes": len(classnames),
-                           "chance": round(1.0 / len(classnames), 6)}
-    has_label = y >= 0
-    if has_label.any():
-        logits = img[has_label] @ weights.T
-        top5 = logits.topk(min(5, len(classnames)), dim=1).indices
-        yl = y[has_label].unsqueeze(1)
-        out["zeroshot_top1"] = round(float((top5[:, :1] == yl).any(dim=1).float().mean()), 6)
-        out["zeroshot_top5"] = round(float((top5 == yl).any(dim=1).float().mean()), 6)
-    else:
-        out["zeroshot_top1"] = out["zeroshot_top5"] = None
-    sim = img @ txt.T
-    out["i2t_r1"], out["i2t_r5"] = round(_recall(sim, 1), 6), round(_recall(sim, 5), 6)
-    out["t2i_r1"], out["t2i_r5"] = round(_recall(sim.T, 1), 6), round(_recall(sim.T, 5), 6)
+    if model_bundle is None:
+        model.to(eval_device())
+    weights = classifier_weights(model, tokenizer, classnames, cfg.model.text.context_length)
+    feats = shard_features(model, tokenizer, cfg, data, batch_size, max_samples, workers=workers)
+    out: dict[str, Any] = {"classes": len(classnames), "chance": round(1.0 / len(classnames), 6)}
+    out.update(metrics_from_features(feats, weights))
+    out.pop("labelled", None)
     if linear_probe:
-        from pretrain.evaluation.probe import labelled_image_features
-        from pretrain.evaluation.probe import linear_probe as fit_probe
-
-        if not has_label.any():
-            raise ValueError(f"--linear-probe: {data} has no labelled (.cls) samples to score the probe on")
-        train_x, train_y = labelled_image_features(model, tokenizer, cfg, linear_probe, batch_size)
-        out.update(fit_probe(train_x, train_y, img[has_label].numpy(), y[has_label].numpy()))
+        out.update(_probe_on_rank0(model, tokenizer, cfg, linear_probe, batch_size, feats, data))
     return out

@@ -1,0 +1,185 @@
+"""Evaluation on every rank: each data-parallel rank encodes its share, features are gathered once, and the
+zero-shot and retrieval counts are split by row blocks and summed, so the result equals one process's.
+
+    shards --(rank r of the dp group: its shards, or every dp-th position)--> encode_share
+           --> gather_features (all_gather over the dp group, rows sorted back into shard order)
+           --> zeroshot_counts / retrieval_counts (row blocks dealt round-robin over all ranks,
+               integer hit counts all-reduced) --> metrics
+
+Why it is exact: the gathered rows are in single-process order, every block of rows is scored against
+fixed-size column blocks in the same shapes whichever rank scores it, and the outputs are integer counts.
+Memory for N pairs is O(N x E) for the gathered features plus one `block x block` score tile: retrieval
+never forms the N x N matrix (1M pairs at E=512 need 4 GB of features and a 16 MB tile).
+
+Ranks under ZeRO-3 must run the same number of forwards (every forward gathers parameters collectively):
+a rank whose share has run out encodes a one-sample dummy batch while the others finish (`encode_share`).
+Tensor-parallel peers hold the same dp rank, so they read the same share and run the same forwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel import groups
+
+BLOCK = 4096
+"""Rows (and columns) per score tile."""
+
+
+def _distributed() -> bool:
+    return groups.is_distributed() and groups.world_size() > 1
+
+
+def _all_reduce(t: torch.Tensor, op: Any = None, group: Any = None) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=group)
+    return t
+
+
+@torch.no_grad()
+def encode_share(batches: Iterable[dict[str, Any]],
+                 encode: Callable[[dict[str, Any] | None, bool], dict[str, torch.Tensor]],
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """Run `encode` over this rank's batches, in step with every other rank.
+
+    `encode(batch, uniform)` returns a dict of tensors with one row per sample (features, labels,
+    `_order`); `encode(None, False)` must run the same forwards on a dummy input. `uniform` is true when
+    every rank holds a batch of the same size this round (what collective losses need). Each round
+    all-reduces three integers, so ranks with shorter shares keep calling `encode(None, False)` until the
+    longest share is done. Returns the concatenated rows (zero-row tensors when this rank had no sample but
+    another had; an empty dict when no rank had any)."""
+    it = iter(batches)
+    rows: dict[str, list[torch.Tensor]] = {}
+    dummy: dict[str, torch.Tensor] = {}
+    while True:
+        batch = next(it, None)
+        b = 0 if batch is None else len(batch["_order"])
+        flag = torch.tensor([int(b > 0), b, -b], dtype=torch.int64, device=device)
+        if _distributed():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not int(flag[0]):
+            break
+        uniform = batch is not None and int(flag[1]) == -int(flag[2]) == b
+        out = encode(batch, uniform)
+        if batch is None:
+            dummy = {k: v[:0] for k, v in out.items()}
+            continue
+        for k, v in out.items():
+            rows.setdefault(k, []).append(v)
+    if rows:
+        return {k: torch.cat(v) for k, v in rows.items()}
+    return dummy
+
+
+def gather_features(local: dict[str, torch.Tensor], group: Any = None) -> dict[str, torch.Tensor]:
+    """Every rank's rows on every rank, sorted by `_order` (shard, position): the single-process order.
+
+    One all_gather per key over `group` (the data-parallel group: TP peers hold the same rows), padded to
+    the longest share; ranks may hold zero rows."""
+    if _distributed() and dist.get_world_size(group) > 1:
+        world = dist.get_world_size(group)
+        n = torch.tensor([len(local["_order"])], dtype=torch.int64, device=local["_order"].device)
+        counts = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(counts, n, group=group)
+        sizes = [int(c[0]) for c in counts]
+        longest = max(sizes)
+        out: dict[str, torch.Tensor] = {}
+        for k, v in local.items():
+            padded = torch.zeros((longest, *v.shape[1:]), dtype=v.dtype, device=v.device)
+            padded[:len(v)] = v
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded, group=group)
+            out[k] = torch.cat([p[:s] for p, s in zip(parts, sizes)])
+        local = out
+    order = local["_order"]
+    if len(order) == 0:
+        return local
+    key = order[:, 0] * (int(order[:, 1].max()) + 1) + order[:, 1]
+    perm = torch.argsort(key)
+    return {k: v[perm] for k, v in local.items()}
+
+
+def _my_blocks(n: int, block: int) -> range:
+    """Row-block starts this rank scores: block b goes to global rank b % world."""
+    world = groups.world_size() if _distributed() else 1
+    me = groups.rank() if _distributed() else 0
+    return range(me * block, n, world * block)
+
+
+@torch.no_grad()
+def zeroshot_counts(img: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor,
+                    block: int = BLOCK) -> dict[str, Any]:
+    """Zero-shot top-1/top-5 over the labelled rows (label >= 0): `img` [N, E] and `classifier` [C, E]
+    normalised. Returns the summed counts (hits, labelled) of all ranks."""
+    k = min(5, classifier.shape[0])
+    t = torch.zeros(3, dtype=torch.int64, device=img.device)  # top1 hits, top5 hits, labelled rows
+    for start in _my_blocks(len(img), block):
+        y = labels[start:start + block]
+        has = y >= 0
+        if not has.any():
+            continue
+        top = (img[start:start + block][has] @ classifier.T).topk(k, dim=1).indices
+        yl = y[has].unsqueeze(1)
+        t[0] += int((top[:, :1] == yl).any(dim=1).sum())
+        t[1] += int((top == yl).any(dim=1).sum())
+        t[2] += int(has.sum())
+    _all_reduce(t)
+    return {"top1_hits": int(t[0]), "top5_hits": int(t[1]), "labelled": int(t[2])}
+
+
+@torch.no_grad()
+def _ranks_of_positives(q: torch.Tensor, keys: torch.Tensor, start: int, block: int) -> torch.Tensor:
+    """For rows q[start:start+block] (query i pairs with key i): how many keys score strictly higher than
+    the paired one. The tile holding the pair is scored first, so the positive score is the same number
+    the comparison uses; other tiles follow in order, never more than block x block at once."""
+    rows = q[start:start + block]
+    own = rows @ keys[start:start + block].T  # [b, b]: the diagonal holds the positives
+    pos = own.diagonal().unsqueeze(1)
+    higher = (own > pos).sum(dim=1)
+    for c in range(0, len(keys), block):
+        if c == start:
+            continue
+        higher += (rows @ keys[c:c + block].T > pos).sum(dim=1)
+    return higher
+
+
+@torch.no_grad()
+def retrieval_counts(img: torch.Tensor, txt: torch.Tensor, ks: tuple[int, ...] = (1, 5),
+                     block: int = BLOCK) -> dict[str, int]:
+    """i2t and t2i recall@k hit counts over N pairs (row i of `img` pairs with row i of `txt`), summed over
+    ranks. A pair counts at k when fewer than k other items score strictly higher (ties favour the pair)."""
+    t = torch.zeros(2 * len(ks), dtype=torch.int64, device=img.device)
+    for start in _my_blocks(len(img), block):
+        for d, (q, keys) in enumerate(((img, txt), (txt, img))):
+            higher = _ranks_of_positives(q, keys, start, block)
+            for i, k in enumerate(ks):
+                t[d * len(ks) + i] += int((higher < k).sum())
+    _all_reduce(t)
+    out = {}
+    for d, name in enumerate(("i2t", "t2i")):
+        for i, k in enumerate(ks):
+            out[f"{name}_r{k}"] = int(t[d * len(ks) + i])
+    return out
+
+
+def metrics_from_features(feats: dict[str, torch.Tensor], classifier: torch.Tensor | None,
+                          block: int = BLOCK) -> dict[str, Any]:
+    """Zero-shot and retrieval metrics (rounded fractions) of gathered features: keys `samples`,
+    `zeroshot_top1/top5` (None without labels or classifier), `i2t_r1/r5`, `t2i_r1/r5`."""
+    img, txt, y = feats["image"], feats["text"], feats["cls"]
+    n = len(img)
+    out: dict[str, Any] = {"samples": int(n)}
+    if classifier is not None:
+        z = zeroshot_counts(img, y, classifier, block)
+        ok = z["labelled"] > 0
+        out["zeroshot_top1"] = round(z["top1_hits"] / z["labelled"], 6) if ok else None
+        out["zeroshot_top5"] = round(z["top5_hits"] / z["labelled"], 6) if ok else None
+        out["labelled"] = z["labelled"]
+    r = retrieval_counts(img, txt, (1, 5), block)
+    for k, v in r.items():
+        out[k] = round(v / max(n, 1), 6)
+    return out

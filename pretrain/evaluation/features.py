@@ -1,0 +1,97 @@
+"""Image and text features of held-out shards from a model, on every data-parallel rank at once.
+
+Used by `pretrain eval` (a loaded checkpoint, replicated on each rank) and by validation during training
+(the live model: ZeRO-3 partitioned, tensor-parallel). The split, the gather and the exact metrics are in
+`pretrain.evaluation.distributed`; this module holds what depends on the model: the forwards, the dummy
+batch of a rank whose share has run out, and the zero-shot classifier.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from data_pipelines.loader import make_eval_loader
+from parallel import groups
+from pretrain.evaluation.distributed import encode_share, gather_features
+
+TEMPLATES = (
+    "a photo of a {}.",
+    "an image of a {}.",
+    "a picture showing a {}.",
+    "a {} in the image.",
+)
+"""Prompt templates of the zero-shot classifier when a dataset brings none."""
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def classifier_weights(model: Any, tokenizer: Any, classnames: list[str], context_length: int,
+                       templates: tuple[str, ...] | list[str] = TEMPLATES) -> torch.Tensor:
+    """[C, E] class embeddings: each class's prompt embeddings averaged, then re-normalised. Every rank
+    runs the same text forwards (ZeRO-3 needs that)."""
+    device = model_device(model)
+    rows = []
+    for name in classnames:
+        ids = tokenizer.encode_batch([t.format(name) for t in templates], context_length).to(device)
+        emb = model.encode_text(ids).mean(dim=0)
+        rows.append(emb / emb.norm())
+    return torch.stack(rows)
+
+
+def _dp() -> tuple[int, int, Any]:
+    if groups.is_distributed() and groups.world_size() > 1:
+        return groups.dp_rank(), groups.dp_world_size(), groups.get_data_parallel_group()
+    return 0, 1, None
+
+
+@torch.no_grad()
+def shard_features(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: int, max_samples: int = 0,
+                   *, texts: bool = True, dtype: torch.dtype | None = None, workers: int = 0,
+                   masking: tuple[int, float, int] | None = None,
+                   on_batch: Callable[[dict[str, Any], bool], None] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Gathered features of `urls` (first `max_samples` positions; 0: all), identical on every rank and in
+    single-process order: `image` [N, E], `text` [N, E] (with `texts`), `cls` [N], `_order` [N, 2].
+
+    This rank encodes only its data-parallel share. `dtype` is the model's input dtype (bf16 under
+    DeepSpeed bf16). `on_batch(batch, uniform)` runs before the encoders on each real batch (validation
+    losses; `uniform`: every rank holds a batch of this size). ValueError (on every rank) when no rank read
+    a usable sample."""
+    device = model_device(model)
+    dp_rank, dp_world, dp_group = _dp()
+    L, S = cfg.model.text.context_length, cfg.model.image_size
+    loader = make_eval_loader(urls, tokenizer, S, batch_size, L, cfg.data.mean, cfg.data.std, workers=workers,
+                              max_sample_bytes=cfg.data.max_sample_bytes, rank=dp_rank, world=dp_world,
+                              max_samples=max_samples, masking=masking)
+    in_dtype = dtype or torch.float32
+
+    def encode(batch: dict[str, Any] | None, uniform: bool) -> dict[str, torch.Tensor]:
+        if batch is None:  # this rank's share is done: the same forwards on one blank sample
+            images = torch.zeros(1, 3, S, S, dtype=in_dtype, device=device)
+            ids = torch.zeros(1, L, dtype=torch.long, device=device)
+            order = torch.zeros(1, 2, dtype=torch.long, device=device)
+            cls = torch.full((1,), -1, dtype=torch.long, device=device)
+        else:
+            if on_batch is not None:
+                on_batch(batch, uniform)
+            images = batch["image"].to(device=device, dtype=in_dtype)
+            ids, order = batch["text"].to(device), batch["_order"].to(device)
+            cls = batch["cls"].to(device)
+        out = {"image": model.encode_image(images), "cls": cls, "_order": order}
+        if texts:
+            out["text"] = model.encode_text(ids)
+        return out
+
+    local = encode_share(loader, encode, device)
+    n = torch.tensor([len(local.get("_order", ()))], dtype=torch.int64, device=device)
+    if groups.is_distributed() and groups.world_size() > 1:
+        torch.distributed.all_reduce(n)
+    if not int(n[0]):
+        raise ValueError(f"{urls}: no readable samples to evaluate")
+    return gather_features(local, dp_group)

@@ -1,0 +1,164 @@
+"""Validation inside the training job (`eval.every`, `eval.at_end`): is the run learning?
+
+At a validation step every rank, at the same step, evaluates the live model (ZeRO-3 partitioned, tensor
+parallel, bf16: exactly what trains) on `data.val`'s first `eval.max_samples` samples:
+
+- the loss of each objective, on masks drawn from `eval.seed` (the same masks at every validation and in
+  every layout), computed in eval mode over the batches every data-parallel rank holds in full;
+- zero-shot top-1/top-5 when there are class names (`eval.classnames`, or a classnames.txt beside the
+  shards), and i2t/t2i recall@1/5 over the validation pairs (`pretrain.evaluation.distributed`: each rank
+  encodes its share, features gathered once, counts exact).
+
+Validation must not change training: it reads its own loader (the training stream's position is
+untouched), runs under no_grad in eval mode, and restores every RNG stream it could touch (torch CPU/CUDA,
+the tensor-parallel tracker, numpy, random), so a run with and without `eval.every` trains bit-identically
+(a test checks it on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipelines.urls import _local_path, expand_sources, is_local
+from parallel import groups
+from parallel import rng as tp_rng
+from pretrain.evaluation.distributed import metrics_from_features
+from pretrain.evaluation.features import classifier_weights, shard_features
+
+log = logging.getLogger("mmpt.validate")
+
+LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm")
+
+
+def find_classnames(cfg: Any) -> Path | None:
+    """`eval.classnames`, else a classnames.txt beside the first local `data.val` shard, else None."""
+    if cfg.eval.classnames:
+        return Path(cfg.eval.classnames)
+    urls = [u for source in expand_sources(cfg.data.val) for u in source]
+    if urls and is_local(urls[0]):
+        beside = Path(_local_path(urls[0])).parent / "classnames.txt"
+        if beside.is_file():
+            return beside
+    return None
+
+
+class _RngSnapshot:
+    """Every random stream training reads, saved before validation and put back after it."""
+
+    def __enter__(self) -> _RngSnapshot:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.tp = tp_rng.get_states() if tp_rng.is_seeded() else None
+        self.np, self.py = np.random.get_state(), random.getstate()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        if self.tp is not None:
+            tp_rng.set_states(self.tp)
+        np.random.set_state(self.np)
+        random.setstate(self.py)
+
+
+class Validator:
+    """Runs validation at the configured steps; `run(step)` returns the `val/...` metrics (every rank)."""
+
+    def __init__(self, cfg: Any, tokenizer: Any, model: torch.nn.Module,
+                 prepare: Callable[[dict[str, Any]], dict[str, Any]], dtype: torch.dtype) -> None:
+        self.cfg, self.tokenizer, self.model, self.prepare, self.dtype = cfg, tokenizer, model, prepare, dtype
+        e = cfg.eval
+        self.enabled = e.every > 0 or e.at_end
+        self.batch_size = e.batch_size or cfg.train.micro_batch
+        self.seconds = 0.0
+        self.classnames: list[str] | None = None
+        if self.enabled:
+            from pretrain.evaluation.evaluate import read_classnames
+
+            path = find_classnames(cfg)
+            self.classnames = read_classnames(path) if path is not None else None
+            self._check_keep_best()
+            grid = cfg.model.image_size // cfg.model.vision.patch_size
+            self.masking = (e.seed, cfg.objectives.mlm.mask_prob, grid * grid)
+
+    def metric_names(self) -> list[str]:
+        """The `val/...` keys a validation writes (what `checkpoint.keep_best` may name)."""
+        o = self.cfg.objectives
+        names = ["val/loss"] + [f"val/loss_{k}" for k in ("contrastive", "mim", "mlm")
+                                if getattr(o, k).weight > 0]
+        names += [f"val/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5)]
+        if self.classnames:
+            names += ["val/zeroshot_top1", "val/zeroshot_top5"]
+        return names
+
+    def _check_keep_best(self) -> None:
+        from pretrain.config import ConfigError
+
+        metric = self.cfg.checkpoint.keep_best
+        if metric and metric not in self.metric_names():
+            why = (" (zero-shot needs eval.classnames or a classnames.txt beside data.val)"
+                   if "zeroshot" in metric else "")
+            raise ConfigError(f"checkpoint.keep_best: this run's validation has no {metric!r}{why}; "
+                              f"it writes {', '.join(self.metric_names())}")
+
+    def due(self, step: int) -> bool:
+        e = self.cfg.eval
+        return self.enabled and ((e.every > 0 and step % e.every == 0) or (e.at_end and
+                                                                           step == self.cfg.train.steps))
+
+    def run(self, step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        model, was_training = self.model, self.model.training
+        sums: dict[str, torch.Tensor] = {}
+        batches = [0]
+
+        def losses(batch: dict[str, Any], uniform: bool) -> None:
+            if not uniform:  # a collective loss needs the same batch size on every rank
+                return
+            out = model(self.prepare(batch))
+            for k in LOSS_KEYS:
+                if k in out:  # summed on the device: one read-back at the end
+                    sums[k] = sums.get(k, 0) + out[k].detach().float()
+            batches[0] += 1
+
+        with _RngSnapshot(), torch.no_grad():
+            model.eval()
+            try:
+                weights = None
+                if self.classnames:
+                    weights = classifier_weights(model, self.tokenizer, self.classnames,
+                                                 self.cfg.model.text.context_length)
+                feats = shard_features(model, self.tokenizer, self.cfg, self.cfg.data.val, self.batch_size,
+                                       self.cfg.eval.max_samples, dtype=self.dtype, masking=self.masking,
+                                       on_batch=losses)
+                metrics = metrics_from_features(feats, weights)
+            finally:
+                model.train(was_training)
+        row: dict[str, Any] = {}
+        if batches[0]:
+            keys = sorted(sums)
+            t = torch.stack([sums[k] for k in keys]) / batches[0]
+            if groups.is_distributed() and groups.world_size() > 1:
+                dist.all_reduce(t)
+                t /= groups.world_size()
+            row.update({f"val/{k}": round(float(v), 6) for k, v in zip(keys, t.tolist())})
+        for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "samples"):
+            if metrics.get(k) is not None:
+                row[f"val/{k}"] = metrics[k]
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        row["val/seconds"] = round(seconds, 3)
+        shown = ", ".join(f"{k[4:]} {v}" for k, v in row.items()
+                          if k in ("val/zeroshot_top1", "val/i2t_r1", "val/t2i_r1", "val/loss"))
+        log.info("step %d validation on %d samples: %s (%.1f s)", step, metrics["samples"], shown, seconds)
+        return row

@@ -1,0 +1,89 @@
+"""Validation inside a 2-rank ZeRO-3 training job under the real deepspeed launcher (`eval.every`): it
+writes val/ metrics at the right steps, keeps the best checkpoint, agrees with `pretrain eval` on the same
+weights, and does not change training at all (bit-identical losses with and without it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny import TINY, run_pretrain
+
+from pretrain.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+VAL_SAMPLES = 48
+TRAIN_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm", "grad_norm", "temperature", "lr")
+
+
+def deepspeed_train(run_dir: Path, overrides: list[str]) -> None:
+    r = run_pretrain(["train", f"run.dir={run_dir}", *TINY, *overrides], procs=2, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("validation")
+    base = [f"data.train={shards['train']}", f"data.val={shards['val']}", "train.steps=6", "checkpoint.every=2",
+            "data.workers=1"]
+    out = {"plain": d / "plain", "val": d / "val"}
+    deepspeed_train(out["plain"], base)
+    deepspeed_train(out["val"], [*base, "eval.every=2", f"eval.max_samples={VAL_SAMPLES}",
+                                 "checkpoint.keep_last=1", "checkpoint.keep_best=val/i2t_r1"])
+    return out
+
+
+def test_validation_does_not_change_training(runs):
+    plain = {r["step"]: r for r in read_metrics(runs["plain"])}
+    val = {r["step"]: r for r in read_metrics(runs["val"]) if "loss" in r}
+    assert sorted(plain) == sorted(val) == list(range(1, 7))
+    for step in plain:
+        for k in TRAIN_KEYS:
+            assert plain[step][k] == val[step][k], (step, k, plain[step][k], val[step][k])
+
+
+def test_val_metrics_at_every_validation_step(runs, shards):
+    rows = [r for r in read_metrics(runs["val"]) if "val/samples" in r]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:
+        assert r["val/samples"] == VAL_SAMPLES
+        for k in ("val/loss", "val/loss_contrastive", "val/loss_mim", "val/loss_mlm", "val/zeroshot_top1",
+                  "val/zeroshot_top5", "val/i2t_r1", "val/i2t_r5", "val/t2i_r1", "val/t2i_r5", "val/seconds"):
+            assert k in r, (k, r)
+        assert 0.0 <= r["val/zeroshot_top1"] <= r["val/zeroshot_top5"] <= 1.0
+    assert rows[-1]["val/loss"] < rows[0]["val/loss"]  # it is learning, and the metric shows it
+    summary = json.loads((runs["val"] / "summary.json").read_text())
+    assert 0 < summary["validation_s"] < summary["wall_s"]
+
+
+def test_tensorboard_has_val_scalars(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["val"] / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "val/zeroshot_top1" in tags and "val/loss" in tags, tags
+    assert [e.step for e in acc.Scalars("val/i2t_r1")] == [2, 4, 6]
+
+
+def test_keep_best_keeps_the_best_checkpoint_beside_the_latest(runs):
+    rows = [r for r in read_metrics(runs["val"]) if "val/i2t_r1" in r]
+    best_row = max(rows, key=lambda r: (r["val/i2t_r1"], -r["step"]))  # first of equals: strict improvement
+    root = runs["val"] / "checkpoints"
+    best = json.loads((root / "best.json").read_text())
+    assert best["metric"] == "val/i2t_r1" and best["value"] == best_row["val/i2t_r1"]
+    assert best["step"] == best_row["step"] and best["tag"] == f"global_step{best_row['step']}"
+    kept = sorted(p.name for p in root.glob("global_step*"))
+    assert kept == sorted({best["tag"], "global_step6"}), kept  # keep_last=1 plus the best
+
+
+def test_validation_agrees_with_pretrain_eval_on_the_same_weights(runs, shards):
+    last = [r for r in read_metrics(runs["val"]) if "val/samples" in r][-1]
+    r = run_pretrain(["eval", "--checkpoint", str(runs["val"]), "--data", shards["val"], "--classnames",
+                      shards["classnames"], "--max-samples", str(VAL_SAMPLES), "--json"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ev["samples"] == VAL_SAMPLES
+    for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
+        assert ev[k] == last[f"val/{k}"], (k, ev[k], last[f"val/{k}"])
