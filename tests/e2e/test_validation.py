@@ -87,3 +87,20 @@ def test_validation_agrees_with_pretrain_eval_on_the_same_weights(runs, shards):
     assert ev["samples"] == VAL_SAMPLES
     for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
         assert ev[k] == last[f"val/{k}"], (k, ev[k], last[f"val/{k}"])
+
+
+def test_validation_under_tensor_parallelism_agrees_with_pretrain_eval(shards, tmp_path):
+    """tp=2: both ranks of the tensor-parallel group read the same share; the live split model's
+    validation equals `pretrain eval` on its consolidated checkpoint."""
+    run = tmp_path / "tp2"
+    deepspeed_train(run, [f"data.train={shards['train']}", f"data.val={shards['val']}", "train.steps=3",
+                          "parallel.tp=2", "train.micro_batch=16", "data.workers=1", "eval.at_end=true",
+                          f"eval.max_samples={VAL_SAMPLES}"])
+    last = [r for r in read_metrics(run) if "val/samples" in r]
+    assert [r["step"] for r in last] == [3]
+    r = run_pretrain(["eval", "--checkpoint", str(run), "--data", shards["val"], "--classnames",
+                      shards["classnames"], "--max-samples", str(VAL_SAMPLES), "--json"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
+        assert ev[k] == last[0][f"val/{k}"], (k, ev[k], last[0][f"val/{k}"])
