@@ -49,7 +49,8 @@ def setup(tmp_path_factory) -> dict[str, str]:
 
 def _torchrun(procs: int, args: list[str]) -> dict:
     port = 29500 + (os.getpid() % 2000)
-    cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc-per-node={procs}", f"--master-port={port}",
+    cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc-per-node={procs}",
+           f"--master-port={port}",
            "-m", "pretrain.cli", "eval", *args, "--batch-size", "3", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)

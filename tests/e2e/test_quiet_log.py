@@ -57,7 +57,8 @@ def test_demo_prints_only_allowlisted_lines(tmp_path):
     t0 = time.monotonic()
     # as `make demo` runs it (the console script is `pretrain.cli:main`), shortened to 3 steps
     cmd = [sys.executable, "-m", "pretrain.cli", "demo", "--out", str(tmp_path), "train.steps=3",
-           "train.micro_batch=16", "data.tokenizer_samples=500", "logging.tensorboard=false"]
+           "train.micro_batch=16", "data.tokenizer_samples=500", "logging.tensorboard=false",
+           "eval.every=3", "eval.max_samples=64"]  # a validation on the live ZeRO-3 model, too
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
@@ -65,6 +66,7 @@ def test_demo_prints_only_allowlisted_lines(tmp_path):
     assert not bad, "lines nobody decided to print:\n" + "\n".join(bad)
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["steps"] == 3 and "zeroshot_top1" in result
+    assert list(result["val_zeroshot_top1_by_step"]) == ["3"]  # JSON keys
     assert "rank 0 of 2" in out and "rank 1 of 2" not in out  # ranks > 0: warnings and errors only
     if not torch.cuda.is_available():
         assert out.count("no GPU: training on CPU") == 1

@@ -25,8 +25,8 @@ def deepspeed_train(run_dir: Path, overrides: list[str]) -> None:
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("validation")
-    base = [f"data.train={shards['train']}", f"data.val={shards['val']}", "train.steps=6", "checkpoint.every=2",
-            "data.workers=1"]
+    base = [f"data.train={shards['train']}", f"data.val={shards['val']}", "train.steps=6",
+            "checkpoint.every=2", "data.workers=1"]
     out = {"plain": d / "plain", "val": d / "val"}
     deepspeed_train(out["plain"], base)
     deepspeed_train(out["val"], [*base, "eval.every=2", f"eval.max_samples={VAL_SAMPLES}",
