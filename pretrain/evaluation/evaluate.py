@@ -10,6 +10,7 @@ shards, and the metrics are computed from the gathered features exactly as one p
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,16 +91,21 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     first `max_samples` in shard order; 0: all); with `linear_probe` (labelled train shard URLs) also
     `linear_probe_top1` (`pretrain.evaluation.probe`). `model_bundle` (model, tokenizer, config) evaluates
     an already loaded model instead of `checkpoint`. Under a launcher every rank calls this and gets the
-    same dict."""
+    same metrics. `seconds` / `images_per_s` time the encoding and metrics (not the model load; the probe's
+    train features and fit come after)."""
     classnames = read_classnames(classnames_file)
     model, tokenizer, cfg = model_bundle if model_bundle is not None else load_model(checkpoint)
     if model_bundle is None:
         model.to(eval_device())
+    t0 = time.perf_counter()
     weights = classifier_weights(model, tokenizer, classnames, cfg.model.text.context_length)
     feats = shard_features(model, tokenizer, cfg, data, batch_size, max_samples, workers=workers)
     out: dict[str, Any] = {"classes": len(classnames), "chance": round(1.0 / len(classnames), 6)}
     out.update(metrics_from_features(feats, weights))
     out.pop("labelled", None)
+    seconds = time.perf_counter() - t0  # encoding + metrics, on every rank; not the model load
+    out["seconds"] = round(seconds, 3)
+    out["images_per_s"] = round(out["samples"] / max(seconds, 1e-9), 2)
     if linear_probe:
         out.update(_probe_on_rank0(model, tokenizer, cfg, linear_probe, batch_size, feats, data))
     return out
