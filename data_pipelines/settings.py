@@ -16,7 +16,7 @@ class DataConfig:
     """Training shards: brace-expandable URLs (`dir/shard-{000000..000031}.tar`), local paths,
     `pipe:CMD` or http(s). `pipe:` runs the user's own shell command, like webdataset does."""
     val: str = ""
-    """Held-out shards for evaluation, same syntax as `data.train`."""
+    """Held-out shards, same syntax as `data.train`: validation during training (`eval.every`)."""
     workers: int = 2
     """DataLoader worker processes per rank; shards are split across ranks x workers (and within
     shards when there are fewer shards than that)."""

@@ -9,7 +9,7 @@ zero-shot and retrieval counts are split by row blocks and summed, so the result
 Why it is exact: the gathered rows are in single-process order, every block of rows is scored against
 fixed-size column blocks in the same shapes whichever rank scores it, and the outputs are integer counts.
 Memory for N pairs is O(N x E) for the gathered features plus one `block x block` score tile: retrieval
-never forms the N x N matrix (1M pairs at E=512 need 4 GB of features and a 16 MB tile).
+never forms the N x N matrix (1M pairs at E=512 need 4 GB of image and text features and one 64 MB tile).
 
 Ranks under ZeRO-3 must run the same number of forwards (every forward gathers parameters collectively):
 a rank whose share has run out encodes a one-sample dummy batch while the others finish (`encode_share`).
