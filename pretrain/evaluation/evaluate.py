@@ -102,7 +102,10 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     feats = shard_features(model, tokenizer, cfg, data, batch_size, max_samples, workers=workers)
     out: dict[str, Any] = {"classes": len(classnames), "chance": round(1.0 / len(classnames), 6)}
     out.update(metrics_from_features(feats, weights))
-    out.pop("labelled", None)
+    if not out.pop("labelled", 0):
+        raise ValueError(f"{data}: none of the {out['samples']} samples has a .cls label, so zero-shot "
+                         f"classification against {classnames_file} cannot be scored (labels index "
+                         "classnames.txt, one integer per sample)")
     seconds = time.perf_counter() - t0  # encoding + metrics, on every rank; not the model load
     out["seconds"] = round(seconds, 3)
     out["images_per_s"] = round(out["samples"] / max(seconds, 1e-9), 2)

@@ -152,6 +152,8 @@ class Validator:
                 dist.all_reduce(t)
                 t /= groups.world_size()
             row.update({f"val/{k}": round(float(v), 6) for k, v in zip(keys, t.tolist())})
+        if self.classnames and metrics.get("zeroshot_top1") is None:
+            log.warning("validation: no sample of data.val has a .cls label; no zero-shot metrics")
         for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "samples"):
             if metrics.get(k) is not None:
                 row[f"val/{k}"] = metrics[k]
