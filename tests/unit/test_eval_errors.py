@@ -20,8 +20,8 @@ from pretrain.models.pretrain_model import PretrainModel
 
 SMALL = ["model.image_size=16", "model.vision.patch_size=8", "model.vision.width=16", "model.vision.layers=1",
          "model.vision.heads=2", "model.text.width=16", "model.text.layers=1", "model.text.heads=2",
-         "model.text.context_length=16", "model.embed_dim=8", "model.decoder.width=8", "model.decoder.layers=1",
-         "model.decoder.heads=2"]
+         "model.text.context_length=16", "model.embed_dim=8", "model.decoder.width=8",
+         "model.decoder.layers=1", "model.decoder.heads=2"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def setup(tmp_path_factory, tiny_tok) -> dict:
     meta = {"config": to_dict(cfg), "tokenizer": tiny_tok.to_json(), "step": 0}
     write_weights(DictSource(model.state_dict(), meta, "random"), d / "weights")
     return {"d": d, "weights": str(d / "weights"), "val": val["urls"],
-            "classnames": str(d / "val" / "classnames.txt"), "nolabel": str(d / "nolabel" / "shard-000000.tar")}
+            "classnames": str(d / "val" / "classnames.txt"),
+            "nolabel": str(d / "nolabel" / "shard-000000.tar")}
 
 
 def _eval(capsys, *args: str) -> tuple[int, str, str]:
