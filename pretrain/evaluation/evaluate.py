@@ -63,16 +63,20 @@ def _recall(sim: torch.Tensor, k: int) -> float:
 @torch.no_grad()
 def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, batch_size: int = 128,
              max_samples: int = 0, workers: int = 0, linear_probe: str | None = None,
-             model_bundle: tuple[Any, TextTokenizer, Config] | None = None) -> dict[str, Any]:
+             model_bundle: tuple[Any, TextTokenizer, Config] | None = None,
+             templates: list[str] | None = None, few_shot: int = 0) -> dict[str, Any]:
     """Zero-shot top-1/top-5 (prompt ensemble) and i2t/t2i recall@1/5 on `data`'s held-out samples; with
-    `linear_probe` (labelled train shard URLs) also `linear_probe_top1` (`pretrain.evaluation.probe`).
-    `model_bundle` (model, tokenizer, config) evaluates an already loaded model instead of `checkpoint`."""
+    `linear_probe` (labelled train shard URLs) also `linear_probe_top1` (`pretrain.evaluation.probe`), and
+    with `few_shot` K > 0 also `few_shot_top1` (K per class of those train features).
+    `model_bundle` (model, tokenizer, config) evaluates an already loaded model instead of `checkpoint`.
+    `templates` ("{}" patterns, e.g. a CLIP_benchmark templates file) replace the built-in TEMPLATES."""
     model, tokenizer, cfg = model_bundle if model_bundle is not None else load_model(checkpoint)
     classnames = [c.strip() for c in Path(classnames_file).read_text().splitlines() if c.strip()]
     if not classnames:
         raise ValueError(f"{classnames_file}: no class names")
     L = cfg.model.text.context_length
-    weights = classifier_weights(model, tokenizer, classnames, L)
+    prompts = tuple(templates) if templates else TEMPLATES
+    weights = classifier_weights(model, tokenizer, classnames, L, prompts)
     imgs, txts, labels = [], [], []
     loader = make_eval_loader(data, tokenizer, cfg.model.image_size, batch_size, L,
                               cfg.data.mean, cfg.data.std, workers=workers,
@@ -110,4 +114,9 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
             raise ValueError(f"--linear-probe: {data} has no labelled (.cls) samples to score the probe on")
         train_x, train_y = labelled_image_features(model, tokenizer, cfg, linear_probe, batch_size)
         out.update(fit_probe(train_x, train_y, img[has_label].numpy(), y[has_label].numpy()))
+        if few_shot:
+            from pretrain.evaluation.probe import few_shot_probe
+
+            out.update(few_shot_probe(train_x, train_y, img[has_label].numpy(), y[has_label].numpy(),
+                                      few_shot, classnames))
     return out
