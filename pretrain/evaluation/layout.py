@@ -13,6 +13,7 @@ folder). Explicit `--classnames` / `--templates` win; without any templates file
 
 from __future__ import annotations
 
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,29 @@ def _look_beside(first_shard: str, name: str) -> Path | None:
     return None
 
 
+def check_captions(first_shard: str) -> None:
+    """Refuse, by name, a local shard whose first sample has no `.txt` caption (CLIP_benchmark's own
+    exporter writes classification sets as image + `.cls` only): `pretrain eval` reads image-caption pairs
+    (retrieval) and would otherwise skip every sample as `missing_caption` and report nothing readable."""
+    if "://" in first_shard or first_shard.startswith("pipe:") or not Path(first_shard).is_file():
+        return
+    key, exts = None, set()
+    with tarfile.open(first_shard) as tar:
+        for member in tar:
+            name = Path(member.name).name
+            if not member.isfile() or "." not in name:
+                continue
+            k, ext = str(Path(member.name).parent / name.split(".", 1)[0]), name.split(".", 1)[1].lower()
+            if key is not None and k != key:
+                break
+            key = k
+            exts.add(ext)
+    if key is not None and "txt" not in exts:
+        raise ValueError(f"{first_shard}: sample {key!r} has no .txt caption ({', '.join(sorted(exts))}); "
+                         "pretrain eval needs image-caption pairs (sets from clip_benchmark_export_wds, "
+                         "image + .cls only, are not read yet)")
+
+
 def resolve_eval_data(data: str, classnames: str | Path | None = None, templates: str | Path | None = None,
                       split: str = "test") -> EvalData:
     """Shards, class names and prompts for `data` (a dataset folder or shard URLs; see the module
@@ -102,6 +126,7 @@ def resolve_eval_data(data: str, classnames: str | Path | None = None, templates
     else:
         urls, layout = data, "urls"
         first = expand_urls(data.split("::")[0])[0]
+    check_captions(first)
     names = Path(classnames) if classnames else _look_beside(first, CLASSNAMES_FILE)
     if names is None:
         raise FileNotFoundError(f"no class names for {data}: pass --classnames FILE or put {CLASSNAMES_FILE} "

@@ -118,6 +118,15 @@ def test_our_shard_folder_and_urls_resolve(synth, tmp_path):
         resolve_eval_data(str(tmp_path / "empty"))
 
 
+def test_caption_less_sets_are_refused_by_name(synth, tmp_path):
+    """clip_benchmark_export_wds writes image + .cls only: refused up front, not read as zero samples."""
+    out = tmp_path / "cb"
+    shard = _shard(tmp_path / "src" / "0.tar", [{"__key__": "s0000000", "webp": _jpg(), "cls": b"3"}])
+    layout_for_clip_benchmark([shard], out, CLASSNAMES)
+    with pytest.raises(ValueError, match="sample 's0000000' has no .txt caption"):
+        resolve_eval_data(str(out))
+
+
 def test_nshards_promising_a_missing_shard_is_named(synth, tmp_path):
     out = tmp_path / "cb"
     layout_for_clip_benchmark([f"{synth}/shard-000000.tar", f"{synth}/shard-000001.tar"], out, CLASSNAMES)
