@@ -49,10 +49,11 @@ system-deps:
 	[ -n "$$rc_policy" ] && rm -f /usr/sbin/policy-rc.d; exit $$status
 
 # open_clip_train (the baseline of `pretrain bench quality`) pins webdataset<=0.2.86: it gets a small
-# overlay venv that reuses .venv's torch and open_clip (pretrain/bench/quality_openclip.py), so its test runs
+# overlay venv that reuses .venv's torch and open_clip (pretrain/bench/quality_openclip.py), so its test runs;
+# LAION's clip_benchmark CLI lives there too (tests/e2e/test_clip_benchmark.py)
 OC_VENV := .venv-openclip
 
-$(OC_VENV)/.ok: $(STAMP)
+$(OC_VENV)/.ok: $(STAMP) pretrain/bench/quality_openclip.py
 	$(BIN)/python -m pretrain.bench.quality_openclip $(OC_VENV)
 	touch $@
 

@@ -30,6 +30,7 @@ setup(
         "tqdm>=4.60",
         "braceexpand>=0.1.7",
         "scikit-learn>=1.3",  # `pretrain eval --linear-probe` (logistic regression), `bench quality` digits
+        "matplotlib>=3.7",  # `pretrain eval --plot METRIC`: metric against training step as a PNG
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],

@@ -2,6 +2,7 @@
 
     pretrain data import --from folder|csv|parquet|wds SRC OUT   shards + sizes.json + stats.json
     pretrain data inspect URLS [--json]                         counts, keys/extensions, bad by reason
+    pretrain data clip-benchmark URLS OUT                        LAION CLIP_benchmark's wds dataset layout
 """
 
 from __future__ import annotations
@@ -47,6 +48,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clip_benchmark(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .clip_benchmark import (
+        CLASSNAMES_FILE,
+        EVAL_TEMPLATES,
+        TEMPLATES_FILE,
+        layout_for_clip_benchmark,
+        read_lines,
+        read_templates,
+    )
+    from .urls import expand_urls
+
+    shards = expand_urls(args.urls)
+    beside = Path(shards[0]).parent
+    names = Path(args.classnames) if args.classnames else beside / CLASSNAMES_FILE
+    if not names.is_file():
+        raise FileNotFoundError(f"{names}: no class names; pass --classnames FILE (one name per line, "
+                                "line i = .cls i)")
+    templates_file = Path(args.templates) if args.templates else beside / TEMPLATES_FILE
+    if args.templates or templates_file.is_file():
+        templates = read_templates(templates_file)
+    else:
+        templates = list(EVAL_TEMPLATES)
+    summary = layout_for_clip_benchmark(shards, args.out, read_lines(names, "class names"), templates,
+                                        split=args.split)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
              data: argparse._SubParsersAction) -> None:
     """Add `data import` and `data inspect` (see the module docstring)."""
@@ -86,3 +117,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
                    help="skip samples whose tar members add up to more bytes, as data.max_sample_bytes "
                         "does (0: no limit)")
     p.set_defaults(func=cmd_inspect)
+
+    p = data.add_parser("clip-benchmark", help="lay out labelled shards as a CLIP_benchmark wds dataset")
+    p.add_argument("urls", help="local shard URLs (brace-expandable); every sample needs an image and .cls")
+    p.add_argument("out", help="new folder: OUT/SPLIT/0.tar.. + nshards.txt, classnames.txt, "
+                   "zeroshot_classification_templates.txt (shards are hard-linked when possible)")
+    p.add_argument("--classnames", help="class names file (default: classnames.txt beside the shards)")
+    p.add_argument("--templates", help="prompt templates, one per line with {c} or {} (default: the file "
+                   "beside the shards, else pretrain eval's built-in prompts)")
+    p.add_argument("--split", default="test", help="split folder name CLIP_benchmark reads (--split)")
+    p.set_defaults(func=cmd_clip_benchmark)

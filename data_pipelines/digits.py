@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .clip_benchmark import write_templates
 from .shardwriter import ShardWriter
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -42,7 +43,8 @@ def digit_sample(index: int, pixels: np.ndarray, label: int, image_size: int, rn
 
 def write_digits(out: str | Path, image_size: int, val_every: int = 5, per_shard: int = 200,
                  seed: int = 0) -> dict[str, Any]:
-    """`out/train` and `out/val` (every `val_every`-th scan held out), each with classnames.txt."""
+    """`out/train` and `out/val` (every `val_every`-th scan held out), each with classnames.txt and
+    zeroshot_classification_templates.txt (CLIP_benchmark's file names)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -58,6 +60,7 @@ def write_digits(out: str | Path, image_size: int, val_every: int = 5, per_shard
                 writer.write(sample)
         shards = len(writer.shards)
         (out / split / "classnames.txt").write_text("\n".join(DIGIT_NAMES) + "\n")
+        write_templates(out / split)  # zeroshot_classification_templates.txt: our eval prompts
         result[split], result[f"{split}_samples"] = _urls(out / split, shards), len(picked)
     result["classnames"] = str(out / "val" / "classnames.txt")
     return result

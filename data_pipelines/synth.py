@@ -19,6 +19,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from .clip_benchmark import TEMPLATES_FILE, write_templates
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
     "green": (35, 165, 55),
@@ -134,10 +136,11 @@ def write_synthetic_shards(
     seed: int,
     prefix: str = "shard",
 ) -> dict[str, Any]:
-    """Write `OUT/{prefix}-000000.tar ...` plus classnames.txt and sizes.json; return a summary.
+    """Write `OUT/{prefix}-000000.tar ...` plus classnames.txt, zeroshot_classification_templates.txt
+    (CLIP_benchmark's names) and sizes.json; return a summary.
 
     Summary keys: out_dir, shards (count), samples, files (shard paths), urls (a brace spec for
-    `data.train`), classnames (path).
+    `data.train`), classnames (path), templates (path).
     """
     if samples < 1 or samples_per_shard < 1:
         raise ValueError(f"samples ({samples}) and samples_per_shard ({samples_per_shard}) must be >= 1")
@@ -162,8 +165,9 @@ def write_synthetic_shards(
         sizes[name] = stop - start
         files.append(str(final))
     (out / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n", encoding="utf-8")
+    write_templates(out)  # CLIP_benchmark's zeroshot_classification_templates.txt, our eval prompts
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n", encoding="utf-8")
     last = n_shards - 1
     urls = str(out / f"{prefix}-{{000000..{last:06d}}}.tar") if n_shards > 1 else files[0]
     return {"out_dir": str(out), "shards": n_shards, "samples": samples, "files": files, "urls": urls,
-            "classnames": str(out / "classnames.txt")}
+            "classnames": str(out / "classnames.txt"), "templates": str(out / TEMPLATES_FILE)}

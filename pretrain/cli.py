@@ -59,14 +59,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     its share of the shards and rank 0 prints the (identical) result."""
     from launch.env import discover
     from parallel import groups
-    from pretrain.evaluation.evaluate import evaluate
+    from pretrain.evaluation.evaluate import eval_device, evaluate, load_model
+    from pretrain.evaluation.layout import resolve_eval_data
 
+    if args.suite or args.plot:
+        from pretrain.evaluation.suite import run_suite_cli
+
+        return run_suite_cli(args)
+    if not args.data:
+        raise ValueError("pretrain eval needs --data (shards or a CLIP_benchmark folder) or --suite FILE")
+    if not args.checkpoint or len(args.checkpoint) != 1:
+        raise ValueError("pretrain eval needs exactly one --checkpoint (several: use --suite to compare)")
+    if args.few_shot and not args.linear_probe:
+        raise ValueError("--few-shot K draws K labelled samples per class from --linear-probe TRAIN_SHARDS; "
+                         "pass both")
     me = discover()
     if me.world_size > 1:
         quiet_other_ranks(me.rank, False)
         groups.init_distributed(args.timeout_s, tp=1)
-    result = evaluate(args.checkpoint, args.data, args.classnames, batch_size=args.batch_size,
-                      max_samples=args.max_samples, linear_probe=args.linear_probe, workers=args.workers)
+    bundle = load_model(args.checkpoint[0])  # first, as before: a wrong checkpoint path is named first
+    bundle[0].to(eval_device())
+    ds = resolve_eval_data(args.data, args.classnames, args.templates, split=args.split)
+    result = evaluate(args.checkpoint[0], ds.urls, ds.classnames, batch_size=args.batch_size,
+                      max_samples=args.max_samples, linear_probe=args.linear_probe, model_bundle=bundle,
+                      templates=ds.templates, few_shot=args.few_shot, workers=args.workers)
     if groups.rank() != 0:
         return 0
     if args.json:
@@ -148,9 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="zero-shot classification and retrieval from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint folder")
-    p.add_argument("--data", required=True, help="held-out shard URLs (brace-expandable)")
-    p.add_argument("--classnames", required=True, help="classnames.txt; `.cls` of each sample indexes it")
+    p.add_argument("--checkpoint", action="append", help="run directory or checkpoint folder (with --suite: "
+                   "may be given several times to compare them side by side)")
+    p.add_argument("--data", help="held-out shard URLs (brace-expandable), or a dataset folder in LAION "
+                   "CLIP_benchmark's layout (SPLIT/nshards.txt + 0.tar.., classnames.txt, "
+                   "zeroshot_classification_templates.txt)")
+    p.add_argument("--classnames", help="classnames.txt; `.cls` of each sample indexes it (default: "
+                   "classnames.txt beside the shards or in the --data folder)")
+    p.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with {c} or {} "
+                   "(default: zeroshot_classification_templates.txt beside the shards, else built-in)")
+    p.add_argument("--split", default="test", help="split folder of a CLIP_benchmark --data folder")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-samples", type=int, default=0, help="stop after this many samples (0: all)")
     p.add_argument("--linear-probe", metavar="TRAIN_SHARDS",
@@ -159,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="decode workers per rank")
     p.add_argument("--timeout-s", type=int, default=1800,
                    help="collective timeout under a launcher (a rank waits this long for the others)")
+    p.add_argument("--few-shot", metavar="K", type=int, default=0,
+                   help="with --linear-probe: also fit on K seeded samples per class of those train "
+                   "features and report few_shot_top1")
+    p.add_argument("--suite", metavar="SUITE_YAML", help="evaluate the datasets and tasks a YAML lists, for "
+                   "each checkpoint; writes JSON + Markdown per checkpoint and a comparison into --out")
+    p.add_argument("--out", metavar="DIR", help="output folder of --suite / --plot")
+    p.add_argument("--plot", metavar="METRIC", help="evaluate every complete checkpoint of each run and draw "
+                   "METRIC (e.g. zeroshot_top1) against the training step as a PNG in --out")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

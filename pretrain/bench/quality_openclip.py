@@ -4,7 +4,8 @@ open_clip's trainer pins webdataset<=0.2.86 (we use 1.x), so it runs from its ow
 (`--open-clip-python`, or `make_venv` under the cache folder; `make test` makes `.venv-openclip`): an
 overlay that sees this environment's packages (torch, torchvision, `open_clip_torch`, which ships the
 `open_clip_train` package, transformers for the tokenizer) through a .pth file and installs only what
-the trainer needs otherwise, webdataset 0.2.86 and pandas: ~100 MB instead of a second torch.
+the trainer needs otherwise, webdataset 0.2.86 and pandas, plus LAION's `clip-benchmark` (its CLI scores
+our open_clip export in tests/e2e/test_clip_benchmark.py): ~200 MB instead of a second torch.
 It is driven through its CLI, `open_clip_train.main.main(argv)`, by a two-line wrapper that first
 registers our architecture with `open_clip.add_model_config(folder)` (the trainer has no flag for a
 config file).
@@ -42,15 +43,35 @@ main(sys.argv[2:])
 """
 
 
-OVERLAY_PACKAGES = ("webdataset==0.2.86", "pandas")
-"""What open_clip_train needs beyond this environment (its webdataset pin; pandas for its CSV loader)."""
-PROBE = "import open_clip_train.main, transformers, webdataset; assert webdataset.__version__ <= '0.2.86'"
+OVERLAY_PACKAGES = ("webdataset==0.2.86", "pandas", "requests")
+"""What open_clip_train needs beyond this environment (its webdataset pin; pandas for its CSV loader), and
+`requests`, which clip_benchmark's dataset modules import."""
+NO_DEPS_PACKAGES = ("clip-benchmark==1.6.2", "pycocoevalcap==1.2")
+"""LAION's CLIP_benchmark, whose real `clip_benchmark eval` CLI tests/e2e/test_clip_benchmark.py runs on our
+open_clip export. Installed without dependencies: its torch, torchvision, open_clip_torch, scikit-learn,
+transformers and tqdm are this environment's (a resolver could pull a second torch), webdataset is the
+0.2.86 above (its wds reader was written against 0.2.x); pycocoevalcap only because its captioning module
+imports it at start-up (and pycocoevalcap's pycocotools is only needed by captioning, not installed)."""
+PROBE = ("import open_clip_train.main, transformers, webdataset, clip_benchmark.cli, numpy; "
+         "assert webdataset.__version__ <= '0.2.86'; float(numpy.zeros(1))")
+"""`float(numpy.zeros(1))`: clip_benchmark 1.6.2's `accuracy()` converts 1-element arrays with float(),
+which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars")."""
+
+
+def _numpy_pin() -> list[str]:
+    """numpy 2.3.5 for the overlay when this environment's numpy is 2.4 or newer (see PROBE); nothing
+    otherwise. Same ABI (2.x) as the compiled packages it shares with this environment."""
+    import numpy
+
+    major, minor = (int(x) for x in numpy.__version__.split(".")[:2])
+    return ["numpy==2.3.5"] if (major, minor) >= (2, 4) else []
 
 
 def make_venv(venv: Path) -> Path:
-    """An environment where `open_clip_train` runs, made once at `venv` (reused while it still imports):
-    a venv whose .pth adds this interpreter's site-packages after its own, so its webdataset 0.2.86
-    shadows our 1.x while torch and open_clip come from here, at the same versions as our runs."""
+    """An environment where `open_clip_train` and `clip_benchmark` run, made once at `venv` (reused while
+    both still import): a venv whose .pth adds this interpreter's site-packages after its own, so its
+    webdataset 0.2.86 shadows our 1.x while torch and open_clip come from here, at the same versions as
+    our runs."""
     py = venv / "bin" / "python"
     if py.exists() and not subprocess.run([str(py), "-c", PROBE], capture_output=True).returncode:
         return py
@@ -63,6 +84,8 @@ def make_venv(venv: Path) -> Path:
     # pip's resolver notes that our mmpt wants webdataset>=0.2.90: true, and irrelevant in this env
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                     *OVERLAY_PACKAGES], check=True, stderr=subprocess.DEVNULL)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
+                    *NO_DEPS_PACKAGES, *_numpy_pin()], check=True, stderr=subprocess.DEVNULL)
     check = subprocess.run([str(py), "-c", PROBE], capture_output=True, text=True)
     if check.returncode:
         raise RuntimeError(f"{venv}: open_clip_train does not import there: {check.stderr[-800:]}")

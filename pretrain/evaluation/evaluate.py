@@ -60,7 +60,8 @@ def eval_device() -> torch.device:
 
 
 def _probe_on_rank0(model: Any, tokenizer: TextTokenizer, cfg: Config, train_urls: str, batch_size: int,
-                    test: dict[str, torch.Tensor], data: str) -> dict[str, Any]:
+                    test: dict[str, torch.Tensor], data: str, few_shot: int = 0,
+                    classnames: list[str] | None = None) -> dict[str, Any]:
     """Train features encoded by every rank, the logistic regression fitted once on rank 0 and its result
     broadcast (scikit-learn runs on one process; the others would only repeat it)."""
     from pretrain.evaluation.probe import linear_probe as fit_probe
@@ -78,6 +79,10 @@ def _probe_on_rank0(model: Any, tokenizer: TextTokenizer, cfg: Config, train_url
             return f["image"][m].float().cpu().numpy(), f["cls"][m].cpu().numpy().astype(np.int64)
 
         result[0] = fit_probe(*xy(train, keep), *xy(test, has))
+        if few_shot:
+            from pretrain.evaluation.probe import few_shot_probe
+
+            result[0].update(few_shot_probe(*xy(train, keep), *xy(test, has), few_shot, classnames))
     if groups.is_distributed() and groups.world_size() > 1:
         torch.distributed.broadcast_object_list(result, src=0)
     return result[0]
@@ -86,23 +91,29 @@ def _probe_on_rank0(model: Any, tokenizer: TextTokenizer, cfg: Config, train_url
 @torch.no_grad()
 def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, batch_size: int = 128,
              max_samples: int = 0, workers: int = 0, linear_probe: str | None = None,
-             model_bundle: tuple[Any, TextTokenizer, Config] | None = None) -> dict[str, Any]:
+             model_bundle: tuple[Any, TextTokenizer, Config] | None = None,
+             templates: list[str] | None = None, few_shot: int = 0,
+             require_labels: bool = True) -> dict[str, Any]:
     """Zero-shot top-1/top-5 (prompt ensemble) and i2t/t2i recall@1/5 on `data`'s held-out samples (the
     first `max_samples` in shard order; 0: all); with `linear_probe` (labelled train shard URLs) also
-    `linear_probe_top1` (`pretrain.evaluation.probe`). `model_bundle` (model, tokenizer, config) evaluates
-    an already loaded model instead of `checkpoint`. Under a launcher every rank calls this and gets the
-    same metrics. `seconds` / `images_per_s` time the encoding and metrics (not the model load; the probe's
-    train features and fit come after)."""
+    `linear_probe_top1` (`pretrain.evaluation.probe`), and with `few_shot` K > 0 also `few_shot_top1` (K per
+    class of those train features). `model_bundle` (model, tokenizer, config) evaluates an already loaded
+    model instead of `checkpoint`. `templates` ("{}" patterns, e.g. a CLIP_benchmark templates file)
+    replace the built-in TEMPLATES. Shards without any `.cls` label are an error unless `require_labels`
+    is false (retrieval only: zero-shot keys are then None). Under a launcher every rank calls this and
+    gets the same metrics. `seconds` / `images_per_s` time the encoding and metrics (not the model load;
+    the probe's train features and fit come after)."""
     classnames = read_classnames(classnames_file)
     model, tokenizer, cfg = model_bundle if model_bundle is not None else load_model(checkpoint)
     if model_bundle is None:
         model.to(eval_device())
     t0 = time.perf_counter()
-    weights = classifier_weights(model, tokenizer, classnames, cfg.model.text.context_length)
+    prompts = tuple(templates) if templates else TEMPLATES
+    weights = classifier_weights(model, tokenizer, classnames, cfg.model.text.context_length, prompts)
     feats = shard_features(model, tokenizer, cfg, data, batch_size, max_samples, workers=workers)
     out: dict[str, Any] = {"classes": len(classnames), "chance": round(1.0 / len(classnames), 6)}
     out.update(metrics_from_features(feats, weights))
-    if not out.pop("labelled", 0):
+    if not out.pop("labelled", 0) and require_labels:
         raise ValueError(f"{data}: none of the {out['samples']} samples has a .cls label, so zero-shot "
                          f"classification against {classnames_file} cannot be scored (labels index "
                          "classnames.txt, one integer per sample)")
@@ -110,5 +121,6 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     out["seconds"] = round(seconds, 3)
     out["images_per_s"] = round(out["samples"] / max(seconds, 1e-9), 2)
     if linear_probe:
-        out.update(_probe_on_rank0(model, tokenizer, cfg, linear_probe, batch_size, feats, data))
+        out.update(_probe_on_rank0(model, tokenizer, cfg, linear_probe, batch_size, feats, data, few_shot,
+                                   classnames))
     return out
