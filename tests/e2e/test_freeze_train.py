@@ -195,3 +195,26 @@ def test_init_from_sets_the_frozen_weights(lit_run, shards, tmp_path, stage):
             assert not torch.equal(after[n], own[n]) or own[n].unique().numel() == 1, n  # not its own init
         else:
             assert not torch.equal(after[n], given[n]), f"{n} did not move"
+
+
+def test_changing_the_groups_at_resume_goes_through_the_universal_copy(lit_run, shards, tmp_path):
+    """Unfreezing the tower and changing the multipliers at a same-layout resume: DeepSpeed's flat groups no
+    longer fit, so the universal copy (by name) is loaded; the tower then trains, from zero moments."""
+    run = tmp_path / "regrouped"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(lit_run / "checkpoints" / "global_step3", run / "checkpoints" / "global_step3")
+    (run / "checkpoints" / "latest").write_text("global_step3")
+    args = ["train", f"run.dir={run}", *TINY, f"data.train={shards['train']}", "train.steps=5",
+            "optim.lr_mult={text.*: 0.25}", "--resume", "latest"]
+    r = run_pretrain(args, procs=2, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "through its universal copy" in r.stderr
+    before, after = weights(lit_run, "global_step3"), weights(run, "global_step5")
+    assert all(not torch.equal(after[n], before[n]) for n in after if n.startswith("visual."))
+    rates = group_rates(run / "checkpoints" / "global_step5")
+    cfg = open_source(run).config
+    factor = lr_lambda(engine_spec(cfg))(5)
+    assert sorted({mult for mult, *_ in rates}) == [0.25, 1.0]
+    for mult, lr, initial, names in rates:
+        assert initial == cfg.optim.lr * mult and lr == initial * factor
+        assert all(n.startswith("text.") == (mult == 0.25) for n in names)
