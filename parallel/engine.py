@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from parallel import optimizers
+from parallel import param_groups as _param_groups
 from parallel.settings import EngineSpec
 
 
@@ -70,16 +71,11 @@ def deepspeed_config(spec: EngineSpec, dp_world: int, impl: str | None = None) -
     return ds
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: biases, norms, embeddings, tokens and the logit scale are exempt (CLIP)."""
-    decay, no_decay = [], []
-    for name, prm in model.named_parameters():
-        if not prm.requires_grad:
-            continue
-        exempt = (prm.ndim < 2 or "embedding" in name or "logit_scale" in name or "token" in name
-                  or name.endswith(".bias"))
-        (no_decay if exempt else decay).append(prm)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_mult: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norms, embeddings, tokens and the logit scale are exempt (CLIP); frozen
+    parameters are left out; `lr_mult` splits groups by learning-rate multiplier (parallel/param_groups)."""
+    return _param_groups.param_groups(model, weight_decay, lr, lr_mult)
 
 
 def build_engine(spec: EngineSpec, model: torch.nn.Module, dp_world: int):
@@ -106,7 +102,7 @@ def build_engine(spec: EngineSpec, model: torch.nn.Module, dp_world: int):
     with optimizers.deepspeed_arch_list():  # FusedAdam may be JIT-built in here
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model, spec.optim.weight_decay),
+            model_parameters=param_groups(model, spec.optim.weight_decay, spec.optim.lr, spec.optim.lr_mult),
             optimizer=optimizers.client_optimizer(impl, spec.optim),
             config=ds_cfg,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
@@ -128,6 +124,8 @@ def clamp_parameter_(param: torch.nn.Parameter, max_value: float) -> None:
         safe_set_local_fp32_param,
     )
 
+    if not param.requires_grad:  # frozen (`train.freeze`): no optimizer copy, and it never moves
+        return
     if hasattr(param, "ds_id"):  # ZeRO-3: this rank's fp32 partition and working partition
         safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(max=max_value))
         param.ds_tensor.data.clamp_(max=max_value)

@@ -28,6 +28,14 @@ class OptimConfig:
     `deepspeed_fused` (DeepSpeed FusedAdam, CUDA only), `apex_fused` (apex FusedAdam, CUDA + apex),
     `cpu_adam` (DeepSpeedCPUAdam with the optimizer offloaded to CPU by ZeRO, stage >= 1; JIT-built) or
     `auto` (deepspeed_fused on CUDA, torch_fused on CPU, torch where fused is unsupported)."""
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter-name pattern (fnmatch, matched against the single-device
+    model's names, e.g. `text.*`; `pretrain config` shows them): each matching parameter trains at
+    `optim.lr` x the multiplier through warm-up and decay (its own optimizer group). A parameter matched
+    by several patterns takes the first one written; a pattern that matches nothing, or only parameters an
+    earlier pattern or `train.freeze` took, is an error. On the command line give the whole mapping:
+    `'optim.lr_mult={text.*: 0.1, logit_scale: 0}'` (`{}` clears it). 0 keeps Adam state but never moves
+    the weights; `train.freeze` drops the optimizer state too."""
 
 
 @dataclass

@@ -8,7 +8,9 @@ The model is built and initialised as single-device code (`PretrainModel.from_co
 2. activation checkpointing of every transformer block (`train.activation_checkpointing`);
 3. kernels: the attention implementation (`model.attention`) and apex FusedLayerNorm
    (`model.fused_layernorm`, `parallel/kernels.py`);
-4. torch.compile of every transformer block (`train.compile`).
+4. torch.compile of every transformer block (`train.compile`);
+5. `train.freeze`: the parameters it names stop requiring gradients (`pretrain/freeze.py`; after the
+   swaps above, whose new parameters start trainable), and `optim.lr_mult`'s patterns are checked.
 
 Call it after the process groups exist and before DeepSpeed wraps the model (ZeRO-3 hooks the modules
 present then). Nothing here changes parameter names, so checkpoints look the same at every layout.
@@ -24,6 +26,7 @@ from parallel import kernels
 from parallel.groups import tp_size
 from parallel.tensor_parallel import parallel_version, split_dims
 from pretrain.config import Config, check_runtime
+from pretrain.freeze import apply_freeze, frozen_names
 from pretrain.models.heads import MLMHead
 from pretrain.models.text import TextTower
 from pretrain.models.transformer import ATTENTION_IMPLS, MLP, Attention, Transformer
@@ -101,6 +104,7 @@ def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
     (see the module docstring) and return it. First, one ConfigError naming every switch that asks for a
     kernel this machine cannot run (`optim.impl`, `model.fused_layernorm`), before DeepSpeed starts."""
     check_runtime(cfg)
+    frozen_names(model, cfg)  # bad `train.freeze` patterns fail before any layer is swapped
     apply_tensor_parallel(model)
     set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     set_attention(model, cfg.model.attention)
@@ -108,4 +112,5 @@ def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
         kernels.fuse_layer_norms(model)
     if cfg.train.compile:
         compile_blocks(model)
+    apply_freeze(model, cfg)  # last: layers swapped above start trainable
     return model

@@ -132,6 +132,20 @@ def needs_universal(saved: Layout, now: Layout, resume: str) -> bool:
     return True
 
 
+def _regrouped(saved: Config, cfg: Config, resume: str) -> bool:
+    """Whether `train.freeze` or `optim.lr_mult` changed since the checkpoint: the optimizer's parameter
+    groups differ, so DeepSpeed's own files (flat per group) cannot be loaded; the universal copy, by
+    parameter name, can (ZeRO 1-3). A parameter unfrozen now starts with zero Adam moments."""
+    if saved.train.freeze == cfg.train.freeze and saved.optim.lr_mult == cfg.optim.lr_mult:
+        return False
+    if 0 in (saved.parallel.zero_stage, cfg.parallel.zero_stage):
+        raise ConfigError(f"--resume {resume}: train.freeze or optim.lr_mult differs from the checkpoint's "
+                          f"({saved.train.freeze}, {saved.optim.lr_mult}); changing the optimizer's groups "
+                          "at a resume goes through the universal format, which needs parallel.zero_stage "
+                          "1-3 on both sides. Resume with the checkpoint's train.freeze and optim.lr_mult")
+    return True
+
+
 def _is_copy_of(dst: Path, fingerprint: str | None) -> bool:
     """Whether `dst` is a complete universal copy of the DeepSpeed checkpoint with `fingerprint` (a tag
     saved again after an earlier resume is another checkpoint; copies written before fingerprints were
@@ -187,7 +201,7 @@ def resolve_start(cfg: Config, root: Path, resume: str | None, init_from: str | 
         if start.target is not None and start.client.get("dp_world") is not None:
             was = Layout(int(start.client["dp_world"]), int(start.client["tp"]), saved.parallel.zero_stage)
             now = Layout(groups.dp_world_size(), cfg.parallel.tp, cfg.parallel.zero_stage)
-            if needs_universal(was, now, resume):
+            if needs_universal(was, now, resume) or _regrouped(saved, cfg, resume):
                 start.universal = _universal_copy(*start.target, resume, was, now)
                 start.target, start.client = None, start.universal.client_state()
     elif init_from:

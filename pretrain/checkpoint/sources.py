@@ -79,6 +79,11 @@ class Source:
     def names(self) -> list[str]:
         return list(self.layout)
 
+    @property
+    def frozen(self) -> set[str]:
+        """Parameters trained frozen (`train.freeze`): weights only, no optimizer state to read."""
+        return set(self.meta.get("frozen") or [])
+
     def tensor(self, name: str, key: str = "fp32") -> torch.Tensor:
         raise NotImplementedError
 
@@ -135,6 +140,12 @@ class DeepSpeedSource(Source):
         })
         return readers
 
+    @property
+    def frozen(self) -> set[str]:
+        if not self.has_optimizer:  # ZeRO-0: DeepSpeed's consolidation reads weights only anyway
+            return set()
+        return set(self.readers[0].frozen_shapes) & set(self.layout)
+
     def tensor(self, name: str, key: str = "fp32") -> torch.Tensor:
         entry = self.layout.get(name)
         if entry is None:
@@ -188,6 +199,8 @@ class UniversalSource(Source):
         self._files = _SafetensorsFiles(self.path)
 
     def tensor(self, name: str, key: str = "fp32") -> torch.Tensor:
+        if key != "fp32" and name in self.frozen:  # trained frozen: no moments were written
+            return torch.zeros(self.layout[name]["shape"])  # what Adam starts from, should it train now
         return self._files.get(key, name)
 
 

@@ -10,7 +10,8 @@ Universal checkpoint (`pretrain convert SRC DST --to universal`, `checkpoint.uni
                                 `tp_split_dim` (the dimension TP ranks split it along, or null)
     DST/tokenizer.json
     DST/fp32.safetensors        full fp32 master weights, one tensor per parameter
-    DST/exp_avg.safetensors     Adam first moments (same names and shapes)
+    DST/exp_avg.safetensors     Adam first moments (same names and shapes; none for the parameters listed
+                                in `frozen`, trained under `train.freeze`: they had no optimizer state)
     DST/exp_avg_sq.safetensors  Adam second moments
     DST/manifest.json           written last: every file's size and sha256, every tensor's too
 
@@ -54,13 +55,18 @@ def write_universal(src: Source, dst: Path, overwrite: bool = False) -> dict[str
     t0 = time.perf_counter()
     specs = [(n, torch.float32, tuple(e["shape"])) for n, e in layout.items()]
     with staged_output(dst, overwrite) as tmp:
-        writers = {k: SafetensorsWriter(tmp / f"{k}.safetensors", specs) for k in ("fp32", *OPTIM_KEYS)}
+        frozen = src.frozen  # `train.freeze`: weights only (a resume that trains them starts at zero moments)
+        moment_specs = [spec for spec in specs if spec[0] not in frozen]
+        writers = {k: SafetensorsWriter(tmp / f"{k}.safetensors", specs if k == "fp32" else moment_specs)
+                   for k in ("fp32", *OPTIM_KEYS)}
         for name in layout:
             for key, writer in writers.items():
-                writer.write(name, src.tensor(name, key).float())
+                if key == "fp32" or name not in frozen:
+                    writer.write(name, src.tensor(name, key).float())
         entries = {f"{k}.safetensors": w.close() for k, w in writers.items()}
         meta = {"format": "mmpt-universal", "version": FORMAT_VERSION, "source": str(src.path),
-                **{k: _json_safe(src.meta.get(k)) for k in _META_KEYS}, "params": layout}
+                **{k: _json_safe(src.meta.get(k)) for k in _META_KEYS}, "params": layout,
+                "frozen": sorted(frozen)}
         (tmp / UNIVERSAL_META).write_text(json.dumps(meta, indent=1))
         (tmp / "tokenizer.json").write_text(src.meta["tokenizer"])
         write_manifest(tmp, entries, kind="universal")

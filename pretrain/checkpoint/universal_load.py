@@ -12,6 +12,11 @@ fp32 master weights and moments; DeepSpeed records for each parameter which frag
 rank's range (`_hp_mapping`), so the TP slice is copied whole into the working copy and that fragment into
 the master weights and moments.
 
+Frozen parameters (`train.freeze`) are in no optimizer group: only their weights are set (ZeRO-3: this DP
+rank's `ds_tensor` partition, persistent ones re-gathered by DeepSpeed's checkpoint epilogue; ZeRO 1-2: the
+working copy), whatever the checkpoint held for them. A parameter frozen in the checkpoint but trained now
+starts from zero moments (the source returns zeros for them), as Adam would.
+
 One parameter is in memory at a time. DeepSpeed's own universal loader unpickles its files and re-slices
 TP only for its AutoTP; this needs neither.
 """
@@ -117,6 +122,30 @@ def _load_zero12(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]], ke
                     targets[key].narrow(0, hp.start, hp.numel).copy_(local.reshape(-1).narrow(0, lp.start,
                                                                                              lp.numel))
             count += 1
+    for p, name in names.items():  # frozen: the working copy only
+        if not p.requires_grad:
+            p.data.copy_(_local(tensor, name, "fp32", layout[name], p.numel()).view_as(p))
+            count += 1
+    return count
+
+
+@torch.no_grad()
+def _load_frozen_zero3(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]],
+                       names: dict[Any, str]) -> int:
+    """ZeRO-3 frozen parameters: this DP rank's partition of each (between the checkpoint prologue, which
+    partitions everything, and the epilogue, which re-gathers persistent parameters); returns the count."""
+    opt, count = engine.optimizer, 0
+    for p, name in names.items():
+        if p.requires_grad:
+            continue
+        group = opt._get_param_partition_group(p)
+        rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
+        piece = _dp_part(_local(tensor, name, "fp32", layout[name], p.ds_numel), rank, world)
+        if piece.numel() != p.ds_tensor.ds_numel:
+            raise RuntimeError(f"{name}: DP part of {piece.numel()} elements, ZeRO-3 holds "
+                               f"{p.ds_tensor.ds_numel}")
+        p.ds_tensor.data.copy_(piece.to(p.ds_tensor.dtype))
+        count += 1
     return count
 
 
@@ -161,6 +190,7 @@ def load_full_tensors(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]
                                   opt.unflatten(opt.fp16_partitioned_groups_flat[sub],
                                                 opt.fp16_partitioned_groups[sub])):
             partitioned.data = q.data
+    count += _load_frozen_zero3(engine, tensor, layout, names)
     opt.checkpoint_event_epilogue()
     return count
 
@@ -183,14 +213,33 @@ def load_universal(engine: Any, src: Any) -> None:
             if "step" in group:
                 group["step"] = int(step)
     saved_groups = meta.get("param_groups") or []
-    if len(saved_groups) == len(opt.optimizer.param_groups):
+    same_groups = _group_keys(saved_groups) == _group_keys(opt.optimizer.param_groups)
+    if same_groups:
         for group, saved in zip(opt.optimizer.param_groups, saved_groups):
             group["lr"] = saved["lr"]
     if meta.get("lr_scheduler") and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        if not same_groups:  # `train.freeze` / `optim.lr_mult` changed: this run's groups, the saved step
+            _regroup_schedule(engine.lr_scheduler, opt.optimizer.param_groups)
     for k, v in (meta.get("loss_scaler") or {}).items():
         if hasattr(opt, "loss_scaler") and hasattr(opt.loss_scaler, k):
             setattr(opt.loss_scaler, k, v)
     engine.global_steps = int(meta["step"])
     engine.global_samples = int(meta.get("global_samples") or 0)
     engine.skipped_steps = int(meta.get("skipped_steps") or 0)
+
+
+def _group_keys(param_groups: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(lr multiplier, weight decay) of each optimizer group: what makes two runs' groups the same."""
+    return [(float(g.get("lr_mult", 1.0)), float(g.get("weight_decay", 0.0))) for g in param_groups]
+
+
+def _regroup_schedule(scheduler: Any, param_groups: list[dict[str, Any]]) -> None:
+    """After loading a LambdaLR state saved with other parameter groups: keep its step count, take this run's
+    groups' base rates (their `initial_lr`: optim.lr x multiplier) and set each group's current rate."""
+    scheduler.base_lrs = [g["initial_lr"] for g in param_groups]
+    lambdas = scheduler.lr_lambdas
+    scheduler.lr_lambdas = [lambdas[0]] * len(param_groups)
+    for group, base in zip(param_groups, scheduler.base_lrs):
+        group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in param_groups]

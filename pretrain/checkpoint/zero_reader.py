@@ -11,6 +11,11 @@ of its fragments on the ranks that hold any of it:
   ranges, so a parameter lies on one or a few neighbouring ranks; each rank's file records where
   (`param_slice_mappings`: name -> (numel, start) within its partition).
 
+Frozen parameters (`train.freeze`, `requires_grad=False`) are in no optimizer group, so they have no
+fp32 master and no moments; DeepSpeed keeps their working-precision values in the model-states files:
+ZeRO-3 each DP rank's `ds_tensor` partition (`frozen_param_fragments`, same ceil(numel / dp) cut, names and
+shapes in `frozen_param_shapes`), ZeRO-2 the whole tensor there, ZeRO-1 only the module's state dict.
+
 Files are opened memory-mapped and weights-only (`checkpoint.weights_only.mmap_load`): slicing reads only
 the pages of the one parameter asked for, so converting a checkpoint needs memory for a few parameters, not
 the model, and nothing is unpickled beyond tensors, containers and DeepSpeed's allow-listed records.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +101,32 @@ class ZeroReader:
             if self.stage == 3 and have != offset:
                 raise ValueError(f"{files[0]}: group {g} holds {have} elements, its parameters need {offset}")
 
+    @cached_property
+    def frozen_shapes(self) -> dict[str, torch.Size]:
+        """Frozen parameters (no optimizer state) -> full (TP-local) shape."""
+        ms = self.model_states
+        if ms.get("frozen_param_shapes"):  # ZeRO 2-3
+            return {n: torch.Size(s) for n, s in ms["frozen_param_shapes"].items() if n not in self.index}
+        module = ms.get("module") or {}  # ZeRO-1: the whole module; its parameters outside every group
+        names = set(ms.get("buffer_names") or [])
+        return {n: t.shape for n, t in module.items() if n not in self.index and n not in names}
+
+    def _frozen(self, name: str) -> torch.Tensor:
+        """A frozen parameter's whole (TP-local) value, in the working precision it was trained in."""
+        shape = self.frozen_shapes[name]
+        if self.stage == 3:  # every DP rank's model-states file holds its ds_tensor partition
+            pieces = [frags[name].reshape(-1) for frags in self._frozen_fragments]
+            return torch.cat(pieces)[:shape.numel()].view(shape)
+        fragments = self.model_states.get("frozen_param_fragments") or self.model_states["module"]
+        return fragments[name].clone().view(shape)
+
+    @cached_property
+    def _frozen_fragments(self) -> list[dict[str, torch.Tensor]]:
+        """ZeRO-3: each DP rank's frozen partitions (its model-states file, memory-mapped), in DP order."""
+        tp = int(_DP.search(self._files[0].name).group(2))
+        files = [self.tag_dir / f"zero_pp_rank_{d}_mp_rank_{tp:02d}_model_states.pt" for d in range(self.dp)]
+        return [mmap_load(f)["frozen_param_fragments"] for f in files]
+
     def _flat(self, d: int, group: int, key: str) -> torch.Tensor:
         sd = self._optim[d]
         if key == "fp32":
@@ -106,7 +138,12 @@ class ZeroReader:
         return state[group][key]
 
     def tensor(self, name: str, key: str = "fp32") -> torch.Tensor:
-        """Parameter `name`'s full fp32 value (`key`="fp32") or Adam moment, as this TP rank holds it."""
+        """Parameter `name`'s full fp32 value (`key`="fp32") or Adam moment, as this TP rank holds it.
+        A frozen parameter has its value only (as fp32; KeyError for a moment: it has none)."""
+        if name not in self.index and name in self.frozen_shapes:
+            if key != "fp32":
+                raise KeyError(f"{self.tag_dir}: {name} was frozen (train.freeze): it has no {key}")
+            return self._frozen(name).float()
         group, shape, frags = self.index[name]
         pieces = [self._flat(d, group, key)[start:start + n] for d, start, n in frags]
         out = torch.cat(pieces)[:shape.numel()]  # cat copies: nothing refers to the mapping

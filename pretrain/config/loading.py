@@ -30,6 +30,13 @@ def _is_dataclass_type(tp: Any) -> bool:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotated type `tp`, converting only lossless cases (int -> float)."""
     origin = typing.get_origin(tp)
+    if origin is dict:  # e.g. optim.lr_mult: pattern -> multiplier; a YAML mapping, replaced as a whole
+        key_tp, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping such as {{pattern: value}} (on the command line: "
+                              f"'{key}={{text.*: 0.1}}'), got {type(value).__name__} {value!r}")
+        return {_coerce(f"{key} key", k, key_tp): _coerce(f"{key}[{k!r}]", v, item_tp)
+                for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

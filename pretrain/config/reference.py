@@ -44,6 +44,8 @@ def field_help(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any
             tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
             if typing.get_origin(tp) is list:
                 tname = f"list[{typing.get_args(tp)[0].__name__}]"
+            elif typing.get_origin(tp) is dict:
+                tname = "dict[" + ", ".join(a.__name__ for a in typing.get_args(tp)) + "]"
             rows.append((prefix + f.name, tname, getattr(default, f.name), docs.get(f.name, "")))
     return rows
 

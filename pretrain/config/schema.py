@@ -185,6 +185,11 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each transformer block (not the DeepSpeed engine); the first steps are slow while
     it compiles (inductor; on CPU it needs a C++ compiler)."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter-name patterns (fnmatch, matched against the single-device model's names, the same at
+    every `parallel.tp`) to freeze: no gradient, no optimizer state (no fp32 master, no Adam moments under
+    any ZeRO stage), never changed, still saved in checkpoints. `[visual.*]` locks the image tower (LiT);
+    `pretrain plan` counts the saving. A pattern that matches no parameter is an error listing real names."""
 
 
 @dataclass

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pretrain.config.schema import CHOICES, Config, ConfigError
@@ -64,6 +65,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(0 <= t.fp16_initial_scale_power <= 32, "train.fp16_initial_scale_power must be in [0, 32]")
     check(t.global_batch >= 0, "train.global_batch must be >= 0")
     check(t.nonfinite_patience >= 1, "train.nonfinite_patience must be >= 1")
+    check(all(p.strip() for p in t.freeze), "train.freeze: patterns must be non-empty strings")
+    check(len(set(t.freeze)) == len(t.freeze), f"train.freeze: a pattern is listed twice in {t.freeze}")
     if world_size is not None and t.global_batch and world_size % max(cfg.parallel.tp, 1) == 0:
         dp = world_size // max(cfg.parallel.tp, 1)
         check(t.global_batch == t.micro_batch * t.grad_accum * dp,
@@ -76,6 +79,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(op.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     check(len(op.betas) == 2 and all(0 <= b < 1 for b in op.betas),
           "optim.betas must be two numbers in [0, 1)")
+    check(all(k.strip() for k in op.lr_mult), "optim.lr_mult: patterns must be non-empty strings")
+    bad_mult = {k: v for k, v in op.lr_mult.items() if not (math.isfinite(v) and v >= 0)}
+    check(not bad_mult, f"optim.lr_mult: multipliers must be finite and >= 0, got {bad_mult}")
     check(op.impl != "cpu_adam" or cfg.parallel.zero_stage >= 1,
           f"optim.impl=cpu_adam offloads the optimizer through ZeRO: it needs parallel.zero_stage >= 1 "
           f"(got {cfg.parallel.zero_stage})")

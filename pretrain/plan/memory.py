@@ -5,6 +5,7 @@ split over tensor-parallel ranks or replicated (as `pretrain.parallelize.TP_PLAN
 applies ZeRO stage s over the data-parallel degree
 dp = world / tp:
 
+    frozen parameters     (`train.freeze`) parameter bytes only: no gradient, no master, no moments
     bytes per parameter   bf16/fp16: 2 (param) + 2 (grad) + 12 (fp32 master + Adam m, v)
                           fp32:      4 (param) + 4 (grad) + 12 under ZeRO >= 1 (DeepSpeed's ZeRO
                                      optimizers keep a separate fp32 master even in fp32; measured),
@@ -71,7 +72,7 @@ def count_params(model: nn.Module, tp: int, built_tp: int = 1, persistence_thres
     from pretrain.parallelize import tp_split_dims
 
     dims = tp_split_dims(model)
-    total = split = per_rank = persistent = 0
+    total = split = per_rank = persistent = frozen = frozen_per_rank = 0
     for name, p in model.named_parameters():
         local = int(getattr(p, "ds_numel", 0)) or p.numel()  # ZeRO-3 empties .data; ds_numel keeps size
         dim = dims[name]
@@ -88,18 +89,22 @@ def count_params(model: nn.Module, tp: int, built_tp: int = 1, persistence_thres
         per_rank += mine
         if mine < persistence_threshold:
             persistent += mine
+        if not p.requires_grad:  # `train.freeze`: held and saved, but no gradient and no optimizer state
+            frozen += full
+            frozen_per_rank += mine
     return {"total": total, "split": split, "replicated": total - split, "per_tp_rank": per_rank,
-            "persistent_per_tp_rank": persistent}
+            "persistent_per_tp_rank": persistent, "frozen": frozen, "frozen_per_tp_rank": frozen_per_rank}
 
 
 def bytes_per_rank(counts: dict[str, int], precision: str, zero_stage: int, dp: int) -> dict[str, int]:
     """Model-state bytes one rank holds (see the module docstring for the accounting)."""
     pb, gb, ob = bytes_per_param(precision, zero_stage)
     mine, keep = counts["per_tp_rank"], counts["persistent_per_tp_rank"] if zero_stage == 3 else 0
+    trainable = mine - counts.get("frozen_per_tp_rank", 0)  # frozen: no gradient, no optimizer state
     # ZeRO-3: every parameter's 1/dp partition, plus a whole copy of each persistent one
     params = pb * (keep + mine / dp) if zero_stage == 3 else pb * mine
-    grads = gb * mine / (dp if zero_stage >= 2 else 1)
-    optimizer = ob * mine / (dp if zero_stage >= 1 else 1)
+    grads = gb * trainable / (dp if zero_stage >= 2 else 1)
+    optimizer = ob * trainable / (dp if zero_stage >= 1 else 1)
     out = {"params": round(params), "grads": round(grads), "optimizer": round(optimizer)}
     out["total"] = sum(out.values())
     return out
@@ -118,7 +123,8 @@ def plan_for_model(cfg: Config, model: nn.Module, world: int, built_tp: int = 1)
         "params": counts,
         "bytes_per_param": {"params": pb, "grads": gb, "optimizer": ob},
         "per_rank_bytes": bytes_per_rank(counts, cfg.train.precision, p.zero_stage, dp),
-        "total_bytes": counts["total"] * (pb + gb + ob),  # the single-device model, same accounting
+        # the single-device model, same accounting (frozen parameters: the parameter bytes only)
+        "total_bytes": counts["total"] * (pb + gb + ob) - counts["frozen"] * (gb + ob),
     }
 
 
@@ -142,8 +148,11 @@ def memory_plan(cfg: Config, world: int, gpu_mem_gb: float | None = None) -> dic
     if tp_size() != 1:
         raise RuntimeError("memory_plan builds the single-device layout; call it outside a TP run "
                            "(inside one, use plan_for_model with the rank's model)")
+    from pretrain.freeze import apply_freeze
+
     with torch.device("meta"):
         model = PretrainModel.from_config(cfg, vocab_size=plan_vocab_size(cfg))
+    apply_freeze(model, cfg)  # `train.freeze`: those parameters get no gradient or optimizer bytes
     plan = plan_for_model(cfg, model, world)
     plan["vocab_padded"] = model.vocab_size
     plan.update(activation_plan(cfg, model, plan))
@@ -168,6 +177,10 @@ def format_plan(plan: dict[str, Any], measured: list[dict[str, Any]] | None = No
         f"  per TP rank {c['per_tp_rank']:,}",
         f"  {'':<10} {'per rank':>14} {'x world':>14}",
     ]
+    if c.get("frozen"):
+        lines.insert(2, f"  frozen (train.freeze) {c['frozen']:,} ({c['frozen'] / max(c['total'], 1):.1%}): "
+                        f"parameter bytes only, no gradient or optimizer state; per TP rank "
+                        f"{c['frozen_per_tp_rank']:,}")
     for key in ("params", "grads", "optimizer", "total"):
         lines.append(f"  {key:<10} {_mib(r[key]):>14} {_mib(r[key] * plan['world']):>14}")
     ratio = r["total"] / max(plan["total_bytes"], 1)
