@@ -111,6 +111,31 @@ def _pad_token_rows(state: dict[str, torch.Tensor], model: torch.nn.Module) -> l
     return [rows, table.shape[0]]
 
 
+def build_imported_model(state: dict[str, torch.Tensor], overrides: dict[str, Any], tok_json: str,
+                         base_config: str | None = None, seed: int = 0, src: str = "SRC",
+                         device: str = "cpu") -> tuple[torch.nn.Module, Config, list[str], list[int]]:
+    """(PretrainModel holding the imported towers, its config, fresh top-level modules, fresh token rows):
+    `overrides` on `base_config` (default: the embedded demo recipe), the rest initialised from `seed`.
+    On the meta device nothing is allocated (shape checks of full-size architectures)."""
+    from pretrain.config import embedded_config_path
+    from pretrain.models.pretrain_model import PretrainModel
+
+    dotted = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+    cfg: Config = load_config(base_config or embedded_config_path(), dotted)
+    tok = load_tokenizer(tok_json)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = PretrainModel.from_config(cfg, tok)
+    fresh_rows = _pad_token_rows(state, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{src}: tensors the model has no place for: {unexpected[:5]}")
+    fresh = sorted({k.split(".")[0] for k in missing})
+    if set(fresh) - {"decoder", "mlm_head", "logit_bias"}:
+        raise ValueError(f"{src}: lacks CLIP tensors the model needs: {[k for k in missing][:5]}")
+    return model, cfg, fresh, fresh_rows
+
+
 def import_checkpoint(kind: str, src: str | Path, dst: str | Path, base_config: str | None = None,
                       tokenizer: str | None = None, seed: int = 0, overwrite: bool = False,
                       arch: str | None = None) -> dict[str, Any]:
@@ -120,9 +145,7 @@ def import_checkpoint(kind: str, src: str | Path, dst: str | Path, base_config: 
     initialised from `seed`, and so is the MLM mask row appended to OpenAI CLIP's token table. The model
     config is SRC's; everything else is `base_config`'s (default: the embedded demo recipe). `tokenizer`:
     a tokenizer.json or `clip`; default: SRC's own, else OpenAI CLIP's for a CLIP-pooling checkpoint."""
-    from pretrain.config import embedded_config_path
     from pretrain.export.tokenizers import tokenizer_json_for
-    from pretrain.models.pretrain_model import PretrainModel
 
     if kind not in IMPORTS:
         raise ValueError(f"--from {kind!r}: choose one of {', '.join(IMPORTS)}")
@@ -132,23 +155,13 @@ def import_checkpoint(kind: str, src: str | Path, dst: str | Path, base_config: 
         raise ValueError(f"{src}: holds no tokenizer.json this project can use; pass --tokenizer FILE "
                          "(e.g. one made by `pretrain data tokenizer`) whose vocabulary matches the model, "
                          "or --tokenizer clip for OpenAI CLIP's")
-    dotted = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
-    cfg: Config = load_config(base_config or embedded_config_path(), dotted)
-    tok = load_tokenizer(tok_json)
-    torch.manual_seed(seed)
-    model = PretrainModel.from_config(cfg, tok)
-    fresh_rows = _pad_token_rows(state, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"{src}: tensors the model has no place for: {unexpected[:5]}")
-    fresh = sorted({k.split(".")[0] for k in missing})
-    if set(fresh) - {"decoder", "mlm_head", "logit_bias"}:
-        raise ValueError(f"{src}: lacks CLIP tensors the model needs: {[k for k in missing][:5]}")
+    model, cfg, fresh, fresh_rows = build_imported_model(state, overrides, tok_json, base_config, seed,
+                                                         str(src))
     meta = {"config": to_dict(cfg), "tokenizer": tok_json, "step": 0, "source": str(src)}
     summary = write_weights(DictSource(model.state_dict(), meta, str(src)), Path(dst), overwrite=overwrite,
                             extra_files={"train.yaml": dump_yaml(cfg)})
     return {**summary, "from": kind, "fresh": fresh, "fresh_token_rows": fresh_rows,
-            "tokenizer": "clip" if tok.pool_type == "argmax" else "bpe"}
+            "tokenizer": "clip" if model.text.pool_type == "argmax" else "bpe"}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -292,16 +292,23 @@ def import_open_clip(src: Path, tokenizer_json: str | None = None
                                     tokenizer_json, str(src))
 
 
-def import_open_clip_weights(weights: dict[str, torch.Tensor], model: dict[str, Any],
-                             preprocess: dict[str, Any], tokenizer_json: str | None, src: str
-                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
-    """`import_open_clip` for weights already read and an open_clip `model_cfg` from anywhere (a folder's
-    config, a named architecture, one inferred from an OpenAI state dict)."""
+def check_open_clip_config(model: dict[str, Any], src: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(vision_cfg, text_cfg) with open_clip's defaults filled in; a ValueError naming every setting of
+    `model` our towers cannot express."""
     vision = {**_VISION_DEFAULTS, **model["vision_cfg"]}
     text = {**_TEXT_DEFAULTS, **model["text_cfg"]}
     problems = _unsupported(model, vision, text)
     if problems:
         raise ValueError(f"{src}: unsupported open_clip config: " + "; ".join(problems))
+    return vision, text
+
+
+def import_open_clip_weights(weights: dict[str, torch.Tensor], model: dict[str, Any],
+                             preprocess: dict[str, Any], tokenizer_json: str | None, src: str
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
+    """`import_open_clip` for weights already read and an open_clip `model_cfg` from anywhere (a folder's
+    config, a named architecture, one inferred from an OpenAI state dict)."""
+    vision, text = check_open_clip_config(model, src)
     overrides = _overrides(model, vision, text, preprocess, Path(src))
     clip_pooling = text["pool_type"] == "argmax" or text["eos_id"] == EOT_ID
     pooling = f"text_cfg.pool_type={text['pool_type']!r}" + ("" if text["pool_type"] == "argmax"

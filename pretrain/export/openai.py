@@ -27,13 +27,14 @@ from typing import Any
 import torch
 
 from pretrain.export.common import load_weight_file
-from pretrain.export.open_clip import WEIGHT_FILES, import_open_clip_weights
+from pretrain.export.open_clip import WEIGHT_FILES, check_open_clip_config, import_open_clip_weights
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 """open_clip's `OPENAI_DATASET_MEAN/STD`: the preprocessing of OpenAI's and LAION's standard ViTs."""
-OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-"""Non-weight entries of OpenAI's state dicts (open_clip drops them too)."""
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+"""Non-weight entries of OpenAI's state dicts (open_clip drops the first three too) and the causal mask
+buffer a traced (TorchScript) model carries."""
 HEAD_WIDTH = 64
 """OpenAI CLIP's attention head width in both towers (its state dicts do not record head counts)."""
 
@@ -85,10 +86,10 @@ def import_arch(src: Path, arch: str, tokenizer_json: str | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
     """`--from open_clip SRC --arch NAME`: weights of open_clip's architecture NAME (see module docstring);
     returns what `import_open_clip` returns."""
-    model = arch_config(arch)
-    weights = read_weights(src)
-    return import_open_clip_weights(weights, model, {"mean": OPENAI_MEAN, "std": OPENAI_STD}, tokenizer_json,
-                                    f"{src} (--arch {arch})")
+    model, label = arch_config(arch), f"{src} (--arch {arch})"
+    check_open_clip_config(model, label)  # before reading gigabytes of weights
+    return import_open_clip_weights(read_weights(src), model, {"mean": OPENAI_MEAN, "std": OPENAI_STD},
+                                    tokenizer_json, label)
 
 
 def openai_model_cfg(state: dict[str, torch.Tensor]) -> dict[str, Any]:
