@@ -1,10 +1,11 @@
 """Starting from a CLIP checkpoint with OpenAI CLIP's tokenizer, through training, and back out:
 
-transformers `CLIPModel` (random weights, small, 49,408-token vocabulary, as the hub's folders hold it)
--> `pretrain convert --from hf` -> `pretrain train --init-from` 10 steps at tp=2 under ZeRO-3 (2 ranks, real
-deepspeed launcher, `data.tokenizer=clip`) -> `pretrain convert --to hf` and `--to open_clip` -> each library
-loads its folder with its stock tokenizer (`CLIPProcessor` built from the exported vocab.json/merges.txt;
-open_clip's `get_tokenizer`, its own SimpleTokenizer) and gives the embeddings `pretrain embed` gives.
+a transformers `CLIPModel` folder or an OpenAI-format state dict (random weights, small, CLIP's 49,408-token
+vocabulary) -> `pretrain convert --from hf|openai` -> `pretrain train --init-from` 10 steps on 2 ranks (real
+deepspeed launcher, `data.tokenizer=clip`; tp=2 under ZeRO-3, and tp=1 x dp=2 under ZeRO-1) ->
+`pretrain convert --to hf` and `--to open_clip` -> each library loads its folder with its stock tokenizer
+(`CLIPProcessor` built from the exported vocab.json/merges.txt; open_clip's `get_tokenizer`, its own
+SimpleTokenizer) and gives the embeddings `pretrain embed` gives.
 
 Zero-shot at step 0: a run started from an import begins from exactly the imported weights (init-from is
 checked bit-exact by tests/e2e/test_import_train.py), so `pretrain eval` of the import folder is the run's
@@ -77,15 +78,10 @@ def _eval_library(model: LibraryModel, ckpt: Path, val: str, classnames: str) ->
 METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")
 
 
-@pytest.mark.timeout(900)
-def test_clip_import_train_tp2_zero3_export_loads_with_stock_tokenizers(tmp_path: Path):
-    from data_pipelines.clip_tokenizer import CLIP_VOCAB_SIZE, EOT_ID, SOT_ID
-    from data_pipelines.synth import write_synthetic_shards
+def _hf_source(tmp_path: Path) -> tuple[list[str], LibraryModel, torch.Tensor]:
+    """A transformers CLIPModel folder as the hub has them (legacy eos_token_id 2: argmax pooling)."""
+    from data_pipelines.clip_tokenizer import CLIP_VOCAB_SIZE, SOT_ID
 
-    train = write_synthetic_shards(tmp_path / "train", samples=96, samples_per_shard=48, image_size=32,
-                                   seed=0)
-    val = write_synthetic_shards(tmp_path / "val", samples=64, samples_per_shard=64, image_size=32, seed=1)
-    classnames = str(Path(val["urls"].split("shard-")[0]) / "classnames.txt")
     torch.manual_seed(0)
     text = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=128, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=16, hidden_act="quick_gelu", eos_token_id=2,
@@ -95,12 +91,42 @@ def test_clip_import_train_tp2_zero3_export_loads_with_stock_tokenizers(tmp_path
     source = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
                                                             projection_dim=16)).eval()
     source.save_pretrained(tmp_path / "source")
+    return ["--from", "hf", str(tmp_path / "source")], _hf_wrapper(source), source.text_projection.weight.T
+
+
+def _openai_source(tmp_path: Path) -> tuple[list[str], LibraryModel, torch.Tensor]:
+    """An OpenAI-format state dict (open_clip's `CLIP` has OpenAI's names; head width 64 as OpenAI's)."""
+    from data_pipelines.clip_tokenizer import CLIP_VOCAB_SIZE
+
+    torch.manual_seed(0)
+    oc = open_clip.model.CLIP(embed_dim=16, quick_gelu=True,
+                              vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+                              text_cfg={"context_length": 16, "vocab_size": CLIP_VOCAB_SIZE, "width": 64,
+                                        "heads": 1, "layers": 1}).eval()
+    torch.save(oc.state_dict(), tmp_path / "ViT-tiny.pt")
+    wrapper = LibraryModel(oc.encode_image, oc.encode_text)
+    return ["--from", "openai", str(tmp_path / "ViT-tiny.pt")], wrapper, oc.text_projection
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("source, tp, zero", [("hf", 2, 3), ("openai", 1, 1)])
+def test_clip_import_train_export_loads_with_stock_tokenizers(tmp_path: Path, source: str, tp: int,
+                                                               zero: int):
+    from data_pipelines.clip_tokenizer import CLIP_VOCAB_SIZE, EOT_ID, SOT_ID
+    from data_pipelines.synth import write_synthetic_shards
+
+    train = write_synthetic_shards(tmp_path / "train", samples=96, samples_per_shard=48, image_size=32,
+                                   seed=0)
+    val = write_synthetic_shards(tmp_path / "val", samples=64, samples_per_shard=64, image_size=32, seed=1)
+    classnames = str(Path(val["urls"].split("shard-")[0]) / "classnames.txt")
+    make_source = {"hf": _hf_source, "openai": _openai_source}[source]
+    convert_from, library_source, source_projection = make_source(tmp_path)
 
     init = tmp_path / "init"
-    out = _ok(pretrain_cli("convert", "--from", "hf", str(tmp_path / "source"), str(init)))
+    out = _ok(pretrain_cli("convert", *convert_from, str(init)))
     assert out["tokenizer"] == "clip" and out["fresh"] == ["decoder", "mlm_head"]
     step0 = _eval_cli(init, val["urls"], classnames)
-    library0 = _eval_library(_hf_wrapper(source), init, val["urls"], classnames)
+    library0 = _eval_library(library_source, init, val["urls"], classnames)
     assert {k: step0[k] for k in METRICS} == {k: library0[k] for k in METRICS}
     assert step0["samples"] == 64 and step0["zeroshot_top1"] is not None
 
@@ -108,8 +134,8 @@ def test_clip_import_train_tp2_zero3_export_loads_with_stock_tokenizers(tmp_path
     r = run_pretrain(["train", "--config", str(init / "train.yaml"), "--init-from", str(init),
                       f"run.dir={run}", f"data.train={train['urls']}", "data.workers=1",
                       "train.micro_batch=8", "train.steps=10", "train.precision=fp32", "optim.warmup_steps=2",
-                      "logging.progress=false", "logging.tensorboard=false", "parallel.zero_stage=3",
-                      "parallel.tp=2", "checkpoint.every=0"], procs=2, timeout=600)
+                      "logging.progress=false", "logging.tensorboard=false", f"parallel.zero_stage={zero}",
+                      f"parallel.tp={tp}", "checkpoint.every=0"], procs=2, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert json.loads((run / "tokenizer.json").read_text())["type"] == "mmpt-clip-bpe"
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -130,7 +156,7 @@ def test_clip_import_train_tp2_zero3_export_loads_with_stock_tokenizers(tmp_path
 
     hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.text_config.vocab_size == CLIP_VOCAB_SIZE  # the mask row stays behind, like the MLM head
-    assert not torch.equal(hf.text_projection.weight, source.text_projection.weight)  # it trained
+    assert not torch.equal(hf.text_projection.weight.T, source_projection)  # it trained
     proc = transformers.CLIPProcessor.from_pretrained(tmp_path / "hf")
     assert type(proc.tokenizer).__name__.startswith("CLIPTokenizer")
     batch = proc(text=TEXTS, images=pil, padding="max_length", max_length=16, truncation=True,
