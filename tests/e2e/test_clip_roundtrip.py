@@ -185,3 +185,27 @@ def test_clip_import_train_export_loads_with_stock_tokenizers(tmp_path: Path, so
     library = _eval_library(_hf_wrapper(hf), again, val["urls"], classnames)
     picked = [{k: result[k] for k in METRICS} for result in (step0, library, trained)]
     assert picked[0] == picked[1] == picked[2]
+
+
+@pytest.mark.timeout(600)
+def test_training_from_scratch_with_the_clip_tokenizer(tmp_path: Path):
+    """`data.tokenizer=clip` as a first-class choice without an import: planned, trained (MLM on CLIP ids
+    with the appended mask row), checkpointed with its tokenizer record, evaluated."""
+    from tiny import TINY
+
+    from data_pipelines.synth import write_synthetic_shards
+
+    train = write_synthetic_shards(tmp_path / "train", samples=64, samples_per_shard=32, image_size=32,
+                                   seed=0)
+    plan = _ok(pretrain_cli("plan", "--world", "1", "--json", *TINY, "data.tokenizer=clip"))
+    assert plan["vocab_padded"] == 49472
+    run = tmp_path / "run"
+    r = run_pretrain(["train", *TINY, "data.tokenizer=clip", f"data.train={train['urls']}", "data.workers=1",
+                      "train.steps=3", f"run.dir={run}", "logging.tensorboard=false"], timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert json.loads((run / "tokenizer.json").read_text())["type"] == "mmpt-clip-bpe"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and all(np.isfinite(x["loss_mlm"]) for x in rows)
+    classnames = str(Path(train["urls"].split("shard-")[0]) / "classnames.txt")
+    result = _eval_cli(run, train["urls"], classnames)
+    assert result["samples"] == 64 and 0 <= result["zeroshot_top1"] <= 1
