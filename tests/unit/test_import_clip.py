@@ -210,3 +210,29 @@ def test_tokenizer_that_does_not_fit_names_both_sizes(tmp_path: Path):
         import_checkpoint("hf", tmp_path / "big", tmp_path / "b")
     with pytest.raises(ValueError, match=sizes):
         import_checkpoint("hf", tmp_path / "big", tmp_path / "c", tokenizer="clip")
+
+
+def test_laion_hub_folder_layout(tmp_path: Path, clip_tok: ClipTokenizer):
+    """A LAION hub folder: open_clip_config.json (text pooling left at open_clip's default, argmax),
+    open_clip_pytorch_model.bin and transformers' CLIP tokenizer files (tokenizer.json among them)."""
+    from pretrain.export.tokenizers import write_clip_tokenizer_files
+
+    src = tmp_path / "laion"
+    src.mkdir()
+    torch.manual_seed(6)
+    oc = open_clip.model.CLIP(**OC_CFG).eval()
+    _perturb(oc, ("ln",))
+    torch.save(oc.state_dict(), src / "open_clip_pytorch_model.bin")
+    (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": OC_CFG, "preprocess_cfg": {}}))
+    write_clip_tokenizer_files(tmp_path, 16)  # -> CLIPTokenizer -> the hub's tokenizer.json
+    transformers.CLIPTokenizer.from_pretrained(tmp_path).save_pretrained(src)
+    for name in ("vocab.json", "merges.txt"):
+        (src / name).unlink(missing_ok=True)
+    assert "<|endoftext|>" in json.loads((src / "tokenizer.json").read_text())["model"]["vocab"]
+    out = import_checkpoint("open_clip", src, tmp_path / "init")
+    assert out["tokenizer"] == "clip"
+    _check_against(tmp_path / "init", oc.encode_image, oc.encode_text, clip_tok, 16)
+
+    (src / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"<|endoftext|>": 0, "a": 1}}}))
+    with pytest.raises(ValueError, match=r"\(2 tokens\) is not OpenAI CLIP's"):
+        import_checkpoint("open_clip", src, tmp_path / "other")
