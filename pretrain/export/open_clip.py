@@ -6,7 +6,9 @@ with the text tower at the top level (`token_embedding`, `transformer`, ...) ins
 [heads, 3, head_dim] `qkv`, and `c_fc`/`c_proj`/`out_proj` for `fc1`/`fc2`/`proj`. The exported config pins
 what differs from open_clip's defaults: text pooling at the first [EOS] (`pool_type: "eos"`,
 `eos_id: 3`; open_clip's default `argmax` would pool at the highest token id), causal mask on, LayerNorm
-eps, QuickGELU or GELU, the padded vocabulary and our context length.
+eps, QuickGELU or GELU, the padded vocabulary and our context length. A run with OpenAI CLIP's tokenizer
+(`data.tokenizer=clip`) exports as a stock open_clip CLIP instead: argmax pooling, CLIP's 49,408 rows, no
+`hf_tokenizer_name`, so `get_tokenizer` gives open_clip's own SimpleTokenizer.
 
 Loading an export (open_clip 3.x, no network needed)::
 
