@@ -198,7 +198,9 @@ left at their default, so reading one without transformers needs them."""
 
 
 def _sub_config(config: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    return {**defaults, **(config.get(key) or {})}
+    """`text_config`/`vision_config` over the defaults; an older hub config's `*_config_dict` wins, as it
+    does in transformers' `CLIPConfig`."""
+    return {**defaults, **(config.get(key) or {}), **(config.get(f"{key}_dict") or {})}
 
 
 def _square(value: Any, name: str, src: Path) -> int:

@@ -83,6 +83,12 @@ def test_hf_clip_folder_imports_with_clip_tokenizer(tmp_path: Path, clip_tok: Cl
     if tokenizer_files:  # the hub's layout: vocab.json + merges.txt beside the weights
         write_clip_tokenizer_files(tmp_path / "src", 16)
         (tmp_path / "src" / "mmpt_tokenizer.json").unlink()
+    else:  # older hub configs: `text_config_dict` overrides `text_config` (transformers reads it so)
+        config = json.loads((tmp_path / "src" / "config.json").read_text())
+        config["text_config_dict"], config["text_config"] = config["text_config"], {"hidden_act": "gelu"}
+        (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+        loaded = transformers.CLIPConfig.from_pretrained(tmp_path / "src")
+        assert loaded.text_config.hidden_act == "quick_gelu"
     out = import_checkpoint("hf", tmp_path / "src", tmp_path / "init")
     assert out["tokenizer"] == "clip" and out["fresh"] == ["decoder", "mlm_head"]
     assert out["fresh_token_rows"] == [CLIP_VOCAB_SIZE, 49472]
