@@ -40,6 +40,8 @@ setup(
                 "open_clip_torch>=2.24"],
         # `pretrain data import --from parquet` (and its tests); everything else runs without it
         "data": ["pyarrow>=14"],
+        # `data.tokenizer=clip` (OpenAI CLIP's BPE merges ship in open_clip_torch) and `convert --arch`
+        "clip": ["open_clip_torch>=2.24", "ftfy>=6"],
     },
     entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
 )

@@ -34,8 +34,10 @@ from torch.utils.data import DataLoader
 
 from .loader import make_train_loader
 from .settings import DataConfig, StreamSpec
-from .tokenizer import TextTokenizer, train_tokenizer_from_shards
-from .urls import expand_sources
+from .shardstream import shard_samples
+from .stats import SkipCounter
+from .tokenizer import TextTokenizer, load_tokenizer, train_tokenizer_from_shards
+from .urls import expand_sources, expand_urls
 
 REFERENCE = ("webdataset tarfile_to_samples + shuffle(500) + decode('pilrgb') (full PIL decode) + "
              "torchvision-style RandomResizedCrop done with PIL as torchvision does (get_params, crop, "
@@ -154,7 +156,7 @@ def run_bench(shards: str, batch_size: int = 64, workers: int = 1, image_size: i
     if workers > len(urls):
         raise ValueError(f"{len(urls)} shards for {workers} workers: the reference pipeline splits by "
                          f"whole shards, so give at least as many shards as workers")
-    tok = TextTokenizer.load(tokenizer) if tokenizer else train_tokenizer_from_shards(shards, 512, 2000)
+    tok = load_tokenizer(tokenizer) if tokenizer else train_tokenizer_from_shards(shards, 512, 2000)
     data = DataConfig(train=shards, workers=workers, crop_scale=list(crop_scale))
     spec = StreamSpec(micro_batch=batch_size, image_size=image_size,
                       patch_size=math.gcd(image_size, 16) if image_size % 16 else 16)
@@ -175,6 +177,49 @@ def run_bench(shards: str, batch_size: int = 64, workers: int = 1, image_size: i
         "repeats": repeats, "ours": ours, "reference": reference,
         "ratio": round(ours["samples_per_cpu_s"] / reference["samples_per_cpu_s"], 3),
         "ratio_wall": round(ours["samples_per_s"] / reference["samples_per_s"], 3),
+        "tokenize_captions_per_s": tokenizer_speed(shards, tok, batch_size),
         "reference_pipeline": REFERENCE,
         "note": "ours also computes MLM masks and MAE patch noise; both use bicubic resampling",
     }
+
+
+def _captions(shards: str, limit: int) -> list[str]:
+    """Up to `limit` decodable captions of `shards`, read without the images."""
+    out: list[str] = []
+    for sample in shard_samples(expand_urls(shards), SkipCounter(where="bench"),
+                                select_files=lambda name: name.lower().endswith(".txt")):
+        try:
+            out.append(sample["txt"].decode("utf-8"))
+        except (KeyError, UnicodeDecodeError):
+            continue
+        if len(out) >= limit:
+            break
+    return out
+
+
+def tokenizer_speed(shards: str, tok: Any, batch_size: int, captions: int = 4096) -> dict[str, Any]:
+    """Captions/s of batch tokenization (`encode_batch` per `batch_size` captions, one process) for the
+    benchmarked tokenizer and for OpenAI CLIP's (`data.tokenizer=clip`), on the same captions of `shards`.
+
+    Each tokenizer encodes the set once untimed first (both keep per-word BPE caches), then once timed."""
+    texts = _captions(shards, captions)
+    if not texts:
+        return {"error": "no captions"}
+    while len(texts) < captions:
+        texts = texts + texts[:captions - len(texts)]
+    out: dict[str, Any] = {"captions": len(texts), "batch_size": batch_size}
+    try:
+        clip = load_tokenizer("clip")
+    except ValueError as exc:  # open_clip_torch not installed
+        clip, out["clip_error"] = None, str(exc)
+    name = "clip" if tok.pool_type == "argmax" else "bpe"
+    for label, t in ((name, tok), ("clip", clip)):
+        if t is None or (label == "clip" and "clip" in out):
+            continue
+        for timed in (False, True):
+            start = time.perf_counter()
+            for i in range(0, len(texts), batch_size):
+                t.encode_batch(texts[i:i + batch_size], 77)
+            if timed:
+                out[label] = round(len(texts) / (time.perf_counter() - start), 1)
+    return out

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .clip_tokenizer import ClipTokenizer
 from .masking import mlm_mask
 from .tokenizer import TextTokenizer
 from .transforms import normalize_batch
@@ -41,7 +42,7 @@ class EvalExample:
 
 def collate_train(
     examples: list[TrainExample],
-    tokenizer: TextTokenizer,
+    tokenizer: TextTokenizer | ClipTokenizer,
     context_length: int,
     mask_prob: float,
     num_patches: int,
@@ -54,9 +55,11 @@ def collate_train(
     vocab, specials = tokenizer.vocab_size, tokenizer.special_ids
     mlm_input = np.empty_like(ids)
     mlm_labels = np.empty_like(ids)
+    # caption tokens lie before the end token (CLIP's padding id 0 is also a real token, "!")
+    content = np.arange(ids.shape[1])[None, :] < (ids == tokenizer.eos_id).argmax(axis=1)[:, None]
     for i, ex in enumerate(examples):
         mlm_input[i], mlm_labels[i] = mlm_mask(ids[i], ex.mlm_rng, mask_prob, vocab, specials,
-                                               mask_id=tokenizer.mask_id)
+                                               mask_id=tokenizer.mask_id, content=content[i])
     noise = np.stack([ex.noise_rng.random(num_patches, dtype=np.float32) for ex in examples])
     return {
         "image": normalize_batch([ex.image for ex in examples], mean, std),

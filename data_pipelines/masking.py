@@ -19,13 +19,16 @@ def mlm_mask(
     vocab_size: int,
     special_ids: Iterable[int],
     mask_id: int = MASK_ID,
+    content: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Select ~mask_prob of the non-special tokens; of those 80% -> [MASK], 10% -> random token, 10% kept.
 
     At least one token is selected whenever any is maskable, so short captions still give the MLM loss a
     target. Random replacements are drawn from non-special ids only (a random [PAD] or [EOS] would teach the
     model something false about sequence structure). Returns (input_ids, labels) as int64, with labels the
-    original id at selected positions and -100 elsewhere.
+    original id at selected positions and -100 elsewhere. `content` (bool, like `ids`) further limits
+    the selectable positions: with CLIP's tokenizer padding is id 0, also a real token, so the caller
+    passes the positions before the end-of-text token.
     """
     if not 0.0 < mask_prob < 1.0:
         raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
@@ -35,6 +38,8 @@ def mlm_mask(
     if vocab_size - len(specials_in_vocab) <= 0:
         raise ValueError(f"vocab_size {vocab_size} leaves no non-special token to sample")
     maskable = ~np.isin(ids, specials)
+    if content is not None:
+        maskable &= np.asarray(content, dtype=bool)
     selected = (rng.random(ids.shape[0]) < mask_prob) & maskable
     if not selected.any() and maskable.any():
         selected[rng.choice(np.flatnonzero(maskable))] = True

@@ -51,8 +51,9 @@ class DataConfig:
     """Audit: append `epoch key step` of every consumed sample to RUN_DIR/keys/rank{R}.txt (data-parallel
     rank), kept consistent across resumes."""
     tokenizer: str = ""
-    """Path of a tokenizer.json; empty trains a BPE tokenizer on `data.train` captions at start-up
-    and stores it in the run directory."""
+    """Path of a tokenizer.json; `clip`: OpenAI CLIP's byte-level BPE (49,408 tokens + an MLM mask row,
+    read from the installed open_clip_torch, the tokenizer of OpenAI/LAION checkpoints); empty trains a BPE
+    tokenizer on `data.train` captions at start-up. Stored in the run directory either way."""
     vocab_size: int = 1024
     """Vocabulary size when a tokenizer is trained at start-up."""
     tokenizer_samples: int = 20000

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
+from .clip_tokenizer import CLIP_SPEC, ClipTokenizer, is_clip_json
 from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .shardstream import shard_samples
 from .stats import BAD_TEXT, EMPTY_CAPTION, MISSING_CAPTION, TOO_LARGE, TOO_LARGE_KEY, SkipCounter
@@ -38,6 +39,9 @@ def _check_specials(tok: Tokenizer, source: str) -> None:
 
 class TextTokenizer:
     """A trained BPE tokenizer with the fixed special ids, encoding captions to [SOS] ... [EOS] [PAD]..."""
+
+    pool_type = "eos"
+    """How the text tower finds the pooled position: the first [EOS] (`ClipTokenizer` pools at argmax)."""
 
     def __init__(self, tokenizer: Tokenizer, source: str = "<in memory>") -> None:
         _check_specials(tokenizer, source)
@@ -139,6 +143,25 @@ class TextTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Text for a row of ids, special tokens dropped (for logging predictions)."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def tokenizer_from_json(text: str, source: str = "tokenizer.json") -> TextTokenizer | ClipTokenizer:
+    """The tokenizer a checkpoint, run directory or export stores: OpenAI CLIP's (`ClipTokenizer`'s small
+    JSON record) or our trained BPE (an HF tokenizer.json with our fixed special ids)."""
+    if is_clip_json(text):
+        return ClipTokenizer.from_json(text, source=source)
+    return TextTokenizer.from_json(text, source=source)
+
+
+def load_tokenizer(spec: str | os.PathLike) -> TextTokenizer | ClipTokenizer:
+    """`data.tokenizer`'s value: `clip` (OpenAI CLIP's BPE from the installed open_clip) or the path of a
+    tokenizer.json (ours, or a file `ClipTokenizer.save` wrote)."""
+    if str(spec) == CLIP_SPEC:
+        return ClipTokenizer()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path} (or give `{CLIP_SPEC}` for OpenAI CLIP's)")
+    return tokenizer_from_json(path.read_text(encoding="utf-8"), source=str(path))
 
 
 def _new_bpe() -> Tokenizer:

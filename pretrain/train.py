@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 
 from data_pipelines.audit import KeyAudit
+from data_pipelines.clip_tokenizer import ClipTokenizer
 from data_pipelines.loader import make_train_loader
 from data_pipelines.monitor import local_totals, merge_totals, metrics_row
 from data_pipelines.position import PositionTracker
 from data_pipelines.stats import check_bad_fraction
-from data_pipelines.tokenizer import TextTokenizer, train_tokenizer_from_shards
+from data_pipelines.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer_from_shards
 from launch.env import discover
 from launch.logs import install_filters
 from launch.signals import StoppedForRequeue, StopRequest
@@ -52,15 +53,17 @@ log = logging.getLogger("mmpt.train")
 install_filters()  # also when train() is called in-process, not through pretrain.cli (launch/logs.py)
 
 
-def _prepare_tokenizer(cfg: Config, run_dir: Path, resumed: dict[str, Any] | None) -> TextTokenizer:
-    """Same tokenizer on every rank: the checkpoint's, the configured file, or one trained on rank 0."""
+def _prepare_tokenizer(cfg: Config, run_dir: Path, resumed: dict[str, Any] | None
+                       ) -> TextTokenizer | ClipTokenizer:
+    """Same tokenizer on every rank: the checkpoint's, the configured one (a file, or `clip`: OpenAI CLIP's
+    BPE), or one trained on rank 0."""
     path = run_dir / "tokenizer.json"
     if resumed is not None and resumed.get("tokenizer"):
         if groups.rank() == 0:
             path.write_text(resumed["tokenizer"])
     elif cfg.data.tokenizer:
         if groups.rank() == 0:
-            tok = TextTokenizer.load(cfg.data.tokenizer)
+            tok = load_tokenizer(cfg.data.tokenizer)
             tok.save(path)
     elif groups.rank() == 0 and not path.exists():
         log.info("training a %d-token BPE tokenizer on %s", cfg.data.vocab_size, cfg.data.train)
@@ -68,7 +71,7 @@ def _prepare_tokenizer(cfg: Config, run_dir: Path, resumed: dict[str, Any] | Non
                                           cfg.data.max_sample_bytes)
         tok.save(path)
     groups.barrier()
-    return TextTokenizer.load(path)
+    return load_tokenizer(path)
 
 
 KEEP_FP32 = ("patch_noise",)

@@ -31,6 +31,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"{r['samples_per_cpu_s']:9.1f} per CPU-second")
         print(f"ratio     {result['ratio']:9.2f}x per core ({result['ratio_wall']:.2f}x wall clock); "
               f"reference: {result['reference_pipeline']}")
+        speed = result["tokenize_captions_per_s"]
+        print("tokenize  " + ", ".join(f"{k} {v:.0f} captions/s" for k, v in speed.items()
+                                       if k in ("bpe", "clip")))
     sys.stdout.flush()
     return 0
 

@@ -127,9 +127,9 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
     use_data = bool(cfg.data.train) and not synthetic
     if use_data:
         from data_pipelines.loader import make_train_loader
-        from data_pipelines.tokenizer import TextTokenizer, train_tokenizer_from_shards
+        from data_pipelines.tokenizer import load_tokenizer, train_tokenizer_from_shards
 
-        tok = (TextTokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else
+        tok = (load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else
                train_tokenizer_from_shards(cfg.data.train, cfg.data.vocab_size, cfg.data.tokenizer_samples,
                                            cfg.data.max_sample_bytes))
         vocab = tok.vocab_size

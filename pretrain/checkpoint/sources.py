@@ -45,9 +45,9 @@ def build_model(cfg: Config, tokenizer_json: str, device: str | torch.device = "
 
 
 def load_tokenizer(tokenizer_json: str):
-    from data_pipelines.tokenizer import TextTokenizer
+    from data_pipelines.tokenizer import tokenizer_from_json
 
-    return TextTokenizer.from_json(tokenizer_json, source="the checkpoint's tokenizer")
+    return tokenizer_from_json(tokenizer_json, source="the checkpoint's tokenizer")
 
 
 def param_layout(model: torch.nn.Module) -> dict[str, dict[str, Any]]:

@@ -108,6 +108,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(len(d.mean) == 3 and len(d.std) == 3 and all(s > 0 for s in d.std),
           "data.mean and data.std must have 3 entries (std > 0)")
     check(d.vocab_size >= 64, "data.vocab_size must be >= 64")
+    if d.tokenizer == "clip":  # every rank fails here, at once, rather than rank 0 alone at start-up
+        from data_pipelines.clip_tokenizer import merges_path
+
+        try:
+            merges_path()
+        except ValueError as exc:
+            problems.append(str(exc))
     p = cfg.parallel
     check(p.tp >= 1, "parallel.tp must be >= 1")
     check(p.timeout_s > 0, "parallel.timeout_s must be > 0")

@@ -23,7 +23,7 @@ from pretrain.config import Config
 from pretrain.models.transformer import LAYER_NORM_EPS as _EPS
 
 __all__ = ["CLIP_PREFIXES", "LAYER_NORM_EPS", "check_state_matches_config", "clip_state", "load_weight_file",
-           "read_json", "tokenizer_from_json", "vocab_overrides", "write_hf_tokenizer_files", "write_json",
+           "read_json", "tokenizer_from_json", "write_hf_tokenizer_files", "write_json",
            "write_safetensors"]
 
 CLIP_PREFIXES: tuple[str, ...] = ("visual.", "text.")
@@ -122,8 +122,14 @@ def write_hf_tokenizer_files(out: Path, tokenizer_json: str, context_length: int
 
     The tokenizer.json carries our post-processor ([SOS] text [EOS]) and normaliser, so
     `tok(texts, padding="max_length", max_length=context_length, truncation=True)` yields exactly our
-    `TextTokenizer.encode_batch` ids (truncation keeps [EOS], padding uses [PAD] = 0).
+    `TextTokenizer.encode_batch` ids (truncation keeps [EOS], padding uses [PAD] = 0). OpenAI CLIP's
+    tokenizer is written as the stock `CLIPTokenizer` files instead (`pretrain.export.tokenizers`).
     """
+    from pretrain.export.tokenizers import is_clip, write_clip_tokenizer_files
+
+    if is_clip(tokenizer_json):
+        write_clip_tokenizer_files(out, context_length)
+        return
     tokenizer_from_json(tokenizer_json)  # validates the special ids before anything is written
     (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     specials = {"pad_token": PAD, "unk_token": UNK, "bos_token": SOS, "eos_token": EOS, "mask_token": MASK}
@@ -136,19 +142,3 @@ def write_hf_tokenizer_files(out: Path, tokenizer_json: str, context_length: int
         **specials,
     })
     write_json(out / "special_tokens_map.json", specials)
-
-
-# ---------------------------------------------------------------------------------------------- imports
-def vocab_overrides(rows: int, tokenizer_json: str | None, source: str) -> dict[str, Any]:
-    """Config overrides that make our padded embedding table exactly `rows` rows.
-
-    Our model pads the tokenizer's vocabulary up to a multiple of `model.vocab_pad_multiple`; with the
-    multiple equal to `rows`, any tokenizer of at most `rows` entries pads to exactly the imported table.
-    A tokenizer shipped with the import is checked against that bound here, before any model is built.
-    """
-    if tokenizer_json is not None:
-        n = tokenizer_from_json(tokenizer_json).vocab_size
-        if n > rows:
-            raise ValueError(f"{source}: its tokenizer has {n} tokens but the embedding table only "
-                             f"{rows} rows")
-    return {"model.vocab_pad_multiple": rows}

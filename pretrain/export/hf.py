@@ -16,7 +16,10 @@ Loading an export (no network needed)::
 
 Text pooling: HF pools at the first `text_config.eos_token_id` in each row (any id but the legacy 2);
 our tower pools at the first [EOS], whose id our tokenizer fixes at 3, so the exported config says
-`eos_token_id: 3` and both pool at the same position for every row our tokenizer produces.
+`eos_token_id: 3` and both pool at the same position for every row our tokenizer produces. With OpenAI
+CLIP's tokenizer (`data.tokenizer=clip`) the export is a stock CLIP folder: vocab.json + merges.txt for
+`CLIPTokenizer`/`CLIPProcessor`, 49,408 embedding rows, `eos_token_id: 49407` (the first <|endoftext|>,
+where our argmax pooling lands too).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from data_pipelines.clip_tokenizer import EOT_ID, SOT_ID
 from data_pipelines.tokenizer import EOS_ID, PAD_ID, SOS_ID
 from pretrain.config import Config
 from pretrain.export.common import (
@@ -34,10 +38,16 @@ from pretrain.export.common import (
     check_state_matches_config,
     load_weight_file,
     read_json,
-    vocab_overrides,
     write_hf_tokenizer_files,
     write_json,
     write_safetensors,
+)
+from pretrain.export.tokenizers import (
+    CLIP_POOL_IDS,
+    check_tokenizer,
+    export_rows,
+    is_clip,
+    tokenizer_in_folder,
 )
 from pretrain.models.transformer import fused_qkv_to_stacked, stacked_to_fused_qkv
 
@@ -120,15 +130,18 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], layers: dict[str, int], head
 
 
 # ---------------------------------------------------------------------------------------------- export
-def hf_config(cfg: Config, vocab_rows: int, logit_scale: float, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json of a `CLIPConfig` equal to our architecture (eps, activation, pooling ids included)."""
+def hf_config(cfg: Config, vocab_rows: int, logit_scale: float, dtype: torch.dtype,
+              clip_tokenizer: bool = False) -> dict[str, Any]:
+    """config.json of a `CLIPConfig` equal to our architecture (eps, activation, pooling ids included;
+    with OpenAI CLIP's tokenizer its ids: HF pools at the first <|endoftext|> = 49407, our argmax)."""
     m = cfg.model
+    pad, bos, eos = (EOT_ID, SOT_ID, EOT_ID) if clip_tokenizer else (PAD_ID, SOS_ID, EOS_ID)
     common = {"hidden_act": m.activation, "layer_norm_eps": LAYER_NORM_EPS, "projection_dim": m.embed_dim,
               "attention_dropout": 0.0}
     text = {"model_type": "clip_text_model", "vocab_size": vocab_rows, "hidden_size": m.text.width,
             "intermediate_size": int(m.text.width * m.mlp_ratio), "num_hidden_layers": m.text.layers,
             "num_attention_heads": m.text.heads, "max_position_embeddings": m.text.context_length,
-            "pad_token_id": PAD_ID, "bos_token_id": SOS_ID, "eos_token_id": EOS_ID, **common}
+            "pad_token_id": pad, "bos_token_id": bos, "eos_token_id": eos, **common}
     vision = {"model_type": "clip_vision_model", "hidden_size": m.vision.width,
               "intermediate_size": int(m.vision.width * m.mlp_ratio), "num_hidden_layers": m.vision.layers,
               "num_attention_heads": m.vision.heads, "image_size": m.image_size,
@@ -164,11 +177,12 @@ def export_hf(state: dict[str, torch.Tensor], cfg: Config, tokenizer_json: str, 
     m = cfg.model
     layers = {"visual": m.vision.layers, "text": m.text.layers}
     heads = {"visual": m.vision.heads, "text": m.text.heads}
+    state = export_rows(state, tokenizer_json)  # OpenAI CLIP's tokenizer: its 49,408 rows
     vocab_rows = state["text.token_embedding.weight"].shape[0]
     write_hf_tokenizer_files(out, tokenizer_json, m.text.context_length)
     write_safetensors(to_hf_state_dict(state, layers, heads), out / "model.safetensors", dtype)
     scale = float(state["logit_scale"].reshape(()))
-    write_json(out / "config.json", hf_config(cfg, vocab_rows, scale, dtype))
+    write_json(out / "config.json", hf_config(cfg, vocab_rows, scale, dtype, is_clip(tokenizer_json)))
     write_json(out / "preprocessor_config.json", preprocessor_config(cfg))
 
 
@@ -184,7 +198,9 @@ left at their default, so reading one without transformers needs them."""
 
 
 def _sub_config(config: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    return {**defaults, **(config.get(key) or {})}
+    """`text_config`/`vision_config` over the defaults; an older hub config's `*_config_dict` wins, as it
+    does in transformers' `CLIPConfig`."""
+    return {**defaults, **(config.get(key) or {}), **(config.get(f"{key}_dict") or {})}
 
 
 def _square(value: Any, name: str, src: Path) -> int:
@@ -213,10 +229,10 @@ def _check_supported(text: dict[str, Any], vision: dict[str, Any], src: Path) ->
                         f"{v_mlp}/{vision['hidden_size']}); model.mlp_ratio is shared")
     if vision["num_channels"] != 3:
         problems.append(f"vision_config.num_channels {vision['num_channels']} (we read RGB)")
-    if text["eos_token_id"] != EOS_ID:
+    if text["eos_token_id"] not in (EOS_ID, *CLIP_POOL_IDS):
         problems.append(f"text_config.eos_token_id {text['eos_token_id']}: HF pools there (at the highest id "
-                        f"when it is 2), our text tower pools at the first [EOS], whose id our tokenizer "
-                        f"fixes at {EOS_ID}")
+                        f"when it is 2), our text tower pools at the first [EOS] of our tokenizer (id "
+                        f"{EOS_ID}) or, with OpenAI CLIP's tokenizer, at argmax (2 or {EOT_ID})")
     if problems:
         raise ValueError(f"{src}: unsupported CLIP config: " + "; ".join(problems))
 
@@ -270,9 +286,15 @@ def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{src}: no {' or '.join(WEIGHT_FILES)} (or sharded index) found")
 
 
-def import_hf(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
+def import_hf(src: Path, tokenizer_json: str | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
     """Read an HF CLIP folder: (our-named fp32 state dict of the CLIP towers and logit scale, dotted config
-    overrides that make `PretrainModel` match it, tokenizer.json text or None).
+    overrides that make `PretrainModel` match it, tokenizer record or None).
+
+    The tokenizer is `tokenizer_json` if given, else the folder's (ours, or OpenAI CLIP's vocab.json +
+    merges.txt), else OpenAI CLIP's when the config pools as CLIP does (`eos_token_id` 2 or 49407: the
+    hub's openai/clip-vit-* and LAION folders). A tokenizer that does not fit (size, pooling token) is
+    refused naming both (`pretrain.export.tokenizers.check_tokenizer`).
 
     Load the state with `load_state_dict(state, strict=False)`: the decoder and MLM head are not in an HF
     CLIP checkpoint and keep their fresh initialisation. Raises ValueError naming the setting when the
@@ -287,9 +309,12 @@ def import_hf(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str |
     vision = _sub_config(config, "vision_config", _VISION_DEFAULTS)
     _check_supported(text, vision, src)
     overrides = _overrides(config, text, vision, src)
-    tok_path = src / "tokenizer.json"
-    tokenizer_json = tok_path.read_text(encoding="utf-8") if tok_path.is_file() else None
-    overrides.update(vocab_overrides(int(text["vocab_size"]), tokenizer_json, str(src)))
+    if tokenizer_json is None:
+        tokenizer_json = tokenizer_in_folder(src)
+    tokenizer_json, vocab = check_tokenizer(int(text["vocab_size"]), tokenizer_json,
+                                            text["eos_token_id"] in CLIP_POOL_IDS,
+                                            f"{src} (text_config.eos_token_id {text['eos_token_id']})")
+    overrides.update(vocab)
     layers = {"visual": vision["num_hidden_layers"], "text": text["num_hidden_layers"]}
     heads = {"visual": vision["num_attention_heads"], "text": text["num_attention_heads"]}
     state = from_hf_state_dict(read_hf_weights(src), layers, heads)

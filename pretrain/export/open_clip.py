@@ -6,7 +6,9 @@ with the text tower at the top level (`token_embedding`, `transformer`, ...) ins
 [heads, 3, head_dim] `qkv`, and `c_fc`/`c_proj`/`out_proj` for `fc1`/`fc2`/`proj`. The exported config pins
 what differs from open_clip's defaults: text pooling at the first [EOS] (`pool_type: "eos"`,
 `eos_id: 3`; open_clip's default `argmax` would pool at the highest token id), causal mask on, LayerNorm
-eps, QuickGELU or GELU, the padded vocabulary and our context length.
+eps, QuickGELU or GELU, the padded vocabulary and our context length. A run with OpenAI CLIP's tokenizer
+(`data.tokenizer=clip`) exports as a stock open_clip CLIP instead: argmax pooling, CLIP's 49,408 rows, no
+`hf_tokenizer_name`, so `get_tokenizer` gives open_clip's own SimpleTokenizer.
 
 Loading an export (open_clip 3.x, no network needed)::
 
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from data_pipelines.clip_tokenizer import EOT_ID
 from data_pipelines.tokenizer import EOS_ID, PAD_ID
 from pretrain.config import Config
 from pretrain.export.common import (
@@ -35,11 +38,11 @@ from pretrain.export.common import (
     check_state_matches_config,
     load_weight_file,
     read_json,
-    vocab_overrides,
     write_hf_tokenizer_files,
     write_json,
     write_safetensors,
 )
+from pretrain.export.tokenizers import check_tokenizer, export_rows, is_clip, tokenizer_in_folder
 from pretrain.models.transformer import fused_qkv_to_stacked, stacked_to_fused_qkv
 
 CONFIG_FILE = "open_clip_config.json"
@@ -122,8 +125,10 @@ def from_open_clip_state_dict(oc: dict[str, torch.Tensor], layers: dict[str, int
 
 # ---------------------------------------------------------------------------------------------- export
 def model_cfg(cfg: Config, vocab_rows: int, logit_scale: float, logit_bias: float | None,
-              tokenizer_name: str) -> dict[str, Any]:
-    """open_clip `model_cfg` (CLIPVisionCfg / CLIPTextCfg fields) equal to our architecture."""
+              tokenizer_name: str | None) -> dict[str, Any]:
+    """open_clip `model_cfg` (CLIPVisionCfg / CLIPTextCfg fields) equal to our architecture.
+    `tokenizer_name` None: OpenAI CLIP's tokenizer, i.e. open_clip's own default (`SimpleTokenizer`) and
+    its argmax pooling."""
     m = cfg.model
     norm = {"eps": LAYER_NORM_EPS}
     vision = {"image_size": m.image_size, "patch_size": m.vision.patch_size, "width": m.vision.width,
@@ -135,6 +140,10 @@ def model_cfg(cfg: Config, vocab_rows: int, logit_scale: float, logit_bias: floa
             "heads": m.text.heads, "layers": m.text.layers, "mlp_ratio": m.mlp_ratio, "pool_type": "eos",
             "eos_id": EOS_ID, "pad_id": PAD_ID, "no_causal_mask": False, "proj_type": "linear",
             "proj_bias": False, "norm_kwargs": norm, "hf_tokenizer_name": tokenizer_name}
+    if tokenizer_name is None:  # OpenAI CLIP's tokenizer: open_clip's defaults
+        for key in ("eos_id", "hf_tokenizer_name"):
+            del text[key]
+        text["pool_type"] = "argmax"
     out: dict[str, Any] = {"embed_dim": m.embed_dim, "quick_gelu": m.activation == "quick_gelu",
                            "init_logit_scale": logit_scale, "vision_cfg": vision, "text_cfg": text}
     if logit_bias is not None:
@@ -165,10 +174,12 @@ def export_open_clip(state: dict[str, torch.Tensor], cfg: Config, tokenizer_json
     layers = {"visual": m.vision.layers, "text": m.text.layers}
     heads = {"visual": m.vision.heads, "text": m.text.heads}
     bias = float(state["logit_bias"].reshape(())) if "logit_bias" in state else None
+    state = export_rows(state, tokenizer_json)  # OpenAI CLIP's tokenizer: its 49,408 rows
     write_hf_tokenizer_files(out, tokenizer_json, m.text.context_length)
     write_safetensors(to_open_clip_state_dict(state, layers, heads), out / WEIGHT_FILE, dtype)
     config = model_cfg(cfg, state["text.token_embedding.weight"].shape[0],
-                       float(state["logit_scale"].reshape(())), bias, out.resolve().name)
+                       float(state["logit_scale"].reshape(())), bias,
+                       None if is_clip(tokenizer_json) else out.resolve().name)
     write_json(out / CONFIG_FILE, {"model_cfg": config, "preprocess_cfg": preprocess_cfg(cfg)})
 
 
@@ -206,9 +217,11 @@ def _unsupported(model: dict[str, Any], vision: dict[str, Any], text: dict[str, 
             problems.append(f"{name}.norm_kwargs={norm!r} (ours: eps {LAYER_NORM_EPS})")
     if isinstance(vision["layers"], (list, tuple)):
         problems.append("vision_cfg.layers is a list (ModifiedResNet image tower, ours is a ViT)")
-    if text["pool_type"] != "eos" or text["eos_id"] != EOS_ID:
+    eos_pool = text["pool_type"] == "eos" and text["eos_id"] in (EOS_ID, EOT_ID)
+    if not (text["pool_type"] == "argmax" or eos_pool):
         problems.append(f"text_cfg.pool_type={text['pool_type']!r} eos_id={text['eos_id']!r}: our text tower "
-                        f"pools at the first [EOS], id {EOS_ID} (pool_type 'eos', eos_id {EOS_ID})")
+                        f"pools at the first [EOS] of our tokenizer (pool_type 'eos', eos_id {EOS_ID}) or, "
+                        f"with OpenAI CLIP's tokenizer, at argmax ('argmax', or 'eos' with {EOT_ID})")
     if vision["mlp_ratio"] != text["mlp_ratio"]:
         problems.append(f"different MLP ratios per tower ({vision['mlp_ratio']} vs {text['mlp_ratio']}); "
                         f"model.mlp_ratio is shared")
@@ -259,32 +272,55 @@ def read_open_clip_weights(src: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{src}: no open_clip weights ({', '.join(WEIGHT_FILES[:3])}, ...) found")
 
 
-def import_open_clip(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
+def import_open_clip(src: Path, tokenizer_json: str | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
     """Read an open_clip folder: (our-named fp32 state dict of the CLIP towers, logit scale and SigLIP bias,
-    dotted config overrides that make `PretrainModel` match it, tokenizer.json text or None).
+    dotted config overrides that make `PretrainModel` match it, tokenizer record or None).
 
     Load the state with `load_state_dict(state, strict=False)`: the decoder and MLM head keep their fresh
     initialisation. A checkpoint with a logit bias adds `objectives.contrastive.loss: siglip` so our model
     has that parameter. Raises ValueError naming each setting our towers cannot express (timm/HF towers,
-    layer scale, attentional pooling, argmax text pooling, other norms or per-tower MLP ratios, ...).
+    layer scale, attentional pooling, other norms or per-tower MLP ratios, ...). The tokenizer is
+    `tokenizer_json`, else the folder's, else OpenAI CLIP's when the text pools as CLIP's (argmax).
     """
     src = Path(src)
     config = read_json(src / CONFIG_FILE)
     model = config.get("model_cfg", config)
     if "vision_cfg" not in model or "text_cfg" not in model or "embed_dim" not in model:
         raise ValueError(f"{src / CONFIG_FILE}: no model_cfg with embed_dim, vision_cfg and text_cfg")
+    if tokenizer_json is None:
+        tokenizer_json = tokenizer_in_folder(src)
+    return import_open_clip_weights(read_open_clip_weights(src), model, config.get("preprocess_cfg") or {},
+                                    tokenizer_json, str(src))
+
+
+def check_open_clip_config(model: dict[str, Any], src: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(vision_cfg, text_cfg) with open_clip's defaults filled in; a ValueError naming every setting of
+    `model` our towers cannot express."""
     vision = {**_VISION_DEFAULTS, **model["vision_cfg"]}
     text = {**_TEXT_DEFAULTS, **model["text_cfg"]}
     problems = _unsupported(model, vision, text)
     if problems:
         raise ValueError(f"{src}: unsupported open_clip config: " + "; ".join(problems))
-    overrides = _overrides(model, vision, text, config.get("preprocess_cfg") or {}, src)
-    tok_path = src / "tokenizer.json"
-    tokenizer_json = tok_path.read_text(encoding="utf-8") if tok_path.is_file() else None
-    overrides.update(vocab_overrides(int(text["vocab_size"]), tokenizer_json, str(src)))
+    return vision, text
+
+
+def import_open_clip_weights(weights: dict[str, torch.Tensor], model: dict[str, Any],
+                             preprocess: dict[str, Any], tokenizer_json: str | None, src: str
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
+    """`import_open_clip` for weights already read and an open_clip `model_cfg` from anywhere (a folder's
+    config, a named architecture, one inferred from an OpenAI state dict)."""
+    vision, text = check_open_clip_config(model, src)
+    overrides = _overrides(model, vision, text, preprocess, Path(src))
+    clip_pooling = text["pool_type"] == "argmax" or text["eos_id"] == EOT_ID
+    pooling = f"text_cfg.pool_type={text['pool_type']!r}" + ("" if text["pool_type"] == "argmax"
+                                                              else f" eos_id={text['eos_id']}")
+    tokenizer_json, vocab = check_tokenizer(int(text["vocab_size"]), tokenizer_json, clip_pooling,
+                                            f"{src} ({pooling})")
+    overrides.update(vocab)
     layers = {"visual": overrides["model.vision.layers"], "text": overrides["model.text.layers"]}
     heads = {"visual": overrides["model.vision.heads"], "text": overrides["model.text.heads"]}
-    state = from_open_clip_state_dict(read_open_clip_weights(src), layers, heads)
+    state = from_open_clip_state_dict(weights, layers, heads)
     if "logit_bias" in state:
         overrides["objectives.contrastive.loss"] = "siglip"
     return {k: v.float() for k, v in state.items()}, overrides, tokenizer_json

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipelines.clip_tokenizer import CLIP_SPEC, ClipTokenizer
 from data_pipelines.tokenizer import EOS_ID, PAD_ID, TextTokenizer
 from parallel.groups import get_data_parallel_group
 from pretrain.config import Config, ModelConfig, ObjectivesConfig
@@ -37,7 +38,7 @@ class PretrainModel(nn.Module):
     prepares it for training (tensor parallelism, activation checkpointing, kernels, compile)."""
 
     def __init__(self, model_cfg: ModelConfig, obj_cfg: ObjectivesConfig, vocab_size: int, pad_id: int = 0,
-                 eos_id: int = 3):
+                 eos_id: int = 3, pool_type: str = "eos"):
         super().__init__()
         m, o = model_cfg, obj_cfg
         self.model_cfg, self.obj_cfg = m, o
@@ -49,7 +50,7 @@ class PretrainModel(nn.Module):
         self.visual = VisionTower(m.image_size, v.patch_size, v.width, v.layers, v.heads, m.embed_dim,
                                   **common)
         self.text = TextTower(self.vocab_size, t.context_length, t.width, t.layers, t.heads, m.embed_dim,
-                              eos_id=eos_id, pad_id=pad_id, **common)
+                              eos_id=eos_id, pad_id=pad_id, pool_type=pool_type, **common)
         # objectives with weight 0 get no modules at all: no parameters, no optimizer state
         out_dim = v.width if o.mim.target == "features" else None  # features: predict the encoder's tokens
         self.decoder = (MAEDecoder(self.visual.grid_size, v.patch_size, v.width, d.width, d.layers, d.heads,
@@ -64,14 +65,17 @@ class PretrainModel(nn.Module):
         self.init_weights()
 
     @classmethod
-    def from_config(cls, cfg: Config, tokenizer: TextTokenizer | None = None,
+    def from_config(cls, cfg: Config, tokenizer: TextTokenizer | ClipTokenizer | None = None,
                     vocab_size: int | None = None) -> PretrainModel:
         """The one way to build the model of a run: `cfg.model` and `cfg.objectives`, with the vocabulary
         and special ids of `tokenizer` (or, without one, `vocab_size` and our tokenizer's fixed ids; the
-        default is `data.vocab_size`, for planning and benchmarks)."""
+        default is `data.vocab_size`, for planning and benchmarks; `data.tokenizer=clip` needs no file, so
+        its ids are used then)."""
+        if tokenizer is None and cfg.data.tokenizer == CLIP_SPEC:
+            tokenizer = ClipTokenizer()
         if tokenizer is not None:
             return cls(cfg.model, cfg.objectives, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                       eos_id=tokenizer.eos_id)
+                       eos_id=tokenizer.eos_id, pool_type=tokenizer.pool_type)
         return cls(cfg.model, cfg.objectives, vocab_size=vocab_size or cfg.data.vocab_size, pad_id=PAD_ID,
                    eos_id=EOS_ID)
 

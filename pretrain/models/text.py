@@ -11,16 +11,24 @@ from torch import nn
 
 from pretrain.models.transformer import Transformer, layer_norm
 
+POOL_TYPES = ("eos", "argmax")
+"""How the causal pass finds each caption's pooled token, set by the tokenizer (`pool_type`): `eos`, the
+first `eos_id` (our BPE: [EOS] = 3); `argmax`, the highest id in the row (OpenAI CLIP, whose
+<end_of_text> = 49407 is the highest id a caption holds). With `argmax` the padding id (CLIP's 0) is also
+a real token, so the bidirectional pass masks the keys after the first `eos_id` instead of by id."""
+
 
 class TextTower(nn.Module):
     def __init__(self, vocab_size: int, context_length: int, width: int, layers: int, heads: int,
                  embed_dim: int, mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0,
                  attn_dropout: float = 0.0,
-                 eos_id: int = 3, pad_id: int = 0):
+                 eos_id: int = 3, pad_id: int = 0, pool_type: str = "eos"):
         super().__init__()
+        if pool_type not in POOL_TYPES:
+            raise ValueError(f"pool_type {pool_type!r}: expected one of {', '.join(POOL_TYPES)}")
         self.vocab_size, self.context_length = vocab_size, context_length
         self.width, self.embed_dim = width, embed_dim
-        self.eos_id, self.pad_id = eos_id, pad_id
+        self.eos_id, self.pad_id, self.pool_type = eos_id, pad_id, pool_type
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = Transformer(width, layers, heads, mlp_ratio, act, dropout, attn_dropout)
@@ -44,7 +52,9 @@ class TextTower(nn.Module):
         (before normalisation), or with `return_tokens` the hidden states [B, T, W] after `ln_final`.
 
         The causal pass needs no padding mask (tokens after EOS cannot influence it); the
-        bidirectional pass masks keys equal to `pad_id` (default: the constructor's).
+        bidirectional pass masks keys equal to `pad_id` (default: the constructor's), or with
+        `pool_type="argmax"` (CLIP's tokenizer, whose padding id is a real token) the keys after the
+        first `eos_id`.
         """
         batch, seq_len = ids.shape
         if seq_len > self.context_length:
@@ -52,7 +62,10 @@ class TextTower(nn.Module):
         pos = self.positional_embedding[:seq_len].to(self.token_embedding.weight.dtype)
         x = self.token_embedding(ids) + pos  # [B, T, W]
         pad = None
-        if not causal:
+        if not causal and self.pool_type == "argmax" and pad_id is None:
+            positions = torch.arange(seq_len, device=ids.device).expand_as(ids)
+            pad = positions > (ids == self.eos_id).int().argmax(dim=-1, keepdim=True)  # [B, T]
+        elif not causal:
             pad = ids == (self.pad_id if pad_id is None else pad_id)  # [B, T] True = padding
         x = self.transformer(x, causal=causal, key_padding_mask=pad)
         x = self.ln_final(x)  # [B, T, W]
@@ -63,7 +76,10 @@ class TextTower(nn.Module):
 
     def pool_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Index of the first EOS per row (argmax of ids == eos). A row without EOS (a caption the data
-        pipeline truncated without re-appending it) falls back to its last non-padding token."""
+        pipeline truncated without re-appending it) falls back to its last non-padding token. With
+        `pool_type="argmax"`: argmax over the ids, exactly OpenAI CLIP's pooling."""
+        if self.pool_type == "argmax":
+            return ids.argmax(dim=-1)
         is_eos = ids == self.eos_id
         first_eos = is_eos.int().argmax(dim=-1)
         T = ids.shape[1]

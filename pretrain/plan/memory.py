@@ -131,9 +131,9 @@ def plan_for_model(cfg: Config, model: nn.Module, world: int, built_tp: int = 1)
 def plan_vocab_size(cfg: Config) -> int:
     """The configured tokenizer's size, else `data.vocab_size` (the most a trained tokenizer can have)."""
     if cfg.data.tokenizer:
-        from data_pipelines.tokenizer import TextTokenizer
+        from data_pipelines.tokenizer import load_tokenizer
 
-        return TextTokenizer.load(cfg.data.tokenizer).vocab_size
+        return load_tokenizer(cfg.data.tokenizer).vocab_size
     return cfg.data.vocab_size
 
 

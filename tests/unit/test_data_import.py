@@ -316,3 +316,5 @@ def test_cli_bench_prints_the_ratio(tmp_path):
     result = json.loads(r.stdout)
     assert result["ratio"] > 0 and result["ours"]["samples_per_s"] > 0
     assert result["reference"]["samples_per_cpu_s"] > 0 and "torchvision" in result["reference_pipeline"]
+    speed = result["tokenize_captions_per_s"]  # both tokenizers on the same captions
+    assert speed["bpe"] > 0 and speed["clip"] > 0 and speed["captions"] == 4096
