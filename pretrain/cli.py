@@ -145,7 +145,7 @@ def _register_optional(sub: argparse._SubParsersAction, bench: argparse._SubPars
 # Modules that add subcommands via register(sub, bench, data); append yours here.
 REGISTRARS: list[str] = ["pretrain.plan.memory", "launch.cli", "data_pipelines.commands",
                          "pretrain.bench.commands", "pretrain.evaluation.embed",
-                         "pretrain.checkpoint.convert"]
+                         "pretrain.checkpoint.convert", "pretrain.tasks.command"]
 
 
 def build_parser() -> argparse.ArgumentParser:

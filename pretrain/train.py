@@ -42,12 +42,11 @@ from pretrain.config import (
     to_dict,
     validate,
 )
-from pretrain.evaluation.validate import Validator
 from pretrain.metrics import MetricsWriter, ProgressBar
-from pretrain.models.pretrain_model import PretrainModel
 from pretrain.nonfinite import LOSS_KEYS, NonFiniteGuard
 from pretrain.parallelize import parallelize
 from pretrain.plan.memory import log_startup_plan, record_measured
+from pretrain.tasks import build_model, client_state, make_validator
 
 log = logging.getLogger("mmpt.train")
 install_filters()  # also when train() is called in-process, not through pretrain.cli (launch/logs.py)
@@ -150,7 +149,8 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
     torch.manual_seed(cfg.train.seed)
-    model = parallelize(PretrainModel.from_config(cfg, tokenizer), cfg)  # this rank's share under TP
+    # `train.task` (pretrain/tasks/): PretrainModel, or the fine-tuning classifier built from `start`'s init
+    model = parallelize(build_model(cfg, tokenizer, start, run_dir), cfg)  # this rank's share under TP
     memory_plan = log_startup_plan(cfg, model, groups.world_size(), rank)  # per-rank bytes (pretrain/plan/)
     engine, _ = build_engine(engine_spec(cfg), model, dp_world)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
@@ -178,7 +178,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         client = {"mmpt": {
             "step": step, "config": to_dict(cfg), "tokenizer": (run_dir / "tokenizer.json").read_text(),
             "data_positions": _gather_positions(tracker), "dp_world": dp_world,
-            "tp": cfg.parallel.tp, "rng": torch.get_rng_state(),
+            "tp": cfg.parallel.tp, "rng": torch.get_rng_state(), **client_state(cfg),
         }}
         audit.flush()
         try:  # a failure on any rank raises on every rank, at the same point (pretrain/checkpoint/atomic.py)
@@ -198,7 +198,8 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         save_failures = 0
 
     bar = ProgressBar(cfg.train.steps, start_step) if rank == 0 and cfg.logging.progress else None
-    validator = Validator(cfg, tokenizer, engine.module, lambda b: move_batch(b, engine.device, dtype), dtype)
+    validator = make_validator(cfg, tokenizer, engine.module, lambda b: move_batch(b, engine.device, dtype),
+                               dtype)
 
     it = iter(loader)
     sums: dict[str, float] = {}
@@ -228,9 +229,10 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
                 if k in out:
                     sums[k] = sums.get(k, 0.0) + float(out[k].detach().float())
             n_micro += 1
-            temperature = 1.0 / float(out["logit_scale"])
+            temperature = 1.0 / float(out["logit_scale"]) if "logit_scale" in out else None
         step += 1
-        clamp_parameter_(engine.module.logit_scale, engine.module.logit_scale_ceiling)  # CLIP's ceiling
+        if temperature is not None:  # CLIP's ceiling (a fine-tuned classifier has no logit scale)
+            clamp_parameter_(engine.module.logit_scale, engine.module.logit_scale_ceiling)
         if step == start_step + 1:  # measured per-rank bytes next to the plan -> RUN_DIR/memory.json
             record_measured(engine, memory_plan, run_dir)
         stopping = any_rank(stop.requested, engine.device)  # preemption: all ranks stop at the same step
@@ -246,7 +248,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             row = {
                 **{k: round(values[k], 6) for k in LOSS_KEYS if k in values},
                 "lr": engine.get_lr()[0],
-                "temperature": round(temperature, 6),
+                "temperature": None if temperature is None else round(temperature, 6),
                 "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                 "samples_per_s": round(steps_in_window * per_step / max(elapsed, 1e-9), 3),
                 "data_wait_frac": round(values["wait"], 4),

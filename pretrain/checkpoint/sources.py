@@ -35,10 +35,21 @@ ZERO_STAGES_WITH_OPTIMIZER = (1, 2, 3)
 inside the model-states file, in the order of the optimizer's parameter groups, not by name)."""
 
 
-def build_model(cfg: Config, tokenizer_json: str, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """The single-device PretrainModel of `cfg` with the tokenizer's vocabulary (meta device: no memory)."""
+def build_model(cfg: Config, tokenizer_json: str, device: str | torch.device = "cpu",
+                classnames: list[str] | None = None) -> torch.nn.Module:
+    """The single-device PretrainModel of `cfg` with the tokenizer's vocabulary (meta device: no memory);
+    for a fine-tuned classifier (`train.task=classify`) its `ClassifierModel`, with one head row per class
+    of `classnames` (what its checkpoints record)."""
     from pretrain.models.pretrain_model import PretrainModel
 
+    if cfg.train.task == "classify":
+        from pretrain.models.classifier import ClassifierModel
+
+        if not classnames:
+            raise ValueError("a train.task=classify checkpoint without its class names (client state "
+                             "`classnames`): cannot tell the classifier head's shape")
+        with torch.device(device):
+            return ClassifierModel.from_config(cfg, len(classnames))
     tok = load_tokenizer(tokenizer_json)
     with torch.device(device):
         return PretrainModel.from_config(cfg, tok)
@@ -73,7 +84,8 @@ class Source:
     def layout(self) -> dict[str, dict[str, Any]]:
         if "params" in self.meta:
             return self.meta["params"]
-        return param_layout(build_model(self.config, self.meta["tokenizer"], "meta"))
+        return param_layout(build_model(self.config, self.meta["tokenizer"], "meta",
+                                        classnames=self.meta.get("classnames")))
 
     @property
     def names(self) -> list[str]:

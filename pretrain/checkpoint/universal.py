@@ -66,7 +66,8 @@ def write_universal(src: Source, dst: Path, overwrite: bool = False) -> dict[str
         entries = {f"{k}.safetensors": w.close() for k, w in writers.items()}
         meta = {"format": "mmpt-universal", "version": FORMAT_VERSION, "source": str(src.path),
                 **{k: _json_safe(src.meta.get(k)) for k in _META_KEYS}, "params": layout,
-                "frozen": sorted(frozen)}
+                "frozen": sorted(frozen),
+                **({"classnames": src.meta["classnames"]} if src.meta.get("classnames") else {})}
         (tmp / UNIVERSAL_META).write_text(json.dumps(meta, indent=1))
         (tmp / "tokenizer.json").write_text(src.meta["tokenizer"])
         write_manifest(tmp, entries, kind="universal")
@@ -90,7 +91,8 @@ def write_weights(src: Source, dst: Path, dtype: torch.dtype = torch.float32, ov
         (tmp / WEIGHTS_CONFIG).write_text(json.dumps({
             "format": "mmpt-weights", "version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""),
             "step": src.meta.get("step"), "config": src.meta["config"], "tokenizer": src.meta["tokenizer"],
-            "params": layout}, indent=1))
+            "params": layout,
+            **({"classnames": src.meta["classnames"]} if src.meta.get("classnames") else {})}, indent=1))
         (tmp / "tokenizer.json").write_text(src.meta["tokenizer"])
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)

@@ -19,6 +19,7 @@ from pretrain.config.schema import (
     DataConfig,
     DecoderConfig,
     EvalConfig,
+    FinetuneConfig,
     LoggingConfig,
     MIMConfig,
     MLMConfig,
@@ -35,8 +36,8 @@ from pretrain.config.specs import engine_spec, stream_spec
 from pretrain.config.validation import check_runtime, get_key, validate
 
 __all__ = ["CHOICES", "CheckpointConfig", "Config", "ConfigError", "ContrastiveConfig", "DataConfig",
-           "DecoderConfig", "EvalConfig", "LoggingConfig", "MIMConfig", "MLMConfig", "ModelConfig",
-           "ObjectivesConfig",
+           "DecoderConfig", "EvalConfig", "FinetuneConfig", "LoggingConfig", "MIMConfig", "MLMConfig",
+           "ModelConfig", "ObjectivesConfig",
            "OptimConfig", "ParallelConfig", "RunConfig", "TextConfig", "TrainConfig", "VisionConfig",
            "check_runtime", "config_from_dict", "dump_yaml", "embedded_config_path", "engine_spec",
            "field_help", "get_key", "load_config", "markdown_reference", "parse_override", "stream_spec",

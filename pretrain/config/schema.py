@@ -190,6 +190,10 @@ class TrainConfig:
     every `parallel.tp`) to freeze: no gradient, no optimizer state (no fp32 master, no Adam moments under
     any ZeRO stage), never changed, still saved in checkpoints. `[visual.*]` locks the image tower (LiT);
     `pretrain plan` counts the saving. A pattern that matches no parameter is an error listing real names."""
+    task: str = "pretrain"
+    """What the run optimizes. `pretrain`: the CLIP + MAE + MLM objectives. `classify`: fine-tune the image
+    tower with a linear head initialised from the zero-shot classifier on the `.cls` labels of `data.train`
+    (`pretrain finetune`; needs `finetune.classnames`; the text tower is dropped, `objectives.*` unused)."""
 
 
 @dataclass
@@ -237,6 +241,17 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    classnames: str = ""
+    """`train.task=classify`: the classnames.txt the `.cls` labels index (one class per line); the head has
+    one row per class, initialised from the zero-shot classifier of these names."""
+    templates: str = ""
+    """`train.task=classify`: prompt templates for the zero-shot head, one per line with `{}` or `{c}`.
+    Empty: zeroshot_classification_templates.txt beside `finetune.classnames` if there is one (what
+    `pretrain eval` reads for those shards), else the built-in prompts."""
+
+
+@dataclass
 class LoggingConfig:
     every: int = 10
     """Write metrics every N optimizer steps."""
@@ -273,6 +288,8 @@ class Config:
     """When and where to save."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Validation during training on `data.val`."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Task fine-tuning (`train.task`, `pretrain finetune`)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics, TensorBoard, progress bar, which ranks log."""
     run: RunConfig = field(default_factory=RunConfig)
@@ -288,4 +305,5 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "objectives.contrastive.loss": ("infonce", "siglip"),
     "train.precision": ("bf16", "fp16", "fp32", "bf16_autocast"),
     "parallel.zero_stage": (0, 1, 2, 3),
+    "train.task": ("pretrain", "classify"),
 }

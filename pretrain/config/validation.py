@@ -67,6 +67,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(t.nonfinite_patience >= 1, "train.nonfinite_patience must be >= 1")
     check(all(p.strip() for p in t.freeze), "train.freeze: patterns must be non-empty strings")
     check(len(set(t.freeze)) == len(t.freeze), f"train.freeze: a pattern is listed twice in {t.freeze}")
+    check(t.task != "classify" or bool(cfg.finetune.classnames.strip()),
+          "train.task=classify needs finetune.classnames: the classnames.txt the .cls labels index "
+          "(`pretrain finetune --classnames FILE`)")
     if world_size is not None and t.global_batch and world_size % max(cfg.parallel.tp, 1) == 0:
         dp = world_size // max(cfg.parallel.tp, 1)
         check(t.global_batch == t.micro_batch * t.grad_accum * dp,

@@ -1,0 +1,112 @@
+"""Accuracy of a fine-tuned classifier (`train.task=classify`) on held-out shards, on every rank at once:
+validation during fine-tuning (the live engine module: ZeRO-3, TP, bf16) and the WiSE-FT sweep (plain fp32
+models) both call `classify_metrics`, so the numbers of the two compare.
+
+Each data-parallel rank runs the classifier over its share (`pretrain.evaluation.distributed`: ranks keep
+in step for ZeRO-3, a rank whose share ran out runs a one-sample dummy), keeps only each sample's top-5
+class indices and its cross-entropy, and those rows are gathered once into single-process order; the counts
+are then the same on every rank and in every layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from data_pipelines.loader import make_eval_loader
+from pretrain.evaluation.distributed import encode_share, gather_features
+from pretrain.evaluation.features import _dp, model_device
+from pretrain.evaluation.validate import Validator, _RngSnapshot
+
+log = logging.getLogger("mmpt.validate")
+
+METRICS = ("loss", "top1", "top5")
+"""What a classification validation writes, as `val/<name>`."""
+
+
+@torch.no_grad()
+def classify_metrics(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: int, max_samples: int = 0,
+                     dtype: torch.dtype | None = None, workers: int = 0) -> dict[str, Any]:
+    """top-1 / top-5 accuracy and mean cross-entropy of `model.logits` over the labelled samples among the
+    first `max_samples` of `urls` (0: all); keys `top1`, `top5`, `loss`, `samples`, `labelled`. ValueError
+    (on every rank) when no rank read a labelled sample."""
+    device = model_device(model)
+    dp_rank, dp_world, dp_group = _dp()
+    L, S = cfg.model.text.context_length, cfg.model.image_size
+    loader = make_eval_loader(urls, tokenizer, S, batch_size, L, cfg.data.mean, cfg.data.std, workers=workers,
+                              max_sample_bytes=cfg.data.max_sample_bytes, rank=dp_rank, world=dp_world,
+                              max_samples=max_samples)
+    in_dtype = dtype or torch.float32
+
+    def encode(batch: dict[str, Any] | None, uniform: bool) -> dict[str, torch.Tensor]:
+        if batch is None:  # this rank's share is done: the same forwards on one blank sample
+            images = torch.zeros(1, 3, S, S, dtype=in_dtype, device=device)
+            order = torch.zeros(1, 2, dtype=torch.long, device=device)
+            labels = torch.full((1,), -1, dtype=torch.long, device=device)
+        else:
+            images = batch["image"].to(device=device, dtype=in_dtype)
+            order, labels = batch["_order"].to(device), batch["cls"].to(device)
+        logits = model.logits(images)  # [B, C] fp32
+        has = labels >= 0
+        nll = F.cross_entropy(logits, labels.clamp(min=0, max=logits.shape[1] - 1), reduction="none") * has
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        return {"top": top, "nll": nll, "cls": labels, "_order": order}
+
+    feats = gather_features(encode_share(loader, encode, device), dp_group)
+    labels = feats.get("cls", torch.empty(0, dtype=torch.long))
+    has = labels >= 0
+    labelled = int(has.sum())
+    if not labelled:
+        raise ValueError(f"{urls}: no readable sample with a .cls label among the first "
+                         f"{max_samples or 'all'} positions; classification accuracy needs labelled shards")
+    top, y = feats["top"][has], labels[has].unsqueeze(1)
+    return {
+        "top1": round(int((top[:, :1] == y).any(dim=1).sum()) / labelled, 6),
+        "top5": round(int((top == y).any(dim=1).sum()) / labelled, 6),
+        "loss": round(float(feats["nll"].sum()) / labelled, 6),
+        "samples": int(len(labels)), "labelled": labelled,
+    }
+
+
+class ClassifyValidator(Validator):
+    """`eval.every` / `eval.at_end` for `train.task=classify`: top-1/top-5 and cross-entropy of the
+    fine-tuned classifier on `data.val` (`val/top1`, `val/top5`, `val/loss`). Same schedule, keep-best check
+    and RNG isolation as the pretraining `Validator`; no zero-shot or retrieval (there is no text tower)."""
+
+    def __init__(self, cfg: Any, tokenizer: Any, model: torch.nn.Module,
+                 prepare: Callable[[dict[str, Any]], dict[str, Any]], dtype: torch.dtype) -> None:
+        self.cfg, self.tokenizer, self.model, self.prepare, self.dtype = cfg, tokenizer, model, prepare, dtype
+        e = cfg.eval
+        self.enabled = e.every > 0 or e.at_end
+        self.batch_size = e.batch_size or cfg.train.micro_batch
+        self.seconds = 0.0
+        self.classnames = None
+        if self.enabled:
+            self._check_keep_best()
+
+    def metric_names(self) -> list[str]:
+        return [f"val/{k}" for k in METRICS]
+
+    def run(self, step: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        model, was_training = self.model, self.model.training
+        with _RngSnapshot(), torch.no_grad():
+            model.eval()
+            try:
+                m = classify_metrics(model, self.tokenizer, self.cfg, self.cfg.data.val, self.batch_size,
+                                     self.cfg.eval.max_samples, dtype=self.dtype)
+            finally:
+                model.train(was_training)
+        row: dict[str, Any] = {f"val/{k}": m[k] for k in METRICS}
+        row["val/samples"] = m["samples"]
+        seconds = time.perf_counter() - t0
+        self.seconds += seconds
+        row["val/seconds"] = round(seconds, 3)
+        log.info("step %d validation on %d samples: top1 %s, loss %s (%.1f s)", step, m["samples"],
+                 m["top1"], m["loss"], seconds)
+        return row

@@ -1,0 +1,89 @@
+"""`pretrain finetune --task classify` end to end: a tiny model pretrained for a few dozen steps on synthetic
+shards, then fine-tuned on 2 ranks under the real deepspeed launcher (ZeRO-3) with validation and a WiSE-FT
+sweep. Fine-tuned top-1 on the held-out shards must beat the init's zero-shot top-1; the sweep's ends must
+equal, alpha=0, the init's zero-shot accuracy under `pretrain eval` and, alpha=1, the run's last validation
+(the live ZeRO-3 model) -- both computed by other code paths than the sweep's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tiny import TINY, run_pretrain
+
+from pretrain.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+FT_STEPS, EVAL_EVERY = 80, 40
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("finetune")
+    pre, ft = d / "pre", d / "ft"
+    r = run_pretrain(["train", *TINY, f"data.train={shards['train']}", f"run.dir={pre}", "train.steps=40",
+                      "logging.tensorboard=false"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_pretrain(["finetune", *TINY, "--task", "classify", "--train", shards["train"],
+                      "--val", shards["val"], "--classnames", shards["classnames"], "--init-from", str(pre),
+                      f"run.dir={ft}",
+                      f"train.steps={FT_STEPS}", "train.micro_batch=16", "optim.warmup_steps=5",
+                      f"eval.every={EVAL_EVERY}", "data.workers=1", "--wise-ft", *map(str, ALPHAS)],
+                     procs=2, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    last = next(line for line in reversed(r.stdout.splitlines()) if line.startswith('{"steps"'))
+    summary = json.loads(last)
+    return {"pre": pre, "ft": ft, "summary": summary, "stderr": r.stderr}
+
+
+@pytest.fixture(scope="module")
+def zeroshot(runs, shards) -> dict:
+    """`pretrain eval` of the init on the held-out shards (its prompts: the templates file beside them)."""
+    r = run_pretrain(["eval", "--checkpoint", str(runs["pre"]), "--data", shards["val"], "--json"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_finetuned_beats_zero_shot(runs, zeroshot):
+    val = [r for r in read_metrics(runs["ft"]) if "val/top1" in r]
+    assert [r["step"] for r in val] == [EVAL_EVERY, FT_STEPS]
+    for r in val:
+        assert r["val/samples"] == 128 and 0.0 <= r["val/top1"] <= r["val/top5"] <= 1.0
+    assert val[-1]["val/top1"] > zeroshot["zeroshot_top1"], (val, zeroshot)
+    train_rows = [r for r in read_metrics(runs["ft"]) if "loss" in r]
+    assert len(train_rows) == FT_STEPS and train_rows[-1]["loss"] < train_rows[0]["loss"]
+
+
+def test_wise_ft_sweep_ends_match_zero_shot_and_fine_tuned(runs, zeroshot):
+    sweep = runs["summary"]["wise_ft"]
+    assert [r["alpha"] for r in sweep["results"]] == list(ALPHAS)
+    assert sweep["samples"] == 128 and sweep["step"] == FT_STEPS
+    by_alpha = {r["alpha"]: r for r in sweep["results"]}
+    assert by_alpha[0.0]["top1"] == zeroshot["zeroshot_top1"]
+    assert by_alpha[0.0]["top5"] == zeroshot["zeroshot_top5"]
+    last_val = [r for r in read_metrics(runs["ft"]) if "val/top1" in r][-1]
+    assert by_alpha[1.0]["top1"] == last_val["val/top1"]
+    assert by_alpha[1.0]["loss"] == pytest.approx(last_val["val/loss"], abs=1e-4)
+    assert json.loads((runs["ft"] / "wise_ft.json").read_text()) == sweep
+    for alpha in ALPHAS:  # the table on stderr lists every alpha
+        assert f"| {alpha:g} | {by_alpha[alpha]['top1']:.4f} |" in runs["stderr"]
+
+
+def test_checkpoint_holds_image_tower_and_head_only(runs):
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint.sources import open_source
+
+    src = open_source(runs["ft"])
+    names = src.names
+    assert src.meta["classnames"][0] == "red circle" and len(src.meta["classnames"]) == 32
+    assert {n.split(".")[0] for n in names} == {"visual", "head"}  # no text tower, decoder or MLM head
+    assert src.layout["head.weight"]["shape"] == [32, 32]
+    zs = load_file(str(runs["ft"] / "zeroshot.safetensors"))
+    assert set(zs) == set(names)
+    init = open_source(runs["pre"])
+    for n in names:
+        if n.startswith("visual."):  # the zero-shot end is the init's image tower, unchanged
+            assert (zs[n] == init.tensor(n)).all(), n
