@@ -92,6 +92,19 @@ def _export(module: nn.Module, example: torch.Tensor, name: str, out: Path | io.
                           dynamo=False, do_constant_folding=True)
 
 
+class _Bound(nn.Module):
+    """A submodule with its non-tensor arguments (flags, None masks) fixed, so it can be exported alone."""
+
+    def __init__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.module, self.args = module, args
+        self.tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        it = iter(tensors)
+        return self.module(*(next(it) if isinstance(a, torch.Tensor) else a for a in self.args))
+
+
 def _failing_layer(module: nn.Module, example: torch.Tensor) -> str | None:
     """Name the innermost submodule that cannot be exported on its own (with the inputs it got in a real
     forward), so the error points at a layer instead of a traceback from inside the exporter."""
@@ -109,11 +122,11 @@ def _failing_layer(module: nn.Module, example: torch.Tensor) -> str | None:
             h.remove()
     failing = []
     for name, args in captured.items():  # execution order; children after their parent
-        sub = dict(module.named_modules())[name]
+        sub = _Bound(dict(module.named_modules())[name], args)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.onnx.export(sub, args, io.BytesIO(), opset_version=OPSET, dynamo=False)
+                torch.onnx.export(sub, sub.tensors, io.BytesIO(), opset_version=OPSET, dynamo=False)
         except Exception:  # noqa: BLE001 -- any exporter failure marks the layer
             failing.append(name)
     inner = [n for n in failing if not any(o.startswith(n + ".") for o in failing)]
