@@ -18,34 +18,17 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from tiny import write_tiny_weights
 
 from pretrain.checkpoint.convert import convert
-from pretrain.checkpoint.sources import DictSource
-from pretrain.checkpoint.universal import write_weights
 from pretrain.cli import main
-from pretrain.config import embedded_config_path, load_config, to_dict
 from pretrain.evaluation.evaluate import load_model
 from pretrain.export.onnx import ExportError, export_onnx
 from pretrain.export.onnx_runtime import OnnxCLIP
-from pretrain.models.pretrain_model import PretrainModel
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = ROOT / "pretrain" / "export" / "onnx_runtime.py"
-TINY = ["model.image_size=32", "model.vision.patch_size=8", "model.vision.width=32", "model.vision.layers=2",
-        "model.vision.heads=2", "model.text.width=32", "model.text.layers=2", "model.text.heads=2",
-        "model.text.context_length=16", "model.embed_dim=16", "model.decoder.width=16",
-        "model.decoder.layers=1", "model.decoder.heads=2"]
 CAPTIONS = ["a red square", "a small blue circle on the left of a large green triangle", "", "x"]
-
-
-def write_tiny_weights(folder: Path, tok, seed: int = 0) -> Path:
-    """A weights export of a random-init TINY model (what `pretrain convert` reads from any checkpoint)."""
-    cfg = load_config(embedded_config_path(), TINY)
-    torch.manual_seed(seed)
-    model = PretrainModel.from_config(cfg, tok)
-    meta = {"config": to_dict(cfg), "tokenizer": tok.to_json(), "step": 0}
-    write_weights(DictSource(model.state_dict(), meta, "random init"), folder, overwrite=True)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +186,7 @@ def test_runs_in_a_process_without_torch(fp32, eager, tmp_path):
         import importlib.util, json, sys
         import numpy as np
         from PIL import Image
+from tiny import write_tiny_weights
         spec = importlib.util.spec_from_file_location("onnx_runtime", {str(RUNTIME)!r})
         rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
         clip = rt.OnnxCLIP({str(fp32)!r}, providers=["CPUExecutionProvider"])
