@@ -111,7 +111,7 @@ TINY_INFER = ["model.image_size=32", "model.vision.patch_size=8", "model.vision.
 
 
 def write_tiny_weights(folder: Path, tok, seed: int = 0) -> Path:
-    """A weights export of a random-init TINY_INFER model (what `pretrain convert` reads from a checkpoint)."""
+    """A weights export of a random-init TINY_INFER model (what `pretrain convert` reads)."""
     import torch
 
     from pretrain.checkpoint.sources import DictSource
