@@ -186,7 +186,6 @@ def test_runs_in_a_process_without_torch(fp32, eager, tmp_path):
         import importlib.util, json, sys
         import numpy as np
         from PIL import Image
-from tiny import write_tiny_weights
         spec = importlib.util.spec_from_file_location("onnx_runtime", {str(RUNTIME)!r})
         rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
         clip = rt.OnnxCLIP({str(fp32)!r}, providers=["CPUExecutionProvider"])
