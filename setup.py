@@ -30,6 +30,10 @@ setup(
         "tqdm>=4.60",
         "braceexpand>=0.1.7",
         "scikit-learn>=1.3",  # `pretrain eval --linear-probe` (logistic regression), `bench quality` digits
+        # `pretrain convert --to onnx` (torch's TorchScript-based exporter writes onnx protos; fp16 and int8
+        # conversion are onnxruntime's own), `pretrain embed --backend onnx`, `bench infer`
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
         "matplotlib>=3.7",  # `pretrain eval --plot METRIC`: metric against training step as a PNG
     ],
     extras_require={
@@ -38,7 +42,7 @@ setup(
         # (`convert --to hf|open_clip`, `bench step --vs open_clip`)
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "transformers>=4.40",
                 "open_clip_torch>=2.24"],
-        # `pretrain data import --from parquet` (and its tests); everything else runs without it
+        # `pretrain data import --from parquet`, `pretrain embed --sharded` (and their tests)
         "data": ["pyarrow>=14"],
         # `data.tokenizer=clip` (OpenAI CLIP's BPE merges ship in open_clip_torch) and `convert --arch`
         "clip": ["open_clip_torch>=2.24", "ftfy>=6"],

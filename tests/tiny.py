@@ -101,3 +101,27 @@ def pretrain_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProces
     """`python -m pretrain.cli ARGS` in the repository root, output captured."""
     return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# Random-init weights exports for the inference tests (ONNX export, embed backends): no training needed.
+TINY_INFER = ["model.image_size=32", "model.vision.patch_size=8", "model.vision.width=32",
+              "model.vision.layers=2", "model.vision.heads=2", "model.text.width=32", "model.text.layers=2",
+              "model.text.heads=2", "model.text.context_length=16", "model.embed_dim=16",
+              "model.decoder.width=16", "model.decoder.layers=1", "model.decoder.heads=2"]
+
+
+def write_tiny_weights(folder: Path, tok, seed: int = 0) -> Path:
+    """A weights export of a random-init TINY_INFER model (what `pretrain convert` reads)."""
+    import torch
+
+    from pretrain.checkpoint.sources import DictSource
+    from pretrain.checkpoint.universal import write_weights
+    from pretrain.config import embedded_config_path, load_config, to_dict
+    from pretrain.models.pretrain_model import PretrainModel
+
+    cfg = load_config(embedded_config_path(), TINY_INFER)
+    torch.manual_seed(seed)
+    model = PretrainModel.from_config(cfg, tok)
+    meta = {"config": to_dict(cfg), "tokenizer": tok.to_json(), "step": 0}
+    write_weights(DictSource(model.state_dict(), meta, "random init"), folder, overwrite=True)
+    return folder

@@ -4,8 +4,8 @@
 Registration only: the benchmarks live in `step.py` (training-step throughput, FLOPs, MFU, with the
 open_clip side-by-side of `vs_open_clip.py`), `loss.py` (contrastive-loss peak memory), `ckpt.py`
 (checkpoint save/convert/load speed and memory), `eval_scaling.py` (`pretrain eval` images/s on 1 vs
-N ranks), `quality.py` (representation quality per
-recipe) and `data_pipelines/bench.py` (data pipeline vs a plain
+N ranks), `infer.py` (inference speed and kept accuracy per backend and dtype), `quality.py`
+(representation quality per recipe) and `data_pipelines/bench.py` (data pipeline vs a plain
 webdataset reference).
 """
 
@@ -40,9 +40,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
              data: argparse._SubParsersAction) -> None:
-    """Add `bench step`, `bench loss`, `bench ckpt`, `bench quality`, `bench eval` and `bench data`."""
+    """Add `bench step`, `bench loss`, `bench ckpt`, `bench quality`, `bench eval`, `bench infer` and
+    `bench data`."""
     from pretrain.bench.ckpt import add_ckpt_parser
     from pretrain.bench.eval_scaling import add_eval_parser
+    from pretrain.bench.infer import add_infer_parser
     from pretrain.bench.loss import add_loss_parser
     from pretrain.bench.quality import add_quality_parser
     from pretrain.bench.step import add_step_parser
@@ -52,6 +54,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     add_ckpt_parser(bench)
     add_quality_parser(bench)
     add_eval_parser(bench)
+    add_infer_parser(bench)
     p = bench.add_parser("data", help="data pipeline samples/s vs. a plain webdataset reference")
     p.add_argument("--shards", required=True,
                    help="shard URLs (e.g. written by `pretrain data synth --image-size 512`)")

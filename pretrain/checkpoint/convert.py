@@ -4,6 +4,8 @@
     pretrain convert SRC DST --to safetensors [--dtype bf16]   consolidated weights + config + tokenizer
     pretrain convert SRC DST --to hf                   transformers.CLIPModel.from_pretrained(DST)
     pretrain convert SRC DST --to open_clip            open_clip model config + weights
+    pretrain convert SRC DST --to onnx [--dtype fp32|fp16|int8] [--quant dynamic|static --calibration URLS]
+                                                       image + text encoders for onnxruntime (no torch)
     pretrain convert --from hf|open_clip SRC DST       start pretraining from an existing CLIP model
     pretrain convert --from open_clip SRC DST --arch ViT-B-32   open_clip weights of a named architecture
     pretrain convert --from openai SRC DST             OpenAI's own format (state dict or TorchScript .pt)
@@ -29,9 +31,11 @@ from pretrain.checkpoint.tensor_files import staged_output, write_manifest
 from pretrain.checkpoint.universal import write_universal, write_weights
 from pretrain.config import Config, dump_yaml, load_config, to_dict
 
-TARGETS = ("universal", "safetensors", "hf", "open_clip")
+TARGETS = ("universal", "safetensors", "hf", "open_clip", "onnx")
 IMPORTS = ("hf", "open_clip", "openai")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ONNX_DTYPES = ("fp32", "fp16", "int8")
+"""--to onnx takes these instead of DTYPES (`pretrain.export.onnx`)."""
 
 
 def _export_with(src: Source, dst: Path, to: str, dtype: torch.dtype, overwrite: bool) -> dict[str, Any]:
@@ -47,11 +51,19 @@ def _export_with(src: Source, dst: Path, to: str, dtype: torch.dtype, overwrite:
     return {"to": to, "out": str(dst), "params": len(src.names), "bytes": nbytes}
 
 
-def convert(src_path: str | Path, dst: str | Path, to: str, dtype: str = "fp32", overwrite: bool = False
+def convert(src_path: str | Path, dst: str | Path, to: str, dtype: str = "fp32", overwrite: bool = False,
+            quant: str = "dynamic", calibration: str | None = None, calibration_samples: int = 256
             ) -> dict[str, Any]:
-    """Convert one checkpoint; returns a summary (output path, tensors, bytes, seconds)."""
+    """Convert one checkpoint; returns a summary (output path, tensors, bytes, seconds). `quant`,
+    `calibration` (shard URLs) and `calibration_samples` apply to `--to onnx --dtype int8`."""
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
+    if to == "onnx":
+        from pretrain.export.onnx_convert import convert_onnx
+
+        return convert_onnx(src_path, Path(dst), dtype, quant, calibration, calibration_samples, overwrite)
+    if quant != "dynamic" or calibration:
+        raise ValueError("--quant / --calibration apply to --to onnx --dtype int8 only")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose fp32 or bf16")
     src = open_source(src_path)
@@ -171,9 +183,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
                                     overwrite=args.overwrite, arch=args.arch)
         else:
             if not args.to:
-                raise ValueError("give --to universal|safetensors|hf|open_clip "
+                raise ValueError("give --to universal|safetensors|hf|open_clip|onnx "
                                  "(or --from hf|open_clip|openai)")
-            out = convert(args.src, args.dst, args.to, args.dtype, args.overwrite)
+            out = convert(args.src, args.dst, args.to, args.dtype, args.overwrite, args.quant,
+                          args.calibration, args.calibration_samples)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"pretrain convert: error: {e}", file=sys.stderr)
         return 2
@@ -193,7 +206,13 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--to", choices=TARGETS)
     p.add_argument("--from", dest="src_kind", choices=IMPORTS, help="import an existing CLIP model")
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES), help="exported weights' dtype")
+    p.add_argument("--dtype", default="fp32", choices=tuple(dict.fromkeys((*DTYPES, *ONNX_DTYPES))),
+                   help="exported weights' dtype (bf16: weights exports; fp16/int8: --to onnx)")
+    p.add_argument("--quant", default="dynamic", choices=("dynamic", "static"),
+                   help="--to onnx --dtype int8: onnxruntime dynamic quantisation (no data) or static "
+                   "(activation ranges calibrated on --calibration)")
+    p.add_argument("--calibration", help="--quant static: shard URLs whose first images/captions calibrate")
+    p.add_argument("--calibration-samples", type=int, default=256, help="samples read from --calibration")
     p.add_argument("--config", help="with --from: YAML recipe for the non-model settings (default: demo)")
     p.add_argument("--tokenizer", help="with --from: tokenizer.json to use instead of SRC's, or `clip` "
                    "(OpenAI CLIP's BPE; the default for OpenAI/LAION checkpoints)")

@@ -2,6 +2,8 @@
 
     pretrain embed --checkpoint RUN_DIR --data 'val/shard-{000000..000001}.tar' --out emb.npz
     pretrain embed --checkpoint RUN_DIR --images photos/ --texts captions.txt --out emb.npz
+    pretrain embed --checkpoint RUN_DIR --data URLS --backend onnx --dtype int8 --workers 2 --out emb.npz
+    pretrain embed --checkpoint RUN_DIR --data URLS --sharded --out emb/     # resumable, one file per shard
 
 The arrays are the model's own `encode_image` / `encode_text` (fp32, L2-normalised) on exactly the eval
 inputs: shards go through the eval loader, image files through the same decode + centre-crop + normalise
@@ -9,6 +11,13 @@ path, texts through the run's tokenizer. The .npz holds `image` [N, E], `text` [
 keys for --data, in the same order as both arrays, which are pairs; image file names for --images) and, for
 --texts, `texts` (the lines). It is written to a temporary name and renamed, so a crash never leaves a
 truncated file under the final name.
+
+`--backend onnx [--dtype fp32|fp16|int8]` exports the checkpoint's encoders to ONNX first (a temporary
+folder, `pretrain.evaluation.encoders`) and encodes with onnxruntime; `--backend torch` (default) is the
+eager fp32 model. Images are decoded in `--workers` DataLoader worker processes while the main process
+encodes, as in training; rows stay in input order whatever the worker count. `--sharded` writes one
+`.npy` pair + `.parquet` of metadata per input shard and resumes (`pretrain.evaluation.embed_store`).
+Undecodable images are skipped and counted (`skipped` in the printed summary), never fatal.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from data_pipelines.decode import IMAGE_KEYS, decode_image
 from data_pipelines.loader import make_eval_loader
 from data_pipelines.stats import BAD_IMAGE, SkipCounter
 from data_pipelines.transforms import center_crop_resize_array, normalize_batch
+from data_pipelines.urls import expand_sources
 
 logger = logging.getLogger("mmpt.embed")
 
@@ -82,6 +92,24 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[i:i + size]
 
 
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _add(total: dict[str, int], skips: dict[str, int]) -> None:
+    for k, v in skips.items():
+        total[k] = total.get(k, 0) + int(v)
+
+
+def eval_workers(urls: str, workers: int, max_samples: int) -> int:
+    """Workers for the eval loader such that each reads whole shards (at most one per shard), so the skip
+    counts each worker carries can be attributed and summed; a --max-samples run (a small one) uses one
+    stream, where the eval loader would otherwise split positions across workers."""
+    if max_samples or workers <= 0:
+        return 0
+    return min(workers, sum(len(s) for s in expand_sources(urls)))
+
+
 # ------------------------------------------------------------------------------------------ encoding
 def _load_images(files: list[Path], image_size: int, max_pixels: int, skips: SkipCounter
                  ) -> tuple[list[np.ndarray], list[str]]:
@@ -104,22 +132,43 @@ def _load_images(files: list[Path], image_size: int, max_pixels: int, skips: Ski
     return arrays, names
 
 
+class _FileChunks(torch.utils.data.Dataset):
+    """Chunk k of the files, decoded, cropped and normalised (in a DataLoader worker when there are any)."""
+
+    def __init__(self, files: list[Path], batch_size: int, image_size: int, mean: tuple[float, ...],
+                 std: tuple[float, ...], max_pixels: int) -> None:
+        self.chunks = list(_chunks(files, batch_size))
+        self.image_size, self.mean, self.std, self.max_pixels = image_size, mean, std, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor | None, list[str], dict[str, int]]:
+        skips = SkipCounter(where="embed")
+        arrays, names = _load_images(self.chunks[k], self.image_size, self.max_pixels, skips)
+        return (normalize_batch(arrays, self.mean, self.std) if arrays else None), names, skips.as_dict()
+
+
 @torch.no_grad()
 def embed_image_files(model: Any, files: list[Path], image_size: int, mean: Iterable[float],
-                      std: Iterable[float], batch_size: int, max_pixels: int = 0
-                      ) -> tuple[np.ndarray, list[str]]:
-    """[N, E] normalised embeddings of the readable `files` and their names, in the given order."""
-    mean, std = tuple(mean), tuple(std)
-    device = next(model.parameters()).device
-    skips = SkipCounter(where="embed")
-    rows, names = [], []
-    for chunk in _chunks(files, batch_size):
-        arrays, chunk_names = _load_images(chunk, image_size, max_pixels, skips)
-        if arrays:
-            rows.append(model.encode_image(normalize_batch(arrays, mean, std).to(device)).cpu())
+                      std: Iterable[float], batch_size: int, max_pixels: int = 0, workers: int = 0,
+                      skipped: dict[str, int] | None = None) -> tuple[np.ndarray, list[str]]:
+    """[N, E] normalised embeddings of the readable `files` and their names, in the given order (chunks
+    decoded by `workers` processes; a map-style DataLoader returns them in order). Unreadable files are
+    skipped and counted into `skipped`."""
+    device = _device(model)
+    data = _FileChunks(files, batch_size, image_size, tuple(mean), tuple(std), max_pixels)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=min(workers, len(data)))
+    rows, names, skips = [], [], {}
+    for images, chunk_names, chunk_skips in loader:
+        _add(skips, chunk_skips)
+        if images is not None:
+            rows.append(model.encode_image(images.to(device)).cpu())
             names.extend(chunk_names)
+    if skipped is not None:
+        _add(skipped, skips)
     if not rows:
-        raise ValueError(f"no readable image among {len(files)} files (skips: {skips.as_dict()})")
+        raise ValueError(f"no readable image among {len(files)} files (skips: {skips})")
     return torch.cat(rows).numpy(), names
 
 
@@ -127,31 +176,43 @@ def embed_image_files(model: Any, files: list[Path], image_size: int, mean: Iter
 def embed_texts(model: Any, tokenizer: Any, texts: list[str], context_length: int, batch_size: int
                 ) -> np.ndarray:
     """[M, E] normalised embeddings of `texts`, tokenized as in training."""
-    device = next(model.parameters()).device
+    device = _device(model)
     rows = [model.encode_text(tokenizer.encode_batch(chunk, context_length).to(device)).cpu()
             for chunk in _chunks(texts, batch_size)]
     return torch.cat(rows).numpy()
 
 
 @torch.no_grad()
-def embed_shards(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: int, max_samples: int = 0
+def embed_shards(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: int, max_samples: int = 0,
+                 workers: int = 0, skipped: dict[str, int] | None = None
                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Paired image and text embeddings of every readable sample of `urls` (eval loader, shard order)."""
-    device = next(model.parameters()).device
+    """Paired image and text embeddings of every readable sample of `urls` (eval loader, shard order
+    whatever the number of decode `workers`); skip counts by reason are added to `skipped`."""
+    device = _device(model)
+    workers = eval_workers(urls, workers, max_samples)
     loader = make_eval_loader(urls, tokenizer, cfg.model.image_size, batch_size,
-                              cfg.model.text.context_length, cfg.data.mean, cfg.data.std, workers=0,
+                              cfg.model.text.context_length, cfg.data.mean, cfg.data.std, workers=workers,
                               max_sample_bytes=cfg.data.max_sample_bytes)
-    imgs, txts, keys = [], [], []
+    imgs, txts, keys, order = [], [], [], []
+    last: dict[int, dict[str, int]] = {}
     for batch in loader:
         imgs.append(model.encode_image(batch["image"].to(device)).cpu())
         txts.append(model.encode_text(batch["text"].to(device)).cpu())
         keys.extend(batch["_keys"])
+        order.append(batch["_order"])
+        last[int(batch["_order"][0, 0]) % max(workers, 1)] = batch["_skips"]  # cumulative per worker
         if max_samples and len(keys) >= max_samples:
             break
+    if skipped is not None:
+        for s in last.values():
+            _add(skipped, s)
     if not keys:
         raise ValueError(f"--data: no readable samples in {urls}")
+    pos = torch.cat(order)
+    perm = np.lexsort((pos[:, 1].numpy(), pos[:, 0].numpy()))  # workers interleave batches: shard order
     n = min(len(keys), max_samples) if max_samples else len(keys)
-    return torch.cat(imgs)[:n].numpy(), torch.cat(txts)[:n].numpy(), keys[:n]
+    perm = perm[:n]
+    return torch.cat(imgs)[perm].numpy(), torch.cat(txts)[perm].numpy(), [keys[i] for i in perm]
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -169,44 +230,84 @@ def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _check_fast(data: str | None, out: str | Path, backend: str, dtype: str, workers: int, sharded: bool,
+                max_samples: int) -> None:
+    from pretrain.evaluation.encoders import check_backend
+
+    check_backend(backend, dtype)
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
+    if sharded and not data:
+        raise ValueError("--sharded writes one output shard per input shard: it needs --data URLS")
+    if sharded and max_samples:
+        raise ValueError("--sharded encodes whole shards; --max-samples applies to .npz output")
+    if sharded and Path(out).is_file():
+        raise FileExistsError(f"--out {out} is a file; --sharded writes a folder")
+
+
 def embed(checkpoint: str | Path, out: str | Path, data: str | None = None, images: str | Path | None = None,
           texts: str | Path | None = None, batch_size: int = 64, max_samples: int = 0,
-          device: str | None = None, overwrite: bool = True) -> dict[str, np.ndarray]:
+          device: str | None = None, overwrite: bool = True, backend: str = "torch", dtype: str = "fp32",
+          workers: int = 0, sharded: bool = False, info: dict[str, Any] | None = None
+          ) -> dict[str, np.ndarray]:
     """Embed `--data` shards (paired) or `--images` files and/or `--texts` lines with the checkpoint's
     model and write them to `out` (.npz); returns the arrays written (keys in the module docstring).
 
-    `max_samples` (0: all) caps samples, image files and text lines alike. Argument errors raise
-    ValueError / FileNotFoundError before the checkpoint is read.
+    `max_samples` (0: all) caps samples, image files and text lines alike. `backend`/`dtype` choose the
+    encoder (`pretrain.evaluation.encoders`), `workers` the decode processes. With `sharded` (needs
+    `data`) `out` is a resumable folder (`pretrain.evaluation.embed_store`) and the returned dict is empty.
+    `info`, when given, receives `skipped` ({reason: count}) and, with `sharded`, the index. Argument
+    errors raise ValueError / FileNotFoundError before the checkpoint is read.
     """
-    _check_inputs(checkpoint, data, images, texts, batch_size, max_samples, out, overwrite)
+    _check_fast(data, out, backend, dtype, workers, sharded, max_samples)
+    _check_inputs(checkpoint, data, images, texts, batch_size, max_samples, None if sharded else out,
+                  overwrite or sharded)
     files = image_files(images, max_samples) if images is not None else []
     lines = text_lines(texts, max_samples) if texts is not None else []
-    from pretrain.evaluation.evaluate import load_model
+    from pretrain.evaluation.encoders import open_encoder
 
-    model, tokenizer, cfg = load_model(checkpoint)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dim = cfg.model.embed_dim
-    empty = np.zeros((0, dim), dtype=np.float32)
-    result: dict[str, np.ndarray] = {"image": empty, "text": empty, "keys": np.array([], dtype=str)}
-    if data:
-        img, txt, keys = embed_shards(model, tokenizer, cfg, data, batch_size, max_samples)
-        result.update(image=img, text=txt, keys=np.array(keys, dtype=str))
-    if files:
-        img, names = embed_image_files(model, files, cfg.model.image_size, cfg.data.mean, cfg.data.std,
-                                       batch_size, cfg.data.max_image_pixels)
-        result.update(image=img, keys=np.array(names, dtype=str))
-    if lines:
-        result.update(text=embed_texts(model, tokenizer, lines, cfg.model.text.context_length, batch_size),
-                      texts=np.array(lines, dtype=str))
+    info = {} if info is None else info
+    skipped: dict[str, int] = info.setdefault("skipped", {})
+    with open_encoder(checkpoint, backend, dtype, device=device) as (model, tokenizer, cfg):
+        if sharded:
+            from pretrain.evaluation.embed_store import embed_sharded
+
+            index = embed_sharded(model, tokenizer, cfg, data, Path(out), batch_size, workers,
+                                  {"backend": backend, "dtype": dtype})
+            info["index"] = index
+            _add(skipped, index["skips"])
+            return {}
+        dim = cfg.model.embed_dim
+        empty = np.zeros((0, dim), dtype=np.float32)
+        result: dict[str, np.ndarray] = {"image": empty, "text": empty, "keys": np.array([], dtype=str)}
+        if data:
+            img, txt, keys = embed_shards(model, tokenizer, cfg, data, batch_size, max_samples, workers,
+                                          skipped)
+            result.update(image=img, text=txt, keys=np.array(keys, dtype=str))
+        if files:
+            img, names = embed_image_files(model, files, cfg.model.image_size, cfg.data.mean, cfg.data.std,
+                                           batch_size, cfg.data.max_image_pixels, workers, skipped)
+            result.update(image=img, keys=np.array(names, dtype=str))
+        if lines:
+            result.update(text=embed_texts(model, tokenizer, lines, cfg.model.text.context_length,
+                                           batch_size), texts=np.array(lines, dtype=str))
     write_npz(out, result)
     return result
 
 
 # ------------------------------------------------------------------------------------------ CLI
 def cmd_embed(args: argparse.Namespace) -> int:
+    info: dict[str, Any] = {}
     result = embed(args.checkpoint, args.out, data=args.data, images=args.images, texts=args.texts,
-                   batch_size=args.batch_size, max_samples=args.max_samples, overwrite=args.overwrite)
+                   batch_size=args.batch_size, max_samples=args.max_samples, overwrite=args.overwrite,
+                   backend=args.backend, dtype=args.dtype, workers=args.workers, sharded=args.sharded,
+                   info=info)
     summary = {"out": str(args.out), **{k: list(v.shape) for k, v in result.items()}}
+    if args.sharded:
+        index = info["index"]
+        summary.update(rows=index["rows"], shards=len(index["shards"]),
+                       encoded_this_run=index["encoded_this_run"])
+    summary["skipped"] = sum(info["skipped"].values())
     print(json.dumps(summary), flush=True)
     return 0
 
@@ -225,4 +326,12 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-samples", type=int, default=0,
                    help="at most this many samples / files / lines (0: all)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                   help="eager PyTorch, or onnxruntime on the checkpoint exported on the fly")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "int8"),
+                   help="encoder precision (fp16/int8: --backend onnx; int8 = dynamic quantisation)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="DataLoader processes decoding images while the main process encodes (0: none)")
+    p.add_argument("--sharded", action="store_true",
+                   help="--out is a folder: one .npy pair + .parquet per input shard, resumable")
     p.set_defaults(func=cmd_embed)

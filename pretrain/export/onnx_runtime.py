@@ -1,0 +1,130 @@
+"""Run an `pretrain convert --to onnx` folder with onnxruntime alone: no torch, no mmpt model code.
+
+    from pretrain.export.onnx_runtime import OnnxCLIP
+    clip = OnnxCLIP("exports/onnx-int8")              # CPU; providers=["CUDAExecutionProvider", ...]
+    img = clip.encode_images([PIL.Image.open("cat.jpg")])   # [1, E] float32, L2-normalised
+    txt = clip.encode_texts(["a photo of a cat"])            # [1, E]
+    scores = img @ txt.T
+
+This module imports only numpy, onnxruntime, tokenizers and PIL, so a serving process can copy this one
+file next to the export folder and run it without torch installed (tests/unit/test_export_onnx.py runs it
+in a subprocess where `import torch` raises). Everything the encoders need besides the two graphs is in
+the folder: `preprocess.json` (image size, mean, std, crop, context length, special ids, pooling) and the
+`tokenizers` library's `tokenizer.json`.
+
+Images are resized and centre-cropped with PIL's bicubic filter; training and `pretrain eval` resize with
+torch's uint8 bicubic kernel, which rounds differently in the last bit of a few pixels, so embeddings of
+images that need resizing differ from `pretrain embed`'s by a cosine of about 1 - 1e-5. Pass already
+normalised arrays to `encode_pixels` to reproduce them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from tokenizers import Tokenizer
+
+__all__ = ["IMAGE_ONNX", "PREPROCESS", "TEXT_ONNX", "OnnxCLIP", "default_providers"]
+
+IMAGE_ONNX, TEXT_ONNX, PREPROCESS, TOKENIZER = "image.onnx", "text.onnx", "preprocess.json", "tokenizer.json"
+_PREFERRED = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it, then CPU (TensorRT only when asked: it builds engines per
+    shape, minutes on first use)."""
+    available = set(ort.get_available_providers())
+    return [p for p in _PREFERRED if p in available]
+
+
+def _session(path: Path, providers: Sequence[str] | None, threads: int) -> ort.InferenceSession:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a `pretrain convert --to onnx` folder")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+    chosen = list(providers or default_providers())
+    return ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+
+
+class OnnxCLIP:
+    """The image and text encoders of one export folder, with their tokenizer and preprocessing."""
+
+    def __init__(self, folder: str | Path, providers: Sequence[str] | None = None, threads: int = 0,
+                 towers: Sequence[str] = ("image", "text")) -> None:
+        self.folder = Path(folder)
+        pre = self.folder / PREPROCESS
+        if not pre.is_file():
+            raise FileNotFoundError(f"{pre} not found: {self.folder} is not a `pretrain convert --to onnx` "
+                                    "folder")
+        self.config: dict[str, Any] = json.loads(pre.read_text(encoding="utf-8"))
+        c = self.config
+        self.image_size, self.context_length = int(c["image_size"]), int(c["context_length"])
+        self.mean = np.asarray(c["mean"], dtype=np.float32)
+        self.std = np.asarray(c["std"], dtype=np.float32)
+        self.sos_id, self.eos_id, self.pad_id = int(c["sos_id"]), int(c["eos_id"]), int(c["pad_id"])
+        self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.image = _session(self.folder / IMAGE_ONNX, providers, threads) if "image" in towers else None
+        self.text = _session(self.folder / TEXT_ONNX, providers, threads) if "text" in towers else None
+
+    # ------------------------------------------------------------------------------------- inputs
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """int64 [B, context_length]: [SOS] tokens [EOS] then [PAD], long texts cut so they keep [EOS]
+        (the same ids as the training tokenizer's `encode_batch`)."""
+        L = self.context_length
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        out = np.full((len(encodings), L), self.pad_id, dtype=np.int64)
+        out[:, 0] = self.sos_id
+        for row, enc in zip(out, encodings, strict=True):
+            ids = enc.ids[:L - 2]
+            row[1:len(ids) + 1] = ids
+            row[len(ids) + 1] = self.eos_id
+        return out
+
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """float32 [B, 3, S, S]: centred square box, bicubic resize to S, scaled to [0, 1], normalised."""
+        S = self.image_size
+        batch = np.empty((len(images), S, S, 3), dtype=np.float32)
+        for i, img in enumerate(images):
+            img = img.convert("RGB") if img.mode != "RGB" else img
+            w, h = img.size
+            side = min(w, h)
+            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            batch[i] = np.asarray(img.resize((S, S), Image.Resampling.BICUBIC, box=box), dtype=np.float32)
+        batch = (batch / 255.0 - self.mean) / self.std
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+
+    # ------------------------------------------------------------------------------------- encoders
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Normalised images [B, 3, S, S] -> L2-normalised embeddings [B, E] (float32)."""
+        if self.image is None:
+            raise RuntimeError("this OnnxCLIP was opened without the image tower")
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, self.image_size, self.image_size):
+            S = self.image_size
+            raise ValueError(f"pixels must be [B, 3, {S}, {S}], got {pixels.shape}")
+        return self.image.run(None, {"pixel_values": pixels})[0].astype(np.float32, copy=False)
+
+    def encode_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [B, context_length] -> L2-normalised embeddings [B, E] (float32)."""
+        if self.text is None:
+            raise RuntimeError("this OnnxCLIP was opened without the text tower")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] != self.context_length:
+            raise ValueError(f"ids must be [B, {self.context_length}], got {ids.shape}")
+        return self.text.run(None, {"input_ids": ids})[0].astype(np.float32, copy=False)
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.encode_pixels(self.preprocess(images))
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encode_ids(self.tokenize(texts))

@@ -1,0 +1,207 @@
+"""`pretrain convert --to onnx`: the real torch exporter and onnxruntime on a tiny random-weight model.
+
+fp32 graphs reproduce the eager encoders at several batch sizes (dynamic batch); fp16/int8 graphs really
+are converted (their weights change type) and stay close; static int8 needs calibration data; a layer the
+exporter cannot handle is named; a failure leaves no folder; and the folder runs in a subprocess where
+`import torch` raises, through `pretrain/export/onnx_runtime.py` alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from tiny import write_tiny_weights
+
+from pretrain.checkpoint.convert import convert
+from pretrain.cli import main
+from pretrain.evaluation.evaluate import load_model
+from pretrain.export.onnx import ExportError, export_onnx
+from pretrain.export.onnx_runtime import OnnxCLIP
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = ROOT / "pretrain" / "export" / "onnx_runtime.py"
+CAPTIONS = ["a red square", "a small blue circle on the left of a large green triangle", "", "x"]
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_tok, tmp_path_factory) -> Path:
+    return write_tiny_weights(tmp_path_factory.mktemp("onnx") / "weights", tiny_tok)
+
+
+@pytest.fixture(scope="module")
+def eager(weights):
+    return load_model(weights)
+
+
+@pytest.fixture(scope="module")
+def fp32(weights, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fp32") / "onnx"
+    convert(weights, out, "onnx", "fp32")
+    return out
+
+
+def _inputs(cfg, tok, n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    S = cfg.model.image_size
+    texts = [CAPTIONS[i % len(CAPTIONS)] + f" {i}" * (i % 3) for i in range(n)]
+    return torch.randn(n, 3, S, S, generator=g), tok.encode_batch(texts, cfg.model.text.context_length)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_fp32_matches_eager_at_every_batch_size(fp32, eager):
+    model, tok, cfg = eager
+    clip = OnnxCLIP(fp32, providers=["CPUExecutionProvider"])
+    for n in (1, 2, 7):
+        images, ids = _inputs(cfg, tok, n, seed=n)
+        img, txt = clip.encode_pixels(images.numpy()), clip.encode_ids(ids.numpy())
+        assert img.shape == txt.shape == (n, cfg.model.embed_dim) and img.dtype == np.float32
+        np.testing.assert_allclose(img, model.encode_image(images).numpy(), atol=2e-5)
+        np.testing.assert_allclose(txt, model.encode_text(ids).numpy(), atol=2e-5)
+    # the runtime's own tokenizer gives the training tokenizer's ids
+    np.testing.assert_array_equal(clip.tokenize(CAPTIONS), tok.encode_batch(CAPTIONS, 16).numpy())
+
+
+def test_folder_has_manifest_tokenizer_and_preprocessing(fp32, eager):
+    _, tok, cfg = eager
+    names = {p.name for p in fp32.iterdir()}
+    assert names == {"image.onnx", "text.onnx", "tokenizer.json", "preprocess.json", "manifest.json"}
+    manifest = json.loads((fp32 / "manifest.json").read_text())
+    assert manifest["kind"] == "onnx" and manifest["dtype"] == "fp32"
+    assert set(manifest["files"]) == names - {"manifest.json"}
+    assert min(manifest["check"].values()) >= 0.9999
+    pre = json.loads((fp32 / "preprocess.json").read_text())
+    assert (pre["image_size"], pre["context_length"]) == (32, 16)
+    assert pre["mean"] == list(cfg.data.mean) and pre["std"] == list(cfg.data.std) and pre["crop"] == "center"
+    batch_dim = onnx.load(str(fp32 / "image.onnx")).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param == "batch"  # dynamic, not a traced constant
+
+
+def _initializer_types(path: Path) -> set[int]:
+    return {t.data_type for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.mark.parametrize("dtype, weight_type, min_cos", [
+    ("fp16", onnx.TensorProto.FLOAT16, 0.999),
+    ("int8", onnx.TensorProto.INT8, 0.98),
+])
+def test_fp16_and_int8_are_converted_and_stay_close(weights, eager, tmp_path, dtype, weight_type, min_cos):
+    model, tok, cfg = eager
+    out = tmp_path / dtype
+    summary = convert(weights, out, "onnx", dtype)
+    assert summary["dtype"] == dtype
+    for name in ("image.onnx", "text.onnx"):
+        assert weight_type in _initializer_types(out / name), name
+    clip = OnnxCLIP(out, providers=["CPUExecutionProvider"])
+    images, ids = _inputs(cfg, tok, 6)
+    img, txt = clip.encode_pixels(images.numpy()), clip.encode_ids(ids.numpy())
+    assert img.dtype == txt.dtype == np.float32  # fp32 in and out at every dtype
+    assert _cos(img, model.encode_image(images).numpy()).min() > min_cos
+    assert _cos(txt, model.encode_text(ids).numpy()).min() > min_cos
+
+
+def test_static_int8_needs_calibration_then_calibrates(weights, shards, tmp_path, capsys):
+    out = tmp_path / "static"
+    assert main(["convert", str(weights), str(out), "--to", "onnx", "--dtype", "int8",
+                 "--quant", "static"]) == 2
+    assert "needs calibration data: pass --calibration" in capsys.readouterr().err
+    assert not out.exists()
+    summary = convert(weights, out, "onnx", "int8", quant="static", calibration=shards["val"],
+                      calibration_samples=64)
+    assert summary["quantization"] == "static"
+    ops = {n.op_type for n in onnx.load(str(out / "image.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # activations quantised with calibrated ranges
+    assert json.loads((out / "manifest.json").read_text())["calibration"]["samples"] == 64
+
+
+class _Histogram(torch.nn.Module):
+    """An activation built on aten::histc, which the ONNX exporter has no translation for."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x) + torch.histc(x, bins=4).sum() * 0
+
+
+def test_unexportable_layer_is_named_and_nothing_is_left(eager, weights, tmp_path, monkeypatch):
+    import copy
+
+    import pretrain.evaluation.evaluate as evaluate
+
+    model, tok, cfg = eager
+    model = copy.deepcopy(model)
+    model.visual.transformer.resblocks[1].mlp.act = _Histogram()
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ExportError, match=r"image encoder .*'visual\.transformer\.resblocks\.1\.mlp\.act' "
+                                          r"\(_Histogram\).*histc"):
+        export_onnx(model, tok, cfg, tmp_path / "x")
+    # through `pretrain convert`: the staged folder is removed, DST never appears
+    monkeypatch.setattr(evaluate, "load_model", lambda src: (model, tok, cfg))
+    out = tmp_path / "out" / "onnx"
+    with pytest.raises(ExportError, match="resblocks.1.mlp.act"):
+        convert(weights, out, "onnx", "fp32")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_convert_cli_errors_leave_nothing(weights, tmp_path, capsys):
+    assert main(["convert", str(weights), str(tmp_path / "a"), "--to", "onnx", "--dtype", "bf16"]) == 2
+    assert "choose one of fp32, fp16, int8" in capsys.readouterr().err
+    assert main(["convert", str(weights), str(tmp_path / "b"), "--to", "onnx", "--calibration", "x.tar"]) == 2
+    assert "apply to --dtype int8" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    assert main(["convert", str(weights), str(tmp_path / "c"), "--to", "onnx"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this process (a serving process without torch)")
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+def test_runs_in_a_process_without_torch(fp32, eager, tmp_path):
+    """The serving path: only onnxruntime, numpy, tokenizers and PIL; `import torch` raises."""
+    model, tok, cfg = eager
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    for i, p in enumerate(pixels):  # 32 x 32: the centre crop is the identity, so eager sees the same pixels
+        Image.fromarray(p).save(tmp_path / f"{i}.png")
+    mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    x = (torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    np.save(tmp_path / "want_img.npy", model.encode_image(x).numpy())
+    np.save(tmp_path / "want_txt.npy", model.encode_text(tok.encode_batch(CAPTIONS, 16)).numpy())
+    script = BLOCK_TORCH + textwrap.dedent(f"""
+        import importlib.util, json, sys
+        import numpy as np
+        from PIL import Image
+        spec = importlib.util.spec_from_file_location("onnx_runtime", {str(RUNTIME)!r})
+        rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
+        clip = rt.OnnxCLIP({str(fp32)!r}, providers=["CPUExecutionProvider"])
+        img = clip.encode_images([Image.open({str(tmp_path)!r} + f"/{{i}}.png") for i in range(3)])
+        txt = clip.encode_texts({CAPTIONS!r})
+        d_img = np.abs(img - np.load({str(tmp_path / "want_img.npy")!r})).max()
+        d_txt = np.abs(txt - np.load({str(tmp_path / "want_txt.npy")!r})).max()
+        print(json.dumps({{"img": float(d_img), "txt": float(d_txt), "torch": "torch" in sys.modules}}))
+        try:
+            import torch
+        except ImportError as e:
+            print("blocked:", e)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.splitlines()[0])
+    assert result["torch"] is False and "blocked: torch is blocked" in r.stdout
+    assert result["img"] < 2e-5 and result["txt"] < 2e-5, result
