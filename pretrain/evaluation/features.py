@@ -27,7 +27,11 @@ TEMPLATES = (
 
 
 def model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's parameters live; the CPU for a model without any (e.g. a wrapper around another
+    library's CLIP that only offers encode_image / encode_text)."""
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if callable(parameters) else None
+    return first.device if first is not None else torch.device("cpu")
 
 
 @torch.no_grad()
