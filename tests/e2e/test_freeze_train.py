@@ -176,7 +176,7 @@ def test_resume_at_another_layout_keeps_the_tower_locked(lit_tp2_run, shards, tm
     check_rates(run, "global_step5", 5)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 3])  # ZeRO-2 reads frozen fragments as ZeRO-3 does
 def test_init_from_sets_the_frozen_weights(lit_run, shards, tmp_path, stage):
     """LiT from given weights (`--init-from`, as from an imported CLIP): the frozen tower holds the source's
     weights, not this run's own initialisation (another seed here), through training and the checkpoint
