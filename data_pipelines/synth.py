@@ -138,7 +138,7 @@ def make_sample(index: int, image_size: int, seed: int) -> dict[str, Any]:
 # colour x shape class (the single-object set's 32 class names), so zero-shot still runs on these shards.
 
 RELATIONS = ("left of", "right of")
-_TEMPLATES = (
+_PAIR_TEMPLATES = (
     "{c1} {s1} {rel} {c2} {s2}",
     "a {c1} {s1} {rel} a {c2} {s2}",
     "a picture of a {c1} {s1} {rel} a {c2} {s2}",
@@ -147,7 +147,9 @@ _TEMPLATES = (
 
 def pair_caption(template: int, first: tuple[str, str], relation: str, second: tuple[str, str]) -> str:
     """Caption naming `first` (colour, shape) in `relation` to `second`."""
-    return _TEMPLATES[template].format(c1=first[0], s1=first[1], rel=relation, c2=second[0], s2=second[1])
+    c1, s1 = first
+    c2, s2 = second
+    return _PAIR_TEMPLATES[template].format(c1=c1, s1=s1, rel=relation, c2=c2, s2=s2)
 
 
 def make_pair_sample(index: int, image_size: int, seed: int) -> dict[str, Any]:
@@ -169,7 +171,7 @@ def make_pair_sample(index: int, image_size: int, seed: int) -> dict[str, Any]:
     img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
     jpg = io.BytesIO()
     img.save(jpg, format="JPEG", quality=90)
-    template = int(rng.integers(len(_TEMPLATES)))
+    template = int(rng.integers(len(_PAIR_TEMPLATES)))
     left, right = (c_left, s_left), (c_right, s_right)
     # say it from either side: "A left of B" or "B right of A"
     first, relation, second = (left, "left of", right) if rng.integers(2) == 0 else (right, "right of", left)
