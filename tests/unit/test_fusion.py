@@ -138,6 +138,22 @@ def test_hard_negatives_follow_the_similarities():
     assert len(set(flat.tolist())) > 1  # equal similarities: the uniforms spread the draws
 
 
+def test_hard_negative_draws_do_not_depend_on_the_batch_order():
+    """Another layout orders the global batch differently: each sample must still draw the same negative
+    (as a sample, not a position), which makes ITM exact across (dp, tp) changes and resumes."""
+    gen = torch.Generator().manual_seed(5)
+    n = 12
+    img, txt = torch.randn(n, 8, generator=gen), torch.randn(n, 8, generator=gen)
+    ids = torch.arange(n)[:, None].repeat(1, 4) + 10
+    u = torch.rand(n, 2, generator=gen)
+    scale = torch.tensor(3.0)
+    neg_t, neg_i, _ = hard_negatives(img, txt, ids, scale, uniform=u)
+    perm = torch.randperm(n, generator=gen)
+    p_t, p_i, _ = hard_negatives(img[perm], txt[perm], ids[perm], scale, uniform=u[perm])
+    assert torch.equal(perm[p_t], neg_t[perm]) and torch.equal(perm[p_i], neg_i[perm])
+    assert len(set(neg_t.tolist())) > 2  # a draw, not one column for everyone
+
+
 def test_activation_checkpointing_of_fusion_blocks_keeps_gradients():
     ref = build(model_cfg(2), objectives(itm=1.0, conditioned=True))
     out_ref, g_ref = run(ref, batch())
