@@ -59,7 +59,9 @@ class FusionConfig:
     """Blocks of the cross-modal fusion encoder (0: off -- no fusion parameters, same model and losses as
     without it). Each block: bidirectional self-attention over the caption's text-tower tokens, cross-
     attention to the image tower's tokens, MLP; it serves `objectives.itm` and `objectives.mlm.conditioned`
-    and `pretrain eval --rerank`."""
+    and `pretrain eval --rerank`. It attends to the image tokens of the contrastive pass: every patch with
+    separate views (`objectives.mim.shared_pass: false`) and in eval, the visible patches under a shared
+    masked pass (FLIP)."""
     width: int = 0
     """Width of the fusion blocks (0: the text tower's width)."""
     heads: int = 4

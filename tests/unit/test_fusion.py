@@ -111,6 +111,19 @@ def test_conditioned_mlm_reads_the_image():
     assert not torch.equal(cond(other)["loss_mlm"], out["loss_mlm"])
 
 
+@pytest.mark.parametrize("shared_pass, train, tokens", [(False, True, 1 + N), (True, True, 1 + N // 2),
+                                                        (True, False, 1 + N)])
+def test_fusion_attends_to_the_contrastive_pass_image_tokens(shared_pass, train, tokens):
+    """Separate views and eval: every patch; a shared masked pass (FLIP): its visible patches."""
+    obj = objectives(itm=1.0, conditioned=True)
+    obj.mim.shared_pass = shared_pass
+    model = build(model_cfg(1), obj).train(train)
+    seen = []
+    model.fusion.register_forward_hook(lambda mod, args, out: seen.append(args[1].shape[1]))
+    model(batch())
+    assert seen == [tokens, tokens]  # the ITM pairs, then the conditioned MLM
+
+
 def test_hard_negatives_skip_the_positive_and_duplicate_captions():
     ids = torch.tensor([[1, 5, 3], [1, 6, 3], [1, 5, 3], [1, 7, 3]])  # rows 0 and 2: the same caption
     img = torch.eye(4, 8)
