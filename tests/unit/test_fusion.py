@@ -207,3 +207,16 @@ def test_config_accepts_fusion_and_keeps_it_off_by_default():
     cfg = load_config(None, ["model.fusion.layers=2", "objectives.itm.weight=1",
                              "objectives.mlm.conditioned=true"])
     assert dataclasses.asdict(cfg.model.fusion)["layers"] == 2 and cfg.objectives.itm.weight == 1
+
+
+def test_plan_counts_the_fusion_passes():
+    from pretrain.plan.memory import memory_plan
+
+    def parts(*overrides: str) -> dict:
+        cfg = load_config(None, ["train.micro_batch=8", *overrides])
+        return memory_plan(cfg, 2)["activations"]["per_sample_parts"]["no_checkpointing"]
+
+    assert "fusion" not in parts()
+    itm = parts("model.fusion.layers=2", "objectives.itm.weight=1")["fusion"]
+    both = parts("model.fusion.layers=2", "objectives.itm.weight=1", "objectives.mlm.conditioned=true")
+    assert 0 < itm < both["fusion"]
