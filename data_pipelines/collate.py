@@ -61,12 +61,16 @@ def collate_train(
         mlm_input[i], mlm_labels[i] = mlm_mask(ids[i], ex.mlm_rng, mask_prob, vocab, specials,
                                                mask_id=tokenizer.mask_id, content=content[i])
     noise = np.stack([ex.noise_rng.random(num_patches, dtype=np.float32) for ex in examples])
+    # drawn after the patch noise, so patch_noise is what it was before this key existed
+    itm_noise = np.stack([ex.noise_rng.random(2, dtype=np.float32) for ex in examples])
     return {
         "image": normalize_batch([ex.image for ex in examples], mean, std),
         "text": text,
         "mlm_input": torch.from_numpy(mlm_input),
         "mlm_labels": torch.from_numpy(mlm_labels),
         "patch_noise": torch.from_numpy(noise),
+        # two uniforms per sample for the image-text matching negatives' draws (pretrain/objectives/itm.py)
+        "itm_noise": torch.from_numpy(itm_noise),
         "cls": torch.tensor([ex.cls for ex in examples], dtype=torch.long),
         "_keys": [ex.key for ex in examples],
         "_epochs": [ex.epoch for ex in examples],

@@ -128,6 +128,71 @@ def make_sample(index: int, image_size: int, seed: int) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------ compositional (two objects)
+# Two objects side by side, captions whose word ORDER binds the attributes ("red circle left of blue
+# square"), for the fusion encoder's attribute-binding probe. A bag of words cannot tell such a caption
+# from its swaps: "blue circle left of red square" (colours swapped between the shapes) and "blue square
+# left of red circle" (objects swapped) use the same words. Each sample's `.json` carries both swaps
+# (`swapped_colours`, `swapped_objects`) for the probe (`pretrain/evaluation/binding.py`). The two objects
+# always differ in colour AND shape, so every swap describes another image. `.cls` is the left object's
+# colour x shape class (the single-object set's 32 class names), so zero-shot still runs on these shards.
+
+RELATIONS = ("left of", "right of")
+_PAIR_TEMPLATES = (
+    "{c1} {s1} {rel} {c2} {s2}",
+    "a {c1} {s1} {rel} a {c2} {s2}",
+    "a picture of a {c1} {s1} {rel} a {c2} {s2}",
+)
+
+
+def pair_caption(template: int, first: tuple[str, str], relation: str, second: tuple[str, str]) -> str:
+    """Caption naming `first` (colour, shape) in `relation` to `second`."""
+    c1, s1 = first
+    c2, s2 = second
+    return _PAIR_TEMPLATES[template].format(c1=c1, s1=s1, rel=relation, c2=c2, s2=s2)
+
+
+def make_pair_sample(index: int, image_size: int, seed: int) -> dict[str, Any]:
+    """One two-object sample (`__key__`, jpg, txt, json, cls as bytes), a pure function of its arguments."""
+    rng = np.random.default_rng([seed, index, 2])  # 2: another stream than the single-object samples
+    c_left, c_right = (list(COLOURS)[int(i)] for i in rng.choice(len(COLOURS), 2, replace=False))
+    s_left, s_right = (SHAPES[int(i)] for i in rng.choice(len(SHAPES), 2, replace=False))
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    canvas = image_size * _SUPERSAMPLE
+    img = Image.new("RGB", (canvas, canvas), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    boxes = []
+    for half, (colour, shape) in enumerate(((c_left, s_left), (c_right, s_right))):
+        side = float(rng.uniform(0.30, 0.42)) * canvas
+        x0 = half * canvas / 2 + float(rng.uniform(0.02, 0.98)) * (canvas / 2 - side)
+        y0 = float(rng.uniform(0.05, 0.95)) * (canvas - side)
+        _draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
+        boxes.append([round(v / _SUPERSAMPLE, 2) for v in (x0, y0, x0 + side, y0 + side)])
+    img = img.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    jpg = io.BytesIO()
+    img.save(jpg, format="JPEG", quality=90)
+    template = int(rng.integers(len(_PAIR_TEMPLATES)))
+    left, right = (c_left, s_left), (c_right, s_right)
+    # say it from either side: "A left of B" or "B right of A"
+    first, relation, second = (left, "left of", right) if rng.integers(2) == 0 else (right, "right of", left)
+    caption = pair_caption(template, first, relation, second)
+    swapped_colours = pair_caption(template, (second[0], first[1]), relation, (first[0], second[1]))
+    swapped_objects = pair_caption(template, second, relation, first)
+    cls = CLASSNAMES.index(f"{c_left} {s_left}")
+    attrs = {
+        "class": cls, "classname": CLASSNAMES[cls], "background": background, "bboxes": boxes,
+        "objects": [{"colour": c, "shape": s} for c, s in (left, right)],
+        "swapped_colours": swapped_colours, "swapped_objects": swapped_objects,
+    }
+    return {
+        "__key__": f"p{seed}_{index:09d}",
+        "jpg": jpg.getvalue(),
+        "txt": caption.encode("utf-8"),
+        "json": json.dumps(attrs, sort_keys=True).encode("utf-8"),
+        "cls": str(cls).encode("ascii"),
+    }
+
+
 def write_synthetic_shards(
     out_dir: str | os.PathLike,
     samples: int,
@@ -135,12 +200,16 @@ def write_synthetic_shards(
     image_size: int,
     seed: int,
     prefix: str = "shard",
+    compositional: bool = False,
 ) -> dict[str, Any]:
     """Write `OUT/{prefix}-000000.tar ...` plus classnames.txt, zeroshot_classification_templates.txt
     (CLIP_benchmark's names) and sizes.json; return a summary.
 
     Summary keys: out_dir, shards (count), samples, files (shard paths), urls (a brace spec for
     `data.train`), classnames (path), templates (path).
+
+    `compositional=True` writes two-object samples whose captions bind attributes by word order
+    (`make_pair_sample`), with the swapped captions of the attribute-binding probe.
     """
     if samples < 1 or samples_per_shard < 1:
         raise ValueError(f"samples ({samples}) and samples_per_shard ({samples_per_shard}) must be >= 1")
@@ -160,7 +229,7 @@ def write_synthetic_shards(
         with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME, user="",
                                                       group="", mode=0o644) as writer:
             for index in range(start, stop):
-                writer.write(make_sample(index, image_size, seed))
+                writer.write((make_pair_sample if compositional else make_sample)(index, image_size, seed))
         os.replace(tmp, final)
         sizes[name] = stop - start
         files.append(str(final))

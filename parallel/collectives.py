@@ -33,3 +33,14 @@ def all_gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return x, 0
     return _AllGatherWithGrad.apply(x, group), dist.get_rank(group) * x.shape[0]
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's `x` concatenated along dim 0 ([world*B, ...]), outside autograd (token ids, mining
+    scores). Equal B on every rank is required; not distributed: `x` unchanged."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=0)

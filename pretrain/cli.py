@@ -82,7 +82,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ds = resolve_eval_data(args.data, args.classnames, args.templates, split=args.split)
     result = evaluate(args.checkpoint[0], ds.urls, ds.classnames, batch_size=args.batch_size,
                       max_samples=args.max_samples, linear_probe=args.linear_probe, model_bundle=bundle,
-                      templates=ds.templates, few_shot=args.few_shot, workers=args.workers)
+                      templates=ds.templates, few_shot=args.few_shot, workers=args.workers,
+                      rerank=args.rerank)
+    if args.binding:  # every rank computes the same numbers; no collectives
+        from pretrain.evaluation.binding import binding_probe
+
+        model, tokenizer, cfg = bundle
+        result.update(binding_probe(model, tokenizer, cfg, ds.urls, args.max_samples, args.batch_size))
     if groups.rank() != 0:
         return 0
     if args.json:
@@ -97,7 +103,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from data_pipelines.synth import write_synthetic_shards
 
     summary = write_synthetic_shards(args.out, samples=args.samples, samples_per_shard=args.samples_per_shard,
-                                     image_size=args.image_size, seed=args.seed)
+                                     image_size=args.image_size, seed=args.seed,
+                                     compositional=args.compositional)
     print(json.dumps(summary, default=str), flush=True)
     return 0
 
@@ -190,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder of --suite / --plot")
     p.add_argument("--plot", metavar="METRIC", help="evaluate every complete checkpoint of each run and draw "
                    "METRIC (e.g. zeroshot_top1) against the training step as a PNG in --out")
+    p.add_argument("--rerank", metavar="K", type=int, default=0,
+                   help="re-rank each query's top-K contrastive candidates by the fusion encoder's "
+                   "image-text match score (a checkpoint with model.fusion.layers > 0 and "
+                   "objectives.itm.weight > 0) and report i2t_rerank_r1 / t2i_rerank_r1")
+    p.add_argument("--binding", action="store_true",
+                   help="attribute-binding probe on compositional shards (`data synth --compositional`): "
+                   "how often the true caption outscores its swaps, dual encoder vs ITM")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -201,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compositional", action="store_true",
+                   help="two objects per image, captions whose word order binds colour to shape "
+                        "(\"red circle left of blue square\"), and the swaps the binding probe scores")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("tokenizer", help="train a BPE tokenizer on the captions of shards")
     p.add_argument("--data", required=True, help="shard URLs (brace-expandable)")

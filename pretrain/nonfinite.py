@@ -11,7 +11,9 @@ import torch
 from parallel.consensus import any_rank
 
 log = logging.getLogger("mmpt.train")
-LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm")
+LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm", "loss_itm")
+"""The objectives the training loop sums, averages over ranks and logs (each only when the model returns
+it): adding a key here is all a new objective needs to appear in metrics.jsonl and TensorBoard."""
 
 
 class NonFiniteError(RuntimeError):

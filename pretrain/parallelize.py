@@ -27,6 +27,7 @@ from parallel.groups import tp_size
 from parallel.tensor_parallel import parallel_version, split_dims
 from pretrain.config import Config, check_runtime
 from pretrain.freeze import apply_freeze, frozen_names
+from pretrain.models.fusion import CrossAttention, FusionEncoder
 from pretrain.models.heads import MLMHead
 from pretrain.models.text import TextTower
 from pretrain.models.transformer import ATTENTION_IMPLS, MLP, Attention, Transformer
@@ -36,6 +37,9 @@ TP_PLAN: dict[type[nn.Module], dict[str, str]] = {
     MLP: {"fc1": "column", "fc2": "row"},
     TextTower: {"token_embedding": "vocab"},
     MLMHead: {"decoder": "column"},  # logits stay split: the MLM loss is vocabulary-parallel
+    # fusion blocks: their self-attention and MLP are the towers' classes above; the cross-attention's q
+    # rows are [heads, head_dim] and kv rows [heads, 2, head_dim], so column splits hand out whole heads
+    CrossAttention: {"q": "column", "kv": "column", "proj": "row"},
 }
 """Which child layer of which module splits, and how (see `parallel.tensor_parallel.STYLES`). Every
 other parameter is replicated on the tensor-parallel ranks."""
@@ -79,14 +83,14 @@ def set_attention(model: nn.Module, attention: str) -> None:
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention: {attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
     for mod in model.modules():
-        if isinstance(mod, Attention):
+        if isinstance(mod, (Attention, CrossAttention)):
             mod.attention = attention
 
 
 def set_activation_checkpointing(model: nn.Module, enable: bool = True) -> None:
-    """Recompute every transformer block in backward (towers and decoder)."""
+    """Recompute every transformer block in backward (towers, decoder and fusion encoder)."""
     for mod in model.modules():
-        if isinstance(mod, Transformer):
+        if isinstance(mod, (Transformer, FusionEncoder)):
             mod.grad_checkpointing = enable
 
 
@@ -94,7 +98,7 @@ def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
     """torch.compile every transformer block in place (`nn.Module.compile`): parameter names, state-dict
     keys and module hooks (ZeRO-3's gathers run eagerly, as graph breaks) are unchanged."""
     for mod in model.modules():
-        if isinstance(mod, Transformer):
+        if isinstance(mod, (Transformer, FusionEncoder)):
             for blk in mod.resblocks:
                 blk.compile(**compile_kwargs)
 

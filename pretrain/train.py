@@ -73,7 +73,7 @@ def _prepare_tokenizer(cfg: Config, run_dir: Path, resumed: dict[str, Any] | Non
     return load_tokenizer(path)
 
 
-KEEP_FP32 = ("patch_noise",)
+KEEP_FP32 = ("patch_noise", "itm_noise")
 """Floating batch entries that are random draws, not activations: they stay fp32 under bf16/fp16. MAE keeps
 the patches with the smallest noise; in bf16 (8 mantissa bits) about 9% of samples at 64 patches and 23% at
 196 have ties at the keep threshold, so the mask would depend on the precision, not only on the seed."""

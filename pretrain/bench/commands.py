@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     `bench data`."""
     from pretrain.bench.ckpt import add_ckpt_parser
     from pretrain.bench.eval_scaling import add_eval_parser
+    from pretrain.bench.fusion import add_fusion_parser
     from pretrain.bench.infer import add_infer_parser
     from pretrain.bench.loss import add_loss_parser
     from pretrain.bench.quality import add_quality_parser
@@ -55,6 +56,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     add_quality_parser(bench)
     add_eval_parser(bench)
     add_infer_parser(bench)
+    add_fusion_parser(bench)
     p = bench.add_parser("data", help="data pipeline samples/s vs. a plain webdataset reference")
     p.add_argument("--shards", required=True,
                    help="shard URLs (e.g. written by `pretrain data synth --image-size 512`)")

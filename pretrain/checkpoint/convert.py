@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from pretrain.checkpoint.tensor_files import staged_output, write_manifest
 from pretrain.checkpoint.universal import write_universal, write_weights
 from pretrain.config import Config, dump_yaml, load_config, to_dict
 
+log = logging.getLogger("mmpt.checkpoint")
 TARGETS = ("universal", "safetensors", "hf", "open_clip", "onnx")
 IMPORTS = ("hf", "open_clip", "openai")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -44,11 +46,18 @@ def _export_with(src: Source, dst: Path, to: str, dtype: torch.dtype, overwrite:
         from pretrain.export.hf import export_hf as export
     else:
         from pretrain.export.open_clip import export_open_clip as export
+    from pretrain.export.common import left_out_parts
+
+    left_out = left_out_parts(src.names)
+    if "fusion" in left_out:
+        log.info("--to %s exports the dual encoder (CLIP towers + logit scale) only; left out: %s "
+                 "(the cross-modal fusion encoder and its heads have no place in the %s model; "
+                 "universal and safetensors outputs keep them)", to, ", ".join(left_out), to)
     with staged_output(dst, overwrite) as tmp:
         export(src.state_dict(), src.config, src.meta["tokenizer"], tmp, dtype=dtype)
-        write_manifest(tmp, {}, kind=to, step=src.meta.get("step"))
+        write_manifest(tmp, {}, kind=to, step=src.meta.get("step"), left_out=left_out)
         nbytes = sum(e["bytes"] for e in json.loads((tmp / "manifest.json").read_text())["files"].values())
-    return {"to": to, "out": str(dst), "params": len(src.names), "bytes": nbytes}
+    return {"to": to, "out": str(dst), "params": len(src.names), "bytes": nbytes, "left_out": left_out}
 
 
 def convert(src_path: str | Path, dst: str | Path, to: str, dtype: str = "fp32", overwrite: bool = False,

@@ -20,6 +20,8 @@ from pretrain.config.schema import (
     DecoderConfig,
     EvalConfig,
     FinetuneConfig,
+    FusionConfig,
+    ITMConfig,
     LoggingConfig,
     MIMConfig,
     MLMConfig,
@@ -36,7 +38,8 @@ from pretrain.config.specs import engine_spec, stream_spec
 from pretrain.config.validation import check_runtime, get_key, validate
 
 __all__ = ["CHOICES", "CheckpointConfig", "Config", "ConfigError", "ContrastiveConfig", "DataConfig",
-           "DecoderConfig", "EvalConfig", "FinetuneConfig", "LoggingConfig", "MIMConfig", "MLMConfig",
+           "DecoderConfig", "EvalConfig", "FinetuneConfig", "FusionConfig", "ITMConfig", "LoggingConfig",
+           "MIMConfig", "MLMConfig",
            "ModelConfig", "ObjectivesConfig",
            "OptimConfig", "ParallelConfig", "RunConfig", "TextConfig", "TrainConfig", "VisionConfig",
            "check_runtime", "config_from_dict", "dump_yaml", "embedded_config_path", "engine_spec",

@@ -54,6 +54,21 @@ class DecoderConfig:
 
 
 @dataclass
+class FusionConfig:
+    layers: int = 0
+    """Blocks of the cross-modal fusion encoder (0: off -- no fusion parameters, same model and losses as
+    without it). Each block: bidirectional self-attention over the caption's text-tower tokens, cross-
+    attention to the image tower's tokens, MLP; it serves `objectives.itm` and `objectives.mlm.conditioned`
+    and `pretrain eval --rerank`. It attends to the image tokens of the contrastive pass: every patch with
+    separate views (`objectives.mim.shared_pass: false`) and in eval, the visible patches under a shared
+    masked pass (FLIP)."""
+    width: int = 0
+    """Width of the fusion blocks (0: the text tower's width)."""
+    heads: int = 4
+    """Attention heads of the fusion blocks (self and cross); must divide the fusion width."""
+
+
+@dataclass
 class ModelConfig:
     image_size: int = 64
     """Side of the square training images in pixels."""
@@ -83,6 +98,8 @@ class ModelConfig:
     """Text tower (causal transformer, CLIP-style)."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     """MAE decoder that reconstructs masked patches."""
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    """Cross-modal fusion encoder (ALBEF/BLIP-style), off by default."""
 
 
 @dataclass
@@ -142,6 +159,20 @@ class MLMConfig:
     """Weight of the BERT-style masked-language loss (0 disables the bidirectional pass)."""
     mask_prob: float = 0.15
     """Fraction of caption tokens selected for prediction (80% [MASK], 10% random, 10% kept)."""
+    conditioned: bool = False
+    """Predict the masked words through the fusion encoder, which also sees the image tokens of the
+    contrastive pass (ALBEF/BLIP's image-conditioned MLM; needs `model.fusion.layers` > 0). False: the
+    text tower alone, as BERT."""
+
+
+@dataclass
+class ITMConfig:
+    weight: float = 0.0
+    """Weight of the image-text matching loss (0: off). Per local pair: the positive, the image with a hard
+    negative caption and the caption with a hard negative image, both drawn from the contrastive
+    similarities over the whole data-parallel batch (a negative may live on another rank); binary
+    cross-entropy of the fusion encoder's match head. Needs `model.fusion.layers` > 0 and the
+    contrastive loss on."""
 
 
 @dataclass
@@ -152,6 +183,8 @@ class ObjectivesConfig:
     """Masked image modeling (MAE)."""
     mlm: MLMConfig = field(default_factory=MLMConfig)
     """Masked language modeling (BERT)."""
+    itm: ITMConfig = field(default_factory=ITMConfig)
+    """Image-text matching through the fusion encoder (ALBEF), off by default."""
 
 
 @dataclass

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 from pretrain.config.schema import CHOICES, Config, ConfigError
@@ -37,10 +38,24 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(0.0 <= m.attention_dropout < 1.0, "model.attention_dropout must be in [0, 1)")
     check(m.vocab_pad_multiple >= 1, "model.vocab_pad_multiple must be >= 1")
     o = cfg.objectives
-    for name in ("contrastive", "mim", "mlm"):
+    for name in ("contrastive", "mim", "mlm", "itm"):
         check(getattr(o, name).weight >= 0, f"objectives.{name}.weight must be >= 0")
-    check(o.contrastive.weight + o.mim.weight + o.mlm.weight > 0,
-          "at least one of objectives.{contrastive,mim,mlm}.weight must be > 0")
+    check(o.contrastive.weight + o.mim.weight + o.mlm.weight + o.itm.weight > 0,
+          "at least one of objectives.{contrastive,mim,mlm,itm}.weight must be > 0")
+    f = m.fusion
+    check(f.layers >= 0, "model.fusion.layers must be >= 0 (0: off)")
+    check(f.width >= 0, "model.fusion.width must be >= 0 (0: the text tower's width)")
+    fw = f.width or m.text.width
+    check(f.layers == 0 or (f.heads > 0 and fw % f.heads == 0),
+          f"model.fusion.heads ({f.heads}) must divide the fusion width ({fw})")
+    check(o.itm.weight == 0 or f.layers > 0, "objectives.itm.weight > 0 needs model.fusion.layers > 0")
+    check(o.itm.weight == 0 or o.contrastive.weight > 0,
+          "objectives.itm.weight > 0 needs objectives.contrastive.weight > 0 (hard negatives are mined from "
+          "the contrastive similarities)")
+    check(not o.mlm.conditioned or f.layers > 0,
+          "objectives.mlm.conditioned=true needs model.fusion.layers > 0")
+    check(not o.mlm.conditioned or o.mlm.weight > 0,
+          "objectives.mlm.conditioned=true needs objectives.mlm.weight > 0")
     check(0.0 <= o.mim.mask_ratio < 1.0, "objectives.mim.mask_ratio must be in [0, 1)")
     check(not (o.mim.weight > 0 and o.mim.mask_ratio == 0),
           "objectives.mim.mask_ratio must be > 0 when objectives.mim.weight > 0")
@@ -165,9 +180,12 @@ def _tensor_parallel_problems(cfg: Config) -> list[str]:
     (embedding rows, MLM logits). The padded vocabulary is a multiple of `model.vocab_pad_multiple`
     whatever the tokenizer's size, so requiring tp | vocab_pad_multiple covers every tokenizer."""
     m, tp, out = cfg.model, cfg.parallel.tp, []
-    for name, tower in (("vision", m.vision), ("text", m.text), ("decoder", m.decoder)):
+    fusion = SimpleNamespace(width=m.fusion.width or m.text.width, heads=m.fusion.heads)
+    for name, tower in (("vision", m.vision), ("text", m.text), ("decoder", m.decoder), ("fusion", fusion)):
         if name == "decoder" and cfg.objectives.mim.weight <= 0:
             continue  # no decoder is built
+        if name == "fusion" and m.fusion.layers == 0:
+            continue  # no fusion encoder is built
         if tower.heads % tp:
             out.append(f"model.{name}.heads ({tower.heads}) must be divisible by parallel.tp ({tp}): "
                        f"each tensor-parallel rank computes whole heads")

@@ -23,6 +23,7 @@ from pretrain.checkpoint.sources import load_tokenizer, open_source
 from pretrain.config import Config
 from pretrain.evaluation.distributed import metrics_from_features
 from pretrain.evaluation.features import TEMPLATES, classifier_weights, shard_features
+from pretrain.evaluation.rerank import rerank_metrics
 from pretrain.models.pretrain_model import PretrainModel
 
 __all__ = ["TEMPLATES", "classifier_weights", "evaluate", "load_model", "read_classnames"]
@@ -93,7 +94,7 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
              max_samples: int = 0, workers: int = 0, linear_probe: str | None = None,
              model_bundle: tuple[Any, TextTokenizer, Config] | None = None,
              templates: list[str] | None = None, few_shot: int = 0,
-             require_labels: bool = True) -> dict[str, Any]:
+             require_labels: bool = True, rerank: int = 0) -> dict[str, Any]:
     """Zero-shot top-1/top-5 (prompt ensemble) and i2t/t2i recall@1/5 on `data`'s held-out samples (the
     first `max_samples` in shard order; 0: all); with `linear_probe` (labelled train shard URLs) also
     `linear_probe_top1` (`pretrain.evaluation.probe`), and with `few_shot` K > 0 also `few_shot_top1` (K per
@@ -102,7 +103,8 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     replace the built-in TEMPLATES. Shards without any `.cls` label are an error unless `require_labels`
     is false (retrieval only: zero-shot keys are then None). Under a launcher every rank calls this and
     gets the same metrics. `seconds` / `images_per_s` time the encoding and metrics (not the model load;
-    the probe's train features and fit come after)."""
+    the probe's train features and fit come after). `rerank` K > 0 adds ITM re-ranking of the top-K
+    retrieval candidates (`pretrain.evaluation.rerank`, needs a fusion checkpoint; timed with the rest)."""
     classnames = read_classnames(classnames_file)
     model, tokenizer, cfg = model_bundle if model_bundle is not None else load_model(checkpoint)
     if model_bundle is None:
@@ -110,9 +112,14 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     t0 = time.perf_counter()
     prompts = tuple(templates) if templates else TEMPLATES
     weights = classifier_weights(model, tokenizer, classnames, cfg.model.text.context_length, prompts)
-    feats = shard_features(model, tokenizer, cfg, data, batch_size, max_samples, workers=workers)
+    if rerank and getattr(model, "itm_head", None) is None:  # before encoding anything
+        rerank_metrics(model, {}, rerank)
+    feats = shard_features(model, tokenizer, cfg, data, batch_size, max_samples, workers=workers,
+                           pairs=rerank > 0)
     out: dict[str, Any] = {"classes": len(classnames), "chance": round(1.0 / len(classnames), 6)}
     out.update(metrics_from_features(feats, weights))
+    if rerank:
+        out.update(rerank_metrics(model, feats, rerank))
     if not out.pop("labelled", 0) and require_labels:
         raise ValueError(f"{data}: none of the {out['samples']} samples has a .cls label, so zero-shot "
                          f"classification against {classnames_file} cannot be scored (labels index "

@@ -58,15 +58,16 @@ def _dp() -> tuple[int, int, Any]:
 def shard_features(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: int, max_samples: int = 0,
                    *, texts: bool = True, dtype: torch.dtype | None = None, workers: int = 0,
                    masking: tuple[int, float, int] | None = None,
-                   on_batch: Callable[[dict[str, Any], bool], None] | None = None
-                   ) -> dict[str, torch.Tensor]:
+                   on_batch: Callable[[dict[str, Any], bool], None] | None = None,
+                   pairs: bool = False) -> dict[str, torch.Tensor]:
     """Gathered features of `urls` (first `max_samples` positions; 0: all), identical on every rank and in
     single-process order: `image` [N, E], `text` [N, E] (with `texts`), `cls` [N], `_order` [N, 2].
 
     This rank encodes only its data-parallel share. `dtype` is the model's input dtype (bf16 under
     DeepSpeed bf16). `on_batch(batch, uniform)` runs before the encoders on each real batch (validation
     losses; `uniform`: every rank holds a batch of this size). ValueError (on every rank) when no rank read
-    a usable sample."""
+    a usable sample. `pairs` also gathers each sample's caption ids `ids` [N, L] and fp32 `pixels`
+    [N, 3, S, S], what ITM re-ranking feeds the fusion encoder (`pretrain.evaluation.rerank`)."""
     device = model_device(model)
     dp_rank, dp_world, dp_group = _dp()
     L, S = cfg.model.text.context_length, cfg.model.image_size
@@ -90,6 +91,8 @@ def shard_features(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: 
         out = {"image": model.encode_image(images), "cls": cls, "_order": order}
         if texts:
             out["text"] = model.encode_text(ids)
+        if pairs:
+            out["ids"], out["pixels"] = ids, images.float()
         return out
 
     local = encode_share(loader, encode, device)

@@ -36,7 +36,7 @@ from pretrain.evaluation.features import classifier_weights, shard_features
 
 log = logging.getLogger("mmpt.validate")
 
-LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm")
+LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm", "loss_itm")
 
 
 def find_classnames(cfg: Any) -> Path | None:
@@ -94,7 +94,7 @@ class Validator:
     def metric_names(self) -> list[str]:
         """The `val/...` keys a validation writes (what `checkpoint.keep_best` may name)."""
         o = self.cfg.objectives
-        names = ["val/loss"] + [f"val/loss_{k}" for k in ("contrastive", "mim", "mlm")
+        names = ["val/loss"] + [f"val/loss_{k}" for k in ("contrastive", "mim", "mlm", "itm")
                                 if getattr(o, k).weight > 0]
         names += [f"val/{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5)]
         if self.classnames:

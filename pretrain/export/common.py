@@ -4,8 +4,10 @@
 what both need: which of our parameters are the CLIP towers, file writing (safetensors, JSON, tokenizer
 files), reading foreign weight files safely, and the config overrides an import hands back.
 
-Only the two CLIP towers and the logit scale leave the model: the MAE decoder and the MLM head have no
-counterpart in either library, so exports drop them and imports leave them at their fresh initialisation.
+Only the two CLIP towers and the logit scale leave the model: the MAE decoder, the MLM head and the
+cross-modal fusion encoder with its ITM head have no counterpart in either library, so exports drop them
+(the manifest's `left_out` names them, and the convert log says so when the fusion part is among them)
+and imports leave them at their fresh initialisation.
 Neither this module nor the exporters import `transformers` or `open_clip`: writing an export needs only
 `safetensors`; the libraries are needed to load the result.
 """
@@ -22,7 +24,8 @@ from data_pipelines.tokenizer import EOS, MASK, PAD, SOS, UNK, TextTokenizer
 from pretrain.config import Config
 from pretrain.models.transformer import LAYER_NORM_EPS as _EPS
 
-__all__ = ["CLIP_PREFIXES", "LAYER_NORM_EPS", "check_state_matches_config", "clip_state", "load_weight_file",
+__all__ = ["CLIP_PREFIXES", "LAYER_NORM_EPS", "check_state_matches_config", "clip_state", "left_out_parts",
+           "load_weight_file",
            "read_json", "tokenizer_from_json", "write_hf_tokenizer_files", "write_json",
            "write_safetensors"]
 
@@ -37,6 +40,14 @@ LAYER_NORM_EPS: float = _EPS
 def clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The CLIP towers' tensors of our state dict (decoder, MLM head and logit scale/bias excluded)."""
     return {k: v for k, v in state.items() if k.startswith(CLIP_PREFIXES)}
+
+
+def left_out_parts(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Top-level modules of our state dict that an HF / open_clip export leaves behind (`decoder`,
+    `mlm_head`, `fusion`, `itm_head`, ...; the logit scale and SigLIP bias travel as config values), for
+    the export's manifest (`left_out`) and log line."""
+    kept = ("logit_scale", "logit_bias")
+    return sorted({n.split(".")[0] for n in names if not n.startswith(CLIP_PREFIXES) and n not in kept})
 
 
 def check_state_matches_config(state: dict[str, torch.Tensor], cfg: Config) -> None:

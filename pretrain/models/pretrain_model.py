@@ -15,13 +15,22 @@ from torch import nn
 
 from data_pipelines.clip_tokenizer import CLIP_SPEC, ClipTokenizer
 from data_pipelines.tokenizer import EOS_ID, PAD_ID, TextTokenizer
+from parallel.collectives import all_gather_with_grad
 from parallel.groups import get_data_parallel_group
 from pretrain.config import Config, ModelConfig, ObjectivesConfig
 from pretrain.models.decoder import MAEDecoder
+from pretrain.models.fusion import FusionEncoder, ITMHead
 from pretrain.models.heads import MLMHead
 from pretrain.models.text import TextTower
 from pretrain.models.vision import VisionTower
-from pretrain.objectives import contrastive_loss, feature_mim_loss, mim_loss, mlm_loss
+from pretrain.objectives import (
+    contrastive_loss,
+    feature_mim_loss,
+    hard_negatives,
+    itm_loss,
+    mim_loss,
+    mlm_loss,
+)
 
 SIGLIP_INIT_BIAS = -10.0
 """SigLIP's initial logit bias: with ~B negatives per positive, starting near log(1/B) keeps the first
@@ -55,7 +64,18 @@ class PretrainModel(nn.Module):
         out_dim = v.width if o.mim.target == "features" else None  # features: predict the encoder's tokens
         self.decoder = (MAEDecoder(self.visual.grid_size, v.patch_size, v.width, d.width, d.layers, d.heads,
                                    **common, out_dim=out_dim) if o.mim.weight > 0 else None)
-        self.mlm_head = MLMHead(t.width, self.vocab_size) if o.mlm.weight > 0 else None
+        # the fusion encoder (model.fusion.layers > 0) and its match head (objectives.itm.weight > 0)
+        f = m.fusion
+        self.fusion_width = f.width or t.width
+        # built without consuming the global RNG (init_weights draws it last), so every other parameter
+        # gets the same initial values with the fusion encoder as without it
+        with torch.random.fork_rng(devices=[]):
+            self.fusion = (FusionEncoder(t.width, v.width, self.fusion_width, f.layers, f.heads, **common)
+                           if f.layers > 0 else None)
+            self.itm_head = (ITMHead(self.fusion_width) if self.fusion is not None and o.itm.weight > 0
+                             else None)
+        mlm_width = self.fusion_width if o.mlm.conditioned else t.width  # conditioned: reads fused tokens
+        self.mlm_head = MLMHead(mlm_width, self.vocab_size) if o.mlm.weight > 0 else None
         # shape [1], not CLIP's 0-dim: DeepSpeed's start-up broadcast views every parameter as bytes,
         # which a 0-dim tensor refuses; exporters reshape it to a scalar
         self.logit_scale = nn.Parameter(torch.empty(1))
@@ -93,6 +113,11 @@ class PretrainModel(nn.Module):
                                    self.logit_scale_ceiling))
         if self.logit_bias is not None:
             self.logit_bias.fill_(SIGLIP_INIT_BIAS)
+        # last, so every other parameter draws what it draws without a fusion encoder
+        if self.fusion is not None:
+            self.fusion.init_weights()
+        if self.itm_head is not None:
+            self.itm_head.init_weights()
 
     @property
     def logit_scale_ceiling(self) -> float:
@@ -125,6 +150,7 @@ class PretrainModel(nn.Module):
         """
         o = self.obj_cfg
         use_con, use_mim, use_mlm = o.contrastive.weight > 0, o.mim.weight > 0, o.mlm.weight > 0
+        use_itm, conditioned = self.itm_head is not None, use_mlm and o.mlm.conditioned
         if self.training and self.unmasked_tail:
             use_mim = False
         losses: dict[str, torch.Tensor] = {}
@@ -133,19 +159,27 @@ class PretrainModel(nn.Module):
         noise = batch.get("patch_noise")  # [B, N]
         features_target = use_mim and o.mim.target == "features"
         pooled = tokens = mask = ids_restore = None
-        if use_con or (use_mim and ratio > 0) or features_target:
+        if use_con or (use_mim and ratio > 0) or features_target or use_itm or conditioned:
             pooled, tokens, mask, ids_restore = self.visual.forward_features(images, noise, ratio)
         full_tokens = tokens if ratio == 0 else None  # [B, 1 + N, W]: the target of target=features
+        # what the fusion encoder attends to: the contrastive pass's tokens [B, 1 + N_vis, W_img] -- the
+        # visible patches under a shared masked pass (FLIP), every patch with separate views / in eval
+        image_tokens = tokens
 
         # no clamp here (it would zero the gradient above the ceiling, where Adam's momentum can carry the
         # parameter and leave it stuck): the training loop clamps the parameter after each step, as CLIP does
         scale = self.logit_scale.exp().squeeze(0)  # []
         if use_con:
-            txt = self.text(batch["text"], causal=True)  # [B, E], pooled at EOS
+            if use_itm:  # the same causal pass also hands the fusion encoder its tokens [B, L, W_text]
+                txt, text_tokens = self.text(batch["text"], causal=True, return_both=True)
+            else:
+                txt = self.text(batch["text"], causal=True)  # [B, E], pooled at EOS
             c = o.contrastive
             bias = self.logit_bias.squeeze(0) if self.logit_bias is not None else None
             losses["loss_contrastive"] = contrastive_loss(pooled, txt, scale, group=get_data_parallel_group(),
                                                           loss=c.loss, chunk=c.chunk, logit_bias=bias)
+        if use_itm:
+            losses["loss_itm"] = self._itm(pooled, txt, image_tokens, text_tokens, batch, scale)
         if use_mim:
             if ratio == 0:  # eval / separate views: the pass above saw every patch, MAE needs a masked one
                 _, tokens, mask, ids_restore = self.visual.forward_features(images, noise, o.mim.mask_ratio)
@@ -157,11 +191,13 @@ class PretrainModel(nn.Module):
                                              o.mim.norm_pix_eps)
         if use_mlm:
             hidden = self.text.forward_tokens(batch["mlm_input"], causal=False)  # [B, L, W]
+            if conditioned:  # the masked caption also sees the image: [B, L, W_fusion]
+                hidden = self.fusion(hidden, image_tokens, self.text.padding_mask(batch["mlm_input"]))
             losses["loss_mlm"] = mlm_loss(self.mlm_head(hidden), batch["mlm_labels"],
                                           group=get_data_parallel_group())
 
         weights = {"loss_contrastive": o.contrastive.weight, "loss_mim": o.mim.weight,
-                   "loss_mlm": o.mlm.weight}
+                   "loss_mlm": o.mlm.weight, "loss_itm": o.itm.weight}
         total = sum(weights[k] * v for k, v in losses.items())
         out = {"loss": total}
         out.update({k: v.detach() for k, v in losses.items()})
@@ -177,3 +213,49 @@ class PretrainModel(nn.Module):
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, L] -> L2-normalised fp32 embeddings [B, E] from the causal pass."""
         return F.normalize(self.text(ids).float(), dim=-1)
+
+    def _itm(self, img: torch.Tensor, txt: torch.Tensor, image_tokens: torch.Tensor,
+             text_tokens: torch.Tensor, batch: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+        """ALBEF's image-text matching on this rank's B pairs: B positives, B (image, hard negative
+        caption) and B (hard negative image, caption) pairs through the fusion encoder, scored by the
+        match head. Negatives come from the whole data-parallel batch; how their tokens get here is in
+        `pretrain/objectives/itm.py`."""
+        group = get_data_parallel_group()
+        ids = batch["text"]  # [B, L]
+        uniform = batch.get("itm_noise") if self.training else None  # [B, 2]; eval: hardest negative
+        neg_txt, neg_img, ids_all = hard_negatives(img, txt, ids, scale.detach(), group, uniform)
+        text_all, _ = all_gather_with_grad(text_tokens, group)  # [B_global, L, W_text]
+        image_all, _ = all_gather_with_grad(image_tokens, group)  # [B_global, S, W_img]
+        text_in = torch.cat([text_tokens, text_all[neg_txt], text_tokens])  # [3B, L, W_text]
+        text_ids = torch.cat([ids, ids_all[neg_txt], ids])  # [3B, L]
+        image_in = torch.cat([image_tokens, image_tokens, image_all[neg_img]])  # [3B, S, W_img]
+        logits = self.match_logits(text_in, text_ids, image_in)  # [3B, 2]
+        B = ids.shape[0]
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+        return itm_loss(logits, labels)
+
+    def match_logits(self, text_tokens: torch.Tensor, ids: torch.Tensor, image_tokens: torch.Tensor
+                     ) -> torch.Tensor:
+        """Fusion encoder + match head: text tokens [N, L, W_text] of captions `ids` [N, L] (the causal
+        pass's hidden states) with image tokens [N, S, W_img] -> match logits [N, 2] (1 = match), read
+        at each caption's pool position (its EOS: the token that summarises it)."""
+        fused = self.fusion(text_tokens, image_tokens, self.text.padding_mask(ids))  # [N, L, W_fusion]
+        pos = self.text.pool_positions(ids)  # [N]
+        return self.itm_head(fused[torch.arange(ids.shape[0], device=ids.device), pos])
+
+    @torch.no_grad()
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] -> the image tokens the fusion encoder reads [B, 1 + N, W_img], every patch."""
+        return self.visual.forward_features(images)[1]
+
+    @torch.no_grad()
+    def text_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, L] -> the causal pass's hidden states [B, L, W_text] (the fusion encoder's text input)."""
+        return self.text(ids, causal=True, return_tokens=True)
+
+    @torch.no_grad()
+    def itm_score(self, text_tokens: torch.Tensor, ids: torch.Tensor, image_tokens: torch.Tensor
+                  ) -> torch.Tensor:
+        """Match score [N] (logit of match minus logit of no match) of N (caption, image) pairs."""
+        logits = self.match_logits(text_tokens, ids, image_tokens).float()
+        return logits[:, 1] - logits[:, 0]

@@ -47,9 +47,12 @@ class TextTower(nn.Module):
         self.transformer.init_weights()
 
     def forward(self, ids: torch.Tensor, causal: bool = True, return_tokens: bool = False,
-                pad_id: int | None = None) -> torch.Tensor:
+                pad_id: int | None = None, return_both: bool = False):
         """ids [B, T] (T <= context_length) -> text features [B, E] pooled at the first EOS token
-        (before normalisation), or with `return_tokens` the hidden states [B, T, W] after `ln_final`.
+        (before normalisation), or with `return_tokens` the hidden states [B, T, W] after `ln_final`, or
+        with `return_both` the pair (features, hidden states) from the one pass (what the fusion encoder
+        reads next to the contrastive features; the projection stays inside this module's call so ZeRO-3
+        has it gathered).
 
         The causal pass needs no padding mask (tokens after EOS cannot influence it); the
         bidirectional pass masks keys equal to `pad_id` (default: the constructor's), or with
@@ -72,7 +75,17 @@ class TextTower(nn.Module):
         if return_tokens:
             return x
         eos = self.pool_positions(ids)  # [B]
-        return x[torch.arange(batch, device=x.device), eos] @ self.text_projection  # [B, E]
+        pooled = x[torch.arange(batch, device=x.device), eos] @ self.text_projection  # [B, E]
+        return (pooled, x) if return_both else pooled
+
+    def padding_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] bool, True = padding: what the bidirectional pass masks (ids equal to the padding id, or
+        with `pool_type="argmax"` the positions after the first `eos_id`). The fusion encoder's
+        self-attention masks the same keys."""
+        if self.pool_type == "argmax":
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            return positions > (ids == self.eos_id).int().argmax(dim=-1, keepdim=True)
+        return ids == self.pad_id
 
     def pool_positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Index of the first EOS per row (argmax of ids == eos). A row without EOS (a caption the data

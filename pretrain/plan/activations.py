@@ -89,6 +89,27 @@ def _largest_module_params(model: nn.Module, tp: int) -> int:
     return best
 
 
+def _fusion_towers(cfg: Config, n: int, t_vis: int, t_txt: int, r: int, c: int, dp: int
+                   ) -> list[tuple[str, int, int, int, int, int]]:
+    """The fusion encoder's passes per sample (3 for ITM: the positive and two negative pairs; 1 for the
+    conditioned MLM), each block counted as a self-attention block over the caption plus its cross-
+    attention (LN input, q, k and v over the image tokens, output, residual), and for ITM the gathered
+    text and image tokens of the whole data-parallel batch (dp rows per sample). Rough, as the rest."""
+    m, o = cfg.model, cfg.objectives
+    f = m.fusion
+    passes = (3 if o.itm.weight > 0 else 0) + (1 if o.mlm.weight > 0 and o.mlm.conditioned else 0)
+    if f.layers == 0 or passes == 0:
+        return []
+    fw = f.width or m.text.width
+    separate = not o.mim.shared_pass and o.mim.weight > 0
+    t_ctx = 1 + n if separate else t_vis  # the contrastive pass's image tokens
+    cross = (3 * t_txt * fw + 2 * t_ctx * fw) * c + t_txt * fw * r
+    around = passes * (f.layers * cross + t_txt * fw * r)
+    if o.itm.weight > 0:
+        around += dp * (t_txt * m.text.width + t_ctx * m.vision.width) * r
+    return [("fusion", f.layers * passes, fw, t_txt, f.heads, around)]
+
+
 def activation_plan(cfg: Config, model: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
     """Activation bytes per sample with and without checkpointing, the contrastive term, and the workspace
     (the `activations` and `workspace` entries of the plan; see the module docstring for the keys).
@@ -125,6 +146,7 @@ def activation_plan(cfg: Config, model: nn.Module, plan: dict[str, Any]) -> dict
     if use_mlm:
         towers.append(("text_mlm", t.layers, t.width, t_txt, t.heads,
                        2 * t_txt * t.width * r + 3 * t_txt * t.width * c + t_txt * vocab_local * 4))
+    towers += _fusion_towers(cfg, n, t_vis, t_txt, r, c, dp)
     image_bytes = 4 if cfg.train.precision in ("fp32", "bf16_autocast") else 2
     inputs = (3 * m.image_size ** 2 + n) * image_bytes + 3 * t_txt * 8  # image, patch noise, 3 id tensors
     full: dict[str, int] = {"inputs": inputs}

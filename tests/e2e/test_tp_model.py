@@ -21,7 +21,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallel import groups
-from pretrain.config import DecoderConfig, ModelConfig, ObjectivesConfig, TextConfig, VisionConfig
+from pretrain.config import (
+    DecoderConfig,
+    FusionConfig,
+    ModelConfig,
+    ObjectivesConfig,
+    TextConfig,
+    VisionConfig,
+)
 from pretrain.models import PretrainModel
 from pretrain.parallelize import apply_tensor_parallel, tp_split_dims
 
@@ -31,11 +38,21 @@ N = (S // P) ** 2
 WORLD = 2
 
 
-def tiny_cfg() -> ModelConfig:
+def tiny_cfg(fusion: bool = False) -> ModelConfig:
     return ModelConfig(image_size=S, embed_dim=24, vocab_pad_multiple=64,
                        vision=VisionConfig(patch_size=P, width=32, layers=2, heads=4),
                        text=TextConfig(width=32, layers=2, heads=4, context_length=L),
-                       decoder=DecoderConfig(width=16, layers=1, heads=2))
+                       decoder=DecoderConfig(width=16, layers=1, heads=2),
+                       fusion=FusionConfig(layers=2 if fusion else 0, width=16, heads=2))
+
+
+def objectives(fusion: bool = False) -> ObjectivesConfig:
+    """The fusion run: ITM with hard negatives and the image-conditioned MLM on, FLIP's shared masked
+    pass (the fusion encoder attends to the visible patches)."""
+    o = ObjectivesConfig()
+    if fusion:
+        o.itm.weight, o.mlm.conditioned, o.mim.shared_pass = 1.0, True, True
+    return o
 
 
 def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -51,12 +68,13 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
         n = 3 if i < B // 2 else 1
         mlm_input[i, 1:1 + n], labels[i, 1:1 + n] = MASK, ids[i, 1:1 + n]
     return {"image": torch.randn(B, 3, S, S, generator=gen), "text": ids, "mlm_input": mlm_input,
-            "mlm_labels": labels, "patch_noise": torch.rand(B, N, generator=gen)}
+            "mlm_labels": labels, "patch_noise": torch.rand(B, N, generator=gen),
+            "itm_noise": torch.rand(B, 2, generator=gen)}
 
 
-def build(seed: int = 0) -> PretrainModel:
+def build(seed: int = 0, fusion: bool = False) -> PretrainModel:
     torch.manual_seed(seed)
-    model = PretrainModel(tiny_cfg(), ObjectivesConfig(), vocab_size=V, pad_id=PAD, eos_id=EOS).train()
+    model = PretrainModel(tiny_cfg(fusion), objectives(fusion), vocab_size=V, pad_id=PAD, eos_id=EOS).train()
     apply_tensor_parallel(model)  # the first step of `pretrain.parallelize`; a no-op at tp = 1
     return model
 
@@ -94,53 +112,74 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        batch = make_batch()
-        # phase 1: tp=2, dp=1 -- both ranks see the whole batch
-        groups.init_model_parallel(2)
-        model = build()
-        local = {n: (tuple(p.shape), getattr(p, "tensor_model_parallel", False))
-                 for n, p in model.named_parameters()}
-        init = gather_full(model, grads=False)
-        out = step(model, batch)
-        tp_result = {"init": init, "out": out, "grads": gather_full(model, grads=True), "local": local}
-        groups.destroy_model_parallel()
-        # phase 2: tp=1, dp=2 -- each rank its half of the batch (uneven MLM token counts)
-        groups.init_model_parallel(1)
-        half = {k: v[rank * B // 2:(rank + 1) * B // 2] for k, v in batch.items()}
-        model = build()
-        out = step(model, half)
-        losses = torch.stack([out[k] for k in ("loss", "loss_contrastive", "loss_mim", "loss_mlm")])
-        dist.all_reduce(losses)
-        losses /= WORLD  # what the trainer logs: the mean over DP ranks
-        dp_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        for g in dp_grads.values():
-            dist.all_reduce(g)
-            g /= WORLD  # what DeepSpeed applies: the mean over DP ranks
-        torch.save({"tp": tp_result, "dp": {"losses": losses, "grads": dp_grads}},
-                   Path(out_dir) / f"rank{rank}.pt")
-        groups.destroy_model_parallel()
+        results = {}
+        for fusion in (False, True):
+            results["fusion" if fusion else "plain"] = _layouts(rank, fusion)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _layouts(rank: int, fusion: bool) -> dict:
+    batch = make_batch()
+    # phase 1: tp=2, dp=1 -- both ranks see the whole batch
+    groups.init_model_parallel(2)
+    model = build(fusion=fusion)
+    local = {n: (tuple(p.shape), getattr(p, "tensor_model_parallel", False))
+             for n, p in model.named_parameters()}
+    init = gather_full(model, grads=False)
+    out = step(model, batch)
+    tp_result = {"init": init, "out": out, "grads": gather_full(model, grads=True), "local": local}
+    groups.destroy_model_parallel()
+    # phase 2: tp=1, dp=2 -- each rank its half of the batch (uneven MLM token counts; with fusion, ITM
+    # negatives drawn from the whole batch, so some of a rank's negatives live on the other rank)
+    groups.init_model_parallel(1)
+    half = {k: v[rank * B // 2:(rank + 1) * B // 2] for k, v in batch.items()}
+    model = build(fusion=fusion)
+    out = step(model, half)
+    losses = torch.stack([out[k] for k in loss_keys(fusion)])
+    dist.all_reduce(losses)
+    losses /= WORLD  # what the trainer logs: the mean over DP ranks
+    dp_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for g in dp_grads.values():
+        dist.all_reduce(g)
+        g /= WORLD  # what DeepSpeed applies: the mean over DP ranks
+    groups.destroy_model_parallel()
+    return {"tp": tp_result, "dp": {"losses": losses, "grads": dp_grads}}
+
+
+def loss_keys(fusion: bool) -> tuple[str, ...]:
+    keys = ("loss", "loss_contrastive", "loss_mim", "loss_mlm")
+    return keys + ("loss_itm",) if fusion else keys
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("tp_model")
     mp.spawn(_worker, args=(str(d / "init"), str(d)), nprocs=WORLD, join=True)
-    ranks = [torch.load(d / f"rank{r}.pt") for r in range(WORLD)]
+    saved = [torch.load(d / f"rank{r}.pt") for r in range(WORLD)]
     torch.set_num_threads(1)
-    ref_model = build()
-    ref_init = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
-    ref_out = step(ref_model, make_batch())
-    ref_grads = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
-    return ranks, {"init": ref_init, "out": ref_out, "grads": ref_grads}
+    refs = {}
+    for fusion in (False, True):
+        ref_model = build(fusion=fusion)
+        ref_init = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+        ref_out = step(ref_model, make_batch())
+        ref_grads = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
+        refs["fusion" if fusion else "plain"] = {"init": ref_init, "out": ref_out, "grads": ref_grads}
+    return saved, refs
+
+
+def _pick(runs, kind: str):
+    saved, refs = runs
+    return [r[kind] for r in saved], refs[kind]
 
 
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-def test_tp2_starts_from_the_single_device_weights(runs):
-    ranks, ref = runs
+@pytest.mark.parametrize("kind", ["plain", "fusion"])
+def test_tp2_starts_from_the_single_device_weights(runs, kind):
+    ranks, ref = _pick(runs, kind)
     local = ranks[0]["tp"]["local"]
     for name, full in ref["init"].items():
         for r in ranks:
@@ -157,14 +196,22 @@ def test_tp2_starts_from_the_single_device_weights(runs):
         assert any(frag in n for n in sharded), frag
     for frag in ("attn.proj.bias", "mlp.fc2.bias", "ln_1.weight", "logit_scale", "conv1.weight"):
         assert not any(frag in n for n in sharded), frag
+    if kind == "fusion":
+        for frag in ("fusion.resblocks.1.cross.q.weight", "fusion.resblocks.1.cross.kv.weight",
+                     "fusion.resblocks.1.cross.proj.weight", "fusion.resblocks.0.attn.qkv.weight",
+                     "fusion.resblocks.0.mlp.fc1.weight"):
+            assert frag in sharded, frag
+        for frag in ("fusion.resblocks.1.cross.proj.bias", "itm_head.fc.weight", "fusion.text_in.weight"):
+            assert frag not in sharded, frag
 
 
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-def test_tp2_losses_and_gradients_match_single_device(runs):
-    ranks, ref = runs
-    for key in ("loss", "loss_contrastive", "loss_mim", "loss_mlm"):
+@pytest.mark.parametrize("kind", ["plain", "fusion"])
+def test_tp2_losses_and_gradients_match_single_device(runs, kind):
+    ranks, ref = _pick(runs, kind)
+    for key in loss_keys(kind == "fusion"):
         for r in ranks:
             torch.testing.assert_close(r["tp"]["out"][key], ref["out"][key], rtol=1e-5, atol=1e-6)
     for name, g in ref["grads"].items():
@@ -176,11 +223,13 @@ def test_tp2_losses_and_gradients_match_single_device(runs):
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-def test_dp2_mean_of_rank_losses_is_the_global_batch_loss(runs):
-    """MLM tokens are split 12/4 between the two ranks: a per-rank mean would weight them 1:3."""
-    ranks, ref = runs
-    keys = ("loss", "loss_contrastive", "loss_mim", "loss_mlm")
-    for i, key in enumerate(keys):
+@pytest.mark.parametrize("kind", ["plain", "fusion"])
+def test_dp2_mean_of_rank_losses_is_the_global_batch_loss(runs, kind):
+    """MLM tokens are split 12/4 between the two ranks: a per-rank mean would weight them 1:3. With
+    fusion: ITM negatives are drawn over the global batch, so the same pairs as one process, and the
+    gradient of a negative used on the other rank reaches its owner's towers."""
+    ranks, ref = _pick(runs, kind)
+    for i, key in enumerate(loss_keys(kind == "fusion")):
         torch.testing.assert_close(ranks[0]["dp"]["losses"][i], ref["out"][key], rtol=1e-5, atol=1e-6)
     for name, g in ref["grads"].items():
         assert_grad_close(ranks[0]["dp"]["grads"][name], g, name)

@@ -1,0 +1,222 @@
+"""Fusion encoder, image-text matching and image-conditioned MLM on one process (the tp=2 / dp=2
+equivalences are in tests/e2e/test_tp_model.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pretrain.config import (
+    ConfigError,
+    DecoderConfig,
+    FusionConfig,
+    ModelConfig,
+    ObjectivesConfig,
+    TextConfig,
+    VisionConfig,
+    load_config,
+)
+from pretrain.models import PretrainModel
+from pretrain.objectives.itm import caption_hash, hard_negatives
+from pretrain.parallelize import set_activation_checkpointing, tp_split_dims
+
+PAD, BOS, MASK, EOS = 0, 1, 2, 3
+B, S, P, L, V = 6, 16, 4, 8, 60
+N = (S // P) ** 2
+
+
+def model_cfg(layers: int = 0) -> ModelConfig:
+    return ModelConfig(image_size=S, embed_dim=24, vocab_pad_multiple=64,
+                       vision=VisionConfig(patch_size=P, width=32, layers=1, heads=4),
+                       text=TextConfig(width=32, layers=1, heads=4, context_length=L),
+                       decoder=DecoderConfig(width=16, layers=1, heads=2),
+                       fusion=FusionConfig(layers=layers, width=16, heads=2))
+
+
+def objectives(itm: float = 0.0, conditioned: bool = False, **weights: float) -> ObjectivesConfig:
+    o = ObjectivesConfig()
+    o.itm.weight, o.mlm.conditioned = itm, conditioned
+    for name, w in weights.items():
+        getattr(o, name).weight = w
+    return o
+
+
+def batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, V, (B, L), generator=gen)
+    ids[:, 0] = BOS
+    for i in range(B):
+        e = 3 + i % (L - 3)
+        ids[i, e], ids[i, e + 1:] = EOS, PAD
+    mlm_input, labels = ids.clone(), torch.full_like(ids, -100)
+    mlm_input[:, 1], labels[:, 1] = MASK, ids[:, 1]
+    return {"image": torch.randn(B, 3, S, S, generator=gen), "text": ids, "mlm_input": mlm_input,
+            "mlm_labels": labels, "patch_noise": torch.rand(B, N, generator=gen),
+            "itm_noise": torch.rand(B, 2, generator=gen)}
+
+
+def build(cfg: ModelConfig, obj: ObjectivesConfig) -> PretrainModel:
+    torch.manual_seed(0)
+    return PretrainModel(cfg, obj, vocab_size=V, pad_id=PAD, eos_id=EOS).train()
+
+
+def run(model: PretrainModel, b: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    model.zero_grad()
+    out = model(b)
+    out["loss"].backward()
+    return ({k: v.detach() for k, v in out.items()},
+            {n: p.grad for n, p in model.named_parameters()})
+
+
+def test_fusion_off_builds_nothing_and_an_unused_encoder_changes_nothing():
+    off = build(model_cfg(0), objectives())
+    assert off.fusion is None and off.itm_head is None
+    assert not [n for n, _ in off.named_parameters() if n.startswith(("fusion", "itm_head"))]
+    # an encoder no objective uses: every other parameter draws the same init, same losses and gradients
+    idle = build(model_cfg(2), objectives())
+    idle_params = dict(idle.named_parameters())
+    for name, p in off.named_parameters():
+        assert torch.equal(p, idle_params[name]), name
+    out_off, g_off = run(off, batch())
+    out_idle, g_idle = run(idle, batch())
+    assert out_off.keys() == out_idle.keys() and "loss_itm" not in out_idle
+    for k in out_off:
+        assert torch.equal(out_off[k], out_idle[k]), k
+    for name, g in g_off.items():
+        assert torch.equal(g, g_idle[name]), name
+
+
+def test_itm_loss_trains_fusion_and_both_towers():
+    model = build(model_cfg(2), objectives(itm=1.0, mim=0.0, mlm=0.0))
+    out, grads = run(model, batch())
+    assert torch.isfinite(out["loss_itm"]) and out["loss_itm"] > 0
+    for name in ("fusion.resblocks.1.cross.kv.weight", "fusion.resblocks.0.attn.qkv.weight",
+                 "itm_head.fc.weight", "visual.conv1.weight", "text.token_embedding.weight"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_conditioned_mlm_reads_the_image():
+    """Only the MLM loss on: the image tower gets a gradient exactly when the MLM is conditioned."""
+    plain = build(model_cfg(2), objectives(contrastive=0.0, mim=0.0))
+    _, g = run(plain, batch())
+    assert g["visual.conv1.weight"] is None
+    cond = build(model_cfg(2), objectives(contrastive=0.0, mim=0.0, conditioned=True))
+    assert cond.mlm_head.dense.in_features == 16  # reads the fusion width
+    out, g = run(cond, batch())
+    assert g["visual.conv1.weight"].abs().sum() > 0 and torch.isfinite(out["loss_mlm"])
+    other = batch()
+    other["image"] = torch.randn_like(other["image"])
+    assert not torch.equal(cond(other)["loss_mlm"], out["loss_mlm"])
+
+
+@pytest.mark.parametrize("shared_pass, train, tokens", [(False, True, 1 + N), (True, True, 1 + N // 2),
+                                                        (True, False, 1 + N)])
+def test_fusion_attends_to_the_contrastive_pass_image_tokens(shared_pass, train, tokens):
+    """Separate views and eval: every patch; a shared masked pass (FLIP): its visible patches."""
+    obj = objectives(itm=1.0, conditioned=True)
+    obj.mim.shared_pass = shared_pass
+    model = build(model_cfg(1), obj).train(train)
+    seen = []
+    model.fusion.register_forward_hook(lambda mod, args, out: seen.append(args[1].shape[1]))
+    model(batch())
+    assert seen == [tokens, tokens]  # the ITM pairs, then the conditioned MLM
+
+
+def test_hard_negatives_skip_the_positive_and_duplicate_captions():
+    ids = torch.tensor([[1, 5, 3], [1, 6, 3], [1, 5, 3], [1, 7, 3]])  # rows 0 and 2: the same caption
+    img = torch.eye(4, 8)
+    txt = img.clone()
+    txt[0] = img[2]  # caption 0 looks exactly like image 2: the hardest, but it is a duplicate
+    scale = torch.tensor(10.0)
+    for uniform in (None, torch.rand(4, 2, generator=torch.Generator().manual_seed(1)),
+                    torch.zeros(4, 2), torch.ones(4, 2)):
+        neg_t, neg_i, ids_all = hard_negatives(img, txt, ids, scale, uniform=uniform)
+        same = caption_hash(ids)[:, None] == caption_hash(ids_all)[None, :]
+        rows = torch.arange(4)
+        assert not same[rows, neg_t].any() and not same[rows, neg_i].any(), uniform
+
+
+def test_hard_negatives_follow_the_similarities():
+    """One caption far more similar to images 0-2 than the rest: drawn for every uniform."""
+    ids = torch.arange(4)[:, None].repeat(1, 3) + 10
+    eye = torch.eye(8)
+    img = torch.stack([eye[0], eye[0], eye[0], eye[7]])
+    txt = torch.stack([eye[1], eye[2], eye[4], eye[0]])
+    u = torch.linspace(0.01, 0.99, 4)[:, None].repeat(1, 2)
+    neg_t, _, _ = hard_negatives(img, txt, ids, torch.tensor(50.0), uniform=u)
+    assert neg_t[:3].eq(3).all()
+    flat, _, _ = hard_negatives(img, txt * 0, ids, torch.tensor(1.0), uniform=u)
+    assert len(set(flat.tolist())) > 1  # equal similarities: the uniforms spread the draws
+
+
+def test_hard_negative_draws_do_not_depend_on_the_batch_order():
+    """Another layout orders the global batch differently: each sample must still draw the same negative
+    (as a sample, not a position), which makes ITM exact across (dp, tp) changes and resumes."""
+    gen = torch.Generator().manual_seed(5)
+    n = 12
+    img, txt = torch.randn(n, 8, generator=gen), torch.randn(n, 8, generator=gen)
+    ids = torch.arange(n)[:, None].repeat(1, 4) + 10
+    u = torch.rand(n, 2, generator=gen)
+    scale = torch.tensor(3.0)
+    neg_t, neg_i, _ = hard_negatives(img, txt, ids, scale, uniform=u)
+    perm = torch.randperm(n, generator=gen)
+    p_t, p_i, _ = hard_negatives(img[perm], txt[perm], ids[perm], scale, uniform=u[perm])
+    assert torch.equal(perm[p_t], neg_t[perm]) and torch.equal(perm[p_i], neg_i[perm])
+    assert len(set(neg_t.tolist())) > 2  # a draw, not one column for everyone
+
+
+def test_activation_checkpointing_of_fusion_blocks_keeps_gradients():
+    ref = build(model_cfg(2), objectives(itm=1.0, conditioned=True))
+    out_ref, g_ref = run(ref, batch())
+    ck = build(model_cfg(2), objectives(itm=1.0, conditioned=True))
+    set_activation_checkpointing(ck)
+    assert ck.fusion.grad_checkpointing
+    out, g = run(ck, batch())
+    torch.testing.assert_close(out["loss"], out_ref["loss"])
+    for name, gr in g_ref.items():
+        torch.testing.assert_close(g[name], gr, msg=name)
+
+
+def test_tp_plan_splits_the_fusion_blocks():
+    dims = tp_split_dims(build(model_cfg(1), objectives(itm=1.0)))
+    assert dims["fusion.resblocks.0.cross.q.weight"] == 0
+    assert dims["fusion.resblocks.0.cross.kv.weight"] == 0 and dims["fusion.resblocks.0.cross.kv.bias"] == 0
+    assert dims["fusion.resblocks.0.cross.proj.weight"] == 1
+    assert dims["fusion.resblocks.0.cross.proj.bias"] is None
+    assert dims["fusion.resblocks.0.attn.qkv.weight"] == 0 and dims["fusion.resblocks.0.mlp.fc2.weight"] == 1
+    assert dims["itm_head.fc.weight"] is None and dims["fusion.text_in.weight"] is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objectives.itm.weight=1"], "model.fusion.layers > 0"),
+    (["objectives.mlm.conditioned=true"], "model.fusion.layers > 0"),
+    (["model.fusion.layers=1", "objectives.itm.weight=1", "objectives.contrastive.weight=0"],
+     "objectives.contrastive.weight > 0"),
+    (["model.fusion.layers=1", "model.fusion.heads=3"], "must divide the fusion width"),
+    (["model.fusion.layers=1", "model.fusion.heads=2", "parallel.tp=4"], "model.fusion.heads (2)"),
+])
+def test_config_refuses_fusion_settings_that_cannot_work(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, overrides)
+
+
+def test_config_accepts_fusion_and_keeps_it_off_by_default():
+    assert load_config(None, []).model.fusion.layers == 0
+    cfg = load_config(None, ["model.fusion.layers=2", "objectives.itm.weight=1",
+                             "objectives.mlm.conditioned=true"])
+    assert dataclasses.asdict(cfg.model.fusion)["layers"] == 2 and cfg.objectives.itm.weight == 1
+
+
+def test_plan_counts_the_fusion_passes():
+    from pretrain.plan.memory import memory_plan
+
+    def parts(*overrides: str) -> dict:
+        cfg = load_config(None, ["train.micro_batch=8", *overrides])
+        return memory_plan(cfg, 2)["activations"]["per_sample_parts"]["no_checkpointing"]
+
+    assert "fusion" not in parts()
+    itm = parts("model.fusion.layers=2", "objectives.itm.weight=1")["fusion"]
+    both = parts("model.fusion.layers=2", "objectives.itm.weight=1", "objectives.mlm.conditioned=true")
+    assert 0 < itm < both["fusion"]

@@ -1,0 +1,106 @@
+"""ITM re-ranking (`pretrain eval --rerank K`), the attribute-binding probe and the compositional synthetic
+samples, single process (the row-block split over ranks is the retrieval counts' own, tested in
+tests/e2e/test_distributed_eval.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from data_pipelines.synth import make_pair_sample, write_synthetic_shards
+from pretrain.evaluation.binding import read_metadata
+from pretrain.evaluation.rerank import rerank_counts, rerank_metrics, top_k
+
+
+class StubMatcher(nn.Module):
+    """A 'fusion model' whose match score is a fixed table: score(caption i, image j) = table[i, j]. Tokens
+    carry the row index, so the re-ranker's plumbing (which pair goes where) is what is tested."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+        self.itm_head = nn.Linear(1, 1)
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels[:, :1, 0, 0].unsqueeze(-1)  # [b, 1, 1]: the image's index
+
+    def text_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids[:, :1].float().unsqueeze(-1)
+
+    def itm_score(self, text_tok: torch.Tensor, ids: torch.Tensor, image_tok: torch.Tensor) -> torch.Tensor:
+        return self.table[ids[:, 0], image_tok[:, 0, 0].long()]
+
+
+def brute_force(img: torch.Tensor, txt: torch.Tensor, table: torch.Tensor, k: int) -> dict[str, int]:
+    n, out = len(img), {"i2t": 0, "t2i": 0, "i2t_in_top_k": 0, "t2i_in_top_k": 0}
+    for i in range(n):
+        for name, sims, score in (("i2t", txt @ img[i], table[:, i]), ("t2i", img @ txt[i], table[i, :])):
+            cand = sorted(range(n), key=lambda j: (-float(sims[j]), j))[:k]
+            if i in cand:
+                out[f"{name}_in_top_k"] += 1
+                out[name] += int(all(score[j] <= score[i] for j in cand))
+    return out
+
+
+def features(n: int, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    img = nn.functional.normalize(torch.randn(n, 8, generator=gen), dim=-1)
+    txt = nn.functional.normalize(img + 0.8 * torch.randn(n, 8, generator=gen), dim=-1)
+    pixels = torch.arange(n).float()[:, None, None, None].expand(n, 3, 2, 2).clone()
+    ids = torch.arange(n)[:, None].repeat(1, 4)
+    return {"image": img, "text": txt, "ids": ids, "pixels": pixels}
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_rerank_counts_equal_brute_force(k):
+    n = 23
+    feats = features(n, seed=k)
+    table = torch.randn(n, n, generator=torch.Generator().manual_seed(100 + k))
+    got = rerank_counts(StubMatcher(table), feats, k, block=5, pair_batch=4)
+    assert got == brute_force(feats["image"], feats["text"], table, k)
+
+
+def test_rerank_with_a_perfect_matcher_reaches_the_candidate_recall():
+    n = 30
+    feats = features(n, seed=3)
+    m = rerank_metrics(StubMatcher(torch.eye(n) * 5), feats, 4)
+    assert m["i2t_rerank_r1"] == m["i2t_rerank_candidates_recall"] > 0
+    assert m["t2i_rerank_r1"] == m["t2i_rerank_candidates_recall"] > 0
+
+
+def test_rerank_needs_a_fusion_checkpoint():
+    with pytest.raises(ValueError, match="fusion encoder"):
+        rerank_metrics(nn.Linear(1, 1), {}, 4)
+
+
+def test_top_k_over_tiles_is_the_global_top_k():
+    gen = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(6, 5, generator=gen), torch.randn(41, 5, generator=gen)
+    expect = (q @ keys.T).topk(7, dim=1).indices
+    assert torch.equal(top_k(q, keys, 7, block=8), expect)
+
+
+def test_pair_captions_bind_attributes_by_order_and_swaps_differ():
+    for index in range(20):
+        s = make_pair_sample(index, 32, seed=0)
+        meta = json.loads(s["json"])
+        caption = s["txt"].decode()
+        a, b = meta["objects"]
+        assert a["colour"] != b["colour"] and a["shape"] != b["shape"]
+        for swap in ("swapped_colours", "swapped_objects"):
+            assert meta[swap] != caption and sorted(meta[swap].split()) == sorted(caption.split())
+        left = f"{a['colour']} {a['shape']}"
+        right = f"{b['colour']} {b['shape']}"
+        assert (f"{left} left of" in caption and caption.endswith(right)) or \
+            (f"{right} right of" in caption and caption.endswith(left))
+        assert s == make_pair_sample(index, 32, seed=0)  # a pure function of its arguments
+
+
+def test_compositional_shards_carry_the_probe_metadata(tmp_path):
+    summary = write_synthetic_shards(tmp_path, samples=6, samples_per_shard=4, image_size=16, seed=2,
+                                     compositional=True)
+    meta = read_metadata(summary["urls"])
+    assert len(meta) == 6 and all("swapped_colours" in m for m in meta.values())
