@@ -15,7 +15,7 @@ $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev,mpi,data]"
+	$(BIN)/python -m pip install -q -e ".[dev,mpi,data,clip]"
 	touch $(STAMP)
 
 # extra config overrides for the demo, e.g. `make demo DEMO_ARGS=parallel.tp=2` (2 ranks: tp=2 x dp=1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,16 +77,8 @@ class ClassifyValidator(Validator):
     fine-tuned classifier on `data.val` (`val/top1`, `val/top5`, `val/loss`). Same schedule, keep-best check
     and RNG isolation as the pretraining `Validator`; no zero-shot or retrieval (there is no text tower)."""
 
-    def __init__(self, cfg: Any, tokenizer: Any, model: torch.nn.Module,
-                 prepare: Callable[[dict[str, Any]], dict[str, Any]], dtype: torch.dtype) -> None:
-        self.cfg, self.tokenizer, self.model, self.prepare, self.dtype = cfg, tokenizer, model, prepare, dtype
-        e = cfg.eval
-        self.enabled = e.every > 0 or e.at_end
-        self.batch_size = e.batch_size or cfg.train.micro_batch
-        self.seconds = 0.0
-        self.classnames = None
-        if self.enabled:
-            self._check_keep_best()
+    def _classnames(self) -> None:
+        return None  # the head holds the classes; there is no zero-shot classifier to build
 
     def metric_names(self) -> list[str]:
         return [f"val/{k}" for k in METRICS]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipelines.clip_benchmark import read_lines
 from data_pipelines.tokenizer import TextTokenizer
 from parallel import groups
 from pretrain.checkpoint.sources import load_tokenizer, open_source
@@ -45,12 +46,7 @@ def load_model(checkpoint: str | Path, tag: str | None = None) -> tuple[Pretrain
 
 def read_classnames(path: str | Path) -> list[str]:
     """Non-empty lines of a classnames.txt; FileNotFoundError / ValueError naming the file otherwise."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"classnames file not found: {path}")
-    names = [c.strip() for c in Path(path).read_text(encoding="utf-8").splitlines() if c.strip()]
-    if not names:
-        raise ValueError(f"{path}: no class names")
-    return names
+    return read_lines(path, "class names")
 
 
 def eval_device() -> torch.device:

@@ -73,7 +73,7 @@ def _shards_of(folder: Path, split: str) -> tuple[str, str] | None:
     return None
 
 
-def _look_beside(first_shard: str, name: str) -> Path | None:
+def look_beside(first_shard: str, name: str) -> Path | None:
     """`name` in the first shard's folder or its parent (CLIP_benchmark's place), for local shards."""
     if "://" in first_shard or first_shard.startswith("pipe:"):
         return None
@@ -127,12 +127,12 @@ def resolve_eval_data(data: str, classnames: str | Path | None = None, templates
         urls, layout = data, "urls"
         first = expand_urls(data.split("::")[0])[0]
     check_captions(first)
-    names = Path(classnames) if classnames else _look_beside(first, CLASSNAMES_FILE)
+    names = Path(classnames) if classnames else look_beside(first, CLASSNAMES_FILE)
     if names is None:
         raise FileNotFoundError(f"no class names for {data}: pass --classnames FILE or put {CLASSNAMES_FILE} "
                                 f"beside the shards (looked in {Path(first).parent} and its parent)")
     if not names.is_file():
         raise FileNotFoundError(f"{names}: class names file not found")
-    tfile = Path(templates) if templates else _look_beside(first, TEMPLATES_FILE)
+    tfile = Path(templates) if templates else look_beside(first, TEMPLATES_FILE)
     prompts = read_templates(tfile) if tfile is not None else None
     return EvalData(urls=urls, classnames=names, templates=prompts, templates_file=tfile, layout=layout)

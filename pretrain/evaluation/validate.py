@@ -40,14 +40,15 @@ LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm", "loss_itm")
 
 
 def find_classnames(cfg: Any) -> Path | None:
-    """`eval.classnames`, else a classnames.txt beside the first local `data.val` shard, else None."""
+    """`eval.classnames`, else a classnames.txt beside the first local `data.val` shard (or one folder up,
+    CLIP_benchmark's place: `pretrain.evaluation.layout.look_beside`, as `pretrain eval` looks), else None."""
+    from pretrain.evaluation.layout import CLASSNAMES_FILE, look_beside
+
     if cfg.eval.classnames:
         return Path(cfg.eval.classnames)
     urls = [u for source in expand_sources(cfg.data.val) for u in source]
     if urls and is_local(urls[0]):
-        beside = Path(_local_path(urls[0])).parent / "classnames.txt"
-        if beside.is_file():
-            return beside
+        return look_beside(_local_path(urls[0]), CLASSNAMES_FILE)
     return None
 
 
@@ -81,15 +82,18 @@ class Validator:
         self.enabled = e.every > 0 or e.at_end
         self.batch_size = e.batch_size or cfg.train.micro_batch
         self.seconds = 0.0
-        self.classnames: list[str] | None = None
+        self.classnames: list[str] | None = self._classnames() if self.enabled else None
         if self.enabled:
-            from pretrain.evaluation.evaluate import read_classnames
-
-            path = find_classnames(cfg)
-            self.classnames = read_classnames(path) if path is not None else None
             self._check_keep_best()
             grid = cfg.model.image_size // cfg.model.vision.patch_size
             self.masking = (e.seed, cfg.objectives.mlm.mask_prob, grid * grid)
+
+    def _classnames(self) -> list[str] | None:
+        """The zero-shot class names, or None (no zero-shot metrics)."""
+        from pretrain.evaluation.evaluate import read_classnames
+
+        path = find_classnames(self.cfg)
+        return read_classnames(path) if path is not None else None
 
     def metric_names(self) -> list[str]:
         """The `val/...` keys a validation writes (what `checkpoint.keep_best` may name)."""
