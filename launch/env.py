@@ -18,6 +18,12 @@ from dataclasses import dataclass
 DEFAULT_PORT = 29500
 
 
+class RendezvousError(RuntimeError):
+    """The ranks could not meet (master unreachable, ranks missing, port taken) within the timeout.
+
+    Defined here, beside LaunchEnvError, so the command line can catch it without importing torch."""
+
+
 class LaunchEnvError(ValueError):
     """The launcher's variables contradict each other (e.g. RANK >= WORLD_SIZE). A ValueError, so the
     CLI prints it as one line and exits 2 instead of hanging at the rendezvous."""

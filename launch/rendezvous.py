@@ -24,16 +24,19 @@ import torch
 import torch.distributed as dist
 
 from launch import mpi
-from launch.env import LaunchEnvError, RankInfo, discover, export_torch_env, mpi_launcher_hint
+from launch.env import (
+    LaunchEnvError,
+    RankInfo,
+    RendezvousError,
+    discover,
+    export_torch_env,
+    mpi_launcher_hint,
+)
 from launch.logs import drop_printed
 
 log = logging.getLogger("mmpt.launch")
 # torchrun restarts reuse its agent's store: one key space per attempt
 _KEY = f"mmpt/rendezvous/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-
-
-class RendezvousError(RuntimeError):
-    """The ranks could not meet (master unreachable, ranks missing, port taken) within the timeout."""
 
 
 def free_port() -> int:

@@ -22,8 +22,12 @@ def is_distributed() -> bool:
 
 
 def init_distributed(timeout_s: int = 600, tp: int = 1) -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA) once, then
-    megatron-core's tensor/data-parallel groups for `tp`.
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA) once, then, for
+    tp > 1, megatron-core's tensor/data-parallel groups.
+
+    At tp = 1 the data-parallel group is the whole world, which is what every helper below answers
+    without megatron's groups, and no megatron-core layer is built: so megatron-core is not even
+    imported (its package import and teardown cost about 4 s of every rank's start-up on a CPU).
 
     A plain `pretrain train` with no launcher becomes a world of one on a free loopback port, so
     DeepSpeed (which insists on a process group) and the trainer keep a single code path. Code that
@@ -32,6 +36,8 @@ def init_distributed(timeout_s: int = 600, tp: int = 1) -> None:
     if not is_distributed():
         # rank discovery (torchrun/deepspeed, Open MPI, PMI, Slurm, mpi4py) and a checked rendezvous
         init_process_group(timeout_s)
+    if tp == 1 and not _STATE["megatron"]:
+        return
     init_model_parallel(tp, timeout_s)
 
 

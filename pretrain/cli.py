@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 from pathlib import Path
 
+from launch.env import RendezvousError
 from launch.logs import install_filters, quiet_other_ranks, setup_logging
 from pretrain.config import (
     Config,
@@ -276,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2
+    except RendezvousError as e:  # an expected launch failure: one timestamped line, no traceback
+        logging.getLogger("mmpt.launch").error("%s", e)
+        return 1
 
 
 if __name__ == "__main__":

@@ -43,11 +43,16 @@ def start(rank: int, world: int, addr: str, port: int, args: list[str], log: Pat
                                 stderr=subprocess.STDOUT, env=rank_env(rank, world, addr, port))
 
 
-def rendezvous_started(log: str) -> float:
-    """Epoch time of the trainer's 'rank R of W ... master A:P' line (the start of the rendezvous)."""
-    m = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) mmpt\.launch INFO: rank ", log, re.M)
+def logged_at(log: str, level: str, starts: str) -> float:
+    """Epoch time of the first 'mmpt.launch LEVEL: STARTS...' line."""
+    m = re.search(rf"^(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}}) mmpt\.launch {level}: {starts}", log, re.M)
     assert m, log[-3000:]
     return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def rendezvous_started(log: str) -> float:
+    """Epoch time of the trainer's 'rank R of W ... master A:P' line (the start of the rendezvous)."""
+    return logged_at(log, "INFO", "rank ")
 
 
 def test_unreachable_master_fails_within_the_timeout_naming_the_address(shards, tmp_path):
@@ -58,11 +63,14 @@ def test_unreachable_master_fails_within_the_timeout_naming_the_address(shards, 
                       "logging.all_ranks=true")
     p = start(1, 2, "127.0.0.2", port, args, log)
     rc = p.wait(timeout=180)
-    ended, text = time.time(), log.read_text()
-    assert rc != 0, text[-3000:]
+    text = log.read_text()
+    assert rc == 1, text[-3000:]
     assert f"127.0.0.2:{port}" in text and "nothing accepted a connection" in text, text[-3000:]
-    waited = ended - rendezvous_started(text)
-    assert TIMEOUT_S - 1 <= waited <= TIMEOUT_S + 5, waited
+    assert "Traceback" not in text, text[-3000:]  # one timestamped error line, not a stack
+    # the rank's own clock, from the start of the rendezvous to its error line: the interpreter's
+    # teardown after the error (seconds on a loaded CI machine) is not part of the timeout
+    waited = logged_at(text, "ERROR", "rank 1 of 2") - rendezvous_started(text)
+    assert TIMEOUT_S - 1 <= waited <= TIMEOUT_S + 3, waited
 
 
 def test_rank_outside_the_world_is_a_clear_error(shards, tmp_path):
@@ -79,13 +87,13 @@ def test_ranks_started_with_different_world_sizes_both_fail_in_time(shards, tmp_
     p0 = start(0, 3, "127.0.0.1", port, args, tmp_path / "rank0.log")
     p1 = start(1, 2, "127.0.0.1", port, args, tmp_path / "rank1.log")
     rc1, rc0 = p1.wait(timeout=180), p0.wait(timeout=180)
-    ended = time.time()
     log0, log1 = (tmp_path / "rank0.log").read_text(), (tmp_path / "rank1.log").read_text()
-    assert rc1 == 2 and rc0 != 0, (log0[-2000:], log1[-2000:])
+    assert rc1 == 2 and rc0 == 1, (log0[-2000:], log1[-2000:])
     assert ("world size mismatch: rank 1 was started with world size 2 (torch variables) but rank 0 with 3"
             in log1), log1[-3000:]
     assert "world size mismatch" in log0 and "2 of 3 ranks joined" in log0, log0[-3000:]
-    assert ended - rendezvous_started(log0) <= TIMEOUT_S + 5
+    # rank 0's own clock from its rendezvous line to its error line (teardown after it is not timed)
+    assert logged_at(log0, "ERROR", "rank 0 of 3") - rendezvous_started(log0) <= TIMEOUT_S + 3
 
 
 def test_a_dying_rank_makes_the_other_exit_nonzero_within_the_timeout(shards, tmp_path):
