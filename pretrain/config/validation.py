@@ -65,6 +65,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(0 <= t.fp16_initial_scale_power <= 32, "train.fp16_initial_scale_power must be in [0, 32]")
     check(t.global_batch >= 0, "train.global_batch must be >= 0")
     check(t.nonfinite_patience >= 1, "train.nonfinite_patience must be >= 1")
+    check(t.stop_check_every >= 0, "train.stop_check_every must be >= 0 (0: at log steps)")
     check(all(p.strip() for p in t.freeze), "train.freeze: patterns must be non-empty strings")
     check(len(set(t.freeze)) == len(t.freeze), f"train.freeze: a pattern is listed twice in {t.freeze}")
     check(t.task != "classify" or bool(cfg.finetune.classnames.strip()),
