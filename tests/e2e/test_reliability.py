@@ -322,3 +322,15 @@ def test_same_config_seed_and_layout_give_bit_identical_losses(shards, tmp_path)
         r = train(shards, run, "train.steps=4")
         assert r.returncode == 0, r.stderr[-2000:]
     assert losses(a) == losses(b)  # exact equality, not approx
+
+
+# ------------------------------------------------------------------------------ preemption
+def test_stop_signal_on_one_rank_stops_every_rank_at_the_next_log_step(shards, tmp_path):
+    """SIGUSR1 reaches rank 1 only, after step 2; the request is agreed at log steps (logging.every=4), so
+    both ranks stop after step 4, save global_step4 and exit 75, and the resumed run finishes."""
+    run = tmp_path / "run"
+    r = train(shards, run, "train.steps=6", "logging.every=4", procs=2, env={"MMPT_FAULT_SIGNAL": "2:1"})
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert "stopped at step 4 on" in r.stderr
+    assert ckpt.latest_tag(run / "checkpoints") == "global_step4"
+    assert [row["step"] for row in read_metrics(run) if "loss" in row] == [4]
