@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from parallel import optimizers
+from parallel import comms_probe, optimizers
 from parallel import param_groups as _param_groups
 from parallel.settings import EngineSpec
 
@@ -68,6 +68,9 @@ def deepspeed_config(spec: EngineSpec, dp_world: int, impl: str | None = None) -
     })
     if t.precision == "bf16_autocast":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    probe = comms_probe.logger_section()  # MMPT_COMMS_LOG: tests of `pretrain plan --comm`
+    if probe is not None:
+        ds["comms_logger"] = probe
     return ds
 
 

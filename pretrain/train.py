@@ -27,6 +27,7 @@ from launch.env import discover
 from launch.logs import install_filters
 from launch.signals import StoppedForRequeue, StopRequest
 from parallel import groups
+from parallel.comms_probe import CommsProbe
 from parallel.consensus import any_rank
 from parallel.engine import build_engine, clamp_parameter_
 from pretrain import faults
@@ -211,6 +212,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     guard = NonFiniteGuard(cfg.train.nonfinite_patience, engine, lambda: ckpt.latest_tag(root), deferred)
     tail_from = cfg.train.steps - cfg.objectives.mim.unmasked_tail_steps  # by step number: resumable
     logit_scale: torch.Tensor | None = None
+    comms = CommsProbe()  # DeepSpeed's comms logger per step, only under MMPT_COMMS_LOG (plan --comm tests)
     while step < cfg.train.steps:
         engine.module.set_unmasked_tail(step >= tail_from)  # FLIP's unmasking tuning for the last steps
         done, pending = 0, []
@@ -239,6 +241,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             for b in pending:
                 audit.record(b, step + 1)
         step += 1
+        comms.after_step(step)
         if logit_scale is not None:  # CLIP's ceiling (a fine-tuned classifier has no logit scale)
             clamp_parameter_(engine.module.logit_scale, engine.module.logit_scale_ceiling)
         if step == start_step + 1:  # measured per-rank bytes next to the plan -> RUN_DIR/memory.json
@@ -298,6 +301,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             save(step, final=step == cfg.train.steps or stopping, val=val)
         if stopping:  # preemption: this step is logged and saved; the requeued job resumes after it
             break
+    comms.dump(rank)
     if bar is not None:
         bar.close()
     metrics.close()
