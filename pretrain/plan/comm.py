@@ -13,7 +13,11 @@ bf16_autocast), g = train.grad_accum, P = this TP rank's parameter elements, P_s
                                    parameter fits in DeepSpeed's live/reuse limits (stage3_max_live_
                                    parameters, stage3_max_reuse_distance; 1e9 elements by default): after
                                    the first, traced step the forward's gathers stay live through backward,
-                                   measured on DeepSpeed 0.19; k = 2 (gathered again in backward) otherwise
+                                   measured on DeepSpeed 0.19; k = 2 (gathered again in backward) otherwise,
+                                   within the zero_hpz group under hpZ (parallel/engine.py sets the limits
+                                   to max(1e9, P) unless parallel.max_live_parameters says otherwise);
+                                   qwZ (zero_quantized_weights) sends 1 byte per element (CUDA only,
+                                   not measured); qgZ quantizes only across nodes and is not modelled
             persistent all-gather  P_s x b x (dp-1)/dp once per step (DeepSpeed's `_post_step`)
             gradient reduce-scatter g x P_t x b x (dp-1)/dp (every micro-batch, persistent ones included)
     ZeRO-1/2 gradient all-reduce   g x P_t x b x 2(dp-1)/dp: DeepSpeed 0.19 all-reduces each micro-batch's
@@ -86,9 +90,13 @@ def comm_plan(cfg: Config, counts: dict[str, int], world: int, net_gbps: float |
     msg: dict[str, float] = {}  # what DeepSpeed's comms logger records, by op (input bytes)
     if dp > 1:
         if p.zero_stage == 3:
-            limit = live_limit or LIVE_DEFAULT
+            limit = live_limit or p.max_live_parameters or max(LIVE_DEFAULT, mine)  # parallel/engine.py
             k = 1 if mine - persistent <= limit else 2
-            parts["zero3_param_allgather"] = g * k * (mine - persistent) * b * ring
+            wb = 1 if p.zero_quantized_weights else b  # qwZ: int8 blocks (scales not counted)
+            parts["zero3_param_allgather"] = g * (mine - persistent) * wb * ring
+            if k == 2:  # gathered again in backward; under hpZ inside the zero_hpz group (the node)
+                h = p.zero_hpz if p.zero_hpz > 1 else dp
+                parts["zero3_param_allgather_backward"] = g * (mine - persistent) * wb * (h - 1) / h
             parts["zero3_persistent_allgather"] = persistent * b * ring
             parts["zero_grad_reduce_scatter"] = g * trainable * b * ring
             msg["all_gather_into_tensor"] = (g * k * (mine - persistent) + persistent) * b / dp

@@ -117,7 +117,10 @@ def plan_for_model(cfg: Config, model: nn.Module, world: int, built_tp: int = 1)
     tp = cfg.parallel.tp
     dp = world // tp
     p = cfg.parallel
-    threshold = p.persistence_threshold if p.zero_stage == 3 else 0
+    from parallel.engine import zero3_tuning
+
+    hidden = max(cfg.model.vision.width, cfg.model.text.width)  # persistence_threshold=-1: derived
+    threshold = zero3_tuning(p, hidden, 0)["stage3_param_persistence_threshold"] if p.zero_stage == 3 else 0
     counts = count_params(model, tp, built_tp, threshold)
     pb, gb, ob = bytes_per_param(cfg.train.precision, p.zero_stage)
     return {
