@@ -1,10 +1,12 @@
 """Stop requests from the scheduler: SIGUSR1 (Slurm's `--signal=USR1@T` warning before the time limit,
 or an explicit `scancel --signal=USR1`) and SIGTERM (preemption, `scancel`, node drain).
 
-The handler only records the request; the training loop polls it after each optimizer step, all ranks
-agree through one tiny collective (`parallel.consensus.any_rank`), save a checkpoint at that step and
-exit with REQUEUE_EXIT_CODE. Doing the work in the loop rather than in the handler keeps every rank at
-the same step and never interrupts a collective or a checkpoint write halfway.
+The handler only records the request; the training loop polls it at log steps (or every
+`train.stop_check_every` optimizer steps), all ranks agree through one tiny collective
+(`parallel.consensus.any_rank`), save a checkpoint at that step and exit with REQUEUE_EXIT_CODE. Polling
+every step would put a collective and a host read into every step. Doing the work in the loop rather
+than in the handler keeps every rank at the same step and never interrupts a collective or a checkpoint
+write halfway.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Signals reach ranks at slightly different moments (or only some ranks); if each acted alone, one
 would leave the loop while the others block in the next collective. One all_reduce(MAX) of a single
-integer per step makes every rank take the same decision at the same step. The same agreement, repeated,
+integer per check makes every rank take the same decision at the same step. The same agreement, repeated,
 lets the other ranks wait for a long piece of work on rank 0 (`on_rank0`) without a collective timing out.
 """
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from parallel import optimizers
+from parallel import comms_probe, optimizers
 from parallel import param_groups as _param_groups
-from parallel.settings import EngineSpec
+from parallel.settings import EngineSpec, ParallelConfig
 
 
 def lr_lambda(spec: EngineSpec):
@@ -27,7 +27,35 @@ def lr_lambda(spec: EngineSpec):
     return fn
 
 
-def deepspeed_config(spec: EngineSpec, dp_world: int, impl: str | None = None) -> dict[str, Any]:
+LIVE_DEFAULT = 10**9
+"""DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance defaults (elements)."""
+
+
+def zero3_tuning(p: ParallelConfig, hidden: int, model_params: int) -> dict[str, int]:
+    """ZeRO bucket and liveness sizes for this model, each an explicit `parallel.*` setting when given.
+
+    The rule (DeepSpeed's own `auto` values, keyed to the widest tower's width W, plus liveness from the
+    parameter count P of this TP rank): reduce bucket W^2, ZeRO-3 prefetch bucket 0.9 W^2 (a few blocks'
+    weights: prefetching overlaps the next gather with compute without one bucket holding a large share
+    of a small model), persistence threshold 10 W when `parallel.persistence_threshold=-1` (biases,
+    norms and vectors stay whole; matrices are partitioned), max live parameters and reuse distance
+    max(1e9, P): below that DeepSpeed releases parameters after their forward and gathers them again in
+    backward (`pretrain plan --comm` counts both cases). `hidden` or `model_params` 0: DeepSpeed's
+    defaults for what they derive."""
+    out: dict[str, int] = {}
+    if p.reduce_bucket_size or hidden:
+        out["reduce_bucket_size"] = p.reduce_bucket_size or hidden * hidden
+    if p.prefetch_bucket_size or hidden:
+        out["stage3_prefetch_bucket_size"] = p.prefetch_bucket_size or int(0.9 * hidden * hidden)
+    threshold = p.persistence_threshold if p.persistence_threshold >= 0 else 10 * hidden
+    out["stage3_param_persistence_threshold"] = threshold
+    live = p.max_live_parameters or max(LIVE_DEFAULT, model_params)
+    out["stage3_max_live_parameters"] = out["stage3_max_reuse_distance"] = live
+    return out
+
+
+def deepspeed_config(spec: EngineSpec, dp_world: int, impl: str | None = None,
+                     model_params: int = 0) -> dict[str, Any]:
     """DeepSpeed JSON config for this run (also written to RUN_DIR/ds_config.json for reference).
 
     `impl` is the resolved `optim.impl` (default: resolved here). torch_fused / apex_fused are client
@@ -38,12 +66,17 @@ def deepspeed_config(spec: EngineSpec, dp_world: int, impl: str | None = None) -
     t, o, p = spec, spec.optim, spec.parallel
     impl = impl or optimizers.resolve_impl(o.impl)
     zero: dict[str, Any] = {"stage": p.zero_stage}
+    tuning = zero3_tuning(p, spec.hidden, model_params)
+    if p.zero_stage in (1, 2) and "reduce_bucket_size" in tuning:
+        zero["reduce_bucket_size"] = tuning["reduce_bucket_size"]
     if p.zero_stage == 3:
-        zero.update({
-            "stage3_param_persistence_threshold": p.persistence_threshold,
-            "overlap_comm": True,
-            "contiguous_gradients": True,
-        })
+        zero.update({**tuning, "overlap_comm": True, "contiguous_gradients": True})
+        if p.zero_hpz > 1:
+            zero["zero_hpz_partition_size"] = p.zero_hpz
+        if p.zero_quantized_weights:
+            zero["zero_quantized_weights"] = True
+        if p.zero_quantized_gradients:
+            zero["zero_quantized_gradients"] = True
     offload = optimizers.offload_section(impl)
     if offload is not None:
         zero["offload_optimizer"] = offload
@@ -68,6 +101,9 @@ def deepspeed_config(spec: EngineSpec, dp_world: int, impl: str | None = None) -
     })
     if t.precision == "bf16_autocast":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    probe = comms_probe.logger_section()  # MMPT_COMMS_LOG: tests of `pretrain plan --comm`
+    if probe is not None:
+        ds["comms_logger"] = probe
     return ds
 
 
@@ -97,7 +133,7 @@ def build_engine(spec: EngineSpec, model: torch.nn.Module, dp_world: int):
     if groups.tp_size() > 1:
         rng.seed_tensor_parallel_rng(spec.seed, groups.tp_rank())
     impl = optimizers.resolve_impl(spec.optim.impl)
-    ds_cfg = deepspeed_config(spec, dp_world, impl)
+    ds_cfg = deepspeed_config(spec, dp_world, impl, sum(q.numel() for q in model.parameters()))
     schedule = lr_lambda(spec)
     with optimizers.deepspeed_arch_list():  # FusedAdam may be JIT-built in here
         engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -48,7 +48,28 @@ class ParallelConfig:
     """Collective timeout in seconds; a dead or missing rank fails the job after this."""
     persistence_threshold: int = 10000
     """ZeRO-3 keeps parameters with fewer elements than this unpartitioned (saves collectives on
-    biases and norms; 0 partitions everything)."""
+    biases and norms; 0 partitions everything; -1 derives it from the model: 10 x the widest tower's
+    width, DeepSpeed's own `auto` rule)."""
+    prefetch_bucket_size: int = 0
+    """ZeRO-3 `stage3_prefetch_bucket_size` in elements; 0 derives it from the model: 0.9 x width^2 of the
+    widest tower (DeepSpeed's `auto` rule), so small models are not gathered in one 50M-element bucket."""
+    reduce_bucket_size: int = 0
+    """ZeRO `reduce_bucket_size` in elements; 0 derives it: width^2 of the widest tower (DeepSpeed's
+    `auto` rule)."""
+    max_live_parameters: int = 0
+    """ZeRO-3 `stage3_max_live_parameters` and `stage3_max_reuse_distance` in elements; 0 derives them: the
+    larger of DeepSpeed's default 1e9 and this TP rank's parameter count, so that the parameters gathered
+    in forward stay live through backward instead of being gathered again (costs one gathered copy of
+    the model in memory; `pretrain plan --comm` counts the traffic either way)."""
+    zero_hpz: int = 1
+    """ZeRO++ hierarchical partitioning (`zero_hpz_partition_size`): ZeRO-3 keeps a secondary copy of the
+    parameters partitioned over groups of this many data-parallel ranks (the GPUs of one node), so the
+    backward all-gather stays inside the node. 1: off. Must divide the data-parallel degree."""
+    zero_quantized_weights: bool = False
+    """ZeRO++ qwZ: ZeRO-3 parameter all-gathers in int8 blocks (`zero_quantized_weights`; CUDA only)."""
+    zero_quantized_gradients: bool = False
+    """ZeRO++ qgZ: ZeRO-3 gradient reduce-scatter in int4 through all-to-all (`zero_quantized_gradients`;
+    CUDA only)."""
 
 
 @dataclass(frozen=True)
@@ -73,3 +94,6 @@ class EngineSpec:
     """`train.seed`: seeds the per-tensor-parallel-rank dropout stream."""
     fp16_initial_scale_power: int = 16
     """`train.fp16_initial_scale_power`: fp16 dynamic loss scaling starts at 2^this."""
+    hidden: int = 0
+    """The widest tower's width (`model.vision.width`, `model.text.width`): ZeRO's bucket sizes are
+    derived from it (`parallel.engine.zero3_tuning`); 0 keeps DeepSpeed's defaults."""

@@ -8,6 +8,8 @@ normal runs, where every function here is a cheap no-op.
 - `MMPT_FAULT_WRITE=step[:rank[:name]]`  fail this process's checkpoint file writes in the save at `step`
   with an I/O error, as a full or broken disk would (on `rank` only, if given; only files whose name
   contains `name`, if given, e.g. `optim_states`).
+- `MMPT_FAULT_SIGNAL=step[:rank]`  send this process SIGUSR1 (a scheduler's stop request) right after
+  optimizer step `step` (on `rank` only, if given).
 - `MMPT_FAULT_NONFINITE=objective:n[,n...]`  make that objective's loss NaN in the n-th micro-batch the
   process runs (1-based, skipped ones included; with grad_accum=1 and no earlier skip, n is the step).
 """
@@ -35,6 +37,17 @@ def maybe_kill(point: str, step: int) -> None:
     if len(parts) > 2 and int(parts[2]) != _rank():
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_signal(step: int) -> None:
+    """Send SIGUSR1 to this process after `step`, as configured by `MMPT_FAULT_SIGNAL`."""
+    spec = os.environ.get("MMPT_FAULT_SIGNAL")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if int(parts[0]) != step or (len(parts) > 1 and int(parts[1]) != _rank()):
+        return
+    os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def maybe_fail_write(step: int, path: str | os.PathLike) -> None:

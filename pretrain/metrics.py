@@ -59,9 +59,11 @@ class ProgressBar:
         self._redirect.__enter__()
         self._bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
-    def step(self, loss: float) -> None:
-        """One optimizer step done; one redraw (the postfix does not redraw by itself)."""
-        self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    def step(self, loss: float | None = None) -> None:
+        """One optimizer step done; one redraw (the postfix does not redraw by itself). The loss comes only
+        at log steps: reading it every step would make the host wait for the device."""
+        if loss is not None:
+            self._bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         self._bar.update(1)
 
     def close(self) -> None:

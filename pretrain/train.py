@@ -27,6 +27,7 @@ from launch.env import discover
 from launch.logs import install_filters
 from launch.signals import StoppedForRequeue, StopRequest
 from parallel import groups
+from parallel.comms_probe import CommsProbe
 from parallel.consensus import any_rank
 from parallel.engine import build_engine, clamp_parameter_
 from pretrain import faults
@@ -43,7 +44,7 @@ from pretrain.config import (
     validate,
 )
 from pretrain.metrics import MetricsWriter, ProgressBar
-from pretrain.nonfinite import LOSS_KEYS, NonFiniteGuard
+from pretrain.nonfinite import LOSS_KEYS, NonFiniteGuard, Window, defers_to_optimizer
 from pretrain.parallelize import parallelize
 from pretrain.plan.memory import log_startup_plan, record_measured
 from pretrain.tasks import build_model, client_state, make_validator
@@ -202,49 +203,74 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
                                dtype)
 
     it = iter(loader)
-    sums: dict[str, float] = {}
+    window = Window()  # this log window's losses, on the device until the next log step
     n_micro, wait_s, window_start = 0, 0.0, time.perf_counter()
     run_start, last_logged = time.perf_counter(), {}
     step = start_step
     engine.train()
-    guard = NonFiniteGuard(cfg.train.nonfinite_patience, engine, lambda: ckpt.latest_tag(root))
+    deferred = defers_to_optimizer(cfg.parallel.zero_stage)  # pretrain/nonfinite.py: no read per micro-batch
+    guard = NonFiniteGuard(cfg.train.nonfinite_patience, engine, lambda: ckpt.latest_tag(root), deferred)
     tail_from = cfg.train.steps - cfg.objectives.mim.unmasked_tail_steps  # by step number: resumable
+    logit_scale: torch.Tensor | None = None
+    comms = CommsProbe()  # DeepSpeed's comms logger per step, only under MMPT_COMMS_LOG (plan --comm tests)
     while step < cfg.train.steps:
         engine.module.set_unmasked_tail(step >= tail_from)  # FLIP's unmasking tuning for the last steps
-        done = 0
+        done, pending = 0, []
         while done < cfg.train.grad_accum:
             t0 = time.perf_counter()
             batch = next(it)
             wait_s += time.perf_counter() - t0
             tracker.update(batch)
             out = faults.poison(engine(move_batch(batch, engine.device, dtype)))
-            if not guard.forward_ok(out, step + 1):
-                continue  # every rank drops this micro-batch: no backward, no step, not in the audit
-            audit.record(batch, step + 1)
-            engine.backward(out["loss"])
+            if deferred:  # on-device flag; a non-finite loss makes the optimizer skip this step
+                loss = guard.backward_loss(out, window.add(out, step + 1))
+            else:  # ZeRO 0: read now, and drop the micro-batch on every rank before backward
+                if not guard.forward_ok(out, step + 1):
+                    continue  # every rank drops this micro-batch: no backward, no step, not in the audit
+                window.add(out, step + 1)
+                loss = out["loss"]
+            pending.append(batch)
+            engine.backward(loss)
             engine.step()
             done += 1
-            guard.after_step(step + 1)
-            for k in LOSS_KEYS:
-                if k in out:
-                    sums[k] = sums.get(k, 0.0) + float(out[k].detach().float())
             n_micro += 1
-            temperature = 1.0 / float(out["logit_scale"]) if "logit_scale" in out else None
+            if "logit_scale" in out:
+                logit_scale = out["logit_scale"]  # a fresh tensor (exp of the parameter): read at log steps
+        skipped = guard.step_done(step + 1) if deferred else guard.after_step(step + 1)
+        if not skipped:  # the key audit lists what was trained, not a step the optimizer skipped
+            for b in pending:
+                audit.record(b, step + 1)
         step += 1
-        if temperature is not None:  # CLIP's ceiling (a fine-tuned classifier has no logit scale)
+        comms.after_step(step)
+        if logit_scale is not None:  # CLIP's ceiling (a fine-tuned classifier has no logit scale)
             clamp_parameter_(engine.module.logit_scale, engine.module.logit_scale_ceiling)
         if step == start_step + 1:  # measured per-rank bytes next to the plan -> RUN_DIR/memory.json
             record_measured(engine, memory_plan, run_dir)
-        stopping = any_rank(stop.requested, engine.device)  # preemption: all ranks stop at the same step
-        if bar is not None:
-            bar.step(float(out["loss"].detach()))
-        if step % cfg.logging.every == 0 or step == cfg.train.steps or stopping:
+        log_step = step % cfg.logging.every == 0 or step == cfg.train.steps
+        every = cfg.train.stop_check_every
+        # preemption: all ranks stop at the same step; checked only at log steps (or every N), never
+        # in between, so a healthy step holds no collective and no read for it
+        stopping = (log_step if every == 0 else step % every == 0) and any_rank(stop.requested,
+                                                                                engine.device)
+        if log_step or stopping:
+            micro, ok = window.read(engine.device)
+            if deferred:  # count, warn, and stop on patience, for the whole window (same on every rank)
+                guard.review([(m.step, v, f) for m, v, f in zip(window.micro, micro, ok)])
+            window.clear()
+            sums: dict[str, float] = {}
+            n_ok = 0
+            for v, f in zip(micro, ok):
+                if f:
+                    n_ok += 1
+                    for k in window.keys:
+                        sums[k] = sums.get(k, 0.0) + v[k]
             elapsed = time.perf_counter() - window_start
             steps_in_window = n_micro / cfg.train.grad_accum
-            values = _mean_over_ranks({**{k: v / n_micro for k, v in sums.items()},
-                              "wait": wait_s / max(elapsed, 1e-9)}, engine.device)
+            values = _mean_over_ranks({**{k: v / n_ok for k, v in sums.items()},
+                                       "wait": wait_s / max(elapsed, 1e-9)}, engine.device)
             data_totals = _data_totals(tracker)
             grad_norm = engine.get_global_grad_norm()
+            temperature = None if logit_scale is None else 1.0 / float(logit_scale)
             row = {
                 **{k: round(values[k], 6) for k in LOSS_KEYS if k in values},
                 "lr": engine.get_lr()[0],
@@ -258,18 +284,24 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             }
             metrics.log(step, row)
             last_logged = row
+            if bar is not None:
+                bar.step(row.get("loss"))
             d = cfg.data
             check_bad_fraction(data_totals["skips"], data_totals["delivered"], data_totals["shards"],
                                d.max_bad_fraction, d.bad_check_after)
-            sums, n_micro, wait_s, window_start = {}, 0, 0.0, time.perf_counter()
+            n_micro, wait_s, window_start = 0, 0.0, time.perf_counter()
+        elif bar is not None:
+            bar.step()  # no loss between log steps: reading it would wait for the device
         val = validator.run(step) if validator.due(step) and not stopping else None  # eval.every / at_end
         if val is not None:
             metrics.log(step, val)
         faults.maybe_kill("after-step", step)
+        faults.maybe_signal(step)
         if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping:
             save(step, final=step == cfg.train.steps or stopping, val=val)
         if stopping:  # preemption: this step is logged and saved; the requeued job resumes after it
             break
+    comms.dump(rank)
     if bar is not None:
         bar.close()
     metrics.close()

@@ -213,8 +213,15 @@ class TrainConfig:
     """Expected global batch (micro_batch x grad_accum x data-parallel ranks); 0 derives it. Set it in
     recipes so a launch with the wrong rank count fails before training instead of changing the math."""
     nonfinite_patience: int = 3
-    """A micro-batch whose loss is NaN/inf is skipped and counted; this many in a row stop the run with
-    the step and the objective that went non-finite."""
+    """A micro-batch whose loss is NaN/inf never reaches the weights and is counted; this many in a row
+    stop the run with the step and the objective that went non-finite. Under ZeRO 1-3 its optimizer step
+    is skipped and the count is checked at log steps (no read in between); under ZeRO 0 the micro-batch is
+    dropped at once and replaced (pretrain/nonfinite.py)."""
+    stop_check_every: int = 0
+    """How often (in optimizer steps) the ranks agree on a stop request (SIGUSR1/SIGTERM), which costs a
+    collective and a read; 0: at log steps (`logging.every`). The run stops, checkpoints and exits 75 at
+    the first check after the signal, so keep `logging.every` x step time (or this x step time) well under
+    the scheduler's warning (`--signal=USR1@120`: 120 s)."""
     compile: bool = False
     """torch.compile each transformer block (not the DeepSpeed engine); the first steps are slow while
     it compiles (inductor; on CPU it needs a C++ compiler)."""

@@ -21,4 +21,5 @@ def engine_spec(cfg: Config) -> EngineSpec:
     t = cfg.train
     return EngineSpec(optim=cfg.optim, parallel=cfg.parallel, steps=t.steps, micro_batch=t.micro_batch,
                       grad_accum=t.grad_accum, grad_clip=t.grad_clip, precision=t.precision, seed=t.seed,
-                      fp16_initial_scale_power=t.fp16_initial_scale_power)
+                      fp16_initial_scale_power=t.fp16_initial_scale_power,
+                      hidden=max(cfg.model.vision.width, cfg.model.text.width))

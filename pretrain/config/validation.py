@@ -80,6 +80,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(0 <= t.fp16_initial_scale_power <= 32, "train.fp16_initial_scale_power must be in [0, 32]")
     check(t.global_batch >= 0, "train.global_batch must be >= 0")
     check(t.nonfinite_patience >= 1, "train.nonfinite_patience must be >= 1")
+    check(t.stop_check_every >= 0, "train.stop_check_every must be >= 0 (0: at log steps)")
     check(all(p.strip() for p in t.freeze), "train.freeze: patterns must be non-empty strings")
     check(len(set(t.freeze)) == len(t.freeze), f"train.freeze: a pattern is listed twice in {t.freeze}")
     check(t.task != "classify" or bool(cfg.finetune.classnames.strip()),
@@ -100,6 +101,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(all(k.strip() for k in op.lr_mult), "optim.lr_mult: patterns must be non-empty strings")
     bad_mult = {k: v for k, v in op.lr_mult.items() if not (math.isfinite(v) and v >= 0)}
     check(not bad_mult, f"optim.lr_mult: multipliers must be finite and >= 0, got {bad_mult}")
+    pa = cfg.parallel
+    check(pa.persistence_threshold >= -1, "parallel.persistence_threshold must be >= 0, or -1 (derived)")
+    for key in ("prefetch_bucket_size", "reduce_bucket_size", "max_live_parameters"):
+        check(getattr(pa, key) >= 0, f"parallel.{key} must be >= 0 (0: derived from the model)")
+    check(pa.zero_hpz >= 1, "parallel.zero_hpz must be >= 1 (1: off)")
+    zpp = [k for k in ("zero_quantized_weights", "zero_quantized_gradients") if getattr(pa, k)]
+    zpp += ["zero_hpz"] if pa.zero_hpz > 1 else []
+    check(not zpp or pa.zero_stage == 3, f"parallel.{', parallel.'.join(zpp)} (ZeRO++) need "
+          f"parallel.zero_stage=3 (got {pa.zero_stage})")
+    if world_size is not None and pa.zero_hpz > 1 and world_size % max(pa.tp, 1) == 0:
+        dp = world_size // max(pa.tp, 1)
+        check(dp % pa.zero_hpz == 0, f"parallel.zero_hpz ({pa.zero_hpz}) must divide the data-parallel "
+              f"degree ({dp} = {world_size} ranks / tp {pa.tp})")
     check(op.impl != "cpu_adam" or cfg.parallel.zero_stage >= 1,
           f"optim.impl=cpu_adam offloads the optimizer through ZeRO: it needs parallel.zero_stage >= 1 "
           f"(got {cfg.parallel.zero_stage})")
@@ -215,6 +229,13 @@ def check_runtime(cfg: Config) -> None:
         problem = fused_layer_norm_problem()
         if problem:
             problems.append(f"model.fused_layernorm=true: {problem}; set model.fused_layernorm=false")
+    import torch
+
+    if cfg.parallel.zero_quantized_weights and not torch.cuda.is_available():
+        # measured on DeepSpeed 0.19 / CPU: the int8 quantizer op raises "This op had not been implemented
+        # on CPU backend." at the first all-gather
+        problems.append("parallel.zero_quantized_weights=true needs CUDA: DeepSpeed's weight quantizer has "
+                        "no CPU kernel (\"This op had not been implemented on CPU backend\"); set it false")
     if problems:
         raise ConfigError("config cannot run on this machine:\n  - " + "\n  - ".join(problems))
 

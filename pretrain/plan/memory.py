@@ -28,6 +28,8 @@ there and in `block_activation_bytes`, in `pretrain/plan/activations.py`). JSON 
                   bytes}}, contrastive {kind, columns_per_row, bytes_at_micro_batch}, micro_batch,
                   at_micro_batch_bytes {no_checkpointing, checkpointing}
     workspace     fixed_bytes, activation_fraction, zero_buffers_bytes, zero_buffers {name: bytes}
+    comm          (only with --comm / --net-gbps) pretrain/plan/comm.py: per_rank_bytes {collective: bytes},
+                  total_bytes, logger_msg_bytes, seconds_at_net
     fit           (only with --gpu-mem) gpu_mem_bytes, max_micro_batch {no_checkpointing, checkpointing},
                   configured {micro_batch, activation_checkpointing, total_bytes, fits}
 """
@@ -115,7 +117,10 @@ def plan_for_model(cfg: Config, model: nn.Module, world: int, built_tp: int = 1)
     tp = cfg.parallel.tp
     dp = world // tp
     p = cfg.parallel
-    threshold = p.persistence_threshold if p.zero_stage == 3 else 0
+    from parallel.engine import zero3_tuning
+
+    hidden = max(cfg.model.vision.width, cfg.model.text.width)  # persistence_threshold=-1: derived
+    threshold = zero3_tuning(p, hidden, 0)["stage3_param_persistence_threshold"] if p.zero_stage == 3 else 0
     counts = count_params(model, tp, built_tp, threshold)
     pb, gb, ob = bytes_per_param(cfg.train.precision, p.zero_stage)
     return {
@@ -257,7 +262,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config or embedded_config_path(), args.overrides)
     plan = memory_plan(cfg, args.world, gpu_mem_gb=args.gpu_mem)
-    print(json.dumps(plan) if args.json else format_plan(plan), flush=True)
+    text = format_plan(plan)
+    if args.comm or args.net_gbps:  # bytes each rank sends per optimizer step (pretrain/plan/comm.py)
+        from pretrain.plan.comm import comm_plan, format_comm
+
+        plan["comm"] = comm_plan(cfg, plan["params"], args.world, net_gbps=args.net_gbps)
+        text += "\n" + format_comm(plan["comm"])
+    print(json.dumps(plan) if args.json else text, flush=True)
     return 0
 
 
@@ -272,6 +283,12 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--gpu-mem", type=float, metavar="GB",
                    help="device memory in GiB: also print the largest micro-batch that fits with and without "
                         "activation checkpointing (model states + activations + workspace)")
+    p.add_argument("--comm", action="store_true",
+                   help="also print the bytes each rank sends per optimizer step, by collective (ZeRO "
+                        "gathers and reductions, TP all-reduces, contrastive gathers; JSON key `comm`)")
+    p.add_argument("--net-gbps", type=float, metavar="G",
+                   help="network bandwidth in Gbit/s: also print the time the communication takes at it "
+                        "without overlap (implies --comm)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=cmd_plan)

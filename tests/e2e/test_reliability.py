@@ -205,26 +205,38 @@ def test_write_failure_on_one_rank_stops_every_rank_promptly(shards, tmp_path, c
 
 
 # ------------------------------------------------------------------------------ non-finite steps
-def test_nonfinite_loss_is_skipped_and_counted(shards, tmp_path):
+@pytest.mark.parametrize("zero", [3, 0])
+def test_nonfinite_loss_is_skipped_and_counted(shards, tmp_path, zero):
+    """ZeRO 1-3 (deferred guard, no read in a healthy step): the NaN micro-batch's gradients are made
+    non-finite, DeepSpeed skips that optimizer step, the window's flags are read at the log step. ZeRO 0
+    (synchronous guard): the micro-batch is dropped before backward and replaced by the next one."""
     run = tmp_path / "run"
-    r = train(shards, run, "train.steps=5", "data.log_keys=true", env={"MMPT_FAULT_NONFINITE": "mim:3"})
+    r = train(shards, run, "train.steps=5", "data.log_keys=true", f"parallel.zero_stage={zero}",
+              env={"MMPT_FAULT_NONFINITE": "mim:3"})
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_metrics(run)
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
     assert rows[-1]["nonfinite_skipped"] == 1
-    # the key audit lists exactly what was trained: 5 steps x 8 samples, not the dropped 3rd micro-batch
-    audited = read_keys(run)
-    assert sorted(Counter(rec.step for rec in audited).items()) == [(s, 8) for s in range(1, 6)]
-    assert all(row["loss"] == row["loss"] for row in rows)  # no NaN reached the weights or the logs
     assert "step 3: non-finite loss_mim" in r.stderr
+    audited = Counter(rec.step for rec in read_keys(run))
+    # the key audit lists exactly what was trained
+    if zero == 3:  # step 3 was skipped by the optimizer: its samples are not audited, its row has no loss
+        assert sorted(audited.items()) == [(s, 8) for s in (1, 2, 4, 5)]
+        assert "loss" not in rows[2] and all("loss" in row for i, row in enumerate(rows) if i != 2)
+    else:  # the 3rd micro-batch was replaced by the 4th: 5 steps x 8 samples
+        assert sorted(audited.items()) == [(s, 8) for s in range(1, 6)]
+    assert all(row.get("loss", 0) == row.get("loss", 0) for row in rows)  # no NaN in the weights or logs
 
 
-def test_nonfinite_patience_stops_naming_step_and_objective(shards, tmp_path):
+@pytest.mark.parametrize("zero,stop_step", [(3, 6), (0, 4)])
+def test_nonfinite_patience_stops_naming_step_and_objective(shards, tmp_path, zero, stop_step):
+    """Micro-batches 4, 5, 6 are NaN. ZeRO 3 skips steps 4, 5 and 6 and stops at step 6 (the third in a
+    row); ZeRO 0 replaces them inside step 4 and stops there."""
     run = tmp_path / "run"
-    r = train(shards, run, "train.steps=6", "train.nonfinite_patience=3",
+    r = train(shards, run, "train.steps=8", "train.nonfinite_patience=3", f"parallel.zero_stage={zero}",
               env={"MMPT_FAULT_NONFINITE": "mlm:4,5,6"})
     assert r.returncode != 0
-    assert "stopping at step 4: non-finite loss_mlm in 3 micro-batches in a row" in r.stderr
+    assert f"stopping at step {stop_step}: non-finite loss_mlm in 3 micro-batches in a row" in r.stderr
 
 
 # ------------------------------------------------------------------------------ validation up front
@@ -310,3 +322,15 @@ def test_same_config_seed_and_layout_give_bit_identical_losses(shards, tmp_path)
         r = train(shards, run, "train.steps=4")
         assert r.returncode == 0, r.stderr[-2000:]
     assert losses(a) == losses(b)  # exact equality, not approx
+
+
+# ------------------------------------------------------------------------------ preemption
+def test_stop_signal_on_one_rank_stops_every_rank_at_the_next_log_step(shards, tmp_path):
+    """SIGUSR1 reaches rank 1 only, after step 2; the request is agreed at log steps (logging.every=4), so
+    both ranks stop after step 4, save global_step4 and exit 75, and the resumed run finishes."""
+    run = tmp_path / "run"
+    r = train(shards, run, "train.steps=6", "logging.every=4", procs=2, env={"MMPT_FAULT_SIGNAL": "2:1"})
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert "stopped at step 4 on" in r.stderr
+    assert ckpt.latest_tag(run / "checkpoints") == "global_step4"
+    assert [row["step"] for row in read_metrics(run) if "loss" in row] == [4]
