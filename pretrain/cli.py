@@ -7,6 +7,7 @@ nothing below this file sees argparse.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import re
@@ -281,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     except RendezvousError as e:  # an expected launch failure: one timestamped line, no traceback
         logging.getLogger("mmpt.launch").error("%s", e)
         return 1
+    finally:
+        # Everything alive now dies with the process: spare the interpreter's final collections a walk
+        # over torch's, DeepSpeed's and sympy's module graphs (about 0.5-1 s of every command's exit).
+        gc.freeze()
 
 
 if __name__ == "__main__":
