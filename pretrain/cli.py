@@ -282,11 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     except RendezvousError as e:  # an expected launch failure: one timestamped line, no traceback
         logging.getLogger("mmpt.launch").error("%s", e)
         return 1
-    finally:
-        # Everything alive now dies with the process: spare the interpreter's final collections a walk
-        # over torch's, DeepSpeed's and sympy's module graphs (about 0.5-1 s of every command's exit).
-        gc.freeze()
+
+
+def entry() -> None:
+    """The `pretrain` program (console script and `python -m pretrain.cli`): `main`, then exit.
+
+    Everything alive at that point dies with the process, so `gc.freeze()` spares the interpreter's final
+    collections a walk over torch's, DeepSpeed's and sympy's object graphs: about 1 s of every command's
+    exit on a CPU (a training rank's exit 1.3 s -> 0.2 s). Not in `main`, which tests call in-process."""
+    rc = main()
+    gc.freeze()
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
