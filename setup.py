@@ -47,5 +47,5 @@ setup(
         # `data.tokenizer=clip` (OpenAI CLIP's BPE merges ship in open_clip_torch) and `convert --arch`
         "clip": ["open_clip_torch>=2.24", "ftfy>=6"],
     },
-    entry_points={"console_scripts": ["pretrain=pretrain.cli:main"]},
+    entry_points={"console_scripts": ["pretrain=pretrain.cli:entry"]},
 )

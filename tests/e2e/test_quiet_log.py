@@ -55,7 +55,7 @@ def test_unexpected_lines_are_caught():
 
 def test_demo_prints_only_allowlisted_lines(tmp_path):
     t0 = time.monotonic()
-    # as `make demo` runs it (the console script is `pretrain.cli:main`), shortened to 3 steps
+    # as `make demo` runs it (the console script is `pretrain.cli:entry`), shortened to 3 steps
     cmd = [sys.executable, "-m", "pretrain.cli", "demo", "--out", str(tmp_path), "train.steps=3",
            "train.micro_batch=16", "data.tokenizer_samples=500", "logging.tensorboard=false",
            "eval.every=3", "eval.max_samples=64"]  # a validation on the live ZeRO-3 model, too
