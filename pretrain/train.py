@@ -272,6 +272,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         if val is not None:
             metrics.log(step, val)
         faults.maybe_kill("after-step", step)
+        faults.maybe_hold(step)
         if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping:
             save(step, final=step == cfg.train.steps or stopping, val=val)
         if stopping:  # preemption: this step is logged and saved; the requeued job resumes after it
