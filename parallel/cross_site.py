@@ -240,9 +240,8 @@ class OuterLoop:
     def _report(self, k: int, members: list[str], missing: list[str]) -> dict[str, Any]:
         c = self.cfg
         if missing:
-            log.warning("cross-site round %d: site(s) %s did not deliver within %d s (cross_site.timeout_s) "
-                        "or stopped; dropped for this round; remaining: %s", k, ", ".join(missing),
-                        c.timeout_s, ", ".join(members))
+            log.warning("cross-site round %d: site %s dropped for this round; remaining: %s", k,
+                        ", ".join(missing), ", ".join(members))
         if c.site not in members:
             log.warning("cross-site round %d: site %s was late; it applies the average of %s without its "
                         "own update", k, c.site, ", ".join(members))

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from launch.env import RendezvousError
+
 log = logging.getLogger("mmpt.cross_site")
 NS = "mmpt/xs"
 BEAT_S = 0.5
@@ -37,8 +39,9 @@ BEAT_S = 0.5
 POLL_S = 0.05
 
 
-class CrossSiteError(RuntimeError):
-    """A cross-site problem with a message naming the address, site or key involved."""
+class CrossSiteError(RendezvousError):
+    """A cross-site problem with a message naming the address, site or key involved (a RendezvousError:
+    the command line reports it as one timestamped line, exit 1, no traceback)."""
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -202,8 +205,8 @@ class Rendezvous:
 
     def agree_members(self, k: int, first_round: bool) -> tuple[list[str], list[str]]:
         """rank 0, after every rank of this site posted round k: wait (up to timeout_s) for the other
-        live sites, then settle the members of round k (first writer wins). Returns (members, sites this
-        site waited for in vain)."""
+        live sites, then settle the members of round k (first writer wins). Returns (members, the sites
+        this site waited for in vain, each with the reason: heartbeat stopped, or not in time)."""
         self.store.set(f"{NS}/r{k}/ready/{self.site}", "1")
         members_key = f"{NS}/r{k}/members"
         deadline = time.monotonic() + self.timeout_s
@@ -222,7 +225,12 @@ class Rendezvous:
             time.sleep(POLL_S)
         proposal = sorted(s for s in self.sites() if self.store.check([f"{NS}/r{k}/ready/{s}"]))
         members = json.loads(self.store.compare_set(members_key, "", json.dumps(proposal)).decode())
-        return members, sorted(waited - set(members))
+        return members, [f"{s} ({self._why_missing(s)})" for s in sorted(waited - set(members))]
+
+    def _why_missing(self, site: str) -> str:
+        if not self.liveness.alive(site):
+            return f"stopped: no heartbeat for {self.liveness.stale_s:g} s"
+        return f"did not deliver within {self.timeout_s:g} s (cross_site.timeout_s)"
 
     def finish_round(self, k: int) -> None:
         """rank 0: round k is applied here (a joining site may now ask for the state after it)."""
