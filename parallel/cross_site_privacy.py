@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 
 import torch
 
@@ -56,9 +57,13 @@ class PrivacyLedger:
     def _epsilon(self, rounds: int) -> float:
         from opacus.accountants import RDPAccountant
 
+        if not rounds:
+            return 0.0
         acc = RDPAccountant()
-        acc.history = [(self.noise, 1.0, rounds)] if rounds else []
-        return float(acc.get_epsilon(delta=self.delta)) if rounds else 0.0
+        acc.history = [(self.noise, 1.0, rounds)]
+        with warnings.catch_warnings():  # "optimal order is the smallest alpha": loose, not wrong
+            warnings.simplefilter("ignore", UserWarning)
+            return float(acc.get_epsilon(delta=self.delta))
 
     def record_round(self) -> tuple[float, float]:
         """Count one more released round; return (epsilon of one round, epsilon of all rounds so far)."""

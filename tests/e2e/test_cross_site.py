@@ -1,8 +1,9 @@
 """Training across sites with the real launcher: each site is its own `pretrain launch --launcher deepspeed
 --site NAME --rendezvous HOST:PORT` job on loopback, reading its own shards, with a shared tokenizer.
 
-- two sites x two ranks, int8 exchange every 2 steps: both finish, their weights are equal after every
-  round (each checkpoint, written after that step's round), and the bytes sent are counted exactly;
+- two sites x two ranks, int8 exchange every 2 steps with clipping and noise: both finish, their weights
+  are equal after every round (each checkpoint, written after that step's round), the bytes sent are
+  counted exactly and epsilon is reported per round and in total;
   a third site with another `cross_site.every` refuses to join, naming the key.
 - a site killed mid-run: the other goes on with a log line naming it, the killed one comes back with
   `--resume latest`, takes the survivor's outer state and the two train together again.
@@ -111,10 +112,11 @@ def _payload_bytes(numel: int) -> int:
 def test_two_sites_stay_equal_count_bytes_and_a_mismatched_site_is_refused(sites_data, tmp_path):
     rendezvous = f"127.0.0.1:{free_port()}"
     release = tmp_path / "release"  # a holds after step 1 until the refused site has come and gone
+    dp = ("cross_site.dp_clip=0.01", "cross_site.dp_noise=1.0")  # noise in what is sent; equal all the same
     a = Site(tmp_path, "a", sites_data, rendezvous, 2, "train.steps=4", "checkpoint.every=2",
-             "cross_site.timeout_s=100", env={"MMPT_FAULT_HOLD": f"1:{release}"})
+             "cross_site.timeout_s=100", *dp, env={"MMPT_FAULT_HOLD": f"1:{release}"})
     b = Site(tmp_path, "b", sites_data, rendezvous, 2, "train.steps=4", "checkpoint.every=2",
-             "cross_site.timeout_s=100")
+             "cross_site.timeout_s=100", *dp)
     _wait_for_fingerprint(rendezvous, a, 120)  # a or b set the reference: the third site comes later
     c = Site(tmp_path, "b2", sites_data, rendezvous, 1, "train.steps=4", "cross_site.every=3",
              "cross_site.timeout_s=30")
@@ -144,6 +146,12 @@ def test_two_sites_stay_equal_count_bytes_and_a_mismatched_site_is_refused(sites
     assert rows[4]["cross_site_round"] == 2 and rows[4]["cross_site_sites"] == 2
     assert rows[4]["cross_site_bytes"] == 2 * sum(_payload_bytes(n) for n in numels)
     assert rows[4]["cross_site_bytes"] < 2 * 4 * sum(numels) / 3.5  # ~4x fewer bytes than fp32
+    from parallel.cross_site_privacy import PrivacyLedger
+
+    eps = PrivacyLedger(1.0, 1e-5, rounds=2).total()  # opacus's RDP accountant, 2 rounds
+    assert rows[4]["dp_epsilon"] == pytest.approx(eps, rel=1e-3) and rows[2]["dp_epsilon"] < eps
+    assert rows[4]["dp_epsilon_round"] == rows[2]["dp_epsilon"]
+    assert f"{eps:.3f} in total (delta 1e-05)" in a.text()
 
 
 def test_a_killed_site_is_dropped_and_rejoins_from_the_survivors_outer_state(sites_data, tmp_path):
