@@ -162,9 +162,10 @@ class OuterLoop:
         if self.rank == 0:
             behind = self.rv.group_round()
             if behind > self.round and self.rv.others_alive():
+                asked = self.rv.ask_state()
                 log.info("cross-site: site %s is at round %d, the running sites at %d; asking them for the "
                          "outer state", self.cfg.site, self.round, behind)
-                ticket = self.rv.request_state()
+                ticket = self.rv.wait_state(asked)
                 if not ticket:
                     log.warning("cross-site: no running site answered within %d s; site %s goes on from its "
                                 "own outer state (round %d)", self.cfg.timeout_s, self.cfg.site, self.round)

@@ -249,10 +249,13 @@ class Rendezvous:
     def mark_served(self, ticket: int) -> None:
         self.store.set(f"{NS}/served", str(ticket))
 
-    def request_state(self) -> int:
-        """rank 0: ask the running sites for their outer state; wait up to timeout_s for an answer.
-        Returns the ticket served (0 when nobody answered)."""
-        ticket = self.store.add(f"{NS}/joins", 1)
+    def ask_state(self) -> int:
+        """rank 0: ask the running sites for their outer state; returns the ticket to wait for."""
+        return self.store.add(f"{NS}/joins", 1)
+
+    def wait_state(self, ticket: int) -> int:
+        """rank 0: wait up to timeout_s for a member to serve `ticket` (or a later one). Returns the ticket
+        served (0 when nobody answered)."""
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
             if self.store.check([f"{NS}/served"]) and int(self.store.get(f"{NS}/served")) >= ticket:

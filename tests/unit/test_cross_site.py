@@ -190,7 +190,7 @@ def test_a_rejoining_site_gets_the_state_a_member_publishes():
         a.mark_served(ticket)
 
     threading.Thread(target=serve_it, daemon=True).start()
-    ticket = late.request_state()
+    ticket = late.wait_state(late.ask_state())
     state = late.read_state(ticket)
     assert state["round"] == 5 and torch.equal(state["synced"], torch.arange(3.0))
     assert a.pending_join() == 0
