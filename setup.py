@@ -35,6 +35,7 @@ setup(
         "onnx>=1.16",
         "onnxruntime>=1.18",
         "matplotlib>=3.7",  # `pretrain eval --plot METRIC`: metric against training step as a PNG
+        "opacus>=1.6",  # cross_site.dp_noise: epsilon from its RDP accountant (imported only then)
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1"],

@@ -1,6 +1,8 @@
 """`pretrain launch`: start training under deepspeed, torchrun, mpirun or srun with one command.
 
     pretrain launch --launcher torchrun --nodes 2 --procs-per-node 8 [--dry-run] -- train --config c.yaml
+    pretrain launch --launcher deepspeed --site eu --rendezvous 10.0.0.5:29400 -- train --config c.yaml
+    pretrain launch --serve-rendezvous 0.0.0.0:29400      # a cross-site store that outlives every site
 
 Defaults come from the environment, so inside a Slurm allocation `--nodes`, the master address (the
 first node's NodeAddr), the port (from the job id), the node rank (SLURM_NODEID) and a deepspeed hostfile
@@ -11,6 +13,8 @@ is the job's and signals reach it directly.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import shlex
 import shutil
@@ -59,6 +63,7 @@ def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     if program and program[0].startswith("-"):
         raise LaunchPlanError(f"expected a pretrain subcommand after `--`, got {program[0]!r} "
                               "(e.g. `-- train --config c.yaml`)")
+    program += cross_site_overrides(args)
 
     hosts = slurm_hosts(e)[:nodes] if in_slurm else []
     hostfile = args.hostfile
@@ -109,7 +114,48 @@ def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     )
 
 
+def cross_site_overrides(args: argparse.Namespace) -> list[str]:
+    """`--site` / `--rendezvous` as config overrides, placed last so they win over the same keys given
+    earlier. The name is YAML-quoted: `--site 0` is the string "0", the type `cross_site.site` has."""
+    out = []
+    if getattr(args, "site", None):
+        out.append(f"cross_site.site={json.dumps(args.site)}")
+    if getattr(args, "rendezvous", None):
+        host, _, port = args.rendezvous.rpartition(":")
+        if not host or not port.isdigit():
+            raise LaunchPlanError(f"--rendezvous must be HOST:PORT, got {args.rendezvous!r}")
+        out.append(f"cross_site.rendezvous={args.rendezvous}")
+    return out
+
+
+def serve_rendezvous(address: str) -> int:
+    """Serve the cross-site TCP store at `address` until SIGINT/SIGTERM: a store no site's death takes
+    down (otherwise rank 0 of the first site on the address's host serves it)."""
+    import torch.distributed as dist
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise LaunchPlanError(f"--serve-rendezvous must be HOST:PORT, got {address!r}")
+    try:
+        store = dist.TCPStore(host.strip("[]"), int(port), None, True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=600))
+    except (RuntimeError, OSError) as e:
+        raise LaunchPlanError(f"cannot serve the cross-site rendezvous at {address}: {e}") from e
+    print(f"serving the cross-site rendezvous store at {host}:{store.port} (stop with Ctrl-C or SIGTERM)",
+          file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
+    if args.serve_rendezvous:
+        return serve_rendezvous(args.serve_rendezvous)
+    if not args.launcher:
+        raise LaunchPlanError(f"--launcher is required (one of {', '.join(LAUNCHERS)})")
     plan = plan_from_args(args)
     cmd = build_command(plan)
     if args.dry_run:
@@ -130,7 +176,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     """Add `pretrain launch` (called by pretrain/cli.py through REGISTRARS)."""
     p = sub.add_parser("launch", help="start training under deepspeed, torchrun, mpirun or srun",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--launcher", choices=LAUNCHERS, required=True)
+    p.add_argument("--launcher", choices=LAUNCHERS, help="required unless --serve-rendezvous")
     p.add_argument("--nodes", type=int, help="nodes (default: SLURM_JOB_NUM_NODES, else 1)")
     p.add_argument("--procs-per-node", type=int, help="ranks per node (default: CUDA devices, else 1)")
     p.add_argument("--hostfile", help="`host slots=N` lines (deepspeed, mpirun); written from "
@@ -147,6 +193,11 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
                                            "--launcher-args='--mca btl self,vader,tcp'")
     p.add_argument("--python", help="interpreter of the ranks (default: this one)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.add_argument("--site", help="this site's name when training across sites (cross_site.site; the config "
+                                  "sets cross_site.sites); docs/cross_site.md")
+    p.add_argument("--rendezvous", metavar="HOST:PORT", help="where the sites meet (cross_site.rendezvous)")
+    p.add_argument("--serve-rendezvous", metavar="HOST:PORT", help="only serve the cross-site store there, "
+                                                                    "until stopped (no training)")
     p.add_argument("program", nargs=argparse.REMAINDER, metavar="-- train ARGS",
                    help="the pretrain subcommand each rank runs")
     p.set_defaults(func=cmd_launch)  # LaunchPlanError is a ValueError: main() prints it and exits 2

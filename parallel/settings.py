@@ -97,3 +97,43 @@ class EngineSpec:
     hidden: int = 0
     """The widest tower's width (`model.vision.width`, `model.text.width`): ZeRO's bucket sizes are
     derived from it (`parallel.engine.zero3_tuning`); 0 keeps DeepSpeed's defaults."""
+
+
+@dataclass
+class CrossSiteConfig:
+    sites: int = 0
+    """Sites training this model together (DiLoCo-style outer loop, docs/cross_site.md). 0 or 1: off, the run
+    is an ordinary single job. A site is a whole ordinary job (any launcher, ZeRO-3) that reads only its own
+    shards; sites exchange parameter changes every `cross_site.every` steps, never data."""
+    site: str = ""
+    """This site's name (any unique string, e.g. `eu` or `"0"`): keys in the rendezvous store, log lines and
+    which site is dropped are named by it. `pretrain launch --site NAME` sets it."""
+    rendezvous: str = ""
+    """HOST:PORT of the TCP store the sites meet at. Rank 0 of the first site whose host owns that address
+    serves it, unless a store already answers there (`pretrain launch --serve-rendezvous HOST:PORT` runs one
+    that outlives any site). `pretrain launch --rendezvous HOST:PORT` sets it."""
+    every: int = 100
+    """H: inner optimizer steps between outer rounds. Every site must use the same value (checked when a
+    site joins)."""
+    outer_lr: float = 0.7
+    """Learning rate of the outer SGD step on the averaged pseudo-gradient (DiLoCo's 0.7; 1.0 with momentum 0
+    is plain parameter averaging)."""
+    outer_momentum: float = 0.9
+    """Nesterov momentum of the outer step (0: none)."""
+    compress: str = "none"
+    """Encoding of what leaves a site: `none` (fp32), `fp16`, or `int8` (one fp32 scale per 1024 values,
+    with error feedback: what rounding dropped is added to the next round's pseudo-gradient)."""
+    dp_clip: float = 0.0
+    """Clip each site's pseudo-gradient (all of the model: all ranks' partitions) to this L2 norm before it
+    leaves the site (0: no clipping). Needed for `cross_site.dp_noise`."""
+    dp_noise: float = 0.0
+    """Gaussian noise multiplier: each site adds N(0, (dp_noise x dp_clip)^2) to every value it sends
+    (0: off). Epsilon per round and in total (site-level, not sample-level) from opacus's RDP accountant
+    goes to the log and metrics.jsonl."""
+    dp_delta: float = 1e-5
+    """Delta of the reported (epsilon, delta) guarantee."""
+    timeout_s: int = 120
+    """Seconds to wait for the rendezvous (an unreachable one fails after this, naming the address), for
+    other sites at each round (a site that has not delivered by then is dropped for that round) and for a
+    survivor's outer state when rejoining. Must exceed the time `every` steps take on the slowest site and
+    stay below `parallel.timeout_s`."""

@@ -33,6 +33,7 @@ from parallel.engine import build_engine, clamp_parameter_
 from pretrain import faults
 from pretrain.checkpoint import atomic as ckpt
 from pretrain.checkpoint import best as best_ckpt
+from pretrain.checkpoint.cross_site import start_outer_loop
 from pretrain.checkpoint.resume import resolve_start, save_universal
 from pretrain.config import (
     Config,
@@ -157,6 +158,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
     start_step, position = start.load(engine)
+    outer = start_outer_loop(cfg, engine, start, run_dir)  # cross_site.*: None for an ordinary single job
 
     loader = make_train_loader(cfg.data, stream_spec(cfg), tokenizer, rank=dp_rank, world=dp_world,
                                position=position)
@@ -180,6 +182,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             "step": step, "config": to_dict(cfg), "tokenizer": (run_dir / "tokenizer.json").read_text(),
             "data_positions": _gather_positions(tracker), "dp_world": dp_world,
             "tp": cfg.parallel.tp, "rng": torch.get_rng_state(), **client_state(cfg),
+            **({"cross_site": outer.state_dict()} if outer is not None else {}),  # this rank's partition's
         }}
         audit.flush()
         try:  # a failure on any rank raises on every rank, at the same point (pretrain/checkpoint/atomic.py)
@@ -242,6 +245,8 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
                 audit.record(b, step + 1)
         step += 1
         comms.after_step(step)
+        if outer is not None:  # every cross_site.every steps: exchange with the other sites, outer step
+            outer.after_step(step)
         if logit_scale is not None:  # CLIP's ceiling (a fine-tuned classifier has no logit scale)
             clamp_parameter_(engine.module.logit_scale, engine.module.logit_scale_ceiling)
         if step == start_step + 1:  # measured per-rank bytes next to the plan -> RUN_DIR/memory.json
@@ -281,6 +286,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
                 **metrics_row(data_totals),  # skipped samples, skip_<reason>, bad fractions
                 "nonfinite_skipped": guard.total,
                 "contrastive_mask_ratio": engine.module.contrastive_mask_ratio(),
+                **(outer.last if outer is not None else {}),  # cross-site round, sites, bytes, epsilon
             }
             metrics.log(step, row)
             last_logged = row
@@ -297,6 +303,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             metrics.log(step, val)
         faults.maybe_kill("after-step", step)
         faults.maybe_signal(step)
+        faults.maybe_hold(step)
         if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping:
             save(step, final=step == cfg.train.steps or stopping, val=val)
         if stopping:  # preemption: this step is logged and saved; the requeued job resumes after it
@@ -312,6 +319,8 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
         stop.ignore_further()  # a late TERM (srun --kill-on-bad-exit) must not turn exit 75 into 143
         raise StoppedForRequeue(step, stop.signal_name)
     stop.restore()
+    if outer is not None:
+        outer.finish()  # the other sites stop waiting for this one
     wall = time.perf_counter() - run_start
     summary = {
         "steps": step, "start_step": start_step, "run_dir": str(run_dir),

@@ -16,6 +16,7 @@ from pretrain.config.schema import (
     Config,
     ConfigError,
     ContrastiveConfig,
+    CrossSiteConfig,
     DataConfig,
     DecoderConfig,
     EvalConfig,
@@ -37,8 +38,9 @@ from pretrain.config.schema import (
 from pretrain.config.specs import engine_spec, stream_spec
 from pretrain.config.validation import check_runtime, get_key, validate
 
-__all__ = ["CHOICES", "CheckpointConfig", "Config", "ConfigError", "ContrastiveConfig", "DataConfig",
-           "DecoderConfig", "EvalConfig", "FinetuneConfig", "FusionConfig", "ITMConfig", "LoggingConfig",
+__all__ = ["CHOICES", "CheckpointConfig", "Config", "ConfigError", "ContrastiveConfig",
+           "CrossSiteConfig", "DataConfig", "DecoderConfig", "EvalConfig", "FinetuneConfig", "FusionConfig",
+           "ITMConfig", "LoggingConfig",
            "MIMConfig", "MLMConfig",
            "ModelConfig", "ObjectivesConfig",
            "OptimConfig", "ParallelConfig", "RunConfig", "TextConfig", "TrainConfig", "VisionConfig",

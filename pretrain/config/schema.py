@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_pipelines.settings import DataConfig
-from parallel.settings import OptimConfig, ParallelConfig
+from parallel.settings import CrossSiteConfig, OptimConfig, ParallelConfig
 
 
 class ConfigError(ValueError):
@@ -330,6 +330,8 @@ class Config:
     """Validation during training on `data.val`."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Task fine-tuning (`train.task`, `pretrain finetune`)."""
+    cross_site: CrossSiteConfig = field(default_factory=CrossSiteConfig)
+    """Training across sites that share only model updates (DiLoCo outer loop), off by default."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics, TensorBoard, progress bar, which ranks log."""
     run: RunConfig = field(default_factory=RunConfig)
@@ -346,4 +348,5 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.precision": ("bf16", "fp16", "fp32", "bf16_autocast"),
     "parallel.zero_stage": (0, 1, 2, 3),
     "train.task": ("pretrain", "classify"),
+    "cross_site.compress": ("none", "fp16", "int8"),
 }

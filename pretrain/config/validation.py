@@ -161,6 +161,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every must be >= 0")
     check(cfg.checkpoint.max_failures >= 1, "checkpoint.max_failures must be >= 1")
     problems += _eval_problems(cfg)
+    problems += _cross_site_problems(cfg)
     check(cfg.logging.every >= 1, "logging.every must be >= 1")
     check(bool(cfg.run.dir), "run.dir must be set")
     if problems:
@@ -185,6 +186,51 @@ def _eval_problems(cfg: Config) -> list[str]:
         elif e.every and c.every and c.every % e.every:
             out.append(f"checkpoint.keep_best: checkpoint.every ({c.every}) must be a multiple of eval.every "
                        f"({e.every}), so every checkpoint has a validation result")
+    return out
+
+
+def _cross_site_problems(cfg: Config) -> list[str]:
+    """cross_site.*: only checked when it is on (`sites` >= 2), so a single job ignores the section. The
+    exchange is over each rank's ZeRO-3 partition, so it needs ZeRO-3; noise is drawn per partition, which
+    tensor-parallel ranks holding the same replicated parameter would draw differently."""
+    x, out = cfg.cross_site, []
+    if x.sites < 0:
+        out.append(f"cross_site.sites must be >= 0 (0 or 1: off), got {x.sites}")
+    if x.sites <= 1:
+        return out
+    if not x.site.strip():
+        out.append("cross_site.site must name this site (e.g. cross_site.site=eu, or `pretrain launch --site "
+                   "eu`) when cross_site.sites >= 2")
+    host, _, port = x.rendezvous.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        out.append(f"cross_site.rendezvous must be HOST:PORT (e.g. 10.0.0.5:29400), got {x.rendezvous!r}")
+    if x.every < 1:
+        out.append(f"cross_site.every must be >= 1, got {x.every}")
+    if not x.outer_lr > 0:
+        out.append(f"cross_site.outer_lr must be > 0, got {x.outer_lr}")
+    if not 0 <= x.outer_momentum < 1:
+        out.append(f"cross_site.outer_momentum must be in [0, 1), got {x.outer_momentum}")
+    if x.dp_clip < 0:
+        out.append(f"cross_site.dp_clip must be >= 0 (0: no clipping), got {x.dp_clip}")
+    if x.dp_noise < 0:
+        out.append(f"cross_site.dp_noise must be >= 0 (0: no noise), got {x.dp_noise}")
+    if x.dp_noise > 0 and x.dp_clip <= 0:
+        out.append("cross_site.dp_noise > 0 needs cross_site.dp_clip > 0 (the noise is scaled to the clip "
+                   "norm)")
+    if not 0 < x.dp_delta < 1:
+        out.append(f"cross_site.dp_delta must be in (0, 1), got {x.dp_delta}")
+    if x.timeout_s < 1:
+        out.append(f"cross_site.timeout_s must be >= 1, got {x.timeout_s}")
+    elif x.timeout_s >= cfg.parallel.timeout_s:
+        out.append(f"cross_site.timeout_s ({x.timeout_s}) must be < parallel.timeout_s "
+                   f"({cfg.parallel.timeout_s}): the site's other ranks wait for rank 0's exchange in a "
+                   "collective bounded by parallel.timeout_s")
+    if cfg.parallel.zero_stage != 3:
+        out.append(f"cross_site needs parallel.zero_stage=3 (each rank exchanges the ZeRO-3 partition it "
+                   f"owns), got {cfg.parallel.zero_stage}")
+    if (x.dp_clip > 0 or x.dp_noise > 0) and cfg.parallel.tp > 1:
+        out.append("cross_site.dp_clip/dp_noise with parallel.tp > 1 is not supported yet (tensor-parallel "
+                   "ranks would clip and noise their replicated parameters differently)")
     return out
 
 
