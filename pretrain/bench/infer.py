@@ -7,7 +7,9 @@
 Variants (`--variants`): `torch:fp32` (eager, the reference), `compile:fp32` (torch.compile of each tower,
 inductor; needs a C++ compiler on CPU, reported as skipped without one), `onnx:fp32`, `onnx:fp16`,
 `onnx:int8` (dynamic quantisation) and `onnx:int8-static` (calibrated on the first `--calibration-samples`
-of `--data`). Every variant uses all cores (torch's and onnxruntime's default thread pools), one at a time.
+of `--data`); on request also `onnx:fp32-fused`, `onnx:fp16-fused`, `onnx:int8-fused` (the same exports
+with `--optimizer transformers`: onnxruntime.transformers' fused Attention/SkipLayerNorm/BiasGelu). Every
+variant uses all cores (torch's and onnxruntime's default thread pools), one at a time.
 
 Speed: images/s and texts/s at the throughput batch (`--batch`), and p50/p99 latency of single inputs
 (batch 1) and of throughput batches, on fixed random inputs (speed does not depend on pixel values).
@@ -32,6 +34,9 @@ import numpy as np
 import torch
 
 VARIANTS = ("torch:fp32", "compile:fp32", "onnx:fp32", "onnx:fp16", "onnx:int8", "onnx:int8-static")
+"""What runs by default."""
+FUSED_VARIANTS = ("onnx:fp32-fused", "onnx:fp16-fused", "onnx:int8-fused")
+"""Only when asked (`--variants`): the export with onnxruntime.transformers' optimizer (for GPU providers)."""
 
 
 def _random_weights(out: Path, overrides: list[str]) -> Path:
@@ -141,7 +146,9 @@ def _variant(name: str, model: Any, tok: Any, cfg: Any, src: Path, out: Path, ca
     folder = out / f"onnx-{dtype}"
     t = time.perf_counter()
     calib = calibration if quant == "static" else None
-    summary = convert_onnx(src, folder, dtype.split("-")[0], quant, calib, calib_samples, overwrite=True)
+    optimizer = "transformers" if dtype.endswith("-fused") else "none"
+    summary = convert_onnx(src, folder, dtype.split("-")[0], quant, calib, calib_samples, overwrite=True,
+                           optimizer=optimizer)
     return OnnxEncoder(folder), {"export_s": round(time.perf_counter() - t, 2), "bytes": summary["bytes"]}
 
 
@@ -150,9 +157,9 @@ def run_infer_bench(out: Path, checkpoint: str | None, data: str | None, classna
                     calib_samples: int, overrides: list[str]) -> dict[str, Any]:
     from pretrain.evaluation.evaluate import evaluate, load_model, read_classnames
 
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS + FUSED_VARIANTS]
     if bad:
-        raise ValueError(f"--variants {bad}: choose from {', '.join(VARIANTS)}")
+        raise ValueError(f"--variants {bad}: choose from {', '.join(VARIANTS + FUSED_VARIANTS)}")
     if checkpoint and overrides:
         raise ValueError("config overrides apply to the random-init model; a --checkpoint brings its own")
     out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +221,7 @@ def add_infer_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="held-out shard URLs: cosine to fp32, zero-shot, int8 calibration")
     p.add_argument("--classnames", help="classnames.txt for zero-shot top-1")
     p.add_argument("--out", default="runs/bench-infer", help="folder for exports and random weights")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + FUSED_VARIANTS)
     p.add_argument("--batch", type=int, default=64, help="throughput batch")
     p.add_argument("--iters", type=int, default=10, help="timed throughput batches per variant")
     p.add_argument("--latency-iters", type=int, default=50, help="timed batch-1 calls per variant")

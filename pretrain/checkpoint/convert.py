@@ -5,7 +5,7 @@
     pretrain convert SRC DST --to hf                   transformers.CLIPModel.from_pretrained(DST)
     pretrain convert SRC DST --to open_clip            open_clip model config + weights
     pretrain convert SRC DST --to onnx [--dtype fp32|fp16|int8] [--quant dynamic|static --calibration URLS]
-                                                       image + text encoders for onnxruntime (no torch)
+                                  [--optimizer none|transformers]   image + text encoders for onnxruntime
     pretrain convert --from hf|open_clip SRC DST       start pretraining from an existing CLIP model
     pretrain convert --from open_clip SRC DST --arch ViT-B-32   open_clip weights of a named architecture
     pretrain convert --from openai SRC DST             OpenAI's own format (state dict or TorchScript .pt)
@@ -61,18 +61,22 @@ def _export_with(src: Source, dst: Path, to: str, dtype: torch.dtype, overwrite:
 
 
 def convert(src_path: str | Path, dst: str | Path, to: str, dtype: str = "fp32", overwrite: bool = False,
-            quant: str = "dynamic", calibration: str | None = None, calibration_samples: int = 256
-            ) -> dict[str, Any]:
+            quant: str = "dynamic", calibration: str | None = None, calibration_samples: int = 256,
+            optimizer: str = "none") -> dict[str, Any]:
     """Convert one checkpoint; returns a summary (output path, tensors, bytes, seconds). `quant`,
-    `calibration` (shard URLs) and `calibration_samples` apply to `--to onnx --dtype int8`."""
+    `calibration` (shard URLs) and `calibration_samples` apply to `--to onnx --dtype int8`, `optimizer`
+    to `--to onnx`."""
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
     if to == "onnx":
         from pretrain.export.onnx_convert import convert_onnx
 
-        return convert_onnx(src_path, Path(dst), dtype, quant, calibration, calibration_samples, overwrite)
+        return convert_onnx(src_path, Path(dst), dtype, quant, calibration, calibration_samples, overwrite,
+                            optimizer)
     if quant != "dynamic" or calibration:
         raise ValueError("--quant / --calibration apply to --to onnx --dtype int8 only")
+    if optimizer != "none":
+        raise ValueError("--optimizer applies to --to onnx only")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose fp32 or bf16")
     src = open_source(src_path)
@@ -195,7 +199,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 raise ValueError("give --to universal|safetensors|hf|open_clip|onnx "
                                  "(or --from hf|open_clip|openai)")
             out = convert(args.src, args.dst, args.to, args.dtype, args.overwrite, args.quant,
-                          args.calibration, args.calibration_samples)
+                          args.calibration, args.calibration_samples, args.optimizer)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         print(f"pretrain convert: error: {e}", file=sys.stderr)
         return 2
@@ -222,6 +226,10 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
                    "(activation ranges calibrated on --calibration)")
     p.add_argument("--calibration", help="--quant static: shard URLs whose first images/captions calibrate")
     p.add_argument("--calibration-samples", type=int, default=256, help="samples read from --calibration")
+    p.add_argument("--optimizer", default="none", choices=("none", "transformers"),
+                   help="--to onnx: also run onnxruntime.transformers' fusing optimizer (fused Attention, "
+                   "SkipLayerNormalization, BiasGelu) before quantisation; for GPU providers: slower than "
+                   "the default on CPU at small shapes")
     p.add_argument("--config", help="with --from: YAML recipe for the non-model settings (default: demo)")
     p.add_argument("--tokenizer", help="with --from: tokenizer.json to use instead of SRC's, or `clip` "
                    "(OpenAI CLIP's BPE; the default for OpenAI/LAION checkpoints)")

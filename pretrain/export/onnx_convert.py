@@ -15,17 +15,19 @@ from typing import Any
 import numpy as np
 
 from pretrain.checkpoint.tensor_files import staged_output, write_manifest
-from pretrain.export.onnx import ONNX_DTYPES, export_onnx
+from pretrain.export.onnx import ONNX_DTYPES, OPTIMIZERS, export_onnx
 from pretrain.export.onnx_quant import QUANT_MODES
 
 __all__ = ["calibration_batches", "check_args", "convert_onnx"]
 
 
 def check_args(dst: Path, dtype: str, quant: str, calibration: str | None, samples: int,
-               overwrite: bool) -> None:
+               overwrite: bool, optimizer: str = "none") -> None:
     """Every argument problem that needs no model."""
     if dtype not in ONNX_DTYPES:
         raise ValueError(f"--dtype {dtype!r} for --to onnx: choose one of {', '.join(ONNX_DTYPES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if quant not in QUANT_MODES:
         raise ValueError(f"--quant {quant!r}: choose one of {', '.join(QUANT_MODES)}")
     if dtype != "int8" and (quant != "dynamic" or calibration):
@@ -58,11 +60,11 @@ def calibration_batches(urls: str, tokenizer: Any, cfg: Any, samples: int, batch
 
 
 def convert_onnx(src: str | Path, dst: Path, dtype: str = "fp32", quant: str = "dynamic",
-                 calibration: str | None = None, samples: int = 256, overwrite: bool = False
-                 ) -> dict[str, Any]:
+                 calibration: str | None = None, samples: int = 256, overwrite: bool = False,
+                 optimizer: str = "none") -> dict[str, Any]:
     """Export SRC's encoders to DST; returns the summary `pretrain convert` prints."""
     dst = Path(dst)
-    check_args(dst, dtype, quant, calibration, samples, overwrite)
+    check_args(dst, dtype, quant, calibration, samples, overwrite, optimizer)
     if not Path(src).exists():
         raise FileNotFoundError(f"checkpoint not found: {src}")
     from pretrain.evaluation.evaluate import load_model
@@ -74,11 +76,11 @@ def convert_onnx(src: str | Path, dst: Path, dtype: str = "fp32", quant: str = "
         def calib() -> dict[str, list[np.ndarray]]:
             return calibration_batches(calibration, tokenizer, cfg, samples)
     with staged_output(dst, overwrite) as tmp:
-        info = export_onnx(model, tokenizer, cfg, tmp, dtype, quant, calib)
+        info = export_onnx(model, tokenizer, cfg, tmp, dtype, quant, calib, optimizer)
         if calibration and quant == "static":
             info["calibration"] = {"urls": calibration, "samples": samples}
         write_manifest(tmp, {}, kind="onnx", source=str(src), **info)
         files = json.loads((tmp / "manifest.json").read_text())["files"]
     return {"to": "onnx", "out": str(dst), "dtype": dtype, "quantization": info["quantization"],
-            "check": info["check"], "bytes": sum(e["bytes"] for e in files.values()),
+            "optimizer": optimizer, "check": info["check"], "bytes": sum(e["bytes"] for e in files.values()),
             "seconds": round(time.perf_counter() - t0, 2)}

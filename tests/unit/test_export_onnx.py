@@ -1,9 +1,10 @@
 """`pretrain convert --to onnx`: the real torch exporter and onnxruntime on a tiny random-weight model.
 
 fp32 graphs reproduce the eager encoders at several batch sizes (dynamic batch); fp16/int8 graphs really
-are converted (their weights change type) and stay close; static int8 needs calibration data; a layer the
-exporter cannot handle is named; a failure leaves no folder; and the folder runs in a subprocess where
-`import torch` raises, through `pretrain/export/onnx_runtime.py` alone."""
+are converted (their weights change type) and stay close; onnxruntime's fusions fire on the exported
+graphs (op counts: the session's own and onnxruntime.transformers' optimizer); static int8 needs
+calibration data; a layer the exporter cannot handle is named; a failure leaves no folder; and the folder
+runs in a subprocess where `import torch` raises, through `pretrain/export/onnx_runtime.py` alone."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from tiny import write_tiny_weights
 from pretrain.checkpoint.convert import convert
 from pretrain.cli import main
 from pretrain.evaluation.evaluate import load_model
-from pretrain.export.onnx import ExportError, export_onnx
+from pretrain.export.onnx import OPSET, ExportError, _export, _ImageEncoder, export_onnx
+from pretrain.export.onnx_fuse import op_counts, transformers_optimize
 from pretrain.export.onnx_runtime import OnnxCLIP
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +89,58 @@ def test_folder_has_manifest_tokenizer_and_preprocessing(fp32, eager):
     assert batch_dim.dim_param == "batch"  # dynamic, not a traced constant
 
 
+def _towers(cfg) -> list[tuple[str, str, object]]:
+    return [("image", "image.onnx", cfg.model.vision), ("text", "text.onnx", cfg.model.text)]
+
+
+def test_onnxruntime_fusions_fire_on_the_export(fp32, eager, tmp_path):
+    """The export is written so that onnxruntime's fusions match it; op counts, so a change to the
+    attention, the MLP or the opset that breaks a pattern fails here (speed is in docs/benchmarks.md)."""
+    model, _, cfg = eager
+    graph = json.loads((fp32 / "manifest.json").read_text())["graph"]
+    assert graph["optimizer"] is None
+    assert graph["session"]["cpu_disabled_optimizers"] == ["SkipLayerNormFusion"]
+    for tower, name, m in _towers(cfg):
+        ops, session = graph["ops"][tower], graph["session_ops"][tower]
+        assert ops == op_counts(fp32 / name) and "Split" not in ops  # q, k, v: three projections, no copy
+        # what the CPU session runs: q @ k^T with the scale folded into one FusedMatMul per layer, the Erf
+        # chain as Gelu (bias included in fp32), and no SkipLayerNormalization (disabled: slower here)
+        assert session.get("FusedMatMul") == m.layers, (tower, session)
+        assert session.get("BiasGelu", 0) + session.get("Gelu", 0) == m.layers, (tower, session)
+        assert "SkipLayerNormalization" not in session and "Softmax" in session
+        # onnxruntime.transformers' optimizer fuses every layer of our graph
+        stats = transformers_optimize(fp32 / name, tmp_path / name, tower, m.heads, m.width)
+        assert stats.get("Attention") == m.layers, (tower, stats)
+        assert stats.get("SkipLayerNormalization") == 2 * m.layers, (tower, stats)
+        assert stats.get("BiasGelu") == m.layers, (tower, stats)
+    # the check can fail: the training Attention traced as is (packed q/k/v, unbound by a Split) fuses none
+    raw = tmp_path / "packed.onnx"
+    _export(_ImageEncoder(model.visual).eval(), torch.randn(2, 3, 32, 32), "pixel_values", raw)
+    assert OPSET == 17 and "Split" in op_counts(raw)
+    stats = transformers_optimize(raw, tmp_path / "packed-fused.onnx", "image", 2, 32)
+    assert stats.get("Attention", 0) == 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_transformers_optimizer_export(weights, eager, tmp_path, dtype):
+    """`--optimizer transformers`: fused before quantisation (int8: QAttention), recorded in the manifest,
+    and still the eager model (fp32 passes the export's own cosine >= 0.9999 check)."""
+    model, tok, cfg = eager
+    out = tmp_path / dtype
+    summary = convert(weights, out, "onnx", dtype, optimizer="transformers")
+    assert summary["optimizer"] == "transformers"
+    graph = json.loads((out / "manifest.json").read_text())["graph"]
+    assert graph["optimizer"].startswith("onnxruntime.transformers")
+    for tower, _, m in _towers(cfg):
+        assert graph["fused_operators"][tower]["Attention"] == m.layers
+        assert graph["ops"][tower].get("QAttention" if dtype == "int8" else "Attention") == m.layers
+    clip = OnnxCLIP(out, providers=["CPUExecutionProvider"])
+    images, ids = _inputs(cfg, tok, 5)
+    floor = 0.9999 if dtype == "fp32" else 0.98
+    assert _cos(clip.encode_pixels(images.numpy()), model.encode_image(images).numpy()).min() > floor
+    assert _cos(clip.encode_ids(ids.numpy()), model.encode_text(ids).numpy()).min() > floor  # causal kept
+
+
 def _initializer_types(path: Path) -> set[int]:
     return {t.data_type for t in onnx.load(str(path)).graph.initializer}
 
@@ -108,6 +162,13 @@ def test_fp16_and_int8_are_converted_and_stay_close(weights, eager, tmp_path, dt
     assert img.dtype == txt.dtype == np.float32  # fp32 in and out at every dtype
     assert _cos(img, model.encode_image(images).numpy()).min() > min_cos
     assert _cos(txt, model.encode_text(ids).numpy()).min() > min_cos
+    if dtype == "int8":  # every weight MatMul runs quantised; q, k, v share one activation quantisation
+        session = json.loads((out / "manifest.json").read_text())["graph"]["session_ops"]
+        for tower, _, m in _towers(cfg):
+            ops = session[tower]
+            quantised = ops.get("DynamicQuantizeMatMul", 0) + ops.get("MatMulIntegerToFloat", 0)
+            assert quantised == 6 * m.layers + 1, (tower, ops)  # q, k, v, proj, fc1, fc2; the projection
+            assert ops.get("DynamicQuantizeLinear") == m.layers, (tower, ops)
 
 
 def test_static_int8_needs_calibration_then_calibrates(weights, shards, tmp_path, capsys):
