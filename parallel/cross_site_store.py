@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import json
 import logging
 import socket
@@ -111,13 +110,21 @@ def check_fingerprint(store: dist.TCPStore, site: str, mine: dict[str, Any], add
 
 
 def encode_state(state: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+    """An outer state as bytes for the store: tensors as safetensors, everything else as JSON in its
+    metadata. No pickle crosses sites (a peer's bytes are never unpickled, not even weights-only)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    return save(tensors, metadata={"json": json.dumps(rest)})
 
 
 def decode_state(data: bytes) -> dict[str, Any]:
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    from safetensors.torch import load
+
+    n = int.from_bytes(data[:8], "little")  # safetensors: u64 header length, then the JSON header
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    return {**load(data), **json.loads(meta.get("json", "{}"))}
 
 
 class Liveness:

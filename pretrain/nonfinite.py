@@ -60,6 +60,8 @@ class MicroRecord:
     """One micro-batch of the current log window: its step and its losses on the device (not read)."""
 
     step: int
+    keys: tuple[str, ...]
+    """The losses this micro-batch has (FLIP's unmasked tail drops loss_mim from the step it starts)."""
     values: torch.Tensor
     """fp32 [len(keys)]: the losses in `keys` order."""
     ok: torch.Tensor
@@ -75,11 +77,11 @@ class Window:
 
     def add(self, out: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         """Record `out`'s losses without reading them; return the on-device finite flag."""
-        if not self.keys:
-            self.keys = [k for k in LOSS_KEYS if k in out]
-        values = torch.stack([out[k].detach().float().reshape(()) for k in self.keys])
+        keys = tuple(k for k in LOSS_KEYS if k in out)
+        self.keys = [k for k in LOSS_KEYS if k in keys or k in self.keys]  # all seen, in LOSS_KEYS order
+        values = torch.stack([out[k].detach().float().reshape(()) for k in keys])
         ok = torch.isfinite(values).all().to(torch.int32)
-        self.micro.append(MicroRecord(step, values, ok))
+        self.micro.append(MicroRecord(step, keys, values, ok))
         return ok
 
     def read(self, device: torch.device) -> tuple[list[dict[str, float]], list[bool]]:
@@ -92,9 +94,13 @@ class Window:
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
-        values = torch.stack([m.values for m in self.micro]).tolist()
+        flat = torch.cat([m.values for m in self.micro]).tolist()  # micro-batches may differ in keys
         ok = [bool(f) for f in flags.tolist()]
-        return [dict(zip(self.keys, v)) for v in values], ok
+        out, at = [], 0
+        for m in self.micro:
+            out.append(dict(zip(m.keys, flat[at:at + len(m.keys)])))
+            at += len(m.keys)
+        return out, ok
 
     def clear(self) -> None:
         self.micro = []

@@ -263,15 +263,14 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
                 guard.review([(m.step, v, f) for m, v, f in zip(window.micro, micro, ok)])
             window.clear()
             sums: dict[str, float] = {}
-            n_ok = 0
+            counts: dict[str, int] = {}  # per loss: the unmasked tail drops loss_mim mid-window
             for v, f in zip(micro, ok):
                 if f:
-                    n_ok += 1
-                    for k in window.keys:
-                        sums[k] = sums.get(k, 0.0) + v[k]
+                    for k, x in v.items():
+                        sums[k], counts[k] = sums.get(k, 0.0) + x, counts.get(k, 0) + 1
             elapsed = time.perf_counter() - window_start
             steps_in_window = n_micro / cfg.train.grad_accum
-            values = _mean_over_ranks({**{k: v / n_ok for k, v in sums.items()},
+            values = _mean_over_ranks({**{k: v / counts[k] for k, v in sums.items()},
                                        "wait": wait_s / max(elapsed, 1e-9)}, engine.device)
             data_totals = _data_totals(tracker)
             grad_norm = engine.get_global_grad_norm()

@@ -44,3 +44,23 @@ def test_skipped_steps_stop_the_run_without_dynamic_loss_scaling(fp16, dynamic):
     guard = NonFiniteGuard(3, engine, lambda: None)
     with pytest.raises(NonFiniteError, match="stopping at step 3: non-finite gradients in 3 steps in a row"):
         _skip_steps(guard, engine, 5)
+
+
+def test_window_keeps_each_micro_batch_own_losses():
+    """FLIP's unmasked tail starts inside a log window: loss_mim is in the first micro-batch and not the
+    second. Each keeps its own losses (no KeyError, no value put under another loss's name)."""
+    import torch
+
+    from pretrain.nonfinite import Window
+
+    w = Window()
+    t = torch.tensor
+    w.add({"loss": t(3.0), "loss_contrastive": t(1.0), "loss_mim": t(2.0)}, 1)
+    w.add({"loss": t(1.5), "loss_contrastive": t(1.5)}, 2)
+    w.add({"loss": t(float("nan")), "loss_contrastive": t(0.5)}, 3)
+    micro, ok = w.read(torch.device("cpu"))
+    assert w.keys == ["loss", "loss_contrastive", "loss_mim"]
+    assert micro == [{"loss": 3.0, "loss_contrastive": 1.0, "loss_mim": 2.0},
+                     {"loss": 1.5, "loss_contrastive": 1.5},
+                     {"loss": micro[2]["loss"], "loss_contrastive": 0.5}]
+    assert ok == [True, True, False]
