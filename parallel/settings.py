@@ -51,11 +51,12 @@ class ParallelConfig:
     biases and norms; 0 partitions everything; -1 derives it from the model: 10 x the widest tower's
     width, DeepSpeed's own `auto` rule)."""
     prefetch_bucket_size: int = 0
-    """ZeRO-3 `stage3_prefetch_bucket_size` in elements; 0 derives it from the model: 0.9 x width^2 of the
-    widest tower (DeepSpeed's `auto` rule), so small models are not gathered in one 50M-element bucket."""
+    """ZeRO-3 `stage3_prefetch_bucket_size` in elements; 0 derives it from the model: the larger of 0.9 x
+    width^2 of the widest tower (DeepSpeed's `auto` rule) and the parameter count up to 5e7 (DeepSpeed's
+    default): a small model is prefetched whole, never in many small gathers."""
     reduce_bucket_size: int = 0
-    """ZeRO `reduce_bucket_size` in elements; 0 derives it: width^2 of the widest tower (DeepSpeed's
-    `auto` rule)."""
+    """ZeRO `reduce_bucket_size` in elements; 0 derives it: the larger of width^2 of the widest tower
+    (DeepSpeed's `auto` rule) and the parameter count up to 5e8 (DeepSpeed's default)."""
     max_live_parameters: int = 0
     """ZeRO-3 `stage3_max_live_parameters` and `stage3_max_reuse_distance` in elements; 0 derives them: the
     larger of DeepSpeed's default 1e9 and this TP rank's parameter count, so that the parameters gathered

@@ -19,9 +19,14 @@ from pretrain.config import (
 
 def test_derived_from_the_widest_tower_and_the_parameter_count():
     t = zero3_tuning(ParallelConfig(persistence_threshold=-1), hidden=768, model_params=2 * 10**9)
-    assert t["reduce_bucket_size"] == 768 ** 2
-    assert t["stage3_prefetch_bucket_size"] == int(0.9 * 768 ** 2)
+    assert t["reduce_bucket_size"] == 5 * 10**8  # a big model: DeepSpeed's default buckets
+    assert t["stage3_prefetch_bucket_size"] == 5 * 10**7
     assert t["stage3_param_persistence_threshold"] == 7680
+    small = zero3_tuning(ParallelConfig(), hidden=64, model_params=270_000)  # one bucket, not 66 of 64^2
+    assert small["reduce_bucket_size"] == small["stage3_prefetch_bucket_size"] == 270_000
+    wide = zero3_tuning(ParallelConfig(), hidden=8192, model_params=2 * 10**9)  # W^2 above the default
+    assert wide["reduce_bucket_size"] == 5 * 10**8
+    assert wide["stage3_prefetch_bucket_size"] == int(0.9 * 8192**2)
     assert t["stage3_max_live_parameters"] == t["stage3_max_reuse_distance"] == 2 * 10**9
     assert zero3_tuning(ParallelConfig(), 768, 10**6)["stage3_max_live_parameters"] == LIVE_DEFAULT
 
@@ -40,7 +45,7 @@ def test_deepspeed_config_carries_tuning_and_zeropp_switches():
     zero = deepspeed_config(engine_spec(cfg), 4, "torch", 10**6)["zero_optimization"]
     width = max(cfg.model.vision.width, cfg.model.text.width)
     assert zero["zero_hpz_partition_size"] == 2 and zero["zero_quantized_gradients"] is True
-    assert "zero_quantized_weights" not in zero and zero["reduce_bucket_size"] == width ** 2
+    assert "zero_quantized_weights" not in zero and zero["reduce_bucket_size"] == max(width ** 2, 10**6)
     plain_cfg = load_config(embedded_config_path(), [])
     plain = deepspeed_config(engine_spec(plain_cfg), 4, "torch")["zero_optimization"]
     assert "zero_hpz_partition_size" not in plain
