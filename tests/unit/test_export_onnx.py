@@ -74,6 +74,22 @@ def test_fp32_matches_eager_at_every_batch_size(fp32, eager):
     np.testing.assert_array_equal(clip.tokenize(CAPTIONS), tok.encode_batch(CAPTIONS, 16).numpy())
 
 
+def test_chunked_batches_give_the_whole_batch_embeddings(fp32, eager):
+    """`split`: a batch of >= 2 rows per worker runs as one chunk per worker on single-threaded sessions;
+    rows and their order are those of the whole-batch run (fp32: equal to float precision)."""
+    model, tok, cfg = eager
+    whole = OnnxCLIP(fp32, providers=["CPUExecutionProvider"], threads=2, split=False)
+    chunked = OnnxCLIP(fp32, providers=["CPUExecutionProvider"], threads=2, split=True)
+    assert chunked.split and set(chunked._single) == {"image", "text"} and not whole._single
+    for n in (3, 4, 9):  # 3: below 2 rows per worker, the multi-threaded session; 9: uneven chunks
+        images, ids = _inputs(cfg, tok, n, seed=n)
+        pixels = images.numpy()
+        np.testing.assert_allclose(chunked.encode_pixels(pixels), whole.encode_pixels(pixels), atol=1e-6)
+        np.testing.assert_allclose(chunked.encode_ids(ids.numpy()), model.encode_text(ids).numpy(), atol=2e-5)
+    one_core = OnnxCLIP(fp32, providers=["CPUExecutionProvider"], threads=1)
+    assert not one_core.split  # nothing to split
+
+
 def test_folder_has_manifest_tokenizer_and_preprocessing(fp32, eager):
     _, tok, cfg = eager
     names = {p.name for p in fp32.iterdir()}
