@@ -218,6 +218,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     comms = CommsProbe()  # DeepSpeed's comms logger per step, only under MMPT_COMMS_LOG (plan --comm tests)
     while step < cfg.train.steps:
         engine.module.set_unmasked_tail(step >= tail_from)  # FLIP's unmasking tuning for the last steps
+        engine.module.set_itm_hardness(step)  # objectives.itm.hard_warmup_steps: easy -> hard negatives
         done, pending = 0, []
         while done < cfg.train.grad_accum:
             t0 = time.perf_counter()

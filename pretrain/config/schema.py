@@ -173,6 +173,11 @@ class ITMConfig:
     similarities over the whole data-parallel batch (a negative may live on another rank); binary
     cross-entropy of the fusion encoder's match head. Needs `model.fusion.layers` > 0 and the
     contrastive loss on."""
+    hard_warmup_steps: int = 0
+    """Curriculum for the negatives: over the first N optimizer steps the sampling scale of the draw ramps
+    from 0 (negatives uniform over the batch: easy) to the contrastive logit scale (hard), by step number
+    (so a resume continues the ramp). 0: hard from the first step, which kept the match loss at its
+    label prior in `pretrain bench fusion` (docs/benchmarks.md, "#20 diagnosis")."""
 
 
 @dataclass

@@ -66,6 +66,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
           "objectives.mim.target=features needs objectives.mim.shared_pass=false (the full-image pass of the "
           "contrastive loss is its target)")
     check(o.mim.unmasked_tail_steps >= 0, "objectives.mim.unmasked_tail_steps must be >= 0 (0: off)")
+    check(o.itm.hard_warmup_steps >= 0, "objectives.itm.hard_warmup_steps must be >= 0 (0: hard negatives "
+          "from the first step)")
     check(o.mim.unmasked_tail_steps <= cfg.train.steps,
           f"objectives.mim.unmasked_tail_steps ({o.mim.unmasked_tail_steps}) must be <= train.steps "
           f"({cfg.train.steps})")

@@ -51,6 +51,9 @@ class ClassifierModel(nn.Module):
     def set_unmasked_tail(self, on: bool) -> None:
         """No masking in fine-tuning: every forward sees every patch (the loop calls this each step)."""
 
+    def set_itm_hardness(self, step: int) -> None:
+        """No image-text matching in fine-tuning (the loop calls this each step)."""
+
     def contrastive_mask_ratio(self) -> float:
         """Fraction of patches hidden from the encoder: always 0 here (logged as in pretraining)."""
         return 0.0

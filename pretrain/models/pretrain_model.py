@@ -82,6 +82,7 @@ class PretrainModel(nn.Module):
         # SigLIP's learned bias, only when that loss is selected (InfoNCE models keep their state dict)
         self.logit_bias = nn.Parameter(torch.empty(1)) if o.contrastive.loss == "siglip" else None
         self.unmasked_tail = False  # set per step by the training loop (`set_unmasked_tail`)
+        self.itm_hardness = 1.0  # set per step by the training loop (`set_itm_hardness`)
         self.init_weights()
 
     @classmethod
@@ -129,6 +130,12 @@ class PretrainModel(nn.Module):
         """The training loop's switch for `objectives.mim.unmasked_tail_steps`: while on, training
         forwards run the contrastive loss on full images and skip the MAE loss."""
         self.unmasked_tail = bool(on)
+
+    def set_itm_hardness(self, step: int) -> None:
+        """The training loop's ramp for `objectives.itm.hard_warmup_steps`: the ITM negatives' sampling scale
+        is this fraction of the logit scale (0: uniform draws; 1: hard negatives). Eval always uses 1."""
+        n = self.obj_cfg.itm.hard_warmup_steps
+        self.itm_hardness = 1.0 if n <= 0 else min(1.0, step / n)
 
     def contrastive_mask_ratio(self) -> float:
         """Fraction of patches the contrastive pass hides in the next forward (0 in eval mode, in the
@@ -223,7 +230,8 @@ class PretrainModel(nn.Module):
         group = get_data_parallel_group()
         ids = batch["text"]  # [B, L]
         uniform = batch.get("itm_noise") if self.training else None  # [B, 2]; eval: hardest negative
-        neg_txt, neg_img, ids_all = hard_negatives(img, txt, ids, scale.detach(), group, uniform)
+        hardness = self.itm_hardness if self.training else 1.0  # `objectives.itm.hard_warmup_steps`
+        neg_txt, neg_img, ids_all = hard_negatives(img, txt, ids, scale.detach() * hardness, group, uniform)
         text_all, _ = all_gather_with_grad(text_tokens, group)  # [B_global, L, W_text]
         image_all, _ = all_gather_with_grad(image_tokens, group)  # [B_global, S, W_img]
         text_in = torch.cat([text_tokens, text_all[neg_txt], text_tokens])  # [3B, L, W_text]

@@ -167,6 +167,31 @@ def test_hard_negative_draws_do_not_depend_on_the_batch_order():
     assert len(set(neg_t.tolist())) > 2  # a draw, not one column for everyone
 
 
+def test_hard_warmup_ramps_from_uniform_to_hard_negatives():
+    """`objectives.itm.hard_warmup_steps`: the draw's scale is the logit scale times step / N (capped at 1;
+    eval always hard). At step 0 the similarities play no part: other features, same draws."""
+    obj = objectives(itm=1.0)
+    obj.itm.hard_warmup_steps = 10
+    model = build(model_cfg(1), obj)
+    for step, h in ((0, 0.0), (5, 0.5), (10, 1.0), (40, 1.0)):
+        model.set_itm_hardness(step)
+        assert model.itm_hardness == h
+    off = build(model_cfg(1), objectives(itm=1.0))
+    off.set_itm_hardness(0)
+    assert off.itm_hardness == 1.0  # 0 steps of warm-up: hard from the first step, as before
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.arange(8)[:, None].repeat(1, 3) + 10
+    u = torch.rand(8, 2, generator=gen)
+    a = hard_negatives(torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen), ids,
+                       torch.tensor(14.0) * 0.0, uniform=u)
+    b = hard_negatives(torch.randn(8, 6, generator=gen), torch.randn(8, 6, generator=gen), ids,
+                       torch.tensor(14.0) * 0.0, uniform=u)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    model.set_itm_hardness(0)
+    out_train = model(batch())  # trains at hardness 0 without error
+    assert torch.isfinite(out_train["loss_itm"])
+
+
 def test_activation_checkpointing_of_fusion_blocks_keeps_gradients():
     ref = build(model_cfg(2), objectives(itm=1.0, conditioned=True))
     out_ref, g_ref = run(ref, batch())
