@@ -10,8 +10,8 @@ normal runs, where every function here is a cheap no-op.
   contains `name`, if given, e.g. `optim_states`).
 - `MMPT_FAULT_SIGNAL=step[:rank]`  send this process SIGUSR1 (a scheduler's stop request) right after
   optimizer step `step` (on `rank` only, if given).
-- `MMPT_FAULT_HOLD=step:path`  after optimizer step `step`, wait until `path` exists (a site that is
-  slow at a moment the test chooses: cross-site rejoin tests keep a survivor running this way).
+- `MMPT_FAULT_HOLD=step:path[,step:path]`  after optimizer step `step`, wait until `path` exists (a
+  site that is slow at moments the test chooses: cross-site rejoin tests keep a survivor running this way).
 - `MMPT_FAULT_NONFINITE=objective:n[,n...]`  make that objective's loss NaN in the n-th micro-batch the
   process runs (1-based, skipped ones included; with grad_accum=1 and no earlier skip, n is the step).
 """
@@ -54,13 +54,15 @@ def maybe_signal(step: int) -> None:
 
 
 def maybe_hold(step: int) -> None:
-    """Wait after `step` until the file `MMPT_FAULT_HOLD` names exists (polling; no-op when unset)."""
+    """Wait after `step` until the file `MMPT_FAULT_HOLD` names for it exists (polling; no-op when unset).
+    Several holds: `step:path,step:path`."""
     spec = os.environ.get("MMPT_FAULT_HOLD")
     if not spec:
         return
-    at, path = spec.split(":", 1)
-    while int(at) == step and not os.path.exists(path):
-        time.sleep(0.2)
+    for item in spec.split(","):
+        at, path = item.split(":", 1)
+        while int(at) == step and not os.path.exists(path):
+            time.sleep(0.2)
 
 
 def maybe_fail_write(step: int, path: str | os.PathLike) -> None:

@@ -158,10 +158,13 @@ def test_a_killed_site_is_dropped_and_rejoins_from_the_survivors_outer_state(sit
     rendezvous = f"127.0.0.1:{free_port()}"
     store = subprocess.Popen([PYTHON, "-m", "pretrain.cli", "launch", "--serve-rendezvous", rendezvous],
                              cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    release = tmp_path / "release"
+    release, rejoined = tmp_path / "release", tmp_path / "rejoined"
     try:
         steps = ("train.steps=12", "cross_site.timeout_s=30")
-        a = Site(tmp_path, "a", sites_data, rendezvous, 1, *steps, env={"MMPT_FAULT_HOLD": f"7:{release}"})
+        # a waits at step 7 until b asks to rejoin (round 4, at step 8, then serves it the outer state), and
+        # at step 9 until b has rejoined, so that b is a live member again for round 5 (step 10)
+        a = Site(tmp_path, "a", sites_data, rendezvous, 1, *steps,
+                 env={"MMPT_FAULT_HOLD": f"7:{release},9:{rejoined}"})
         b = Site(tmp_path, "b", sites_data, rendezvous, 1, *steps, "checkpoint.every=2",
                  env={"MMPT_FAULT_KILL": "after-step:5"})
         assert b.wait(180) != 0  # killed after step 5
@@ -172,6 +175,8 @@ def test_a_killed_site_is_dropped_and_rejoins_from_the_survivors_outer_state(sit
                   log="b-again")
         b2.wait_for("asking them for the outer state", 120)
         release.touch()
+        b2.wait_for("site b rejoined at round 4", 120)
+        rejoined.touch()
         assert a.wait(180) == 0, a.text()[-4000:]
         assert b2.wait(180) == 0, b2.text()[-4000:]
     finally:
