@@ -13,7 +13,6 @@ is the job's and signals reach it directly.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shlex
@@ -121,24 +120,28 @@ def cross_site_overrides(args: argparse.Namespace) -> list[str]:
     if getattr(args, "site", None):
         out.append(f"cross_site.site={json.dumps(args.site)}")
     if getattr(args, "rendezvous", None):
-        host, _, port = args.rendezvous.rpartition(":")
-        if not host or not port.isdigit():
-            raise LaunchPlanError(f"--rendezvous must be HOST:PORT, got {args.rendezvous!r}")
+        _host_port("--rendezvous", args.rendezvous)
         out.append(f"cross_site.rendezvous={args.rendezvous}")
     return out
+
+
+def _host_port(flag: str, address: str) -> tuple[str, int]:
+    from launch.rendezvous import parse_address  # imports torch: only when the flag is used
+
+    try:
+        return parse_address(address)
+    except ValueError:
+        raise LaunchPlanError(f"{flag} must be HOST:PORT, got {address!r}") from None
 
 
 def serve_rendezvous(address: str) -> int:
     """Serve the cross-site TCP store at `address` until SIGINT/SIGTERM: a store no site's death takes
     down (otherwise rank 0 of the first site on the address's host serves it)."""
-    import torch.distributed as dist
+    from launch.rendezvous import serve_store
 
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise LaunchPlanError(f"--serve-rendezvous must be HOST:PORT, got {address!r}")
+    host, port = _host_port("--serve-rendezvous", address)
     try:
-        store = dist.TCPStore(host.strip("[]"), int(port), None, True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=600))
+        store = serve_store(host, port, 600)
     except (RuntimeError, OSError) as e:
         raise LaunchPlanError(f"cannot serve the cross-site rendezvous at {address}: {e}") from e
     print(f"serving the cross-site rendezvous store at {host}:{store.port} (stop with Ctrl-C or SIGTERM)",

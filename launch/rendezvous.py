@@ -91,22 +91,44 @@ def _where(info: RankInfo) -> str:
             f"{info.master_addr}:{info.master_port}")
 
 
-def wait_for_master(info: RankInfo, deadline: float) -> None:
-    """Poll rank 0's port until it accepts a connection; RendezvousError naming it at the deadline."""
+def parse_address(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 hosts in brackets) -> (host, port); ValueError naming the address otherwise."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def serve_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    """A TCPStore server at host:port that does not wait for a fixed number of clients."""
+    return dist.TCPStore(host, port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def wait_for_port(host: str, port: int, deadline: float) -> OSError | None:
+    """Poll host:port until it accepts a connection; None then, or the last error once `deadline`
+    (time.monotonic) has passed. Callers raise with their own message naming the address."""
     last: OSError | None = None
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise RendezvousError(f"{_where(info)}: nothing accepted a connection at "
-                                  f"{info.master_addr}:{info.master_port} within the timeout "
-                                  f"({last or 'no answer'}); is rank 0 running, and are MASTER_ADDR/"
-                                  "MASTER_PORT right and reachable from this node?")
+            return last or OSError("no answer")
         try:
-            with socket.create_connection((info.master_addr, info.master_port), timeout=min(left, 2.0)):
-                return
+            with socket.create_connection((host, port), timeout=min(left, 2.0)):
+                return None
         except OSError as e:  # refused (not up yet), unreachable, name not resolvable: retry until deadline
             last = e
             time.sleep(min(0.25, max(left, 0)))
+
+
+def wait_for_master(info: RankInfo, deadline: float) -> None:
+    """Poll rank 0's port until it accepts a connection; RendezvousError naming it at the deadline."""
+    last = wait_for_port(info.master_addr, info.master_port, deadline)
+    if last is not None:
+        raise RendezvousError(f"{_where(info)}: nothing accepted a connection at "
+                              f"{info.master_addr}:{info.master_port} within the timeout "
+                              f"({last}); is rank 0 running, and are MASTER_ADDR/"
+                              "MASTER_PORT right and reachable from this node?")
 
 
 def agent_hosts_store() -> bool:

@@ -28,6 +28,27 @@ def any_rank(flag: bool, device: torch.device | str = "cpu", group: dist.Process
     return bool(t.item())
 
 
+def from_rank0(obj: T, group: dist.ProcessGroup | None = None) -> T:
+    """Rank 0's `obj` on every rank (one broadcast of a small picklable object; no-op without a process
+    group): a decision rank 0 takes alone (which sites joined a round, a probe fitted once) that every rank
+    must act on identically."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def sum_over_ranks(values: list[float], device: torch.device | str = "cpu",
+                   group: dist.ProcessGroup | None = None) -> list[float]:
+    """Element-wise sum of a few floats over the ranks (one float64 all_reduce; no-op without a group)."""
+    if not values or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
 def failures_by_rank(error: BaseException | str | None, group: dist.ProcessGroup | None = None) -> list[str]:
     """Every rank's error (`rank R: message`, empty when none failed), on every rank: one all_gather of a
     small object, for a step that can fail on some ranks only (a checkpoint write). Every rank must call it,

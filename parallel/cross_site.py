@@ -27,29 +27,13 @@ import torch
 import torch.distributed as dist
 
 from parallel import groups
-from parallel.cross_site_codec import ErrorFeedback
+from parallel.consensus import from_rank0, sum_over_ranks
+from parallel.cross_site_codec import ErrorFeedback, decode
 from parallel.cross_site_privacy import PrivacyLedger, clip_scale, gaussian_noise, noise_seed
 from parallel.cross_site_store import CrossSiteError, Heartbeat, Rendezvous, check_fingerprint, open_store
 from parallel.settings import CrossSiteConfig
 
 log = logging.getLogger("mmpt.cross_site")
-
-
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank of this site (the site's world)."""
-    if not groups.is_distributed() or groups.world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    if not groups.is_distributed() or groups.world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 class Partition:
@@ -113,7 +97,7 @@ class OuterLoop:
                 check_fingerprint(store, cfg.site, mine, cfg.rendezvous)
             except CrossSiteError as e:
                 problem = str(e)
-        problem = _broadcast(problem)
+        problem = from_rank0(problem)
         if problem:
             raise CrossSiteError(problem)
         self.synced = self.partition.read()
@@ -169,7 +153,7 @@ class OuterLoop:
                 if not ticket:
                     log.warning("cross-site: no running site answered within %d s; site %s goes on from its "
                                 "own outer state (round %d)", self.cfg.timeout_s, self.cfg.site, self.round)
-        ticket = _broadcast(ticket)
+        ticket = from_rank0(ticket)
         if ticket:
             self._adopt(self.rv.read_state(ticket))
             if self.rank == 0:
@@ -191,7 +175,7 @@ class OuterLoop:
         """What may leave the site: clipped over the whole site's model, then noised (dp_* settings)."""
         c = self.cfg
         if c.dp_clip > 0:
-            site_sq = _all_sum([float(delta.double().pow(2).sum())], self.device)[0]
+            site_sq = sum_over_ranks([float(delta.double().pow(2).sum())], self.device)[0]
             delta = delta * clip_scale(site_sq, c.dp_clip)
         if c.dp_noise > 0:
             delta = delta + gaussian_noise(delta, c.dp_noise * c.dp_clip, noise_seed(c.site, k, self.rank))
@@ -201,13 +185,13 @@ class OuterLoop:
         c, k = self.cfg, self.round + 1
         payload, sent = self.feedback.encode(self._release(self.synced - self.partition.read(), k))
         self.rv.post(k, payload)
-        sent_here = int(_all_sum([float(len(payload))], self.device)[0])  # also: every rank has posted
+        sent_here = int(sum_over_ranks([float(len(payload))], self.device)[0])  # also: every rank has posted
         decision = None
         if self.rank == 0:
             members, missing = self.rv.agree_members(k, self._first_round)
             ticket = self.rv.pending_join() if members and members[0] == c.site else 0
             decision = (members, missing, ticket)
-        members, missing, ticket = _broadcast(decision)
+        members, missing, ticket = from_rank0(decision)
         self._first_round = False
         others = [s for s in members if s != c.site]
         contributions = [sent] if c.site in members else []
@@ -216,8 +200,6 @@ class OuterLoop:
             if data is None:
                 raise CrossSiteError(f"cross-site round {k}: site {s}'s payload for rank {self.rank} is gone "
                                      f"from {c.rendezvous} (this site is more than 3 rounds behind)")
-            from parallel.cross_site_codec import decode
-
             contributions.append(decode(data).to(sent.device))
         avg = torch.stack(contributions).mean(dim=0)
         mu = c.outer_momentum

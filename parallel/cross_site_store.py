@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from launch.env import RendezvousError
+from launch.rendezvous import parse_address, serve_store, wait_for_port
 
 log = logging.getLogger("mmpt.cross_site")
 NS = "mmpt/xs"
@@ -41,11 +42,6 @@ POLL_S = 0.05
 class CrossSiteError(RendezvousError):
     """A cross-site problem with a message naming the address, site or key involved (a RendezvousError:
     the command line reports it as one timestamped line, exit 1, no traceback)."""
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _is_local(host: str, port: int) -> bool:
@@ -68,10 +64,8 @@ def _answers(host: str, port: int, timeout: float) -> bool:
 
 
 def serve(address: str, timeout_s: float = 600) -> dist.TCPStore:
-    """A TCPStore server at `address` (`pretrain launch --serve-rendezvous`, or a site's rank 0)."""
-    host, port = parse_address(address)
-    return dist.TCPStore(host, port, None, True, timeout=datetime.timedelta(seconds=timeout_s),
-                         wait_for_workers=False)
+    """A TCPStore server at `address` (a site's rank 0; `pretrain launch --serve-rendezvous` runs one too)."""
+    return serve_store(*parse_address(address), timeout_s)
 
 
 def open_store(address: str, timeout_s: float, may_host: bool) -> tuple[dist.TCPStore, bool]:
@@ -82,15 +76,12 @@ def open_store(address: str, timeout_s: float, may_host: bool) -> tuple[dist.TCP
     if may_host and not _answers(host, port, 1.0) and _is_local(host, port):
         with contextlib.suppress(RuntimeError, OSError):  # another site bound it first: be its client
             return serve(address, timeout_s), True
-    last = "no answer"
-    while not _answers(host, port, min(2.0, max(0.1, deadline - time.monotonic()))):
-        if time.monotonic() >= deadline:
-            raise CrossSiteError(f"cross-site rendezvous {host}:{port}: nothing accepted a connection within "
-                                 f"{timeout_s:g} s (cross_site.timeout_s; {last}); is a site's rank 0 or "
-                                 f"`pretrain launch --serve-rendezvous {address}` running there, and is "
-                                 "cross_site.rendezvous reachable from this node?")
-        last = "connection refused or unreachable"
-        time.sleep(0.25)
+    last = wait_for_port(host, port, deadline)
+    if last is not None:
+        raise CrossSiteError(f"cross-site rendezvous {host}:{port}: nothing accepted a connection within "
+                             f"{timeout_s:g} s (cross_site.timeout_s; {last}); is a site's rank 0 or "
+                             f"`pretrain launch --serve-rendezvous {address}` running there, and is "
+                             "cross_site.rendezvous reachable from this node?")
     try:
         left = max(1.0, deadline - time.monotonic())
         return dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=left)), False

@@ -178,36 +178,26 @@ class NonFiniteGuard:
         bad = nonfinite_objectives(out)
         if not any_rank(bool(bad), self.engine.device):
             return True
-        self.run, self.total = self.run + 1, self.total + 1
-        what = ", ".join(bad) or "loss on another rank"
-        log.warning("step %d: non-finite %s; micro-batch skipped (%d in a row)", step, what, self.run)
-        if self.run >= self.patience:
-            raise NonFiniteError(
-                f"stopping at step {step}: non-finite {what} in {self.run} micro-batches in a row "
-                f"(train.nonfinite_patience={self.patience}); "
-                f"last checkpoint: {self.last_checkpoint() or 'none'}")
+        self._count(step, ", ".join(bad) or "loss on another rank", "micro-batches", "micro-batch skipped")
         return False
 
-    def after_step(self, step: int) -> None:
-        """Count a step ZeRO skipped for inf/NaN gradients; a clean step resets the run.
+    def after_step(self, step: int) -> bool:
+        """Count a step ZeRO skipped for inf/NaN gradients (a clean step resets the run); True when the
+        optimizer skipped this step.
 
         Not under fp16 dynamic loss scaling: there a skipped step is the scaler halving a scale that
         overflowed fp16 (several in a row at start-up, from 2^train.fp16_initial_scale_power down to what
         the gradients fit), and DeepSpeed itself stops the run once the scale is at its minimum and still
         overflows."""
-        if self.engine.skipped_steps > self._skipped:
-            self._skipped = self.engine.skipped_steps
-            if self._fp16_scaling():
-                log.info("step %d: fp16 gradient overflow, step skipped and loss scale lowered", step)
-                return
-            self.run, self.total = self.run + 1, self.total + 1
-            log.warning("step %d: non-finite gradients, optimizer step skipped", step)
-            if self.run >= self.patience:
-                raise NonFiniteError(f"stopping at step {step}: non-finite gradients in {self.run} steps "
-                                     "in a row")
-        else:
+        if self.engine.skipped_steps <= self._skipped:
             self.run = 0
-
+            return False
+        self._skipped = self.engine.skipped_steps
+        if self._fp16_scaling():
+            log.info("step %d: fp16 gradient overflow, step skipped and loss scale lowered", step)
+        else:
+            self._count(step, "gradients", "steps", "optimizer step skipped")
+        return True
 
 def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")

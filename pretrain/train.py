@@ -28,7 +28,7 @@ from launch.logs import install_filters
 from launch.signals import StoppedForRequeue, StopRequest
 from parallel import groups
 from parallel.comms_probe import CommsProbe
-from parallel.consensus import any_rank
+from parallel.consensus import any_rank, sum_over_ranks
 from parallel.engine import build_engine, clamp_parameter_
 from pretrain import faults
 from pretrain.checkpoint import atomic as ckpt
@@ -96,13 +96,9 @@ def move_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) 
 
 def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalars over all ranks for logging; one small all_reduce."""
-    if not values or not groups.is_distributed() or groups.world_size() == 1:
-        return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= groups.world_size()
-    return dict(zip(keys, t.tolist()))
+    n = groups.world_size()
+    return {k: v / n for k, v in zip(keys, sum_over_ranks([values[k] for k in keys], device))}
 
 
 def _gather_positions(tracker: PositionTracker) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import torch
 from data_pipelines.clip_benchmark import read_lines
 from data_pipelines.tokenizer import TextTokenizer
 from parallel import groups
+from parallel.consensus import from_rank0
 from pretrain.checkpoint.sources import load_tokenizer, open_source
 from pretrain.config import Config
 from pretrain.evaluation.distributed import metrics_from_features
@@ -80,9 +81,7 @@ def _probe_on_rank0(model: Any, tokenizer: TextTokenizer, cfg: Config, train_url
             from pretrain.evaluation.probe import few_shot_probe
 
             result[0].update(few_shot_probe(*xy(train, keep), *xy(test, has), few_shot, classnames))
-    if groups.is_distributed() and groups.world_size() > 1:
-        torch.distributed.broadcast_object_list(result, src=0)
-    return result[0]
+    return from_rank0(result[0])
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from parallel.engine import PREFETCH_DEFAULT, REDUCE_DEFAULT
 from pretrain.config import Config
 
 GIB = 2**30
@@ -16,11 +17,10 @@ WORKSPACE_FIXED_BYTES = GIB
 """CUDA context, NCCL and cuBLAS workspaces: device memory the caching allocator never reports."""
 WORKSPACE_ACTIVATION_FRACTION = 0.10
 """Allocator fragmentation and short-lived temporaries, as a fraction of the activation bytes."""
-DS_REDUCE_BUCKET_SIZE = 500_000_000
-"""DeepSpeed's default `zero_optimization.reduce_bucket_size` (elements): ZeRO-3 with contiguous
-gradients allocates one gradient bucket of this many elements up front, whatever the model size."""
-DS_PREFETCH_BUCKET_SIZE = 50_000_000
-"""DeepSpeed's default `stage3_prefetch_bucket_size` (elements): parameters gathered ahead of use."""
+# DeepSpeed's default `zero_optimization.reduce_bucket_size` and `stage3_prefetch_bucket_size` (elements),
+# as parallel/engine.py names them: ZeRO-3 with contiguous gradients allocates one gradient bucket of the
+# first up front; the second is what it gathers ahead of use.
+DS_REDUCE_BUCKET_SIZE, DS_PREFETCH_BUCKET_SIZE = REDUCE_DEFAULT, PREFETCH_DEFAULT
 
 
 def activation_bytes_per_element(precision: str) -> tuple[int, int]:
