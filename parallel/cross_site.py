@@ -21,6 +21,7 @@ stays each site's own, as in DiLoCo.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -183,6 +184,7 @@ class OuterLoop:
 
     def _round(self) -> dict[str, Any]:
         c, k = self.cfg, self.round + 1
+        t0 = time.monotonic()
         payload, sent = self.feedback.encode(self._release(self.synced - self.partition.read(), k))
         self.rv.post(k, payload)
         sent_here = int(sum_over_ranks([float(len(payload))], self.device)[0])  # also: every rank has posted
@@ -218,9 +220,9 @@ class OuterLoop:
                 self.rv.mark_served(ticket)
         if self.rank == 0:
             self.rv.finish_round(k)
-        return self._report(k, members, missing)
+        return self._report(k, members, missing, time.monotonic() - t0)
 
-    def _report(self, k: int, members: list[str], missing: list[str]) -> dict[str, Any]:
+    def _report(self, k: int, members: list[str], missing: list[str], seconds: float) -> dict[str, Any]:
         c = self.cfg
         if missing:
             log.warning("cross-site round %d: site %s dropped for this round; remaining: %s", k,
@@ -229,9 +231,9 @@ class OuterLoop:
             log.warning("cross-site round %d: site %s was late; it applies the average of %s without its "
                         "own update", k, c.site, ", ".join(members))
         row: dict[str, Any] = {"cross_site_round": k, "cross_site_sites": len(members),
-                               "cross_site_bytes": self.bytes_site}
+                               "cross_site_bytes": self.bytes_site, "cross_site_s": round(seconds, 3)}
         msg = (f"cross-site round {k}: {len(members)} site(s) ({', '.join(members)}), {self.bytes_site} "
-               "bytes sent")
+               f"bytes sent, {seconds:.2f} s")
         if self.ledger.enabled:
             eps_round, eps_total = self.ledger.record_round()
             row.update({"dp_epsilon_round": round(eps_round, 4), "dp_epsilon": round(eps_total, 4)})

@@ -192,8 +192,17 @@ class Rendezvous:
     def _key(self, k: int, site: str, rank: int) -> str:
         return f"{NS}/r{k}/d/{site}/{rank}"
 
+    def _deliver(self, key: str, value: bytes) -> None:
+        """Set `key` and return only once the store holds it. TCPStore's set is not acknowledged: on a slow
+        link the value may still be in flight when this rank tells its site it has posted, and another
+        rank's "ready" (its own connection) can overtake it. A check on the same connection is answered
+        after the set has been applied."""
+        self.store.set(key, value)
+        if not self.store.check([key]):
+            raise CrossSiteError(f"cross-site: {key} was set but is not in the store at {self.address}")
+
     def post(self, k: int, payload: bytes) -> None:
-        self.store.set(self._key(k, self.site, self.rank), payload)
+        self._deliver(self._key(k, self.site, self.rank), payload)
         if k > 3:  # a late site reads up to three rounds back; older payloads only cost store memory
             self.store.delete_key(self._key(k - 3, self.site, self.rank))
 
@@ -242,7 +251,7 @@ class Rendezvous:
         return joins if joins > served else 0
 
     def publish_state(self, ticket: int, state: dict[str, Any]) -> None:
-        self.store.set(f"{NS}/state/{ticket}/{self.rank}", encode_state(state))
+        self._deliver(f"{NS}/state/{ticket}/{self.rank}", encode_state(state))
 
     def mark_served(self, ticket: int) -> None:
         self.store.set(f"{NS}/served", str(ticket))

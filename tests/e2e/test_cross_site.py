@@ -7,10 +7,13 @@
   a third site with another `cross_site.every` refuses to join, naming the key.
 - a site killed mid-run: the other goes on with a log line naming it, the killed one comes back with
   `--resume latest`, takes the survivor's outer state and the two train together again.
+- the two sites in two network namespaces joined by a link that tc limits to 1 Mbit/s each way: every
+  payload crosses that link (its byte counters), and the rounds take as long as the link needs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from localcluster import missing, netns_pair
 from tiny import MICRO, PYTHON, ROOT
 
 from launch.rendezvous import free_port
@@ -50,10 +54,13 @@ class Site:
     """One site's `pretrain launch` in its own session, output to files the test reads while it runs."""
 
     def __init__(self, tmp: Path, name: str, data: dict[str, str], rendezvous: str, procs: int,
-                 *extra: str, env: dict[str, str] | None = None, resume: bool = False, log: str = "") -> None:
+                 *extra: str, env: dict[str, str] | None = None, resume: bool = False, log: str = "",
+                 netns: str = "") -> None:
         self.run = tmp / f"run-{name}"
         self.log = tmp / f"{log or name}.log"
-        args = [PYTHON, "-m", "pretrain.cli", "launch", "--launcher", "deepspeed", "--procs-per-node",
+        # in a network namespace the site's own ranks talk over that namespace's loopback
+        where = ["ip", "netns", "exec", netns, "env", "GLOO_SOCKET_IFNAME=lo"] if netns else []
+        args = [*where, PYTHON, "-m", "pretrain.cli", "launch", "--launcher", "deepspeed", "--procs-per-node",
                 str(procs), "--site", name, "--rendezvous", rendezvous, "--", "train", *COMMON,
                 f"data.train={data[name[0]]}", f"data.tokenizer={data['tokenizer']}", f"run.dir={self.run}",
                 *extra, *(["--resume", "latest"] if resume else [])]
@@ -186,3 +193,49 @@ def test_a_killed_site_is_dropped_and_rejoins_from_the_survivors_outer_state(sit
     sites = {r["step"]: r["cross_site_sites"] for r in read_metrics(a.run) if "cross_site_sites" in r}
     assert sites[4] == 2 and sites[6] == 1 and sites[8] == 1  # b gone; at round 4 it only takes the state
     assert sites[10] == 2  # together again
+
+
+def _link_bytes(netns: str) -> tuple[int, int]:
+    """(sent, received) bytes of the namespace's end of the link, from the kernel's counters."""
+    out = subprocess.run(["ip", "-n", netns, "-s", "-j", "link", "show", "tnet0"], check=True,
+                         capture_output=True, text=True).stdout
+    stats = json.loads(out)[0]["stats64"]
+    return stats["tx"]["bytes"], stats["rx"]["bytes"]
+
+
+def test_two_sites_in_two_network_namespaces_exchange_over_a_slow_link(sites_data, tmp_path):
+    reason = missing(["ip", "tc"])
+    if reason:
+        pytest.skip(reason)
+    mbit = 1
+    with netns_pair("10.79.0") as ((ns_a, addr_a), (ns_b, _)):
+        for ns in (ns_a, ns_b):  # each direction: 1 Mbit/s, a 4 KB burst (tbf: this kernel has no netem)
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "tnet0", "root", "tbf",
+                            "rate", f"{mbit}mbit", "burst", "4kb", "latency", "2s"], check=True)
+        before = _link_bytes(ns_b)
+        rendezvous = f"{addr_a}:29470"  # a's rank 0 serves it; b reaches it only across the link
+        steps = ("train.steps=4", "checkpoint.every=4", "cross_site.timeout_s=100")
+        a = Site(tmp_path, "a", sites_data, rendezvous, 2, *steps, netns=ns_a)
+        b = Site(tmp_path, "b", sites_data, rendezvous, 2, *steps, netns=ns_b)
+        assert a.wait(240) == 0, a.text()[-4000:]
+        assert b.wait(240) == 0, b.text()[-4000:]
+        sent, received = (after - start for after, start in zip(_link_bytes(ns_b), before))
+    assert "site a serves the rendezvous store at 10.79.0.1:29470" in a.text()
+    rows = {name: [r for r in read_metrics(site.run) if r.get("step", 1) % 2 == 0 and "cross_site_round" in r]
+            for name, site in (("a", a), ("b", b))}  # the round steps (later rows repeat the last round)
+    for name in rows:
+        assert [r["cross_site_sites"] for r in rows[name]] == [2, 2], rows[name]
+    wa = ckpt.consolidated_state_dict(a.run / "checkpoints", "global_step4")
+    wb = ckpt.consolidated_state_dict(b.run / "checkpoints", "global_step4")
+    assert all(wa[k].equal(wb[k]) for k in wa)
+    # every payload crossed the link: b's went out through it, a's came in through it (plus the store's
+    # protocol and heartbeats, a few KB)
+    b_bytes, a_bytes = rows["b"][-1]["cross_site_bytes"], rows["a"][-1]["cross_site_bytes"]
+    assert sent >= b_bytes and received >= a_bytes, (sent, received, b_bytes, a_bytes)
+    assert sent < 1.5 * b_bytes + 200_000, (sent, b_bytes)
+    # and the link set the pace: rank 0 of b cannot finish a round before its own payload (half the site's)
+    # has gone through at 1 Mbit/s
+    per_round = b_bytes / 2
+    floor_s = 0.8 * (per_round / 2) * 8 / (mbit * 1e6)
+    assert floor_s > 0.1  # the payload is large enough for the bound to mean something
+    assert all(r["cross_site_s"] >= floor_s for r in rows["b"]), (floor_s, rows["b"])
