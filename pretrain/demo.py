@@ -22,7 +22,8 @@ TRAIN_SAMPLES, VAL_SAMPLES, PER_SHARD, SEED_TRAIN, SEED_VAL = 12000, 1000, 500, 
 DEMO_EVAL_EVERY, DEMO_EVAL_SAMPLES = 100, 512
 
 
-def _synth(out: Path, samples: int, seed: int, image_size: int) -> None:
+def write_demo_shards(out: Path, samples: int, seed: int, image_size: int) -> None:
+    """The demo's synthetic shards (PER_SHARD per shard), skipped when the same arguments wrote them."""
     from data_pipelines.synth import write_synthetic_shards
 
     stamp = out / ".complete"
@@ -58,8 +59,8 @@ def run_demo(out: Path, procs: int = 2, overrides: list[str] | None = None) -> d
     train_dir, val_dir = out / "data" / "train", out / "data" / "val"
     val_urls = f"{val_dir}/shard-{{000000..{VAL_SAMPLES // PER_SHARD - 1:06d}}}.tar"
     cfg = load_config(config, [f"data.val={val_urls}", *(overrides or [])])  # the user's overrides, checked
-    _synth(train_dir, TRAIN_SAMPLES, SEED_TRAIN, cfg.model.image_size)
-    _synth(val_dir, VAL_SAMPLES, SEED_VAL, cfg.model.image_size)
+    write_demo_shards(train_dir, TRAIN_SAMPLES, SEED_TRAIN, cfg.model.image_size)
+    write_demo_shards(val_dir, VAL_SAMPLES, SEED_VAL, cfg.model.image_size)
     run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
     train_urls = f"{train_dir}/shard-{{000000..{n_shards - 1:06d}}}.tar"
     # validation every DEMO_EVAL_EVERY steps on DEMO_EVAL_SAMPLES held-out samples: val/ rows in

@@ -1,6 +1,6 @@
 """A real cluster on this machine for launch tests: munge + slurmctld + two slurmd (nodes n1, n2 on one
-host), and pairs of network namespaces that act as two hosts (see docs/launch.md and the Makefile's
-system-deps target, which installs the Debian packages).
+host (see docs/launch.md and the Makefile's system-deps target, which installs the Debian packages). The
+pairs of network namespaces that act as two hosts are launch/netns.py.
 
 Every daemon runs in its own session (setsid) with its files under one temporary directory, and is
 stopped by its own PID at the end; nothing system-wide is configured or left behind.
@@ -200,37 +200,3 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-@contextmanager
-def netns_pair(subnet: str = "10.77.0") -> Iterator[tuple[tuple[str, str], tuple[str, str]]]:
-    """Two network namespaces joined by a veth pair, interface `tnet0` on both sides.
-
-    Yields ((nsA, addrA), (nsB, addrB)). Names carry this process's PID so parallel test runs do not
-    collide; both namespaces (and with them the veth pair) are deleted on exit. Traffic between them
-    never leaves the machine; run every client inside a namespace.
-    """
-    tag = f"{os.getpid() % 100000}"
-    ns = (f"mmpt{tag}a", f"mmpt{tag}b")
-    addrs = (f"{subnet}.1", f"{subnet}.2")
-    created: list[str] = []
-    try:
-        for n in ns:
-            _ip("netns", "add", n)
-            created.append(n)
-        _ip("link", "add", f"mv{tag}a", "type", "veth", "peer", "name", f"mv{tag}b")
-        for n, end, addr in zip(ns, ("a", "b"), addrs):
-            _ip("link", "set", f"mv{tag}{end}", "netns", n)
-            _ip("-n", n, "link", "set", f"mv{tag}{end}", "name", "tnet0")
-            _ip("-n", n, "addr", "add", f"{addr}/24", "dev", "tnet0")
-            _ip("-n", n, "link", "set", "lo", "up")
-            _ip("-n", n, "link", "set", "tnet0", "up")
-        yield (ns[0], addrs[0]), (ns[1], addrs[1])
-    finally:
-        for n in created:
-            subprocess.run(["ip", "netns", "delete", n], capture_output=True)
-        subprocess.run(["ip", "link", "delete", f"mv{tag}a"], capture_output=True)  # if never moved

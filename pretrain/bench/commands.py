@@ -5,7 +5,8 @@ Registration only: the benchmarks live in `step.py` (training-step throughput, F
 open_clip side-by-side of `vs_open_clip.py`), `loss.py` (contrastive-loss peak memory), `ckpt.py`
 (checkpoint save/convert/load speed and memory), `eval_scaling.py` (`pretrain eval` images/s on 1 vs
 N ranks), `infer.py` (inference speed and kept accuracy per backend and dtype), `quality.py`
-(representation quality per recipe) and `data_pipelines/bench.py` (data pipeline vs a plain
+(representation quality per recipe), `cross_site.py` (training across sites vs one job: zero-shot and link
+bytes) and `data_pipelines/bench.py` (data pipeline vs a plain
 webdataset reference).
 """
 
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     """Add `bench step`, `bench loss`, `bench ckpt`, `bench quality`, `bench eval`, `bench infer` and
     `bench data`."""
     from pretrain.bench.ckpt import add_ckpt_parser
+    from pretrain.bench.cross_site import add_cross_site_parser
     from pretrain.bench.eval_scaling import add_eval_parser
     from pretrain.bench.fusion import add_fusion_parser
     from pretrain.bench.infer import add_infer_parser
@@ -57,6 +59,7 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     add_eval_parser(bench)
     add_infer_parser(bench)
     add_fusion_parser(bench)
+    add_cross_site_parser(bench)
     p = bench.add_parser("data", help="data pipeline samples/s vs. a plain webdataset reference")
     p.add_argument("--shards", required=True,
                    help="shard URLs (e.g. written by `pretrain data synth --image-size 512`)")

@@ -7,13 +7,13 @@
   a third site with another `cross_site.every` refuses to join, naming the key.
 - a site killed mid-run: the other goes on with a log line naming it, the killed one comes back with
   `--resume latest`, takes the survivor's outer state and the two train together again.
-- the two sites in two network namespaces joined by a link that tc limits to 1 Mbit/s each way: every
-  payload crosses that link (its byte counters), and the rounds take as long as the link needs.
+- the two sites (tensor-parallel, tp=2) in two network namespaces joined by a link that tc limits to
+  1 Mbit/s each way: every payload crosses that link (its byte counters), the rounds take as long as the
+  link needs, and the sites end equal.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from localcluster import missing, netns_pair
+from localcluster import missing
 from tiny import MICRO, PYTHON, ROOT
 
+from launch.netns import netns_pair
 from launch.rendezvous import free_port
 from pretrain.checkpoint import atomic as ckpt
 from pretrain.checkpoint.weights_only import safe_load
@@ -195,39 +196,35 @@ def test_a_killed_site_is_dropped_and_rejoins_from_the_survivors_outer_state(sit
     assert sites[10] == 2  # together again
 
 
-def _link_bytes(netns: str) -> tuple[int, int]:
-    """(sent, received) bytes of the namespace's end of the link, from the kernel's counters."""
-    out = subprocess.run(["ip", "-n", netns, "-s", "-j", "link", "show", "tnet0"], check=True,
-                         capture_output=True, text=True).stdout
-    stats = json.loads(out)[0]["stats64"]
-    return stats["tx"]["bytes"], stats["rx"]["bytes"]
-
-
 def test_two_sites_in_two_network_namespaces_exchange_over_a_slow_link(sites_data, tmp_path):
     reason = missing(["ip", "tc"])
     if reason:
         pytest.skip(reason)
     mbit = 1
-    with netns_pair("10.79.0") as ((ns_a, addr_a), (ns_b, _)):
-        for ns in (ns_a, ns_b):  # each direction: 1 Mbit/s, a 4 KB burst (tbf: this kernel has no netem)
-            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "tnet0", "root", "tbf",
-                            "rate", f"{mbit}mbit", "burst", "4kb", "latency", "2s"], check=True)
-        before = _link_bytes(ns_b)
-        rendezvous = f"{addr_a}:29470"  # a's rank 0 serves it; b reaches it only across the link
-        steps = ("train.steps=4", "checkpoint.every=4", "cross_site.timeout_s=100")
-        a = Site(tmp_path, "a", sites_data, rendezvous, 2, *steps, netns=ns_a)
-        b = Site(tmp_path, "b", sites_data, rendezvous, 2, *steps, netns=ns_b)
+    with netns_pair("10.79.0") as (host_a, host_b):
+        for host in (host_a, host_b):  # each direction: 1 Mbit/s, 4 KB burst (tbf: this kernel has no netem)
+            host.limit_rate(mbit)
+        before = host_b.link_bytes()
+        rendezvous = f"{host_a.addr}:29470"  # a's rank 0 serves it; b reaches it only across the link
+        # each site is tp=2 x dp=1 (the other tests' sites are dp=2): rank r of a exchanges its tensor-
+        # parallel shard with rank r of b
+        steps = ("train.steps=4", "checkpoint.every=4", "cross_site.timeout_s=100", "parallel.tp=2")
+        a = Site(tmp_path, "a", sites_data, rendezvous, 2, *steps, netns=host_a.ns)
+        b = Site(tmp_path, "b", sites_data, rendezvous, 2, *steps, netns=host_b.ns)
         assert a.wait(240) == 0, a.text()[-4000:]
         assert b.wait(240) == 0, b.text()[-4000:]
-        sent, received = (after - start for after, start in zip(_link_bytes(ns_b), before))
+        sent, received = (after - start for after, start in zip(host_b.link_bytes(), before))
     assert "site a serves the rendezvous store at 10.79.0.1:29470" in a.text()
     rows = {name: [r for r in read_metrics(site.run) if r.get("step", 1) % 2 == 0 and "cross_site_round" in r]
             for name, site in (("a", a), ("b", b))}  # the round steps (later rows repeat the last round)
     for name in rows:
         assert [r["cross_site_sites"] for r in rows[name]] == [2, 2], rows[name]
-    wa = ckpt.consolidated_state_dict(a.run / "checkpoints", "global_step4")
-    wb = ckpt.consolidated_state_dict(b.run / "checkpoints", "global_step4")
-    assert all(wa[k].equal(wb[k]) for k in wa)
+    files = sorted(p.name for p in (a.run / "checkpoints" / "global_step4").glob("*optim_states.pt"))
+    assert len(files) == 2  # one per tensor-parallel rank
+    for name in files:  # each rank's fp32 master weights (its TP shard): equal on both sites after the round
+        wa, wb = (safe_load(s.run / "checkpoints" / "global_step4" / name)["optimizer_state_dict"]
+                  ["fp32_flat_groups"] for s in (a, b))
+        assert len(wa) == len(wb) and all(x.equal(y) for x, y in zip(wa, wb)), name
     # every payload crossed the link: b's went out through it, a's came in through it (plus the store's
     # protocol and heartbeats, a few KB)
     b_bytes, a_bytes = rows["b"][-1]["cross_site_bytes"], rows["a"][-1]["cross_site_bytes"]

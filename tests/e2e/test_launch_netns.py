@@ -7,10 +7,11 @@ import os
 import subprocess
 
 import pytest
-from localcluster import missing, netns_pair
+from localcluster import missing
 from tiny import PYTHON, ROOT, logged_steps, train_args
 from tiny import write_micro_shards as write_shards
 
+from launch.netns import netns_pair
 from launch.rendezvous import free_port
 
 pytestmark = pytest.mark.slow
@@ -25,9 +26,10 @@ def test_torchrun_across_two_network_namespaces(tmp_path):
     port = free_port()  # free on the host; each namespace has its own, empty, port space
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM")}
     train = ["train", *train_args(shards, run, 3, "parallel.timeout_s=60", "logging.all_ranks=true")]
-    with netns_pair() as ((ns_a, addr_a), (ns_b, _)):
+    with netns_pair() as (host_a, host_b):
+        addr_a = host_a.addr
         procs = []
-        for node_rank, ns in enumerate((ns_a, ns_b)):
+        for node_rank, ns in enumerate((host_a.ns, host_b.ns)):
             # GLOO_SOCKET_IFNAME: gloo would otherwise bind the hostname's loopback address
             cmd = ["ip", "netns", "exec", ns, "env", "GLOO_SOCKET_IFNAME=tnet0", "OMP_NUM_THREADS=1",
                    PYTHON, "-m", "pretrain.cli", "launch", "--launcher", "torchrun", "--nodes", "2",
