@@ -178,6 +178,11 @@ class ITMConfig:
     from 0 (negatives uniform over the batch: easy) to the contrastive logit scale (hard), by step number
     (so a resume continues the ramp). 0: hard from the first step, which kept the match loss at its
     label prior in `pretrain bench fusion` (docs/benchmarks.md, "#20 diagnosis")."""
+    swap_negatives: bool = False
+    """Also score each image against its own caption with two different words swapped ("blue circle left
+    of red square" for "red circle left of blue square"; drawn per sample, layout-independent), labelled
+    no match: a negative with the same words, which only binding words to the image can reject. Costs one
+    more causal text pass over the batch and B more fusion pairs (4 B instead of 3 B)."""
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pretrain.objectives import (
     itm_loss,
     mim_loss,
     mlm_loss,
+    swap_words,
 )
 
 SIGLIP_INIT_BIAS = -10.0
@@ -234,12 +235,18 @@ class PretrainModel(nn.Module):
         neg_txt, neg_img, ids_all = hard_negatives(img, txt, ids, scale.detach() * hardness, group, uniform)
         text_all, _ = all_gather_with_grad(text_tokens, group)  # [B_global, L, W_text]
         image_all, _ = all_gather_with_grad(image_tokens, group)  # [B_global, S, W_img]
-        text_in = torch.cat([text_tokens, text_all[neg_txt], text_tokens])  # [3B, L, W_text]
-        text_ids = torch.cat([ids, ids_all[neg_txt], ids])  # [3B, L]
-        image_in = torch.cat([image_tokens, image_tokens, image_all[neg_img]])  # [3B, S, W_img]
-        logits = self.match_logits(text_in, text_ids, image_in)  # [3B, 2]
+        texts = [text_tokens, text_all[neg_txt], text_tokens]  # each [B, L, W_text]
+        text_ids = [ids, ids_all[neg_txt], ids]  # each [B, L]
+        images = [image_tokens, image_tokens, image_all[neg_img]]  # each [B, S, W_img]
+        if self.obj_cfg.itm.swap_negatives:  # + (image, its caption with two words swapped)
+            swapped, valid = swap_words(ids, self.text.pool_positions(ids), uniform)
+            swapped = torch.where(valid[:, None], swapped, ids_all[neg_txt])  # none to swap: batch negative
+            texts.append(self.text(swapped, causal=True, return_tokens=True))  # its own causal pass
+            text_ids.append(swapped)
+            images.append(image_tokens)
+        logits = self.match_logits(torch.cat(texts), torch.cat(text_ids), torch.cat(images))  # [3B or 4B, 2]
         B = ids.shape[0]
-        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+        labels = torch.cat([torch.ones(B), torch.zeros(logits.shape[0] - B)]).long().to(logits.device)
         return itm_loss(logits, labels)
 
     def match_logits(self, text_tokens: torch.Tensor, ids: torch.Tensor, image_tokens: torch.Tensor

@@ -88,7 +88,35 @@ def draw(sim: torch.Tensor, excluded: torch.Tensor, scale: torch.Tensor,
     return logits.argmax(dim=-1)
 
 
+@torch.no_grad()
+def swap_words(ids: torch.Tensor, eos: torch.Tensor, uniform: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, L], eos [B] (each caption's EOS position) -> (each caption with two of its content tokens
+    swapped [B, L], valid [B]: the row had two different content tokens to swap).
+
+    The swapped caption has the same words as the true one in another order ("blue circle left of red
+    square" for "red circle left of blue square"): a negative that a bag of words cannot reject, only a
+    model that binds words to what is where in the image (NegCLIP's word-order negatives, here for ITM).
+    The pair (i < j, tokens differ, both between BOS and EOS) is drawn uniformly from the row's own
+    uniforms `uniform` [B, 2] (the data pipeline's per-sample draws: the same on any layout and after a
+    resume); None (eval) takes a fixed pair per caption."""
+    B, L = ids.shape
+    pos = torch.arange(L, device=ids.device)
+    content = (pos[None, :] >= 1) & (pos[None, :] < eos[:, None])  # [B, L]
+    ok = (content[:, :, None] & content[:, None, :] & (ids[:, :, None] != ids[:, None, :])
+          & (pos[:, None] < pos[None, :])[None])  # [B, L, L]: pairs that change the caption
+    u = torch.full((B,), 0.5, device=ids.device) if uniform is None else \
+        pair_uniforms(uniform[:, 0].float(), uniform[:, 1].float()).diagonal()  # [B]
+    score = pair_uniforms(u, (torch.arange(L * L, device=ids.device).double() + 0.5) / (L * L))  # [B, L*L]
+    pick = score.masked_fill(~ok.reshape(B, L * L), -1.0).argmax(dim=-1)  # [B]
+    i, j = pick // L, pick % L
+    rows = torch.arange(B, device=ids.device)
+    out = ids.clone()
+    out[rows, i], out[rows, j] = ids[rows, j], ids[rows, i]
+    return out, ok.reshape(B, -1).any(dim=-1)
+
+
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits [N, 2], labels [N] (1 = match) -> fp32 mean cross-entropy. Every rank holds the same number
-    of pairs (3 B), so the mean over dp ranks is the full-batch loss."""
+    of pairs (3 B, or 4 B with word-swap negatives), so the mean over dp ranks is the full-batch loss."""
     return F.cross_entropy(logits.float(), labels)

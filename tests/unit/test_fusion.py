@@ -19,7 +19,7 @@ from pretrain.config import (
     load_config,
 )
 from pretrain.models import PretrainModel
-from pretrain.objectives.itm import caption_hash, hard_negatives
+from pretrain.objectives.itm import caption_hash, hard_negatives, swap_words
 from pretrain.parallelize import set_activation_checkpointing, tp_split_dims
 
 PAD, BOS, MASK, EOS = 0, 1, 2, 3
@@ -190,6 +190,52 @@ def test_hard_warmup_ramps_from_uniform_to_hard_negatives():
     model.set_itm_hardness(0)
     out_train = model(batch())  # trains at hardness 0 without error
     assert torch.isfinite(out_train["loss_itm"])
+
+
+def test_swap_words_reorders_two_different_content_words_and_nothing_else():
+    ids = torch.tensor([[BOS, 10, 11, 12, 13, EOS, PAD, PAD],   # four different words
+                        [BOS, 20, 20, EOS, PAD, PAD, PAD, PAD],  # the same word twice: nothing to swap
+                        [BOS, 30, EOS, PAD, PAD, PAD, PAD, PAD],  # one word
+                        [BOS, 40, 40, 41, EOS, PAD, PAD, PAD]])  # swaps must move 41
+    eos = (ids == EOS).int().argmax(dim=-1)
+    u = torch.rand(4, 2, generator=torch.Generator().manual_seed(0))
+    out, valid = swap_words(ids, eos, u)
+    assert valid.tolist() == [True, False, False, True]
+    for r in (0, 3):
+        changed = (out[r] != ids[r]).nonzero().flatten().tolist()
+        assert len(changed) == 2 and all(1 <= c < eos[r] for c in changed)  # inside BOS..EOS
+        assert sorted(out[r].tolist()) == sorted(ids[r].tolist())  # the same words
+    assert torch.equal(out[1:3], ids[1:3])
+    # the draw is the sample's own (same uniforms, same swap, whatever the row order); others vary
+    perm = torch.tensor([3, 1, 2, 0])
+    out_p, _ = swap_words(ids[perm], eos[perm], u[perm])
+    assert torch.equal(out_p, out[perm])
+    many = torch.tensor([[BOS, *range(10, 16), EOS]]).repeat(40, 1)
+    u40 = torch.rand(40, 2, generator=torch.Generator().manual_seed(1))
+    draws, _ = swap_words(many, torch.full((40,), 7), u40)
+    assert len({tuple(r.tolist()) for r in draws}) > 5
+    fixed, _ = swap_words(many[:2], torch.full((2,), 7))  # eval: no uniforms, one fixed swap per caption
+    assert torch.equal(fixed[0], fixed[1]) and not torch.equal(fixed[0], many[0])
+
+
+def test_swap_negatives_add_a_scored_pair_per_caption():
+    obj = objectives(itm=1.0, mim=0.0, mlm=0.0)
+    plain = build(model_cfg(1), obj)
+    obj_swap = objectives(itm=1.0, mim=0.0, mlm=0.0)
+    obj_swap.itm.swap_negatives = True
+    swap = build(model_cfg(1), obj_swap)
+    seen = []
+    swap.match_logits = (lambda f: lambda t, i, im: seen.append(i) or f(t, i, im))(swap.match_logits)
+    out, grads = run(swap, batch())
+    (ids4,) = seen
+    b = batch()["text"]
+    assert ids4.shape[0] == 4 * B and torch.equal(ids4[:B], b) and torch.equal(ids4[2 * B:3 * B], b)
+    swapped = ids4[3 * B:]
+    assert all(sorted(x.tolist()) == sorted(y.tolist()) for x, y in zip(swapped, b))  # same words
+    assert (swapped != b).any(dim=-1).all()  # every random caption here has words to swap
+    assert torch.isfinite(out["loss_itm"])
+    assert not torch.equal(out["loss_itm"], run(plain, batch())[0]["loss_itm"])
+    assert grads["itm_head.fc.weight"].abs().sum() > 0
 
 
 def test_activation_checkpointing_of_fusion_blocks_keeps_gradients():
