@@ -315,19 +315,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 jobs["sites"]["site1_zeroshot_top1"] = _quality(out / "runs" / "site1", data)["zeroshot_top1"]
         if "dp" in args.jobs and hosts is not None:
             jobs["dp"] = _dp_bytes(data, out, args, hosts)
+    report["jobs"] = jobs
+    report.update(summarize(jobs, samples))
+    return report
+
+
+def summarize(jobs: dict[str, dict[str, Any]], samples: int) -> dict[str, Any]:
+    """Adds `link_bytes_per_sample` to each job with link bytes; returns the zero-shot gap (sync - sites,
+    points) and each synchronous job's bytes per sample over the sites' (`bytes_ratio_<job>_vs_sites`)."""
+    out: dict[str, Any] = {}
     for job in jobs.values():
         if job.get("link_bytes") is not None:
-            job["link_bytes_per_sample"] = round(job["link_bytes"] / job["samples_seen"], 1)
-    report["jobs"] = jobs
+            job["link_bytes_per_sample"] = round(job["link_bytes"] / job.get("samples_seen", samples), 1)
     per = {k: v.get("link_bytes_per_sample") for k, v in jobs.items()}
     if per.get("sites"):
         for base in ("dp", "sync"):
             if per.get(base):
-                report[f"bytes_ratio_{base}_vs_sites"] = round(per[base] / per["sites"], 1)
-    if "sync" in jobs and "sites" in jobs:
-        gap = jobs["sync"]["zeroshot_top1"] - jobs["sites"]["zeroshot_top1"]
-        report["zeroshot_gap_points"] = round(100 * gap, 2)
-    return report
+                out[f"bytes_ratio_{base}_vs_sites"] = round(per[base] / per["sites"], 1)
+    if "zeroshot_top1" in jobs.get("sync", {}) and "zeroshot_top1" in jobs.get("sites", {}):
+        out["zeroshot_gap_points"] = round(
+            100 * (jobs["sync"]["zeroshot_top1"] - jobs["sites"]["zeroshot_top1"]), 2
+        )
+    return out
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -1,0 +1,45 @@
+"""`pretrain bench cross-site`'s arithmetic: plain data parallelism's bytes for the whole run from two short
+runs, bytes per sample and the ratios (the training itself is what tests/e2e/test_cross_site.py runs)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pretrain.bench import cross_site as bench
+
+
+def test_dp_bytes_split_start_up_from_per_step_cost(monkeypatch, tmp_path):
+    startup, per_step = 3_000_000, 400_000  # what a fake link reports: one broadcast + an all-reduce a step
+    seen = []
+
+    def fake_run_job(name, out, hosts, starts, timeout_s):
+        steps = int(name.removeprefix("dp"))
+        seen.append((steps, starts))
+        return {"wall_s": 1.0, "link_bytes": startup + steps * per_step}
+
+    monkeypatch.setattr(bench, "_run_job", fake_run_job)
+    monkeypatch.setattr(bench, "_sync_starts", lambda data, run_dir, args, hosts, *extra: [(0, [*extra])])
+    args = argparse.Namespace(dp_steps=[5, 15], steps=300, micro_batch=32, sites=2, ranks_per_site=2,
+                              job_timeout_s=10)
+    out = bench._dp_bytes({}, tmp_path, args, hosts=None)
+    assert [s for s, _ in seen] == [5, 15]
+    assert all(starts == [(0, ["parallel.zero_stage=0"])] for _, starts in seen)  # plain DP
+    assert out["link_bytes_per_step"] == per_step and out["link_bytes_startup"] == startup
+    assert out["link_bytes"] == startup + 300 * per_step
+    assert out["samples_seen"] == 300 * 32 * 4
+
+
+def test_report_ratios_and_gap(monkeypatch, tmp_path):
+    jobs = {"sync": {"wall_s": 1, "link_bytes": 6_000, "zeroshot_top1": 0.50},
+            "sites": {"wall_s": 1, "link_bytes": 100, "zeroshot_top1": 0.49},
+            "dp": {"wall_s": 1, "link_bytes": 4_000}}
+    report = bench.summarize(jobs, samples=10)
+    assert report["zeroshot_gap_points"] == pytest.approx(1.0)
+    assert report["bytes_ratio_dp_vs_sites"] == pytest.approx(40.0)
+    assert report["bytes_ratio_sync_vs_sites"] == pytest.approx(60.0)
+    assert jobs["sites"]["link_bytes_per_sample"] == 10.0
+    text = bench.markdown({**report, "jobs": jobs, "command": "pretrain bench cross-site", "commit": "x",
+                           "date": "d", "link": "l", "samples_seen": 10})
+    assert "| sites | 0.490 |" in text and "bytes_ratio_dp_vs_sites: 40.0" in text
