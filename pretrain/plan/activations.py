@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from parallel.engine import PREFETCH_DEFAULT, REDUCE_DEFAULT
+from parallel.engine import PREFETCH_DEFAULT, REDUCE_DEFAULT, zero3_tuning
 from pretrain.config import Config
 
 GIB = 2**30
@@ -177,10 +177,12 @@ def activation_plan(cfg: Config, model: nn.Module, plan: dict[str, Any]) -> dict
     mine = plan["params"]["per_tp_rank"]
     buffers: dict[str, int] = {}
     stage = cfg.parallel.zero_stage
+    # the bucket sizes the engine will derive for this model (parallel/engine.py: never larger than the model)
+    tuning = zero3_tuning(cfg.parallel, max(cfg.model.vision.width, cfg.model.text.width), mine)
     if stage >= 2:
-        buffers["reduce_bucket"] = DS_REDUCE_BUCKET_SIZE * plan["bytes_per_param"]["grads"]
+        buffers["reduce_bucket"] = tuning["reduce_bucket_size"] * plan["bytes_per_param"]["grads"]
     if stage == 3:
-        gathered = min(mine, _largest_module_params(model, tp) + DS_PREFETCH_BUCKET_SIZE)
+        gathered = min(mine, _largest_module_params(model, tp) + tuning["stage3_prefetch_bucket_size"])
         buffers["gathered_params"] = gathered * pb
     if cfg.train.precision == "bf16_autocast":
         buffers["autocast_weight_copies"] = 2 * mine
