@@ -176,14 +176,16 @@ class PretrainModel(nn.Module):
 
         # no clamp here (it would zero the gradient above the ceiling, where Adam's momentum can carry the
         # parameter and leave it stuck): the training loop clamps the parameter after each step, as CLIP does
-        scale = self.logit_scale.exp().squeeze(0)  # []
+        # exp in fp32: under bf16 the parameter is bf16 (its fp32 master is the optimizer's), and a bf16 exp
+        # would round the scale itself to 8 bits (14.29 -> 14.25)
+        scale = self.logit_scale.float().exp().squeeze(0)  # [] fp32
         if use_con:
             if use_itm:  # the same causal pass also hands the fusion encoder its tokens [B, L, W_text]
                 txt, text_tokens = self.text(batch["text"], causal=True, return_both=True)
             else:
                 txt = self.text(batch["text"], causal=True)  # [B, E], pooled at EOS
             c = o.contrastive
-            bias = self.logit_bias.squeeze(0) if self.logit_bias is not None else None
+            bias = self.logit_bias.float().squeeze(0) if self.logit_bias is not None else None
             losses["loss_contrastive"] = contrastive_loss(pooled, txt, scale, group=get_data_parallel_group(),
                                                           loss=c.loss, chunk=c.chunk, logit_bias=bias)
         if use_itm:

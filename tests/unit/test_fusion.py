@@ -291,3 +291,14 @@ def test_plan_counts_the_fusion_passes():
     itm = parts("model.fusion.layers=2", "objectives.itm.weight=1")["fusion"]
     both = parts("model.fusion.layers=2", "objectives.itm.weight=1", "objectives.mlm.conditioned=true")
     assert 0 < itm < both["fusion"]
+
+
+def test_a_bf16_model_uses_the_logit_scale_exponentiated_in_fp32():
+    """Under bf16 the parameter is bf16; the scale the loss uses must not be rounded to bf16 again by exp."""
+    model = build(model_cfg(0), objectives(mim=0.0, mlm=0.0)).to(torch.bfloat16)
+    b = batch()
+    b["image"] = b["image"].to(torch.bfloat16)
+    out = model(b)
+    want = model.logit_scale.float().exp().squeeze(0)
+    assert out["logit_scale"].dtype == torch.float32 and torch.equal(out["logit_scale"], want)
+    assert not torch.equal(want, model.logit_scale.exp().float().squeeze(0))  # bf16 exp would differ here
