@@ -50,3 +50,35 @@ def fuse_layer_norms(model: nn.Module) -> int:
             setattr(parent, name, fused)
             replaced += 1
     return replaced
+
+
+def fp8_problem() -> str | None:
+    """Why fp8 training (torchao's Float8Linear) cannot run here (a sentence), or None when it can. Without
+    CUDA it runs emulated: correct, slow, for tests."""
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed (`pip install torchao`)"
+    try:
+        from torchao.float8 import convert_to_float8_training  # noqa: F401
+    except ImportError as e:
+        return f"torchao.float8 does not import ({e})"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        return (f"fp8 matmuls need compute capability >= 8.9 (H100/H200, L40, RTX 40xx); this GPU is "
+                f"{major}.{minor}")
+    return None
+
+
+def fp8_linears(blocks: list[nn.Module]) -> int:
+    """Turn every nn.Linear inside `blocks` whose sizes are multiples of 16 (what fp8 tensor cores tile)
+    into torchao's Float8Linear, in place: same Parameter objects and names, fp8 casts with dynamic
+    per-tensor scales in forward and backward. Returns how many were converted. Call before DeepSpeed
+    wraps the model."""
+    from torchao.float8 import convert_to_float8_training
+
+    def fits(mod: nn.Module, _fqn: str) -> bool:
+        return type(mod) is nn.Linear and mod.in_features % 16 == 0 and mod.out_features % 16 == 0
+
+    before = sum(1 for b in blocks for m in b.modules() if fits(m, ""))
+    for block in blocks:
+        convert_to_float8_training(block, module_filter_fn=fits)
+    return before - sum(1 for b in blocks for m in b.modules() if fits(m, ""))

@@ -8,7 +8,8 @@ The model is built and initialised as single-device code (`PretrainModel.from_co
 2. activation checkpointing of every transformer block (`train.activation_checkpointing`);
 3. kernels: the attention implementation (`model.attention`) and apex FusedLayerNorm
    (`model.fused_layernorm`, `parallel/kernels.py`);
-4. torch.compile of every transformer block (`train.compile`);
+4. fp8 matmuls in every transformer block's linear layers (`train.fp8`, torchao's Float8Linear), then
+   torch.compile of every transformer block (`train.compile`);
 5. `train.freeze`: the parameters it names stop requiring gradients (`pretrain/freeze.py`; after the
    swaps above, whose new parameters start trainable), and `optim.lr_mult`'s patterns are checked.
 
@@ -94,19 +95,24 @@ def set_activation_checkpointing(model: nn.Module, enable: bool = True) -> None:
             mod.grad_checkpointing = enable
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every residual block of every tower, the MAE decoder and the fusion encoder."""
+    return [blk for mod in model.modules() if isinstance(mod, (Transformer, FusionEncoder))
+            for blk in mod.resblocks]
+
+
 def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> None:
     """torch.compile every transformer block in place (`nn.Module.compile`): parameter names, state-dict
     keys and module hooks (ZeRO-3's gathers run eagerly, as graph breaks) are unchanged."""
-    for mod in model.modules():
-        if isinstance(mod, (Transformer, FusionEncoder)):
-            for blk in mod.resblocks:
-                blk.compile(**compile_kwargs)
+    for blk in transformer_blocks(model):
+        blk.compile(**compile_kwargs)
 
 
 def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
     """Apply tensor parallelism, activation checkpointing, kernels and compilation to `model` in place
     (see the module docstring) and return it. First, one ConfigError naming every switch that asks for a
-    kernel this machine cannot run (`optim.impl`, `model.fused_layernorm`), before DeepSpeed starts."""
+    kernel this machine cannot run (`optim.impl`, `model.fused_layernorm`, `train.fp8`), before DeepSpeed
+    starts."""
     check_runtime(cfg)
     frozen_names(model, cfg)  # bad `train.freeze` patterns fail before any layer is swapped
     apply_tensor_parallel(model)
@@ -114,6 +120,8 @@ def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
     set_attention(model, cfg.model.attention)
     if cfg.model.fused_layernorm:
         kernels.fuse_layer_norms(model)
+    if cfg.train.fp8:
+        kernels.fp8_linears(transformer_blocks(model))
     if cfg.train.compile:
         compile_blocks(model)
     apply_freeze(model, cfg)  # last: layers swapped above start trainable

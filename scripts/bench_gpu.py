@@ -42,7 +42,7 @@ TINY = ["model.image_size=32", "model.embed_dim=16", "model.vision.patch_size=8"
         "train.precision=bf16", "objectives.mim.mask_ratio=0.5"]
 # every switch off: the reference each variant flips one thing against
 BASELINE = ["optim.impl=torch", "model.attention=sdpa", "model.fused_layernorm=false", "train.compile=false",
-            "train.activation_checkpointing=false", "objectives.contrastive.chunk=0"]
+            "train.activation_checkpointing=false", "objectives.contrastive.chunk=0", "train.fp8=false"]
 
 
 def variants(tiny: bool) -> list[tuple[str, list[str]]]:
@@ -55,6 +55,7 @@ def variants(tiny: bool) -> list[tuple[str, list[str]]]:
         ("model.attention=math", ["model.attention=math"]),
         ("model.fused_layernorm=true", ["model.fused_layernorm=true"]),
         ("train.compile=true", ["train.compile=true"]),
+        ("train.fp8=true", ["train.fp8=true"]),
         ("train.precision=bf16_autocast", ["train.precision=bf16_autocast"]),
         ("train.activation_checkpointing=true", ["train.activation_checkpointing=true"]),
         (f"objectives.contrastive.chunk={chunk}", [f"objectives.contrastive.chunk={chunk}"]),
@@ -63,7 +64,8 @@ def variants(tiny: bool) -> list[tuple[str, list[str]]]:
 
 
 ALL_FUSIONS = "all available fusions"
-FUSIONS = ["model.fused_layernorm=true", "train.compile=true"]  # plus optim.impl=auto (never unavailable)
+# plus optim.impl=auto (never unavailable)
+FUSIONS = ["model.fused_layernorm=true", "train.compile=true", "train.fp8=true"]
 
 
 def unavailable_reason(overrides: list[str], env: dict[str, str], in_process: bool = False) -> str | None:

@@ -29,9 +29,10 @@ if [ "${BENCH_GPU:-0}" = only ]; then
   exit 0
 fi
 echo "== 0. CUDA tests: towers, bf16 on device, fp16 / fused Adam / fused LayerNorm against the plain path,"
-echo "     fp32 MAE noise, the logit-scale ceiling through the engine (tests that need several ranks deselected)"
+echo "     fp32 MAE noise, the logit-scale ceiling through the engine, fp8 vs bf16 losses (tests that need several"
+echo "     ranks deselected)"
 python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_model_cuda.py tests/unit/test_train_inputs.py \
-  tests/unit/test_nonfinite_guard.py tests/e2e/test_logit_scale.py -k "not two_ranks" 2>&1 | tail -12 \
+  tests/unit/test_nonfinite_guard.py tests/unit/test_fp8.py tests/e2e/test_logit_scale.py -k "not two_ranks" 2>&1 | tail -12 \
   | tee "$OUTDIR/cuda_tests.txt" || echo "CUDA tests FAILED (see above); going on with the runs" | tee -a "$OUTDIR/cuda_tests.txt"
 D=/tmp/mmpt-data
 python3 -m pretrain.cli data synth $D/train64 --samples 12000 --samples-per-shard 500 --image-size 64 --seed 0 >/dev/null

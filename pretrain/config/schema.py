@@ -235,6 +235,13 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each transformer block (not the DeepSpeed engine); the first steps are slow while
     it compiles (inductor; on CPU it needs a C++ compiler)."""
+    fp8: bool = False
+    """fp8 matmuls in the transformer blocks' linear layers (torchao's float8 training: e4m3 inputs and
+    weights, e5m2 gradients, dynamic per-tensor scales; everything else stays bf16): for H100/H200-class
+    GPUs (compute capability >= 8.9), whose fp8 tensor cores run them at twice the bf16 rate. Needs
+    `train.precision=bf16`, `parallel.tp=1` (megatron-core's parallel layers are not `nn.Linear`) and
+    torchao (`pip install torchao`); layers whose sizes are not multiples of 16 stay bf16. On a CPU it runs
+    emulated (slow: for tests). Parameter names and checkpoints are unchanged."""
     freeze: list[str] = field(default_factory=list)
     """Parameter-name patterns (fnmatch, matched against the single-device model's names, the same at
     every `parallel.tp`) to freeze: no gradient, no optimizer state (no fp32 master, no Adam moments under

@@ -85,6 +85,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(t.stop_check_every >= 0, "train.stop_check_every must be >= 0 (0: at log steps)")
     check(all(p.strip() for p in t.freeze), "train.freeze: patterns must be non-empty strings")
     check(len(set(t.freeze)) == len(t.freeze), f"train.freeze: a pattern is listed twice in {t.freeze}")
+    check(not t.fp8 or (t.precision == "bf16" and cfg.parallel.tp == 1),
+          f"train.fp8=true needs train.precision=bf16 and parallel.tp=1 (got {t.precision}, tp "
+          f"{cfg.parallel.tp}): fp8 replaces bf16 matmuls in plain nn.Linear layers, which megatron-core's "
+          f"tensor-parallel layers are not")
     check(t.task != "classify" or bool(cfg.finetune.classnames.strip()),
           "train.task=classify needs finetune.classnames: the classnames.txt the .cls labels index "
           "(`pretrain finetune --classnames FILE`)")
@@ -279,6 +283,12 @@ def check_runtime(cfg: Config) -> None:
             problems.append(f"model.fused_layernorm=true: {problem}; set model.fused_layernorm=false")
     import torch
 
+    if cfg.train.fp8:
+        from parallel.kernels import fp8_problem
+
+        problem = fp8_problem()
+        if problem:
+            problems.append(f"train.fp8=true: {problem}; set train.fp8=false")
     if cfg.parallel.zero_quantized_weights and not torch.cuda.is_available():
         # measured on DeepSpeed 0.19 / CPU: the int8 quantizer op raises "This op had not been implemented
         # on CPU backend." at the first all-gather
