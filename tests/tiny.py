@@ -42,6 +42,19 @@ def plain_zero3_4ranks(trained_once, shards: dict[str, str]) -> Path:
     return trained_once([f"data.train={shards['train']}", *PLAIN_ZERO3], procs=4, env=COMMS_LOG)
 
 
+# The reference 2-rank ZeRO-3 run (TINY, 16 steps, checkpoints at steps 8 and 16, deepspeed launcher),
+# trained once per session (`straight_2ranks`): tests/e2e/test_train_e2e.py checks and resumes it,
+# test_reliability.py resumes a killed run of the same arguments against it, test_no_unpickling.py plants
+# payloads in copies of its checkpoints.
+STRAIGHT_STEPS, STRAIGHT_EVERY = 16, 8
+STRAIGHT = [f"train.steps={STRAIGHT_STEPS}", f"checkpoint.every={STRAIGHT_EVERY}"]  # with TINY
+
+
+def straight_2ranks(trained_once, shards: dict[str, str]) -> Path:
+    """The shared STRAIGHT run on 2 ranks (conftest's `trained_once`)."""
+    return trained_once([*TINY, f"data.train={shards['train']}", *STRAIGHT], procs=2)
+
+
 def persistent_params(run_dir: Path) -> int:
     """Elements per TP rank that ZeRO-3 kept whole in `run_dir`'s run (the plan in its memory.json)."""
     import json
