@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from datautil import tiny_tokenizer
-from tiny import write_shards
+from tiny import run_pretrain, write_shards
 
 from data_pipelines.tokenizer import TextTokenizer
 
@@ -33,10 +33,35 @@ def tiny_tok() -> TextTokenizer:
     return tiny_tokenizer()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> dict[str, str]:
-    """`tiny.write_shards`: 640 training and 128 held-out 32-px samples, written once per module."""
+    """`tiny.write_shards`: 640 training and 128 held-out 32-px samples, written once per session (read
+    only; one path for every module, so runs shared through `trained_once` have the same arguments)."""
     return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory):
+    """`trained_once(args, procs=1, env=None) -> run folder`: `pretrain train run.dir=FOLDER *args` on
+    `procs` ranks (tiny.run_pretrain), run the first time a test asks for exactly these arguments, rank count
+    and environment, and shared by every later test (any module) that asks for the same: a reference run
+    several tests read but never change. `{dir}` in an env value is the run folder's parent (a place for
+    side files, e.g. MMPT_COMMS_LOG={dir}/comms). A failed run fails every test that asks for it."""
+    runs: dict[tuple, tuple[Path, str | None]] = {}
+
+    def train(args: list[str], procs: int = 1, env: dict[str, str] | None = None) -> Path:
+        key = (tuple(args), procs, tuple(sorted((env or {}).items())))
+        if key not in runs:
+            d = tmp_path_factory.mktemp("shared_run")
+            run = d / "run"
+            r = run_pretrain(["train", f"run.dir={run}", *args], procs=procs, timeout=600,
+                             env={k: v.replace("{dir}", str(d)) for k, v in (env or {}).items()})
+            runs[key] = run, None if r.returncode == 0 else r.stdout[-3000:] + r.stderr[-3000:]
+        run, failed = runs[key]
+        assert failed is None, failed
+        return run
+
+    return train
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,32 @@ TINY = [
 DEFAULT_PERSISTENCE = f"parallel.persistence_threshold={ParallelConfig.persistence_threshold}"
 
 
+# The plain 4-rank ZeRO-3 run (TINY: every parameter partitioned; 3 steps, each logged) under DeepSpeed's
+# comms logger: tests/e2e/test_zeropp.py compares the ZeRO++ switches against its losses and
+# tests/e2e/test_plan_comm.py checks `pretrain plan --comm` against its logged traffic. Trained once per
+# session (`plain_zero3_4ranks`); the logger counts collectives, it does not change them.
+PLAIN_ZERO3 = [*TINY, "train.steps=3", "logging.tensorboard=false"]
+COMMS_LOG = {"MMPT_COMMS_LOG": "{dir}/comms"}  # parallel/comms_probe.py writes {dir}/comms.rank{R}.json
+
+
+def plain_zero3_4ranks(trained_once, shards: dict[str, str]) -> Path:
+    """The shared PLAIN_ZERO3 run on 4 ranks (conftest's `trained_once`); its comms files are beside it."""
+    return trained_once([f"data.train={shards['train']}", *PLAIN_ZERO3], procs=4, env=COMMS_LOG)
+
+
+# The reference 2-rank ZeRO-3 run (TINY, 16 steps, checkpoints at steps 8 and 16, deepspeed launcher),
+# trained once per session (`straight_2ranks`): tests/e2e/test_train_e2e.py checks and resumes it,
+# test_reliability.py resumes a killed run of the same arguments against it, test_no_unpickling.py plants
+# payloads in copies of its checkpoints.
+STRAIGHT_STEPS, STRAIGHT_EVERY = 16, 8
+STRAIGHT = [f"train.steps={STRAIGHT_STEPS}", f"checkpoint.every={STRAIGHT_EVERY}"]  # with TINY
+
+
+def straight_2ranks(trained_once, shards: dict[str, str]) -> Path:
+    """The shared STRAIGHT run on 2 ranks (conftest's `trained_once`)."""
+    return trained_once([*TINY, f"data.train={shards['train']}", *STRAIGHT], procs=2)
+
+
 def persistent_params(run_dir: Path) -> int:
     """Elements per TP rank that ZeRO-3 kept whole in `run_dir`'s run (the plan in its memory.json)."""
     import json

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import ROOT, TINY, pretrain_cli, run_pretrain
+from tiny import ROOT, STRAIGHT_STEPS, TINY, pretrain_cli, run_pretrain, straight_2ranks
 
 from pretrain.checkpoint import atomic as ckpt
 from pretrain.checkpoint import weights_only
@@ -61,13 +61,10 @@ def plant(tag_dir: Path, name: str, marker: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(shards, tmp_path_factory) -> Path:
-    """A real 2-rank ZeRO-3 checkpoint (2 steps under the deepspeed launcher); its checkpoint root."""
-    run = tmp_path_factory.mktemp("clean") / "run"
-    r = run_pretrain(["train", f"run.dir={run}", f"data.train={shards['train']}", *TINY, "data.workers=1",
-                      "train.steps=2"], procs=2, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return run / "checkpoints"
+def trained(shards, trained_once) -> Path:
+    """A real 2-rank ZeRO-3 checkpoint root: the session's shared run under the deepspeed launcher
+    (tiny.straight_2ranks, checkpoints at steps 8 and 16); the payload goes into a copy's latest."""
+    return straight_2ranks(trained_once, shards) / "checkpoints"
 
 
 @pytest.fixture(scope="module", params=sorted(PLANTS))
@@ -104,7 +101,8 @@ def test_train_resume_refuses_on_every_rank_without_hanging(planted, shards, tmp
     root, bad, marker = planted
     t0 = time.monotonic()
     r = run_pretrain(["train", f"run.dir={tmp_path / 'run'}", f"data.train={shards['train']}", *TINY,
-                      "data.workers=1", "train.steps=4", "--resume", str(root)], procs=2, timeout=300)
+                      "data.workers=1", f"train.steps={STRAIGHT_STEPS + 2}", "--resume", str(root)], procs=2,
+                     timeout=300)
     refused(r, bad, marker)
     assert time.monotonic() - t0 < 240  # the healthy rank stopped too, not at a collective's timeout
     assert "resumed from" not in r.stderr

@@ -1,7 +1,11 @@
 """`pretrain plan --comm` against DeepSpeed's comms logger (issue #17): real ZeRO training on 2 and 4 CPU
 ranks (gloo), the logger's record of one steady-state step (parallel/comms_probe.py, MMPT_COMMS_LOG)
 against the plan for the same model (its parameter counts from the run's memory.json, since the trained
-tokenizer sets the vocabulary), op by op and in bytes sent, within 10%. Marked slow."""
+tokenizer sets the vocabulary), op by op and in bytes sent, within 10%. Marked slow.
+
+The 4-rank run is the session's shared plain ZeRO-3 run (tiny.plain_zero3_4ranks), which test_zeropp.py
+also compares the ZeRO++ switches against; every step is logged (our logging collectives go through
+torch.distributed, which the comms logger does not see)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny import TINY, run_pretrain
+from tiny import COMMS_LOG, PLAIN_ZERO3
 
 from pretrain.config import embedded_config_path, load_config
 from pretrain.plan.comm import comm_plan
@@ -27,19 +31,17 @@ def _sent_from_logger(ops: dict[str, dict[str, int]], n: int) -> float:
 
 @pytest.mark.parametrize("procs,extra", [
     (2, ["train.grad_accum=2", "parallel.persistence_threshold=10000"]),  # persistent params, accumulation
-    (4, ["parallel.persistence_threshold=0"]),
+    (4, []),  # TINY's persistence threshold 0: the shared plain run (tiny.plain_zero3_4ranks)
 ])
-def test_plan_comm_matches_deepspeed_comms_logger(shards, tmp_path, procs, extra):
-    run = tmp_path / "run"
-    args = [*TINY, "train.steps=3", "logging.every=100", "logging.tensorboard=false", *extra]
-    r = run_pretrain(["train", f"data.train={shards['train']}", f"run.dir={run}", *args], procs=procs,
-                     env={"MMPT_COMMS_LOG": str(tmp_path / "comms")})
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_plan_comm_matches_deepspeed_comms_logger(shards, trained_once, procs, extra):
+    args = [*PLAIN_ZERO3, *extra]
+    run = trained_once([f"data.train={shards['train']}", *args], procs=procs, env=COMMS_LOG)
+    comms = run.parent / "comms"
     counts = json.loads((run / "memory.json").read_text())["plan"]["params"]
     plan = comm_plan(load_config(embedded_config_path(), args), counts, world=procs)
     zero_rows = {k: v for k, v in plan["per_rank_bytes"].items() if k.startswith(("zero", "small"))}
     for rank in range(procs):
-        logged = json.loads(Path(f"{tmp_path / 'comms'}.rank{rank}.json").read_text())[STEP]
+        logged = json.loads(Path(f"{comms}.rank{rank}.json").read_text())[STEP]
         assert set(logged) == set(plan["logger_msg_bytes"]), (logged, plan["logger_msg_bytes"])
         for op, v in logged.items():
             assert v["msg_bytes"] == pytest.approx(plan["logger_msg_bytes"][op], rel=0.10), (op, logged, plan)

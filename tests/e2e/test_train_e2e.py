@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import DEFAULT_PERSISTENCE, ROOT, TINY, persistent_params, run_pretrain
+from tiny import DEFAULT_PERSISTENCE, ROOT, TINY, persistent_params, run_pretrain, straight_2ranks
 
 from pretrain.metrics import read_metrics
 
@@ -33,10 +33,9 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def straight_run(shards, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("straight") / "run"
-    deepspeed_train(run, [f"data.train={shards['train']}", "train.steps=16", "checkpoint.every=8"])
-    return run
+def straight_run(shards, trained_once) -> Path:
+    """The session's shared 2-rank run (tiny.STRAIGHT: 16 steps, checkpoints at 8 and 16)."""
+    return straight_2ranks(trained_once, shards)
 
 
 @pytest.fixture(scope="module")

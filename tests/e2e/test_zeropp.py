@@ -8,27 +8,32 @@
   plain reduce-scatter, which this run checks (same losses). The multi-node int4 path is not run here.
 - `parallel.zero_quantized_weights=true` cannot run on CPU (no quantizer kernel); it is refused up front
   by `check_runtime` (tests/unit/test_zero_tuning.py).
+
+The plain run is the session's shared one (tiny.plain_zero3_4ranks, also read by test_plan_comm.py): both
+runs train under DeepSpeed's comms logger, so the two switches are the only difference between them.
 """
 
 from __future__ import annotations
 
 import pytest
-from tiny import TINY, run_pretrain
+from tiny import COMMS_LOG, PLAIN_ZERO3, plain_zero3_4ranks, run_pretrain
 
 from pretrain.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
 
-def _losses(shards, run, *extra):
-    r = run_pretrain(["train", f"data.train={shards['train']}", f"run.dir={run}", *TINY, "train.steps=3",
-                      "logging.tensorboard=false", *extra], procs=4)
-    assert r.returncode == 0, r.stderr[-3000:]
+def _losses(run):
     return [(row["step"], row["loss"], row["grad_norm"]) for row in read_metrics(run) if "loss" in row]
 
 
-def test_hpz_and_single_node_qgz_match_plain_zero3(shards, tmp_path):
-    plain = _losses(shards, tmp_path / "plain")
-    zpp = _losses(shards, tmp_path / "zpp", "parallel.zero_hpz=2", "parallel.zero_quantized_gradients=true")
+def test_hpz_and_single_node_qgz_match_plain_zero3(shards, trained_once, tmp_path):
+    plain = _losses(plain_zero3_4ranks(trained_once, shards))
+    run = tmp_path / "zpp"
+    r = run_pretrain(["train", f"run.dir={run}", f"data.train={shards['train']}", *PLAIN_ZERO3,
+                      "parallel.zero_hpz=2", "parallel.zero_quantized_gradients=true"], procs=4,
+                     env={k: v.replace("{dir}", str(tmp_path)) for k, v in COMMS_LOG.items()})
+    assert r.returncode == 0, r.stderr[-3000:]
+    zpp = _losses(run)
     assert [s for s, *_ in plain] == [1, 2, 3]
     assert zpp == plain
