@@ -18,9 +18,10 @@ from batches import ENGINE_BASE, EOS, PAD, VOCAB, make_batch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_engines(runs: dict[str, list[str]], steps: int, tmp_path: Path, timeout: float = 900) -> dict:
-    """Train each named override list for `steps` steps in one child process; returns per run the losses
-    and the final full parameters (as lists)."""
+def run_engines(runs: dict[str, list[str]], steps: int | dict[str, int], tmp_path: Path,
+                timeout: float = 900) -> dict:
+    """Train each named override list for `steps` steps (or `steps[name]`) in one child process; returns per
+    run the losses and the final full parameters (as lists)."""
     spec = tmp_path / "spec.json"
     out = tmp_path / "out.pt"
     spec.write_text(json.dumps({"runs": runs, "steps": steps, "out": str(out)}))
@@ -60,7 +61,8 @@ def _worker(spec_path: str) -> None:
         gen = torch.Generator().manual_seed(123)
         losses = []
         engine.train()
-        for _ in range(spec["steps"]):
+        steps = spec["steps"][name] if isinstance(spec["steps"], dict) else spec["steps"]
+        for _ in range(steps):
             patches = (m.image_size // m.vision.patch_size) ** 2
             batch = make_batch(gen, cfg.train.micro_batch, m.image_size, patches, m.text.context_length)
             batch = {k: (v.to(engine.device, dtype) if v.is_floating_point() else v.to(engine.device))

@@ -4,9 +4,11 @@ bf16_autocast) and `model.fused_layernorm`; plus the config errors for kernels t
 
 Fast tests compare modules directly. Slow ones train a tiny model for a few steps through the real
 `build_engine` (DeepSpeed ZeRO-3, one rank) in a child process (`tests/engines.py`), so the pytest process
-never holds a process group or DeepSpeed's global state. The CUDA-only kernels (`deepspeed_fused`,
-`apex_fused`, `model.fused_layernorm`, and fp16 on a GPU) are compared with the plain path in
-tests/unit/test_model_cuda.py, which runs wherever a GPU exists (scripts/gpu_check.sh).
+never holds a process group or DeepSpeed's global state: one child for every run of the four tests that
+always run here (`engine_runs`, one engine per run, each from its own seed), and one for fp16 (which may be
+unsupported on CPU and then skips). The CUDA-only kernels (`deepspeed_fused`, `apex_fused`,
+`model.fused_layernorm`, and fp16 on a GPU) are compared with the plain path in tests/unit/test_model_cuda.py,
+which runs wherever a GPU exists (scripts/gpu_check.sh).
 
 The multi-process and end-to-end tests; the fast single-process ones are in tests/unit/test_fused_paths.py.
 """
@@ -46,14 +48,37 @@ def test_compiled_block_same_outputs_and_grads():
 
 
 # ------------------------------------------------------------------------ DeepSpeed engine runs
+ENGINE_RUNS = {  # test -> (steps, {run: overrides}), all trained in one child process by `engine_runs`
+    "optim": (6, {
+        "torch": ["optim.impl=torch"], "torch_fused": ["optim.impl=torch_fused"],
+        "cpu_adam": ["optim.impl=cpu_adam"], "auto": ["optim.impl=auto"],
+        "lr": ["optim.impl=torch", "optim.lr=2.2e-3"]}),  # the control: another learning rate
+    "ckpt_math": (4, {
+        "plain": [], "ckpt": ["train.activation_checkpointing=true"], "math": ["model.attention=math"],
+        "both": ["train.activation_checkpointing=true", "model.attention=math"]}),
+    "compile": (3, {
+        "eager": ["optim.impl=torch"], "compiled": ["optim.impl=torch", "train.compile=true"],
+        "compiled_ckpt": ["optim.impl=torch", "train.compile=true", "train.activation_checkpointing=true"]}),
+    "bf16": (8, {
+        "fp32": [], "bf16": ["train.precision=bf16"], "autocast": ["train.precision=bf16_autocast"]}),
+}
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tmp_path_factory) -> dict[str, dict]:
+    """test -> {run: result} for ENGINE_RUNS: one child process (one interpreter, DeepSpeed import and process
+    group for all of them), each run its own engine from its own seed."""
+    runs = {f"{test}/{name}": o for test, (_, named) in ENGINE_RUNS.items() for name, o in named.items()}
+    steps = {f"{test}/{name}": n for test, (n, named) in ENGINE_RUNS.items() for name in named}
+    res = run_engines(runs, steps, tmp_path_factory.mktemp("engine_runs"))
+    return {test: {name: res[f"{test}/{name}"] for name in named} for test, (_, named) in ENGINE_RUNS.items()}
+
+
 @pytest.mark.slow
-def test_optimizer_impls_match_plain_torch_adamw(tmp_path):
+def test_optimizer_impls_match_plain_torch_adamw(engine_runs):
     """torch (the reference), torch_fused and cpu_adam (JIT-built on first use, ~1 min) give the same
     parameters after 6 ZeRO-3 steps on the same model and batches."""
-    steps = 6
-    runs = {"torch": ["optim.impl=torch"], "torch_fused": ["optim.impl=torch_fused"],
-            "cpu_adam": ["optim.impl=cpu_adam"], "auto": ["optim.impl=auto"]}
-    res = run_engines(runs, steps, tmp_path)
+    res = engine_runs["optim"]
     ref = res["torch"]
     assert ref["optimizer"] == "AdamW" and not ref["fused"]
     assert res["torch_fused"]["optimizer"] == "AdamW" and res["torch_fused"]["fused"]
@@ -65,18 +90,14 @@ def test_optimizer_impls_match_plain_torch_adamw(tmp_path):
         torch.testing.assert_close(res[name]["losses"], ref["losses"], rtol=1e-4, atol=1e-5, msg=name)
         assert not mismatched(ref["params"], res[name]["params"], 1e-4, 1e-5), name
     # the comparison can fail: a different learning rate moves the parameters far beyond that tolerance
-    (tmp_path / "lr").mkdir()
-    other = run_engines({"lr": ["optim.impl=torch", "optim.lr=2.2e-3"]}, steps, tmp_path / "lr")
-    assert len(mismatched(ref["params"], other["lr"]["params"], 1e-4, 1e-5)) > 10
+    assert len(mismatched(ref["params"], res["lr"]["params"], 1e-4, 1e-5)) > 10
 
 
 @pytest.mark.slow
-def test_activation_checkpointing_and_math_attention_engine_runs_match(tmp_path):
+def test_activation_checkpointing_and_math_attention_engine_runs_match(engine_runs):
     """Recomputation replays the same kernels (tight tolerance); the math attention differs from SDPA by
     rounding, which Adam amplifies on near-zero gradients (the optimizer tests' tolerance)."""
-    runs = {"plain": [], "ckpt": ["train.activation_checkpointing=true"], "math": ["model.attention=math"],
-            "both": ["train.activation_checkpointing=true", "model.attention=math"]}
-    res = run_engines(runs, 4, tmp_path)
+    res = engine_runs["ckpt_math"]
     for name, (rtol, atol) in {"ckpt": (1e-6, 1e-7), "math": (1e-4, 1e-5), "both": (1e-4, 1e-5)}.items():
         torch.testing.assert_close(res[name]["losses"], res["plain"]["losses"], rtol=1e-5, atol=1e-6,
                                    msg=name)
@@ -84,13 +105,10 @@ def test_activation_checkpointing_and_math_attention_engine_runs_match(tmp_path)
 
 
 @pytest.mark.slow
-def test_compile_engine_run_matches_eager(tmp_path):
+def test_compile_engine_run_matches_eager(engine_runs):
     """ZeRO-3 (its parameter gathers run eagerly between compiled graphs), also with activation
     checkpointing recomputing the compiled blocks; same losses and parameters as eager after 3 steps."""
-    runs = {"eager": ["optim.impl=torch"], "compiled": ["optim.impl=torch", "train.compile=true"],
-            "compiled_ckpt": ["optim.impl=torch", "train.compile=true",
-                              "train.activation_checkpointing=true"]}
-    res = run_engines(runs, 3, tmp_path)
+    res = engine_runs["compile"]
     assert res["eager"]["compiled_blocks"] == 0 and res["eager"]["graphs"] == 0
     for name in ("compiled", "compiled_ckpt"):
         assert res[name]["compiled_blocks"] == 5  # 2 vision + 2 text + 1 decoder blocks
@@ -101,12 +119,10 @@ def test_compile_engine_run_matches_eager(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_paths_train_and_track_fp32(tmp_path):
+def test_bf16_paths_train_and_track_fp32(engine_runs):
     """bf16 (bf16 params, fp32 master) and bf16_autocast (fp32 params, bf16 compute) both train, and
     their losses stay within a few percent of fp32 on the same batches."""
-    steps = 8
-    runs = {"fp32": [], "bf16": ["train.precision=bf16"], "autocast": ["train.precision=bf16_autocast"]}
-    res = run_engines(runs, steps, tmp_path)
+    res = engine_runs["bf16"]
     assert res["bf16"]["param_dtype"] == "torch.bfloat16"
     assert res["autocast"]["param_dtype"] == "torch.float32"
     ref = res["fp32"]["losses"]
@@ -121,8 +137,9 @@ def test_bf16_paths_train_and_track_fp32(tmp_path):
 @pytest.mark.slow
 def test_fp16_trains_or_is_unsupported_on_cpu(tmp_path):
     try:
-        res = run_engines({"fp32": [], "fp16": ["train.precision=fp16",
-                                                f"train.fp16_initial_scale_power={FP16_START}"]}, 6, tmp_path)
+        # fp16 first: where DeepSpeed's CPU accelerator refuses it, the child stops before training fp32
+        res = run_engines({"fp16": ["train.precision=fp16", f"train.fp16_initial_scale_power={FP16_START}"],
+                           "fp32": []}, 6, tmp_path)
     except AssertionError as e:
         if "fp16" in str(e) and "not supported" in str(e):
             pytest.skip("fp16 not supported by DeepSpeed's CPU accelerator")

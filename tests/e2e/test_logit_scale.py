@@ -38,18 +38,7 @@ class Scale(nn.Module):
         return sign * self.logit_scale.exp().sum() + 0.0 * self.other.weight.float().sum()
 
 
-torch.manual_seed(0)
-groups.init_distributed(600, 1)
-stage, precision, threshold = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-optim = OptimConfig(lr=0.05, warmup_steps=0, schedule="constant", weight_decay=0.0, impl="torch")
-spec = EngineSpec(optim=optim,
-                  parallel=ParallelConfig(zero_stage=stage, persistence_threshold=threshold), steps=100,
-                  micro_batch=1, grad_accum=1, grad_clip=0.0, precision=precision, seed=0)
-engine, _ = build_engine(spec, Scale(), 1)
-p = engine.module.logit_scale
-
-
-def value():
+def value(p):
     master = safe_get_full_fp32_param(p)
     import deepspeed, contextlib
     ctx = deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext()
@@ -58,25 +47,46 @@ def value():
     return (float(master.reshape(-1)[0]) if master is not None else work), work
 
 
-trace = []
-for sign in [-1.0] * 6 + [1.0] * 14:  # the loss first wants a larger scale, then a smaller one
-    loss = engine(torch.tensor(sign))
-    engine.backward(loss)
-    engine.step()
-    clamp_parameter_(p, CEIL)
-    trace.append(value())
-print(json.dumps({"ceil": CEIL, "trace": trace}))
+def trace_of(stage, precision, threshold):
+    torch.manual_seed(0)
+    optim = OptimConfig(lr=0.05, warmup_steps=0, schedule="constant", weight_decay=0.0, impl="torch")
+    spec = EngineSpec(optim=optim,
+                      parallel=ParallelConfig(zero_stage=stage, persistence_threshold=threshold), steps=100,
+                      micro_batch=1, grad_accum=1, grad_clip=0.0, precision=precision, seed=0)
+    engine, _ = build_engine(spec, Scale(), 1)
+    p = engine.module.logit_scale
+    trace = []
+    for sign in [-1.0] * 6 + [1.0] * 14:  # the loss first wants a larger scale, then a smaller one
+        loss = engine(torch.tensor(sign))
+        engine.backward(loss)
+        engine.step()
+        clamp_parameter_(p, CEIL)
+        trace.append(value(p))
+    return trace
+
+
+groups.init_distributed(600, 1)
+# one engine per configuration, each on its own fresh module, in this one process (as tests/engines.py)
+print(json.dumps({"ceil": CEIL, "traces": [trace_of(*case) for case in json.loads(sys.argv[1])]}))
 """
 
 
-@pytest.mark.parametrize("stage,precision,threshold", [
-    (0, "fp32", 0), (2, "bf16", 0), (3, "bf16", 0), (3, "bf16", 10000), (3, "fp32", 0)])
-def test_ceiling_holds_and_the_scale_comes_back_down(stage, precision, threshold):
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(stage), precision, str(threshold)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+CASES = [(0, "fp32", 0), (2, "bf16", 0), (3, "bf16", 0), (3, "bf16", 10000), (3, "fp32", 0)]
+
+
+@pytest.fixture(scope="module")
+def traces() -> dict[tuple, tuple[float, list]]:
+    """(stage, precision, threshold) -> (ceiling, trace): every case's engine in one child process."""
+    r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(CASES)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    ceil, trace = res["ceil"], res["trace"]
+    return {case: (res["ceil"], trace) for case, trace in zip(CASES, res["traces"], strict=True)}
+
+
+@pytest.mark.parametrize("stage,precision,threshold", CASES)
+def test_ceiling_holds_and_the_scale_comes_back_down(traces, stage, precision, threshold):
+    ceil, trace = traces[stage, precision, threshold]
     tol = 0.02 if precision == "bf16" else 1e-6  # the bf16 working copy rounds log(100) = 4.605 by ~0.016
     for master, work in trace:
         assert master <= ceil + 1e-6 and work <= ceil + tol, trace
