@@ -41,7 +41,7 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         # dev: tests and benches, incl. the libraries exports are checked against
         # (`convert --to hf|open_clip`, `bench step --vs open_clip`)
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "transformers>=4.40",
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "ruff>=0.6", "transformers>=4.40",
                 "open_clip_torch>=2.24", "torchao>=0.18"],
         # `train.fp8` (torchao's float8 training; fp8 tensor cores on H100/H200)
         "fp8": ["torchao>=0.18"],

@@ -7,6 +7,7 @@ helper modules beside it: `tiny` (tiny models, shards, running `pretrain` as use
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,37 @@ from datautil import tiny_tokenizer
 from tiny import run_pretrain, write_shards
 
 from data_pipelines.tokenizer import TextTokenizer
+
+GROUPS = {
+    # modules that read the same session-scoped run (`trained_once`, `layout_straight`): one worker trains it
+    "straight_2ranks": ("test_train_e2e", "test_reliability", "test_no_unpickling"),
+    "plain_zero3_4ranks": ("test_zeropp", "test_plan_comm"),
+    "layout_straight": ("test_resume_any_layout", "test_universal_resume", "test_fusion_train"),
+    # modules that start a private Slurm cluster, Open MPI jobs or network namespaces: one at a time
+    "cluster": ("test_launch_slurm", "test_launch_mpi", "test_launch_netns", "test_cross_site"),
+}
+"""Under `pytest -n 2` (`make test`; pytest-xdist, `--dist loadgroup`) each group runs on one worker, and
+every other module is a group of its own, so module- and session-scoped fixtures are built once."""
+_GROUP_OF = {module: group for group, modules in GROUPS.items() for module in modules}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `pytest -n N` each worker (and every process it starts) gets cores / N intra-op threads: two
+    workers each spinning two OpenMP threads on two cores slowed small training loops many times over."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give every test an `xdist_group`: its module's group in GROUPS, else its module (see GROUPS)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.path.stem
+            group = _GROUP_OF.get(module, f"{item.path.parent.name}/{module}")
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture
