@@ -150,6 +150,8 @@ def build_engine(spec: EngineSpec, model: torch.nn.Module, dp_world: int):
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             mpu=mpu,
         )
+    if spec.compile_model:  # after initialize: ZeRO-3's gathers are hooks the compiled forward calls eagerly
+        engine.compile()
     return engine, ds_cfg
 
 

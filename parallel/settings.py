@@ -98,6 +98,9 @@ class EngineSpec:
     hidden: int = 0
     """The widest tower's width (`model.vision.width`, `model.text.width`): ZeRO's bucket sizes are
     derived from it (`parallel.engine.zero3_tuning`); 0 keeps DeepSpeed's defaults."""
+    compile_model: bool = False
+    """`train.compile` with `train.compile_scope=model`: compile the engine's whole module (forward and
+    losses) through DeepSpeed's `engine.compile()` once the engine exists."""
 
 
 @dataclass

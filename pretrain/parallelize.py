@@ -9,7 +9,8 @@ The model is built and initialised as single-device code (`PretrainModel.from_co
 3. kernels: the attention implementation (`model.attention`) and apex FusedLayerNorm
    (`model.fused_layernorm`, `parallel/kernels.py`);
 4. fp8 matmuls in every transformer block's linear layers (`train.fp8`, torchao's Float8Linear), then
-   torch.compile of every transformer block (`train.compile`);
+   torch.compile of every transformer block (`train.compile`; with `train.compile_scope=model` the
+   whole forward is compiled instead, by DeepSpeed's `engine.compile()` once the engine wraps the model);
 5. `train.freeze`: the parameters it names stop requiring gradients (`pretrain/freeze.py`; after the
    swaps above, whose new parameters start trainable), and `optim.lr_mult`'s patterns are checked.
 
@@ -122,7 +123,7 @@ def parallelize(model: nn.Module, cfg: Config) -> nn.Module:
         kernels.fuse_layer_norms(model)
     if cfg.train.fp8:
         kernels.fp8_linears(transformer_blocks(model))
-    if cfg.train.compile:
+    if cfg.train.compile and cfg.train.compile_scope == "blocks":  # `model`: parallel.engine.build_engine
         compile_blocks(model)
     apply_freeze(model, cfg)  # last: layers swapped above start trainable
     return model

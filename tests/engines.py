@@ -82,7 +82,8 @@ def _worker(spec_path: str) -> None:
                          "optimizer": basic, "fused": fused,
                          "param_dtype": str(next(engine.module.parameters()).dtype),
                          "offload": "offload_optimizer" in ds_cfg["zero_optimization"],
-                         "compiled_blocks": compiled, "skipped_steps": engine.skipped_steps,
+                         "compiled_blocks": compiled, "engine_compiled": engine.is_compiled,
+                         "skipped_steps": engine.skipped_steps,
                          "graphs": int(counters["stats"]["unique_graphs"]) - graphs_before}
         del engine, model
     torch.save(results, spec["out"])

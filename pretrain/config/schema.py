@@ -233,8 +233,15 @@ class TrainConfig:
     the first check after the signal, so keep `logging.every` x step time (or this x step time) well under
     the scheduler's warning (`--signal=USR1@120`: 120 s)."""
     compile: bool = False
-    """torch.compile each transformer block (not the DeepSpeed engine); the first steps are slow while
-    it compiles (inductor; on CPU it needs a C++ compiler)."""
+    """torch.compile the model (what: `train.compile_scope`); the first steps are slow while it compiles
+    (inductor; on CPU it needs a C++ compiler)."""
+    compile_scope: str = "blocks"
+    """What `train.compile=true` compiles. `blocks`: each transformer block on its own (`nn.Module.compile`
+    in `pretrain/parallelize.py`). `model`: the whole forward pass, embeddings, towers, decoder, heads and
+    losses, through DeepSpeed's `engine.compile()` once the engine exists, so inductor also fuses what lies
+    between and around the blocks (patch masking, pooling, projections, the loss arithmetic). Under ZeRO-3
+    each parameter gather (a DeepSpeed hook) and each collective still breaks the graph; compile time is
+    longer and every new input shape (an eval batch, the unmasked tail) compiles again."""
     fp8: bool = False
     """fp8 matmuls in the transformer blocks' linear layers (torchao's float8 training: e4m3 inputs and
     weights, e5m2 gradients, dynamic per-tensor scales; everything else stays bf16): for H100/H200-class
@@ -363,6 +370,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.impl": ("auto", "torch", "torch_fused", "deepspeed_fused", "apex_fused", "cpu_adam"),
     "objectives.contrastive.loss": ("infonce", "siglip"),
     "train.precision": ("bf16", "fp16", "fp32", "bf16_autocast"),
+    "train.compile_scope": ("blocks", "model"),
     "parallel.zero_stage": (0, 1, 2, 3),
     "train.task": ("pretrain", "classify"),
     "cross_site.compress": ("none", "fp16", "int8"),

@@ -22,4 +22,5 @@ def engine_spec(cfg: Config) -> EngineSpec:
     return EngineSpec(optim=cfg.optim, parallel=cfg.parallel, steps=t.steps, micro_batch=t.micro_batch,
                       grad_accum=t.grad_accum, grad_clip=t.grad_clip, precision=t.precision, seed=t.seed,
                       fp16_initial_scale_power=t.fp16_initial_scale_power,
-                      hidden=max(cfg.model.vision.width, cfg.model.text.width))
+                      hidden=max(cfg.model.vision.width, cfg.model.text.width),
+                      compile_model=t.compile and t.compile_scope == "model")
