@@ -58,7 +58,7 @@ $(OC_VENV)/.ok: $(STAMP) pretrain/bench/quality_openclip.py
 	touch $@
 
 test: setup system-deps $(OC_VENV)/.ok
-	MMPT_OPEN_CLIP_PYTHON=$(CURDIR)/$(OC_VENV)/bin/python $(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	MMPT_OPEN_CLIP_PYTHON=$(CURDIR)/$(OC_VENV)/bin/python $(BIN)/python -m pytest -q -n 2
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit

@@ -25,8 +25,8 @@ GROUPS = {
     # modules that start a private Slurm cluster, Open MPI jobs or network namespaces: one at a time
     "cluster": ("test_launch_slurm", "test_launch_mpi", "test_launch_netns", "test_cross_site"),
 }
-"""Under `pytest -n 2` (`make test`; pytest-xdist, `--dist loadgroup`) each group runs on one worker, and
-every other module is a group of its own, so module- and session-scoped fixtures are built once."""
+"""Under `pytest -n 2` (`make test`, pytest-xdist) each group runs on one worker, and every other module is a
+unit of its own, so module- and session-scoped fixtures are built once (`pytest_xdist_make_scheduler`)."""
 _GROUP_OF = {module: group for group, modules in GROUPS.items() for module in modules}
 
 
@@ -40,13 +40,17 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Give every test an `xdist_group`: its module's group in GROUPS, else its module (see GROUPS)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.path.stem
-            group = _GROUP_OF.get(module, f"{item.path.parent.name}/{module}")
-            item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's module scheduling (`--dist loadscope`) with the modules of a GROUPS entry as one unit. (Not
+    `--dist loadgroup` with marks: xdist 3.8 tags node ids through `item._nodeid`, which pytest 9 ignores.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return _GROUP_OF.get(Path(path).stem, path)
+
+    return ModuleGroups(config, log)
 
 
 @pytest.fixture
