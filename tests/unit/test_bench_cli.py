@@ -66,3 +66,23 @@ def test_bench_step_prints_throughput_split_memory_flops_and_mfu():
     expect = res["flops_per_sample"] * res["samples_per_s"] / res["peak_flops_per_s"]
     assert res["mfu"] == pytest.approx(expect, rel=1e-3, abs=1e-5) and 0 < res["mfu"] < 1
     assert res["parameters"] > 0
+
+
+def test_all_fusions_take_the_whole_model_compile_only_where_it_measured_faster():
+    """scripts/bench_gpu.py: "all available fusions" adds `train.compile_scope=model` only when that variant
+    ran and beat the per-block compile in the same run."""
+    import sys
+
+    from tiny import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_gpu import WHOLE_COMPILE, whole_compile_faster
+
+    def ok(name: str, rate: float) -> dict:
+        return {"name": name, "status": "ok", "samples_per_s": rate}
+
+    assert whole_compile_faster([ok("train.compile=true", 10.0), ok(WHOLE_COMPILE, 12.0)])
+    assert not whole_compile_faster([ok("train.compile=true", 12.0), ok(WHOLE_COMPILE, 10.0)])
+    failed = {"name": WHOLE_COMPILE, "status": "failed: x"}
+    assert not whole_compile_faster([ok("train.compile=true", 10.0), failed])
+    assert not whole_compile_faster([ok(WHOLE_COMPILE, 12.0)])  # no per-block row: nothing to beat
