@@ -40,6 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without xdist (its hook spec) still loads this file
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """xdist's module scheduling (`--dist loadscope`) with the modules of a GROUPS entry as one unit. (Not
     `--dist loadgroup` with marks: xdist 3.8 tags node ids through `item._nodeid`, which pytest 9 ignores.)"""
