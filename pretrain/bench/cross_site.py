@@ -160,45 +160,13 @@ def _sync_starts(
     train = _train_args(data, data["urls"], run_dir, args, *extra)
     n = args.sites * args.ranks_per_site
     if hosts is None:
-        return [
-            (
-                0,
-                [
-                    "launch",
-                    "--launcher",
-                    "deepspeed",
-                    "--procs-per-node",
-                    str(n),
-                    "--master-port",
-                    str(free_port()),
-                    "--",
-                    *train,
-                ],
-            )
-        ]
-    return [
-        (
-            side,
-            [
-                "launch",
-                "--launcher",
-                "torchrun",
-                "--nodes",
-                "2",
-                "--procs-per-node",
-                str(n // 2),
-                "--node-rank",
-                str(side),
-                "--master-addr",
-                hosts[0].addr,
-                "--master-port",
-                "29500",
-                "--",
-                *train,
-            ],
-        )
-        for side in (0, 1)
-    ]
+        return [(0, ["launch", "--launcher", "deepspeed", "--procs-per-node", str(n),
+                     "--master-port", str(free_port()), "--", *train])]
+    # inside the private namespaces nothing else listens: a fixed port is safe there
+    return [(side, ["launch", "--launcher", "torchrun", "--nodes", "2", "--procs-per-node", str(n // 2),
+                    "--node-rank", str(side), "--master-addr", hosts[0].addr, "--master-port", "29500",
+                    "--", *train])
+            for side in (0, 1)]
 
 
 def _site_starts(
@@ -219,26 +187,10 @@ def _site_starts(
             f"cross_site.compress={args.compress}",
             f"cross_site.timeout_s={args.timeout_s}",
         )
-        starts.append(
-            (
-                min(i, 1),
-                [
-                    "launch",
-                    "--launcher",
-                    "deepspeed",
-                    "--procs-per-node",
-                    str(args.ranks_per_site),
-                    "--master-port",
-                    str(free_port()),
-                    "--site",
-                    "ab"[i] if args.sites == 2 else f"s{i}",
-                    "--rendezvous",
-                    rendezvous,
-                    "--",
-                    *train,
-                ],
-            )
-        )
+        site = "ab"[i] if args.sites == 2 else f"s{i}"
+        starts.append((min(i, 1), ["launch", "--launcher", "deepspeed", "--procs-per-node",
+                                   str(args.ranks_per_site), "--master-port", str(free_port()),
+                                   "--site", site, "--rendezvous", rendezvous, "--", *train]))
     return starts
 
 
@@ -273,9 +225,28 @@ def _quality(run_dir: Path, data: dict[str, Any]) -> dict[str, Any]:
     return {k: r[k] for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")}
 
 
+def check_args(args: argparse.Namespace, shards: int) -> None:
+    """Refuse, naming the flag, what would fail only after minutes of training or give a wrong number."""
+    n1, n2 = args.dp_steps
+    problems = [msg for bad, msg in [
+        (args.sites < 2, f"--sites {args.sites}: training across sites needs at least 2"),
+        (args.sites > shards, f"--sites {args.sites}: the demo data has only {shards} shards"),
+        (args.ranks_per_site < 1, f"--ranks-per-site {args.ranks_per_site} must be >= 1"),
+        (args.every < 1 or args.every > args.steps,
+         f"--every {args.every} must be in [1, --steps {args.steps}]: no outer round would run"),
+        (args.micro_batch < 1, f"--micro-batch {args.micro_batch} must be >= 1"),
+        ("dp" in args.jobs and not 1 <= n1 < n2,
+         f"--dp-steps {n1} {n2}: need 1 <= N1 < N2 (the per-step bytes are their difference / (N2 - N1))"),
+    ] if bad]
+    if problems:
+        raise ValueError("bench cross-site: " + "; ".join(problems))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pretrain.demo import PER_SHARD, TRAIN_SAMPLES
     from pretrain.metrics import read_metrics
 
+    check_args(args, TRAIN_SAMPLES // PER_SHARD)  # before any data is written
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     data = _data(out)

@@ -43,3 +43,16 @@ def test_report_ratios_and_gap(monkeypatch, tmp_path):
     text = bench.markdown({**report, "jobs": jobs, "command": "pretrain bench cross-site", "commit": "x",
                            "date": "d", "link": "l", "samples_seen": 10})
     assert "| sites | 0.490 |" in text and "bytes_ratio_dp_vs_sites: 40.0" in text
+
+
+@pytest.mark.parametrize("change,flag", [
+    ({"dp_steps": [5, 5]}, "--dp-steps"), ({"dp_steps": [0, 15]}, "--dp-steps"), ({"sites": 1}, "--sites"),
+    ({"sites": 25}, "--sites"), ({"every": 400}, "--every"), ({"ranks_per_site": 0}, "--ranks-per-site"),
+])
+def test_bad_arguments_are_refused_naming_the_flag_before_anything_runs(tmp_path, change, flag):
+    base = argparse.Namespace(out=str(tmp_path / "out"), jobs=["sync", "sites", "dp"], sites=2,
+                              ranks_per_site=2, every=20, steps=300, micro_batch=32, dp_steps=[5, 15])
+    bench.check_args(base, 24)  # the defaults pass
+    with pytest.raises(ValueError, match=flag):
+        bench.run(argparse.Namespace(**{**vars(base), **change}))
+    assert not (tmp_path / "out").exists()  # refused before any data was written
