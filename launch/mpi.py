@@ -14,6 +14,7 @@ import socket
 from typing import Any
 
 from launch.env import LaunchEnvError, RankInfo
+from launch.ports import free_port
 
 
 def _comm() -> Any | None:
@@ -68,12 +69,6 @@ def this_host_address(single_node: bool) -> str:
     return addr
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 def share_master(info: RankInfo) -> RankInfo | None:
     """Fill in MASTER_ADDR/MASTER_PORT from rank 0 by MPI broadcast; None when mpi4py is unavailable.
 
@@ -87,7 +82,7 @@ def share_master(info: RankInfo) -> RankInfo | None:
         single_node = bool(info.local_world_size) and info.local_world_size == info.world_size
         try:  # an error must reach every rank too, or the others would wait in bcast forever
             addr = os.environ.get("MASTER_ADDR") or this_host_address(single_node)
-            choice = (addr, int(os.environ.get("MASTER_PORT") or _free_port()))
+            choice = (addr, int(os.environ.get("MASTER_PORT") or free_port("")))
         except LaunchEnvError as e:
             choice = str(e)
     choice = comm.bcast(choice, root=0)

@@ -33,17 +33,11 @@ from launch.env import (
     mpi_launcher_hint,
 )
 from launch.logs import drop_printed
+from launch.ports import free_port
 
 log = logging.getLogger("mmpt.launch")
 # torchrun restarts reuse its agent's store: one key space per attempt
 _KEY = f"mmpt/rendezvous/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-
-
-def free_port() -> int:
-    """An unused TCP port on loopback (single-process runs and tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def resolve(env: Mapping[str, str] | None = None) -> RankInfo:

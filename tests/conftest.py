@@ -31,13 +31,20 @@ _GROUP_OF = {module: group for group, modules in GROUPS.items() for module in mo
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under `pytest -n N` each worker (and every process it starts) gets cores / N intra-op threads: two
-    workers each spinning two OpenMP threads on two cores slowed small training loops many times over."""
+    """Under `pytest -n N` each worker (and every process it starts) gets cores / N intra-op threads (two
+    workers each spinning two OpenMP threads on two cores slowed small training loops many times over) and
+    its own slice of the store-port window (`MMPT_PORT_RANGE`), so two workers never pick the same port."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        from launch.ports import port_range
+
+        lo, hi = port_range()
+        index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+        width = (hi - lo) // workers
+        os.environ["MMPT_PORT_RANGE"] = f"{lo + index * width}-{lo + (index + 1) * width}"
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest without xdist (its hook spec) still loads this file
