@@ -146,6 +146,11 @@ class MIMConfig:
     encoder pass per step. True: one pass over the visible patches (`mask_ratio`) feeds both the
     contrastive loss and the decoder (FLIP + MAE): cheapest, but `pretrain bench quality` measured it
     far behind contrastive-only in zero-shot (docs/benchmarks.md). Only matters when both are on."""
+    mask_layout: str = "random"
+    """Which patches a masked pass hides. "random": MAE's and FLIP's uniform draw per image. "spread":
+    the same draw ranked within each 2x2 block of patches, so every block keeps its share (two of four
+    at 50%): no region, e.g. a small object the caption names, is hidden whole by chance (needs an
+    even number of patches per side)."""
     unmasked_tail_steps: int = 0
     """The last N optimizer steps train the contrastive loss on full images (FLIP's unmasking tuning),
     closing the gap between masked training and unmasked evaluation. The MAE loss is skipped in the
@@ -369,6 +374,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.schedule": ("cosine", "constant"),
     "optim.impl": ("auto", "torch", "torch_fused", "deepspeed_fused", "apex_fused", "cpu_adam"),
     "objectives.contrastive.loss": ("infonce", "siglip"),
+    "objectives.mim.mask_layout": ("random", "spread"),
     "train.precision": ("bf16", "fp16", "fp32", "bf16_autocast"),
     "train.compile_scope": ("blocks", "model"),
     "parallel.zero_stage": (0, 1, 2, 3),

@@ -65,6 +65,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(not (o.mim.weight > 0 and o.mim.target == "features" and o.mim.shared_pass),
           "objectives.mim.target=features needs objectives.mim.shared_pass=false (the full-image pass of the "
           "contrastive loss is its target)")
+    grid = cfg.model.image_size // cfg.model.vision.patch_size
+    check(o.mim.mask_layout != "spread" or grid % 2 == 0,
+          f"objectives.mim.mask_layout=spread needs an even number of patches per side, got {grid} "
+          "(model.image_size / model.vision.patch_size)")
     check(o.mim.unmasked_tail_steps >= 0, "objectives.mim.unmasked_tail_steps must be >= 0 (0: off)")
     check(o.itm.hard_warmup_steps >= 0, "objectives.itm.hard_warmup_steps must be >= 0 (0: hard negatives "
           "from the first step)")

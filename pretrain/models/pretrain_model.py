@@ -22,7 +22,7 @@ from pretrain.models.decoder import MAEDecoder
 from pretrain.models.fusion import FusionEncoder, ITMHead
 from pretrain.models.heads import MLMHead
 from pretrain.models.text import TextTower
-from pretrain.models.vision import VisionTower
+from pretrain.models.vision import VisionTower, spread_noise
 from pretrain.objectives import (
     contrastive_loss,
     feature_mim_loss,
@@ -165,6 +165,8 @@ class PretrainModel(nn.Module):
         images = batch["image"]  # [B, 3, S, S]
         ratio = self.contrastive_mask_ratio()
         noise = batch.get("patch_noise")  # [B, N]
+        if noise is not None and o.mim.mask_layout == "spread":
+            noise = spread_noise(noise, self.visual.grid_size)  # [B, N]
         features_target = use_mim and o.mim.target == "features"
         pooled = tokens = mask = ids_restore = None
         if use_con or (use_mim and ratio > 0) or features_target or use_itm or conditioned:

@@ -32,6 +32,20 @@ def random_masking(x: torch.Tensor, noise: torch.Tensor, mask_ratio: float
     return x_visible, mask, ids_restore
 
 
+def spread_noise(noise: torch.Tensor, grid: int) -> torch.Tensor:
+    """Re-rank the noise so that keeping its smallest values keeps patches spread evenly over the image
+    (`objectives.mim.mask_layout: spread`): each patch's rank inside its 2x2 block comes first, the
+    noise breaks ties. At 50% masking every block keeps two patches, at 75% one, so no region (a small
+    object the caption names) is dropped whole by chance. noise [B, N], N = grid * grid, grid even
+    -> [B, N] in [0, 1), same patch order."""
+    B = noise.shape[0]
+    h = grid // 2
+    blocks = noise.float().view(B, h, 2, h, 2).permute(0, 1, 3, 2, 4).reshape(B, h, h, 4)
+    rank = blocks.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).to(blocks.dtype)  # 0..3
+    spread = (rank + blocks) / 4  # every block's rank-0 patch below every rank-1 patch, and so on
+    return spread.view(B, h, h, 2, 2).permute(0, 1, 3, 2, 4).reshape(B, grid * grid)
+
+
 class VisionTower(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
                  embed_dim: int, mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0,

@@ -15,6 +15,7 @@ import pretrain.models.transformer as transformer_mod
 from pretrain.config import DecoderConfig, ModelConfig, ObjectivesConfig, TextConfig, VisionConfig
 from pretrain.models import MAEDecoder, MLMHead, PretrainModel, TextTower, VisionTower, random_masking
 from pretrain.models.transformer import Attention, fused_qkv_to_stacked, layer_norm, stacked_to_fused_qkv
+from pretrain.models.vision import spread_noise
 from pretrain.parallelize import apply_tensor_parallel, set_activation_checkpointing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,6 +120,24 @@ def test_random_masking_keeps_round_n_and_restore_inverts(n, ratio):
     # deterministic: a function of the noise only
     again = random_masking(x, noise, ratio)
     assert torch.equal(again[0], x_vis) and torch.equal(again[2], ids_restore)
+
+
+@pytest.mark.parametrize("grid,ratio,kept", [(4, 0.5, 2), (8, 0.5, 2), (8, 0.75, 1), (8, 0.25, 3)])
+def test_spread_layout_keeps_every_2x2_block_its_share(grid, ratio, kept):
+    gen = torch.Generator().manual_seed(grid)
+    noise = torch.rand(5, grid * grid, generator=gen)
+    _, mask, _ = random_masking(torch.zeros(5, grid * grid, 1), spread_noise(noise, grid), ratio)
+    blocks = (1 - mask).view(5, grid // 2, 2, grid // 2, 2).sum(dim=(2, 4))  # kept patches per block
+    assert torch.equal(blocks, torch.full_like(blocks, kept))
+    _, plain, _ = random_masking(torch.zeros(5, grid * grid, 1), noise, ratio)
+    assert not torch.equal(plain, mask)  # the uniform draw does not keep the blocks even
+    # within a block the draw's own order decides which patches stay
+    for b in range(5):
+        for r in range(0, grid, 2):
+            for c in range(0, grid, 2):
+                idx = [r * grid + c, r * grid + c + 1, (r + 1) * grid + c, (r + 1) * grid + c + 1]
+                kept_idx = sorted(idx, key=lambda i: noise[b, i].item())[:kept]
+                assert all(mask[b, i] == 0 for i in kept_idx)
 
 
 def _patch_slice(i: int) -> tuple[slice, slice]:
