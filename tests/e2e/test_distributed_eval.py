@@ -16,6 +16,7 @@ from tiny import ROOT
 
 from data_pipelines.synth import write_synthetic_shards
 from data_pipelines.tokenizer import train_tokenizer_from_shards
+from launch.rendezvous import free_port
 from pretrain.checkpoint.sources import DictSource
 from pretrain.checkpoint.universal import write_weights
 from pretrain.config import embedded_config_path, load_config, to_dict
@@ -48,7 +49,7 @@ def setup(tmp_path_factory) -> dict[str, str]:
 
 
 def _torchrun(procs: int, args: list[str]) -> dict:
-    port = 29500 + (os.getpid() % 2000)
+    port = free_port()  # this worker's window (tests/conftest.py), clear of the Slurm tests' 29500+
     cmd = [str(Path(sys.executable).parent / "torchrun"), f"--nproc-per-node={procs}",
            f"--master-port={port}",
            "-m", "pretrain.cli", "eval", *args, "--batch-size", "3", "--json"]
