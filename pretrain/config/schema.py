@@ -29,6 +29,10 @@ class VisionConfig:
     """Number of transformer blocks in the image tower."""
     heads: int = 4
     """Attention heads in the image tower; must divide `width`."""
+    block_init: str = "scaled"
+    """How the image tower's blocks start. "scaled": OpenAI CLIP's text-tower init (std W^-0.5 for QKV,
+    smaller for the projections into the residual stream, by depth). "pytorch": the layers' own defaults,
+    which is what OpenAI's and open_clip's ViT blocks get (`init_parameters` leaves them alone)."""
 
 
 @dataclass
@@ -375,6 +379,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.impl": ("auto", "torch", "torch_fused", "deepspeed_fused", "apex_fused", "cpu_adam"),
     "objectives.contrastive.loss": ("infonce", "siglip"),
     "objectives.mim.mask_layout": ("random", "spread"),
+    "model.vision.block_init": ("scaled", "pytorch"),
     "train.precision": ("bf16", "fp16", "fp32", "bf16_autocast"),
     "train.compile_scope": ("blocks", "model"),
     "parallel.zero_stage": (0, 1, 2, 3),

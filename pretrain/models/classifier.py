@@ -37,7 +37,7 @@ class ClassifierModel(nn.Module):
         self.model_cfg, self.num_classes = m, num_classes
         self.visual = VisionTower(m.image_size, v.patch_size, v.width, v.layers, v.heads, m.embed_dim,
                                   mlp_ratio=m.mlp_ratio, act=m.activation, dropout=m.dropout,
-                                  attn_dropout=m.attention_dropout)
+                                  attn_dropout=m.attention_dropout, block_init=v.block_init)
         self.head = nn.Linear(m.embed_dim, num_classes)
         with torch.no_grad():
             self.head.weight.zero_()  # replaced by `zeroshot_head` or a checkpoint's weights

@@ -58,7 +58,7 @@ class PretrainModel(nn.Module):
                       attn_dropout=m.attention_dropout)
         v, t, d = m.vision, m.text, m.decoder
         self.visual = VisionTower(m.image_size, v.patch_size, v.width, v.layers, v.heads, m.embed_dim,
-                                  **common)
+                                  block_init=v.block_init, **common)
         self.text = TextTower(self.vocab_size, t.context_length, t.width, t.layers, t.heads, m.embed_dim,
                               eos_id=eos_id, pad_id=pad_id, pool_type=pool_type, **common)
         # objectives with weight 0 get no modules at all: no parameters, no optimizer state

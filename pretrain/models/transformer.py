@@ -168,9 +168,23 @@ class Transformer(nn.Module):
         return x
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """OpenAI CLIP's init: std W^-0.5 for QKV, (2W)^-0.5 for fc1, W^-0.5 (2L)^-0.5 for the two
-        projections that write into the residual stream; biases 0, norms identity."""
+    def init_weights(self, style: str = "scaled") -> None:
+        """"scaled": OpenAI CLIP's text-tower init: std W^-0.5 for QKV, (2W)^-0.5 for fc1, W^-0.5 (2L)^-0.5
+        for the two projections that write into the residual stream; biases 0, norms identity.
+        "pytorch": what OpenAI's and open_clip's ViT blocks get, nothing but the layers' own defaults
+        (nn.MultiheadAttention: Xavier-uniform QKV, zero attention biases; nn.Linear's uniform MLP)."""
+        if style == "pytorch":
+            for blk in self.resblocks:
+                for ln in (blk.ln_1, blk.ln_2):
+                    nn.init.ones_(ln.weight)
+                    nn.init.zeros_(ln.bias)
+                nn.init.xavier_uniform_(blk.attn.qkv.weight)  # fused [3W, W], as MHA's in_proj_weight
+                blk.attn.proj.reset_parameters()
+                for bias in (blk.attn.qkv.bias, blk.attn.proj.bias):
+                    nn.init.zeros_(bias)
+                blk.mlp.fc1.reset_parameters()
+                blk.mlp.fc2.reset_parameters()
+            return
         attn_std = self.width ** -0.5
         proj_std = attn_std * (2 * self.layers) ** -0.5
         fc_std = (2 * self.width) ** -0.5

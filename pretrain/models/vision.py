@@ -49,8 +49,9 @@ def spread_noise(noise: torch.Tensor, grid: int) -> torch.Tensor:
 class VisionTower(nn.Module):
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int,
                  embed_dim: int, mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0,
-                 attn_dropout: float = 0.0):
+                 attn_dropout: float = 0.0, block_init: str = "scaled"):
         super().__init__()
+        self.block_init = block_init
         if image_size % patch_size:
             raise ValueError(f"image_size ({image_size}) must be a multiple of patch_size ({patch_size})")
         self.patch_size, self.grid_size = patch_size, image_size // patch_size
@@ -67,7 +68,8 @@ class VisionTower(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """OpenAI CLIP: class/positional embeddings and projection ~ N(0, W^-1)."""
+        """OpenAI CLIP: class/positional embeddings and projection ~ N(0, W^-1); the blocks as
+        `model.vision.block_init` says (`Transformer.init_weights`)."""
         scale = self.width ** -0.5
         self.conv1.reset_parameters()
         nn.init.normal_(self.class_embedding, std=scale)
@@ -76,7 +78,7 @@ class VisionTower(nn.Module):
         for ln in (self.ln_pre, self.ln_post):
             nn.init.ones_(ln.weight)
             nn.init.zeros_(ln.bias)
-        self.transformer.init_weights()
+        self.transformer.init_weights(self.block_init)
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None, mask_ratio: float = 0.0,
                 return_features: bool = False):

@@ -382,6 +382,32 @@ def test_init_weights_is_deterministic_under_manual_seed():
     assert blk.attn.qkv.weight.std().item() == pytest.approx(32 ** -0.5, rel=0.2)
 
 
+def test_vision_block_init_pytorch_is_the_layers_defaults():
+    """`model.vision.block_init=pytorch`: what nn.MultiheadAttention / nn.Linear give (open_clip's ViT),
+    the text tower untouched; "scaled" is the text tower's init."""
+    W = 128  # wide enough for the empirical stds to sit near their targets
+    torch.manual_seed(0)
+    scaled = VisionTower(S, P, width=W, layers=2, heads=4, embed_dim=24)
+    torch.manual_seed(0)
+    plain = VisionTower(S, P, width=W, layers=2, heads=4, embed_dim=24, block_init="pytorch")
+    a, b = scaled.transformer.resblocks[0], plain.transformer.resblocks[0]
+    xavier = (2 / (W + 3 * W)) ** 0.5  # fused [3W, W] as MHA's in_proj_weight
+    kaiming = (1 / (3 * W)) ** 0.5  # nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert b.attn.qkv.weight.std().item() == pytest.approx(xavier, rel=0.1)
+    assert a.attn.qkv.weight.std().item() == pytest.approx(W ** -0.5, rel=0.1)
+    assert b.attn.proj.weight.std().item() == pytest.approx(kaiming, rel=0.1)
+    assert b.mlp.fc1.weight.std().item() == pytest.approx(kaiming, rel=0.1)
+    assert b.mlp.fc2.weight.std().item() == pytest.approx((1 / (3 * 4 * W)) ** 0.5, rel=0.1)
+    assert torch.equal(b.attn.qkv.bias, torch.zeros(3 * W)) and torch.equal(b.attn.proj.bias, torch.zeros(W))
+    assert b.mlp.fc1.bias.abs().max() > 0  # nn.Linear's uniform bias, as open_clip's c_fc
+    cfg = tiny_model_cfg()
+    cfg.vision.block_init = "pytorch"
+    torch.manual_seed(0)
+    m = PretrainModel(cfg, ObjectivesConfig(), vocab_size=60)
+    assert m.visual.block_init == "pytorch" and m.visual.transformer.resblocks[0].mlp.fc1.bias.abs().max() > 0
+    assert torch.equal(m.text.transformer.resblocks[0].mlp.fc1.bias, torch.zeros(128))
+
+
 def test_quick_gelu_option():
     x = torch.linspace(-3, 3, 7)
     act = transformer_mod.activation("quick_gelu")
