@@ -30,6 +30,7 @@ class TrainExample:
     mlm_rng: np.random.Generator
     noise_rng: np.random.Generator
     epoch: int = 0
+    negative: str = ""  # a caption that does not match (`neg.txt`), "" when the sample has none
 
 
 @dataclass
@@ -49,7 +50,8 @@ def collate_train(
     mean: tuple[float, ...],
     std: tuple[float, ...],
 ) -> dict[str, Any]:
-    """Model inputs for a training batch (the keys and dtypes are the contract with the model code)."""
+    """Model inputs for a training batch (the keys and dtypes are the contract with the model code).
+    `neg_text` [B, L] / `has_negative` [B] only when some sample carries a negative caption."""
     text = tokenizer.encode_batch([e.caption for e in examples], context_length)
     ids = text.numpy()
     vocab, specials = tokenizer.vocab_size, tokenizer.special_ids
@@ -63,7 +65,12 @@ def collate_train(
     noise = np.stack([ex.noise_rng.random(num_patches, dtype=np.float32) for ex in examples])
     # drawn after the patch noise, so patch_noise is what it was before this key existed
     itm_noise = np.stack([ex.noise_rng.random(2, dtype=np.float32) for ex in examples])
-    return {
+    extra: dict[str, Any] = {}
+    if any(ex.negative for ex in examples):  # data-supplied negative captions (`neg.txt`), where present
+        extra["neg_text"] = tokenizer.encode_batch([ex.negative or ex.caption for ex in examples],
+                                                   context_length)
+        extra["has_negative"] = torch.tensor([bool(ex.negative) for ex in examples])
+    return {**extra,
         "image": normalize_batch([ex.image for ex in examples], mean, std),
         "text": text,
         "mlm_input": torch.from_numpy(mlm_input),

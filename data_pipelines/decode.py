@@ -27,6 +27,9 @@ from .stats import (
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEY = "txt"
 LABEL_KEY = "cls"
+NEGATIVE_KEY = "neg.txt"
+"""Optional member: captions that do NOT describe the image, one per line (e.g. the true caption with its
+attributes swapped, as NegCLIP builds them); `objectives.itm.caption_negatives` trains on them."""
 
 
 def image_bytes(sample: dict[str, Any]) -> bytes | None:
@@ -54,6 +57,20 @@ def caption_of(sample: dict[str, Any], skips: SkipCounter) -> str | None:
         skips.skip(EMPTY_CAPTION, key)
         return None
     return text
+
+
+def negative_caption_of(sample: dict[str, Any], epoch: int) -> str:
+    """The sample's negative caption for this epoch (line `epoch` mod the number of lines of `neg.txt`, so
+    every line takes its turn and resume replays the same one); "" when there is none or it is unreadable:
+    the member is optional, so its absence is not a skip."""
+    raw = sample.get(NEGATIVE_KEY)
+    if raw is None:
+        return ""
+    try:
+        lines = [ln.strip() for ln in bytes(raw).decode("utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError:
+        return ""
+    return lines[epoch % len(lines)] if lines else ""
 
 
 def label_of(sample: dict[str, Any]) -> int:

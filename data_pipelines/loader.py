@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .collate import EvalExample, TrainExample, collate_eval, collate_train
 from .cursor import StreamCursor
-from .decode import decode_image, label_of, split_sample
+from .decode import decode_image, label_of, negative_caption_of, split_sample
 from .plan import PlanParams, StreamState, split_counts
 from .position import PositionTracker, shards_fingerprint, start_states, stream_index, streams_for
 from .seeding import sample_rngs
@@ -107,7 +107,8 @@ class _TrainStream(IterableDataset):
         img = decode_image(data, key, skips, view, max_pixels=self.max_pixels)
         if img is None:
             return None
-        return TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng, epoch)
+        return TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng, epoch,
+                            negative_caption_of(sample, epoch))
 
     def _stream(self, worker: int) -> Iterator[dict[str, Any]]:
         state = copy.deepcopy(self.starts[worker])
@@ -211,7 +212,8 @@ class _EvalStream(IterableDataset):
                 example: Any = EvalExample(key, img, caption, label_of(sample))
             else:
                 _, mlm_rng, noise_rng = sample_rngs(self.masking[0], 0, key)
-                example = TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng)
+                example = TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng,
+                                       negative=negative_caption_of(sample, 0))
             pending.append((example, (s, j)))
             if len(pending) == self.batch_size:
                 yield self._batch(pending, skips)

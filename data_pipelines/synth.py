@@ -136,6 +136,8 @@ def make_sample(index: int, image_size: int, seed: int) -> dict[str, Any]:
 # (`swapped_colours`, `swapped_objects`) for the probe (`pretrain/evaluation/binding.py`). The two objects
 # always differ in colour AND shape, so every swap describes another image. `.cls` is the left object's
 # colour x shape class (the single-object set's 32 class names), so zero-shot still runs on these shards.
+# `.neg.txt` holds the same two swaps as training negatives (`objectives.itm.caption_negatives`); the probe
+# scores held-out shards, so what it measures is whether binding learned on training images carries over.
 
 RELATIONS = ("left of", "right of")
 _PAIR_TEMPLATES = (
@@ -190,6 +192,7 @@ def make_pair_sample(index: int, image_size: int, seed: int) -> dict[str, Any]:
         "txt": caption.encode("utf-8"),
         "json": json.dumps(attrs, sort_keys=True).encode("utf-8"),
         "cls": str(cls).encode("ascii"),
+        "neg.txt": f"{swapped_colours}\n{swapped_objects}".encode(),  # objectives.itm.caption_negatives
     }
 
 

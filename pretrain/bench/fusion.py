@@ -21,7 +21,7 @@ from typing import Any
 
 from pretrain.bench.quality import train_ours
 
-SMALL = ["model.image_size=32", "model.vision.patch_size=8", "model.vision.width=64", "model.vision.layers=2",
+SMALL = ["model.vision.patch_size=8", "model.vision.width=64", "model.vision.layers=2",
          "model.vision.heads=4", "model.text.width=64", "model.text.layers=2", "model.text.heads=4",
          "model.text.context_length=16", "model.embed_dim=64", "data.vocab_size=256", "data.workers=1",
          "data.shuffle_buffer=500", "data.tokenizer_samples=4000", "objectives.mim.weight=0",
@@ -35,12 +35,12 @@ RECIPES: dict[str, list[str]] = {
 }
 
 
-def _data(out: Path, seed: int, train: int, val: int) -> dict[str, str]:
+def _data(out: Path, seed: int, train: int, val: int, size: int = 32) -> dict[str, str]:
     from data_pipelines.synth import write_synthetic_shards
 
     d = out / "data" / f"seed{seed}"
-    tr = write_synthetic_shards(d / "train", train, 1000, 32, seed=1000 + seed, compositional=True)
-    va = write_synthetic_shards(d / "val", val, 1000, 32, seed=2000 + seed, compositional=True)
+    tr = write_synthetic_shards(d / "train", train, 1000, size, seed=1000 + seed, compositional=True)
+    va = write_synthetic_shards(d / "val", val, 1000, size, seed=2000 + seed, compositional=True)
     return {"train": tr["urls"], "val": va["urls"], "classnames": va["classnames"]}
 
 
@@ -60,10 +60,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out).resolve()
     rows = []
     for seed in args.seeds:
-        data = _data(out, seed, args.train_samples, args.val_samples)
+        data = _data(out, seed, args.train_samples, args.val_samples, args.image_size)
         for name in args.recipes:
             run_dir = out / "runs" / f"seed{seed}" / name
-            overrides = [*SMALL, *RECIPES[name], f"data.train={data['train']}", f"run.dir={run_dir}",
+            overrides = [*SMALL, f"model.image_size={args.image_size}", *RECIPES[name],
+                         f"data.train={data['train']}", f"run.dir={run_dir}",
                          f"train.seed={seed}", f"train.steps={args.steps}",
                          f"train.micro_batch={args.batch_size}", *args.set]
             summary, wall = train_ours(overrides, run_dir)
@@ -138,5 +139,6 @@ def add_fusion_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--train-samples", type=int, default=8000)
     p.add_argument("--val-samples", type=int, default=500)
     p.add_argument("--rerank", type=int, default=8, help="K of --rerank")
+    p.add_argument("--image-size", type=int, default=32, help="pixels per side of the shards and the model")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for both recipes")
     p.set_defaults(func=cmd_fusion)

@@ -192,6 +192,12 @@ class ITMConfig:
     of red square" for "red circle left of blue square"; drawn per sample, layout-independent), labelled
     no match: a negative with the same words, which only binding words to the image can reject. Costs one
     more causal text pass over the batch and B more fusion pairs (4 B instead of 3 B)."""
+    caption_negatives: bool = False
+    """Also score each image against a negative caption its sample carries (`.neg.txt`: captions that do
+    not describe the image, one per line, e.g. its caption with attributes swapped between objects, as
+    NegCLIP builds them; `pretrain data synth --compositional` writes both swaps), labelled no match.
+    Samples without one get a batch negative instead. Unlike `swap_negatives`, these are grammatical,
+    so the text alone cannot give them away. Costs one more causal text pass and B more fusion pairs."""
 
 
 @dataclass

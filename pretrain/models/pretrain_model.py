@@ -248,7 +248,14 @@ class PretrainModel(nn.Module):
             texts.append(self.text(swapped, causal=True, return_tokens=True))  # its own causal pass
             text_ids.append(swapped)
             images.append(image_tokens)
-        logits = self.match_logits(torch.cat(texts), torch.cat(text_ids), torch.cat(images))  # [3B or 4B, 2]
+        if self.obj_cfg.itm.caption_negatives:  # + (image, a caption its sample says does not match)
+            given = batch.get("neg_text")  # [B, L]; absent when no sample of the batch has one
+            neg_ids = ids_all[neg_txt] if given is None else torch.where(
+                batch["has_negative"].to(ids.device)[:, None], given.to(ids.device), ids_all[neg_txt])
+            texts.append(self.text(neg_ids, causal=True, return_tokens=True))  # its own causal pass
+            text_ids.append(neg_ids)
+            images.append(image_tokens)
+        logits = self.match_logits(torch.cat(texts), torch.cat(text_ids), torch.cat(images))  # [3B to 5B, 2]
         B = ids.shape[0]
         labels = torch.cat([torch.ones(B), torch.zeros(logits.shape[0] - B)]).long().to(logits.device)
         return itm_loss(logits, labels)

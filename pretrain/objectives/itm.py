@@ -118,5 +118,6 @@ def swap_words(ids: torch.Tensor, eos: torch.Tensor, uniform: torch.Tensor | Non
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits [N, 2], labels [N] (1 = match) -> fp32 mean cross-entropy. Every rank holds the same number
-    of pairs (3 B, or 4 B with word-swap negatives), so the mean over dp ranks is the full-batch loss."""
+    of pairs (3 B, plus B for word-swap and B for caption negatives), so the mean over dp ranks is the
+    full-batch loss."""
     return F.cross_entropy(logits.float(), labels)

@@ -238,6 +238,26 @@ def test_swap_negatives_add_a_scored_pair_per_caption():
     assert grads["itm_head.fc.weight"].abs().sum() > 0
 
 
+def test_caption_negatives_score_the_given_caption_or_a_batch_negative():
+    obj = objectives(itm=1.0, mim=0.0, mlm=0.0)
+    obj.itm.caption_negatives = True
+    model = build(model_cfg(1), obj)
+    seen = []
+    model.match_logits = (lambda f: lambda t, i, im: seen.append(i) or f(t, i, im))(model.match_logits)
+    b = batch()
+    neg = batch(seed=1)["text"]
+    has = torch.tensor([True, False, True, True, False, True])
+    out, grads = run(model, {**b, "neg_text": neg, "has_negative": has})
+    ids4 = seen[-1]
+    assert ids4.shape[0] == 4 * B and torch.equal(ids4[:B], b["text"])
+    given = ids4[3 * B:]
+    assert torch.equal(given[has], neg[has])  # the data's negative where there is one
+    assert torch.equal(given[~has], ids4[B:2 * B][~has])  # else the mined batch negative
+    assert torch.isfinite(out["loss_itm"]) and grads["itm_head.fc.weight"].abs().sum() > 0
+    run(model, b)  # a batch where no sample has one: batch negatives in all B extra pairs
+    assert seen[-1].shape[0] == 4 * B and torch.equal(seen[-1][3 * B:], seen[-1][B:2 * B])
+
+
 def test_activation_checkpointing_of_fusion_blocks_keeps_gradients():
     ref = build(model_cfg(2), objectives(itm=1.0, conditioned=True))
     out_ref, g_ref = run(ref, batch())

@@ -99,6 +99,31 @@ def test_pair_captions_bind_attributes_by_order_and_swaps_differ():
         assert s == make_pair_sample(index, 32, seed=0)  # a pure function of its arguments
 
 
+def test_negative_captions_reach_the_batch_one_line_per_epoch(tmp_path):
+    """`.neg.txt` (the synthetic writer puts both swaps there) becomes `neg_text` / `has_negative`; the line
+    used rotates with the epoch; samples without one fall back to their own caption, flagged False."""
+    from datautil import tiny_cfg, train_loader
+
+    from data_pipelines.decode import negative_caption_of
+    from data_pipelines.tokenizer import train_tokenizer
+
+    summary = write_synthetic_shards(tmp_path, samples=8, samples_per_shard=4, image_size=16, seed=3,
+                                     compositional=True)
+    meta = read_metadata(summary["urls"])
+    captions = [make_pair_sample(i, 16, seed=3)["txt"].decode() for i in range(8)]
+    tok = train_tokenizer(captions, vocab_size=120)
+    cfg = tiny_cfg(summary["urls"], batch=4)
+    cfg.model.image_size = 16
+    batch = next(iter(train_loader(cfg, tok, rank=0, world=1)))
+    assert batch["has_negative"].all()
+    for key, row in zip(batch["_keys"], batch["neg_text"]):
+        swap = meta[key]["swapped_colours"] if batch["_epochs"][0] % 2 == 0 else meta[key]["swapped_objects"]
+        assert torch.equal(row, tok.encode_batch([swap], cfg.model.text.context_length)[0])
+    sample = {"neg.txt": b"first\n\nsecond\n"}
+    assert [negative_caption_of(sample, e) for e in range(3)] == ["first", "second", "first"]
+    assert negative_caption_of({}, 0) == "" and negative_caption_of({"neg.txt": b"\xff"}, 0) == ""
+
+
 def test_compositional_shards_carry_the_probe_metadata(tmp_path):
     summary = write_synthetic_shards(tmp_path, samples=6, samples_per_shard=4, image_size=16, seed=2,
                                      compositional=True)
