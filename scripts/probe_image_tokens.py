@@ -1,0 +1,71 @@
+"""Do the image tokens the fusion encoder reads say which colour sits where? (issue #20's diagnosis)
+
+    python scripts/probe_image_tokens.py RUN_DIR [--train 3000] [--test 600]
+
+Linear probes (scikit-learn logistic regression) on the contrastive pass's output tokens (`ln_post`, what
+`PretrainModel.image_tokens` hands the fusion encoder) of a trained checkpoint, over two-object compositional
+samples drawn fresh (train seed 1000, held-out seed 2000): the left and the right object's colour, from the
+CLS token alone and from all patch tokens (flattened, so the probe knows each token's place). If the patch
+tokens decode both colours, a fusion encoder that fails the binding probe is failing to use what its input
+holds, not missing it. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_pipelines.synth import COLOURS, make_pair_sample
+from data_pipelines.transforms import normalize_batch
+
+
+def _features(model: Any, cfg: Any, n: int, seed: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(CLS [n, W], patch tokens flattened [n, N*W], left colour [n], right colour [n]) of n fresh samples."""
+    colours = list(COLOURS)
+    images, left, right = [], [], []
+    for i in range(n):
+        s = make_pair_sample(i, cfg.model.image_size, seed)
+        images.append(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")))
+        objects = json.loads(s["json"])["objects"]
+        left.append(colours.index(objects[0]["colour"]))
+        right.append(colours.index(objects[1]["colour"]))
+    x = normalize_batch(images, tuple(cfg.data.mean), tuple(cfg.data.std))
+    with torch.no_grad():
+        tokens = model.image_tokens(x).float()  # [n, 1 + N, W]
+    return tokens[:, 0].numpy(), tokens[:, 1:].flatten(1).numpy(), np.array(left), np.array(right)
+
+
+def probe(model: Any, cfg: Any, n_train: int = 3000, n_test: int = 600) -> dict[str, float]:
+    """Held-out accuracy of each probe, plus chance (one over the number of colours)."""
+    from sklearn.linear_model import LogisticRegression
+
+    train, test = _features(model, cfg, n_train, 1000), _features(model, cfg, n_test, 2000)
+    out = {"chance": 1 / len(COLOURS)}
+    for name, k in (("cls", 0), ("patches", 1)):
+        for side, j in (("left", 2), ("right", 3)):
+            clf = LogisticRegression(max_iter=2000).fit(train[k], train[j])
+            out[f"{name}_{side}_colour"] = round(float(clf.score(test[k], test[j])), 4)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", help="a run directory or any checkpoint `pretrain eval` reads")
+    p.add_argument("--train", type=int, default=3000)
+    p.add_argument("--test", type=int, default=600)
+    args = p.parse_args()
+    from pretrain.evaluation.evaluate import load_model
+
+    model, _, cfg = load_model(args.run_dir)
+    print(json.dumps(probe(model, cfg, args.train, args.test)))
+
+
+if __name__ == "__main__":
+    main()

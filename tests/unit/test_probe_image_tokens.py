@@ -1,0 +1,29 @@
+"""scripts/probe_image_tokens.py (#20's diagnosis): the probes run on a model and decode colours where the
+tokens hold them. Even a random-init tower's patch tokens are a linear map of their pixels, so the spatial
+probe must beat chance by far; a probe that reads the wrong labels or the wrong tokens would not."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from tiny import ROOT
+
+from pretrain.config import embedded_config_path, load_config
+from pretrain.models.pretrain_model import PretrainModel
+
+
+def test_patch_token_probe_decodes_colours_of_a_random_tower(one_thread):
+    path = ROOT / "scripts" / "probe_image_tokens.py"
+    spec = importlib.util.spec_from_file_location("probe_image_tokens", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = load_config(embedded_config_path(), ["model.image_size=16", "model.vision.width=32",
+                                               "model.vision.layers=1", "model.text.width=32",
+                                               "model.text.layers=1", "model.embed_dim=16"])
+    torch.manual_seed(0)
+    model = PretrainModel(cfg.model, cfg.objectives, vocab_size=64).eval()
+    out = mod.probe(model, cfg, n_train=300, n_test=100)
+    assert set(out) == {"chance", "cls_left_colour", "cls_right_colour", "patches_left_colour",
+                        "patches_right_colour"}
+    assert out["patches_left_colour"] > 3 * out["chance"] and out["patches_right_colour"] > 3 * out["chance"]
