@@ -47,11 +47,13 @@ def tiny_cfg(fusion: bool = False) -> ModelConfig:
 
 
 def objectives(fusion: bool = False) -> ObjectivesConfig:
-    """The fusion run: ITM with hard negatives and the image-conditioned MLM on, FLIP's shared masked
-    pass (the fusion encoder attends to the visible patches)."""
+    """The fusion run: ITM with hard negatives, word-swap and data-supplied caption negatives (4 pair kinds
+    beyond the positives' B) and the image-conditioned MLM on, FLIP's shared masked pass (the fusion encoder
+    attends to the visible patches)."""
     o = ObjectivesConfig()
     if fusion:
         o.itm.weight, o.mlm.conditioned, o.mim.shared_pass = 1.0, True, True
+        o.itm.swap_negatives = o.itm.caption_negatives = True
     return o
 
 
@@ -67,9 +69,11 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     for i in range(B):
         n = 3 if i < B // 2 else 1
         mlm_input[i, 1:1 + n], labels[i, 1:1 + n] = MASK, ids[i, 1:1 + n]
+    neg = ids.flip(0)  # another row's caption as the sample's negative; rows 2 and 5 have none
+    has = torch.tensor([i not in (2, 5) for i in range(B)])
     return {"image": torch.randn(B, 3, S, S, generator=gen), "text": ids, "mlm_input": mlm_input,
             "mlm_labels": labels, "patch_noise": torch.rand(B, N, generator=gen),
-            "itm_noise": torch.rand(B, 2, generator=gen)}
+            "itm_noise": torch.rand(B, 2, generator=gen), "neg_text": neg, "has_negative": has}
 
 
 def build(seed: int = 0, fusion: bool = False) -> PretrainModel:
