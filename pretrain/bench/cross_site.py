@@ -225,9 +225,17 @@ def _quality(run_dir: Path, data: dict[str, Any]) -> dict[str, Any]:
     return {k: r[k] for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")}
 
 
+OWNED = {"train.micro_batch": "--micro-batch", "train.steps": "--steps", "cross_site.sites": "--sites",
+         "cross_site.every": "--every", "cross_site.compress": "--compress",
+         "cross_site.timeout_s": "--timeout-s", "data.train": None, "data.tokenizer": None, "run.dir": None}
+"""Keys the bench sets itself: a `--set` of one would be overridden silently or break the report's counts."""
+
+
 def check_args(args: argparse.Namespace, shards: int) -> None:
     """Refuse, naming the flag, what would fail only after minutes of training or give a wrong number."""
     n1, n2 = args.dp_steps
+    owned = [(kv.split("=", 1)[0], OWNED[kv.split("=", 1)[0]]) for kv in getattr(args, "set", None) or []
+             if kv.split("=", 1)[0] in OWNED]
     problems = [msg for bad, msg in [
         (args.sites < 2, f"--sites {args.sites}: training across sites needs at least 2"),
         (args.sites > shards, f"--sites {args.sites}: the demo data has only {shards} shards"),
@@ -237,7 +245,7 @@ def check_args(args: argparse.Namespace, shards: int) -> None:
         (args.micro_batch < 1, f"--micro-batch {args.micro_batch} must be >= 1"),
         ("dp" in args.jobs and not 1 <= n1 < n2,
          f"--dp-steps {n1} {n2}: need 1 <= N1 < N2 (the per-step bytes are their difference / (N2 - N1))"),
-    ] if bad]
+    ] if bad] + [f"--set {key}: " + (f"use {flag}" if flag else "the bench sets it") for key, flag in owned]
     if problems:
         raise ValueError("bench cross-site: " + "; ".join(problems))
 
