@@ -56,7 +56,17 @@ def _score(run_dir: Path, data: dict[str, str], rerank: int) -> dict[str, Any]:
     return out
 
 
+OWNED = {"model.image_size": "--image-size", "train.steps": "--steps", "train.micro_batch": "--batch-size",
+         "train.seed": "--seeds", "data.train": None, "run.dir": None}
+"""Keys the bench sets per run: a `--set` of one would win over the flag and desynchronise the report (e.g.
+a model size other than the shards')."""
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    owned = [kv.split("=", 1)[0] for kv in args.set if kv.split("=", 1)[0] in OWNED]
+    if owned:  # before any data is written
+        raise ValueError("bench fusion: " + "; ".join(
+            f"--set {k}: " + (f"use {OWNED[k]}" if OWNED[k] else "the bench sets it") for k in owned))
     out = Path(args.out).resolve()
     rows = []
     for seed in args.seeds:

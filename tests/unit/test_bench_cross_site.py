@@ -60,3 +60,14 @@ def test_bad_arguments_are_refused_naming_the_flag_before_anything_runs(tmp_path
     with pytest.raises(ValueError, match=flag):
         bench.run(argparse.Namespace(**{**vars(base), **change}))
     assert not (tmp_path / "out").exists()  # refused before any data was written
+
+
+def test_bench_fusion_refuses_a_set_of_its_own_keys_before_writing(tmp_path):
+    from pretrain.bench import fusion
+
+    args = argparse.Namespace(out=str(tmp_path / "out"), seeds=[0], recipes=["fusion"], steps=3, batch_size=8,
+                              train_samples=8, val_samples=8, rerank=2, image_size=32,
+                              set=["objectives.itm.weight=1", "model.image_size=64"])
+    with pytest.raises(ValueError, match="--set model.image_size: use --image-size"):
+        fusion.run(args)
+    assert not (tmp_path / "out").exists()
