@@ -16,6 +16,8 @@ def test_default_window_sits_below_the_ephemeral_range(monkeypatch: pytest.Monke
     monkeypatch.delenv("MMPT_PORT_RANGE", raising=False)
     lo, hi = ports.port_range()
     ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    if ephemeral_low <= ports.DEFAULT_RANGE[0] + 50:
+        pytest.skip(f"this kernel's ephemeral range starts at {ephemeral_low}: no window below it")
     assert 1024 <= lo < hi <= ephemeral_low
     assert not lo <= 29500 < hi  # torch's and our Slurm script's default port stays clear
     chosen = [ports.free_port() for _ in range(50)]
