@@ -14,11 +14,13 @@ from PIL import Image
 
 from .stats import (
     BAD_IMAGE,
+    BAD_NEGATIVE,
     BAD_TEXT,
     EMPTY_CAPTION,
     IMAGE_TOO_LARGE,
     MISSING_CAPTION,
     MISSING_IMAGE,
+    MISSING_NEGATIVE,
     TOO_LARGE,
     TOO_LARGE_KEY,
     SkipCounter,
@@ -59,18 +61,32 @@ def caption_of(sample: dict[str, Any], skips: SkipCounter) -> str | None:
     return text
 
 
-def negative_caption_of(sample: dict[str, Any], epoch: int) -> str:
+def negative_caption_of(sample: dict[str, Any], epoch: int, skips: SkipCounter | None = None,
+                        wanted: bool = False) -> str:
     """The sample's negative caption for this epoch (line `epoch` mod the number of lines of `neg.txt`, so
-    every line takes its turn and resume replays the same one); "" when there is none or it is unreadable:
-    the member is optional, so its absence is not a skip."""
+    every line takes its turn and resume replays the same one); "" when there is none or it is unreadable.
+
+    The member is optional, so neither case skips the sample, but both are counted in `skips` (the run's
+    data report and `skip_<reason>` metrics): `bad_negative` when `neg.txt` is not UTF-8 or holds no caption,
+    `missing_negative` when there is none and the run `wanted` one (`objectives.itm.caption_negatives`: the
+    model then falls back to a batch negative, which a user who wrote `neg.txt` files would not expect)."""
+    key = sample.get("__key__", "?")
     raw = sample.get(NEGATIVE_KEY)
     if raw is None:
+        if wanted and skips is not None:
+            skips.skip(MISSING_NEGATIVE, f"{key}: no .{NEGATIVE_KEY} member")
         return ""
     try:
         lines = [ln.strip() for ln in bytes(raw).decode("utf-8").splitlines() if ln.strip()]
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
+        if skips is not None:
+            skips.skip(BAD_NEGATIVE, f"{key}: .{NEGATIVE_KEY}: {exc}")
         return ""
-    return lines[epoch % len(lines)] if lines else ""
+    if not lines:
+        if skips is not None:
+            skips.skip(BAD_NEGATIVE, f"{key}: .{NEGATIVE_KEY} holds no caption")
+        return ""
+    return lines[epoch % len(lines)]
 
 
 def label_of(sample: dict[str, Any]) -> int:

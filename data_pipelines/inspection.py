@@ -13,7 +13,7 @@ import multiprocessing
 import sys
 from typing import Any
 
-from .decode import decode_image, split_sample
+from .decode import decode_image, negative_caption_of, split_sample
 from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .shardstream import shard_samples
 from .stats import SkipCounter
@@ -59,6 +59,7 @@ def inspect_shard(url: str, decode: bool = True, max_image_pixels: int = 8947848
             continue
         if decode and decode_image(parts[0], sample["__key__"], skips, _check_view, max_image_pixels) is None:
             continue
+        negative_caption_of(sample, 0, skips)  # an unreadable optional neg.txt: counted, the sample kept
         good += 1
     return {"url": url, "samples": len(keys), "good": good, "extensions": dict(extensions),
             "bad": skips.as_dict(), "examples": skips.examples, "keys": keys}

@@ -88,6 +88,7 @@ class _TrainStream(IterableDataset):
         self.context_length = spec.context_length
         self.mask_prob = spec.mlm_prob
         self.num_patches = spec.num_patches
+        self.caption_negatives = spec.caption_negatives
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         actual, count = _worker()
@@ -108,7 +109,7 @@ class _TrainStream(IterableDataset):
         if img is None:
             return None
         return TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng, epoch,
-                            negative_caption_of(sample, epoch))
+                            negative_caption_of(sample, epoch, skips, self.caption_negatives))
 
     def _stream(self, worker: int) -> Iterator[dict[str, Any]]:
         state = copy.deepcopy(self.starts[worker])
@@ -213,7 +214,7 @@ class _EvalStream(IterableDataset):
             else:
                 _, mlm_rng, noise_rng = sample_rngs(self.masking[0], 0, key)
                 example = TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng,
-                                       negative=negative_caption_of(sample, 0))
+                                       negative=negative_caption_of(sample, 0, skips))
             pending.append((example, (s, j)))
             if len(pending) == self.batch_size:
                 yield self._batch(pending, skips)

@@ -82,6 +82,9 @@ class StreamSpec:
     """`model.text.context_length`: token ids per caption."""
     mlm_prob: float = 0.15
     """`objectives.mlm.mask_prob`: fraction of caption tokens masked for MLM."""
+    caption_negatives: bool = False
+    """`objectives.itm.caption_negatives` with the match loss on: a sample without `neg.txt` is counted as
+    `missing_negative` (it still trains, with a batch negative in its place)."""
 
     @property
     def num_patches(self) -> int:

@@ -22,6 +22,8 @@ TOO_LARGE = "too_large"  # more bytes than data.max_sample_bytes (tar members of
 FETCH_FAILED = "fetch_failed"  # importers only: an image URL could not be downloaded
 BAD_SHARD = "bad_shard"
 DUPLICATE_MEMBER = "duplicate_member"
+BAD_NEGATIVE = "bad_negative"  # a `neg.txt` member that is not UTF-8 or holds no caption: the sample is kept
+MISSING_NEGATIVE = "missing_negative"  # no `neg.txt` while objectives.itm.caption_negatives wants one: kept
 
 TOO_LARGE_KEY = "__too_large__"
 """Set (to why) in a raw sample whose tar members exceed data.max_sample_bytes (see `shardstream`)."""
@@ -29,6 +31,8 @@ TOO_LARGE_KEY = "__too_large__"
 SAMPLE_REASONS: tuple[str, ...] = (MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_IMAGE, BAD_TEXT,
                                    IMAGE_TOO_LARGE, TOO_LARGE)
 """Reasons that each lose one sample (bad_shard loses the rest of a shard, duplicate_member nothing)."""
+KEPT_REASONS: tuple[str, ...] = (DUPLICATE_MEMBER, BAD_NEGATIVE, MISSING_NEGATIVE)
+"""Problems counted (and logged) on a sample that is still trained on: only an optional part was lost."""
 
 
 class SkipCounter:
@@ -52,7 +56,8 @@ class SkipCounter:
         prefix = f"[{self.where}] " if self.where else ""
         if self._warned < self.first_warnings:
             self._warned += 1
-            logger.warning("%sskipped (%s)%s", prefix, reason, f": {detail}" if detail else "")
+            what = "counted, sample kept" if reason in KEPT_REASONS else "skipped"
+            logger.warning("%s%s (%s)%s", prefix, what, reason, f": {detail}" if detail else "")
             if self._warned == self.first_warnings:
                 logger.warning("%sfurther skips are summarised at most every %.0f s", prefix,
                                self.min_interval_s)

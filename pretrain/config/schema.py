@@ -196,7 +196,8 @@ class ITMConfig:
     """Also score each image against a negative caption its sample carries (`.neg.txt`: captions that do
     not describe the image, one per line, e.g. its caption with attributes swapped between objects, as
     NegCLIP builds them; `pretrain data synth --compositional` writes both swaps), labelled no match.
-    Samples without one get a batch negative instead. Unlike `swap_negatives`, these are grammatical,
+    Samples without one get a batch negative instead (counted as `missing_negative` in the data report
+    and metrics; an unreadable `neg.txt` as `bad_negative`). Unlike `swap_negatives`, these are grammatical,
     so the text alone cannot give them away. Costs one more causal text pass and B more fusion pairs."""
 
 

@@ -13,7 +13,9 @@ def stream_spec(cfg: Config) -> StreamSpec:
     m = cfg.model
     return StreamSpec(seed=cfg.train.seed, micro_batch=cfg.train.micro_batch, image_size=m.image_size,
                       patch_size=m.vision.patch_size, context_length=m.text.context_length,
-                      mlm_prob=cfg.objectives.mlm.mask_prob)
+                      mlm_prob=cfg.objectives.mlm.mask_prob,
+                      caption_negatives=(cfg.objectives.itm.caption_negatives and cfg.model.fusion.layers > 0
+                                         and cfg.objectives.itm.weight > 0))
 
 
 def engine_spec(cfg: Config) -> EngineSpec:

@@ -124,6 +124,42 @@ def test_negative_captions_reach_the_batch_one_line_per_epoch(tmp_path):
     assert negative_caption_of({}, 0) == "" and negative_caption_of({"neg.txt": b"\xff"}, 0) == ""
 
 
+def test_unreadable_or_missing_negative_captions_are_counted_and_the_sample_kept(tmp_path):
+    """A `neg.txt` that is not UTF-8 or holds no caption is counted as `bad_negative`; a sample without one
+    is counted as `missing_negative` only when the run trains on them (`objectives.itm.caption_negatives`
+    with the match loss on); either way the sample still reaches the batch, and the counts reach the
+    batch's `_skips` (the run's metrics and summary) and `pretrain data inspect`."""
+    from datautil import good_members, tiny_cfg, tiny_tokenizer, train_loader, write_tar
+
+    from data_pipelines.decode import negative_caption_of
+    from data_pipelines.inspection import inspect_shards
+    from data_pipelines.stats import SkipCounter
+
+    skips = SkipCounter()
+    assert negative_caption_of({"__key__": "k", "neg.txt": b"\xff\xfe"}, 0, skips) == ""
+    assert negative_caption_of({"__key__": "k", "neg.txt": b" \n\n"}, 0, skips) == ""
+    assert negative_caption_of({"__key__": "k"}, 0, skips) == ""  # not wanted: not counted
+    assert negative_caption_of({"__key__": "k"}, 0, skips, wanted=True) == ""
+    assert skips.as_dict() == {"bad_negative": 2, "missing_negative": 1}
+
+    members = good_members("s", 6)
+    members.insert(2, ("s000.neg.txt", b"a blue square"))
+    members.insert(5, ("s001.neg.txt", b"\xff not utf-8"))
+    write_tar(tmp_path / "a.tar", members)
+    cfg = tiny_cfg(str(tmp_path / "a.tar"), batch=6)
+    cfg.model.fusion.layers = 1
+    cfg.objectives.itm.weight = 1.0
+    cfg.objectives.itm.caption_negatives = True
+    batch = next(iter(train_loader(cfg, tiny_tokenizer(), rank=0, world=1)))
+    assert len(batch["_keys"]) == 6 and int(batch["has_negative"].sum()) == 1
+    assert batch["_skips"] == {"bad_negative": 1, "missing_negative": 4}
+    cfg.objectives.itm.caption_negatives = False  # off: a missing neg.txt is nothing to report
+    batch = next(iter(train_loader(cfg, tiny_tokenizer(), rank=0, world=1)))
+    assert batch["_skips"] == {"bad_negative": 1}
+    report = inspect_shards(str(tmp_path / "a.tar"))
+    assert report["good"] == 6 and report["bad"] == {"bad_negative": 1}
+
+
 def test_compositional_shards_carry_the_probe_metadata(tmp_path):
     summary = write_synthetic_shards(tmp_path, samples=6, samples_per_shard=4, image_size=16, seed=2,
                                      compositional=True)
