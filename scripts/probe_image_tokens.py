@@ -1,13 +1,14 @@
-"""Do the image tokens the fusion encoder reads say which colour sits where? (issue #20's diagnosis)
+"""Do the image tokens the fusion encoder reads say which colour and which shape sit where? (#20's diagnosis)
 
     python scripts/probe_image_tokens.py RUN_DIR [--train 3000] [--test 600]
 
 Linear probes (scikit-learn logistic regression) on the contrastive pass's output tokens (`ln_post`, what
 `PretrainModel.image_tokens` hands the fusion encoder) of a trained checkpoint, over two-object compositional
-samples drawn fresh (train seed 1000, held-out seed 2000): the left and the right object's colour, from the
-CLS token alone and from all patch tokens (flattened, so the probe knows each token's place). If the patch
-tokens decode both colours, a fusion encoder that fails the binding probe is failing to use what its input
-holds, not missing it. Prints one JSON object.
+samples drawn fresh (train seed 1000, held-out seed 2000): the left and the right object's colour and shape,
+from the CLS token alone and from all patch tokens (flattened, so the probe knows each token's place). The
+colour swap needs colour bound to shape, the object swap colour and shape bound to a side: if the patch tokens
+decode all four, a fusion encoder that fails the binding probe is failing to use what its input holds, not
+missing it. Prints one JSON object (chance: one over the colours, one over the shapes).
 """
 
 from __future__ import annotations
@@ -21,37 +22,39 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipelines.synth import COLOURS, make_pair_sample
+from data_pipelines.synth import COLOURS, SHAPES, make_pair_sample
 from data_pipelines.transforms import normalize_batch
 
 
 def _features(model: Any, cfg: Any, n: int, seed: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(CLS [n, W], patch tokens flattened [n, N*W], left colour [n], right colour [n]) of n fresh samples."""
-    colours = list(COLOURS)
-    images, left, right = [], [], []
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(CLS [n, W], patch tokens flattened [n, N*W], labels: left/right colour and shape, each [n]) of n fresh
+    samples."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    images, labels = [], {k: [] for k in ("left_colour", "right_colour", "left_shape", "right_shape")}
     for i in range(n):
         s = make_pair_sample(i, cfg.model.image_size, seed)
         images.append(np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")))
         objects = json.loads(s["json"])["objects"]
-        left.append(colours.index(objects[0]["colour"]))
-        right.append(colours.index(objects[1]["colour"]))
+        for side, obj in zip(("left", "right"), objects):
+            labels[f"{side}_colour"].append(colours.index(obj["colour"]))
+            labels[f"{side}_shape"].append(shapes.index(obj["shape"]))
     x = normalize_batch(images, tuple(cfg.data.mean), tuple(cfg.data.std))
     with torch.no_grad():
         tokens = model.image_tokens(x).float()  # [n, 1 + N, W]
-    return tokens[:, 0].numpy(), tokens[:, 1:].flatten(1).numpy(), np.array(left), np.array(right)
+    return tokens[:, 0].numpy(), tokens[:, 1:].flatten(1).numpy(), {k: np.array(v) for k, v in labels.items()}
 
 
 def probe(model: Any, cfg: Any, n_train: int = 3000, n_test: int = 600) -> dict[str, float]:
-    """Held-out accuracy of each probe, plus chance (one over the number of colours)."""
+    """Held-out accuracy of each probe, plus chance (one over the number of colours, of shapes)."""
     from sklearn.linear_model import LogisticRegression
 
     train, test = _features(model, cfg, n_train, 1000), _features(model, cfg, n_test, 2000)
-    out = {"chance": 1 / len(COLOURS)}
+    out = {"chance": 1 / len(COLOURS), "chance_shape": 1 / len(SHAPES)}
     for name, k in (("cls", 0), ("patches", 1)):
-        for side, j in (("left", 2), ("right", 3)):
-            clf = LogisticRegression(max_iter=2000).fit(train[k], train[j])
-            out[f"{name}_{side}_colour"] = round(float(clf.score(test[k], test[j])), 4)
+        for label in train[2]:
+            clf = LogisticRegression(max_iter=2000).fit(train[k], train[2][label])
+            out[f"{name}_{label}"] = round(float(clf.score(test[k], test[2][label])), 4)
     return out
 
 

@@ -24,6 +24,7 @@ def test_patch_token_probe_decodes_colours_of_a_random_tower(one_thread):
     torch.manual_seed(0)
     model = PretrainModel(cfg.model, cfg.objectives, vocab_size=64).eval()
     out = mod.probe(model, cfg, n_train=300, n_test=100)
-    assert set(out) == {"chance", "cls_left_colour", "cls_right_colour", "patches_left_colour",
-                        "patches_right_colour"}
+    probes = {f"{tok}_{side}_{what}" for tok in ("cls", "patches") for side in ("left", "right")
+              for what in ("colour", "shape")}
+    assert set(out) == {"chance", "chance_shape"} | probes
     assert out["patches_left_colour"] > 3 * out["chance"] and out["patches_right_colour"] > 3 * out["chance"]
