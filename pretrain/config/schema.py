@@ -70,6 +70,11 @@ class FusionConfig:
     """Width of the fusion blocks (0: the text tower's width)."""
     heads: int = 4
     """Attention heads of the fusion blocks (self and cross); must divide the fusion width."""
+    text_positions: bool = False
+    """Add a learned position embedding (one row per `model.text.context_length` position) to the fusion
+    encoder's text input. Its self-attention is bidirectional and has no positions of its own, so without
+    them word order reaches it only through the causal text pass's states; binding words to image regions
+    ("red ... left of ... blue") needs the order. Off: no extra parameter, same model as before."""
 
 
 @dataclass

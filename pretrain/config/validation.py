@@ -49,6 +49,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(f.layers == 0 or (f.heads > 0 and fw % f.heads == 0),
           f"model.fusion.heads ({f.heads}) must divide the fusion width ({fw})")
     check(o.itm.weight == 0 or f.layers > 0, "objectives.itm.weight > 0 needs model.fusion.layers > 0")
+    check(not f.text_positions or f.layers > 0,
+          "model.fusion.text_positions=true needs model.fusion.layers > 0")
     check(o.itm.weight == 0 or o.contrastive.weight > 0,
           "objectives.itm.weight > 0 needs objectives.contrastive.weight > 0 (hard negatives are mined from "
           "the contrastive similarities)")

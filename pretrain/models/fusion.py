@@ -84,10 +84,13 @@ class FusionEncoder(nn.Module):
     they are equal, so the parameter set does not depend on the widths)."""
 
     def __init__(self, text_width: int, image_width: int, width: int, layers: int, heads: int,
-                 mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0, attn_dropout: float = 0.0):
+                 mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0, attn_dropout: float = 0.0,
+                 context_length: int = 0):
         super().__init__()
         self.width, self.layers, self.heads = width, layers, heads
         self.text_in = nn.Linear(text_width, width)
+        # `model.fusion.text_positions`: [context_length, W], replicated under TP; None: no parameter
+        self.text_pos = nn.Parameter(torch.zeros(context_length, width)) if context_length > 0 else None
         self.resblocks = nn.ModuleList(FusionBlock(width, heads, image_width, mlp_ratio, act, dropout,
                                                    attn_dropout) for _ in range(layers))
         self.ln_final = layer_norm(width)
@@ -97,6 +100,8 @@ class FusionEncoder(nn.Module):
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """key_padding_mask [B, T] bool, True = padding (never attended to by the self-attention)."""
         x = self.text_in(text_tokens)  # [B, T, W]
+        if self.text_pos is not None:
+            x = x + self.text_pos[: x.shape[1]].to(x.dtype)  # + [T, W]
         for blk in self.resblocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, image_tokens, key_padding_mask, use_reentrant=False,
@@ -115,6 +120,8 @@ class FusionEncoder(nn.Module):
         fc_std = (2 * self.width) ** -0.5
         nn.init.normal_(self.text_in.weight, std=self.text_in.in_features ** -0.5)
         nn.init.zeros_(self.text_in.bias)
+        if self.text_pos is not None:
+            nn.init.normal_(self.text_pos, std=0.01)  # the text tower's positional init
         for ln in self.layer_norms():
             nn.init.ones_(ln.weight)
             nn.init.zeros_(ln.bias)

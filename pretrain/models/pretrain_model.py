@@ -71,7 +71,8 @@ class PretrainModel(nn.Module):
         # built without consuming the global RNG (init_weights draws it last), so every other parameter
         # gets the same initial values with the fusion encoder as without it
         with torch.random.fork_rng(devices=[]):
-            self.fusion = (FusionEncoder(t.width, v.width, self.fusion_width, f.layers, f.heads, **common)
+            self.fusion = (FusionEncoder(t.width, v.width, self.fusion_width, f.layers, f.heads, **common,
+                                         context_length=t.context_length if f.text_positions else 0)
                            if f.layers > 0 else None)
             self.itm_head = (ITMHead(self.fusion_width) if self.fusion is not None and o.itm.weight > 0
                              else None)

@@ -43,7 +43,8 @@ def tiny_cfg(fusion: bool = False) -> ModelConfig:
                        vision=VisionConfig(patch_size=P, width=32, layers=2, heads=4),
                        text=TextConfig(width=32, layers=2, heads=4, context_length=L),
                        decoder=DecoderConfig(width=16, layers=1, heads=2),
-                       fusion=FusionConfig(layers=2 if fusion else 0, width=16, heads=2))
+                       fusion=FusionConfig(layers=2 if fusion else 0, width=16, heads=2,
+                                           text_positions=fusion))
 
 
 def objectives(fusion: bool = False) -> ObjectivesConfig:

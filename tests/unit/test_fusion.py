@@ -287,6 +287,7 @@ def test_tp_plan_splits_the_fusion_blocks():
      "objectives.contrastive.weight > 0"),
     (["model.fusion.layers=1", "model.fusion.heads=3"], "must divide the fusion width"),
     (["model.fusion.layers=1", "model.fusion.heads=2", "parallel.tp=4"], "model.fusion.heads (2)"),
+    (["model.fusion.text_positions=true"], "model.fusion.text_positions=true needs model.fusion.layers > 0"),
 ])
 def test_config_refuses_fusion_settings_that_cannot_work(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -322,3 +323,26 @@ def test_a_bf16_model_uses_the_logit_scale_exponentiated_in_fp32():
     want = model.logit_scale.float().exp().squeeze(0)
     assert out["logit_scale"].dtype == torch.float32 and torch.equal(out["logit_scale"], want)
     assert not torch.equal(want, model.logit_scale.exp().float().squeeze(0))  # bf16 exp would differ here
+
+
+def test_fusion_text_positions_make_the_encoder_see_word_order():
+    """Without `model.fusion.text_positions` the fusion blocks are equivariant to a permutation of the caption
+    tokens (bidirectional self-attention, no positions: order only arrives inside the text tower's states);
+    with them, the same tokens in another order give other outputs. Off, no parameter is added."""
+    from pretrain.models.fusion import FusionEncoder
+
+    torch.manual_seed(0)
+    text, image = torch.randn(2, L, 16), torch.randn(2, N + 1, 12)
+    perm = torch.randperm(L)
+    for positions in (False, True):
+        enc = FusionEncoder(16, 12, 16, layers=2, heads=2, context_length=L if positions else 0)
+        enc.init_weights()
+        assert ("text_pos" in dict(enc.named_parameters())) == positions
+        out, out_perm = enc(text, image), enc(text[:, perm], image)
+        assert torch.allclose(out[:, perm], out_perm, atol=1e-5) != positions
+    cfg = dataclasses.replace(model_cfg(2),
+                              fusion=FusionConfig(layers=2, width=16, heads=2, text_positions=True))
+    model = build(cfg, objectives(itm=1.0))
+    assert model.fusion.text_pos.shape == (L, 16) and tp_split_dims(model)["fusion.text_pos"] is None
+    _, grads = run(model, batch())
+    assert grads["fusion.text_pos"].abs().sum() > 0  # trained by the match loss

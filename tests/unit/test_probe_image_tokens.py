@@ -26,5 +26,5 @@ def test_patch_token_probe_decodes_colours_of_a_random_tower(one_thread):
     out = mod.probe(model, cfg, n_train=300, n_test=100)
     probes = {f"{tok}_{side}_{what}" for tok in ("cls", "patches") for side in ("left", "right")
               for what in ("colour", "shape")}
-    assert set(out) == {"chance", "chance_shape"} | probes
+    assert set(out) == {"chance", "chance_shape", "patch_side_from_content"} | probes
     assert out["patches_left_colour"] > 3 * out["chance"] and out["patches_right_colour"] > 3 * out["chance"]
