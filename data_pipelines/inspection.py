@@ -16,7 +16,7 @@ from typing import Any
 from .decode import decode_image, negative_caption_of, split_sample
 from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .shardstream import shard_samples
-from .stats import SkipCounter
+from .stats import KEPT_REASONS, SkipCounter
 from .urls import expand_sources
 
 _EXAMPLES = 5
@@ -115,7 +115,9 @@ def format_report(report: dict[str, Any]) -> str:
                  + (f" (e.g. {', '.join(keys['duplicate_examples'])})" if keys["duplicated"] else ""))
     for reason, count in report["bad"].items():
         example = report["bad_examples"].get(reason, [""])[:1]
-        lines.append(f"  {reason}: {count}" + (f"  e.g. {example[0]}" if example and example[0] else ""))
+        kept = " (sample kept)" if reason in KEPT_REASONS else ""
+        detail = f"  e.g. {example[0]}" if example and example[0] else ""
+        lines.append(f"  {reason}: {count}{kept}{detail}")
     for shard in report["per_shard"]:
         if shard["bad"].get("bad_shard"):
             lines.append(f"  unreadable or truncated: {shard['url']}")

@@ -132,7 +132,7 @@ def test_unreadable_or_missing_negative_captions_are_counted_and_the_sample_kept
     from datautil import good_members, tiny_cfg, tiny_tokenizer, train_loader, write_tar
 
     from data_pipelines.decode import negative_caption_of
-    from data_pipelines.inspection import inspect_shards
+    from data_pipelines.inspection import format_report, inspect_shards
     from data_pipelines.stats import SkipCounter
 
     skips = SkipCounter()
@@ -158,6 +158,8 @@ def test_unreadable_or_missing_negative_captions_are_counted_and_the_sample_kept
     assert batch["_skips"] == {"bad_negative": 1}
     report = inspect_shards(str(tmp_path / "a.tar"))
     assert report["good"] == 6 and report["bad"] == {"bad_negative": 1}
+    text = format_report(report)
+    assert "0 would be skipped" in text and "bad_negative: 1 (sample kept)" in text
 
 
 def test_compositional_shards_carry_the_probe_metadata(tmp_path):
