@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from launch.netns import Host, netns_pair, unavailable
-from launch.rendezvous import free_port
+from launch.ports import free_port
+from pretrain.bench.overrides import owned_key_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -234,8 +235,6 @@ OWNED = {"train.micro_batch": "--micro-batch", "train.steps": "--steps", "cross_
 def check_args(args: argparse.Namespace, shards: int) -> None:
     """Refuse, naming the flag, what would fail only after minutes of training or give a wrong number."""
     n1, n2 = args.dp_steps
-    owned = [(kv.split("=", 1)[0], OWNED[kv.split("=", 1)[0]]) for kv in getattr(args, "set", None) or []
-             if kv.split("=", 1)[0] in OWNED]
     problems = [msg for bad, msg in [
         (args.sites < 2, f"--sites {args.sites}: training across sites needs at least 2"),
         (args.sites > shards, f"--sites {args.sites}: the demo data has only {shards} shards"),
@@ -245,7 +244,7 @@ def check_args(args: argparse.Namespace, shards: int) -> None:
         (args.micro_batch < 1, f"--micro-batch {args.micro_batch} must be >= 1"),
         ("dp" in args.jobs and not 1 <= n1 < n2,
          f"--dp-steps {n1} {n2}: need 1 <= N1 < N2 (the per-step bytes are their difference / (N2 - N1))"),
-    ] if bad] + [f"--set {key}: " + (f"use {flag}" if flag else "the bench sets it") for key, flag in owned]
+    ] if bad] + owned_key_problems(getattr(args, "set", None), OWNED)
     if problems:
         raise ValueError("bench cross-site: " + "; ".join(problems))
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pretrain.bench.overrides import owned_key_problems
 from pretrain.bench.quality import train_ours
 
 SMALL = ["model.vision.patch_size=8", "model.vision.width=64", "model.vision.layers=2",
@@ -63,10 +64,9 @@ a model size other than the shards')."""
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    owned = [kv.split("=", 1)[0] for kv in args.set if kv.split("=", 1)[0] in OWNED]
+    owned = owned_key_problems(args.set, OWNED)
     if owned:  # before any data is written
-        raise ValueError("bench fusion: " + "; ".join(
-            f"--set {k}: " + (f"use {OWNED[k]}" if OWNED[k] else "the bench sets it") for k in owned))
+        raise ValueError("bench fusion: " + "; ".join(owned))
     out = Path(args.out).resolve()
     rows = []
     for seed in args.seeds:
