@@ -28,3 +28,26 @@ def test_patch_token_probe_decodes_colours_of_a_random_tower(one_thread):
               for what in ("colour", "shape")}
     assert set(out) == {"chance", "chance_shape", "patch_side_from_content"} | probes
     assert out["patches_left_colour"] > 3 * out["chance"] and out["patches_right_colour"] > 3 * out["chance"]
+
+
+def test_caption_probe_reads_which_colour_the_caption_puts_on_the_left(one_thread):
+    """The text side (`text_probe`): from the caption's states the left object's colour is decodable well
+    above chance even on a random-init text tower (its token states keep the words and their order); a
+    probe that read labels not matching its captions would sit at chance (1/8)."""
+    path = ROOT / "scripts" / "probe_image_tokens.py"
+    spec = importlib.util.spec_from_file_location("probe_image_tokens", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from data_pipelines.synth import make_pair_sample
+    from data_pipelines.tokenizer import train_tokenizer
+
+    cfg = load_config(embedded_config_path(), ["model.image_size=16", "model.vision.width=32",
+                                               "model.vision.layers=1", "model.text.width=32",
+                                               "model.text.layers=1", "model.embed_dim=16"])
+    tok = train_tokenizer([make_pair_sample(i, 16, 7)["txt"].decode() for i in range(300)], vocab_size=200)
+    torch.manual_seed(0)
+    model = PretrainModel.from_config(cfg, tok).eval()
+    out = mod.text_probe(model, tok, cfg, n_train=400, n_test=150)
+    want = {f"text_{where}_{side}_colour" for where in ("eos", "tokens") for side in ("left", "right")}
+    assert set(out) == want
+    assert out["text_tokens_left_colour"] > 2 / 8 and out["text_tokens_right_colour"] > 2 / 8
