@@ -76,6 +76,12 @@ class FusionConfig:
     them word order reaches it only through the causal text pass's states; binding words to image regions
     ("red ... left of ... blue") needs the order. Off: no extra parameter, same model as before. Measured in
     `pretrain bench fusion` (docs/benchmarks.md, #20): no change in binding at 3,000 steps, one seed."""
+    image_positions: bool = False
+    """Add a learned position embedding (one row per image token: CLS and every patch, gathered for the
+    visible patches under FLIP) to the image tokens the fusion encoder attends to. The tower's own positions
+    enter at its input and fade through its blocks; a spatial relation in the caption ("red circle left of
+    blue square") is read from where the matching patches are. Off: no extra parameter, same model as
+    before."""
 
 
 @dataclass

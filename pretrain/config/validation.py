@@ -51,6 +51,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(o.itm.weight == 0 or f.layers > 0, "objectives.itm.weight > 0 needs model.fusion.layers > 0")
     check(not f.text_positions or f.layers > 0,
           "model.fusion.text_positions=true needs model.fusion.layers > 0")
+    check(not f.image_positions or f.layers > 0,
+          "model.fusion.image_positions=true needs model.fusion.layers > 0")
     check(o.itm.weight == 0 or o.contrastive.weight > 0,
           "objectives.itm.weight > 0 needs objectives.contrastive.weight > 0 (hard negatives are mined from "
           "the contrastive similarities)")

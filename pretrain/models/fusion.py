@@ -60,6 +60,29 @@ class CrossAttention(nn.Module):
         return self.drop(self.proj(y))
 
 
+class ImagePositions(nn.Module):
+    """`model.fusion.image_positions`: a learned position per image token ([1 + N, W_img], CLS first), added
+    to the tokens the fusion encoder attends to. The tower's own positions enter at its input and fade
+    through its blocks (a linear probe reads a patch's side from its output token 0.88 of the time, #20);
+    here each key and value carries its place again, so a relation ("red ... left of ...") can be read
+    from where the matching patches are. A module of its own (not a tensor the caller adds) so ZeRO-3's
+    forward hooks gather it. Replicated under tensor parallelism."""
+
+    def __init__(self, tokens: int, width: int):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(tokens, width))  # [1 + N, W_img]; "embedding": no decay
+
+    def forward(self, image_tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """image_tokens [B, 1 + N_vis, W_img] (CLS, then the visible patches in the order the tower kept
+        them), ids_restore [B, N] (the tower's inverse shuffle; identity when every patch is seen) -> the
+        tokens plus their positions, same shape."""
+        B, S, W = image_tokens.shape
+        pos = self.embedding.to(image_tokens.dtype)  # [1 + N, W]
+        keep = torch.argsort(ids_restore, dim=1, stable=True)[:, : S - 1]  # [B, N_vis]: kept patch indices
+        patches = pos[1:][keep]  # [B, N_vis, W]
+        return image_tokens + torch.cat([pos[:1].expand(B, 1, W), patches], dim=1)
+
+
 class FusionBlock(nn.Module):
     def __init__(self, width: int, heads: int, ctx_width: int, mlp_ratio: float = 4.0, act: str = "gelu",
                  dropout: float = 0.0, attn_dropout: float = 0.0):
@@ -85,16 +108,25 @@ class FusionEncoder(nn.Module):
 
     def __init__(self, text_width: int, image_width: int, width: int, layers: int, heads: int,
                  mlp_ratio: float = 4.0, act: str = "gelu", dropout: float = 0.0, attn_dropout: float = 0.0,
-                 context_length: int = 0):
+                 context_length: int = 0, image_tokens: int = 0):
         super().__init__()
         self.width, self.layers, self.heads = width, layers, heads
         self.text_in = nn.Linear(text_width, width)
         # `model.fusion.text_positions`: [context_length, W], replicated under TP; None: no parameter
         self.text_pos = nn.Parameter(torch.zeros(context_length, width)) if context_length > 0 else None
+        # `model.fusion.image_positions`: [1 + N, W_img], applied by the caller (`place`); None: no parameter
+        self.image_pos = ImagePositions(image_tokens, image_width) if image_tokens > 0 else None
         self.resblocks = nn.ModuleList(FusionBlock(width, heads, image_width, mlp_ratio, act, dropout,
                                                    attn_dropout) for _ in range(layers))
         self.ln_final = layer_norm(width)
         self.grad_checkpointing = False  # set by `parallelize.set_activation_checkpointing`
+
+    def place(self, image_tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """The image tokens this encoder attends to: the tower's tokens [B, 1 + N_vis, W_img] plus their
+        learned positions with `model.fusion.image_positions` (ids_restore [B, N] from the tower's pass says
+        which patches are visible), as they are without. Applied once per image pass, before the ITM's
+        gather across ranks, so a negative image drawn from another rank arrives with its positions."""
+        return image_tokens if self.image_pos is None else self.image_pos(image_tokens, ids_restore)
 
     def forward(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,6 +154,9 @@ class FusionEncoder(nn.Module):
         nn.init.zeros_(self.text_in.bias)
         if self.text_pos is not None:
             nn.init.normal_(self.text_pos, std=0.01)  # the text tower's positional init
+        if self.image_pos is not None:
+            # the vision tower's positional init, N(0, W_img^-1)
+            nn.init.normal_(self.image_pos.embedding, std=self.image_pos.embedding.shape[1] ** -0.5)
         for ln in self.layer_norms():
             nn.init.ones_(ln.weight)
             nn.init.zeros_(ln.bias)

@@ -72,7 +72,8 @@ class PretrainModel(nn.Module):
         # gets the same initial values with the fusion encoder as without it
         with torch.random.fork_rng(devices=[]):
             self.fusion = (FusionEncoder(t.width, v.width, self.fusion_width, f.layers, f.heads, **common,
-                                         context_length=t.context_length if f.text_positions else 0)
+                                         context_length=t.context_length if f.text_positions else 0,
+                                         image_tokens=1 + self.visual.num_patches if f.image_positions else 0)
                            if f.layers > 0 else None)
             self.itm_head = (ITMHead(self.fusion_width) if self.fusion is not None and o.itm.weight > 0
                              else None)
@@ -175,7 +176,10 @@ class PretrainModel(nn.Module):
         full_tokens = tokens if ratio == 0 else None  # [B, 1 + N, W]: the target of target=features
         # what the fusion encoder attends to: the contrastive pass's tokens [B, 1 + N_vis, W_img] -- the
         # visible patches under a shared masked pass (FLIP), every patch with separate views / in eval
+        # (plus their learned positions with `model.fusion.image_positions`; the MAE decoder gets `tokens`)
         image_tokens = tokens
+        if self.fusion is not None and tokens is not None:
+            image_tokens = self.fusion.place(tokens, ids_restore)
 
         # no clamp here (it would zero the gradient above the ceiling, where Adam's momentum can carry the
         # parameter and leave it stuck): the training loop clamps the parameter after each step, as CLIP does
@@ -273,7 +277,8 @@ class PretrainModel(nn.Module):
     @torch.no_grad()
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] -> the image tokens the fusion encoder reads [B, 1 + N, W_img], every patch."""
-        return self.visual.forward_features(images)[1]
+        _, tokens, _, ids_restore = self.visual.forward_features(images)
+        return tokens if self.fusion is None else self.fusion.place(tokens, ids_restore)
 
     @torch.no_grad()
     def text_tokens(self, ids: torch.Tensor) -> torch.Tensor:

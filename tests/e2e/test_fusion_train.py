@@ -16,7 +16,8 @@ from pretrain.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 FUSION = ["model.fusion.layers=1", "model.fusion.width=16", "model.fusion.heads=2", "objectives.itm.weight=1",
-          "objectives.mlm.conditioned=true", "model.fusion.text_positions=true", "checkpoint.every=2"]
+          "objectives.mlm.conditioned=true", "model.fusion.text_positions=true",
+          "model.fusion.image_positions=true", "checkpoint.every=2"]
 STEPS, AT = 4, 2
 
 
@@ -35,7 +36,7 @@ def test_fusion_run_resumes_at_another_layout_with_its_fusion_weights(layout_dat
     universal = src / "checkpoints" / "universal" / tag(AT)
     names = json.dumps(json.loads((universal / "universal.json").read_text()))
     for name in ("fusion.resblocks.0.cross.kv.weight", "fusion.resblocks.0.attn.qkv.weight",
-                 "fusion.text_pos", "itm_head.fc.weight"):
+                 "fusion.text_pos", "fusion.image_pos.embedding", "itm_head.fc.weight"):
         assert name in names, name
     assert_continues(straight, resumed, AT, STEPS)  # every LOSS_KEYS loss and the exact samples
     got = {r["step"]: r for r in read_metrics(resumed) if "loss" in r}

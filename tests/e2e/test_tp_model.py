@@ -44,7 +44,7 @@ def tiny_cfg(fusion: bool = False) -> ModelConfig:
                        text=TextConfig(width=32, layers=2, heads=4, context_length=L),
                        decoder=DecoderConfig(width=16, layers=1, heads=2),
                        fusion=FusionConfig(layers=2 if fusion else 0, width=16, heads=2,
-                                           text_positions=fusion))
+                                           text_positions=fusion, image_positions=fusion))
 
 
 def objectives(fusion: bool = False) -> ObjectivesConfig:

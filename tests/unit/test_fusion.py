@@ -288,6 +288,8 @@ def test_tp_plan_splits_the_fusion_blocks():
     (["model.fusion.layers=1", "model.fusion.heads=3"], "must divide the fusion width"),
     (["model.fusion.layers=1", "model.fusion.heads=2", "parallel.tp=4"], "model.fusion.heads (2)"),
     (["model.fusion.text_positions=true"], "model.fusion.text_positions=true needs model.fusion.layers > 0"),
+    (["model.fusion.image_positions=true"],
+     "model.fusion.image_positions=true needs model.fusion.layers > 0"),
 ])
 def test_config_refuses_fusion_settings_that_cannot_work(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -346,3 +348,45 @@ def test_fusion_text_positions_make_the_encoder_see_word_order():
     assert model.fusion.text_pos.shape == (L, 16) and tp_split_dims(model)["fusion.text_pos"] is None
     _, grads = run(model, batch())
     assert grads["fusion.text_pos"].abs().sum() > 0  # trained by the match loss
+
+
+def test_fusion_image_positions_follow_the_visible_patches():
+    """`model.fusion.image_positions`: without them the cross-attention is blind to where a patch is (keys and
+    values permuted together give the same output); with them every token the fusion encoder sees carries
+    its own patch's row -- under FLIP's masked pass too, where the tower keeps a shuffled subset -- and the
+    rows are trained by the match loss. Off, no parameter is added."""
+    from pretrain.models.fusion import FusionEncoder
+
+    torch.manual_seed(0)
+    text, image = torch.randn(2, L, 16), torch.randn(2, N + 1, 12)
+    identity = torch.arange(N).expand(2, N)
+    perm = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(N)])
+    for positions in (False, True):
+        enc = FusionEncoder(16, 12, 16, layers=2, heads=2, image_tokens=N + 1 if positions else 0)
+        enc.init_weights()
+        assert ("image_pos.embedding" in dict(enc.named_parameters())) == positions
+        out = enc(text, enc.place(image, identity))
+        # the same patches in another order: what a position-blind encoder cannot tell from the original
+        moved = enc(text, enc.place(image[:, perm], identity))
+        assert torch.allclose(out, moved, atol=1e-5) != positions
+
+    # a masked pass: the tower keeps the patches of smallest noise, in noise order, after the CLS token
+    cfg = dataclasses.replace(model_cfg(2), fusion=FusionConfig(layers=2, width=16, heads=2,
+                                                                image_positions=True))
+    o = objectives(itm=1.0, conditioned=True, mlm=1.0)
+    o.mim.shared_pass, o.mim.mask_ratio = True, 0.5
+    model = build(cfg, o)
+    b = batch()
+    _, tokens, _, ids_restore = model.visual.forward_features(b["image"], b["patch_noise"], 0.5)
+    placed = model.fusion.place(tokens, ids_restore)
+    kept = torch.argsort(b["patch_noise"], dim=1, stable=True)[:, : tokens.shape[1] - 1]  # [B, N_vis]
+    rows = model.fusion.image_pos.embedding
+    assert torch.allclose(placed[:, 0] - tokens[:, 0], rows[0].expand(B, -1), atol=1e-6)
+    assert torch.allclose(placed[:, 1:] - tokens[:, 1:], rows[1:][kept], atol=1e-6)
+    assert rows.shape == (N + 1, 32) and tp_split_dims(model)["fusion.image_pos.embedding"] is None
+    _, grads = run(model, b)
+    assert grads["fusion.image_pos.embedding"].abs().sum() > 0
+    # eval: every patch, in order
+    full = model.image_tokens(b["image"])
+    assert torch.allclose(full - model.visual.forward_features(b["image"])[1], rows.expand(B, -1, -1),
+                          atol=1e-6)
