@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 KEYS = ("i2t_r1", "t2i_r1", "i2t_rerank_r1", "t2i_rerank_r1", "i2t_rerank_candidates_recall",
         "binding_colours_contrastive", "binding_colours_itm", "binding_objects_contrastive",
-        "binding_objects_itm")
+        "binding_objects_itm", "binding_relation_mlm")
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
@@ -107,8 +107,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"`{report['command']}` (commit {report['commit']}, {report['date']})", "",
              "| seed | recipe | i2t R@1 | t2i R@1 | i2t R@1 reranked | t2i R@1 reranked | pair in top K | "
-             "binding colours: dual / ITM | binding objects: dual / ITM |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "binding colours: dual / ITM | binding objects: dual / ITM | relation word (MLM) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}"
@@ -118,7 +118,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{f(r.get('i2t_rerank_r1'))} | {f(r.get('t2i_rerank_r1'))} | "
                      f"{f(r.get('i2t_rerank_candidates_recall'))} | {f(r['binding_colours_contrastive'])} / "
                      f"{f(r.get('binding_colours_itm'))} | {f(r['binding_objects_contrastive'])} / "
-                     f"{f(r.get('binding_objects_itm'))} |")
+                     f"{f(r.get('binding_objects_itm'))} | {f(r.get('binding_relation_mlm'))} |")
     lines += ["", "Mean ± std over seeds:", ""]
     for name, vals in report["summary"].items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in vals.items()))

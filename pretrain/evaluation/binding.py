@@ -6,6 +6,11 @@ two objects trade places). Pairwise accuracy = the fraction of images whose true
 the swap (a tie counts one half), for the dual encoder (cosine of the CLIP features) and, with a fusion
 encoder and ITM head, for the match score. Chance is 0.5; a bag of words cannot beat it.
 
+With the image-conditioned MLM (`objectives.mlm.conditioned`), `binding_relation_mlm` asks the fusion encoder
+for the caption's relation word: "red circle [MASK] of blue square" -- the caption alone cannot say whether
+"left" or "right" belongs there, only where the red circle is in the image. Pairwise accuracy of the true
+word's logit over the other's, chance 0.5.
+
 Cheap (three captions per image), so under a launcher every rank runs the whole probe on its replica
 and gets the same numbers without collectives; single-process it is the same code.
 """
@@ -22,6 +27,7 @@ from data_pipelines.loader import make_eval_loader
 from data_pipelines.urls import expand_urls
 
 SWAPS = ("swapped_colours", "swapped_objects")
+RELATION_WORDS = ("left", "right")
 
 
 def read_metadata(urls: str) -> dict[str, dict[str, Any]]:
@@ -50,11 +56,45 @@ def _scores(model: Any, img_f: torch.Tensor, img_tok: torch.Tensor | None, ids: 
     return cos, itm
 
 
+def relation_ids(tokenizer: Any, context_length: int) -> tuple[int, int] | None:
+    """The token ids of "left" and "right", or None when the tokenizer splits either into several tokens."""
+    out = []
+    for word in RELATION_WORDS:
+        ids = tokenizer.encode_batch([word], context_length)[0].tolist()
+        body = ids[1:ids.index(tokenizer.eos_id)]  # between BOS and EOS
+        if len(body) != 1:
+            return None
+        out.append(body[0])
+    return out[0], out[1]
+
+
+def _relation_hits(model: Any, mask_id: int, ids: torch.Tensor, img_tok: torch.Tensor,
+                   rel: tuple[int, int]) -> tuple[float, int]:
+    """(Summed pairwise accuracy, captions scored): each caption holding exactly one relation word gets it
+    masked, and the conditioned MLM's logit for the true word is compared with the other's."""
+    left, right = rel
+    is_rel = (ids == left) | (ids == right)  # [b, L]
+    rows = is_rel.sum(dim=1) == 1  # [b]
+    if not rows.any():
+        return 0.0, 0
+    ids, img_tok, is_rel = ids[rows], img_tok[rows], is_rel[rows]
+    r = torch.arange(len(ids), device=ids.device)
+    pos = is_rel.float().argmax(dim=1)  # [b]
+    truth = ids[r, pos]
+    other = torch.where(truth == left, torch.full_like(truth, right), torch.full_like(truth, left))
+    masked = ids.clone()
+    masked[r, pos] = mask_id
+    logits = model.mlm_logits(masked, img_tok)[r, pos].float()  # [b, V]
+    true_s, other_s = logits.gather(1, truth[:, None]), logits.gather(1, other[:, None])
+    return float(_pairwise(true_s, other_s).sum()), len(ids)
+
+
 @torch.no_grad()
 def binding_probe(model: Any, tokenizer: Any, cfg: Any, urls: str, max_samples: int = 0,
                   batch_size: int = 128) -> dict[str, Any]:
-    """Keys `binding_samples`, `binding_{colours,objects}_contrastive` and, with an ITM head,
-    `binding_{colours,objects}_itm` (pairwise accuracies, chance 0.5)."""
+    """Keys `binding_samples`, `binding_{colours,objects}_contrastive`, with an ITM head
+    `binding_{colours,objects}_itm`, and with the conditioned MLM `binding_relation_mlm` (pairwise
+    accuracies, chance 0.5)."""
     meta = read_metadata(urls)
     device = next(model.parameters()).device
     L = cfg.model.text.context_length
@@ -62,6 +102,9 @@ def binding_probe(model: Any, tokenizer: Any, cfg: Any, urls: str, max_samples: 
                               cfg.data.std, max_sample_bytes=cfg.data.max_sample_bytes,
                               max_samples=max_samples)
     fusion = getattr(model, "itm_head", None) is not None
+    rel = (relation_ids(tokenizer, L) if getattr(model, "mlm_head", None) is not None
+           and cfg.objectives.mlm.conditioned else None)
+    rel_sum, rel_n = 0.0, 0
     sums = {f"{s}_{kind}": 0.0 for s in ("colours", "objects") for kind in ("contrastive", "itm")}
     n = 0
     for batch in loader:
@@ -71,7 +114,7 @@ def binding_probe(model: Any, tokenizer: Any, cfg: Any, urls: str, max_samples: 
         keys = [batch["_keys"][i] for i in keep]
         images = batch["image"][keep].to(device, torch.float32)
         img_f = model.encode_image(images)  # [b, E] normalised
-        img_tok = model.image_tokens(images) if fusion else None  # [b, 1 + N, W]
+        img_tok = model.image_tokens(images) if fusion or rel else None  # [b, 1 + N, W]
         true_ids = batch["text"][keep].to(device)
 
         cos_true, itm_true = _scores(model, img_f, img_tok, true_ids)
@@ -81,6 +124,9 @@ def binding_probe(model: Any, tokenizer: Any, cfg: Any, urls: str, max_samples: 
             sums[f"{name}_contrastive"] += float(_pairwise(cos_true, cos).sum())
             if fusion:
                 sums[f"{name}_itm"] += float(_pairwise(itm_true, itm).sum())  # type: ignore[arg-type]
+        if rel is not None:
+            hits, scored = _relation_hits(model, tokenizer.mask_id, true_ids, img_tok, rel)
+            rel_sum, rel_n = rel_sum + hits, rel_n + scored
         n += len(keep)
     if n == 0:
         raise ValueError(f"--binding: no sample of {urls} has swapped captions in its .json; write "
@@ -89,4 +135,6 @@ def binding_probe(model: Any, tokenizer: Any, cfg: Any, urls: str, max_samples: 
     for k, v in sums.items():
         if fusion or k.endswith("contrastive"):
             out[f"binding_{k}"] = round(v / n, 6)
+    if rel_n:
+        out["binding_relation_mlm"] = round(rel_sum / rel_n, 6)
     return out

@@ -286,6 +286,16 @@ class PretrainModel(nn.Module):
         return self.text(ids, causal=True, return_tokens=True)
 
     @torch.no_grad()
+    def mlm_logits(self, mlm_input: torch.Tensor, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """A masked caption [B, L] -> the MLM head's logits [B, L, V]; with `objectives.mlm.conditioned` the
+        caption goes through the fusion encoder with `image_tokens` [B, 1 + N, W_img] (from `image_tokens`),
+        as in training. What the binding probe's relation test reads."""
+        hidden = self.text.forward_tokens(mlm_input, causal=False)  # [B, L, W_text]
+        if self.obj_cfg.mlm.conditioned:
+            hidden = self.fusion(hidden, image_tokens, self.text.padding_mask(mlm_input))  # [B, L, W_fusion]
+        return self.mlm_head(hidden)
+
+    @torch.no_grad()
     def itm_score(self, text_tokens: torch.Tensor, ids: torch.Tensor, image_tokens: torch.Tensor
                   ) -> torch.Tensor:
         """Match score [N] (logit of match minus logit of no match) of N (caption, image) pairs."""
