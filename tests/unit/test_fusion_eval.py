@@ -167,3 +167,72 @@ def test_compositional_shards_carry_the_probe_metadata(tmp_path):
                                      compositional=True)
     meta = read_metadata(summary["urls"])
     assert len(meta) == 6 and all("swapped_colours" in m for m in meta.values())
+
+
+def _relation_setup(tmp_path, conditioned: bool):
+    """Compositional shards, a tokenizer trained on them and an untrained small model with the fusion
+    encoder (and the conditioned MLM or not)."""
+    from data_pipelines.tokenizer import train_tokenizer_from_shards
+    from pretrain.config import load_config
+    from pretrain.models.pretrain_model import PretrainModel
+
+    shards = write_synthetic_shards(tmp_path, samples=40, samples_per_shard=20, image_size=16, seed=3,
+                                    compositional=True)
+    tok = train_tokenizer_from_shards(shards["urls"], vocab_size=128, max_samples=40)
+    cfg = load_config(None, ["model.image_size=16", "model.vision.patch_size=8", "model.vision.width=32",
+                             "model.vision.layers=1", "model.vision.heads=2", "model.text.width=32",
+                             "model.text.layers=1", "model.text.heads=2", "model.text.context_length=16",
+                             "model.embed_dim=16", "model.fusion.layers=1", "model.fusion.heads=2",
+                             "objectives.itm.weight=1", "data.vocab_size=128",
+                             f"objectives.mlm.conditioned={str(conditioned).lower()}"])
+    torch.manual_seed(0)
+    model = PretrainModel.from_config(cfg, tok).eval()
+    return shards["urls"], tok, cfg, model
+
+
+def test_relation_probe_masks_the_relation_word_and_scores_it_against_the_other(tmp_path):
+    """`binding_relation_mlm`: each caption's "left"/"right" (one token) is masked, nothing else, and the
+    conditioned MLM's logit for the true word is compared with the other's: a model that always says "left"
+    scores the fraction of captions saying "left of"."""
+    import tarfile
+
+    from pretrain.evaluation.binding import binding_probe, relation_ids
+
+    urls, tok, cfg, model = _relation_setup(tmp_path, conditioned=True)
+    left, right = relation_ids(tok, 16)
+    seen: list[torch.Tensor] = []
+    real = model.mlm_logits
+
+    def always_left(masked: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        seen.append(masked.clone())
+        logits = real(masked, image_tokens)
+        logits[..., left] = logits[..., right] + 1.0
+        return logits
+
+    model.mlm_logits = always_left
+    out = binding_probe(model, tok, cfg, urls)
+    captions = []
+    for url in sorted(tmp_path.glob("*.tar")):
+        with tarfile.open(url) as tar:
+            captions += [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")
+                         and not m.name.endswith(".neg.txt")]
+    assert len(captions) == 40 and out["binding_samples"] == 40
+    assert out["binding_relation_mlm"] == pytest.approx(sum("left of" in c for c in captions) / 40)
+    # both relations occur, unevenly: an inverted comparison (1 - x) would not pass
+    assert 0 < out["binding_relation_mlm"] < 1 and out["binding_relation_mlm"] != 0.5
+    masked = torch.cat(seen)
+    true = tok.encode_batch(captions, 16)
+    assert len(masked) == 40 and ((masked == tok.mask_id).sum(dim=1) == 1).all()
+    at = masked == tok.mask_id
+    # every masked caption is a true caption (the loader may order them otherwise) with its relation word
+    # put back at the masked position
+    restored = masked.clone()
+    restored[at] = -1
+    truth_rows = {tuple(r) for r in true.tolist()}
+    for row, pos in zip(restored.tolist(), at.float().argmax(dim=1).tolist()):
+        assert any(tuple(row[:pos] + [w] + row[pos + 1:]) in truth_rows for w in (left, right))
+
+    model.mlm_logits = real  # the untrained model itself: a fraction, and no key without the conditioned MLM
+    assert 0 <= binding_probe(model, tok, cfg, urls)["binding_relation_mlm"] <= 1
+    urls, tok, cfg, model = _relation_setup(tmp_path / "plain", conditioned=False)
+    assert "binding_relation_mlm" not in binding_probe(model, tok, cfg, urls)
