@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "summary": summarize(rows)}
 
 
-KEYS = ("i2t_r1", "t2i_r1", "i2t_rerank_r1", "t2i_rerank_r1", "i2t_rerank_candidates_recall",
+KEYS = ("i2t_r1", "t2i_r1", "i2t_rerank_r1", "t2i_rerank_r1", "i2t_rerank_sim_r1", "t2i_rerank_sim_r1",
+        "i2t_rerank_candidates_recall",
         "binding_colours_contrastive", "binding_colours_itm", "binding_objects_contrastive",
         "binding_objects_itm", "binding_relation_mlm")
 
@@ -106,8 +107,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"`{report['command']}` (commit {report['commit']}, {report['date']})", "",
-             "| seed | recipe | i2t R@1 | t2i R@1 | i2t R@1 reranked | t2i R@1 reranked | pair in top K | "
-             "binding colours: dual / ITM | binding objects: dual / ITM | relation word (MLM) |",
+             "| seed | recipe | i2t R@1 | t2i R@1 | i2t R@1 reranked: ITM / ITM + sim | "
+             "t2i R@1 reranked: ITM / ITM + sim | pair in top K | binding colours: dual / ITM | "
+             "binding objects: dual / ITM | relation word (MLM) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v: Any) -> str:
@@ -115,7 +117,8 @@ def markdown(report: dict[str, Any]) -> str:
 
     for r in report["rows"]:
         lines.append(f"| {r['seed']} | {r['recipe']} | {f(r['i2t_r1'])} | {f(r['t2i_r1'])} | "
-                     f"{f(r.get('i2t_rerank_r1'))} | {f(r.get('t2i_rerank_r1'))} | "
+                     f"{f(r.get('i2t_rerank_r1'))} / {f(r.get('i2t_rerank_sim_r1'))} | "
+                     f"{f(r.get('t2i_rerank_r1'))} / {f(r.get('t2i_rerank_sim_r1'))} | "
                      f"{f(r.get('i2t_rerank_candidates_recall'))} | {f(r['binding_colours_contrastive'])} / "
                      f"{f(r.get('binding_colours_itm'))} | {f(r['binding_objects_contrastive'])} / "
                      f"{f(r.get('binding_objects_itm'))} | {f(r.get('binding_relation_mlm'))} |")

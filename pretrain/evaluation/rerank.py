@@ -5,7 +5,10 @@ candidates from the gathered features (the same features `metrics_from_features`
 encoder then scores each (query, candidate) pair with the ITM head and the candidates are re-ordered by
 that score. A query is a hit at R@1 when its own pair is among the K candidates and no other candidate
 scores strictly higher (the tie rule of plain retrieval). `rerank_candidates_recall` is the fraction of
-queries whose pair made the top K: the ceiling of the re-ranked R@1.
+queries whose pair made the top K: the ceiling of the re-ranked R@1. `*_rerank_sim_r1` re-orders the same
+candidates by the ITM score plus the contrastive logit (logit scale x cosine), both logits, as BLIP's
+retrieval ranks by ITM plus similarity: the fusion encoder then only has to break the dual encoder's near
+ties, not replace its ranking.
 
 On any number of ranks: the candidates need each pair's caption ids and pixels, gathered with the
 features (`shard_features(..., pairs=True)`: O(N) pixels, so meant for held-out sets up to ~10^5
@@ -57,7 +60,9 @@ def rerank_counts(model: Any, feats: dict[str, torch.Tensor], k: int, block: int
     device = next(model.parameters()).device
     n = len(img)
     k = min(k, n)
-    t = torch.zeros(4, dtype=torch.int64, device=img.device)  # i2t hits, i2t in top k, t2i hits, t2i in top k
+    scale = float(model.logit_scale.float().exp())
+    # per direction d: [3d] hits, [3d + 1] pair in top k, [3d + 2] hits ranked by ITM + contrastive logit
+    t = torch.zeros(6, dtype=torch.int64, device=img.device)
     for start in _my_blocks(n, block):
         rows = torch.arange(start, min(start + block, n), device=img.device)  # [b]
         b = len(rows)
@@ -73,19 +78,27 @@ def rerank_counts(model: Any, feats: dict[str, torch.Tensor], k: int, block: int
                 text_tok = model.text_tokens(ids[rows].to(device)).repeat_interleave(k, dim=0)
                 image_tok = model.image_tokens(pixels[flat].to(device))
             scores = _pair_scores(model, text_tok, pair_ids, image_tok, pair_batch).view(b, k).to(img.device)
+            sims = (q[rows][:, None, :] * keys[cand]).sum(dim=-1).float()  # [b, k] cosines
             is_pos = cand == rows[:, None]  # [b, k]
             found = is_pos.any(dim=1)
-            pos_score = torch.where(is_pos, scores, torch.full_like(scores, float("-inf"))).amax(dim=1)
-            higher = (scores > pos_score[:, None]).sum(dim=1)
-            t[2 * d] += int((found & (higher < 1)).sum())
-            t[2 * d + 1] += int(found.sum())
+            t[3 * d] += _hits(scores.float(), is_pos, found)
+            t[3 * d + 1] += int(found.sum())
+            t[3 * d + 2] += _hits(scores.float() + scale * sims, is_pos, found)
     _all_reduce(t)
-    return {"i2t": int(t[0]), "i2t_in_top_k": int(t[1]), "t2i": int(t[2]), "t2i_in_top_k": int(t[3])}
+    return {"i2t": int(t[0]), "i2t_in_top_k": int(t[1]), "i2t_sim": int(t[2]),
+            "t2i": int(t[3]), "t2i_in_top_k": int(t[4]), "t2i_sim": int(t[5])}
+
+
+def _hits(scores: torch.Tensor, is_pos: torch.Tensor, found: torch.Tensor) -> int:
+    """Queries whose pair is among the candidates and scores no lower than any of them (scores [b, k])."""
+    pos_score = torch.where(is_pos, scores, torch.full_like(scores, float("-inf"))).amax(dim=1)  # [b]
+    return int((found & ((scores > pos_score[:, None]).sum(dim=1) < 1)).sum())
 
 
 def rerank_metrics(model: Any, feats: dict[str, torch.Tensor], k: int) -> dict[str, Any]:
-    """`pretrain eval --rerank K` keys: `i2t_rerank_r1`, `t2i_rerank_r1`, `i2t_rerank_candidates_recall`,
-    `t2i_rerank_candidates_recall` (fractions of the N queries) and `rerank_k`."""
+    """`pretrain eval --rerank K` keys: `i2t_rerank_r1`, `t2i_rerank_r1`, `i2t_rerank_sim_r1`,
+    `t2i_rerank_sim_r1`, `i2t_rerank_candidates_recall`, `t2i_rerank_candidates_recall` (fractions of the N
+    queries) and `rerank_k`."""
     if getattr(model, "itm_head", None) is None:
         raise ValueError("--rerank needs a checkpoint trained with a fusion encoder and ITM "
                          "(model.fusion.layers > 0, objectives.itm.weight > 0); this one has none")
@@ -94,5 +107,6 @@ def rerank_metrics(model: Any, feats: dict[str, torch.Tensor], k: int) -> dict[s
     c = rerank_counts(model, feats, k)
     n = max(len(feats["image"]), 1)
     return {"i2t_rerank_r1": round(c["i2t"] / n, 6), "t2i_rerank_r1": round(c["t2i"] / n, 6),
+            "i2t_rerank_sim_r1": round(c["i2t_sim"] / n, 6), "t2i_rerank_sim_r1": round(c["t2i_sim"] / n, 6),
             "i2t_rerank_candidates_recall": round(c["i2t_in_top_k"] / n, 6),
             "t2i_rerank_candidates_recall": round(c["t2i_in_top_k"] / n, 6), "rerank_k": k}

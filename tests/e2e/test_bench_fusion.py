@@ -33,6 +33,7 @@ def test_bench_fusion_scores_both_arms(tmp_path):
     dual = rows["contrastive"]
     assert dual.get("i2t_rerank_r1") is None and dual.get("binding_colours_itm") is None
     assert 0 <= rows["fusion"]["i2t_rerank_r1"] <= 1 and 0 <= rows["fusion"]["binding_objects_itm"] <= 1
+    assert 0 <= rows["fusion"]["t2i_rerank_sim_r1"] <= 1 and 0 <= rows["fusion"]["binding_relation_mlm"] <= 1
     cfg = (out / "runs" / "seed0" / "fusion" / "config.yaml").read_text()
     assert "image_size: 16" in cfg and "caption_negatives: true" in cfg
     assert all(m["loss_itm"] > 0 for m in read_metrics(out / "runs" / "seed0" / "fusion") if "loss_itm" in m)

@@ -23,6 +23,7 @@ class StubMatcher(nn.Module):
         super().__init__()
         self.table = table
         self.itm_head = nn.Linear(1, 1)
+        self.logit_scale = nn.Parameter(torch.tensor([SCALE]).log())
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         return pixels[:, :1, 0, 0].unsqueeze(-1)  # [b, 1, 1]: the image's index
@@ -34,14 +35,20 @@ class StubMatcher(nn.Module):
         return self.table[ids[:, 0], image_tok[:, 0, 0].long()]
 
 
+SCALE = 3.0  # the stub's contrastive logit scale
+
+
 def brute_force(img: torch.Tensor, txt: torch.Tensor, table: torch.Tensor, k: int) -> dict[str, int]:
-    n, out = len(img), {"i2t": 0, "t2i": 0, "i2t_in_top_k": 0, "t2i_in_top_k": 0}
+    n = len(img)
+    out = {"i2t": 0, "t2i": 0, "i2t_in_top_k": 0, "t2i_in_top_k": 0, "i2t_sim": 0, "t2i_sim": 0}
     for i in range(n):
         for name, sims, score in (("i2t", txt @ img[i], table[:, i]), ("t2i", img @ txt[i], table[i, :])):
             cand = sorted(range(n), key=lambda j: (-float(sims[j]), j))[:k]
+            both = score + SCALE * sims  # ITM plus the contrastive logit
             if i in cand:
                 out[f"{name}_in_top_k"] += 1
                 out[name] += int(all(score[j] <= score[i] for j in cand))
+                out[f"{name}_sim"] += int(all(both[j] <= both[i] for j in cand))
     return out
 
 
@@ -61,6 +68,8 @@ def test_rerank_counts_equal_brute_force(k):
     table = torch.randn(n, n, generator=torch.Generator().manual_seed(100 + k))
     got = rerank_counts(StubMatcher(table), feats, k, block=5, pair_batch=4)
     assert got == brute_force(feats["image"], feats["text"], table, k)
+    if k > 1:  # the two orders differ here, so each count is checked on its own
+        assert got["i2t"] != got["i2t_sim"] or got["t2i"] != got["t2i_sim"]
 
 
 def test_rerank_with_a_perfect_matcher_reaches_the_candidate_recall():
