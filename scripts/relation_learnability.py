@@ -9,9 +9,12 @@ little signal to find it. A FRESH fusion encoder (the run's own fusion width and
 2-way head are trained on the run's FROZEN towers to fill each caption's masked relation word ("left" /
 "right") from the image: the image tokens `PretrainModel.image_tokens` gives, the bidirectional text pass
 of the masked caption (what the conditioned MLM reads). Two arms from the same init: the image tokens as
-they are, and with a learned position per image token added (`model.fusion.image_positions`). Fresh
-two-object samples (train seed 1000, held-out seed 2000), AdamW lr 1e-3, batch 64. Prints one JSON line per
-evaluation: arm, step, training loss, held-out accuracy (chance 0.5).
+they are, and with a learned position per image token added (`model.fusion.image_positions`). A third arm,
+`mlm`, trains the fresh encoder with a fresh full-vocabulary MLM head on the conditioned MLM's own task (every
+content word masked with probability `--mask-prob`, default the run's `objectives.mlm.mask_prob`) and is
+scored on the same masked relation word: the relation is then one target among many, as in the joint run.
+Fresh two-object samples (train seed 1000, held-out seed 2000), AdamW lr 1e-3, batch 64. Prints one JSON line
+per evaluation: arm, step, training loss, held-out accuracy (chance 0.5).
 """
 
 from __future__ import annotations
@@ -34,18 +37,20 @@ from pretrain.evaluation.binding import relation_ids
 @torch.no_grad()
 def relation_data(model: Any, tokenizer: Any, cfg: Any, n: int, seed: int, batch: int = 256
                   ) -> dict[str, torch.Tensor]:
-    """n fresh samples -> `text` [n, L, W_text] (masked caption's states), `pad` [n, L], `pos` [n] (where the
-    relation word was), `image` [n, 1 + N, W_img] and `label` [n] (1 = "right")."""
+    """n fresh samples -> `ids` [n, L] (the captions), `text` [n, L, W_text] (the states of the caption with
+    its relation word masked), `pad` [n, L], `pos` [n] (where the relation word was), `image` [n, 1 + N,
+    W_img] and `label` [n] (1 = "right")."""
     L = cfg.model.text.context_length
     rel = relation_ids(tokenizer, L)
     if rel is None:
         raise ValueError("the run's tokenizer splits 'left' or 'right' into several tokens")
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("text", "pad", "pos", "image", "label")}
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "text", "pad", "pos", "image", "label")}
     for start in range(0, n, batch):
         samples = [make_pair_sample(i, cfg.model.image_size, seed)
                    for i in range(start, min(start + batch, n))]
         pixels = [np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples]
         ids = tokenizer.encode_batch([s["txt"].decode() for s in samples], L)
+        out["ids"].append(ids.clone())
         pos = ((ids == rel[0]) | (ids == rel[1])).float().argmax(dim=1)  # [b]: every caption has one
         rows = torch.arange(len(ids))
         out["label"].append((ids[rows, pos] == rel[1]).long())
@@ -87,8 +92,50 @@ def train_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
             with torch.no_grad():
                 pred = logits(test, torch.arange(len(test["label"]))).argmax(dim=1)
                 acc = (pred == test["label"]).float().mean()
-            rows.append({"arm": "positions" if positions else "as is", "step": step,
+            rows.append({"arm": "positions" if positions else "as-is", "step": step,
                          "loss": round(loss.item(), 4), "accuracy": round(float(acc), 4)})
+    return rows
+
+
+def train_mlm_arm(model: Any, tokenizer: Any, train: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
+                  width: int, heads: int, mask_prob: float, steps: int, seed: int, every: int = 250
+                  ) -> list[dict[str, Any]]:
+    """The `mlm` arm: a fresh fusion encoder and full-vocabulary head learn to fill every masked content word
+    (probability `mask_prob` each, all replaced by the mask token), scored on the relation word alone."""
+    from pretrain.evaluation.binding import relation_ids
+    from pretrain.models.fusion import FusionEncoder
+
+    torch.manual_seed(seed)
+    left, right = relation_ids(tokenizer, train["ids"].shape[1])
+    enc = FusionEncoder(train["text"].shape[-1], train["image"].shape[-1], width, 2, heads)
+    enc.init_weights()
+    head = torch.nn.Linear(width, tokenizer.vocab_size)
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)
+    L = train["ids"].shape[1]
+    rows, gen = [], torch.Generator().manual_seed(seed)
+    for step in range(steps + 1):
+        idx = torch.randint(0, len(train["ids"]), (64,), generator=gen)
+        ids = train["ids"][idx]
+        eos = (ids == tokenizer.eos_id).float().argmax(dim=1)
+        content = (torch.arange(L)[None] >= 1) & (torch.arange(L)[None] < eos[:, None])  # [b, L]
+        picked = (torch.rand(ids.shape, generator=gen) < mask_prob) & content
+        picked[torch.arange(len(ids)), (torch.rand(len(ids), generator=gen) * (eos - 1)).long() + 1] |= \
+            ~picked.any(dim=1)  # at least one target per caption, as the data pipeline's masking does
+        masked = ids.masked_fill(picked, tokenizer.mask_id)
+        with torch.no_grad():
+            text = model.text.forward_tokens(masked, causal=False).float()
+        fused = enc(text, train["image"][idx], model.text.padding_mask(masked))  # [b, L, W]
+        loss = F.cross_entropy(head(fused[picked]), ids[picked])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            with torch.no_grad():
+                r = torch.arange(len(test["label"]))
+                logits = head(enc(test["text"], test["image"], test["pad"])[r, test["pos"]])  # [n, V]
+                acc = ((logits[:, right] > logits[:, left]).long() == test["label"]).float().mean()
+            rows.append({"arm": "mlm", "step": step, "loss": round(loss.item(), 4),
+                         "accuracy": round(float(acc), 4)})
     return rows
 
 
@@ -98,6 +145,9 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=20000, help="training samples (held out: 400)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-prob", type=float, help="the mlm arm's masking (default: the run's own)")
+    p.add_argument("--arms", nargs="+", default=["as-is", "positions", "mlm"],
+                   choices=["as-is", "positions", "mlm"])
     args = p.parse_args()
     from pretrain.evaluation.evaluate import load_model
 
@@ -106,8 +156,14 @@ def main() -> None:
     train = relation_data(model, tokenizer, cfg, args.samples, 1000)
     test = relation_data(model, tokenizer, cfg, 400, 2000)
     width = cfg.model.fusion.width or cfg.model.text.width
-    for positions in (False, True):
-        for row in train_arm(train, test, width, cfg.model.fusion.heads, positions, args.steps, args.seed):
+    for arm in args.arms:
+        if arm == "mlm":
+            rows = train_mlm_arm(model, tokenizer, train, test, width, cfg.model.fusion.heads,
+                                 args.mask_prob or cfg.objectives.mlm.mask_prob, args.steps, args.seed)
+        else:
+            rows = train_arm(train, test, width, cfg.model.fusion.heads, arm == "positions", args.steps,
+                             args.seed)
+        for row in rows:
             print(json.dumps(row), flush=True)
 
 

@@ -53,10 +53,10 @@ def test_caption_probe_reads_which_colour_the_caption_puts_on_the_left(one_threa
     assert out["text_tokens_left_colour"] > 2 / 8 and out["text_tokens_right_colour"] > 2 / 8
 
 
-def test_relation_learnability_labels_the_masked_relation_word_and_trains_both_arms(one_thread):
+def test_relation_learnability_labels_the_masked_relation_word_and_trains_every_arm(one_thread):
     """scripts/relation_learnability.py: each sample's label is its caption's relation ("right" = 1), the word
     is masked in the text the fusion encoder reads (its states differ from the unmasked caption's there),
-    and both arms train and report held-out accuracies."""
+    and the three arms train and report held-out accuracies."""
     path = ROOT / "scripts" / "relation_learnability.py"
     spec = importlib.util.spec_from_file_location("relation_learnability", path)
     mod = importlib.util.module_from_spec(spec)
@@ -80,6 +80,7 @@ def test_relation_learnability_labels_the_masked_relation_word_and_trains_both_a
     assert not torch.allclose(plain[r, data["pos"]], data["text"][r, data["pos"]])  # the word was masked
     rows = [row for positions in (False, True)
             for row in mod.train_arm(data, data, 16, 2, positions, steps=4, seed=0, every=2)]
-    want = [(arm, step) for arm in ("as is", "positions") for step in (0, 2, 4)]
+    rows += mod.train_mlm_arm(model, tok, data, data, 16, 2, mask_prob=0.3, steps=4, seed=0, every=2)
+    want = [(arm, step) for arm in ("as-is", "positions", "mlm") for step in (0, 2, 4)]
     assert [(row["arm"], row["step"]) for row in rows] == want
-    assert all(0 <= row["accuracy"] <= 1 for row in rows)
+    assert all(0 <= row["accuracy"] <= 1 and row["loss"] > 0 for row in rows)
