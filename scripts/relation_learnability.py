@@ -13,6 +13,8 @@ they are, and with a learned position per image token added (`model.fusion.image
 `mlm`, trains the fresh encoder with a fresh full-vocabulary MLM head on the conditioned MLM's own task (every
 content word masked with probability `--mask-prob`, default the run's `objectives.mlm.mask_prob`) and is
 scored on the same masked relation word: the relation is then one target among many, as in the joint run.
+`mlm-residual` (not in the default arms): the same, with the fused head's logits added to a text-only head's
+(a product of experts), so the words the caption alone predicts stop pulling on the fusion path.
 Fresh two-object samples (train seed 1000, held-out seed 2000), AdamW lr 1e-3, batch 64. Prints one JSON line
 per evaluation: arm, step, training loss, held-out accuracy (chance 0.5).
 """
@@ -98,8 +100,8 @@ def train_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
 
 
 def train_mlm_arm(model: Any, tokenizer: Any, train: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
-                  width: int, heads: int, mask_prob: float, steps: int, seed: int, every: int = 250
-                  ) -> list[dict[str, Any]]:
+                  width: int, heads: int, mask_prob: float, steps: int, seed: int, every: int = 250,
+                  residual: bool = False) -> list[dict[str, Any]]:
     """The `mlm` arm: a fresh fusion encoder and full-vocabulary head learn to fill every masked content word
     (probability `mask_prob` each, all replaced by the mask token), scored on the relation word alone."""
     from pretrain.evaluation.binding import relation_ids
@@ -110,7 +112,9 @@ def train_mlm_arm(model: Any, tokenizer: Any, train: dict[str, torch.Tensor], te
     enc = FusionEncoder(train["text"].shape[-1], train["image"].shape[-1], width, 2, heads)
     enc.init_weights()
     head = torch.nn.Linear(width, tokenizer.vocab_size)
-    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)
+    text_head = torch.nn.Linear(train["text"].shape[-1], tokenizer.vocab_size) if residual else None
+    params = [*enc.parameters(), *head.parameters(), *(text_head.parameters() if residual else [])]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
     L = train["ids"].shape[1]
     rows, gen = [], torch.Generator().manual_seed(seed)
     for step in range(steps + 1):
@@ -125,7 +129,10 @@ def train_mlm_arm(model: Any, tokenizer: Any, train: dict[str, torch.Tensor], te
         with torch.no_grad():
             text = model.text.forward_tokens(masked, causal=False).float()
         fused = enc(text, train["image"][idx], model.text.padding_mask(masked))  # [b, L, W]
-        loss = F.cross_entropy(head(fused[picked]), ids[picked])
+        logits = head(fused[picked])  # [n, V]
+        if text_head is not None:  # residual: the image path adds to what the caption alone predicts
+            logits = logits + text_head(text[picked])
+        loss = F.cross_entropy(logits, ids[picked])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -133,9 +140,11 @@ def train_mlm_arm(model: Any, tokenizer: Any, train: dict[str, torch.Tensor], te
             with torch.no_grad():
                 r = torch.arange(len(test["label"]))
                 logits = head(enc(test["text"], test["image"], test["pad"])[r, test["pos"]])  # [n, V]
+                if text_head is not None:
+                    logits = logits + text_head(test["text"][r, test["pos"]])
                 acc = ((logits[:, right] > logits[:, left]).long() == test["label"]).float().mean()
-            rows.append({"arm": "mlm", "step": step, "loss": round(loss.item(), 4),
-                         "accuracy": round(float(acc), 4)})
+            rows.append({"arm": "mlm-residual" if residual else "mlm", "step": step,
+                         "loss": round(loss.item(), 4), "accuracy": round(float(acc), 4)})
     return rows
 
 
@@ -147,7 +156,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mask-prob", type=float, help="the mlm arm's masking (default: the run's own)")
     p.add_argument("--arms", nargs="+", default=["as-is", "positions", "mlm"],
-                   choices=["as-is", "positions", "mlm"])
+                   choices=["as-is", "positions", "mlm", "mlm-residual"])
     args = p.parse_args()
     from pretrain.evaluation.evaluate import load_model
 
@@ -157,9 +166,10 @@ def main() -> None:
     test = relation_data(model, tokenizer, cfg, 400, 2000)
     width = cfg.model.fusion.width or cfg.model.text.width
     for arm in args.arms:
-        if arm == "mlm":
+        if arm.startswith("mlm"):
             rows = train_mlm_arm(model, tokenizer, train, test, width, cfg.model.fusion.heads,
-                                 args.mask_prob or cfg.objectives.mlm.mask_prob, args.steps, args.seed)
+                                 args.mask_prob or cfg.objectives.mlm.mask_prob, args.steps, args.seed,
+                                 residual=arm == "mlm-residual")
         else:
             rows = train_arm(train, test, width, cfg.model.fusion.heads, arm == "positions", args.steps,
                              args.seed)

@@ -80,7 +80,9 @@ def test_relation_learnability_labels_the_masked_relation_word_and_trains_every_
     assert not torch.allclose(plain[r, data["pos"]], data["text"][r, data["pos"]])  # the word was masked
     rows = [row for positions in (False, True)
             for row in mod.train_arm(data, data, 16, 2, positions, steps=4, seed=0, every=2)]
-    rows += mod.train_mlm_arm(model, tok, data, data, 16, 2, mask_prob=0.3, steps=4, seed=0, every=2)
-    want = [(arm, step) for arm in ("as-is", "positions", "mlm") for step in (0, 2, 4)]
+    for residual in (False, True):
+        rows += mod.train_mlm_arm(model, tok, data, data, 16, 2, mask_prob=0.3, steps=4, seed=0, every=2,
+                                  residual=residual)
+    want = [(arm, step) for arm in ("as-is", "positions", "mlm", "mlm-residual") for step in (0, 2, 4)]
     assert [(row["arm"], row["step"]) for row in rows] == want
     assert all(0 <= row["accuracy"] <= 1 and row["loss"] > 0 for row in rows)
