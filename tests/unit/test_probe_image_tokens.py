@@ -13,11 +13,29 @@ from pretrain.config import embedded_config_path, load_config
 from pretrain.models.pretrain_model import PretrainModel
 
 
-def test_patch_token_probe_decodes_colours_of_a_random_tower(one_thread):
-    path = ROOT / "scripts" / "probe_image_tokens.py"
-    spec = importlib.util.spec_from_file_location("probe_image_tokens", path)
+def _script(name: str):
+    """A module of scripts/ by file name (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def _caption_model():
+    """(A random-init small model, a tokenizer trained on compositional captions, its config)."""
+    from data_pipelines.synth import make_pair_sample
+    from data_pipelines.tokenizer import train_tokenizer
+
+    cfg = load_config(embedded_config_path(), ["model.image_size=16", "model.vision.width=32",
+                                               "model.vision.layers=1", "model.text.width=32",
+                                               "model.text.layers=1", "model.embed_dim=16"])
+    tok = train_tokenizer([make_pair_sample(i, 16, 7)["txt"].decode() for i in range(300)], vocab_size=200)
+    torch.manual_seed(0)
+    return PretrainModel.from_config(cfg, tok).eval(), tok, cfg
+
+
+def test_patch_token_probe_decodes_colours_of_a_random_tower(one_thread):
+    mod = _script("probe_image_tokens")
     cfg = load_config(embedded_config_path(), ["model.image_size=16", "model.vision.width=32",
                                                "model.vision.layers=1", "model.text.width=32",
                                                "model.text.layers=1", "model.embed_dim=16"])
@@ -34,19 +52,8 @@ def test_caption_probe_reads_which_colour_the_caption_puts_on_the_left(one_threa
     """The text side (`text_probe`): from the caption's states the left object's colour is decodable well
     above chance even on a random-init text tower (its token states keep the words and their order); a
     probe that read labels not matching its captions would sit at chance (1/8)."""
-    path = ROOT / "scripts" / "probe_image_tokens.py"
-    spec = importlib.util.spec_from_file_location("probe_image_tokens", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    from data_pipelines.synth import make_pair_sample
-    from data_pipelines.tokenizer import train_tokenizer
-
-    cfg = load_config(embedded_config_path(), ["model.image_size=16", "model.vision.width=32",
-                                               "model.vision.layers=1", "model.text.width=32",
-                                               "model.text.layers=1", "model.embed_dim=16"])
-    tok = train_tokenizer([make_pair_sample(i, 16, 7)["txt"].decode() for i in range(300)], vocab_size=200)
-    torch.manual_seed(0)
-    model = PretrainModel.from_config(cfg, tok).eval()
+    mod = _script("probe_image_tokens")
+    model, tok, cfg = _caption_model()
     out = mod.text_probe(model, tok, cfg, n_train=400, n_test=150)
     want = {f"text_{where}_{side}_colour" for where in ("eos", "tokens") for side in ("left", "right")}
     assert set(out) == want
@@ -57,19 +64,10 @@ def test_relation_learnability_labels_the_masked_relation_word_and_trains_every_
     """scripts/relation_learnability.py: each sample's label is its caption's relation ("right" = 1), the word
     is masked in the text the fusion encoder reads (its states differ from the unmasked caption's there),
     and the three arms train and report held-out accuracies."""
-    path = ROOT / "scripts" / "relation_learnability.py"
-    spec = importlib.util.spec_from_file_location("relation_learnability", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     from data_pipelines.synth import make_pair_sample
-    from data_pipelines.tokenizer import train_tokenizer
 
-    cfg = load_config(embedded_config_path(), ["model.image_size=16", "model.vision.width=32",
-                                               "model.vision.layers=1", "model.text.width=32",
-                                               "model.text.layers=1", "model.embed_dim=16"])
-    tok = train_tokenizer([make_pair_sample(i, 16, 7)["txt"].decode() for i in range(300)], vocab_size=200)
-    torch.manual_seed(0)
-    model = PretrainModel.from_config(cfg, tok).eval()
+    mod = _script("relation_learnability")
+    model, tok, cfg = _caption_model()
     data = mod.relation_data(model, tok, cfg, n=40, seed=5, batch=16)
     captions = [make_pair_sample(i, 16, 5)["txt"].decode() for i in range(40)]
     assert data["label"].tolist() == [int("right of" in c) for c in captions]
