@@ -15,6 +15,8 @@ content word masked with probability `--mask-prob`, default the run's `objective
 scored on the same masked relation word: the relation is then one target among many, as in the joint run.
 `mlm-residual` (not in the default arms): the same, with the fused head's logits added to a text-only head's
 (a product of experts), so the words the caption alone predicts stop pulling on the fusion path.
+`itm-objects` (not in the default arms): ITM with the object swap as every image's negative at every step
+(the causal text pass, as ITM reads it), scored as the binding probe scores the object swap.
 Fresh two-object samples (train seed 1000, held-out seed 2000), AdamW lr 1e-3, batch 64. Prints one JSON line
 per evaluation: arm, step, training loss, held-out accuracy (chance 0.5).
 """
@@ -99,6 +101,68 @@ def train_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
     return rows
 
 
+@torch.no_grad()
+def swap_data(model: Any, tokenizer: Any, cfg: Any, n: int, seed: int, batch: int = 256
+              ) -> dict[str, torch.Tensor]:
+    """n fresh samples -> for the true caption and its object swap ("blue square left of red circle" for "red
+    circle left of blue square"): the causal pass's states `true` / `swap` [n, L, W_text] (what ITM's fusion
+    encoder reads), padding masks `true_pad` / `swap_pad` [n, L] and pool positions `true_pos` / `swap_pos`
+    [n]; `image` [n, 1 + N, W_img]."""
+    L = cfg.model.text.context_length
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("true", "swap", "true_pad", "swap_pad", "true_pos",
+                                                          "swap_pos", "image")}
+    for start in range(0, n, batch):
+        samples = [make_pair_sample(i, cfg.model.image_size, seed)
+                   for i in range(start, min(start + batch, n))]
+        captions = {"true": [s["txt"].decode() for s in samples],
+                    "swap": [json.loads(s["json"])["swapped_objects"] for s in samples]}
+        for name, texts in captions.items():
+            ids = tokenizer.encode_batch(texts, L)
+            out[name].append(model.text_tokens(ids).float())
+            out[f"{name}_pad"].append(model.text.padding_mask(ids))
+            out[f"{name}_pos"].append(model.text.pool_positions(ids))
+        pixels = [np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples]
+        x = normalize_batch(pixels, tuple(cfg.data.mean), tuple(cfg.data.std))
+        out["image"].append(model.image_tokens(x).float())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def train_itm_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
+                  steps: int, seed: int, every: int = 250) -> list[dict[str, Any]]:
+    """The `itm-objects` arm: a fresh fusion encoder and match head learn true caption (match) vs its object
+    swap (no match) for every image of every step -- the object swap as ITM's only negative, every step --
+    scored by held-out pairwise accuracy (true above swap, chance 0.5), the binding probe's measure."""
+    from pretrain.models.fusion import FusionEncoder
+
+    torch.manual_seed(seed)
+    enc = FusionEncoder(train["true"].shape[-1], train["image"].shape[-1], width, 2, heads)
+    enc.init_weights()
+    head = torch.nn.Linear(width, 2)
+    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)
+
+    def match(d: dict[str, torch.Tensor], idx: torch.Tensor, name: str) -> torch.Tensor:
+        fused = enc(d[name][idx], d["image"][idx], d[f"{name}_pad"][idx])  # [b, L, W]
+        return head(fused[torch.arange(len(idx)), d[f"{name}_pos"][idx]])  # [b, 2]
+
+    rows, gen = [], torch.Generator().manual_seed(seed)
+    for step in range(steps + 1):
+        idx = torch.randint(0, len(train["image"]), (64,), generator=gen)
+        logits = torch.cat([match(train, idx, "true"), match(train, idx, "swap")])
+        labels = torch.cat([torch.ones(64), torch.zeros(64)]).long()
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            with torch.no_grad():
+                r = torch.arange(len(test["image"]))
+                t, s = match(test, r, "true"), match(test, r, "swap")
+                acc = ((t[:, 1] - t[:, 0]) > (s[:, 1] - s[:, 0])).float().mean()
+            rows.append({"arm": "itm-objects", "step": step, "loss": round(loss.item(), 4),
+                         "accuracy": round(float(acc), 4)})
+    return rows
+
+
 def train_mlm_arm(model: Any, tokenizer: Any, train: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
                   width: int, heads: int, mask_prob: float, steps: int, seed: int, every: int = 250,
                   residual: bool = False) -> list[dict[str, Any]]:
@@ -156,7 +220,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mask-prob", type=float, help="the mlm arm's masking (default: the run's own)")
     p.add_argument("--arms", nargs="+", default=["as-is", "positions", "mlm"],
-                   choices=["as-is", "positions", "mlm", "mlm-residual"])
+                   choices=["as-is", "positions", "mlm", "mlm-residual", "itm-objects"])
     args = p.parse_args()
     from pretrain.evaluation.evaluate import load_model
 
@@ -166,7 +230,11 @@ def main() -> None:
     test = relation_data(model, tokenizer, cfg, 400, 2000)
     width = cfg.model.fusion.width or cfg.model.text.width
     for arm in args.arms:
-        if arm.startswith("mlm"):
+        if arm == "itm-objects":
+            rows = train_itm_arm(swap_data(model, tokenizer, cfg, args.samples, 1000),
+                                 swap_data(model, tokenizer, cfg, 400, 2000), width, cfg.model.fusion.heads,
+                                 args.steps, args.seed)
+        elif arm.startswith("mlm"):
             rows = train_mlm_arm(model, tokenizer, train, test, width, cfg.model.fusion.heads,
                                  args.mask_prob or cfg.objectives.mlm.mask_prob, args.steps, args.seed,
                                  residual=arm == "mlm-residual")

@@ -5,6 +5,7 @@ probe must beat chance by far; a probe that reads the wrong labels or the wrong 
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import torch
 from tiny import ROOT
@@ -84,3 +85,21 @@ def test_relation_learnability_labels_the_masked_relation_word_and_trains_every_
     want = [(arm, step) for arm in ("as-is", "positions", "mlm", "mlm-residual") for step in (0, 2, 4)]
     assert [(row["arm"], row["step"]) for row in rows] == want
     assert all(0 <= row["accuracy"] <= 1 and row["loss"] > 0 for row in rows)
+
+
+def test_relation_learnability_itm_arm_pairs_each_image_with_its_object_swap(one_thread):
+    """The `itm-objects` arm's data: every image's true caption and its object swap, as ITM reads them (the
+    causal pass; pool positions at EOS), and the arm trains and scores pairwise."""
+    from data_pipelines.synth import make_pair_sample
+
+    mod = _script("relation_learnability")
+    model, tok, cfg = _caption_model()
+    data = mod.swap_data(model, tok, cfg, n=24, seed=5, batch=10)
+    L = cfg.model.text.context_length
+    swaps = [json.loads(make_pair_sample(i, 16, 5)["json"])["swapped_objects"] for i in range(24)]
+    assert torch.allclose(data["swap"], model.text_tokens(tok.encode_batch(swaps, L)).float())
+    assert torch.equal(data["true_pos"], model.text.pool_positions(
+        tok.encode_batch([make_pair_sample(i, 16, 5)["txt"].decode() for i in range(24)], L)))
+    assert not torch.allclose(data["true"], data["swap"])  # the same words in another order
+    rows = mod.train_itm_arm(data, data, 16, 2, steps=4, seed=0, every=2)
+    assert [r["step"] for r in rows] == [0, 2, 4] and all(0 <= r["accuracy"] <= 1 for r in rows)
