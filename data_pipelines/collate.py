@@ -31,6 +31,7 @@ class TrainExample:
     noise_rng: np.random.Generator
     epoch: int = 0
     negative: str = ""  # a caption that does not match (`neg.txt`), "" when the sample has none
+    more_negatives: tuple[str, ...] = ()  # this step's further `neg.txt` lines (caption_negatives_per_step)
 
 
 @dataclass
@@ -51,7 +52,9 @@ def collate_train(
     std: tuple[float, ...],
 ) -> dict[str, Any]:
     """Model inputs for a training batch (the keys and dtypes are the contract with the model code).
-    `neg_text` [B, L] / `has_negative` [B] only when some sample carries a negative caption."""
+    `neg_text` [B, L] / `has_negative` [B] only when some sample carries a negative caption, and
+    `neg_text_more` [B, K - 1, L] when samples carry K per step (`objectives.itm.caption_negatives_per_step`;
+    rows of samples without any hold their own caption, which `has_negative` marks unused)."""
     text = tokenizer.encode_batch([e.caption for e in examples], context_length)
     ids = text.numpy()
     vocab, specials = tokenizer.vocab_size, tokenizer.special_ids
@@ -70,6 +73,10 @@ def collate_train(
         extra["neg_text"] = tokenizer.encode_batch([ex.negative or ex.caption for ex in examples],
                                                    context_length)
         extra["has_negative"] = torch.tensor([bool(ex.negative) for ex in examples])
+    more = max((len(ex.more_negatives) for ex in examples), default=0)
+    if more:
+        rows = [c for ex in examples for c in (list(ex.more_negatives) + [ex.caption] * more)[:more]]
+        extra["neg_text_more"] = tokenizer.encode_batch(rows, context_length).view(len(examples), more, -1)
     return {**extra,
         "image": normalize_batch([ex.image for ex in examples], mean, std),
         "text": text,

@@ -63,8 +63,16 @@ def caption_of(sample: dict[str, Any], skips: SkipCounter) -> str | None:
 
 def negative_caption_of(sample: dict[str, Any], epoch: int, skips: SkipCounter | None = None,
                         wanted: bool = False) -> str:
-    """The sample's negative caption for this epoch (line `epoch` mod the number of lines of `neg.txt`, so
-    every line takes its turn and resume replays the same one); "" when there is none or it is unreadable.
+    """The first of `negative_captions_of(..., per_step=1)`: line `epoch` mod n, or ""."""
+    lines = negative_captions_of(sample, epoch, skips, wanted)
+    return lines[0] if lines else ""
+
+
+def negative_captions_of(sample: dict[str, Any], epoch: int, skips: SkipCounter | None = None,
+                         wanted: bool = False, per_step: int = 1) -> list[str]:
+    """The sample's `per_step` negative captions for this epoch (lines (epoch x per_step + j) mod the number n
+    of lines of `neg.txt`, j < per_step: every line takes its turn, all of them each step when per_step = n,
+    and resume replays the same ones); [] when there is none or it is unreadable.
 
     The member is optional, so neither case skips the sample, but both are counted in `skips` (the run's
     data report and `skip_<reason>` metrics): `bad_negative` when `neg.txt` is not UTF-8 or holds no caption,
@@ -75,18 +83,18 @@ def negative_caption_of(sample: dict[str, Any], epoch: int, skips: SkipCounter |
     if raw is None:
         if wanted and skips is not None:
             skips.skip(MISSING_NEGATIVE, f"{key}: no .{NEGATIVE_KEY} member")
-        return ""
+        return []
     try:
         lines = [ln.strip() for ln in bytes(raw).decode("utf-8").splitlines() if ln.strip()]
     except UnicodeDecodeError as exc:
         if skips is not None:
             skips.skip(BAD_NEGATIVE, f"{key}: .{NEGATIVE_KEY}: {exc}")
-        return ""
+        return []
     if not lines:
         if skips is not None:
             skips.skip(BAD_NEGATIVE, f"{key}: .{NEGATIVE_KEY} holds no caption")
-        return ""
-    return lines[epoch % len(lines)]
+        return []
+    return [lines[(epoch * per_step + j) % len(lines)] for j in range(per_step)]
 
 
 def label_of(sample: dict[str, Any]) -> int:

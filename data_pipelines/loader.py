@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .collate import EvalExample, TrainExample, collate_eval, collate_train
 from .cursor import StreamCursor
-from .decode import decode_image, label_of, negative_caption_of, split_sample
+from .decode import decode_image, label_of, negative_caption_of, negative_captions_of, split_sample
 from .plan import PlanParams, StreamState, split_counts
 from .position import PositionTracker, shards_fingerprint, start_states, stream_index, streams_for
 from .seeding import sample_rngs
@@ -89,6 +89,7 @@ class _TrainStream(IterableDataset):
         self.mask_prob = spec.mlm_prob
         self.num_patches = spec.num_patches
         self.caption_negatives = spec.caption_negatives
+        self.negatives_per_step = spec.negatives_per_step
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         actual, count = _worker()
@@ -108,8 +109,10 @@ class _TrainStream(IterableDataset):
         img = decode_image(data, key, skips, view, max_pixels=self.max_pixels)
         if img is None:
             return None
+        negatives = negative_captions_of(sample, epoch, skips, self.caption_negatives,
+                                         self.negatives_per_step)
         return TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng, epoch,
-                            negative_caption_of(sample, epoch, skips, self.caption_negatives))
+                            negatives[0] if negatives else "", tuple(negatives[1:]))
 
     def _stream(self, worker: int) -> Iterator[dict[str, Any]]:
         state = copy.deepcopy(self.starts[worker])

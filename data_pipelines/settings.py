@@ -85,6 +85,8 @@ class StreamSpec:
     caption_negatives: bool = False
     """`objectives.itm.caption_negatives` with the match loss on: a sample without `neg.txt` is counted as
     `missing_negative` (it still trains, with a batch negative in its place)."""
+    negatives_per_step: int = 1
+    """`objectives.itm.caption_negatives_per_step`: `neg.txt` lines per sample per step."""
 
     @property
     def num_patches(self) -> int:

@@ -212,6 +212,11 @@ class ITMConfig:
     Samples without one get a batch negative instead (counted as `missing_negative` in the data report
     and metrics; an unreadable `neg.txt` as `bad_negative`). Unlike `swap_negatives`, these are grammatical,
     so the text alone cannot give them away. Costs one more causal text pass and B more fusion pairs."""
+    caption_negatives_per_step: int = 1
+    """How many of a sample's `neg.txt` lines ITM scores at each step: lines (epoch x K + j) mod n, j < K, of
+    its n lines. 1: one line per epoch in turn (each swap every n-th epoch); K = n: every line at every step
+    (`data synth --compositional` writes two). Each extra line costs one more causal text pass and B more
+    fusion pairs."""
 
 
 @dataclass

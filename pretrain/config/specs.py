@@ -15,7 +15,8 @@ def stream_spec(cfg: Config) -> StreamSpec:
                       patch_size=m.vision.patch_size, context_length=m.text.context_length,
                       mlm_prob=cfg.objectives.mlm.mask_prob,
                       caption_negatives=(cfg.objectives.itm.caption_negatives and cfg.model.fusion.layers > 0
-                                         and cfg.objectives.itm.weight > 0))
+                                         and cfg.objectives.itm.weight > 0),
+                      negatives_per_step=cfg.objectives.itm.caption_negatives_per_step)
 
 
 def engine_spec(cfg: Config) -> EngineSpec:

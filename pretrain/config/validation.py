@@ -74,6 +74,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
           f"objectives.mim.mask_layout=spread needs an even number of patches per side, got {grid} "
           "(model.image_size / model.vision.patch_size)")
     check(o.mim.unmasked_tail_steps >= 0, "objectives.mim.unmasked_tail_steps must be >= 0 (0: off)")
+    check(o.itm.caption_negatives_per_step >= 1, "objectives.itm.caption_negatives_per_step must be >= 1")
+    check(o.itm.caption_negatives_per_step == 1 or o.itm.caption_negatives,
+          "objectives.itm.caption_negatives_per_step > 1 needs objectives.itm.caption_negatives=true")
     check(o.itm.hard_warmup_steps >= 0, "objectives.itm.hard_warmup_steps must be >= 0 (0: hard negatives "
           "from the first step)")
     check(o.mim.unmasked_tail_steps <= cfg.train.steps,

@@ -253,14 +253,19 @@ class PretrainModel(nn.Module):
             texts.append(self.text(swapped, causal=True, return_tokens=True))  # its own causal pass
             text_ids.append(swapped)
             images.append(image_tokens)
-        if self.obj_cfg.itm.caption_negatives:  # + (image, a caption its sample says does not match)
-            given = batch.get("neg_text")  # [B, L]; absent when no sample of the batch has one
-            neg_ids = ids_all[neg_txt] if given is None else torch.where(
-                batch["has_negative"].to(ids.device)[:, None], given.to(ids.device), ids_all[neg_txt])
-            texts.append(self.text(neg_ids, causal=True, return_tokens=True))  # its own causal pass
-            text_ids.append(neg_ids)
-            images.append(image_tokens)
-        logits = self.match_logits(torch.cat(texts), torch.cat(text_ids), torch.cat(images))  # [3B to 5B, 2]
+        if self.obj_cfg.itm.caption_negatives:  # + (image, a caption its sample says does not match) x K
+            # K = objectives.itm.caption_negatives_per_step lines [B, L], None where the batch has none:
+            # the same K passes on every rank whatever its data (ZeRO-3 gathers parameters in every forward)
+            k = self.obj_cfg.itm.caption_negatives_per_step
+            given, more = batch.get("neg_text"), batch.get("neg_text_more")  # [B, L], [B, K - 1, L]
+            rest = list(more.unbind(1)) if given is not None and more is not None else [None] * (k - 1)
+            for line in [given, *rest][:k]:
+                neg_ids = ids_all[neg_txt] if line is None else torch.where(
+                    batch["has_negative"].to(ids.device)[:, None], line.to(ids.device), ids_all[neg_txt])
+                texts.append(self.text(neg_ids, causal=True, return_tokens=True))  # its own causal pass
+                text_ids.append(neg_ids)
+                images.append(image_tokens)
+        logits = self.match_logits(torch.cat(texts), torch.cat(text_ids), torch.cat(images))  # [(3 + x) B, 2]
         B = ids.shape[0]
         labels = torch.cat([torch.ones(B), torch.zeros(logits.shape[0] - B)]).long().to(logits.device)
         return itm_loss(logits, labels)

@@ -55,6 +55,7 @@ def objectives(fusion: bool = False) -> ObjectivesConfig:
     if fusion:
         o.itm.weight, o.mlm.conditioned, o.mim.shared_pass = 1.0, True, True
         o.itm.swap_negatives = o.itm.caption_negatives = True
+        o.itm.caption_negatives_per_step = 2
     return o
 
 
@@ -74,7 +75,8 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     has = torch.tensor([i not in (2, 5) for i in range(B)])
     return {"image": torch.randn(B, 3, S, S, generator=gen), "text": ids, "mlm_input": mlm_input,
             "mlm_labels": labels, "patch_noise": torch.rand(B, N, generator=gen),
-            "itm_noise": torch.rand(B, 2, generator=gen), "neg_text": neg, "has_negative": has}
+            "itm_noise": torch.rand(B, 2, generator=gen), "neg_text": neg, "has_negative": has,
+            "neg_text_more": ids.roll(1, 0)[:, None]}  # a second line each (caption_negatives_per_step=2)
 
 
 def build(seed: int = 0, fusion: bool = False) -> PretrainModel:

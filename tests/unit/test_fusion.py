@@ -258,6 +258,29 @@ def test_caption_negatives_score_the_given_caption_or_a_batch_negative():
     assert seen[-1].shape[0] == 4 * B and torch.equal(seen[-1][3 * B:], seen[-1][B:2 * B])
 
 
+def test_several_caption_negatives_per_step_each_get_a_pair():
+    """`objectives.itm.caption_negatives_per_step=2`: both lines of every sample (`neg_text`, `neg_text_more`)
+    are scored, each with the batch negative where the sample has none; a batch without any still makes the
+    same number of passes (every rank must, under ZeRO-3)."""
+    obj = objectives(itm=1.0, mim=0.0, mlm=0.0)
+    obj.itm.caption_negatives, obj.itm.caption_negatives_per_step = True, 2
+    model = build(model_cfg(1), obj)
+    seen = []
+    model.match_logits = (lambda f: lambda t, i, im: seen.append(i) or f(t, i, im))(model.match_logits)
+    b = batch()
+    first, second = batch(seed=1)["text"], batch(seed=2)["text"]
+    has = torch.tensor([True, False, True, True, False, True])
+    out, grads = run(model, {**b, "neg_text": first, "has_negative": has, "neg_text_more": second[:, None]})
+    ids5 = seen[-1]
+    assert ids5.shape[0] == 5 * B
+    mined = ids5[B:2 * B]
+    for got, line in ((ids5[3 * B:4 * B], first), (ids5[4 * B:], second)):
+        assert torch.equal(got[has], line[has]) and torch.equal(got[~has], mined[~has])
+    assert torch.isfinite(out["loss_itm"]) and grads["itm_head.fc.weight"].abs().sum() > 0
+    run(model, b)
+    assert seen[-1].shape[0] == 5 * B and torch.equal(seen[-1][4 * B:], seen[-1][B:2 * B])
+
+
 def test_activation_checkpointing_of_fusion_blocks_keeps_gradients():
     ref = build(model_cfg(2), objectives(itm=1.0, conditioned=True))
     out_ref, g_ref = run(ref, batch())
@@ -288,6 +311,10 @@ def test_tp_plan_splits_the_fusion_blocks():
     (["model.fusion.layers=1", "model.fusion.heads=3"], "must divide the fusion width"),
     (["model.fusion.layers=1", "model.fusion.heads=2", "parallel.tp=4"], "model.fusion.heads (2)"),
     (["model.fusion.text_positions=true"], "model.fusion.text_positions=true needs model.fusion.layers > 0"),
+    (["objectives.itm.caption_negatives_per_step=2"],
+     "objectives.itm.caption_negatives_per_step > 1 needs objectives.itm.caption_negatives=true"),
+    (["objectives.itm.caption_negatives_per_step=0"],
+     "objectives.itm.caption_negatives_per_step must be >= 1"),
     (["model.fusion.image_positions=true"],
      "model.fusion.image_positions=true needs model.fusion.layers > 0"),
 ])

@@ -132,6 +132,21 @@ def test_negative_captions_reach_the_batch_one_line_per_epoch(tmp_path):
     assert [negative_caption_of(sample, e) for e in range(3)] == ["first", "second", "first"]
     assert negative_caption_of({}, 0) == "" and negative_caption_of({"neg.txt": b"\xff"}, 0) == ""
 
+    # objectives.itm.caption_negatives_per_step=2: both swaps of every sample at every step
+    from data_pipelines.decode import negative_captions_of
+
+    three = {"neg.txt": b"a\nb\nc"}
+    got = [negative_captions_of(three, e, per_step=2) for e in range(3)]
+    assert got == [["a", "b"], ["c", "a"], ["b", "c"]]
+    cfg.objectives.itm.caption_negatives, cfg.objectives.itm.caption_negatives_per_step = True, 2
+    cfg.model.fusion.layers, cfg.objectives.itm.weight = 1, 1.0
+    batch = next(iter(train_loader(cfg, tok, rank=0, world=1)))
+    L = cfg.model.text.context_length
+    assert batch["neg_text_more"].shape == (4, 1, L)
+    for key, row, more in zip(batch["_keys"], batch["neg_text"], batch["neg_text_more"][:, 0]):
+        swaps = tok.encode_batch([meta[key]["swapped_colours"], meta[key]["swapped_objects"]], L)
+        assert torch.equal(row, swaps[0]) and torch.equal(more, swaps[1])
+
 
 def test_unreadable_or_missing_negative_captions_are_counted_and_the_sample_kept(tmp_path):
     """A `neg.txt` that is not UTF-8 or holds no caption is counted as `bad_negative`; a sample without one
