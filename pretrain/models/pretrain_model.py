@@ -206,12 +206,9 @@ class PretrainModel(nn.Module):
             else:
                 losses["loss_mim"] = mim_loss(pred, images, mask, self.visual.patch_size, o.mim.norm_pix_loss,
                                              o.mim.norm_pix_eps)
-        if use_mlm:
-            hidden = self.text.forward_tokens(batch["mlm_input"], causal=False)  # [B, L, W]
-            if conditioned:  # the masked caption also sees the image: [B, L, W_fusion]
-                hidden = self.fusion(hidden, image_tokens, self.text.padding_mask(batch["mlm_input"]))
-            losses["loss_mlm"] = mlm_loss(self.mlm_head(hidden), batch["mlm_labels"],
-                                          group=get_data_parallel_group())
+        if use_mlm:  # conditioned: the masked caption also sees the image tokens
+            logits = self._mlm_logits(batch["mlm_input"], image_tokens)  # [B, L, V]
+            losses["loss_mlm"] = mlm_loss(logits, batch["mlm_labels"], group=get_data_parallel_group())
 
         weights = {"loss_contrastive": o.contrastive.weight, "loss_mim": o.mim.weight,
                    "loss_mlm": o.mlm.weight, "loss_itm": o.itm.weight}
@@ -292,9 +289,13 @@ class PretrainModel(nn.Module):
 
     @torch.no_grad()
     def mlm_logits(self, mlm_input: torch.Tensor, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """`_mlm_logits` without gradients: what the binding probe's relation test reads (`image_tokens` from
+        `image_tokens`)."""
+        return self._mlm_logits(mlm_input, image_tokens)
+
+    def _mlm_logits(self, mlm_input: torch.Tensor, image_tokens: torch.Tensor | None) -> torch.Tensor:
         """A masked caption [B, L] -> the MLM head's logits [B, L, V]; with `objectives.mlm.conditioned` the
-        caption goes through the fusion encoder with `image_tokens` [B, 1 + N, W_img] (from `image_tokens`),
-        as in training. What the binding probe's relation test reads."""
+        caption goes through the fusion encoder with the image tokens [B, 1 + N_vis, W_img]."""
         hidden = self.text.forward_tokens(mlm_input, causal=False)  # [B, L, W_text]
         if self.obj_cfg.mlm.conditioned:
             hidden = self.fusion(hidden, image_tokens, self.text.padding_mask(mlm_input))  # [B, L, W_fusion]
