@@ -16,7 +16,8 @@ scored on the same masked relation word: the relation is then one target among m
 `mlm-residual` (not in the default arms): the same, with the fused head's logits added to a text-only head's
 (a product of experts), so the words the caption alone predicts stop pulling on the fusion path.
 `itm-objects` (not in the default arms): ITM with the object swap as every image's negative at every step
-(the causal text pass, as ITM reads it), scored as the binding probe scores the object swap.
+(the causal text pass, as ITM reads it), scored as the binding probe scores the object swap;
+`itm-objects-positions` the same with fresh learned image positions.
 Fresh two-object samples (train seed 1000, held-out seed 2000), AdamW lr 1e-3, batch 64. Prints one JSON line
 per evaluation: arm, step, training loss, held-out accuracy (chance 0.5).
 """
@@ -128,20 +129,24 @@ def swap_data(model: Any, tokenizer: Any, cfg: Any, n: int, seed: int, batch: in
 
 
 def train_itm_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
-                  steps: int, seed: int, every: int = 250) -> list[dict[str, Any]]:
+                  steps: int, seed: int, positions: bool = False, every: int = 250) -> list[dict[str, Any]]:
     """The `itm-objects` arm: a fresh fusion encoder and match head learn true caption (match) vs its object
     swap (no match) for every image of every step -- the object swap as ITM's only negative, every step --
-    scored by held-out pairwise accuracy (true above swap, chance 0.5), the binding probe's measure."""
+    scored by held-out pairwise accuracy (true above swap, chance 0.5), the binding probe's measure.
+    `positions` (`itm-objects-positions`): with fresh learned image positions, as `positions` does."""
     from pretrain.models.fusion import FusionEncoder
 
     torch.manual_seed(seed)
-    enc = FusionEncoder(train["true"].shape[-1], train["image"].shape[-1], width, 2, heads)
+    S, W_img = train["image"].shape[1:]
+    enc = FusionEncoder(train["true"].shape[-1], W_img, width, 2, heads, image_tokens=S if positions else 0)
     enc.init_weights()
+    identity = torch.arange(S - 1).expand(1, S - 1)
     head = torch.nn.Linear(width, 2)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)
 
     def match(d: dict[str, torch.Tensor], idx: torch.Tensor, name: str) -> torch.Tensor:
-        fused = enc(d[name][idx], d["image"][idx], d[f"{name}_pad"][idx])  # [b, L, W]
+        image = enc.place(d["image"][idx], identity.expand(len(idx), -1))
+        fused = enc(d[name][idx], image, d[f"{name}_pad"][idx])  # [b, L, W]
         return head(fused[torch.arange(len(idx)), d[f"{name}_pos"][idx]])  # [b, 2]
 
     rows, gen = [], torch.Generator().manual_seed(seed)
@@ -158,8 +163,8 @@ def train_itm_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
                 r = torch.arange(len(test["image"]))
                 t, s = match(test, r, "true"), match(test, r, "swap")
                 acc = ((t[:, 1] - t[:, 0]) > (s[:, 1] - s[:, 0])).float().mean()
-            rows.append({"arm": "itm-objects", "step": step, "loss": round(loss.item(), 4),
-                         "accuracy": round(float(acc), 4)})
+            rows.append({"arm": "itm-objects-positions" if positions else "itm-objects", "step": step,
+                         "loss": round(loss.item(), 4), "accuracy": round(float(acc), 4)})
     return rows
 
 
@@ -220,20 +225,24 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mask-prob", type=float, help="the mlm arm's masking (default: the run's own)")
     p.add_argument("--arms", nargs="+", default=["as-is", "positions", "mlm"],
-                   choices=["as-is", "positions", "mlm", "mlm-residual", "itm-objects"])
+                   choices=["as-is", "positions", "mlm", "mlm-residual", "itm-objects",
+                            "itm-objects-positions"])
     args = p.parse_args()
     from pretrain.evaluation.evaluate import load_model
 
     model, tokenizer, cfg = load_model(args.run_dir)
     model.eval()
-    train = relation_data(model, tokenizer, cfg, args.samples, 1000)
-    test = relation_data(model, tokenizer, cfg, 400, 2000)
+    if any(not a.startswith("itm") for a in args.arms):
+        train = relation_data(model, tokenizer, cfg, args.samples, 1000)
+        test = relation_data(model, tokenizer, cfg, 400, 2000)
+    if any(a.startswith("itm") for a in args.arms):
+        swaps = (swap_data(model, tokenizer, cfg, args.samples, 1000),
+                 swap_data(model, tokenizer, cfg, 400, 2000))
     width = cfg.model.fusion.width or cfg.model.text.width
     for arm in args.arms:
-        if arm == "itm-objects":
-            rows = train_itm_arm(swap_data(model, tokenizer, cfg, args.samples, 1000),
-                                 swap_data(model, tokenizer, cfg, 400, 2000), width, cfg.model.fusion.heads,
-                                 args.steps, args.seed)
+        if arm.startswith("itm"):
+            rows = train_itm_arm(*swaps, width, cfg.model.fusion.heads, args.steps, args.seed,
+                                 positions=arm == "itm-objects-positions")
         elif arm.startswith("mlm"):
             rows = train_mlm_arm(model, tokenizer, train, test, width, cfg.model.fusion.heads,
                                  args.mask_prob or cfg.objectives.mlm.mask_prob, args.steps, args.seed,

@@ -6,6 +6,13 @@ the same samples seen: `contrastive` (CLIP loss only) and `fusion` (CLIP loss + 
 the image-conditioned MLM, `model.fusion.layers` blocks). Each is scored by `pretrain eval`'s own code:
 dual-encoder retrieval R@1, `--rerank K` (fusion only) and `--binding`. The table puts the fusion run's
 re-ranked R@1 next to both runs' plain R@1, and ITM binding accuracy next to both dual encoders'.
+
+`frozen-towers` (after `contrastive` in `--recipes`): a second stage on the contrastive run's final weights
+(`--init-from`), towers and logit scale frozen (`train.freeze`), a fresh fusion encoder with image positions
+trained for `--frozen-steps` by ITM alone, with both caption swaps of each sample as negatives at every
+step, on whole images (`objectives.mim.mask_ratio=0`: no FLIP masking, which would hide half the patches
+the match depends on, and which saves nothing worth having once the towers are frozen). Its dual encoder is the contrastive run's, unchanged, so its re-ranked R@1 and ITM binding compare with
+the same towers' dual-encoder scores: what the fusion encoder adds, and nothing else (BLIP-2's setting).
 """
 
 from __future__ import annotations
@@ -33,7 +40,14 @@ RECIPES: dict[str, list[str]] = {
     "contrastive": ["objectives.mlm.weight=0"],
     "fusion": ["model.fusion.layers=2", "model.fusion.heads=4", "objectives.itm.weight=1",
                "objectives.mlm.weight=0.5", "objectives.mlm.conditioned=true"],
+    "frozen-towers": ["objectives.mlm.weight=0", "model.fusion.layers=2", "model.fusion.heads=4",
+                      "model.fusion.image_positions=true", "objectives.itm.weight=1",
+                      "objectives.itm.caption_negatives=true", "objectives.itm.caption_negatives_per_step=2",
+                      "objectives.mim.mask_ratio=0", "train.freeze=[visual.*,text.*,logit_scale]",
+                      "parallel.zero_stage=1"],
 }
+STAGE_TWO = {"frozen-towers": "contrastive"}
+"""Recipe -> the recipe whose final weights it starts from (same seed, earlier in `--recipes`)."""
 
 
 def _data(out: Path, seed: int, train: int, val: int, size: int = 32) -> dict[str, str]:
@@ -67,17 +81,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     owned = owned_key_problems(args.set, OWNED)
     if owned:  # before any data is written
         raise ValueError("bench fusion: " + "; ".join(owned))
+    for name, first in STAGE_TWO.items():
+        if name in args.recipes and first not in args.recipes[:args.recipes.index(name)]:
+            raise ValueError(f"bench fusion: recipe {name} starts from {first}'s weights: list {first} "
+                             "before it in --recipes")
     out = Path(args.out).resolve()
     rows = []
     for seed in args.seeds:
         data = _data(out, seed, args.train_samples, args.val_samples, args.image_size)
         for name in args.recipes:
             run_dir = out / "runs" / f"seed{seed}" / name
+            steps = args.steps
+            init = []
+            if name in STAGE_TWO:
+                steps = args.frozen_steps or args.steps
+                init = ["--init-from", str(out / "runs" / f"seed{seed}" / STAGE_TWO[name])]
             overrides = [*SMALL, f"model.image_size={args.image_size}", *RECIPES[name],
                          f"data.train={data['train']}", f"run.dir={run_dir}",
-                         f"train.seed={seed}", f"train.steps={args.steps}",
+                         f"train.seed={seed}", f"train.steps={steps}",
                          f"train.micro_batch={args.batch_size}", *args.set]
-            summary, wall = train_ours(overrides, run_dir)
+            summary, wall = train_ours([*init, *overrides], run_dir)
             row = {"seed": seed, "recipe": name, "train_wall_s": round(wall, 1),
                    "samples_per_s": summary.get("samples_per_s"), **_score(run_dir, data, args.rerank)}
             print(json.dumps(row), flush=True)
@@ -148,6 +171,8 @@ def add_fusion_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--frozen-steps", type=int, default=0,
+                   help="steps of the frozen-towers stage (default: --steps)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--train-samples", type=int, default=8000)
     p.add_argument("--val-samples", type=int, default=500)

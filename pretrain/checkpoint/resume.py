@@ -1,6 +1,9 @@
 """Where a run starts: fresh; a DeepSpeed checkpoint (at its own layout: DeepSpeed loads it; at another
 one: through its universal copy, written on the way if there is none yet); a universal checkpoint of any
 layout; or another model's weights (`--init-from`: imports, exports, checkpoints) with a fresh optimizer.
+`--init-from` a dual encoder (`model.fusion.layers=0`) into the same towers with a fusion encoder added
+loads the towers and leaves the fusion encoder and its heads at this run's own initialisation (BLIP-2's
+recipe: a fusion stage on pretrained, often frozen, towers).
 
 `resolve_start` runs once the process groups exist but before the model does (it supplies the tokenizer,
 refuses a config that does not fit the checkpoint, and converts a checkpoint of another layout: rank 0
@@ -38,10 +41,20 @@ from pretrain.config import Config, ConfigError, ModelConfig, config_from_dict
 log = logging.getLogger("mmpt.train")
 KERNEL_SWITCHES = ("attention", "fused_layernorm")
 """model.* keys that choose kernels, not weights: a checkpoint resumes under either setting."""
+FRESH_PREFIXES = ("fusion.", "itm_head.", "mlm_head.")
+"""What a fusion model may hold that the dual encoder it starts from (`--init-from`) lacks: the fusion
+encoder, the ITM head and the (conditioned) MLM head start from this run's initialisation."""
 
 
 def _architecture(model: ModelConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(model).items() if k not in KERNEL_SWITCHES}
+
+
+def adds_fusion(source: ModelConfig, model: ModelConfig) -> bool:
+    """True when `model` is `source`'s dual encoder with a fusion encoder added (every other model key the
+    same): `--init-from` then loads the towers and leaves the fusion part fresh."""
+    a, b = _architecture(source), _architecture(model)
+    return a.pop("fusion")["layers"] == 0 and b.pop("fusion")["layers"] > 0 and a == b
 
 
 @dataclasses.dataclass
@@ -49,6 +62,7 @@ class StartPoint:
     universal: UniversalSource | None = None
     target: tuple[Path, str] | None = None  # DeepSpeed checkpoint root and tag
     init: Source | None = None
+    init_adds_fusion: bool = False  # `--init-from` a dual encoder: the fusion part starts fresh
     client: dict[str, Any] | None = None  # step, config, tokenizer, data positions, RNG of a resume
 
     @property
@@ -65,6 +79,21 @@ class StartPoint:
             return str(self.universal.path)
         return f"{self.target[0]}/{self.target[1]}" if self.target else "scratch"
 
+    def _fresh(self, engine: Any) -> frozenset[str]:
+        """Names of the fusion parameters a dual-encoder `--init-from` source lacks (none otherwise)."""
+        if not self.init_adds_fusion:
+            return frozenset()
+        fresh = {n: p for n, p in engine.module.named_parameters() if n not in self.init.layout}
+        other = [n for n in fresh if not n.startswith(FRESH_PREFIXES)]
+        if other:  # a tower parameter missing: the source is not this model's dual encoder
+            raise ValueError(f"--init-from {self.init.path}: has no tensors for {len(other)} parameters "
+                             f"outside the fusion part, e.g. {other[:3]}")
+        frozen = [n for n, p in fresh.items() if not p.requires_grad]
+        if frozen:
+            raise ConfigError(f"train.freeze: freezes {frozen[:3]}, which --init-from {self.init.path} "
+                              "lacks: they would stay at their random initialisation")
+        return frozenset(fresh)
+
     def load(self, engine: Any) -> tuple[int, Any]:
         """Put the start state into `engine`; return (start step, saved data positions or None)."""
         if self.universal is not None:
@@ -73,8 +102,12 @@ class StartPoint:
             # every rank checks its files (sha256, weights-only), then DeepSpeed loads, never unpickling
             ckpt.load_deepspeed(engine, *self.target)
         elif self.init is not None:
-            load_full_tensors(engine, self.init.tensor, self.init.layout, keys=("fp32",))
+            fresh = self._fresh(engine)
+            load_full_tensors(engine, self.init.tensor, self.init.layout, keys=("fp32",), fresh=fresh)
             log.info("initialised weights from %s (fresh optimizer, step 0)", self.init.path)
+            if fresh:
+                log.info("%d parameters the source lacks start from this run's initialisation: %s",
+                         len(fresh), ", ".join(sorted({n.split(".")[0] + ".*" for n in fresh})))
         if self.client is None:
             return 0, None
         torch.set_rng_state(self.client["rng"])
@@ -206,10 +239,12 @@ def resolve_start(cfg: Config, root: Path, resume: str | None, init_from: str | 
                 start.target, start.client = None, start.universal.client_state()
     elif init_from:
         start.init = open_source(init_from)
-        if _architecture(start.init.config.model) != _architecture(cfg.model):
+        start.init_adds_fusion = adds_fusion(start.init.config.model, cfg.model)
+        if _architecture(start.init.config.model) != _architecture(cfg.model) and not start.init_adds_fusion:
             raise ConfigError(f"--init-from {init_from}: its model config differs from this run's; train "
                               f"with its config (`--config {Path(init_from) / 'train.yaml'}` for imports) or "
-                              "the same model.* settings")
+                              "the same model.* settings (a dual encoder may also gain a fusion encoder: "
+                              "model.fusion.layers > 0 with every other model.* key the same)")
     return start
 
 

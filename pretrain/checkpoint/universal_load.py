@@ -54,11 +54,11 @@ def _zero12_groups(opt: Any) -> tuple[list[list[Any]], list[torch.Tensor]] | Non
     return (lp, hp) if lp is not None and hp is not None else None
 
 
-def _checked_names(engine: Any, layout: dict[str, dict[str, Any]]) -> dict[Any, str]:
+def _checked_names(engine: Any, layout: dict[str, dict[str, Any]], fresh: frozenset[str]) -> dict[Any, str]:
     if not (hasattr(engine.optimizer, "fp32_partitioned_groups_flat") or _zero12_groups(engine.optimizer)):
         raise ValueError("loading a universal checkpoint or imported weights needs a ZeRO-partitioned "
                          "optimizer: parallel.zero_stage=1, 2 or 3 (3 is the default), not 0")
-    names = {p: n for n, p in engine.module.named_parameters()}
+    names = {p: n for n, p in engine.module.named_parameters() if n not in fresh}
     missing = [n for n in names.values() if n not in layout]
     if missing:
         raise ValueError(f"the checkpoint has no tensors for {len(missing)} parameters of this model, "
@@ -111,7 +111,9 @@ def _load_zero12(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]], ke
         state = opt.optimizer.state[flat]
         targets = {k: flat if k == "fp32" else state[k] for k in keys}
         for p in params:
-            name = names[p]
+            name = names.get(p)
+            if name is None:  # fresh (`fresh`): keeps this run's initialisation
+                continue
             mapping = getattr(p, "_hp_mapping", None)
             for key in keys:
                 local = _local(tensor, name, key, layout[name], p.numel())
@@ -150,11 +152,12 @@ def _load_frozen_zero3(engine: Any, tensor: Any, layout: dict[str, dict[str, Any
 
 
 def load_full_tensors(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]],
-                      keys: tuple[str, ...] = KEYS) -> int:
+                      keys: tuple[str, ...] = KEYS, fresh: frozenset[str] = frozenset()) -> int:
     """Set `keys` of every parameter from `tensor(name, key)` (full single-device tensors); return count.
 
-    `keys` = ("fp32",) loads weights only (imports): Adam moments keep their fresh zeros."""
-    names = _checked_names(engine, layout)
+    `keys` = ("fp32",) loads weights only (imports): Adam moments keep their fresh zeros. Parameters named
+    in `fresh` (a fusion encoder a dual-encoder source lacks) are left as they are."""
+    names = _checked_names(engine, layout, fresh)
     opt = engine.optimizer
     if not hasattr(opt, "fp32_partitioned_groups_flat"):
         return _load_zero12(engine, tensor, layout, keys, names)
@@ -162,10 +165,13 @@ def load_full_tensors(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]
     count = 0
     for sub, params in enumerate(opt.fp16_groups):
         fp32_flat = opt.fp32_partitioned_groups_flat[sub]
-        bufs = {k: torch.zeros_like(fp32_flat) for k in keys}
+        bufs = {k: fp32_flat.clone() if k == "fp32" and fresh else torch.zeros_like(fp32_flat) for k in keys}
         offset = 0
         for p in params:
-            name = names[p]
+            name = names.get(p)
+            if name is None:  # fresh: its part of the flat master keeps this run's initialisation
+                offset += p.ds_tensor.ds_numel
+                continue
             group = opt._get_param_partition_group(p)
             rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
             for key in keys:

@@ -55,3 +55,25 @@ def test_universal_copy_is_reused_only_for_the_same_checkpoint(tmp_path):
     assert _is_copy_of(copy, "abc") and not _is_copy_of(copy, "def")
     (copy / "universal.json").write_text(json.dumps({"format": "mmpt-universal"}))  # written before sha256s
     assert _is_copy_of(copy, "def")
+
+
+@pytest.mark.parametrize("source, model, adds", [
+    ({}, {"fusion.layers": 2}, True),  # the towers plus a fusion encoder
+    ({}, {"fusion.layers": 2, "fusion.width": 16, "fusion.image_positions": True}, True),
+    ({}, {}, False),  # the same model: an ordinary --init-from
+    ({}, {"fusion.layers": 2, "text.width": 24}, False),  # other towers
+    ({"fusion.layers": 1}, {"fusion.layers": 2}, False),  # a fusion model into another fusion model
+    ({"fusion.layers": 1}, {}, False),  # dropping the fusion encoder
+])
+def test_init_from_may_add_a_fusion_encoder_to_the_same_towers_only(source, model, adds):
+    """`--init-from` a dual encoder into the same towers plus a fusion encoder (the fusion part starts fresh);
+    any other difference in model.* stays refused (resolve_start)."""
+    from pretrain.checkpoint.resume import adds_fusion
+    from pretrain.config import load_config
+    from pretrain.config.loading import embedded_config_path
+
+    def cfg(over):
+        overrides = [f"model.{k}={str(v).lower()}" for k, v in over.items()]
+        return load_config(embedded_config_path(), overrides).model
+
+    assert adds_fusion(cfg(source), cfg(model)) is adds
