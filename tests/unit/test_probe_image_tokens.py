@@ -103,3 +103,7 @@ def test_relation_learnability_itm_arm_pairs_each_image_with_its_object_swap(one
     assert not torch.allclose(data["true"], data["swap"])  # the same words in another order
     rows = mod.train_itm_arm(data, data, 16, 2, steps=4, seed=0, every=2)
     assert [r["step"] for r in rows] == [0, 2, 4] and all(0 <= r["accuracy"] <= 1 for r in rows)
+    with_positions = mod.train_itm_arm(data, data, 16, 2, steps=4, seed=0, every=2, positions=True)
+    assert {r["arm"] for r in rows} == {"itm-objects"} and {r["arm"] for r in with_positions} == {
+        "itm-objects-positions"}
+    assert [r["loss"] for r in with_positions] != [r["loss"] for r in rows]  # the positions are in the pass
