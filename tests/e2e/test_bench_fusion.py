@@ -51,6 +51,7 @@ def test_bench_fusion_scores_both_arms(tmp_path):
     assert f"initialised weights from {runs / 'contrastive' / 'checkpoints'}" in log
     cfg = (runs / "frozen-towers" / "config.yaml").read_text()
     assert "mask_ratio: 0.0" in cfg and "caption_negatives_per_step: 2" in cfg
+    assert "schedule: constant" in cfg and "crop_scale:\n  - 1.0\n  - 1.0" in cfg
     assert "\n  steps: 2\n" in cfg  # --frozen-steps
     itm = [m["loss_itm"] for m in read_metrics(runs / "frozen-towers") if "loss_itm" in m]
     assert itm and all(v > 0 for v in itm)
