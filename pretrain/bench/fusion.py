@@ -9,13 +9,14 @@ re-ranked R@1 next to both runs' plain R@1, and ITM binding accuracy next to bot
 
 `frozen-towers` (after `contrastive` in `--recipes`): a second stage on the contrastive run's final weights
 (`--init-from`), towers and logit scale frozen (`train.freeze`), a fresh fusion encoder with image positions
-trained for `--frozen-steps` by ITM alone, with both caption swaps of each sample as negatives at every
-step, on whole images: no FLIP masking (`objectives.mim.mask_ratio=0`), which would hide half the patches
-the match depends on, and no random crop (`data.crop_scale=[1.0,1.0]`), which can cut an object out of a
-32-pixel image. A constant learning rate (`optim.schedule=constant`): matching an object swap is learned,
-if at all, after a long plateau at chance, where a decaying rate would leave little step. Its dual encoder
-is the contrastive run's, unchanged, so its re-ranked R@1 and ITM binding compare with the same towers'
-dual-encoder scores: what the fusion encoder adds, and nothing else (BLIP-2's setting).
+trained for `--frozen-steps` by ITM alone: both caption swaps of each sample as negatives at every step,
+and hard negatives from the frozen towers' similarities (ramped in over 1,000 steps). On whole images: no
+FLIP masking (`objectives.mim.mask_ratio=0`), which would hide half the patches the match depends on, and
+no random crop (`data.crop_scale=[1.0,1.0]`), which can cut an object out of a 32-pixel image. A constant
+learning rate (`optim.schedule=constant`): matching an object swap is learned, if at all, after a long
+plateau at chance, where a decaying rate would leave little step. Its dual encoder is the contrastive
+run's, unchanged, so its re-ranked R@1 and ITM binding compare with the same towers' dual-encoder scores:
+what the fusion encoder adds, and nothing else (BLIP-2's setting).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ RECIPES: dict[str, list[str]] = {
     "frozen-towers": ["objectives.mlm.weight=0", "model.fusion.layers=2", "model.fusion.heads=4",
                       "model.fusion.image_positions=true", "objectives.itm.weight=1",
                       "objectives.itm.caption_negatives=true", "objectives.itm.caption_negatives_per_step=2",
+                      "objectives.itm.hard_warmup_steps=1000",
                       "objectives.mim.mask_ratio=0", "data.crop_scale=[1.0,1.0]", "optim.schedule=constant",
                       "train.freeze=[visual.*,text.*,logit_scale]", "parallel.zero_stage=1"],
 }
