@@ -77,3 +77,25 @@ def test_init_from_may_add_a_fusion_encoder_to_the_same_towers_only(source, mode
         return load_config(embedded_config_path(), overrides).model
 
     assert adds_fusion(cfg(source), cfg(model)) is adds
+
+
+def test_readme_fusion_stage_command_is_a_valid_config_that_adds_fusion_to_the_default_towers():
+    """README's "fusion stage on pretrained towers" command, as written (its key=value words): it passes
+    validation and is the default dual encoder plus a fusion encoder: `--init-from` a default run takes it."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from pretrain.checkpoint.resume import adds_fusion
+    from pretrain.config import load_config
+    from pretrain.config.loading import embedded_config_path
+    from pretrain.config.validation import validate
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"pretrain train --init-from runs/clip (.*?)\n  ```", readme, re.S)
+    assert block, "README lost the fusion-stage command"
+    words = shlex.split(block.group(1).replace("\\\n", " "))
+    words = [w for w in words if "=" in w and w != "data.train=..."]
+    cfg = load_config(embedded_config_path(), [*words, "data.train=x.tar"])
+    validate(cfg)
+    assert adds_fusion(load_config(embedded_config_path(), ["data.train=x.tar"]).model, cfg.model)
