@@ -18,6 +18,10 @@ scored on the same masked relation word: the relation is then one target among m
 `itm-objects` (not in the default arms): ITM with the object swap as every image's negative at every step
 (the causal text pass, as ITM reads it), scored as the binding probe scores the object swap;
 `itm-objects-positions` the same with fresh learned image positions.
+`itm-mixed-positions`: the pairs the frozen-towers stage scores (`pretrain bench fusion`), five per image and
+step: the true caption, both swaps, another sample's caption and another sample's image (uniform over the
+batch); `--mixed-steps N` gives `itm-objects-positions` those pairs for its first N steps only. ITM rows also
+report `colours` (true above the colour swap).
 Fresh two-object samples (train seed 1000, held-out seed 2000), AdamW lr 1e-3, batch 64. Prints one JSON line
 per evaluation: arm, step, training loss, held-out accuracy (chance 0.5).
 """
@@ -105,18 +109,21 @@ def train_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
 @torch.no_grad()
 def swap_data(model: Any, tokenizer: Any, cfg: Any, n: int, seed: int, batch: int = 256
               ) -> dict[str, torch.Tensor]:
-    """n fresh samples -> for the true caption and its object swap ("blue square left of red circle" for "red
-    circle left of blue square"): the causal pass's states `true` / `swap` [n, L, W_text] (what ITM's fusion
-    encoder reads), padding masks `true_pad` / `swap_pad` [n, L] and pool positions `true_pos` / `swap_pos`
-    [n]; `image` [n, 1 + N, W_img]."""
+    """n fresh samples -> for the true caption, its object swap ("blue square left of red circle" for "red
+    circle left of blue square") and its colour swap ("blue circle left of red square"): the causal pass's
+    states `true` / `swap` / `colour` [n, L, W_text] (what ITM's fusion encoder reads), padding masks
+    `true_pad` / `swap_pad` / `colour_pad` [n, L] and pool positions `true_pos` / ... [n]; `image`
+    [n, 1 + N, W_img]."""
     L = cfg.model.text.context_length
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("true", "swap", "true_pad", "swap_pad", "true_pos",
-                                                          "swap_pos", "image")}
+    out: dict[str, list[torch.Tensor]] = {f"{name}{part}": [] for name in ("true", "swap", "colour")
+                                          for part in ("", "_pad", "_pos")}
+    out["image"] = []
     for start in range(0, n, batch):
         samples = [make_pair_sample(i, cfg.model.image_size, seed)
                    for i in range(start, min(start + batch, n))]
         captions = {"true": [s["txt"].decode() for s in samples],
-                    "swap": [json.loads(s["json"])["swapped_objects"] for s in samples]}
+                    "swap": [json.loads(s["json"])["swapped_objects"] for s in samples],
+                    "colour": [json.loads(s["json"])["swapped_colours"] for s in samples]}
         for name, texts in captions.items():
             ids = tokenizer.encode_batch(texts, L)
             out[name].append(model.text_tokens(ids).float())
@@ -129,11 +136,14 @@ def swap_data(model: Any, tokenizer: Any, cfg: Any, n: int, seed: int, batch: in
 
 
 def train_itm_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
-                  steps: int, seed: int, positions: bool = False, every: int = 250) -> list[dict[str, Any]]:
+                  steps: int, seed: int, positions: bool = False, every: int = 250, mixed_steps: int = 0,
+                  name: str | None = None) -> list[dict[str, Any]]:
     """The `itm-objects` arm: a fresh fusion encoder and match head learn true caption (match) vs its object
     swap (no match) for every image of every step -- the object swap as ITM's only negative, every step --
     scored by held-out pairwise accuracy (true above swap, chance 0.5), the binding probe's measure.
-    `positions` (`itm-objects-positions`): with fresh learned image positions, as `positions` does."""
+    `positions` (`itm-objects-positions`): with fresh learned image positions, as `positions` does.
+    `mixed_steps`: steps before this one score the stage's five pairs per image (true, both swaps, a batch
+    caption, a batch image: 1 match, 4 no match)."""
     from pretrain.models.fusion import FusionEncoder
 
     torch.manual_seed(seed)
@@ -144,16 +154,24 @@ def train_itm_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
     head = torch.nn.Linear(width, 2)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)
 
-    def match(d: dict[str, torch.Tensor], idx: torch.Tensor, name: str) -> torch.Tensor:
-        image = enc.place(d["image"][idx], identity.expand(len(idx), -1))
-        fused = enc(d[name][idx], image, d[f"{name}_pad"][idx])  # [b, L, W]
-        return head(fused[torch.arange(len(idx)), d[f"{name}_pos"][idx]])  # [b, 2]
+    def match(d: dict[str, torch.Tensor], idx: torch.Tensor, caption: str,
+              images: torch.Tensor | None = None) -> torch.Tensor:
+        """Match logits [b, 2] of captions `caption` of rows idx with the images of rows `images` (idx)."""
+        image = enc.place(d["image"][idx if images is None else images], identity.expand(len(idx), -1))
+        fused = enc(d[caption][idx], image, d[f"{caption}_pad"][idx])  # [b, L, W]
+        return head(fused[torch.arange(len(idx)), d[f"{caption}_pos"][idx]])  # [b, 2]
 
     rows, gen = [], torch.Generator().manual_seed(seed)
+    name = name or ("itm-objects-positions" if positions else "itm-objects")
     for step in range(steps + 1):
         idx = torch.randint(0, len(train["image"]), (64,), generator=gen)
-        logits = torch.cat([match(train, idx, "true"), match(train, idx, "swap")])
-        labels = torch.cat([torch.ones(64), torch.zeros(64)]).long()
+        pairs = [match(train, idx, "true"), match(train, idx, "swap")]
+        if step < mixed_steps:  # + colour swap, another sample's caption, another sample's image
+            other = idx[(torch.arange(64) + torch.randint(1, 64, (1,), generator=gen)) % 64]  # never itself
+            pairs += [match(train, idx, "colour"), match(train, other, "true", images=idx),
+                      match(train, idx, "true", images=other)]
+        logits = torch.cat(pairs)
+        labels = torch.cat([torch.ones(64), torch.zeros(len(logits) - 64)]).long()
         loss = F.cross_entropy(logits, labels)
         opt.zero_grad()
         loss.backward()
@@ -161,10 +179,11 @@ def train_itm_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
         if step % every == 0 or step == steps:
             with torch.no_grad():
                 r = torch.arange(len(test["image"]))
-                t, s = match(test, r, "true"), match(test, r, "swap")
+                t, s, c = (match(test, r, k) for k in ("true", "swap", "colour"))
                 acc = ((t[:, 1] - t[:, 0]) > (s[:, 1] - s[:, 0])).float().mean()
-            rows.append({"arm": "itm-objects-positions" if positions else "itm-objects", "step": step,
-                         "loss": round(loss.item(), 4), "accuracy": round(float(acc), 4)})
+                colours = ((t[:, 1] - t[:, 0]) > (c[:, 1] - c[:, 0])).float().mean()
+            rows.append({"arm": name, "step": step, "loss": round(loss.item(), 4),
+                         "accuracy": round(float(acc), 4), "colours": round(float(colours), 4)})
     return rows
 
 
@@ -226,7 +245,9 @@ def main() -> None:
     p.add_argument("--mask-prob", type=float, help="the mlm arm's masking (default: the run's own)")
     p.add_argument("--arms", nargs="+", default=["as-is", "positions", "mlm"],
                    choices=["as-is", "positions", "mlm", "mlm-residual", "itm-objects",
-                            "itm-objects-positions"])
+                            "itm-objects-positions", "itm-mixed-positions"])
+    p.add_argument("--mixed-steps", type=int, default=0,
+                   help="itm-objects(-positions): the stage's five pairs per image for the first N steps")
     args = p.parse_args()
     from pretrain.evaluation.evaluate import load_model
 
@@ -241,8 +262,10 @@ def main() -> None:
     width = cfg.model.fusion.width or cfg.model.text.width
     for arm in args.arms:
         if arm.startswith("itm"):
+            mixed = arm == "itm-mixed-positions"
             rows = train_itm_arm(*swaps, width, cfg.model.fusion.heads, args.steps, args.seed,
-                                 positions=arm == "itm-objects-positions")
+                                 positions=arm != "itm-objects", name=arm,
+                                 mixed_steps=args.steps + 1 if mixed else args.mixed_steps)
         elif arm.startswith("mlm"):
             rows = train_mlm_arm(model, tokenizer, train, test, width, cfg.model.fusion.heads,
                                  args.mask_prob or cfg.objectives.mlm.mask_prob, args.steps, args.seed,

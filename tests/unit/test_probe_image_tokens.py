@@ -107,3 +107,12 @@ def test_relation_learnability_itm_arm_pairs_each_image_with_its_object_swap(one
     assert {r["arm"] for r in rows} == {"itm-objects"} and {r["arm"] for r in with_positions} == {
         "itm-objects-positions"}
     assert [r["loss"] for r in with_positions] != [r["loss"] for r in rows]  # the positions are in the pass
+    colours = [json.loads(make_pair_sample(i, 16, 5)["json"])["swapped_colours"] for i in range(24)]
+    assert torch.allclose(data["colour"], model.text_tokens(tok.encode_batch(colours, L)).float())
+    mixed = mod.train_itm_arm(data, data, 16, 2, steps=4, seed=0, every=2, positions=True, mixed_steps=5,
+                              name="itm-mixed-positions")
+    assert {r["arm"] for r in mixed} == {"itm-mixed-positions"} and all(0 <= r["colours"] <= 1 for r in mixed)
+    assert mixed[0]["loss"] != with_positions[0]["loss"]  # five pairs per image, not two
+    # mixed for the first step only: the steps after it are the plain arm's again, from another state
+    once = mod.train_itm_arm(data, data, 16, 2, steps=4, seed=0, every=2, positions=True, mixed_steps=1)
+    assert once[0]["loss"] == mixed[0]["loss"] and once[-1]["loss"] != mixed[-1]["loss"]
