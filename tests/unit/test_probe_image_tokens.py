@@ -4,6 +4,7 @@ probe must beat chance by far; a probe that reads the wrong labels or the wrong 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 
@@ -116,3 +117,32 @@ def test_relation_learnability_itm_arm_pairs_each_image_with_its_object_swap(one
     # mixed for the first step only: the steps after it are the plain arm's again, from another state
     once = mod.train_itm_arm(data, data, 16, 2, steps=4, seed=0, every=2, positions=True, mixed_steps=1)
     assert once[0]["loss"] == mixed[0]["loss"] and once[-1]["loss"] != mixed[-1]["loss"]
+
+
+def test_itm_pair_mix_scores_the_chosen_pairs_and_switches_to_the_stage_mix(one_thread):
+    """scripts/itm_pair_mix.py: the pairs per step are the ones asked for (the loss of the first step tells
+    them apart), `--mixed-from` / `--mixed-until` switch at the step named, weights and the logit penalty
+    enter the loss, and positions can be drawn larger or left unstepped."""
+    mod = _script("itm_pair_mix")
+    model, tok, cfg = _caption_model()
+    data = _script("relation_learnability").swap_data(model, tok, cfg, n=24, seed=5, batch=12)
+
+    def run(**changes):
+        args = argparse.Namespace(seed=0, steps=3, batch=8, kinds="objects", mixed=False, mixed_until=-1,
+                                  mixed_from=10**9, optim="script", weights="", logit_penalty=0.0,
+                                  position_std=0.0, freeze_positions=False)
+        vars(args).update(changes)
+        return [r["loss"] for r in mod.train(data, data, 16, 2, args, every=1)]
+
+    objects, mixed = run(), run(mixed=True)
+    assert objects[0] != mixed[0]
+    assert run(kinds="objects,colours,batch-caption,batch-image") == mixed  # --mixed is the four kinds
+    switched = run(mixed_from=2)
+    assert switched[:2] == objects[:2] and switched[2] != objects[2]
+    assert run(mixed_until=1)[0] == mixed[0] and run(mixed_until=1)[1:] != mixed[1:]
+    assert run(weights="positive=1,objects=1") == objects and run(weights="objects=4")[0] != objects[0]
+    assert run(logit_penalty=0.5)[0] > objects[0]  # a non-negative penalty added
+    assert run(optim="stage")[0] == objects[0] and run(optim="stage")[1:] != objects[1:]
+    assert run(position_std=1.0)[0] != objects[0]  # other positions in the first pass
+    frozen = run(freeze_positions=True)
+    assert frozen[0] == objects[0] and frozen[1:] != objects[1:]  # same start, positions not stepped
