@@ -6,6 +6,8 @@ equal samples seen:
 - `sync`: one synchronous ZeRO-3 job of sites x ranks-per-site ranks over all shards;
 - `sites`: `--sites` sites of `--ranks-per-site` ranks, each reading only its own 1/sites of the shards,
   the DiLoCo outer loop every `--every` steps with the `--compress` exchange (`cross_site.*`);
+- `alone` (not in the default `--jobs`): site a by itself, its shards and ranks, no outer loop: what one
+  site learns from its share alone (DiLoCo's one-replica reference), so the sites' gain from each other shows;
 - `dp` (bytes only): the synchronous job as plain data parallelism (ZeRO stage 0), whose every-step
   gradient all-reduce is what the sites replace; two short runs (`--dp-steps N1 N2`) measure its start-up
   and per-step bytes, from which its bytes for `--steps` steps follow.
@@ -170,17 +172,30 @@ def _sync_starts(
             for side in (0, 1)]
 
 
+def _site_urls(data: dict[str, Any], args: argparse.Namespace, i: int) -> str:
+    """Site i's shards: [i * per, (i + 1) * per) of the demo's, per = shards // sites."""
+    per = data["shards"] // args.sites
+    return f"{data['train']}/shard-{{{i * per:06d}..{(i + 1) * per - 1:06d}}}.tar"
+
+
+def _alone_starts(
+    data: dict[str, Any], run_dir: Path, args: argparse.Namespace
+) -> list[tuple[int, list[str]]]:
+    """Site a's job without the outer loop (no `cross_site.*`, no --site): its shards, its ranks."""
+    train = _train_args(data, _site_urls(data, args, 0), run_dir, args)
+    return [(0, ["launch", "--launcher", "deepspeed", "--procs-per-node", str(args.ranks_per_site),
+                 "--master-port", str(free_port()), "--", *train])]
+
+
 def _site_starts(
     data: dict[str, Any], out: Path, args: argparse.Namespace, hosts: tuple[Host, Host] | None
 ) -> list[tuple[int, list[str]]]:
     rendezvous = f"{hosts[0].addr}:29470" if hosts else f"127.0.0.1:{free_port()}"
-    per = data["shards"] // args.sites
     starts = []
-    for i in range(args.sites):  # site i reads only shards [i * per, (i + 1) * per)
-        urls = f"{data['train']}/shard-{{{i * per:06d}..{(i + 1) * per - 1:06d}}}.tar"
+    for i in range(args.sites):  # site i reads only its own shards
         train = _train_args(
             data,
-            urls,
+            _site_urls(data, args, i),
             out / "runs" / f"site{i}",
             args,
             f"cross_site.sites={args.sites}",
@@ -291,6 +306,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             jobs["sites"]["rounds"] = last["cross_site_round"]
             if args.sites > 1:  # every site applies the same average: equal final models
                 jobs["sites"]["site1_zeroshot_top1"] = _quality(out / "runs" / "site1", data)["zeroshot_top1"]
+        if "alone" in args.jobs:  # on loopback: nothing of it crosses the link
+            run_dir = out / "runs" / "alone"
+            jobs["alone"] = _run_job("alone", out / "logs", None, _alone_starts(data, run_dir, args),
+                                     args.job_timeout_s)
+            jobs["alone"].update(_quality(run_dir, data),
+                                 samples_seen=args.steps * args.micro_batch * args.ranks_per_site)
         if "dp" in args.jobs and hosts is not None:
             jobs["dp"] = _dp_bytes(data, out, args, hosts)
     report["jobs"] = jobs
@@ -365,7 +386,9 @@ def add_cross_site_parser(bench: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0],
     )
     p.add_argument("--out", required=True, help="folder for data, runs, logs and cross_site.json")
-    p.add_argument("--jobs", nargs="+", default=["sync", "sites", "dp"], choices=["sync", "sites", "dp"])
+    p.add_argument(
+        "--jobs", nargs="+", default=["sync", "sites", "dp"], choices=["sync", "sites", "alone", "dp"]
+    )
     p.add_argument("--sites", type=int, default=2)
     p.add_argument("--ranks-per-site", type=int, default=2)
     p.add_argument("--every", type=int, default=20, help="cross_site.every (H)")

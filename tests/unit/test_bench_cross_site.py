@@ -31,6 +31,25 @@ def test_dp_bytes_split_start_up_from_per_step_cost(monkeypatch, tmp_path):
     assert out["samples_seen"] == 300 * 32 * 4
 
 
+def test_alone_is_site_a_without_the_outer_loop(tmp_path):
+    """`--jobs alone`: site a's shards and ranks, and nothing of the outer loop, so its zero-shot is what one
+    site learns from its share by itself."""
+    args = argparse.Namespace(sites=2, ranks_per_site=2, micro_batch=32, steps=300, every=20, compress="int8",
+                              timeout_s=300, set=[])
+    data = {"train": "/d/train", "shards": 24, "tokenizer": "/d/tok.json"}
+    [(side, argv)] = bench._alone_starts(data, tmp_path / "alone", args)
+    sites = bench._site_starts(data, tmp_path, args, hosts=None)
+    site_a = sites[0][1]
+    assert "data.train=/d/train/shard-{000000..000011}.tar" in argv and site_a.count(
+        "data.train=/d/train/shard-{000000..000011}.tar") == 1
+    assert "data.train=/d/train/shard-{000012..000023}.tar" in sites[1][1]
+    assert not any(a.startswith("cross_site.") for a in argv) and "--site" not in argv
+    assert argv[argv.index("--procs-per-node") + 1] == "2" and f"run.dir={tmp_path / 'alone'}" in argv
+    # the rest of the training arguments are site a's own
+    keep = [a for a in site_a[site_a.index("--") + 1:] if not a.startswith(("cross_site.", "run.dir="))]
+    assert keep == [a for a in argv[argv.index("--") + 1:] if not a.startswith("run.dir=")]
+
+
 def test_report_ratios_and_gap(monkeypatch, tmp_path):
     jobs = {"sync": {"wall_s": 1, "link_bytes": 6_000, "zeroshot_top1": 0.50},
             "sites": {"wall_s": 1, "link_bytes": 100, "zeroshot_top1": 0.49},
