@@ -17,7 +17,8 @@ two-object samples with a chosen set of no-match pairs per image and step, besid
   instead of the script's (defaults, no weight decay);
 - `--weights`: per-kind loss weights (`positive=4,objects=4`); `--logit-penalty L`: + L x mean squared match
   margin (spectral decoupling, against gradient starvation);
-- `--position-std S`: image positions drawn N(0, S^2) instead of N(0, 1/W); `--freeze-positions`: not trained.
+- `--position-std S`: image positions drawn N(0, S^2) instead of N(0, 1/W); `--freeze-positions`: not trained;
+  `--text-positions`: fresh learned positions on the caption side too (`model.fusion.text_positions`).
 Prints one JSON line per 250 steps: held-out pairwise accuracy of the true caption over its object swap
 (`objects`) and over its colour swap (`colours`), chance 0.5. Results: docs/benchmarks.md, "#20: which pairs".
 """
@@ -58,7 +59,8 @@ def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
 
     torch.manual_seed(args.seed)
     S, W_img = train_set["image"].shape[1:]
-    enc = FusionEncoder(train_set["true"].shape[-1], W_img, width, 2, heads, image_tokens=S)
+    L = train_set["true"].shape[1] if args.text_positions else 0
+    enc = FusionEncoder(train_set["true"].shape[-1], W_img, width, 2, heads, context_length=L, image_tokens=S)
     enc.init_weights()
     if args.position_std:
         torch.nn.init.normal_(enc.image_pos.embedding, std=args.position_std)
@@ -135,6 +137,7 @@ def main() -> None:
     p.add_argument("--logit-penalty", type=float, default=0.0)
     p.add_argument("--position-std", type=float, default=0.0)
     p.add_argument("--freeze-positions", action="store_true")
+    p.add_argument("--text-positions", action="store_true")
     args = p.parse_args()
     unknown = [k for k in args.kinds.split(",") if k not in KINDS]
     if unknown:

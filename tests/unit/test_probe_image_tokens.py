@@ -130,7 +130,7 @@ def test_itm_pair_mix_scores_the_chosen_pairs_and_switches_to_the_stage_mix(one_
     def run(**changes):
         args = argparse.Namespace(seed=0, steps=3, batch=8, kinds="objects", mixed=False, mixed_until=-1,
                                   mixed_from=10**9, optim="script", weights="", logit_penalty=0.0,
-                                  position_std=0.0, freeze_positions=False)
+                                  position_std=0.0, freeze_positions=False, text_positions=False)
         vars(args).update(changes)
         return [r["loss"] for r in mod.train(data, data, 16, 2, args, every=1)]
 
@@ -146,3 +146,4 @@ def test_itm_pair_mix_scores_the_chosen_pairs_and_switches_to_the_stage_mix(one_
     assert run(position_std=1.0)[0] != objects[0]  # other positions in the first pass
     frozen = run(freeze_positions=True)
     assert frozen[0] == objects[0] and frozen[1:] != objects[1:]  # same start, positions not stepped
+    assert run(text_positions=True)[0] != objects[0]  # caption positions in the first pass
