@@ -50,6 +50,13 @@ def test_alone_is_site_a_without_the_outer_loop(tmp_path):
     assert keep == [a for a in argv[argv.index("--") + 1:] if not a.startswith("run.dir=")]
 
 
+def test_alone_is_a_job_the_command_line_takes_but_not_a_default():
+    parser = argparse.ArgumentParser()
+    bench.add_cross_site_parser(parser.add_subparsers())
+    assert parser.parse_args(["cross-site", "--out", "o", "--jobs", "alone"]).jobs == ["alone"]
+    assert parser.parse_args(["cross-site", "--out", "o"]).jobs == ["sync", "sites", "dp"]
+
+
 def test_report_ratios_and_gap(monkeypatch, tmp_path):
     jobs = {"sync": {"wall_s": 1, "link_bytes": 6_000, "zeroshot_top1": 0.50},
             "sites": {"wall_s": 1, "link_bytes": 100, "zeroshot_top1": 0.49},
