@@ -18,7 +18,9 @@ two-object samples with a chosen set of no-match pairs per image and step, besid
 - `--weights`: per-kind loss weights (`positive=4,objects=4`); `--logit-penalty L`: + L x mean squared match
   margin (spectral decoupling, against gradient starvation);
 - `--position-std S`: image positions drawn N(0, S^2) instead of N(0, 1/W); `--freeze-positions`: not trained;
-  `--text-positions`: fresh learned positions on the caption side too (`model.fusion.text_positions`).
+  `--text-positions`: fresh learned positions on the caption side too (`model.fusion.text_positions`);
+- `--text-from RUN`: the captions' states from another run's text tower (and tokenizer), the images' from
+  RUN_DIR's: which tower, image or text, keeps the fresh encoder from the object swap.
 Prints one JSON line per 250 steps: held-out pairwise accuracy of the true caption over its object swap
 (`objects`) and over its colour swap (`colours`), chance 0.5. Results: docs/benchmarks.md, "#20: which pairs".
 """
@@ -121,6 +123,18 @@ def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
     return rows
 
 
+def with_captions_of(data: dict[str, torch.Tensor], run_dir: str, n: int, seed: int
+                     ) -> dict[str, torch.Tensor]:
+    """`data` (swap_data of n samples drawn with `seed`) with every caption key replaced by what `run_dir`'s
+    text tower and tokenizer make of the same samples' captions; the image tokens stay."""
+    from pretrain.evaluation.evaluate import load_model
+
+    model, tokenizer, cfg = load_model(run_dir)
+    model.eval()
+    other = swap_data(model, tokenizer, cfg, n, seed)
+    return {**other, "image": data["image"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="a run directory or any checkpoint `pretrain eval` reads")
@@ -138,6 +152,7 @@ def main() -> None:
     p.add_argument("--position-std", type=float, default=0.0)
     p.add_argument("--freeze-positions", action="store_true")
     p.add_argument("--text-positions", action="store_true")
+    p.add_argument("--text-from", help="a run whose text tower (and tokenizer) encodes the captions")
     args = p.parse_args()
     unknown = [k for k in args.kinds.split(",") if k not in KINDS]
     if unknown:
@@ -148,6 +163,9 @@ def main() -> None:
     model.eval()
     train_set = swap_data(model, tokenizer, cfg, args.samples, 1000)
     test = swap_data(model, tokenizer, cfg, 400, 2000)
+    if args.text_from:
+        train_set, test = (with_captions_of(d, args.text_from, n, seed)
+                           for d, n, seed in ((train_set, args.samples, 1000), (test, 400, 2000)))
     train(train_set, test, cfg.model.fusion.width or cfg.model.text.width, cfg.model.fusion.heads, args)
 
 

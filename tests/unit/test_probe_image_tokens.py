@@ -147,3 +147,21 @@ def test_itm_pair_mix_scores_the_chosen_pairs_and_switches_to_the_stage_mix(one_
     frozen = run(freeze_positions=True)
     assert frozen[0] == objects[0] and frozen[1:] != objects[1:]  # same start, positions not stepped
     assert run(text_positions=True)[0] != objects[0]  # caption positions in the first pass
+
+
+def test_itm_pair_mix_text_from_takes_another_runs_captions_and_keeps_the_images(one_thread, monkeypatch):
+    """`--text-from RUN`: every caption key comes from RUN's text tower, the image tokens stay this run's."""
+    import pretrain.evaluation.evaluate as evaluate
+
+    mod = _script("itm_pair_mix")
+    model, tok, cfg = _caption_model()
+    torch.manual_seed(1)
+    other = PretrainModel.from_config(cfg, tok).eval()  # another text tower, same tokenizer
+    monkeypatch.setattr(evaluate, "load_model", lambda run_dir: (other, tok, cfg))
+    mine = mod.swap_data(model, tok, cfg, n=12, seed=5, batch=6)
+    theirs = mod.swap_data(other, tok, cfg, n=12, seed=5, batch=6)
+    mixed = mod.with_captions_of(mine, "elsewhere", 12, 5)
+    assert torch.equal(mixed["image"], mine["image"]) and not torch.equal(mixed["image"], theirs["image"])
+    for key in ("true", "swap", "colour", "true_pad", "swap_pos"):
+        assert torch.equal(mixed[key], theirs[key])
+    assert not torch.equal(mixed["true"], mine["true"])
