@@ -34,93 +34,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from relation_learnability import swap_data  # noqa: E402
+from relation_learnability import MIXED, swap_data, train_itm_pairs  # noqa: E402
 
-KINDS = ("objects", "colours", "batch-caption", "batch-image")
-CAPTION = {"objects": "swap", "colours": "colour"}  # kind -> swap_data's caption key
-
-
-def optimizer(named: list[tuple[str, torch.Tensor]], kind: str) -> tuple[torch.optim.Optimizer, float | None]:
-    """(AdamW, gradient clip): the learnability script's (`script`) or the frozen-towers stage's (`stage`)."""
-    params = [q for _, q in named]
-    if kind == "script":
-        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0), None
-    decay = [q for n, q in named if q.ndim >= 2 and "embedding" not in n]
-    rest = [q for n, q in named if not (q.ndim >= 2 and "embedding" not in n)]
-    groups = [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6), 1.0
+KINDS = MIXED
+"""The no-match pair kinds `--kinds` may name (all four: `--mixed`)."""
 
 
 def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
           args: argparse.Namespace, every: int = 250) -> list[dict[str, Any]]:
-    """Train the fresh encoder and head as `args` says; a row (step, loss, accuracies) every `every` steps."""
-    from pretrain.models.fusion import FusionEncoder
-
-    torch.manual_seed(args.seed)
-    S, W_img = train_set["image"].shape[1:]
-    L = train_set["true"].shape[1] if args.text_positions else 0
-    enc = FusionEncoder(train_set["true"].shape[-1], W_img, width, 2, heads, context_length=L, image_tokens=S)
-    enc.init_weights()
-    if args.position_std:
-        torch.nn.init.normal_(enc.image_pos.embedding, std=args.position_std)
-    head = torch.nn.Linear(width, 2)
-    if args.freeze_positions:
-        enc.image_pos.embedding.requires_grad_(False)
-    identity = torch.arange(S - 1).expand(1, S - 1)
-    named = [(f"enc.{n}", q) for n, q in enc.named_parameters() if q.requires_grad]
-    named += [(f"head.{n}", q) for n, q in head.named_parameters()]
-    opt, clip = optimizer(named, args.optim)
-    weight = {"positive": 1.0, **dict.fromkeys(KINDS, 1.0)}
+    """`relation_learnability.train_itm_pairs` as the flags say; prints and returns a row every `every` steps.
+    The batch-negative partner is drawn at every step, the random stream these rows were measured with."""
+    weights = {"positive": 1.0, **dict.fromkeys(KINDS, 1.0)}
     for item in filter(None, args.weights.split(",")):
         key, value = item.split("=")
-        weight[key] = float(value)
-
-    def match(d: dict[str, torch.Tensor], idx: torch.Tensor, caption: str,
-              images: torch.Tensor | None = None) -> torch.Tensor:
-        """Match logits [b, 2] of captions `caption` of rows idx with the images of rows `images` (idx)."""
-        image = enc.place(d["image"][idx if images is None else images], identity.expand(len(idx), -1))
-        fused = enc(d[caption][idx], image, d[f"{caption}_pad"][idx])  # [b, L, W]
-        return head(fused[torch.arange(len(idx)), d[f"{caption}_pos"][idx]])
-
-    rows, gen, B = [], torch.Generator().manual_seed(args.seed), args.batch
-    for step in range(args.steps + 1):
-        idx = torch.randint(0, len(train_set["image"]), (B,), generator=gen)
-        mixed = args.mixed or step < args.mixed_until or step >= args.mixed_from
-        kinds = KINDS if mixed else args.kinds.split(",")
-        other = idx[(torch.arange(B) + torch.randint(1, B, (1,), generator=gen)) % B]  # never the row itself
-        pairs, weights = [match(train_set, idx, "true")], [weight["positive"]]
-        for kind in kinds:
-            if kind in CAPTION:
-                pairs.append(match(train_set, idx, CAPTION[kind]))
-            elif kind == "batch-caption":
-                pairs.append(match(train_set, other, "true", images=idx))
-            else:
-                pairs.append(match(train_set, idx, "true", images=other))
-            weights.append(weight[kind])
-        logits = torch.cat(pairs)  # [(1 + kinds) B, 2]
-        labels = torch.cat([torch.ones(B), torch.zeros(len(logits) - B)]).long()
-        w = torch.tensor(weights).repeat_interleave(B)
-        loss = (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum()
-        if args.logit_penalty:
-            loss = loss + args.logit_penalty * (logits[:, 1] - logits[:, 0]).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_([q for _, q in named], clip)
-        opt.step()
-        if step % every == 0:
-            with torch.no_grad():
-                r = torch.arange(len(test["image"]))
-                t, s, c = (match(test, r, k) for k in ("true", "swap", "colour"))
-                row = {"step": step, "loss": round(loss.item(), 4),
-                       "objects": round(float(((t[:, 1] - t[:, 0]) > (s[:, 1] - s[:, 0])).float().mean()), 4),
-                       "colours": round(float(((t[:, 1] - t[:, 0]) > (c[:, 1] - c[:, 0])).float().mean()), 4)}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    return rows
+        weights[key] = float(value)
+    return train_itm_pairs(
+        train_set, test, width, heads, args.steps, args.seed, batch=args.batch,
+        kinds=tuple(args.kinds.split(",")),
+        mixed=lambda step: args.mixed or step < args.mixed_until or step >= args.mixed_from,
+        draw_every_step=True, optim=args.optim, weights=weights, logit_penalty=args.logit_penalty,
+        position_std=args.position_std, freeze_positions=args.freeze_positions,
+        text_positions=args.text_positions, every=every,
+        on_row=lambda row: print(json.dumps(row), flush=True))
 
 
 def with_captions_of(data: dict[str, torch.Tensor], run_dir: str, n: int, seed: int

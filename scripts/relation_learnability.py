@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -135,24 +136,59 @@ def swap_data(model: Any, tokenizer: Any, cfg: Any, n: int, seed: int, batch: in
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def train_itm_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
-                  steps: int, seed: int, positions: bool = False, every: int = 250, mixed_steps: int = 0,
-                  name: str | None = None) -> list[dict[str, Any]]:
-    """The `itm-objects` arm: a fresh fusion encoder and match head learn true caption (match) vs its object
-    swap (no match) for every image of every step -- the object swap as ITM's only negative, every step --
-    scored by held-out pairwise accuracy (true above swap, chance 0.5), the binding probe's measure.
-    `positions` (`itm-objects-positions`): with fresh learned image positions, as `positions` does.
-    `mixed_steps`: steps before this one score the stage's five pairs per image (true, both swaps, a batch
-    caption, a batch image: 1 match, 4 no match)."""
+MIXED = ("objects", "colours", "batch-caption", "batch-image")
+"""The no-match pairs the frozen-towers stage scores per image besides the true caption (match)."""
+_CAPTION = {"objects": "swap", "colours": "colour"}  # pair kind -> swap_data's caption key
+
+
+def itm_optimizer(named: list[tuple[str, torch.Tensor]], kind: str
+                  ) -> tuple[torch.optim.Optimizer, float | None]:
+    """(AdamW, gradient clip): this script's (`script`: defaults, no weight decay) or the frozen-towers
+    stage's (`stage`: betas 0.9/0.98, eps 1e-6, weight decay 0.05 on matrices, clip 1.0)."""
+    params = [q for _, q in named]
+    if kind == "script":
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0), None
+    decay = [q for n, q in named if q.ndim >= 2 and "embedding" not in n]
+    rest = [q for n, q in named if not (q.ndim >= 2 and "embedding" not in n)]
+    groups = [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6), 1.0
+
+
+def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
+                    steps: int, seed: int, *, batch: int = 64, positions: bool = True,
+                    kinds: tuple[str, ...] = ("objects",), mixed: Callable[[int], bool] = lambda step: False,
+                    draw_every_step: bool = False, optim: str = "script",
+                    weights: dict[str, float] | None = None, logit_penalty: float = 0.0,
+                    position_std: float = 0.0, freeze_positions: bool = False,
+                    text_positions: bool = False, every: int = 250,
+                    on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """A fresh fusion encoder (2 blocks) and 2-way match head on frozen towers' tokens (`swap_data`): per
+    image and step the true caption (match) and one no-match pair per kind in `kinds` (`MIXED` at steps
+    where `mixed(step)`): `objects` / `colours` its object / colour swap, `batch-caption` another sample's
+    caption, `batch-image` another sample's image. `positions`: fresh learned image positions (drawn
+    N(0, position_std^2) when given; not trained with `freeze_positions`); `text_positions`: fresh
+    caption-side ones too. `weights` (per kind and `positive`): a weighted mean over pairs (None: the plain
+    mean); `logit_penalty`: + that times the mean squared match margin. The batch-negative partner is drawn
+    at mixed steps only, or at every step with `draw_every_step` (the random stream that
+    `scripts/itm_pair_mix.py`'s rows were measured with). Rows every `every` steps and at the last: step,
+    loss, held-out pairwise accuracy over the object swap (`objects`) and the colour swap (`colours`)."""
     from pretrain.models.fusion import FusionEncoder
 
     torch.manual_seed(seed)
     S, W_img = train["image"].shape[1:]
-    enc = FusionEncoder(train["true"].shape[-1], W_img, width, 2, heads, image_tokens=S if positions else 0)
+    L = train["true"].shape[1] if text_positions else 0
+    enc = FusionEncoder(train["true"].shape[-1], W_img, width, 2, heads, context_length=L,
+                        image_tokens=S if positions else 0)
     enc.init_weights()
+    if position_std:
+        torch.nn.init.normal_(enc.image_pos.embedding, std=position_std)
     identity = torch.arange(S - 1).expand(1, S - 1)
     head = torch.nn.Linear(width, 2)
-    opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)
+    if freeze_positions:
+        enc.image_pos.embedding.requires_grad_(False)
+    named = [(f"enc.{n}", q) for n, q in enc.named_parameters() if q.requires_grad]
+    named += [(f"head.{n}", q) for n, q in head.named_parameters()]
+    opt, clip = itm_optimizer(named, optim)
 
     def match(d: dict[str, torch.Tensor], idx: torch.Tensor, caption: str,
               images: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,30 +197,64 @@ def train_itm_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
         fused = enc(d[caption][idx], image, d[f"{caption}_pad"][idx])  # [b, L, W]
         return head(fused[torch.arange(len(idx)), d[f"{caption}_pos"][idx]])  # [b, 2]
 
-    rows, gen = [], torch.Generator().manual_seed(seed)
-    name = name or ("itm-objects-positions" if positions else "itm-objects")
+    rows, gen, B = [], torch.Generator().manual_seed(seed), batch
     for step in range(steps + 1):
-        idx = torch.randint(0, len(train["image"]), (64,), generator=gen)
-        pairs = [match(train, idx, "true"), match(train, idx, "swap")]
-        if step < mixed_steps:  # + colour swap, another sample's caption, another sample's image
-            other = idx[(torch.arange(64) + torch.randint(1, 64, (1,), generator=gen)) % 64]  # never itself
-            pairs += [match(train, idx, "colour"), match(train, other, "true", images=idx),
-                      match(train, idx, "true", images=other)]
-        logits = torch.cat(pairs)
-        labels = torch.cat([torch.ones(64), torch.zeros(len(logits) - 64)]).long()
-        loss = F.cross_entropy(logits, labels)
+        idx = torch.randint(0, len(train["image"]), (B,), generator=gen)
+        now = MIXED if mixed(step) else kinds
+        other = None
+        if draw_every_step or any(k.startswith("batch") for k in now):  # never the row itself
+            other = idx[(torch.arange(B) + torch.randint(1, B, (1,), generator=gen)) % B]
+        pairs, w = [match(train, idx, "true")], [(weights or {}).get("positive", 1.0)]
+        for kind in now:
+            if kind in _CAPTION:
+                pairs.append(match(train, idx, _CAPTION[kind]))
+            elif kind == "batch-caption":
+                pairs.append(match(train, other, "true", images=idx))
+            else:
+                pairs.append(match(train, idx, "true", images=other))
+            w.append((weights or {}).get(kind, 1.0))
+        logits = torch.cat(pairs)  # [(1 + kinds) B, 2]
+        labels = torch.cat([torch.ones(B), torch.zeros(len(logits) - B)]).long()
+        if weights is None:
+            loss = F.cross_entropy(logits, labels)
+        else:
+            per = torch.tensor(w).repeat_interleave(B)
+            loss = (F.cross_entropy(logits, labels, reduction="none") * per).sum() / per.sum()
+        if logit_penalty:
+            loss = loss + logit_penalty * (logits[:, 1] - logits[:, 0]).pow(2).mean()
         opt.zero_grad()
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_([q for _, q in named], clip)
         opt.step()
         if step % every == 0 or step == steps:
             with torch.no_grad():
                 r = torch.arange(len(test["image"]))
-                t, s, c = (match(test, r, k) for k in ("true", "swap", "colour"))
-                acc = ((t[:, 1] - t[:, 0]) > (s[:, 1] - s[:, 0])).float().mean()
-                colours = ((t[:, 1] - t[:, 0]) > (c[:, 1] - c[:, 0])).float().mean()
-            rows.append({"arm": name, "step": step, "loss": round(loss.item(), 4),
-                         "accuracy": round(float(acc), 4), "colours": round(float(colours), 4)})
+                t, sw, c = (match(test, r, k) for k in ("true", "swap", "colour"))
+                margin = t[:, 1] - t[:, 0]
+                row = {"step": step, "loss": round(loss.item(), 4),
+                       "objects": round(float((margin > sw[:, 1] - sw[:, 0]).float().mean()), 4),
+                       "colours": round(float((margin > c[:, 1] - c[:, 0]).float().mean()), 4)}
+            if on_row is not None:
+                on_row(row)
+            rows.append(row)
     return rows
+
+
+def train_itm_arm(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
+                  steps: int, seed: int, positions: bool = False, every: int = 250, mixed_steps: int = 0,
+                  name: str | None = None) -> list[dict[str, Any]]:
+    """The `itm-objects` arm: a fresh fusion encoder and match head learn true caption (match) vs its object
+    swap (no match) for every image of every step -- the object swap as ITM's only negative, every step --
+    scored by held-out pairwise accuracy (true above swap, chance 0.5), the binding probe's measure.
+    `positions` (`itm-objects-positions`): with fresh learned image positions, as `positions` does.
+    `mixed_steps`: steps before this one score the stage's five pairs per image (true, both swaps, a batch
+    caption, a batch image: 1 match, 4 no match). `train_itm_pairs` does the training."""
+    name = name or ("itm-objects-positions" if positions else "itm-objects")
+    rows = train_itm_pairs(train, test, width, heads, steps, seed, positions=positions,
+                           mixed=lambda step: step < mixed_steps, every=every)
+    return [{"arm": name, "step": r["step"], "loss": r["loss"], "accuracy": r["objects"],
+             "colours": r["colours"]} for r in rows]
 
 
 def train_mlm_arm(model: Any, tokenizer: Any, train: dict[str, torch.Tensor], test: dict[str, torch.Tensor],
