@@ -42,6 +42,19 @@ KINDS = MIXED
 """The no-match pair kinds `--kinds` may name (all four: `--mixed`)."""
 
 
+def weights_problem(text: str) -> str | None:
+    """Why `--weights` cannot be read (None: it can): items KIND=NUMBER, KIND `positive` or one of KINDS."""
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("positive", *KINDS):
+            return f"--weights: {item!r} is not KIND=NUMBER with KIND in {('positive', *KINDS)}"
+        try:
+            float(value)
+        except ValueError:
+            return f"--weights: {item!r}: {value!r} is not a number"
+    return None
+
+
 def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
           args: argparse.Namespace, every: int = 250) -> list[dict[str, Any]]:
     """`relation_learnability.train_itm_pairs` as the flags say; prints and returns a row every `every` steps.
@@ -94,6 +107,9 @@ def main() -> None:
     unknown = [k for k in args.kinds.split(",") if k not in KINDS]
     if unknown:
         p.error(f"--kinds: unknown {unknown}; choose from {KINDS}")
+    problem = weights_problem(args.weights)
+    if problem:
+        p.error(problem)
     from pretrain.evaluation.evaluate import load_model
 
     model, tokenizer, cfg = load_model(args.run_dir)

@@ -165,3 +165,11 @@ def test_itm_pair_mix_text_from_takes_another_runs_captions_and_keeps_the_images
     for key in ("true", "swap", "colour", "true_pad", "swap_pos"):
         assert torch.equal(mixed[key], theirs[key])
     assert not torch.equal(mixed["true"], mine["true"])
+
+
+def test_itm_pair_mix_refuses_weights_it_cannot_read_naming_the_item():
+    mod = _script("itm_pair_mix")
+    assert mod.weights_problem("positive=4,objects=4,batch-image=0.5") is None
+    assert "'object=4'" in mod.weights_problem("object=4")  # a misspelt kind would be silently unused
+    assert "'objects'" in mod.weights_problem("objects")
+    assert "'four' is not a number" in mod.weights_problem("objects=four")
