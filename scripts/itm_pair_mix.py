@@ -2,7 +2,7 @@
 
     python scripts/itm_pair_mix.py RUN_DIR [--kinds objects] [--mixed] [--mixed-until N] [--mixed-from N]
         [--optim script|stage] [--batch 64] [--weights objects=4,...] [--logit-penalty L]
-        [--position-std S] [--freeze-positions] [--steps 5000]
+        [--position-std S] [--freeze-positions] [--train-towers [--tower-lr M]] [--steps 5000]
 
 `scripts/relation_learnability.py --arms itm-objects-positions` learns the object swap ("blue square left
 of red circle" for "red circle left of blue square") on a contrastive run's frozen towers; the frozen-towers
@@ -20,7 +20,10 @@ two-object samples with a chosen set of no-match pairs per image and step, besid
 - `--position-std S`: image positions drawn N(0, S^2) instead of N(0, 1/W); `--freeze-positions`: not trained;
   `--text-positions`: fresh learned positions on the caption side too (`model.fusion.text_positions`);
 - `--text-from RUN`: the captions' states from another run's text tower (and tokenizer), the images' from
-  RUN_DIR's: which tower, image or text, keeps the fresh encoder from the object swap.
+  RUN_DIR's: which tower, image or text, keeps the fresh encoder from the object swap;
+- `--train-towers`: RUN_DIR's towers train with the fusion encoder (learning rate x `--tower-lr`, default
+  0.1), so its tokens can change for the match: do towers that do not allow the object swap frozen allow it
+  trained (ALBEF and BLIP train theirs)?
 Prints one JSON line per 250 steps: held-out pairwise accuracy of the true caption over its object swap
 (`objects`) and over its colour swap (`colours`), chance 0.5. Results: docs/benchmarks.md, "#20: which pairs".
 """
@@ -56,7 +59,7 @@ def weights_problem(text: str) -> str | None:
 
 
 def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
-          args: argparse.Namespace, every: int = 250) -> list[dict[str, Any]]:
+          args: argparse.Namespace, every: int = 250, towers: Any = None) -> list[dict[str, Any]]:
     """`relation_learnability.train_itm_pairs` as the flags say; prints and returns a row every `every` steps.
     The batch-negative partner is drawn at every step, the random stream these rows were measured with."""
     weights = {"positive": 1.0, **dict.fromkeys(KINDS, 1.0)}
@@ -69,7 +72,7 @@ def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
         mixed=lambda step: args.mixed or step < args.mixed_until or step >= args.mixed_from,
         draw_every_step=True, optim=args.optim, weights=weights, logit_penalty=args.logit_penalty,
         position_std=args.position_std, freeze_positions=args.freeze_positions,
-        text_positions=args.text_positions, every=every,
+        text_positions=args.text_positions, towers=towers, tower_lr=args.tower_lr, every=every,
         on_row=lambda row: print(json.dumps(row), flush=True))
 
 
@@ -103,7 +106,11 @@ def main() -> None:
     p.add_argument("--freeze-positions", action="store_true")
     p.add_argument("--text-positions", action="store_true")
     p.add_argument("--text-from", help="a run whose text tower (and tokenizer) encodes the captions")
+    p.add_argument("--train-towers", action="store_true", help="train RUN_DIR's towers with the fusion one")
+    p.add_argument("--tower-lr", type=float, default=0.1, help="--train-towers: their lr multiplier")
     args = p.parse_args()
+    if args.train_towers and args.text_from:
+        p.error("--train-towers trains RUN_DIR's towers; --text-from reads another run's: choose one")
     unknown = [k for k in args.kinds.split(",") if k not in KINDS]
     if unknown:
         p.error(f"--kinds: unknown {unknown}; choose from {KINDS}")
@@ -119,7 +126,11 @@ def main() -> None:
     if args.text_from:
         train_set, test = (with_captions_of(d, args.text_from, n, seed)
                            for d, n, seed in ((train_set, args.samples, 1000), (test, 400, 2000)))
-    train(train_set, test, cfg.model.fusion.width or cfg.model.text.width, cfg.model.fusion.heads, args)
+    towers = None
+    if args.train_towers:
+        towers = model.requires_grad_(True)  # eval mode stays: no masking, no dropout
+    train(train_set, test, cfg.model.fusion.width or cfg.model.text.width, cfg.model.fusion.heads, args,
+          towers=towers)
 
 
 if __name__ == "__main__":

@@ -114,11 +114,12 @@ def swap_data(model: Any, tokenizer: Any, cfg: Any, n: int, seed: int, batch: in
     circle left of blue square") and its colour swap ("blue circle left of red square"): the causal pass's
     states `true` / `swap` / `colour` [n, L, W_text] (what ITM's fusion encoder reads), padding masks
     `true_pad` / `swap_pad` / `colour_pad` [n, L] and pool positions `true_pos` / ... [n]; `image`
-    [n, 1 + N, W_img]."""
+    [n, 1 + N, W_img]; and what the towers read, for a loop that trains them: `true_ids` / ... [n, L] and
+    `pixels` [n, 3, S, S] (normalised)."""
     L = cfg.model.text.context_length
     out: dict[str, list[torch.Tensor]] = {f"{name}{part}": [] for name in ("true", "swap", "colour")
-                                          for part in ("", "_pad", "_pos")}
-    out["image"] = []
+                                          for part in ("", "_pad", "_pos", "_ids")}
+    out["image"], out["pixels"] = [], []
     for start in range(0, n, batch):
         samples = [make_pair_sample(i, cfg.model.image_size, seed)
                    for i in range(start, min(start + batch, n))]
@@ -128,11 +129,13 @@ def swap_data(model: Any, tokenizer: Any, cfg: Any, n: int, seed: int, batch: in
         for name, texts in captions.items():
             ids = tokenizer.encode_batch(texts, L)
             out[name].append(model.text_tokens(ids).float())
+            out[f"{name}_ids"].append(ids)
             out[f"{name}_pad"].append(model.text.padding_mask(ids))
             out[f"{name}_pos"].append(model.text.pool_positions(ids))
         pixels = [np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples]
         x = normalize_batch(pixels, tuple(cfg.data.mean), tuple(cfg.data.std))
         out["image"].append(model.image_tokens(x).float())
+        out["pixels"].append(x.float())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -141,16 +144,26 @@ MIXED = ("objects", "colours", "batch-caption", "batch-image")
 _CAPTION = {"objects": "swap", "colours": "colour"}  # pair kind -> swap_data's caption key
 
 
-def itm_optimizer(named: list[tuple[str, torch.Tensor]], kind: str
+def itm_optimizer(named: list[tuple[str, torch.Tensor]], kind: str, tower_lr: float = 1.0
                   ) -> tuple[torch.optim.Optimizer, float | None]:
     """(AdamW, gradient clip): this script's (`script`: defaults, no weight decay) or the frozen-towers
-    stage's (`stage`: betas 0.9/0.98, eps 1e-6, weight decay 0.05 on matrices, clip 1.0)."""
-    params = [q for _, q in named]
+    stage's (`stage`: betas 0.9/0.98, eps 1e-6, weight decay 0.05 on matrices, clip 1.0). Parameters named
+    `towers.*` take the learning rate x `tower_lr` (`optim.lr_mult`'s role in the stage)."""
+    groups = []
+    for tower in (False, True):
+        mine = [(n, q) for n, q in named if n.startswith("towers.") == tower]
+        lr = 1e-3 * (tower_lr if tower else 1.0)
+        if not mine:
+            continue
+        if kind == "script":
+            groups.append({"params": [q for _, q in mine], "lr": lr, "weight_decay": 0.0})
+            continue
+        decay = [q for n, q in mine if q.ndim >= 2 and "embedding" not in n]
+        rest = [q for n, q in mine if not (q.ndim >= 2 and "embedding" not in n)]
+        groups += [{"params": decay, "lr": lr, "weight_decay": 0.05},
+                   {"params": rest, "lr": lr, "weight_decay": 0.0}]
     if kind == "script":
-        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0), None
-    decay = [q for n, q in named if q.ndim >= 2 and "embedding" not in n]
-    rest = [q for n, q in named if not (q.ndim >= 2 and "embedding" not in n)]
-    groups = [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0), None
     return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6), 1.0
 
 
@@ -160,16 +173,20 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
                     draw_every_step: bool = False, optim: str = "script",
                     weights: dict[str, float] | None = None, logit_penalty: float = 0.0,
                     position_std: float = 0.0, freeze_positions: bool = False,
-                    text_positions: bool = False, every: int = 250,
-                    on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+                    text_positions: bool = False, towers: Any = None, tower_lr: float = 1.0,
+                    every: int = 250, on_row: Callable[[dict[str, Any]], None] | None = None
+                    ) -> list[dict[str, Any]]:
     """A fresh fusion encoder (2 blocks) and 2-way match head on frozen towers' tokens (`swap_data`): per
     image and step the true caption (match) and one no-match pair per kind in `kinds` (`MIXED` at steps
     where `mixed(step)`): `objects` / `colours` its object / colour swap, `batch-caption` another sample's
     caption, `batch-image` another sample's image. `positions`: fresh learned image positions (drawn
     N(0, position_std^2) when given; not trained with `freeze_positions`); `text_positions`: fresh
-    caption-side ones too. `weights` (per kind and `positive`): a weighted mean over pairs (None: the plain
-    mean); `logit_penalty`: + that times the mean squared match margin. The batch-negative partner is drawn
-    at mixed steps only, or at every step with `draw_every_step` (the random stream that
+    caption-side ones too. `towers`: a model whose towers train with the fusion encoder (learning rate x
+    `tower_lr`): the tokens come from `pixels` and `*_ids` through them at every step, not from the cached
+    states (`swap_data` holds both; the towers are used in eval mode: no masking, no dropout). `weights`
+    (per kind and `positive`): a weighted mean over pairs (None: the plain mean); `logit_penalty`: + that
+    times the mean squared match margin. The batch-negative partner is drawn at mixed steps only, or at
+    every step with `draw_every_step` (the random stream that
     `scripts/itm_pair_mix.py`'s rows were measured with). Rows every `every` steps and at the last: step,
     loss, held-out pairwise accuracy over the object swap (`objects`) and the colour swap (`colours`)."""
     from pretrain.models.fusion import FusionEncoder
@@ -188,13 +205,25 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
         enc.image_pos.embedding.requires_grad_(False)
     named = [(f"enc.{n}", q) for n, q in enc.named_parameters() if q.requires_grad]
     named += [(f"head.{n}", q) for n, q in head.named_parameters()]
-    opt, clip = itm_optimizer(named, optim)
+    if towers is not None:
+        named += [(f"towers.{n}", q) for n, q in towers.named_parameters()
+                  if n.startswith(("visual.", "text.")) and q.requires_grad]
+    opt, clip = itm_optimizer(named, optim, tower_lr)
+
+    def tokens(d: dict[str, torch.Tensor], key: str, rows: torch.Tensor) -> torch.Tensor:
+        """The cached states of `key` (a caption kind or `image`) for `rows`, or the training towers' own."""
+        if towers is None:
+            return d[key][rows]
+        if key == "image":
+            return towers.visual.forward_features(d["pixels"][rows])[1]  # [b, 1 + N, W_img], every patch
+        return towers.text(d[f"{key}_ids"][rows], causal=True, return_tokens=True)  # [b, L, W_text]
 
     def match(d: dict[str, torch.Tensor], idx: torch.Tensor, caption: str,
               images: torch.Tensor | None = None) -> torch.Tensor:
         """Match logits [b, 2] of captions `caption` of rows idx with the images of rows `images` (idx)."""
-        image = enc.place(d["image"][idx if images is None else images], identity.expand(len(idx), -1))
-        fused = enc(d[caption][idx], image, d[f"{caption}_pad"][idx])  # [b, L, W]
+        image = tokens(d, "image", idx if images is None else images)
+        image = enc.place(image, identity.expand(len(idx), -1))
+        fused = enc(tokens(d, caption, idx), image, d[f"{caption}_pad"][idx])  # [b, L, W]
         return head(fused[torch.arange(len(idx)), d[f"{caption}_pos"][idx]])  # [b, 2]
 
     rows, gen, B = [], torch.Generator().manual_seed(seed), batch

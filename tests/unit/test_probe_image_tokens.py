@@ -8,6 +8,7 @@ import argparse
 import importlib.util
 import json
 
+import pytest
 import torch
 from tiny import ROOT
 
@@ -130,7 +131,8 @@ def test_itm_pair_mix_scores_the_chosen_pairs_and_switches_to_the_stage_mix(one_
     def run(**changes):
         args = argparse.Namespace(seed=0, steps=3, batch=8, kinds="objects", mixed=False, mixed_until=-1,
                                   mixed_from=10**9, optim="script", weights="", logit_penalty=0.0,
-                                  position_std=0.0, freeze_positions=False, text_positions=False)
+                                  position_std=0.0, freeze_positions=False, text_positions=False,
+                                  tower_lr=0.1)
         vars(args).update(changes)
         return [r["loss"] for r in mod.train(data, data, 16, 2, args, every=1)]
 
@@ -147,6 +149,33 @@ def test_itm_pair_mix_scores_the_chosen_pairs_and_switches_to_the_stage_mix(one_
     frozen = run(freeze_positions=True)
     assert frozen[0] == objects[0] and frozen[1:] != objects[1:]  # same start, positions not stepped
     assert run(text_positions=True)[0] != objects[0]  # caption positions in the first pass
+
+
+def test_itm_pair_mix_train_towers_steps_the_towers_from_the_cached_tokens_starting_point(one_thread):
+    """`--train-towers`: the tokens come from the towers at every step. Untrained (learning rate x 0) they
+    give the cached states' losses; trained, the towers' parameters move and the later losses differ."""
+    mod = _script("itm_pair_mix")
+    model, tok, cfg = _caption_model()
+    data = mod.swap_data(model, tok, cfg, n=24, seed=5, batch=12)
+    assert data["pixels"].shape[0] == 24 and torch.equal(data["true_ids"][:, 0], data["swap_ids"][:, 0])
+
+    def run(towers, tower_lr):
+        args = argparse.Namespace(seed=0, steps=3, batch=8, kinds="objects", mixed=False, mixed_until=-1,
+                                  mixed_from=10**9, optim="script", weights="", logit_penalty=0.0,
+                                  position_std=0.0, freeze_positions=False, text_positions=False,
+                                  tower_lr=tower_lr)
+        return [r["loss"] for r in mod.train(data, data, 16, 2, args, every=1, towers=towers)]
+
+    frozen = run(None, 0.1)
+    before = {n: q.detach().clone() for n, q in model.named_parameters()}
+    model.requires_grad_(True)
+    assert run(model, 0.0) == pytest.approx(frozen, abs=1e-5)  # lr 0: the cached tokens, step by step
+    assert all(torch.equal(q, before[n]) for n, q in model.named_parameters())
+    trained = run(model, 1.0)
+    assert trained[0] == pytest.approx(frozen[0], abs=1e-5)
+    assert trained[1:] != pytest.approx(frozen[1:], abs=1e-5)
+    moved = [n for n, q in model.named_parameters() if not torch.equal(q, before[n])]
+    assert any(n.startswith("visual.") for n in moved) and any(n.startswith("text.") for n in moved)
 
 
 def test_itm_pair_mix_text_from_takes_another_runs_captions_and_keeps_the_images(one_thread, monkeypatch):
