@@ -217,6 +217,18 @@ class ITMConfig:
     its n lines. 1: one line per epoch in turn (each swap every n-th epoch); K = n: every line at every step
     (`data synth --compositional` writes two). Each extra line costs one more causal text pass and B more
     fusion pairs."""
+    alone_steps: int = 0
+    """Curriculum over the kinds of negative: for the first N optimizer steps ITM scores each image against
+    its caption (match) and `neg.txt` line `alone_line` only (no match): no batch negatives, no swapped
+    words, no other line. Negatives that can be rejected without knowing where an object is (another
+    caption, a colour swap) trap the fusion encoder in a solution that never finds positions when they come
+    from the first step, while an object swap scored alone first is learned and survives the others
+    (docs/benchmarks.md, "#20: which pairs"). By step number, so a resume continues it; the
+    `hard_warmup_steps` ramp starts when it ends. 0: every negative from the first step."""
+    alone_line: int = 0
+    """`alone_steps`: which of the `caption_negatives_per_step` lines scored per step goes alone (0-based).
+    With every line scored at every step (`caption_negatives_per_step` = the lines per sample) it is that
+    line of `neg.txt`: 1 is the object swap of `data synth --compositional` (line 0 is the colour swap)."""
 
 
 @dataclass

@@ -77,6 +77,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(o.itm.caption_negatives_per_step >= 1, "objectives.itm.caption_negatives_per_step must be >= 1")
     check(o.itm.caption_negatives_per_step == 1 or o.itm.caption_negatives,
           "objectives.itm.caption_negatives_per_step > 1 needs objectives.itm.caption_negatives=true")
+    check(o.itm.alone_steps >= 0, "objectives.itm.alone_steps must be >= 0 (0: every negative at once)")
+    check(o.itm.alone_steps == 0 or (o.itm.caption_negatives and o.itm.weight > 0),
+          "objectives.itm.alone_steps > 0 needs objectives.itm.caption_negatives=true and "
+          "objectives.itm.weight > 0 (it scores one neg.txt line alone)")
+    k = o.itm.caption_negatives_per_step
+    check(0 <= o.itm.alone_line < k,
+          f"objectives.itm.alone_line ({o.itm.alone_line}) must be one of the {k} lines scored per step "
+          f"(objectives.itm.caption_negatives_per_step): 0 to {k - 1}")
     check(o.itm.hard_warmup_steps >= 0, "objectives.itm.hard_warmup_steps must be >= 0 (0: hard negatives "
           "from the first step)")
     check(o.mim.unmasked_tail_steps <= cfg.train.steps,

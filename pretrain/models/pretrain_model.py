@@ -86,6 +86,7 @@ class PretrainModel(nn.Module):
         self.logit_bias = nn.Parameter(torch.empty(1)) if o.contrastive.loss == "siglip" else None
         self.unmasked_tail = False  # set per step by the training loop (`set_unmasked_tail`)
         self.itm_hardness = 1.0  # set per step by the training loop (`set_itm_hardness`)
+        self.itm_alone = False  # objectives.itm.alone_steps: set per step by `set_itm_hardness` too
         self.init_weights()
 
     @classmethod
@@ -135,10 +136,14 @@ class PretrainModel(nn.Module):
         self.unmasked_tail = bool(on)
 
     def set_itm_hardness(self, step: int) -> None:
-        """The training loop's ramp for `objectives.itm.hard_warmup_steps`: the ITM negatives' sampling scale
-        is this fraction of the logit scale (0: uniform draws; 1: hard negatives). Eval always uses 1."""
-        n = self.obj_cfg.itm.hard_warmup_steps
-        self.itm_hardness = 1.0 if n <= 0 else min(1.0, step / n)
+        """The training loop's curriculum for ITM's negatives at optimizer step `step`: one `neg.txt` line
+        alone for the first `objectives.itm.alone_steps`, then the ramp of `objectives.itm.hard_warmup_steps`:
+        the negatives' sampling scale is this fraction of the logit scale (0: uniform draws; 1: hard
+        negatives). Eval always scores every negative, hard."""
+        itm = self.obj_cfg.itm
+        self.itm_alone = step < itm.alone_steps
+        n, since = itm.hard_warmup_steps, max(0, step - itm.alone_steps)
+        self.itm_hardness = 1.0 if n <= 0 else min(1.0, since / n)
 
     def contrastive_mask_ratio(self) -> float:
         """Fraction of patches the contrastive pass hides in the next forward (0 in eval mode, in the
@@ -233,18 +238,22 @@ class PretrainModel(nn.Module):
         """ALBEF's image-text matching on this rank's B pairs: B positives, B (image, hard negative
         caption) and B (hard negative image, caption) pairs through the fusion encoder, scored by the
         match head. Negatives come from the whole data-parallel batch; how their tokens get here is in
-        `pretrain/objectives/itm.py`."""
+        `pretrain/objectives/itm.py`. In training steps before `objectives.itm.alone_steps`: the B positives
+        and one `neg.txt` line's B pairs only (the same passes on every rank: the switch is by step)."""
         group = get_data_parallel_group()
         ids = batch["text"]  # [B, L]
         uniform = batch.get("itm_noise") if self.training else None  # [B, 2]; eval: hardest negative
         hardness = self.itm_hardness if self.training else 1.0  # `objectives.itm.hard_warmup_steps`
         neg_txt, neg_img, ids_all = hard_negatives(img, txt, ids, scale.detach() * hardness, group, uniform)
-        text_all, _ = all_gather_with_grad(text_tokens, group)  # [B_global, L, W_text]
-        image_all, _ = all_gather_with_grad(image_tokens, group)  # [B_global, S, W_img]
-        texts = [text_tokens, text_all[neg_txt], text_tokens]  # each [B, L, W_text]
-        text_ids = [ids, ids_all[neg_txt], ids]  # each [B, L]
-        images = [image_tokens, image_tokens, image_all[neg_img]]  # each [B, S, W_img]
-        if self.obj_cfg.itm.swap_negatives:  # + (image, its caption with two words swapped)
+        alone = self.training and self.itm_alone  # `objectives.itm.alone_steps`: one neg.txt line, no other
+        texts, text_ids, images = [text_tokens], [ids], [image_tokens]  # the B positives
+        if not alone:  # + (image, hard negative caption) and (hard negative image, caption)
+            text_all, _ = all_gather_with_grad(text_tokens, group)  # [B_global, L, W_text]
+            image_all, _ = all_gather_with_grad(image_tokens, group)  # [B_global, S, W_img]
+            texts += [text_all[neg_txt], text_tokens]  # each [B, L, W_text]
+            text_ids += [ids_all[neg_txt], ids]  # each [B, L]
+            images += [image_tokens, image_all[neg_img]]  # each [B, S, W_img]
+        if self.obj_cfg.itm.swap_negatives and not alone:  # + (image, its caption with two words swapped)
             swapped, valid = swap_words(ids, self.text.pool_positions(ids), uniform)
             swapped = torch.where(valid[:, None], swapped, ids_all[neg_txt])  # none to swap: batch negative
             texts.append(self.text(swapped, causal=True, return_tokens=True))  # its own causal pass
@@ -256,13 +265,14 @@ class PretrainModel(nn.Module):
             k = self.obj_cfg.itm.caption_negatives_per_step
             given, more = batch.get("neg_text"), batch.get("neg_text_more")  # [B, L], [B, K - 1, L]
             rest = list(more.unbind(1)) if given is not None and more is not None else [None] * (k - 1)
-            for line in [given, *rest][:k]:
+            lines = [given, *rest][:k]
+            for line in [lines[self.obj_cfg.itm.alone_line]] if alone else lines:
                 neg_ids = ids_all[neg_txt] if line is None else torch.where(
                     batch["has_negative"].to(ids.device)[:, None], line.to(ids.device), ids_all[neg_txt])
                 texts.append(self.text(neg_ids, causal=True, return_tokens=True))  # its own causal pass
                 text_ids.append(neg_ids)
                 images.append(image_tokens)
-        logits = self.match_logits(torch.cat(texts), torch.cat(text_ids), torch.cat(images))  # [(3 + x) B, 2]
+        logits = self.match_logits(torch.cat(texts), torch.cat(text_ids), torch.cat(images))  # [P B, 2]
         B = ids.shape[0]
         labels = torch.cat([torch.ones(B), torch.zeros(logits.shape[0] - B)]).long().to(logits.device)
         return itm_loss(logits, labels)

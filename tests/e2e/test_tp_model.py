@@ -47,15 +47,17 @@ def tiny_cfg(fusion: bool = False) -> ModelConfig:
                                            text_positions=fusion, image_positions=fusion))
 
 
-def objectives(fusion: bool = False) -> ObjectivesConfig:
+def objectives(fusion: bool = False, alone: bool = False) -> ObjectivesConfig:
     """The fusion run: ITM with hard negatives, word-swap and data-supplied caption negatives (4 pair kinds
     beyond the positives' B) and the image-conditioned MLM on, FLIP's shared masked pass (the fusion encoder
-    attends to the visible patches)."""
+    attends to the visible patches). `alone`: in the curriculum's first steps (`objectives.itm.alone_steps`),
+    where the second caption line is the only no-match pair and no tokens are gathered across ranks."""
     o = ObjectivesConfig()
     if fusion:
         o.itm.weight, o.mlm.conditioned, o.mim.shared_pass = 1.0, True, True
         o.itm.swap_negatives = o.itm.caption_negatives = True
         o.itm.caption_negatives_per_step = 2
+        o.itm.alone_steps, o.itm.alone_line = (10, 1) if alone else (0, 0)
     return o
 
 
@@ -79,11 +81,17 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
             "neg_text_more": ids.roll(1, 0)[:, None]}  # a second line each (caption_negatives_per_step=2)
 
 
-def build(seed: int = 0, fusion: bool = False) -> PretrainModel:
+def build(seed: int = 0, fusion: bool = False, alone: bool = False) -> PretrainModel:
     torch.manual_seed(seed)
-    model = PretrainModel(tiny_cfg(fusion), objectives(fusion), vocab_size=V, pad_id=PAD, eos_id=EOS).train()
+    model = PretrainModel(tiny_cfg(fusion), objectives(fusion, alone), vocab_size=V, pad_id=PAD,
+                          eos_id=EOS).train()
+    model.set_itm_hardness(0)  # step 0, as the training loop sets it
     apply_tensor_parallel(model)  # the first step of `pretrain.parallelize`; a no-op at tp = 1
     return model
+
+
+KINDS = {"plain": {}, "fusion": {"fusion": True}, "alone": {"fusion": True, "alone": True}}
+"""The models compared: no fusion; fusion with every ITM pair; fusion in `objectives.itm.alone_steps`."""
 
 
 def step(model: PretrainModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,18 +128,18 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                             timeout=datetime.timedelta(seconds=120))
     try:
         results = {}
-        for fusion in (False, True):
-            results["fusion" if fusion else "plain"] = _layouts(rank, fusion)
+        for kind in KINDS:
+            results[kind] = _layouts(rank, kind)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _layouts(rank: int, fusion: bool) -> dict:
-    batch = make_batch()
+def _layouts(rank: int, kind: str) -> dict:
+    batch, fusion = make_batch(), kind != "plain"
     # phase 1: tp=2, dp=1 -- both ranks see the whole batch
     groups.init_model_parallel(2)
-    model = build(fusion=fusion)
+    model = build(**KINDS[kind])
     local = {n: (tuple(p.shape), getattr(p, "tensor_model_parallel", False))
              for n, p in model.named_parameters()}
     init = gather_full(model, grads=False)
@@ -142,7 +150,7 @@ def _layouts(rank: int, fusion: bool) -> dict:
     # negatives drawn from the whole batch, so some of a rank's negatives live on the other rank)
     groups.init_model_parallel(1)
     half = {k: v[rank * B // 2:(rank + 1) * B // 2] for k, v in batch.items()}
-    model = build(fusion=fusion)
+    model = build(**KINDS[kind])
     out = step(model, half)
     losses = torch.stack([out[k] for k in loss_keys(fusion)])
     dist.all_reduce(losses)
@@ -167,12 +175,12 @@ def runs(tmp_path_factory):
     saved = [torch.load(d / f"rank{r}.pt") for r in range(WORLD)]
     torch.set_num_threads(1)
     refs = {}
-    for fusion in (False, True):
-        ref_model = build(fusion=fusion)
+    for kind, how in KINDS.items():
+        ref_model = build(**how)
         ref_init = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
         ref_out = step(ref_model, make_batch())
         ref_grads = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
-        refs["fusion" if fusion else "plain"] = {"init": ref_init, "out": ref_out, "grads": ref_grads}
+        refs[kind] = {"init": ref_init, "out": ref_out, "grads": ref_grads}
     return saved, refs
 
 
@@ -184,7 +192,7 @@ def _pick(runs, kind: str):
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["plain", "fusion"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_tp2_starts_from_the_single_device_weights(runs, kind):
     ranks, ref = _pick(runs, kind)
     local = ranks[0]["tp"]["local"]
@@ -203,7 +211,7 @@ def test_tp2_starts_from_the_single_device_weights(runs, kind):
         assert any(frag in n for n in sharded), frag
     for frag in ("attn.proj.bias", "mlp.fc2.bias", "ln_1.weight", "logit_scale", "conv1.weight"):
         assert not any(frag in n for n in sharded), frag
-    if kind == "fusion":
+    if kind != "plain":
         for frag in ("fusion.resblocks.1.cross.q.weight", "fusion.resblocks.1.cross.kv.weight",
                      "fusion.resblocks.1.cross.proj.weight", "fusion.resblocks.0.attn.qkv.weight",
                      "fusion.resblocks.0.mlp.fc1.weight"):
@@ -215,10 +223,10 @@ def test_tp2_starts_from_the_single_device_weights(runs, kind):
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["plain", "fusion"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_tp2_losses_and_gradients_match_single_device(runs, kind):
     ranks, ref = _pick(runs, kind)
-    for key in loss_keys(kind == "fusion"):
+    for key in loss_keys(kind != "plain"):
         for r in ranks:
             torch.testing.assert_close(r["tp"]["out"][key], ref["out"][key], rtol=1e-5, atol=1e-6)
     for name, g in ref["grads"].items():
@@ -230,13 +238,13 @@ def test_tp2_losses_and_gradients_match_single_device(runs, kind):
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind", ["plain", "fusion"])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_dp2_mean_of_rank_losses_is_the_global_batch_loss(runs, kind):
     """MLM tokens are split 12/4 between the two ranks: a per-rank mean would weight them 1:3. With
     fusion: ITM negatives are drawn over the global batch, so the same pairs as one process, and the
     gradient of a negative used on the other rank reaches its owner's towers."""
     ranks, ref = _pick(runs, kind)
-    for i, key in enumerate(loss_keys(kind == "fusion")):
+    for i, key in enumerate(loss_keys(kind != "plain")):
         torch.testing.assert_close(ranks[0]["dp"]["losses"][i], ref["out"][key], rtol=1e-5, atol=1e-6)
     for name, g in ref["grads"].items():
         assert_grad_close(ranks[0]["dp"]["grads"][name], g, name)

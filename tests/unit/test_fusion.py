@@ -281,6 +281,51 @@ def test_several_caption_negatives_per_step_each_get_a_pair():
     assert seen[-1].shape[0] == 5 * B and torch.equal(seen[-1][4 * B:], seen[-1][B:2 * B])
 
 
+def test_alone_steps_score_one_caption_negative_line_alone_then_every_negative():
+    """`objectives.itm.alone_steps`: before that step ITM scores the positives and line `alone_line` only (the
+    given line where the sample has one, else the mined batch negative), no batch or swap pairs; from it on,
+    every pair as without the curriculum, and the hard-negative ramp starts there. Eval scores every pair."""
+    obj = objectives(itm=1.0, mim=0.0, mlm=0.0)
+    obj.itm.caption_negatives, obj.itm.caption_negatives_per_step = True, 2
+    obj.itm.swap_negatives, obj.itm.hard_warmup_steps = True, 10
+    obj.itm.alone_steps, obj.itm.alone_line = 4, 1
+    model = build(model_cfg(1), obj)
+    seen = []
+    model.match_logits = (lambda f: lambda t, i, im: seen.append(i) or f(t, i, im))(model.match_logits)
+    b = batch()
+    first, second = batch(seed=1)["text"], batch(seed=2)["text"]
+    has = torch.tensor([True, False, True, True, False, True])
+    lines = {**b, "neg_text": first, "has_negative": has, "neg_text_more": second[:, None]}
+    model.set_itm_hardness(3)
+    assert model.itm_alone and model.itm_hardness == 0.0
+    out, grads = run(model, lines)
+    alone = seen[-1]
+    assert alone.shape[0] == 2 * B and torch.equal(alone[:B], b["text"])
+    assert torch.equal(alone[B:][has], second[has])  # line 1 alone: the object swap of `data synth`
+    assert not torch.equal(alone[B:][~has], second[~has])  # none given: a batch negative, as always
+    assert torch.isfinite(out["loss_itm"]) and grads["itm_head.fc.weight"].abs().sum() > 0
+    reference = build(model_cfg(1), obj)  # the same pairs as a model with line 1 as its only line, no swaps
+    reference.obj_cfg = dataclasses.replace(obj, itm=dataclasses.replace(
+        obj.itm, swap_negatives=False, caption_negatives_per_step=1, alone_steps=0, alone_line=0))
+    pos, neg = reference.match_logits, []
+    reference.match_logits = lambda t, i, im: neg.append(i) or pos(t, i, im)
+    reference.set_itm_hardness(0)  # the same draw of batch negatives (uniform) for samples without a line
+    out_ref, _ = run(reference, {**b, "neg_text": second, "has_negative": has})
+    idx = torch.cat([torch.arange(B), torch.arange(3 * B, 4 * B)])  # positives, then the line's pairs
+    assert torch.equal(neg[-1][idx], alone)
+    model.set_itm_hardness(4)
+    assert not model.itm_alone and model.itm_hardness == 0.0  # the ramp starts where the curriculum ends
+    model.set_itm_hardness(9)
+    assert model.itm_hardness == 0.5
+    run(model, lines)
+    assert seen[-1].shape[0] == 6 * B  # positives, 2 batch pairs, the swap, both lines
+    model.set_itm_hardness(0)
+    model.eval()
+    with torch.no_grad():
+        model(lines)
+    assert seen[-1].shape[0] == 6 * B  # eval scores every pair whatever the step
+
+
 def test_activation_checkpointing_of_fusion_blocks_keeps_gradients():
     ref = build(model_cfg(2), objectives(itm=1.0, conditioned=True))
     out_ref, g_ref = run(ref, batch())
@@ -315,6 +360,12 @@ def test_tp_plan_splits_the_fusion_blocks():
      "objectives.itm.caption_negatives_per_step > 1 needs objectives.itm.caption_negatives=true"),
     (["objectives.itm.caption_negatives_per_step=0"],
      "objectives.itm.caption_negatives_per_step must be >= 1"),
+    (["model.fusion.layers=1", "model.fusion.heads=2", "objectives.itm.weight=1",
+      "objectives.itm.alone_steps=100"],
+     "objectives.itm.alone_steps > 0 needs objectives.itm.caption_negatives=true"),
+    (["objectives.itm.alone_steps=-1"], "objectives.itm.alone_steps must be >= 0"),
+    (["objectives.itm.caption_negatives=true", "objectives.itm.alone_line=1"],
+     "objectives.itm.alone_line (1) must be one of the 1 lines scored per step"),
     (["model.fusion.image_positions=true"],
      "model.fusion.image_positions=true needs model.fusion.layers > 0"),
 ])
