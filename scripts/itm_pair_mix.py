@@ -2,7 +2,8 @@
 
     python scripts/itm_pair_mix.py RUN_DIR [--kinds objects] [--mixed] [--mixed-until N] [--mixed-from N]
         [--optim script|stage] [--batch 64] [--weights objects=4,...] [--logit-penalty L]
-        [--position-std S] [--freeze-positions] [--train-towers [--tower-lr M]] [--steps 5000]
+        [--position-std S] [--freeze-positions] [--train-towers [--tower-lr M]] [--layers 2] [--width W]
+        [--heads H] [--lr 1e-3] [--seed 0] [--steps 5000]
 
 `scripts/relation_learnability.py --arms itm-objects-positions` learns the object swap ("blue square left
 of red circle" for "red circle left of blue square") on a contrastive run's frozen towers; the frozen-towers
@@ -24,6 +25,8 @@ two-object samples with a chosen set of no-match pairs per image and step, besid
 - `--train-towers`: RUN_DIR's towers train with the fusion encoder (learning rate x `--tower-lr`, default
   0.1), so its tokens can change for the match: do towers that do not allow the object swap frozen allow it
   trained (ALBEF and BLIP train theirs)?
+- `--layers`, `--width`, `--heads`, `--lr`: the fresh encoder's size (default 2 blocks, the run's fusion width
+  or else its text width, the run's fusion heads) and learning rate; `--seed` its initialisation and batches.
 Prints one JSON line per 250 steps: held-out pairwise accuracy of the true caption over its object swap
 (`objects`) and over its colour swap (`colours`), chance 0.5. Results: docs/benchmarks.md, "#20: which pairs".
 """
@@ -72,7 +75,8 @@ def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
         mixed=lambda step: args.mixed or step < args.mixed_until or step >= args.mixed_from,
         draw_every_step=True, optim=args.optim, weights=weights, logit_penalty=args.logit_penalty,
         position_std=args.position_std, freeze_positions=args.freeze_positions,
-        text_positions=args.text_positions, towers=towers, tower_lr=args.tower_lr, every=every,
+        text_positions=args.text_positions, towers=towers, tower_lr=args.tower_lr,
+        layers=args.layers, lr=args.lr, every=every,
         on_row=lambda row: print(json.dumps(row), flush=True))
 
 
@@ -108,6 +112,10 @@ def main() -> None:
     p.add_argument("--text-from", help="a run whose text tower (and tokenizer) encodes the captions")
     p.add_argument("--train-towers", action="store_true", help="train RUN_DIR's towers with the fusion one")
     p.add_argument("--tower-lr", type=float, default=0.1, help="--train-towers: their lr multiplier")
+    p.add_argument("--layers", type=int, default=2, help="fusion blocks")
+    p.add_argument("--width", type=int, help="fusion width (default: the run's fusion or text width)")
+    p.add_argument("--heads", type=int, help="fusion heads (default: the run's)")
+    p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args()
     if args.train_towers and args.text_from:
         p.error("--train-towers trains RUN_DIR's towers; --text-from reads another run's: choose one")
@@ -129,8 +137,8 @@ def main() -> None:
     towers = None
     if args.train_towers:
         towers = model.requires_grad_(True)  # eval mode stays: no masking, no dropout
-    train(train_set, test, cfg.model.fusion.width or cfg.model.text.width, cfg.model.fusion.heads, args,
-          towers=towers)
+    train(train_set, test, args.width or cfg.model.fusion.width or cfg.model.text.width,
+          args.heads or cfg.model.fusion.heads, args, towers=towers)
 
 
 if __name__ == "__main__":

@@ -144,27 +144,27 @@ MIXED = ("objects", "colours", "batch-caption", "batch-image")
 _CAPTION = {"objects": "swap", "colours": "colour"}  # pair kind -> swap_data's caption key
 
 
-def itm_optimizer(named: list[tuple[str, torch.Tensor]], kind: str, tower_lr: float = 1.0
-                  ) -> tuple[torch.optim.Optimizer, float | None]:
+def itm_optimizer(named: list[tuple[str, torch.Tensor]], kind: str, tower_lr: float = 1.0,
+                  lr: float = 1e-3) -> tuple[torch.optim.Optimizer, float | None]:
     """(AdamW, gradient clip): this script's (`script`: defaults, no weight decay) or the frozen-towers
     stage's (`stage`: betas 0.9/0.98, eps 1e-6, weight decay 0.05 on matrices, clip 1.0). Parameters named
-    `towers.*` take the learning rate x `tower_lr` (`optim.lr_mult`'s role in the stage)."""
+    `towers.*` take the learning rate `lr` x `tower_lr` (`optim.lr_mult`'s role in the stage)."""
     groups = []
     for tower in (False, True):
         mine = [(n, q) for n, q in named if n.startswith("towers.") == tower]
-        lr = 1e-3 * (tower_lr if tower else 1.0)
+        rate = lr * (tower_lr if tower else 1.0)
         if not mine:
             continue
         if kind == "script":
-            groups.append({"params": [q for _, q in mine], "lr": lr, "weight_decay": 0.0})
+            groups.append({"params": [q for _, q in mine], "lr": rate, "weight_decay": 0.0})
             continue
         decay = [q for n, q in mine if q.ndim >= 2 and "embedding" not in n]
         rest = [q for n, q in mine if not (q.ndim >= 2 and "embedding" not in n)]
-        groups += [{"params": decay, "lr": lr, "weight_decay": 0.05},
-                   {"params": rest, "lr": lr, "weight_decay": 0.0}]
+        groups += [{"params": decay, "lr": rate, "weight_decay": 0.05},
+                   {"params": rest, "lr": rate, "weight_decay": 0.0}]
     if kind == "script":
-        return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0), None
-    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6), 1.0
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0), None
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6), 1.0
 
 
 def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
@@ -174,9 +174,10 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
                     weights: dict[str, float] | None = None, logit_penalty: float = 0.0,
                     position_std: float = 0.0, freeze_positions: bool = False,
                     text_positions: bool = False, towers: Any = None, tower_lr: float = 1.0,
-                    every: int = 250, on_row: Callable[[dict[str, Any]], None] | None = None
-                    ) -> list[dict[str, Any]]:
-    """A fresh fusion encoder (2 blocks) and 2-way match head on frozen towers' tokens (`swap_data`): per
+                    layers: int = 2, lr: float = 1e-3, every: int = 250,
+                    on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """A fresh fusion encoder (`layers` blocks, `width`, `heads`) and 2-way match head, AdamW at `lr`, on
+    frozen towers' tokens (`swap_data`): per
     image and step the true caption (match) and one no-match pair per kind in `kinds` (`MIXED` at steps
     where `mixed(step)`): `objects` / `colours` its object / colour swap, `batch-caption` another sample's
     caption, `batch-image` another sample's image. `positions`: fresh learned image positions (drawn
@@ -194,7 +195,7 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
     torch.manual_seed(seed)
     S, W_img = train["image"].shape[1:]
     L = train["true"].shape[1] if text_positions else 0
-    enc = FusionEncoder(train["true"].shape[-1], W_img, width, 2, heads, context_length=L,
+    enc = FusionEncoder(train["true"].shape[-1], W_img, width, layers, heads, context_length=L,
                         image_tokens=S if positions else 0)
     enc.init_weights()
     if position_std:
@@ -208,7 +209,7 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
     if towers is not None:
         named += [(f"towers.{n}", q) for n, q in towers.named_parameters()
                   if n.startswith(("visual.", "text.")) and q.requires_grad]
-    opt, clip = itm_optimizer(named, optim, tower_lr)
+    opt, clip = itm_optimizer(named, optim, tower_lr, lr)
 
     def tokens(d: dict[str, torch.Tensor], key: str, rows: torch.Tensor) -> torch.Tensor:
         """The cached states of `key` (a caption kind or `image`) for `rows`, or the training towers' own."""

@@ -132,7 +132,7 @@ def test_itm_pair_mix_scores_the_chosen_pairs_and_switches_to_the_stage_mix(one_
         args = argparse.Namespace(seed=0, steps=3, batch=8, kinds="objects", mixed=False, mixed_until=-1,
                                   mixed_from=10**9, optim="script", weights="", logit_penalty=0.0,
                                   position_std=0.0, freeze_positions=False, text_positions=False,
-                                  tower_lr=0.1)
+                                  tower_lr=0.1, layers=2, lr=1e-3)
         vars(args).update(changes)
         return [r["loss"] for r in mod.train(data, data, 16, 2, args, every=1)]
 
@@ -149,6 +149,9 @@ def test_itm_pair_mix_scores_the_chosen_pairs_and_switches_to_the_stage_mix(one_
     frozen = run(freeze_positions=True)
     assert frozen[0] == objects[0] and frozen[1:] != objects[1:]  # same start, positions not stepped
     assert run(text_positions=True)[0] != objects[0]  # caption positions in the first pass
+    assert run(layers=3)[0] != objects[0]  # another encoder
+    faster = run(lr=1e-2)
+    assert faster[0] == objects[0] and faster[1:] != objects[1:]  # same start, larger steps
 
 
 def test_itm_pair_mix_train_towers_steps_the_towers_from_the_cached_tokens_starting_point(one_thread):
@@ -163,7 +166,7 @@ def test_itm_pair_mix_train_towers_steps_the_towers_from_the_cached_tokens_start
         args = argparse.Namespace(seed=0, steps=3, batch=8, kinds="objects", mixed=False, mixed_until=-1,
                                   mixed_from=10**9, optim="script", weights="", logit_penalty=0.0,
                                   position_std=0.0, freeze_positions=False, text_positions=False,
-                                  tower_lr=tower_lr)
+                                  tower_lr=tower_lr, layers=2, lr=1e-3)
         return [r["loss"] for r in mod.train(data, data, 16, 2, args, every=1, towers=towers)]
 
     frozen = run(None, 0.1)
