@@ -18,7 +18,8 @@ two-object samples with a chosen set of no-match pairs per image and step, besid
   instead of the script's (defaults, no weight decay);
 - `--weights`: per-kind loss weights (`positive=4,objects=4`); `--logit-penalty L`: + L x mean squared match
   margin (spectral decoupling, against gradient starvation);
-- `--position-std S`: image positions drawn N(0, S^2) instead of N(0, 1/W); `--freeze-positions`: not trained;
+- `--position-std S`: image positions drawn N(0, S^2) instead of N(0, 1/W); `--position-init sincos`: MAE's
+  fixed 2D sine-cosine table instead (times S if given); `--freeze-positions`: not trained;
   `--text-positions`: fresh learned positions on the caption side too (`model.fusion.text_positions`);
 - `--text-from RUN`: the captions' states from another run's text tower (and tokenizer), the images' from
   RUN_DIR's: which tower, image or text, keeps the fresh encoder from the object swap;
@@ -74,7 +75,8 @@ def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
         kinds=tuple(args.kinds.split(",")),
         mixed=lambda step: args.mixed or step < args.mixed_until or step >= args.mixed_from,
         draw_every_step=True, optim=args.optim, weights=weights, logit_penalty=args.logit_penalty,
-        position_std=args.position_std, freeze_positions=args.freeze_positions,
+        position_std=args.position_std, position_init=args.position_init,
+        freeze_positions=args.freeze_positions,
         text_positions=args.text_positions, towers=towers, tower_lr=args.tower_lr,
         layers=args.layers, lr=args.lr, every=every,
         on_row=lambda row: print(json.dumps(row), flush=True))
@@ -107,6 +109,7 @@ def main() -> None:
     p.add_argument("--weights", default="", help="per-kind loss weights, e.g. positive=4,objects=4")
     p.add_argument("--logit-penalty", type=float, default=0.0)
     p.add_argument("--position-std", type=float, default=0.0)
+    p.add_argument("--position-init", default="normal", choices=["normal", "sincos"])
     p.add_argument("--freeze-positions", action="store_true")
     p.add_argument("--text-positions", action="store_true")
     p.add_argument("--text-from", help="a run whose text tower (and tokenizer) encodes the captions")

@@ -167,12 +167,30 @@ def itm_optimizer(named: list[tuple[str, torch.Tensor]], kind: str, tower_lr: fl
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6), 1.0
 
 
+def sincos_2d(patches: int, width: int) -> torch.Tensor:
+    """MAE's fixed 2D sine-cosine position table [1 + patches, width] for a square grid (CLS row zeros):
+    half the channels encode the column, half the row, each as sines and cosines over geometric
+    frequencies, so a patch's side is a linear feature of its position from the first step."""
+    side = int(round(patches ** 0.5))
+    if side * side != patches or width % 4:
+        raise ValueError(f"sincos_2d: {patches} patches is not a square grid, or width {width} % 4 != 0")
+    freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))  # [W/4]
+    row, col = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")  # [side, side]
+
+    def axis(coord: torch.Tensor) -> torch.Tensor:
+        angle = coord.reshape(-1, 1).double() * freqs  # [N, W/4]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)  # [N, W/2]
+
+    table = torch.cat([axis(col), axis(row)], dim=1).float()  # [N, W]
+    return torch.cat([torch.zeros(1, width), table])
+
+
 def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
                     steps: int, seed: int, *, batch: int = 64, positions: bool = True,
                     kinds: tuple[str, ...] = ("objects",), mixed: Callable[[int], bool] = lambda step: False,
                     draw_every_step: bool = False, optim: str = "script",
                     weights: dict[str, float] | None = None, logit_penalty: float = 0.0,
-                    position_std: float = 0.0, freeze_positions: bool = False,
+                    position_std: float = 0.0, position_init: str = "normal", freeze_positions: bool = False,
                     text_positions: bool = False, towers: Any = None, tower_lr: float = 1.0,
                     layers: int = 2, lr: float = 1e-3, every: int = 250,
                     on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
@@ -181,7 +199,8 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
     image and step the true caption (match) and one no-match pair per kind in `kinds` (`MIXED` at steps
     where `mixed(step)`): `objects` / `colours` its object / colour swap, `batch-caption` another sample's
     caption, `batch-image` another sample's image. `positions`: fresh learned image positions (drawn
-    N(0, position_std^2) when given; not trained with `freeze_positions`); `text_positions`: fresh
+    N(0, position_std^2) when given, or with `position_init="sincos"` MAE's fixed 2D sine-cosine table
+    times `position_std` or 1, CLS row 0; not trained with `freeze_positions`); `text_positions`: fresh
     caption-side ones too. `towers`: a model whose towers train with the fusion encoder (learning rate x
     `tower_lr`): the tokens come from `pixels` and `*_ids` through them at every step, not from the cached
     states (`swap_data` holds both; the towers are used in eval mode: no masking, no dropout). `weights`
@@ -198,7 +217,10 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
     enc = FusionEncoder(train["true"].shape[-1], W_img, width, layers, heads, context_length=L,
                         image_tokens=S if positions else 0)
     enc.init_weights()
-    if position_std:
+    if position_init == "sincos":
+        with torch.no_grad():
+            enc.image_pos.embedding.copy_(sincos_2d(S - 1, W_img) * (position_std or 1.0))
+    elif position_std:
         torch.nn.init.normal_(enc.image_pos.embedding, std=position_std)
     identity = torch.arange(S - 1).expand(1, S - 1)
     head = torch.nn.Linear(width, 2)

@@ -132,7 +132,7 @@ def test_itm_pair_mix_scores_the_chosen_pairs_and_switches_to_the_stage_mix(one_
         args = argparse.Namespace(seed=0, steps=3, batch=8, kinds="objects", mixed=False, mixed_until=-1,
                                   mixed_from=10**9, optim="script", weights="", logit_penalty=0.0,
                                   position_std=0.0, freeze_positions=False, text_positions=False,
-                                  tower_lr=0.1, layers=2, lr=1e-3)
+                                  tower_lr=0.1, layers=2, lr=1e-3, position_init="normal")
         vars(args).update(changes)
         return [r["loss"] for r in mod.train(data, data, 16, 2, args, every=1)]
 
@@ -150,6 +150,7 @@ def test_itm_pair_mix_scores_the_chosen_pairs_and_switches_to_the_stage_mix(one_
     assert frozen[0] == objects[0] and frozen[1:] != objects[1:]  # same start, positions not stepped
     assert run(text_positions=True)[0] != objects[0]  # caption positions in the first pass
     assert run(layers=3)[0] != objects[0]  # another encoder
+    assert run(position_init="sincos")[0] != objects[0]  # the sine-cosine table in the first pass
     faster = run(lr=1e-2)
     assert faster[0] == objects[0] and faster[1:] != objects[1:]  # same start, larger steps
 
@@ -166,7 +167,7 @@ def test_itm_pair_mix_train_towers_steps_the_towers_from_the_cached_tokens_start
         args = argparse.Namespace(seed=0, steps=3, batch=8, kinds="objects", mixed=False, mixed_until=-1,
                                   mixed_from=10**9, optim="script", weights="", logit_penalty=0.0,
                                   position_std=0.0, freeze_positions=False, text_positions=False,
-                                  tower_lr=tower_lr, layers=2, lr=1e-3)
+                                  tower_lr=tower_lr, layers=2, lr=1e-3, position_init="normal")
         return [r["loss"] for r in mod.train(data, data, 16, 2, args, every=1, towers=towers)]
 
     frozen = run(None, 0.1)
@@ -197,6 +198,18 @@ def test_itm_pair_mix_text_from_takes_another_runs_captions_and_keeps_the_images
     for key in ("true", "swap", "colour", "true_pad", "swap_pos"):
         assert torch.equal(mixed[key], theirs[key])
     assert not torch.equal(mixed["true"], mine["true"])
+
+
+def test_sincos_table_puts_each_patch_column_on_a_linear_feature():
+    """The 2D sine-cosine table: CLS row zero, one distinct row per patch, and its column channels equal for
+    patches of one column (so a linear readout of the side exists from the first step)."""
+    table = _script("relation_learnability").sincos_2d(16, 8)  # 4 x 4 grid
+    assert table.shape == (17, 8) and torch.equal(table[0], torch.zeros(8))
+    grid = table[1:].view(4, 4, 8)  # [row, col, W]
+    assert torch.equal(grid[0, :, :4], grid[3, :, :4]) and not torch.equal(grid[:, 0, :4], grid[:, 1, :4])
+    assert len({tuple(r.tolist()) for r in table[1:]}) == 16
+    with pytest.raises(ValueError, match="not a square grid"):
+        _script("relation_learnability").sincos_2d(12, 8)
 
 
 def test_itm_pair_mix_refuses_weights_it_cannot_read_naming_the_item():
