@@ -27,7 +27,10 @@ two-object samples with a chosen set of no-match pairs per image and step, besid
   0.1), so its tokens can change for the match: do towers that do not allow the object swap frozen allow it
   trained (ALBEF and BLIP train theirs)?
 - `--layers`, `--width`, `--heads`, `--lr`: the fresh encoder's size (default 2 blocks, the run's fusion width
-  or else its text width, the run's fusion heads) and learning rate; `--seed` its initialisation and batches.
+  or else its text width, the run's fusion heads) and learning rate; `--seed` its initialisation and batches;
+- `--one-relation-until N`: before step N, only samples whose caption says "left of" (the match then hangs on
+  one feature, where the first-named object is; with both relations it is that feature XOR the relation
+  word, which no single feature predicts at first); rows add `objects_left` / `objects_right`.
 Prints one JSON line per 250 steps: held-out pairwise accuracy of the true caption over its object swap
 (`objects`) and over its colour swap (`colours`), chance 0.5. Results: docs/benchmarks.md, "#20: which pairs".
 """
@@ -44,6 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from relation_learnability import MIXED, swap_data, train_itm_pairs  # noqa: E402
+
+from pretrain.evaluation.binding import relation_ids  # noqa: E402
 
 KINDS = MIXED
 """The no-match pair kinds `--kinds` may name (all four: `--mixed`)."""
@@ -63,9 +68,15 @@ def weights_problem(text: str) -> str | None:
 
 
 def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], width: int, heads: int,
-          args: argparse.Namespace, every: int = 250, towers: Any = None) -> list[dict[str, Any]]:
+          args: argparse.Namespace, every: int = 250, towers: Any = None,
+          relation: torch.Tensor | None = None, test_relation: torch.Tensor | None = None
+          ) -> list[dict[str, Any]]:
     """`relation_learnability.train_itm_pairs` as the flags say; prints and returns a row every `every` steps.
-    The batch-negative partner is drawn at every step, the random stream these rows were measured with."""
+    The batch-negative partner is drawn at every step, the random stream these rows were measured with.
+    `relation` / `test_relation`: per row, 1 where the true caption says "right of"
+    (`--one-relation-until`)."""
+    left = None if relation is None else torch.nonzero(relation == 0).flatten()
+    groups = None if test_relation is None else {"left": test_relation == 0, "right": test_relation == 1}
     weights = {"positive": 1.0, **dict.fromkeys(KINDS, 1.0)}
     for item in filter(None, args.weights.split(",")):
         key, value = item.split("=")
@@ -78,7 +89,8 @@ def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
         position_std=args.position_std, position_init=args.position_init,
         freeze_positions=args.freeze_positions,
         text_positions=args.text_positions, towers=towers, tower_lr=args.tower_lr,
-        layers=args.layers, lr=args.lr, every=every,
+        layers=args.layers, lr=args.lr, every=every, test_groups=groups,
+        draw_from=None if left is None else (lambda step: left if step < args.one_relation_until else None),
         on_row=lambda row: print(json.dumps(row), flush=True))
 
 
@@ -119,6 +131,8 @@ def main() -> None:
     p.add_argument("--width", type=int, help="fusion width (default: the run's fusion or text width)")
     p.add_argument("--heads", type=int, help="fusion heads (default: the run's)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--one-relation-until", type=int, default=0,
+                   help="before this step only samples whose caption says 'left of' (rows split by relation)")
     args = p.parse_args()
     if args.train_towers and args.text_from:
         p.error("--train-towers trains RUN_DIR's towers; --text-from reads another run's: choose one")
@@ -140,8 +154,13 @@ def main() -> None:
     towers = None
     if args.train_towers:
         towers = model.requires_grad_(True)  # eval mode stays: no masking, no dropout
+    relation = test_relation = None
+    if args.one_relation_until:
+        left_id, right_id = relation_ids(tokenizer, cfg.model.text.context_length)
+        relation, test_relation = ((d["true_ids"] == right_id).any(dim=1).long() for d in (train_set, test))
     train(train_set, test, args.width or cfg.model.fusion.width or cfg.model.text.width,
-          args.heads or cfg.model.fusion.heads, args, towers=towers)
+          args.heads or cfg.model.fusion.heads, args, towers=towers, relation=relation,
+          test_relation=test_relation)
 
 
 if __name__ == "__main__":

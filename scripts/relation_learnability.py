@@ -192,7 +192,9 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
                     weights: dict[str, float] | None = None, logit_penalty: float = 0.0,
                     position_std: float = 0.0, position_init: str = "normal", freeze_positions: bool = False,
                     text_positions: bool = False, towers: Any = None, tower_lr: float = 1.0,
-                    layers: int = 2, lr: float = 1e-3, every: int = 250,
+                    layers: int = 2, lr: float = 1e-3,
+                    draw_from: Callable[[int], torch.Tensor | None] | None = None,
+                    test_groups: dict[str, torch.Tensor] | None = None, every: int = 250,
                     on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """A fresh fusion encoder (`layers` blocks, `width`, `heads`) and 2-way match head, AdamW at `lr`, on
     frozen towers' tokens (`swap_data`): per
@@ -207,7 +209,9 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
     (per kind and `positive`): a weighted mean over pairs (None: the plain mean); `logit_penalty`: + that
     times the mean squared match margin. The batch-negative partner is drawn at mixed steps only, or at
     every step with `draw_every_step` (the random stream that
-    `scripts/itm_pair_mix.py`'s rows were measured with). Rows every `every` steps and at the last: step,
+    `scripts/itm_pair_mix.py`'s rows were measured with). `draw_from(step)`: the training rows a step draws
+    its batch from (None: all); `test_groups`: name -> held-out row mask, each reported as `objects_<name>`.
+    Rows every `every` steps and at the last: step,
     loss, held-out pairwise accuracy over the object swap (`objects`) and the colour swap (`colours`)."""
     from pretrain.models.fusion import FusionEncoder
 
@@ -251,7 +255,11 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
 
     rows, gen, B = [], torch.Generator().manual_seed(seed), batch
     for step in range(steps + 1):
-        idx = torch.randint(0, len(train["image"]), (B,), generator=gen)
+        pool = draw_from(step) if draw_from is not None else None
+        if pool is None:
+            idx = torch.randint(0, len(train["image"]), (B,), generator=gen)
+        else:
+            idx = pool[torch.randint(0, len(pool), (B,), generator=gen)]
         now = MIXED if mixed(step) else kinds
         other = None
         if draw_every_step or any(k.startswith("batch") for k in now):  # never the row itself
@@ -287,6 +295,9 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
                 row = {"step": step, "loss": round(loss.item(), 4),
                        "objects": round(float((margin > sw[:, 1] - sw[:, 0]).float().mean()), 4),
                        "colours": round(float((margin > c[:, 1] - c[:, 0]).float().mean()), 4)}
+                for name, mask in (test_groups or {}).items():
+                    hit = (margin > sw[:, 1] - sw[:, 0])[mask]
+                    row[f"objects_{name}"] = round(float(hit.float().mean()), 4)
             if on_row is not None:
                 on_row(row)
             rows.append(row)
