@@ -200,6 +200,22 @@ def test_itm_pair_mix_text_from_takes_another_runs_captions_and_keeps_the_images
     assert not torch.equal(mixed["true"], mine["true"])
 
 
+def test_itm_pairs_draw_from_a_pool_and_report_held_out_groups(one_thread):
+    """`draw_from` (`--one-relation-until`): a step's batch comes from the rows it names; `test_groups` add
+    `objects_<name>` rows, whose row-weighted mean is the overall object-swap accuracy."""
+    mod = _script("relation_learnability")
+    model, tok, cfg = _caption_model()
+    data = mod.swap_data(model, tok, cfg, n=24, seed=5, batch=12)
+    only3 = {k: v[[3] * 24] for k, v in data.items()}
+    kw = {"batch": 8, "every": 1}
+    pooled = mod.train_itm_pairs(data, data, 16, 2, 0, 0, draw_from=lambda step: torch.tensor([3]), **kw)
+    assert pooled[0]["loss"] == mod.train_itm_pairs(only3, data, 16, 2, 0, 0, **kw)[0]["loss"]
+    half = torch.arange(24) < 10
+    rows = mod.train_itm_pairs(data, data, 16, 2, 1, 0, test_groups={"a": half, "b": ~half}, **kw)
+    for r in rows:
+        assert r["objects"] == pytest.approx((10 * r["objects_a"] + 14 * r["objects_b"]) / 24, abs=1e-3)
+
+
 def test_sincos_table_puts_each_patch_column_on_a_linear_feature():
     """The 2D sine-cosine table: CLS row zero, one distinct row per patch, and its column channels equal for
     patches of one column (so a linear readout of the side exists from the first step)."""
