@@ -28,7 +28,8 @@ two-object samples with a chosen set of no-match pairs per image and step, besid
   trained (ALBEF and BLIP train theirs)?
 - `--layers`, `--width`, `--heads`, `--lr`: the fresh encoder's size (default 2 blocks, the run's fusion width
   or else its text width, the run's fusion heads) and learning rate; `--seed` its initialisation and batches;
-- `--one-relation-until N`: before step N, only samples whose caption says "left of" (the match then hangs on
+- `--one-relation-until N [--left-share P]`: before step N, only samples whose caption says "left of" (P < 1:
+  a share P of them, the rest "right of"; the match then hangs on
   one feature, where the first-named object is; with both relations it is that feature XOR the relation
   word, which no single feature predicts at first); rows add `objects_left` / `objects_right`.
 Prints one JSON line per 250 steps: held-out pairwise accuracy of the true caption over its object swap
@@ -76,6 +77,10 @@ def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
     `relation` / `test_relation`: per row, 1 where the true caption says "right of"
     (`--one-relation-until`)."""
     left = None if relation is None else torch.nonzero(relation == 0).flatten()
+    if left is not None and args.left_share < 1.0:  # + the first right-of rows that make the share
+        right = torch.nonzero(relation == 1).flatten()
+        k = round(len(left) * (1 - args.left_share) / args.left_share)
+        left = torch.cat([left, right[:k]])
     groups = None if test_relation is None else {"left": test_relation == 0, "right": test_relation == 1}
     weights = {"positive": 1.0, **dict.fromkeys(KINDS, 1.0)}
     for item in filter(None, args.weights.split(",")):
@@ -133,6 +138,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--one-relation-until", type=int, default=0,
                    help="before this step only samples whose caption says 'left of' (rows split by relation)")
+    p.add_argument("--left-share", type=float, default=1.0,
+                   help="--one-relation-until: the share of 'left of' captions before it (else all)")
     args = p.parse_args()
     if args.train_towers and args.text_from:
         p.error("--train-towers trains RUN_DIR's towers; --text-from reads another run's: choose one")
