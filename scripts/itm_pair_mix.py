@@ -32,6 +32,7 @@ two-object samples with a chosen set of no-match pairs per image and step, besid
   a share P of them, the rest "right of"; the match then hangs on
   one feature, where the first-named object is; with both relations it is that feature XOR the relation
   word, which no single feature predicts at first); rows add `objects_left` / `objects_right`.
+  `--right-weight W`: every sample drawn as usual, the pairs of "right of" captions weighted W in the loss.
 Prints one JSON line per 250 steps: held-out pairwise accuracy of the true caption over its object swap
 (`objects`) and over its colour swap (`colours`), chance 0.5. Results: docs/benchmarks.md, "#20: which pairs".
 """
@@ -95,6 +96,8 @@ def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
         freeze_positions=args.freeze_positions,
         text_positions=args.text_positions, towers=towers, tower_lr=args.tower_lr,
         layers=args.layers, lr=args.lr, every=every, test_groups=groups,
+        row_weight=None if relation is None or args.right_weight == 1.0 else
+        torch.where(relation == 1, args.right_weight, 1.0),
         draw_from=None if left is None else (lambda step: left if step < args.one_relation_until else None),
         on_row=lambda row: print(json.dumps(row), flush=True))
 
@@ -138,6 +141,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--one-relation-until", type=int, default=0,
                    help="before this step only samples whose caption says 'left of' (rows split by relation)")
+    p.add_argument("--right-weight", type=float, default=1.0,
+                   help="the loss weight of 'right of' captions' pairs at every step (1: plain mean)")
     p.add_argument("--left-share", type=float, default=1.0,
                    help="--one-relation-until: the share of 'left of' captions before it (else all)")
     args = p.parse_args()
@@ -162,7 +167,7 @@ def main() -> None:
     if args.train_towers:
         towers = model.requires_grad_(True)  # eval mode stays: no masking, no dropout
     relation = test_relation = None
-    if args.one_relation_until:
+    if args.one_relation_until or args.right_weight != 1.0:
         left_id, right_id = relation_ids(tokenizer, cfg.model.text.context_length)
         relation, test_relation = ((d["true_ids"] == right_id).any(dim=1).long() for d in (train_set, test))
     train(train_set, test, args.width or cfg.model.fusion.width or cfg.model.text.width,

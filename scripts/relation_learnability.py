@@ -194,6 +194,7 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
                     text_positions: bool = False, towers: Any = None, tower_lr: float = 1.0,
                     layers: int = 2, lr: float = 1e-3,
                     draw_from: Callable[[int], torch.Tensor | None] | None = None,
+                    row_weight: torch.Tensor | None = None,
                     test_groups: dict[str, torch.Tensor] | None = None, every: int = 250,
                     on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """A fresh fusion encoder (`layers` blocks, `width`, `heads`) and 2-way match head, AdamW at `lr`, on
@@ -210,7 +211,9 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
     times the mean squared match margin. The batch-negative partner is drawn at mixed steps only, or at
     every step with `draw_every_step` (the random stream that
     `scripts/itm_pair_mix.py`'s rows were measured with). `draw_from(step)`: the training rows a step draws
-    its batch from (None: all); `test_groups`: name -> held-out row mask, each reported as `objects_<name>`.
+    its batch from (None: all); `row_weight` [n_train]: each pair's loss weight times its sample's (a
+    weighted mean; what `objectives.itm.skew_*` does in the stage); `test_groups`: name -> held-out row
+    mask, each reported as `objects_<name>`.
     Rows every `every` steps and at the last: step,
     loss, held-out pairwise accuracy over the object swap (`objects`) and the colour swap (`colours`)."""
     from pretrain.models.fusion import FusionEncoder
@@ -275,10 +278,12 @@ def train_itm_pairs(train: dict[str, torch.Tensor], test: dict[str, torch.Tensor
             w.append((weights or {}).get(kind, 1.0))
         logits = torch.cat(pairs)  # [(1 + kinds) B, 2]
         labels = torch.cat([torch.ones(B), torch.zeros(len(logits) - B)]).long()
-        if weights is None:
+        if weights is None and row_weight is None:
             loss = F.cross_entropy(logits, labels)
         else:
             per = torch.tensor(w).repeat_interleave(B)
+            if row_weight is not None:
+                per = per * row_weight[idx].repeat(len(pairs))
             loss = (F.cross_entropy(logits, labels, reduction="none") * per).sum() / per.sum()
         if logit_penalty:
             loss = loss + logit_penalty * (logits[:, 1] - logits[:, 0]).pow(2).mean()

@@ -210,6 +210,10 @@ def test_itm_pairs_draw_from_a_pool_and_report_held_out_groups(one_thread):
     kw = {"batch": 8, "every": 1}
     pooled = mod.train_itm_pairs(data, data, 16, 2, 0, 0, draw_from=lambda step: torch.tensor([3]), **kw)
     assert pooled[0]["loss"] == mod.train_itm_pairs(only3, data, 16, 2, 0, 0, **kw)[0]["loss"]
+    plain = mod.train_itm_pairs(data, data, 16, 2, 0, 0, **kw)[0]["loss"]
+    assert mod.train_itm_pairs(data, data, 16, 2, 0, 0, row_weight=torch.ones(24), **kw)[0]["loss"] == plain
+    tilted = torch.where(torch.arange(24) % 2 == 0, 1.0, 0.01)  # odd rows' pairs nearly out of the mean
+    assert mod.train_itm_pairs(data, data, 16, 2, 0, 0, row_weight=tilted, **kw)[0]["loss"] != plain
     half = torch.arange(24) < 10
     rows = mod.train_itm_pairs(data, data, 16, 2, 1, 0, test_groups={"a": half, "b": ~half}, **kw)
     for r in rows:
