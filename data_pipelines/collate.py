@@ -50,8 +50,10 @@ def collate_train(
     num_patches: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    skew_phrase: str = "",
 ) -> dict[str, Any]:
     """Model inputs for a training batch (the keys and dtypes are the contract with the model code).
+    `itm_skew` [B] bool (caption contains `skew_phrase`, `objectives.itm.skew_phrase`) only when it is given.
     `neg_text` [B, L] / `has_negative` [B] only when some sample carries a negative caption, and
     `neg_text_more` [B, K - 1, L] when samples carry K per step (`objectives.itm.caption_negatives_per_step`;
     rows of samples without any hold their own caption, which `has_negative` marks unused)."""
@@ -77,6 +79,8 @@ def collate_train(
     if more:
         rows = [c for ex in examples for c in (list(ex.more_negatives) + [ex.caption] * more)[:more]]
         extra["neg_text_more"] = tokenizer.encode_batch(rows, context_length).view(len(examples), more, -1)
+    if skew_phrase:
+        extra["itm_skew"] = torch.tensor([skew_phrase in ex.caption for ex in examples])
     return {**extra,
         "image": normalize_batch([ex.image for ex in examples], mean, std),
         "text": text,

@@ -90,6 +90,7 @@ class _TrainStream(IterableDataset):
         self.num_patches = spec.num_patches
         self.caption_negatives = spec.caption_negatives
         self.negatives_per_step = spec.negatives_per_step
+        self.skew_phrase = spec.skew_phrase
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         actual, count = _worker()
@@ -134,7 +135,7 @@ class _TrainStream(IterableDataset):
                 pending.append(example)
                 if len(pending) == self.batch_size:
                     batch = collate_train(pending, self.tokenizer, self.context_length, self.mask_prob,
-                                          self.num_patches, self.mean, self.std)
+                                          self.num_patches, self.mean, self.std, self.skew_phrase)
                     state.skips = skips.as_dict()
                     batch["_position"] = state.as_dict(worker)
                     batch["_skips"] = dict(state.skips)

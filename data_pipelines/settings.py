@@ -87,6 +87,9 @@ class StreamSpec:
     `missing_negative` (it still trains, with a batch negative in its place)."""
     negatives_per_step: int = 1
     """`objectives.itm.caption_negatives_per_step`: `neg.txt` lines per sample per step."""
+    skew_phrase: str = ""
+    """`objectives.itm.skew_phrase` while the match loss skews toward it: each batch then carries `itm_skew`
+    [B] (True where the caption contains it). "": no such key."""
 
     @property
     def num_patches(self) -> int:

@@ -225,6 +225,20 @@ class ITMConfig:
     from the first step, while an object swap scored alone first is learned and survives the others
     (docs/benchmarks.md, "#20: which pairs"). By step number, so a resume continues it; the
     `hard_warmup_steps` ramp starts when it ends. 0: every negative from the first step."""
+    skew_phrase: str = ""
+    """With `skew_steps`: the text (e.g. "left of") whose captions dominate ITM's loss in those steps. Pairs
+    of samples whose caption does not contain it weigh `skew_weight`, so one reading of the captions holds
+    most of the loss. Why: when captions say "A left of B" and "B right of A" equally often, whether a
+    caption matches is where its first-named object is XOR its relation word, and neither alone predicts it:
+    the match of an object swap then sits at chance for thousands of steps. With one relation dominant the
+    first feature predicts the label, is learned, and the other relation follows (docs/benchmarks.md,
+    "#20: a symmetry")."""
+    skew_weight: float = 0.25
+    """`skew_steps`: the ITM loss weight of the pairs of samples whose caption lacks `skew_phrase` (a weighted
+    mean over the global batch; 0.25 is a share of 80 / 20 where half the captions have the phrase)."""
+    skew_steps: int = 0
+    """Optimizer steps, from the first, during which ITM's loss is skewed toward `skew_phrase` (by step
+    number, so a resume continues it). 0: off."""
     alone_line: int = 0
     """`alone_steps`: which of the `caption_negatives_per_step` lines scored per step goes alone (0-based).
     With every line scored at every step (`caption_negatives_per_step` = the lines per sample) it is that

@@ -16,7 +16,9 @@ def stream_spec(cfg: Config) -> StreamSpec:
                       mlm_prob=cfg.objectives.mlm.mask_prob,
                       caption_negatives=(cfg.objectives.itm.caption_negatives and cfg.model.fusion.layers > 0
                                          and cfg.objectives.itm.weight > 0),
-                      negatives_per_step=cfg.objectives.itm.caption_negatives_per_step)
+                      negatives_per_step=cfg.objectives.itm.caption_negatives_per_step,
+                      skew_phrase=(cfg.objectives.itm.skew_phrase if cfg.objectives.itm.skew_steps > 0
+                                   and cfg.objectives.itm.weight > 0 and cfg.model.fusion.layers > 0 else ""))
 
 
 def engine_spec(cfg: Config) -> EngineSpec:

@@ -81,6 +81,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(o.itm.alone_steps == 0 or (o.itm.caption_negatives and o.itm.weight > 0),
           "objectives.itm.alone_steps > 0 needs objectives.itm.caption_negatives=true and "
           "objectives.itm.weight > 0 (it scores one neg.txt line alone)")
+    check(o.itm.skew_steps >= 0, "objectives.itm.skew_steps must be >= 0 (0: off)")
+    check(o.itm.skew_steps == 0 or (o.itm.skew_phrase.strip() and o.itm.weight > 0),
+          "objectives.itm.skew_steps > 0 needs objectives.itm.skew_phrase (the text whose captions dominate) "
+          "and objectives.itm.weight > 0")
+    check(o.itm.skew_weight >= 0, f"objectives.itm.skew_weight must be >= 0, got {o.itm.skew_weight}")
     k = o.itm.caption_negatives_per_step
     check(0 <= o.itm.alone_line < k,
           f"objectives.itm.alone_line ({o.itm.alone_line}) must be one of the {k} lines scored per step "

@@ -87,6 +87,7 @@ class PretrainModel(nn.Module):
         self.unmasked_tail = False  # set per step by the training loop (`set_unmasked_tail`)
         self.itm_hardness = 1.0  # set per step by the training loop (`set_itm_hardness`)
         self.itm_alone = False  # objectives.itm.alone_steps: set per step by `set_itm_hardness` too
+        self.itm_skewed = False  # objectives.itm.skew_steps: likewise
         self.init_weights()
 
     @classmethod
@@ -139,9 +140,11 @@ class PretrainModel(nn.Module):
         """The training loop's curriculum for ITM's negatives at optimizer step `step`: one `neg.txt` line
         alone for the first `objectives.itm.alone_steps`, then the ramp of `objectives.itm.hard_warmup_steps`:
         the negatives' sampling scale is this fraction of the logit scale (0: uniform draws; 1: hard
-        negatives). Eval always scores every negative, hard."""
+        negatives); and the loss skewed toward `skew_phrase` for the first `skew_steps`. Eval always
+        scores every negative, hard, in a plain mean."""
         itm = self.obj_cfg.itm
         self.itm_alone = step < itm.alone_steps
+        self.itm_skewed = step < itm.skew_steps
         n, since = itm.hard_warmup_steps, max(0, step - itm.alone_steps)
         self.itm_hardness = 1.0 if n <= 0 else min(1.0, since / n)
 
@@ -275,7 +278,11 @@ class PretrainModel(nn.Module):
         logits = self.match_logits(torch.cat(texts), torch.cat(text_ids), torch.cat(images))  # [P B, 2]
         B = ids.shape[0]
         labels = torch.cat([torch.ones(B), torch.zeros(logits.shape[0] - B)]).long().to(logits.device)
-        return itm_loss(logits, labels)
+        weight = None
+        if self.training and self.itm_skewed and "itm_skew" in batch:  # `objectives.itm.skew_*`
+            per_sample = torch.where(batch["itm_skew"].to(logits.device), 1.0, self.obj_cfg.itm.skew_weight)
+            weight = per_sample.repeat(len(texts))  # [P B]: every pair weighs what its anchor sample does
+        return itm_loss(logits, labels, weight, group)
 
     def match_logits(self, text_tokens: torch.Tensor, ids: torch.Tensor, image_tokens: torch.Tensor
                      ) -> torch.Tensor:

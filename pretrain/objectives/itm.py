@@ -24,7 +24,10 @@ and duplicate captions: not negatives) are never drawn, unless a row has nothing
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.collectives import all_gather_no_grad
@@ -116,8 +119,21 @@ def swap_words(ids: torch.Tensor, eos: torch.Tensor, uniform: torch.Tensor | Non
     return out, ok.reshape(B, -1).any(dim=-1)
 
 
-def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None,
+             group: Any = None) -> torch.Tensor:
     """logits [N, 2], labels [N] (1 = match) -> fp32 mean cross-entropy. Every rank holds the same number
     of pairs (3 B, plus B for word-swap and B for caption negatives), so the mean over dp ranks is the
-    full-batch loss."""
-    return F.cross_entropy(logits.float(), labels)
+    full-batch loss.
+
+    `weight` [N] (`objectives.itm.skew_*`): a weighted mean over the GLOBAL batch. The weights differ
+    between ranks, so each rank returns its weighted sum x dp / the global weight (all-reduced over `group`
+    without gradient, as `mlm_loss` does its token count): the mean over dp ranks is then exactly the
+    single-process loss."""
+    if weight is None:
+        return F.cross_entropy(logits.float(), labels)
+    total = (F.cross_entropy(logits.float(), labels, reduction="none") * weight.float()).sum()
+    norm = weight.detach().double().sum()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(norm, group=group)
+        return total * dist.get_world_size(group) / norm.clamp(min=1e-12).to(total.dtype)
+    return total / norm.clamp(min=1e-12).to(total.dtype)

@@ -47,17 +47,19 @@ def tiny_cfg(fusion: bool = False) -> ModelConfig:
                                            text_positions=fusion, image_positions=fusion))
 
 
-def objectives(fusion: bool = False, alone: bool = False) -> ObjectivesConfig:
+def objectives(fusion: bool = False, alone: bool = False, skew: bool = False) -> ObjectivesConfig:
     """The fusion run: ITM with hard negatives, word-swap and data-supplied caption negatives (4 pair kinds
     beyond the positives' B) and the image-conditioned MLM on, FLIP's shared masked pass (the fusion encoder
     attends to the visible patches). `alone`: in the curriculum's first steps (`objectives.itm.alone_steps`),
-    where the second caption line is the only no-match pair and no tokens are gathered across ranks."""
+    where the second caption line is the only no-match pair and no tokens are gathered across ranks.
+    `skew`: in `objectives.itm.skew_steps`, a loss weighted by sample (unevenly between the ranks)."""
     o = ObjectivesConfig()
     if fusion:
         o.itm.weight, o.mlm.conditioned, o.mim.shared_pass = 1.0, True, True
         o.itm.swap_negatives = o.itm.caption_negatives = True
         o.itm.caption_negatives_per_step = 2
         o.itm.alone_steps, o.itm.alone_line = (10, 1) if alone else (0, 0)
+        o.itm.skew_phrase, o.itm.skew_steps = ("left of", 10) if skew else ("", 0)
     return o
 
 
@@ -78,20 +80,23 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"image": torch.randn(B, 3, S, S, generator=gen), "text": ids, "mlm_input": mlm_input,
             "mlm_labels": labels, "patch_noise": torch.rand(B, N, generator=gen),
             "itm_noise": torch.rand(B, 2, generator=gen), "neg_text": neg, "has_negative": has,
-            "neg_text_more": ids.roll(1, 0)[:, None]}  # a second line each (caption_negatives_per_step=2)
+            "neg_text_more": ids.roll(1, 0)[:, None],  # a second line each (caption_negatives_per_step=2)
+            "itm_skew": torch.tensor([True, True, True, False, False, True, False, False])}  # 3 : 1 rows
 
 
-def build(seed: int = 0, fusion: bool = False, alone: bool = False) -> PretrainModel:
+def build(seed: int = 0, fusion: bool = False, alone: bool = False, skew: bool = False) -> PretrainModel:
     torch.manual_seed(seed)
-    model = PretrainModel(tiny_cfg(fusion), objectives(fusion, alone), vocab_size=V, pad_id=PAD,
+    model = PretrainModel(tiny_cfg(fusion), objectives(fusion, alone, skew), vocab_size=V, pad_id=PAD,
                           eos_id=EOS).train()
     model.set_itm_hardness(0)  # step 0, as the training loop sets it
     apply_tensor_parallel(model)  # the first step of `pretrain.parallelize`; a no-op at tp = 1
     return model
 
 
-KINDS = {"plain": {}, "fusion": {"fusion": True}, "alone": {"fusion": True, "alone": True}}
-"""The models compared: no fusion; fusion with every ITM pair; fusion in `objectives.itm.alone_steps`."""
+KINDS = {"plain": {}, "fusion": {"fusion": True}, "alone": {"fusion": True, "alone": True},
+         "skew": {"fusion": True, "skew": True}}
+"""The models compared: no fusion; fusion with every ITM pair; fusion in `objectives.itm.alone_steps`; in
+`objectives.itm.skew_steps`."""
 
 
 def step(model: PretrainModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -326,6 +326,40 @@ def test_alone_steps_score_one_caption_negative_line_alone_then_every_negative()
     assert seen[-1].shape[0] == 6 * B  # eval scores every pair whatever the step
 
 
+def test_skew_steps_weight_itm_pairs_toward_the_phrase_then_a_plain_mean():
+    """`objectives.itm.skew_*`: before `skew_steps` every pair of a sample whose caption lacks the phrase
+    (`itm_skew` False) weighs `skew_weight` in a weighted mean; from then on, and in eval, the plain mean."""
+    import torch.nn.functional as F
+
+    obj = objectives(itm=1.0, mim=0.0, mlm=0.0)
+    obj.itm.skew_phrase, obj.itm.skew_steps, obj.itm.skew_weight = "left of", 5, 0.25
+    model = build(model_cfg(1), obj)
+    seen = []
+    model.match_logits = (lambda f: lambda t, i, im: seen.append(f(t, i, im)) or seen[-1])(model.match_logits)
+    skew = torch.tensor([True, False, True, True, False, False])
+    b = {**batch(), "itm_skew": skew}
+
+    def means(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()
+        ce = F.cross_entropy(logits.detach().float(), labels, reduction="none")
+        w = torch.where(skew, 1.0, 0.25).repeat(3)
+        return (ce * w).sum() / w.sum(), ce.mean()
+
+    model.set_itm_hardness(4)
+    out, _ = run(model, b)
+    weighted, plain = means(seen[-1])
+    torch.testing.assert_close(out["loss_itm"], weighted)
+    assert not torch.allclose(weighted, plain)
+    model.set_itm_hardness(5)
+    out, _ = run(model, b)
+    torch.testing.assert_close(out["loss_itm"], means(seen[-1])[1])
+    model.set_itm_hardness(0)
+    model.eval()
+    with torch.no_grad():
+        out = model(b)
+    torch.testing.assert_close(out["loss_itm"], means(seen[-1])[1])
+
+
 def test_activation_checkpointing_of_fusion_blocks_keeps_gradients():
     ref = build(model_cfg(2), objectives(itm=1.0, conditioned=True))
     out_ref, g_ref = run(ref, batch())
@@ -364,6 +398,10 @@ def test_tp_plan_splits_the_fusion_blocks():
       "objectives.itm.alone_steps=100"],
      "objectives.itm.alone_steps > 0 needs objectives.itm.caption_negatives=true"),
     (["objectives.itm.alone_steps=-1"], "objectives.itm.alone_steps must be >= 0"),
+    (["model.fusion.layers=1", "model.fusion.heads=2", "objectives.itm.weight=1",
+      "objectives.itm.skew_steps=9"],
+     "objectives.itm.skew_steps > 0 needs objectives.itm.skew_phrase"),
+    (["objectives.itm.skew_weight=-0.5"], "objectives.itm.skew_weight must be >= 0, got -0.5"),
     (["objectives.itm.caption_negatives=true", "objectives.itm.alone_line=1"],
      "objectives.itm.alone_line (1) must be one of the 1 lines scored per step"),
     (["model.fusion.image_positions=true"],

@@ -146,6 +146,16 @@ def test_negative_captions_reach_the_batch_one_line_per_epoch(tmp_path):
     for key, row, more in zip(batch["_keys"], batch["neg_text"], batch["neg_text_more"][:, 0]):
         swaps = tok.encode_batch([meta[key]["swapped_colours"], meta[key]["swapped_objects"]], L)
         assert torch.equal(row, swaps[0]) and torch.equal(more, swaps[1])
+    assert "itm_skew" not in batch
+    # objectives.itm.skew_*: a flag per sample, True where its caption says the phrase
+    cfg.objectives.itm.skew_phrase, cfg.objectives.itm.skew_steps = "left of", 10
+    stream = iter(train_loader(cfg, tok, rank=0, world=1))
+    by_key = {make_pair_sample(i, 16, seed=3)["__key__"]: captions[i] for i in range(8)}
+    got, want = [], []
+    for batch in (next(stream), next(stream)):  # the 8 samples
+        got += batch["itm_skew"].tolist()
+        want += [" left of " in by_key[key] for key in batch["_keys"]]
+    assert got == want and 0 < sum(want) < len(want)
 
 
 def test_unreadable_or_missing_negative_captions_are_counted_and_the_sample_kept(tmp_path):
