@@ -105,8 +105,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          f"data.train={data['train']}", f"run.dir={run_dir}",
                          f"train.seed={seed}", f"train.steps={steps}",
                          f"train.micro_batch={args.batch_size}", *args.set]
-            summary, wall = train_ours([*init, *overrides], run_dir)
-            row = {"seed": seed, "recipe": name, "train_wall_s": round(wall, 1),
+            finished = run_dir / "summary.json"
+            if getattr(args, "reuse_runs", False) and finished.exists():  # scored again, not retrained
+                summary, wall = json.loads(finished.read_text()), None
+            else:
+                summary, wall = train_ours([*init, *overrides], run_dir)
+            row = {"seed": seed, "recipe": name, "train_wall_s": None if wall is None else round(wall, 1),
                    "samples_per_s": summary.get("samples_per_s"), **_score(run_dir, data, args.rerank)}
             print(json.dumps(row), flush=True)
             rows.append(row)
@@ -184,4 +188,8 @@ def add_fusion_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank", type=int, default=8, help="K of --rerank")
     p.add_argument("--image-size", type=int, default=32, help="pixels per side of the shards and the model")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for both recipes")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="a recipe whose run folder holds a finished run (summary.json) is scored, not "
+                   "trained again: e.g. another frozen-towers stage over the same contrastive runs (its "
+                   "row's train_wall_s is null)")
     p.set_defaults(func=cmd_fusion)

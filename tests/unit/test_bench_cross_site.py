@@ -4,6 +4,7 @@ runs, bytes per sample and the ratios (the training itself is what tests/e2e/tes
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -86,6 +87,33 @@ def test_bad_arguments_are_refused_naming_the_flag_before_anything_runs(tmp_path
     with pytest.raises(ValueError, match=flag):
         bench.run(argparse.Namespace(**{**vars(base), **change}))
     assert not (tmp_path / "out").exists()  # refused before any data was written
+
+
+def test_bench_fusion_reuse_runs_scores_a_finished_run_without_training_it(tmp_path, monkeypatch):
+    """`--reuse-runs`: a recipe whose run folder has summary.json is scored again, not trained; one without
+    is trained (and a stage two still starts from the reused run's weights)."""
+    from pretrain.bench import fusion
+
+    trained = []
+    monkeypatch.setattr(fusion, "_data", lambda *a, **k: {"train": "t", "val": "v", "classnames": []})
+    monkeypatch.setattr(fusion, "_score", lambda run_dir, data, rerank: {"scored": run_dir.name})
+    monkeypatch.setattr(fusion, "train_ours",
+                        lambda overrides, run_dir: trained.append((run_dir.name, overrides)) or ({}, 1.0))
+    first = tmp_path / "out" / "runs" / "seed0" / "contrastive"
+    first.mkdir(parents=True)
+    (first / "summary.json").write_text(json.dumps({"samples_per_s": 5.0}))
+    args = argparse.Namespace(out=str(tmp_path / "out"), seeds=[0], recipes=["contrastive", "frozen-towers"],
+                              steps=3, frozen_steps=0, batch_size=8, train_samples=8, val_samples=8, rerank=2,
+                              image_size=32, set=[], reuse_runs=True)
+    rows = fusion.run(args)["rows"]
+    assert [name for name, _ in trained] == ["frozen-towers"]
+    assert ["--init-from", str(first)] == trained[0][1][:2]
+    assert rows[0]["train_wall_s"] is None and rows[0]["samples_per_s"] == 5.0
+    assert rows[1]["train_wall_s"] == 1.0
+    args.reuse_runs = False
+    trained.clear()
+    fusion.run(args)
+    assert [name for name, _ in trained] == ["contrastive", "frozen-towers"]
 
 
 def test_bench_fusion_refuses_a_set_of_its_own_keys_before_writing(tmp_path):
