@@ -258,18 +258,25 @@ def test_caption_negatives_score_the_given_caption_or_a_batch_negative():
     assert seen[-1].shape[0] == 4 * B and torch.equal(seen[-1][3 * B:], seen[-1][B:2 * B])
 
 
+def two_line_model(**itm: object) -> tuple:
+    """A fusion model scoring two `neg.txt` lines per step (plus `itm` settings), the caption ids of every
+    match_logits call it makes (`seen`), a batch, its two lines and which samples have them."""
+    obj = objectives(itm=1.0, mim=0.0, mlm=0.0)
+    obj.itm.caption_negatives, obj.itm.caption_negatives_per_step = True, 2
+    for key, value in itm.items():
+        setattr(obj.itm, key, value)
+    model = build(model_cfg(1), obj)
+    seen: list[torch.Tensor] = []
+    model.match_logits = (lambda f: lambda t, i, im: seen.append(i) or f(t, i, im))(model.match_logits)
+    first, second = batch(seed=1)["text"], batch(seed=2)["text"]
+    return model, seen, batch(), first, second, torch.tensor([True, False, True, True, False, True])
+
+
 def test_several_caption_negatives_per_step_each_get_a_pair():
     """`objectives.itm.caption_negatives_per_step=2`: both lines of every sample (`neg_text`, `neg_text_more`)
     are scored, each with the batch negative where the sample has none; a batch without any still makes the
     same number of passes (every rank must, under ZeRO-3)."""
-    obj = objectives(itm=1.0, mim=0.0, mlm=0.0)
-    obj.itm.caption_negatives, obj.itm.caption_negatives_per_step = True, 2
-    model = build(model_cfg(1), obj)
-    seen = []
-    model.match_logits = (lambda f: lambda t, i, im: seen.append(i) or f(t, i, im))(model.match_logits)
-    b = batch()
-    first, second = batch(seed=1)["text"], batch(seed=2)["text"]
-    has = torch.tensor([True, False, True, True, False, True])
+    model, seen, b, first, second, has = two_line_model()
     out, grads = run(model, {**b, "neg_text": first, "has_negative": has, "neg_text_more": second[:, None]})
     ids5 = seen[-1]
     assert ids5.shape[0] == 5 * B
@@ -285,16 +292,9 @@ def test_alone_steps_score_one_caption_negative_line_alone_then_every_negative()
     """`objectives.itm.alone_steps`: before that step ITM scores the positives and line `alone_line` only (the
     given line where the sample has one, else the mined batch negative), no batch or swap pairs; from it on,
     every pair as without the curriculum, and the hard-negative ramp starts there. Eval scores every pair."""
-    obj = objectives(itm=1.0, mim=0.0, mlm=0.0)
-    obj.itm.caption_negatives, obj.itm.caption_negatives_per_step = True, 2
-    obj.itm.swap_negatives, obj.itm.hard_warmup_steps = True, 10
-    obj.itm.alone_steps, obj.itm.alone_line = 4, 1
-    model = build(model_cfg(1), obj)
-    seen = []
-    model.match_logits = (lambda f: lambda t, i, im: seen.append(i) or f(t, i, im))(model.match_logits)
-    b = batch()
-    first, second = batch(seed=1)["text"], batch(seed=2)["text"]
-    has = torch.tensor([True, False, True, True, False, True])
+    model, seen, b, first, second, has = two_line_model(swap_negatives=True, hard_warmup_steps=10,
+                                                        alone_steps=4, alone_line=1)
+    obj = model.obj_cfg
     lines = {**b, "neg_text": first, "has_negative": has, "neg_text_more": second[:, None]}
     model.set_itm_hardness(3)
     assert model.itm_alone and model.itm_hardness == 0.0
