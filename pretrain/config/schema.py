@@ -238,7 +238,7 @@ class ITMConfig:
     mean over the global batch; 0.25 is a share of 80 / 20 where half the captions have the phrase)."""
     skew_steps: int = 0
     """Optimizer steps, from the first, during which ITM's loss is skewed toward `skew_phrase` (by step
-    number, so a resume continues it). 0: off."""
+    number, so a resume continues it; `loss_itm` logs the weighted mean then). 0: off."""
     alone_line: int = 0
     """`alone_steps`: which of the `caption_negatives_per_step` lines scored per step goes alone (0-based).
     With every line scored at every step (`caption_negatives_per_step` = the lines per sample) it is that
