@@ -94,6 +94,18 @@ def move_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     return out
 
 
+def _report_skew(flags: torch.Tensor, phrase: str, rank: int) -> None:
+    """`objectives.itm.skew_*`: how many of the first batch's captions hold the phrase, so a phrase the data
+    never uses (a typo: every pair then weighs the same and nothing is skewed) shows in the log."""
+    hits = int(flags.sum())
+    if hits == 0:
+        log.warning("rank %d: objectives.itm.skew_phrase %r is in none of the %d captions of the first "
+                    "batch: if the data never says it, nothing is skewed", rank, phrase, len(flags))
+    elif rank == 0:
+        log.info("objectives.itm.skew_phrase %r: in %d of the first batch's %d captions", phrase, hits,
+                 len(flags))
+
+
 def _mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """Average scalars over all ranks for logging; one small all_reduce."""
     keys = sorted(values)
@@ -221,6 +233,8 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             batch = next(it)
             wait_s += time.perf_counter() - t0
             tracker.update(batch)
+            if step == start_step and done == 0 and "itm_skew" in batch:
+                _report_skew(batch["itm_skew"], cfg.objectives.itm.skew_phrase, rank)
             out = faults.poison(engine(move_batch(batch, engine.device, dtype)))
             if deferred:  # on-device flag; a non-finite loss makes the optimizer skip this step
                 loss = guard.backward_loss(out, window.add(out, step + 1))

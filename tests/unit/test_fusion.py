@@ -506,3 +506,18 @@ def test_fusion_image_positions_follow_the_visible_patches():
     full = model.image_tokens(b["image"])
     assert torch.allclose(full - model.visual.forward_features(b["image"])[1], rows.expand(B, -1, -1),
                           atol=1e-6)
+
+
+def test_a_skew_phrase_no_caption_holds_is_reported(caplog):
+    """A skew phrase none of the first batch's captions holds (a typo) is a warning naming it; otherwise the
+    share goes to the log."""
+    import logging
+
+    from pretrain.train import _report_skew
+
+    with caplog.at_level(logging.INFO):
+        _report_skew(torch.tensor([False, False, False]), "left of", rank=1)
+        _report_skew(torch.tensor([True, False, True]), "left of", rank=0)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "'left of' is in none of the 3 captions" in warned[0].getMessage()
+    assert any("in 2 of the first batch's 3 captions" in r.getMessage() for r in caplog.records)
