@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from relation_learnability import MIXED, swap_data, train_itm_pairs  # noqa: E402
+from itm_pairs import MIXED, swap_data, train_itm_pairs  # noqa: E402
 
 from pretrain.evaluation.binding import relation_ids  # noqa: E402
 
@@ -73,7 +73,7 @@ def train(train_set: dict[str, torch.Tensor], test: dict[str, torch.Tensor], wid
           args: argparse.Namespace, every: int = 250, towers: Any = None,
           relation: torch.Tensor | None = None, test_relation: torch.Tensor | None = None
           ) -> list[dict[str, Any]]:
-    """`relation_learnability.train_itm_pairs` as the flags say; prints and returns a row every `every` steps.
+    """`itm_pairs.train_itm_pairs` as the flags say; prints and returns a row every `every` steps.
     The batch-negative partner is drawn at every step, the random stream these rows were measured with.
     `relation` / `test_relation`: per row, 1 where the true caption says "right of"
     (`--one-relation-until`)."""
