@@ -44,3 +44,16 @@ def all_gather_no_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=0)
+
+
+def global_batch_mean(total: torch.Tensor, count: torch.Tensor, group=None, floor: float = 1.0
+                      ) -> torch.Tensor:
+    """This rank's share of a mean over the GLOBAL batch: `total` (a sum with gradient) x dp / the count
+    summed over `group` (no gradient: a constant of the batch; floored at `floor`). Ranks may hold uneven
+    counts (MLM's masked tokens, ITM's skewed weights); the mean over dp ranks of what each returns -- what
+    is logged and what DeepSpeed's gradient averaging differentiates -- is the single-process mean."""
+    count = count.detach().to(total.device, torch.float64)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(count, group=group)
+        return total * dist.get_world_size(group) / count.clamp(min=floor).to(total.dtype)
+    return total / count.clamp(min=floor).to(total.dtype)

@@ -27,10 +27,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel.collectives import all_gather_no_grad
+from parallel.collectives import all_gather_no_grad, global_batch_mean
 
 
 @torch.no_grad()
@@ -132,8 +131,4 @@ def itm_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | 
     if weight is None:
         return F.cross_entropy(logits.float(), labels)
     total = (F.cross_entropy(logits.float(), labels, reduction="none") * weight.float()).sum()
-    norm = weight.detach().double().sum()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(norm, group=group)
-        return total * dist.get_world_size(group) / norm.clamp(min=1e-12).to(total.dtype)
-    return total / norm.clamp(min=1e-12).to(total.dtype)
+    return global_batch_mean(total, weight.double().sum(), group, floor=1e-12)

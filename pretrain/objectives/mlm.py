@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from parallel.collectives import global_batch_mean
 from parallel.vocab_parallel import cross_entropy_sum
 
 IGNORE_INDEX = -100
@@ -23,9 +23,4 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None) -> torch.Te
     A batch with none selected gives 0 that still has a graph, so backward and ZeRO's gradient hooks run
     the same on every rank."""
     total = cross_entropy_sum(logits, labels, IGNORE_INDEX)
-    count = (labels != IGNORE_INDEX).sum()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        count = count.to(total.device, torch.float64)
-        dist.all_reduce(count, group=group)
-        return total * dist.get_world_size(group) / count.clamp(min=1).to(total.dtype)
-    return total / count.clamp(min=1)
+    return global_batch_mean(total, (labels != IGNORE_INDEX).sum(), group)
