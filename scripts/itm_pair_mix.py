@@ -146,6 +146,10 @@ def main() -> None:
     p.add_argument("--left-share", type=float, default=1.0,
                    help="--one-relation-until: the share of 'left of' captions before it (else all)")
     args = p.parse_args()
+    if not 0 < args.left_share <= 1:
+        p.error(f"--left-share: {args.left_share} is not a share in (0, 1]")
+    if args.right_weight < 0:
+        p.error(f"--right-weight: {args.right_weight} is negative")
     if args.train_towers and args.text_from:
         p.error("--train-towers trains RUN_DIR's towers; --text-from reads another run's: choose one")
     unknown = [k for k in args.kinds.split(",") if k not in KINDS]

@@ -238,3 +238,17 @@ def test_itm_pair_mix_refuses_weights_it_cannot_read_naming_the_item():
     assert "'object=4'" in mod.weights_problem("object=4")  # a misspelt kind would be silently unused
     assert "'objects'" in mod.weights_problem("objects")
     assert "'four' is not a number" in mod.weights_problem("objects=four")
+
+
+def test_itm_pair_mix_refuses_a_share_or_weight_it_cannot_use():
+    """`--left-share 0` would divide by zero and a negative `--right-weight` would flip the loss: both are
+    refused by name before any run is loaded."""
+    import subprocess
+    import sys
+
+    for flag, value, message in (("--left-share", "0", "is not a share in (0, 1]"),
+                                 ("--right-weight", "-1", "is negative")):
+        script = str(ROOT / "scripts" / "itm_pair_mix.py")
+        r = subprocess.run([sys.executable, script, "no-such-run", flag, value], capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and f"{flag}: " in r.stderr and message in r.stderr
