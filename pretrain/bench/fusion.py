@@ -9,18 +9,21 @@ re-ranked R@1 next to both runs' plain R@1, and ITM binding accuracy next to bot
 
 `frozen-towers` (after `contrastive` in `--recipes`): a second stage on the contrastive run's final weights
 (`--init-from`), towers and logit scale frozen (`train.freeze`), a fresh fusion encoder with image positions
-trained for `--frozen-steps` by ITM alone: both caption swaps of each sample as negatives at every step,
-and hard negatives from the frozen towers' similarities (ramped in over 1,000 steps). On whole images: no
-FLIP masking (`objectives.mim.mask_ratio=0`), which would hide half the patches the match depends on, and
-no random crop (`data.crop_scale=[1.0,1.0]`), which can cut an object out of a 32-pixel image. A constant
-learning rate (`optim.schedule=constant`): matching an object swap is learned, if at all, after a long
-plateau at chance, where a decaying rate would leave little step. For its first 6,000 steps the match loss
-is skewed toward "left of" captions (`objectives.itm.skew_*`, weight 0.25 on the others): with both
-relations equally common an object swap's match is a XOR that no single feature predicts, and it sat at
-chance for 9,000 steps on two seeds' towers out of three; skewed, it is learned in about 1,500
-(docs/benchmarks.md, "#20: a symmetry"). Its dual encoder is the contrastive
-run's, unchanged, so its re-ranked R@1 and ITM binding compare with the same towers' dual-encoder scores:
-what the fusion encoder adds, and nothing else (BLIP-2's setting).
+trained for `--frozen-steps` by ITM (both caption swaps of each sample as negatives at every step, and hard
+negatives from the frozen towers' similarities, ramped in over 1,000 steps) and by the image-conditioned MLM
+(30% of caption tokens masked, predicted through the fusion encoder). On whole images: no FLIP masking
+(`objectives.mim.mask_ratio=0`), which would hide half the patches the match depends on, and no random crop
+(`data.crop_scale=[1.0,1.0]`), which can cut an object out of a 32-pixel image. A constant learning rate
+(`optim.schedule=constant`): matching an object swap is learned, if at all, after a long plateau at chance,
+where a decaying rate would leave little step. For its first 6,000 steps the match loss is skewed toward
+"left of" captions (`objectives.itm.skew_*`, weight 0.25 on the others): with both relations equally common
+an object swap's match is a XOR that no single feature predicts, and it sat at chance for 9,000 steps on two
+seeds' towers out of three; skewed, it is learned in about 1,500 (docs/benchmarks.md, "#20: a symmetry").
+The skew alone left one seed of three at chance; with the conditioned MLM beside it, whose masked relation
+word ("red circle [MASK] of blue square") is a first-order question about where the first-named object is,
+all three learn it (docs/benchmarks.md, "#20: the conditioned MLM beside the skew"). Its dual encoder is the
+contrastive run's, unchanged, so its re-ranked R@1 and ITM binding compare with the same towers'
+dual-encoder scores: what the fusion encoder adds, and nothing else (BLIP-2's setting).
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ RECIPES: dict[str, list[str]] = {
     "contrastive": ["objectives.mlm.weight=0"],
     "fusion": ["model.fusion.layers=2", "model.fusion.heads=4", "objectives.itm.weight=1",
                "objectives.mlm.weight=0.5", "objectives.mlm.conditioned=true"],
-    "frozen-towers": ["objectives.mlm.weight=0", "model.fusion.layers=2", "model.fusion.heads=4",
+    "frozen-towers": ["objectives.mlm.weight=1", "objectives.mlm.conditioned=true",
+                      "objectives.mlm.mask_prob=0.3", "model.fusion.layers=2", "model.fusion.heads=4",
                       "model.fusion.image_positions=true", "objectives.itm.weight=1",
                       "objectives.itm.caption_negatives=true", "objectives.itm.caption_negatives_per_step=2",
                       "objectives.itm.hard_warmup_steps=1000",

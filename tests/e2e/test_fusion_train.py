@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from layouts import assert_continues, only_checkpoint, tag, train
 
 from pretrain.checkpoint.sources import build_model, open_source
@@ -44,6 +45,49 @@ def test_fusion_run_resumes_at_another_layout_with_its_fusion_weights(layout_dat
     got = {r["step"]: r for r in read_metrics(resumed) if "loss" in r}
     for step in range(AT + 1, STEPS + 1):
         assert got[step]["loss_itm"] == pytest.approx(rows[step]["loss_itm"], rel=1e-4), step
+
+
+@pytest.mark.timeout(600)
+def test_hf_and_open_clip_exports_carry_the_dual_encoder_and_name_the_fusion_part_left_out(
+        layout_data, tmp_path):
+    """`convert --to hf` / `--to open_clip` of a fusion run (ITM + conditioned MLM, 2-rank ZeRO-3): each
+    library loads its folder with no missing or unexpected weight and gives our dual encoder's embeddings;
+    the fusion encoder and its heads, which neither model has a place for, are named in `left_out` (the
+    command's JSON and the manifest) and in a log line, not dropped silently."""
+    transformers = pytest.importorskip("transformers")
+    open_clip = pytest.importorskip("open_clip")
+    from tiny import pretrain_cli
+
+    from pretrain.evaluation.evaluate import load_model
+
+    run = tmp_path / "fusion"
+    train(run, layout_data, 2, steps=1, extra=FUSION)
+    ours, tokenizer, cfg = load_model(run)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, cfg.model.image_size, cfg.model.image_size)
+    captions = ["red circle left of blue square", "a green cross"]
+    ids = tokenizer.encode_batch(captions, cfg.model.text.context_length)
+    with torch.no_grad():
+        want_img, want_txt = ours.encode_image(images), ours.encode_text(ids)
+    for kind in ("hf", "open_clip"):
+        r = pretrain_cli("convert", str(run), str(tmp_path / kind), "--to", kind)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = json.loads(r.stdout)
+        for part in ("fusion", "itm_head", "mlm_head"):
+            assert part in out["left_out"], (kind, out["left_out"])
+        assert json.loads((tmp_path / kind / "manifest.json").read_text())["left_out"] == out["left_out"]
+        assert f"--to {kind} exports the dual encoder" in r.stderr and "left out: " in r.stderr
+    hf, info = transformers.CLIPModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    oc, _ = open_clip.create_model_from_pretrained(f"local-dir:{tmp_path / 'open_clip'}")
+    with torch.no_grad():
+        hf_img = hf.eval().get_image_features(pixel_values=images)
+        hf_txt = hf.get_text_features(input_ids=ids)
+        got = {"hf": [getattr(hf_img, "pooler_output", hf_img), getattr(hf_txt, "pooler_output", hf_txt)],
+               "open_clip": [oc.eval().encode_image(images), oc.encode_text(ids)]}
+    for kind, (img, txt) in got.items():
+        assert float((F.normalize(img.float(), dim=-1) - want_img).abs().max()) <= 1e-5, kind
+        assert float((F.normalize(txt.float(), dim=-1) - want_txt).abs().max()) <= 1e-5, kind
 
 
 @pytest.mark.timeout(600)
