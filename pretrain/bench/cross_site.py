@@ -1,7 +1,7 @@
 """`pretrain bench cross-site`: does training across sites keep the model, and how few bytes cross the link?
 
-One run, the demo's recipe and data (`pretrain demo`'s synthetic shards, one tokenizer for every job),
-equal samples seen:
+One run, the demo's recipe and data (`pretrain demo`'s synthetic shards, one tokenizer for every job;
+`--train-samples` fewer for a quick check, as tests/e2e/test_bench_cross_site.py does), equal samples seen:
 
 - `sync`: one synchronous ZeRO-3 job of sites x ranks-per-site ranks over all shards;
 - `sites`: `--sites` sites of `--ranks-per-site` ranks, each reading only its own 1/sites of the shards,
@@ -41,18 +41,19 @@ from pretrain.bench.overrides import owned_key_problems
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _data(out: Path) -> dict[str, Any]:
-    """The demo's train / held-out shards and one tokenizer trained on the train captions."""
+def _data(out: Path, train_samples: int) -> dict[str, Any]:
+    """The demo's train / held-out shards (`train_samples` of the first: the demo's 12,000 by default) and
+    one tokenizer trained on the train captions."""
     from data_pipelines.tokenizer import train_tokenizer_from_shards
     from pretrain.config import embedded_config_path, load_config
-    from pretrain.demo import PER_SHARD, TRAIN_SAMPLES, VAL_SAMPLES, write_demo_shards
+    from pretrain.demo import PER_SHARD, VAL_SAMPLES, write_demo_shards
 
     cfg = load_config(embedded_config_path("demo.yaml"), [])
     train, val = out / "data" / "train", out / "data" / "val"
-    write_demo_shards(train, TRAIN_SAMPLES, 0, cfg.model.image_size)
+    write_demo_shards(train, train_samples, 0, cfg.model.image_size)
     write_demo_shards(val, VAL_SAMPLES, 1, cfg.model.image_size)
     tokenizer = out / "data" / "tokenizer.json"
-    n = TRAIN_SAMPLES // PER_SHARD
+    n = train_samples // PER_SHARD
     urls = f"{train}/shard-{{000000..{n - 1:06d}}}.tar"
     if not tokenizer.exists():
         train_tokenizer_from_shards(urls, cfg.data.vocab_size, cfg.data.tokenizer_samples).save(tokenizer)
@@ -247,12 +248,16 @@ OWNED = {"train.micro_batch": "--micro-batch", "train.steps": "--steps", "cross_
 """Keys the bench sets itself: a `--set` of one would be overridden silently or break the report's counts."""
 
 
-def check_args(args: argparse.Namespace, shards: int) -> None:
+def check_args(args: argparse.Namespace, per_shard: int) -> None:
     """Refuse, naming the flag, what would fail only after minutes of training or give a wrong number."""
     n1, n2 = args.dp_steps
+    samples = args.train_samples
+    shards = samples // per_shard
     problems = [msg for bad, msg in [
+        (samples < per_shard or samples % per_shard,
+         f"--train-samples {samples} must be a positive multiple of {per_shard} (the demo's shard size)"),
         (args.sites < 2, f"--sites {args.sites}: training across sites needs at least 2"),
-        (args.sites > shards, f"--sites {args.sites}: the demo data has only {shards} shards"),
+        (args.sites > shards, f"--sites {args.sites}: the data has only {shards} shards"),
         (args.ranks_per_site < 1, f"--ranks-per-site {args.ranks_per_site} must be >= 1"),
         (args.every < 1 or args.every > args.steps,
          f"--every {args.every} must be in [1, --steps {args.steps}]: no outer round would run"),
@@ -265,13 +270,13 @@ def check_args(args: argparse.Namespace, shards: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pretrain.demo import PER_SHARD, TRAIN_SAMPLES
+    from pretrain.demo import PER_SHARD
     from pretrain.metrics import read_metrics
 
-    check_args(args, TRAIN_SAMPLES // PER_SHARD)  # before any data is written
+    check_args(args, PER_SHARD)  # before any data is written
     out = Path(args.out).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    data = _data(out)
+    data = _data(out, args.train_samples)
     why = (
         "--no-netns" if args.no_netns else unavailable() or (None if args.sites == 2 else "--sites is not 2")
     )
@@ -395,6 +400,8 @@ def add_cross_site_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--compress", default="int8", choices=["none", "fp16", "int8"])
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of every job (the demo's 300)")
     p.add_argument("--micro-batch", type=int, default=32, help="per rank (4 ranks x 32 = the demo's 128)")
+    p.add_argument("--train-samples", type=int, default=12000,
+                   help="training samples (the demo's 12,000 in 24 shards of 500; each site reads 1/sites)")
     p.add_argument(
         "--dp-steps",
         type=int,

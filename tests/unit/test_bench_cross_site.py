@@ -74,7 +74,9 @@ def test_report_ratios_and_gap(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("change,flag", [
     ({"dp_steps": [5, 5]}, "--dp-steps"), ({"dp_steps": [0, 15]}, "--dp-steps"), ({"sites": 1}, "--sites"),
-    ({"sites": 25}, "--sites"), ({"every": 400}, "--every"), ({"ranks_per_site": 0}, "--ranks-per-site"),
+    ({"sites": 25}, "--sites 25: the data has only 24 shards"), ({"every": 400}, "--every"),
+    ({"ranks_per_site": 0}, "--ranks-per-site"), ({"train_samples": 700}, "--train-samples 700"),
+    ({"train_samples": 500}, "--sites 2: the data has only 1 shards"),
     ({"set": ["cross_site.compress=none"]}, "--set cross_site.compress: use --compress"),
     ({"set": ["optim.lr=1e-3", "train.steps=9"]}, "--set train.steps: use --steps"),
     ({"set": ["run.dir=x"]}, "--set run.dir: the bench sets it"),
@@ -82,8 +84,8 @@ def test_report_ratios_and_gap(monkeypatch, tmp_path):
 def test_bad_arguments_are_refused_naming_the_flag_before_anything_runs(tmp_path, change, flag):
     base = argparse.Namespace(out=str(tmp_path / "out"), jobs=["sync", "sites", "dp"], sites=2,
                               ranks_per_site=2, every=20, steps=300, micro_batch=32, dp_steps=[5, 15],
-                              set=["cross_site.outer_lr=1.4"])
-    bench.check_args(base, 24)  # the defaults pass
+                              train_samples=12000, set=["cross_site.outer_lr=1.4"])
+    bench.check_args(base, 500)  # the defaults pass
     with pytest.raises(ValueError, match=flag):
         bench.run(argparse.Namespace(**{**vars(base), **change}))
     assert not (tmp_path / "out").exists()  # refused before any data was written
