@@ -43,20 +43,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _data(out: Path, train_samples: int) -> dict[str, Any]:
     """The demo's train / held-out shards (`train_samples` of the first: the demo's 12,000 by default) and
-    one tokenizer trained on the train captions."""
+    one tokenizer trained on the train captions. Both are reused on a rerun into the same `--out`, the
+    tokenizer only while it was trained on the shards there now (another `--train-samples` rewrites them)."""
     from data_pipelines.tokenizer import train_tokenizer_from_shards
     from pretrain.config import embedded_config_path, load_config
-    from pretrain.demo import PER_SHARD, VAL_SAMPLES, write_demo_shards
+    from pretrain.demo import PER_SHARD, SEED_TRAIN, SEED_VAL, VAL_SAMPLES, write_demo_shards
 
     cfg = load_config(embedded_config_path("demo.yaml"), [])
     train, val = out / "data" / "train", out / "data" / "val"
-    write_demo_shards(train, train_samples, 0, cfg.model.image_size)
-    write_demo_shards(val, VAL_SAMPLES, 1, cfg.model.image_size)
-    tokenizer = out / "data" / "tokenizer.json"
+    write_demo_shards(train, train_samples, SEED_TRAIN, cfg.model.image_size)
+    write_demo_shards(val, VAL_SAMPLES, SEED_VAL, cfg.model.image_size)
+    tokenizer, trained_on = out / "data" / "tokenizer.json", out / "data" / "tokenizer.shards"
+    shards_written = (train / ".complete").read_text()  # write_demo_shards' stamp of what train/ holds
     n = train_samples // PER_SHARD
     urls = f"{train}/shard-{{000000..{n - 1:06d}}}.tar"
-    if not tokenizer.exists():
+    if not (tokenizer.exists() and trained_on.exists() and trained_on.read_text() == shards_written):
         train_tokenizer_from_shards(urls, cfg.data.vocab_size, cfg.data.tokenizer_samples).save(tokenizer)
+        trained_on.write_text(shards_written)
     return {
         "train": str(train),
         "shards": n,
@@ -384,35 +387,27 @@ def cmd_cross_site(args: argparse.Namespace) -> int:
 
 
 def add_cross_site_parser(bench: argparse._SubParsersAction) -> None:
-    p = bench.add_parser(
-        "cross-site",
-        help="training across sites vs one synchronous job: zero-shot at equal "
-        "samples seen, and bytes over the link between them",
-        description=__doc__.splitlines()[0],
-    )
+    from pretrain.demo import PER_SHARD, TRAIN_SAMPLES
+
+    p = bench.add_parser("cross-site", description=__doc__.splitlines()[0],
+                         help="training across sites vs one synchronous job: zero-shot at equal samples "
+                         "seen, and bytes over the link between them")
     p.add_argument("--out", required=True, help="folder for data, runs, logs and cross_site.json")
-    p.add_argument(
-        "--jobs", nargs="+", default=["sync", "sites", "dp"], choices=["sync", "sites", "alone", "dp"]
-    )
+    p.add_argument("--jobs", nargs="+", default=["sync", "sites", "dp"],
+                   choices=["sync", "sites", "alone", "dp"])
     p.add_argument("--sites", type=int, default=2)
     p.add_argument("--ranks-per-site", type=int, default=2)
     p.add_argument("--every", type=int, default=20, help="cross_site.every (H)")
     p.add_argument("--compress", default="int8", choices=["none", "fp16", "int8"])
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of every job (the demo's 300)")
     p.add_argument("--micro-batch", type=int, default=32, help="per rank (4 ranks x 32 = the demo's 128)")
-    p.add_argument("--train-samples", type=int, default=12000,
-                   help="training samples (the demo's 12,000 in 24 shards of 500; each site reads 1/sites)")
-    p.add_argument(
-        "--dp-steps",
-        type=int,
-        nargs=2,
-        default=[5, 15],
-        metavar=("N1", "N2"),
-        help="steps of the two bytes-only ZeRO-0 runs",
-    )
-    p.add_argument(
-        "--timeout-s", type=int, default=300, help="cross_site.timeout_s (parallel.timeout_s: 120 s more)"
-    )
+    p.add_argument("--train-samples", type=int, default=TRAIN_SAMPLES,
+                   help=f"training samples, a multiple of {PER_SHARD} (the demo's {TRAIN_SAMPLES:,} in "
+                   f"{TRAIN_SAMPLES // PER_SHARD} shards; each site reads 1/sites of them)")
+    p.add_argument("--dp-steps", type=int, nargs=2, default=[5, 15], metavar=("N1", "N2"),
+                   help="steps of the two bytes-only ZeRO-0 runs")
+    p.add_argument("--timeout-s", type=int, default=300,
+                   help="cross_site.timeout_s (parallel.timeout_s: 120 s more)")
     p.add_argument("--job-timeout-s", type=int, default=3600)
     p.add_argument("--no-netns", action="store_true", help="run on loopback even as root (no link bytes)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every job")
