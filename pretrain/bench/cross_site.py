@@ -36,6 +36,7 @@ from typing import Any
 
 from launch.netns import Host, netns_pair, unavailable
 from launch.ports import free_port
+from parallel.cross_site_codec import CODECS
 from pretrain.bench.overrides import owned_key_problems
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -398,7 +399,7 @@ def add_cross_site_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--sites", type=int, default=2)
     p.add_argument("--ranks-per-site", type=int, default=2)
     p.add_argument("--every", type=int, default=20, help="cross_site.every (H)")
-    p.add_argument("--compress", default="int8", choices=["none", "fp16", "int8"])
+    p.add_argument("--compress", default="int8", choices=list(CODECS))
     p.add_argument("--steps", type=int, default=300, help="optimizer steps of every job (the demo's 300)")
     p.add_argument("--micro-batch", type=int, default=32, help="per rank (4 ranks x 32 = the demo's 128)")
     p.add_argument("--train-samples", type=int, default=TRAIN_SAMPLES,

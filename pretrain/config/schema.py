@@ -304,5 +304,5 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "train.compile_scope": ("blocks", "model"),
     "parallel.zero_stage": (0, 1, 2, 3),
     "train.task": ("pretrain", "classify"),
-    "cross_site.compress": ("none", "fp16", "int8"),
+    "cross_site.compress": ("none", "fp16", "int8", "sign"),  # parallel.cross_site_codec.CODECS
 }
