@@ -14,7 +14,14 @@ from launch.rendezvous import free_port
 from parallel.cross_site import OuterLoop
 from parallel.cross_site_codec import CHUNK, ErrorFeedback, decode, encode
 from parallel.cross_site_privacy import PrivacyLedger, clip_scale
-from parallel.cross_site_store import CrossSiteError, Rendezvous, check_fingerprint, open_store, serve
+from parallel.cross_site_store import (
+    CrossSiteError,
+    Heartbeat,
+    Rendezvous,
+    check_fingerprint,
+    open_store,
+    serve,
+)
 from parallel.settings import CrossSiteConfig
 from pretrain.config import ConfigError, load_config, validate
 
@@ -51,6 +58,42 @@ def test_int8_error_feedback_delivers_what_rounding_drops():
     assert torch.allclose(sent - truth, -ef.residual, atol=1e-6)  # exactly what is still owed
     assert ErrorFeedback("fp16", 10).residual.numel() == 0
 
+
+
+def test_sign_sends_one_bit_per_value_and_each_chunks_mean_magnitude():
+    torch.manual_seed(0)
+    x = torch.randn(3 * CHUNK + 17) * 0.01
+    x[5], x[CHUNK + 1] = 30.0, 0.0
+    payload = encode(x, "sign")
+    n = x.numel()
+    assert len(payload) == 12 + 4 * 4 + -(-n // 8)  # header, 4 fp32 scales, n bits
+    got = decode(payload)
+    assert torch.equal(got.sign(), torch.where(x >= 0, 1.0, -1.0))  # 0 counts as +
+    for c, sl in enumerate((slice(0, CHUNK), slice(CHUNK, 2 * CHUNK), slice(2 * CHUNK, 3 * CHUNK),
+                            slice(3 * CHUNK, n))):  # the last chunk's mean is over its 17 real values
+        assert torch.allclose(got[sl].abs(), x[sl].abs().mean().expand(got[sl].numel())), c
+    assert got[0].abs() > 3 * got[CHUNK:].abs().max()  # the outlier raised its own chunk's scale only
+    assert decode(encode(torch.zeros(10), "sign")).abs().max() == 0
+    assert ErrorFeedback("sign", 10).residual.numel() == 10
+
+
+def test_sign_error_feedback_delivers_every_value_on_average():
+    """Without feedback a sign code sends every value of a chunk at the chunk's mean magnitude, round after
+    round: small values are over-sent, large ones under-sent, for ever. With it, what is still owed grows
+    more slowly than the rounds (about as their square root for a constant input), so the average of what
+    was sent converges to the true values."""
+    torch.manual_seed(1)
+    x = torch.linspace(1e-3, 1.0, CHUNK) * torch.where(torch.rand(CHUNK) < 0.5, -1.0, 1.0)
+    plain = (decode(encode(x, "sign")) - x).abs().max()  # the same error every round: 0.5 here
+    ef = ErrorFeedback("sign", x.numel())
+    sent, err = torch.zeros_like(x), {}
+    for r in range(1, 401):
+        sent += ef.encode(x)[1]
+        if r in (100, 400):
+            err[r] = (sent / r - x).abs().max()
+            assert torch.allclose(sent - r * x, -ef.residual, atol=1e-3)  # exactly what is still owed
+    assert plain > 0.4 and err[400] < 0.1 * plain
+    assert err[400] < 0.6 * err[100]  # still converging: 4x the rounds, about half the error
 
 # ------------------------------------------------------------------------------------------ privacy
 def _loop(**cfg) -> OuterLoop:
@@ -174,6 +217,28 @@ def test_a_dead_site_is_dropped_a_slow_one_is_waited_for_and_all_agree_on_member
     assert b.agree_members(1, first_round=True) == (["a", "b"], [])  # the settled members, not its own view
     # a late site finds the members settled without it
     assert c.agree_members(1, first_round=True)[0] == ["a", "b"]
+
+
+def test_heartbeat_stop_waits_for_a_store_call_in_flight():
+    """A beat thread left inside a store call when the process exits aborts it (SIGABRT after success)."""
+    address = f"127.0.0.1:{free_port()}"
+    store = serve(address)
+    beat = Heartbeat(address, "a", timeout_s=10)
+    inside = threading.Event()
+
+    class Slow:  # the beat connection, with every call taking 0.5 s
+        def add(self, key, n):
+            inside.set()
+            time.sleep(0.5)
+            return store.add(key, n)
+
+    beat.store = Slow()
+    assert inside.wait(5)  # the thread is in a call now
+    beat.stop()
+    assert not beat._thread.is_alive()
+    n = store.add("mmpt/xs/beat/a", 0)
+    time.sleep(1.2)  # more than two beats
+    assert store.add("mmpt/xs/beat/a", 0) == n  # stopped
 
 
 def test_a_rejoining_site_gets_the_state_a_member_publishes():
