@@ -8,7 +8,7 @@ TCP store of `cross_site_store`, and no rank ever holds more than its partition.
     delta  = synced - current              the pseudo-gradient of this rank's fp32 partition
     delta *= min(1, dp_clip / ||delta||)   norm over the whole site (one all-reduce of a float)
     delta += N(0, (dp_noise * dp_clip)^2)  seeded by (site, round, rank)
-    sent   = decode(encode(delta + residual))        none | fp16 | int8 with error feedback
+    sent   = decode(encode(delta + residual))        none | fp16 | int8 | sign; int8, sign: error feedback
     avg    = mean of `sent` over the round's member sites (each site averages the same decoded bytes)
     m      = mu * m + avg;  synced -= outer_lr * (avg + mu * m)      (Nesterov; mu = 0: plain SGD)
     current = synced                       fp32 master partition and the working copy the forward reads

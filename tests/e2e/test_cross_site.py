@@ -5,8 +5,8 @@
   are equal after every round (each checkpoint, written after that step's round), the bytes sent are
   counted exactly and epsilon is reported per round and in total;
   a third site with another `cross_site.every` refuses to join, naming the key.
-- a site killed mid-run: the other goes on with a log line naming it, the killed one comes back with
-  `--resume latest`, takes the survivor's outer state and the two train together again.
+- a site killed mid-run (1-bit `sign` exchange): the other goes on with a log line naming it, the killed
+  one comes back with `--resume latest`, takes the survivor's outer state and the two train together again.
 - the two sites (tensor-parallel, tp=2) in two network namespaces joined by a link that tc limits to
   1 Mbit/s each way: every payload crosses that link (its byte counters), the rounds take as long as the
   link needs, and the sites end equal.
@@ -112,9 +112,10 @@ def _wait_for_fingerprint(rendezvous: str, site: Site, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def _payload_bytes(numel: int) -> int:
-    """int8 payload: 12-byte header, one fp32 scale per 1024 values, one byte per value."""
-    return 12 + 4 * -(-numel // 1024) + numel
+def _payload_bytes(numel: int, codec: str = "int8") -> int:
+    """A payload: 12-byte header, one fp32 scale per 1024 values, then a byte (int8) or a bit (sign) per
+    value."""
+    return 12 + 4 * -(-numel // 1024) + (numel if codec == "int8" else -(-numel // 8))
 
 
 def test_two_sites_stay_equal_count_bytes_and_a_mismatched_site_is_refused(sites_data, tmp_path):
@@ -168,7 +169,7 @@ def test_a_killed_site_is_dropped_and_rejoins_from_the_survivors_outer_state(sit
                              cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
     release, rejoined = tmp_path / "release", tmp_path / "rejoined"
     try:
-        steps = ("train.steps=12", "cross_site.timeout_s=30")
+        steps = ("train.steps=12", "cross_site.timeout_s=30", "cross_site.compress=sign")
         # a waits at step 7 until b asks to rejoin (round 4, at step 8, then serves it the outer state), and
         # at step 9 until b has rejoined, so that b is a live member again for round 5 (step 10)
         a = Site(tmp_path, "a", sites_data, rendezvous, 1, *steps,
@@ -194,6 +195,10 @@ def test_a_killed_site_is_dropped_and_rejoins_from_the_survivors_outer_state(sit
     sites = {r["step"]: r["cross_site_sites"] for r in read_metrics(a.run) if "cross_site_sites" in r}
     assert sites[4] == 2 and sites[6] == 1 and sites[8] == 1  # b gone; at round 4 it only takes the state
     assert sites[10] == 2  # together again
+    (part,) = (b.run / "checkpoints" / "global_step4").glob("*model_states.pt")  # one rank per site
+    numel = safe_load(part)["mmpt"]["cross_site"]["synced"].numel()
+    b_rows = {r["step"]: r for r in read_metrics(b.run) if "cross_site_bytes" in r}
+    assert b_rows[4]["cross_site_bytes"] == 2 * _payload_bytes(numel, "sign")  # two rounds, a bit per value
 
 
 def test_two_sites_in_two_network_namespaces_exchange_over_a_slow_link(sites_data, tmp_path):
