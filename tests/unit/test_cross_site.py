@@ -150,6 +150,17 @@ def test_epsilon_comes_from_opacus_and_grows_with_rounds():
 
 
 # ------------------------------------------------------------------------------------------ config
+def test_every_codec_is_a_config_choice_and_every_choice_a_codec():
+    """The config's choices are a literal (config loading does not import torch): they must not drift."""
+    from parallel.cross_site_codec import CODECS
+    from pretrain.config.schema import CHOICES
+
+    assert CHOICES["cross_site.compress"] == CODECS
+    cfg = load_config(None, ["run.dir=x", "cross_site.sites=2", "cross_site.site=a",
+                             "cross_site.rendezvous=127.0.0.1:29400", "cross_site.compress=sign"])
+    assert cfg.cross_site.compress == "sign"
+
+
 def test_cross_site_is_off_by_default_and_its_problems_name_their_keys():
     cfg = load_config(None, ["run.dir=x"])
     validate(cfg)  # sites=0: the section is not checked
