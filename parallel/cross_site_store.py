@@ -143,7 +143,9 @@ class Heartbeat:
         host, port = parse_address(address)
         self.store = dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=timeout_s))
         self.key, self._stop = f"{NS}/beat/{site}", threading.Event()
-        self.join_s = timeout_s  # a store call in flight ends within the store's timeout
+        # a store call in flight ends within the store's timeout; a link cut without a reset could hold it
+        # that long, so the end of a run waits at most 10 s for it (then exits as before the join)
+        self.join_s = min(timeout_s, 10.0)
         self.store.add(self.key, 1)
         self._thread = threading.Thread(target=self._run, name="mmpt-cross-site-beat", daemon=True)
         self._thread.start()
