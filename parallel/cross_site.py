@@ -202,7 +202,15 @@ class OuterLoop:
             if data is None:
                 raise CrossSiteError(f"cross-site round {k}: site {s}'s payload for rank {self.rank} is gone "
                                      f"from {c.rendezvous} (this site is more than 3 rounds behind)")
-            contributions.append(decode(data).to(sent.device))
+            try:
+                got = decode(data)
+            except ValueError as e:
+                raise CrossSiteError(f"cross-site round {k}: site {s}'s payload for rank {self.rank}: "
+                                     f"{e}") from None
+            if got.numel() != sent.numel():
+                raise CrossSiteError(f"cross-site round {k}: site {s}'s payload for rank {self.rank} has "
+                                     f"{got.numel()} values, this rank's partition {sent.numel()}")
+            contributions.append(got.to(sent.device))
         avg = torch.stack(contributions).mean(dim=0)
         mu = c.outer_momentum
         self.momentum.mul_(mu).add_(avg)

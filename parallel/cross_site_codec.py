@@ -53,9 +53,15 @@ def encode(values: torch.Tensor, codec: str) -> bytes:
 
 def decode(payload: bytes) -> torch.Tensor:
     """The flat fp32 tensor a payload carries (CPU)."""
+    if len(payload) < _HEADER.size:
+        raise ValueError(f"cross-site payload of {len(payload)} bytes: shorter than its "
+                         f"{_HEADER.size}-byte header")
     name, n = _HEADER.unpack_from(payload)
     body = memoryview(payload)[_HEADER.size:]
-    codec = name.decode().strip()
+    codec = name.decode(errors="replace").strip()
+    if codec in CODECS and len(body) != _body_size(codec, n):
+        raise ValueError(f"cross-site payload: {codec} of {n} values needs {_body_size(codec, n)} bytes "
+                         f"after the header, got {len(body)} (truncated or corrupted)")
     if codec == "none":
         return torch.from_numpy(np.frombuffer(body, dtype=np.float32, count=n).copy())
     if codec == "fp16":
@@ -71,6 +77,12 @@ def decode(payload: bytes) -> torch.Tensor:
         bits = np.unpackbits(np.frombuffer(body, dtype=np.uint8, count=-(-n // 8), offset=4 * chunks))[:n]
         return _dequantize(torch.from_numpy(bits.astype(np.float32) * 2 - 1), scales, n)
     raise ValueError(f"cross-site payload with unknown codec {codec!r}")
+
+
+def _body_size(codec: str, n: int) -> int:
+    """Bytes after the header of a payload of `n` values."""
+    chunks = -(-n // CHUNK)
+    return {"none": 4 * n, "fp16": 2 * n, "int8": 4 * chunks + n, "sign": 4 * chunks + -(-n // 8)}[codec]
 
 
 def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

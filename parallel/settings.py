@@ -132,7 +132,7 @@ class CrossSiteConfig:
     int8's rounds on the same bytes). int8 and sign use error feedback: what rounding dropped is added to
     the next round's pseudo-gradient. On the demo (2 sites, 5 seeds), `every=3` with `sign` put 71x fewer
     bytes per sample on the link than data parallelism and trailed the synchronous job by 3.4 zero-shot
-    points on average, against 5.6 for `every=20` with int8 on 1.17x its bytes (docs/benchmarks.md)."""
+    points on average, against 5.6 for `every=20` with int8 on 1.15x its link bytes (docs/benchmarks.md)."""
     dp_clip: float = 0.0
     """Clip each site's pseudo-gradient (all of the model: all ranks' partitions) to this L2 norm before it
     leaves the site (0: no clipping). Needed for `cross_site.dp_noise`."""

@@ -77,6 +77,17 @@ def test_sign_sends_one_bit_per_value_and_each_chunks_mean_magnitude():
     assert ErrorFeedback("sign", 10).residual.numel() == 10
 
 
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "sign"])
+def test_a_truncated_or_unknown_payload_is_refused_naming_the_problem(codec):
+    payload = encode(torch.randn(CHUNK + 3), codec)
+    short = len(payload) - 12 - 1  # body bytes left after cutting one
+    with pytest.raises(ValueError, match=f"{codec} of {CHUNK + 3} values needs .* got {short}"):
+        decode(payload[:-1])
+    with pytest.raises(ValueError, match="shorter than its 12-byte header"):
+        decode(payload[:5])
+    with pytest.raises(ValueError, match="unknown codec 'int4'"):
+        decode(b"int4" + payload[4:])
+
 def test_sign_error_feedback_delivers_every_value_on_average():
     """Without feedback a sign code sends every value of a chunk at the chunk's mean magnitude, round after
     round: small values are over-sent, large ones under-sent, for ever. With it, what is still owed grows
