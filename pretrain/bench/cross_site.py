@@ -37,6 +37,7 @@ from typing import Any
 from launch.netns import Host, netns_pair, unavailable
 from launch.ports import free_port
 from parallel.cross_site_codec import CODECS
+from pretrain.bench.cross_site_report import curve, markdown, summarize
 from pretrain.bench.overrides import owned_key_problems
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,11 +240,13 @@ def _dp_bytes(
     }
 
 
-def _quality(run_dir: Path, data: dict[str, Any]) -> dict[str, Any]:
+def _quality(run_dir: Path, data: dict[str, Any], with_curve: bool = False) -> dict[str, Any]:
+    """The final model's scores; with `with_curve` (`--curve`) also every kept checkpoint's (`curve`)."""
     from pretrain.evaluation.evaluate import evaluate
 
     r = evaluate(run_dir, data["val"], data["classnames"])
-    return {k: r[k] for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")}
+    scores = {k: r[k] for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")}
+    return {**scores, "curve": curve(run_dir, data["val"], data["classnames"])} if with_curve else scores
 
 
 OWNED = {"train.micro_batch": "--micro-batch", "train.steps": "--steps", "cross_site.sites": "--sites",
@@ -303,13 +306,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             jobs["sync"] = _run_job(
                 "sync", out / "logs", hosts, _sync_starts(data, run_dir, args, hosts), args.job_timeout_s
             )
-            jobs["sync"].update(_quality(run_dir, data), samples_seen=samples)
+            jobs["sync"].update(_quality(run_dir, data, args.curve), samples_seen=samples)
         if "sites" in args.jobs:
             jobs["sites"] = _run_job(
                 "sites", out / "logs", hosts, _site_starts(data, out, args, hosts), args.job_timeout_s
             )
             site0 = out / "runs" / "site0"
-            jobs["sites"].update(_quality(site0, data), samples_seen=samples)
+            jobs["sites"].update(_quality(site0, data, args.curve), samples_seen=samples)
             last = [r for r in read_metrics(site0) if "cross_site_bytes" in r][-1]
             jobs["sites"]["payload_bytes_site0"] = last["cross_site_bytes"]
             jobs["sites"]["rounds"] = last["cross_site_round"]
@@ -319,56 +322,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             run_dir = out / "runs" / "alone"
             jobs["alone"] = _run_job("alone", out / "logs", None, _alone_starts(data, run_dir, args),
                                      args.job_timeout_s)
-            jobs["alone"].update(_quality(run_dir, data),
+            jobs["alone"].update(_quality(run_dir, data, args.curve),
                                  samples_seen=args.steps * args.micro_batch * args.ranks_per_site)
         if "dp" in args.jobs and hosts is not None:
             jobs["dp"] = _dp_bytes(data, out, args, hosts)
     report["jobs"] = jobs
     report.update(summarize(jobs, samples))
     return report
-
-
-def summarize(jobs: dict[str, dict[str, Any]], samples: int) -> dict[str, Any]:
-    """Adds `link_bytes_per_sample` to each job with link bytes; returns the zero-shot gap (sync - sites,
-    points) and each synchronous job's bytes per sample over the sites' (`bytes_ratio_<job>_vs_sites`)."""
-    out: dict[str, Any] = {}
-    for job in jobs.values():
-        if job.get("link_bytes") is not None:
-            job["link_bytes_per_sample"] = round(job["link_bytes"] / job.get("samples_seen", samples), 1)
-    per = {k: v.get("link_bytes_per_sample") for k, v in jobs.items()}
-    if per.get("sites"):
-        for base in ("dp", "sync"):
-            if per.get(base):
-                out[f"bytes_ratio_{base}_vs_sites"] = round(per[base] / per["sites"], 1)
-    if "zeroshot_top1" in jobs.get("sync", {}) and "zeroshot_top1" in jobs.get("sites", {}):
-        out["zeroshot_gap_points"] = round(
-            100 * (jobs["sync"]["zeroshot_top1"] - jobs["sites"]["zeroshot_top1"]), 2
-        )
-    return out
-
-
-def markdown(report: dict[str, Any]) -> str:
-    lines = [
-        f"`{report['command']}` (commit {report['commit']}, {report['date']}; {report['link']}; "
-        f"{report['samples_seen']} samples seen per job)",
-        "",
-        "| job | zero-shot top-1 | top-5 | i2t R@1 | t2i R@1 | wall s | link bytes | link bytes / sample |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-
-    def f(v: Any, spec: str = ".3f") -> str:
-        return "-" if v is None else format(v, spec)
-
-    for name, j in report["jobs"].items():
-        lines.append(
-            f"| {name} | {f(j.get('zeroshot_top1'))} | {f(j.get('zeroshot_top5'))} | "
-            f"{f(j.get('i2t_r1'))} | {f(j.get('t2i_r1'))} | {f(j['wall_s'], '.0f')} | "
-            f"{f(j.get('link_bytes'), ',')} | {f(j.get('link_bytes_per_sample'), ',.0f')} |"
-        )
-    for key in ("zeroshot_gap_points", "bytes_ratio_dp_vs_sites", "bytes_ratio_sync_vs_sites"):
-        if key in report:
-            lines.append(f"\n{key}: {report[key]}")
-    return "\n".join(lines) + "\n"
 
 
 def cmd_cross_site(args: argparse.Namespace) -> int:
@@ -411,6 +371,9 @@ def add_cross_site_parser(bench: argparse._SubParsersAction) -> None:
                    help="cross_site.timeout_s (parallel.timeout_s: 120 s more)")
     p.add_argument("--job-timeout-s", type=int, default=3600)
     p.add_argument("--no-netns", action="store_true", help="run on loopback even as root (no link bytes)")
+    p.add_argument("--curve", action="store_true",
+                   help="also score every checkpoint each job kept (`--set checkpoint.every=N`) into "
+                   "jobs.<job>.curve: step, zero-shot top-1, i2t and t2i R@1")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every job")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_cross_site)

@@ -4,7 +4,8 @@ bytes-only runs) really trains and is scored, and with root the jobs' halves sit
 so the bytes come from the link's kernel counters.
 
 What must hold whatever the numbers: the sites end equal; the outer rounds and the payload counter are those
-of `--steps` / `--every`; every payload of one site crosses the link to the other (a's store serves b), so
+of `--steps` / `--every`; `--curve` scores every kept checkpoint, the last as the job's own score; every
+payload of one site crosses the link to the other (a's store serves b), so
 the sites' link bytes cover both sites' payloads; plain data parallelism's per-step all-reduce puts more on
 the link than the sites' int8 rounds; the report on stdout is the one written to cross_site.json.
 """
@@ -31,7 +32,7 @@ def test_every_job_trains_is_scored_and_the_link_counts_both_sites_payloads(tmp_
     cmd = [PYTHON, "-m", "pretrain.cli", "bench", "cross-site", "--out", str(out), "--jobs", "sync", "sites",
            "alone", "dp", "--train-samples", "1000", "--ranks-per-site", "1", "--micro-batch", "4",
            "--steps", str(steps), "--every", str(every), "--dp-steps", "1", "2", "--timeout-s", "120",
-           "--job-timeout-s", "400", "--json"]
+           "--job-timeout-s", "400", "--curve", "--set", f"checkpoint.every={every}", "--json"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     report = json.loads(r.stdout.strip().splitlines()[-1])
@@ -42,6 +43,10 @@ def test_every_job_trains_is_scored_and_the_link_counts_both_sites_payloads(tmp_
     assert set(jobs) == {"sync", "sites", "alone", "dp"}
     for name in ("sync", "sites", "alone"):
         assert 0.0 <= jobs[name]["zeroshot_top1"] <= jobs[name]["zeroshot_top5"] <= 1.0, name
+        # --curve: every kept checkpoint scored, in step order; the last is the final model the job reports
+        assert [r["step"] for r in jobs[name]["curve"]] == list(range(every, steps + 1, every)), name
+        assert {k: jobs[name]["curve"][-1][k] for k in ("zeroshot_top1", "i2t_r1", "t2i_r1")} == {
+            k: jobs[name][k] for k in ("zeroshot_top1", "i2t_r1", "t2i_r1")}, name
     sites = jobs["sites"]
     assert sites["rounds"] == steps // every
     assert sites["site1_zeroshot_top1"] == sites["zeroshot_top1"]  # both sites apply the same average

@@ -72,6 +72,20 @@ def test_report_ratios_and_gap(monkeypatch, tmp_path):
     assert "| sites | 0.490 |" in text and "bytes_ratio_dp_vs_sites: 40.0" in text
 
 
+def test_markdown_puts_each_jobs_curve_side_by_side_by_step():
+    row = {"i2t_r1": 0.1, "t2i_r1": 0.05}
+    sync_curve = [{"step": 2, "zeroshot_top1": 0.5, **row}, {"step": 4, "zeroshot_top1": 0.9, **row}]
+    jobs = {"sync": {"wall_s": 1, "zeroshot_top1": 0.9, "curve": sync_curve},
+            "sites": {"wall_s": 1, "zeroshot_top1": 0.8, "curve": [{"step": 4, "zeroshot_top1": 0.8, **row}]},
+            "dp": {"wall_s": 1}}
+    head = {"command": "c", "commit": "x", "date": "d", "link": "l", "samples_seen": 1}
+    text = bench.markdown({**head, "jobs": jobs})
+    assert "| step | sync top-1 / i2t / t2i | sites top-1 / i2t / t2i |" in text  # dp kept no curve
+    assert "| 2 | 0.500 / 0.100 / 0.050 | - |" in text  # a step one job has no checkpoint at
+    assert "| 4 | 0.900 / 0.100 / 0.050 | 0.800 / 0.100 / 0.050 |" in text
+    assert "step" not in bench.markdown({**head, "jobs": {"dp": {"wall_s": 1}}})
+
+
 @pytest.mark.parametrize("change,flag", [
     ({"dp_steps": [5, 5]}, "--dp-steps"), ({"dp_steps": [0, 15]}, "--dp-steps"), ({"sites": 1}, "--sites"),
     ({"sites": 25}, "--sites 25: the data has only 24 shards"), ({"every": 400}, "--every"),

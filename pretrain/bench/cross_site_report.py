@@ -1,0 +1,76 @@
+"""What `pretrain bench cross-site` reports: the zero-shot gap and byte ratios over its jobs, the markdown
+table, and with `--curve` each job's zero-shot at every checkpoint it kept (the long runs of #19 in
+docs/benchmarks.md score the sites and the synchronous job at the same steps, so the gap shows over
+training, not at one step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CURVE_KEYS = ("zeroshot_top1", "i2t_r1", "t2i_r1")
+
+
+def curve(run_dir: Path, val: str, classnames: str | Path) -> list[dict[str, Any]]:
+    """One row per checkpoint in `run_dir/checkpoints` (`global_stepN`, in step order): the step and
+    CURVE_KEYS on the held-out shards `val`. The last row is the final model's score, as the job's own."""
+    from pretrain.evaluation.evaluate import evaluate
+
+    steps = sorted(int(p.name[len("global_step"):]) for p in (run_dir / "checkpoints").glob("global_step*"))
+    rows = []
+    for step in steps:
+        r = evaluate(run_dir / "checkpoints" / f"global_step{step}", val, classnames)
+        rows.append({"step": step, **{k: r[k] for k in CURVE_KEYS}})
+    return rows
+
+
+def summarize(jobs: dict[str, dict[str, Any]], samples: int) -> dict[str, Any]:
+    """Adds `link_bytes_per_sample` to each job with link bytes; returns the zero-shot gap (sync - sites,
+    points) and each synchronous job's bytes per sample over the sites' (`bytes_ratio_<job>_vs_sites`)."""
+    out: dict[str, Any] = {}
+    for job in jobs.values():
+        if job.get("link_bytes") is not None:
+            job["link_bytes_per_sample"] = round(job["link_bytes"] / job.get("samples_seen", samples), 1)
+    per = {k: v.get("link_bytes_per_sample") for k, v in jobs.items()}
+    if per.get("sites"):
+        for base in ("dp", "sync"):
+            if per.get(base):
+                out[f"bytes_ratio_{base}_vs_sites"] = round(per[base] / per["sites"], 1)
+    if "zeroshot_top1" in jobs.get("sync", {}) and "zeroshot_top1" in jobs.get("sites", {}):
+        out["zeroshot_gap_points"] = round(
+            100 * (jobs["sync"]["zeroshot_top1"] - jobs["sites"]["zeroshot_top1"]), 2
+        )
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as docs/benchmarks.md shows it: the command, one row per job, the ratios, the curves."""
+    lines = [
+        f"`{report['command']}` (commit {report['commit']}, {report['date']}; {report['link']}; "
+        f"{report['samples_seen']} samples seen per job)",
+        "",
+        "| job | zero-shot top-1 | top-5 | i2t R@1 | t2i R@1 | wall s | link bytes | link bytes / sample |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(v: Any, spec: str = ".3f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    for name, j in report["jobs"].items():
+        lines.append(
+            f"| {name} | {f(j.get('zeroshot_top1'))} | {f(j.get('zeroshot_top5'))} | "
+            f"{f(j.get('i2t_r1'))} | {f(j.get('t2i_r1'))} | {f(j['wall_s'], '.0f')} | "
+            f"{f(j.get('link_bytes'), ',')} | {f(j.get('link_bytes_per_sample'), ',.0f')} |"
+        )
+    for key in ("zeroshot_gap_points", "bytes_ratio_dp_vs_sites", "bytes_ratio_sync_vs_sites"):
+        if key in report:
+            lines.append(f"\n{key}: {report[key]}")
+    curves = {n: {row["step"]: row for row in j["curve"]} for n, j in report["jobs"].items() if "curve" in j}
+    if curves:  # one row per step any job kept a checkpoint at; zero-shot top-1 / i2t R@1 / t2i R@1
+        lines += ["", "| step | " + " | ".join(f"{n} top-1 / i2t / t2i" for n in curves) + " |",
+                  "|---|" + "---|" * len(curves)]
+        for step in sorted({s for c in curves.values() for s in c}):
+            cells = [" / ".join(f(c[step][k]) for k in CURVE_KEYS) if step in c else "-"
+                     for c in curves.values()]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
