@@ -79,6 +79,20 @@ class Partition:
                 p.data.copy_(torch.cat(pieces)[: p.data.numel()].view_as(p.data))
 
 
+def contribution(data: bytes | None, numel: int, where: str, rendezvous: str) -> torch.Tensor:
+    """Another site's decoded payload for this rank, or a CrossSiteError that says `where` (round, site,
+    rank) and what is wrong: gone from the store, truncated or corrupted, or sized for another partition."""
+    if data is None:
+        raise CrossSiteError(f"{where} is gone from {rendezvous} (this site is more than 3 rounds behind)")
+    try:
+        got = decode(data)
+    except ValueError as e:
+        raise CrossSiteError(f"{where}: {e}") from None
+    if got.numel() != numel:
+        raise CrossSiteError(f"{where} has {got.numel()} values, this rank's partition {numel}")
+    return got
+
+
 class OuterLoop:
     """One site's outer loop on one rank. Every rank of the site calls every method at the same step."""
 
@@ -198,19 +212,9 @@ class OuterLoop:
         others = [s for s in members if s != c.site]
         contributions = [sent] if c.site in members else []
         for s in others:
-            data = self.rv.fetch(k, s)
-            if data is None:
-                raise CrossSiteError(f"cross-site round {k}: site {s}'s payload for rank {self.rank} is gone "
-                                     f"from {c.rendezvous} (this site is more than 3 rounds behind)")
-            try:
-                got = decode(data)
-            except ValueError as e:
-                raise CrossSiteError(f"cross-site round {k}: site {s}'s payload for rank {self.rank}: "
-                                     f"{e}") from None
-            if got.numel() != sent.numel():
-                raise CrossSiteError(f"cross-site round {k}: site {s}'s payload for rank {self.rank} has "
-                                     f"{got.numel()} values, this rank's partition {sent.numel()}")
-            contributions.append(got.to(sent.device))
+            where = f"cross-site round {k}: site {s}'s payload for rank {self.rank}"
+            contributions.append(contribution(self.rv.fetch(k, s), sent.numel(), where, c.rendezvous)
+                                 .to(sent.device))
         avg = torch.stack(contributions).mean(dim=0)
         mu = c.outer_momentum
         self.momentum.mul_(mu).add_(avg)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from launch.rendezvous import free_port
-from parallel.cross_site import OuterLoop
+from parallel.cross_site import OuterLoop, contribution
 from parallel.cross_site_codec import CHUNK, ErrorFeedback, decode, encode
 from parallel.cross_site_privacy import PrivacyLedger, clip_scale
 from parallel.cross_site_store import (
@@ -87,6 +87,23 @@ def test_a_truncated_or_unknown_payload_is_refused_naming_the_problem(codec):
         decode(payload[:5])
     with pytest.raises(ValueError, match="unknown codec 'int4'"):
         decode(b"int4" + payload[4:])
+
+
+def test_a_bad_payload_from_another_site_stops_the_round_naming_site_round_and_rank():
+    """What the round does with each other site's payload, through a real store: b posts, a fetches."""
+    store = serve(f"127.0.0.1:{free_port()}")
+    a, b = _site(store, "a"), _site(store, "b")
+    x = torch.randn(CHUNK + 3)
+    b.post(1, encode(x, "int8"))
+    where = "cross-site round 1: site b's payload for rank 0"
+    assert torch.allclose(contribution(a.fetch(1, "b"), x.numel(), where, "h:1"), x, atol=0.05)
+    with pytest.raises(CrossSiteError, match=f"{where} has {x.numel()} values, this rank's partition 9"):
+        contribution(a.fetch(1, "b"), 9, where, "h:1")  # a partition of another size
+    b.post(2, encode(x, "sign")[:-3])  # cut on the way
+    with pytest.raises(CrossSiteError, match="round 2: site b's payload for rank 0: .*sign .* got 134"):
+        contribution(a.fetch(2, "b"), x.numel(), where.replace("round 1", "round 2"), "h:1")
+    with pytest.raises(CrossSiteError, match="round 3: .* is gone from h:1 .*more than 3 rounds behind"):
+        contribution(a.fetch(3, "b"), x.numel(), "cross-site round 3: site b's", "h:1")  # never posted
 
 def test_sign_error_feedback_delivers_every_value_on_average():
     """Without feedback a sign code sends every value of a chunk at the chunk's mean magnitude, round after
