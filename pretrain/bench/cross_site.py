@@ -271,6 +271,8 @@ def check_args(args: argparse.Namespace, per_shard: int) -> None:
         (args.micro_batch < 1, f"--micro-batch {args.micro_batch} must be >= 1"),
         ("dp" in args.jobs and not 1 <= n1 < n2,
          f"--dp-steps {n1} {n2}: need 1 <= N1 < N2 (the per-step bytes are their difference / (N2 - N1))"),
+        (getattr(args, "curve", False) and any(a.startswith("checkpoint.dir=") for a in args.set),
+         "--curve scores the checkpoints in each job's run folder: leave checkpoint.dir unset"),
     ] if bad] + owned_key_problems(getattr(args, "set", None), OWNED)
     if problems:
         raise ValueError("bench cross-site: " + "; ".join(problems))

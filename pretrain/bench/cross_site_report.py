@@ -12,15 +12,18 @@ CURVE_KEYS = ("zeroshot_top1", "i2t_r1", "t2i_r1")
 
 
 def curve(run_dir: Path, val: str, classnames: str | Path) -> list[dict[str, Any]]:
-    """One row per checkpoint in `run_dir/checkpoints` (`global_stepN`, in step order): the step and
-    CURVE_KEYS on the held-out shards `val`. The last row is the final model's score, as the job's own."""
+    """One row per complete checkpoint of the run (`pretrain eval --suite`'s `run_tags`: only tags with the
+    completion marker, in step order): the step and CURVE_KEYS on the held-out shards `val`. The last row is
+    the final model's score, as the job's own."""
+    from pretrain.checkpoint.atomic import step_of
     from pretrain.evaluation.evaluate import evaluate
+    from pretrain.evaluation.suite import run_tags
 
-    steps = sorted(int(p.name[len("global_step"):]) for p in (run_dir / "checkpoints").glob("global_step*"))
+    root, tags = run_tags(run_dir) or (run_dir, [])
     rows = []
-    for step in steps:
-        r = evaluate(run_dir / "checkpoints" / f"global_step{step}", val, classnames)
-        rows.append({"step": step, **{k: r[k] for k in CURVE_KEYS}})
+    for tag in tags:
+        r = evaluate(root / tag, val, classnames)
+        rows.append({"step": step_of(tag), **{k: r[k] for k in CURVE_KEYS}})
     return rows
 
 

@@ -94,6 +94,7 @@ def test_markdown_puts_each_jobs_curve_side_by_side_by_step():
     ({"set": ["cross_site.compress=none"]}, "--set cross_site.compress: use --compress"),
     ({"set": ["optim.lr=1e-3", "train.steps=9"]}, "--set train.steps: use --steps"),
     ({"set": ["run.dir=x"]}, "--set run.dir: the bench sets it"),
+    ({"curve": True, "set": ["checkpoint.dir=/x"]}, "--curve scores the checkpoints in each job's"),
 ])
 def test_bad_arguments_are_refused_naming_the_flag_before_anything_runs(tmp_path, change, flag):
     base = argparse.Namespace(out=str(tmp_path / "out"), jobs=["sync", "sites", "dp"], sites=2,
