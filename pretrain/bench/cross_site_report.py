@@ -1,7 +1,8 @@
 """What `pretrain bench cross-site` reports: the zero-shot gap and byte ratios over its jobs, the markdown
 table, and with `--curve` each job's zero-shot at every checkpoint it kept (the long runs of #19 in
 docs/benchmarks.md score the sites and the synchronous job at the same steps, so the gap shows over
-training, not at one step)."""
+training, not at one step) and how many samples the sites need to reach each of the synchronous job's
+scores."""
 
 from __future__ import annotations
 
@@ -27,6 +28,31 @@ def curve(run_dir: Path, val: str, classnames: str | Path) -> list[dict[str, Any
     return rows
 
 
+def samples_to_match(reference: list[dict[str, Any]], other: list[dict[str, Any]],
+                     key: str = "zeroshot_top1") -> list[dict[str, Any]]:
+    """For each checkpoint of `reference`: the step at which `other` first reaches its `key` value (linear
+    between `other`'s checkpoints) and that step over the reference's. Both jobs see the same samples per
+    step in this bench (4 ranks' micro-batches), so the ratio is the samples `other` needs for the same
+    score. `other_step` is None where its curve does not bracket the value: reached at or before its first
+    checkpoint (the crossing is not known) or never; `why` then says which."""
+    pts = [(r["step"], r[key]) for r in other]
+    rows = []
+    for ref in reference:
+        target = ref[key]
+        row: dict[str, Any] = {"step": ref["step"], key: target, "other_step": None, "ratio": None}
+        if pts and pts[0][1] >= target:
+            row["why"] = f"reached at or before its first checkpoint (step {pts[0][0]})"
+        for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
+            if "why" not in row and v0 < target <= v1:
+                at = s0 + (s1 - s0) * (target - v0) / (v1 - v0)
+                row.update(other_step=round(at, 1), ratio=round(at / ref["step"], 2))
+                break
+        if row["other_step"] is None and "why" not in row:
+            row["why"] = "not reached by its last checkpoint"
+        rows.append(row)
+    return rows
+
+
 def summarize(jobs: dict[str, dict[str, Any]], samples: int) -> dict[str, Any]:
     """Adds `link_bytes_per_sample` to each job with link bytes; returns the zero-shot gap (sync - sites,
     points) and each synchronous job's bytes per sample over the sites' (`bytes_ratio_<job>_vs_sites`)."""
@@ -43,6 +69,8 @@ def summarize(jobs: dict[str, dict[str, Any]], samples: int) -> dict[str, Any]:
         out["zeroshot_gap_points"] = round(
             100 * (jobs["sync"]["zeroshot_top1"] - jobs["sites"]["zeroshot_top1"]), 2
         )
+    if jobs.get("sync", {}).get("curve") and jobs.get("sites", {}).get("curve"):
+        out["sites_samples_to_match_sync"] = samples_to_match(jobs["sync"]["curve"], jobs["sites"]["curve"])
     return out
 
 
@@ -68,6 +96,10 @@ def markdown(report: dict[str, Any]) -> str:
     for key in ("zeroshot_gap_points", "bytes_ratio_dp_vs_sites", "bytes_ratio_sync_vs_sites"):
         if key in report:
             lines.append(f"\n{key}: {report[key]}")
+    for m in report.get("sites_samples_to_match_sync", []):  # --curve: how many more samples the sites need
+        where = (f"the sites: {m['why']}" if m["other_step"] is None
+                 else f"the sites at step {m['other_step']:g} ({m['ratio']:g}x the samples)")
+        lines.append(f"\nsync's zero-shot at step {m['step']} ({m['zeroshot_top1']:.3f}): {where}")
     curves = {n: {row["step"]: row for row in j["curve"]} for n, j in report["jobs"].items() if "curve" in j}
     if curves:  # one row per step any job kept a checkpoint at; zero-shot top-1 / i2t R@1 / t2i R@1
         lines += ["", "| step | " + " | ".join(f"{n} top-1 / i2t / t2i" for n in curves) + " |",

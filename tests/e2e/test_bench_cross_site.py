@@ -47,6 +47,11 @@ def test_every_job_trains_is_scored_and_the_link_counts_both_sites_payloads(tmp_
         assert [r["step"] for r in jobs[name]["curve"]] == list(range(every, steps + 1, every)), name
         assert {k: jobs[name]["curve"][-1][k] for k in ("zeroshot_top1", "i2t_r1", "t2i_r1")} == {
             k: jobs[name][k] for k in ("zeroshot_top1", "i2t_r1", "t2i_r1")}, name
+    # the sites' samples for each of sync's checkpoint scores: one row per sync checkpoint, each with a
+    # step or the reason it has none (tiny runs: scores may be flat, so only the shape is checked here)
+    match = report["sites_samples_to_match_sync"]
+    assert [m["step"] for m in match] == list(range(every, steps + 1, every))
+    assert all((m["other_step"] is None) == ("why" in m) for m in match), match
     sites = jobs["sites"]
     assert sites["rounds"] == steps // every
     assert sites["site1_zeroshot_top1"] == sites["zeroshot_top1"]  # both sites apply the same average

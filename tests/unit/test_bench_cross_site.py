@@ -9,6 +9,7 @@ import json
 import pytest
 
 from pretrain.bench import cross_site as bench
+from pretrain.bench import cross_site_report as report_mod
 
 
 def test_dp_bytes_split_start_up_from_per_step_cost(monkeypatch, tmp_path):
@@ -84,6 +85,28 @@ def test_markdown_puts_each_jobs_curve_side_by_side_by_step():
     assert "| 2 | 0.500 / 0.100 / 0.050 | - |" in text  # a step one job has no checkpoint at
     assert "| 4 | 0.900 / 0.100 / 0.050 | 0.800 / 0.100 / 0.050 |" in text
     assert "step" not in bench.markdown({**head, "jobs": {"dp": {"wall_s": 1}}})
+
+
+def test_samples_to_match_interpolates_the_first_crossing_and_says_why_when_there_is_none():
+    r1 = {"i2t_r1": 0.1, "t2i_r1": 0.1}
+    sync = [{"step": s, "zeroshot_top1": v, **r1} for s, v in ((300, 0.6), (600, 0.9), (900, 0.95))]
+    sites = [{"step": s, "zeroshot_top1": v, **r1}
+             for s, v in ((300, 0.5), (600, 0.8), (900, 0.92), (1200, 0.7))]  # first crossing counts
+    rows = report_mod.samples_to_match(sync, sites)
+    # 0.6 lies 1/3 of the way from 0.5 (step 300) to 0.8 (step 600); 0.9 5/6 of the way from 0.8 to 0.92
+    assert [r["other_step"] for r in rows[:2]] == [400.0, 850.0]
+    assert [r["ratio"] for r in rows[:2]] == [pytest.approx(1.33), pytest.approx(1.42)]
+    assert rows[2]["other_step"] is None and rows[2]["why"] == "not reached by its last checkpoint"
+    early = report_mod.samples_to_match([{"step": 600, "zeroshot_top1": 0.4, **r1}], sites)[0]
+    assert early["ratio"] is None and early["why"] == "reached at or before its first checkpoint (step 300)"
+    report = bench.summarize({"sync": {"zeroshot_top1": 0.95, "curve": sync},
+                              "sites": {"zeroshot_top1": 0.7, "curve": sites}}, samples=1)
+    assert report["sites_samples_to_match_sync"] == rows
+    head = {"command": "c", "commit": "x", "date": "d", "link": "l", "samples_seen": 1}
+    text = bench.markdown({**head, **report, "jobs": {"sync": {"wall_s": 1, "curve": sync},
+                                                      "sites": {"wall_s": 1, "curve": sites}}})
+    assert "sync's zero-shot at step 300 (0.600): the sites at step 400 (1.33x the samples)" in text
+    assert "sync's zero-shot at step 900 (0.950): the sites: not reached by its last checkpoint" in text
 
 
 @pytest.mark.parametrize("change,flag", [
