@@ -31,10 +31,10 @@ def curve(run_dir: Path, val: str, classnames: str | Path) -> list[dict[str, Any
 def samples_to_match(reference: list[dict[str, Any]], other: list[dict[str, Any]],
                      key: str = "zeroshot_top1") -> list[dict[str, Any]]:
     """For each checkpoint of `reference`: the step at which `other` first reaches its `key` value (linear
-    between `other`'s checkpoints) and that step over the reference's. Both jobs see the same samples per
-    step in this bench (4 ranks' micro-batches), so the ratio is the samples `other` needs for the same
-    score. `other_step` is None where its curve does not bracket the value: reached at or before its first
-    checkpoint (the crossing is not known) or never; `why` then says which."""
+    between `other`'s checkpoints) and that step over the reference's. The synchronous job and the sites
+    run the same ranks' micro-batches per step in this bench (sites x ranks per site), so the ratio is the
+    samples `other` needs for the same score. `other_step` is None where its curve does not bracket the
+    value: reached at or before its first checkpoint (crossing unknown) or never; `why` says which."""
     pts = [(r["step"], r[key]) for r in other]
     rows = []
     for ref in reference:
