@@ -40,15 +40,16 @@ def samples_to_match(reference: list[dict[str, Any]], other: list[dict[str, Any]
     for ref in reference:
         target = ref[key]
         row: dict[str, Any] = {"step": ref["step"], key: target, "other_step": None, "ratio": None}
+        crossing = next(((s0, v0, s1, v1) for (s0, v0), (s1, v1) in zip(pts, pts[1:]) if v0 < target <= v1),
+                        None)
         if pts and pts[0][1] >= target:
             row["why"] = f"reached at or before its first checkpoint (step {pts[0][0]})"
-        for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
-            if "why" not in row and v0 < target <= v1:
-                at = s0 + (s1 - s0) * (target - v0) / (v1 - v0)
-                row.update(other_step=round(at, 1), ratio=round(at / ref["step"], 2))
-                break
-        if row["other_step"] is None and "why" not in row:
+        elif crossing is None:
             row["why"] = "not reached by its last checkpoint"
+        else:
+            s0, v0, s1, v1 = crossing
+            at = s0 + (s1 - s0) * (target - v0) / (v1 - v0)
+            row.update(other_step=round(at, 1), ratio=round(at / ref["step"], 2))
         rows.append(row)
     return rows
 
