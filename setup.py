@@ -40,9 +40,10 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=3.1"],
         # dev: tests and benches, incl. the libraries exports are checked against
-        # (`convert --to hf|open_clip`, `bench step --vs open_clip`)
+        # (`convert --to hf|open_clip`, `bench step --vs open_clip`) and torchft, the DiLoCo the outer loop
+        # of `cross_site.*` is checked against (tests/e2e/test_cross_site_torchft.py)
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "ruff>=0.6", "transformers>=4.40",
-                "open_clip_torch>=2.24", "torchao>=0.18"],
+                "open_clip_torch>=2.24", "torchao>=0.18", "torchft>=0.2"],
         # `train.fp8` (torchao's float8 training; fp8 tensor cores on H100/H200)
         "fp8": ["torchao>=0.18"],
         # `pretrain data import --from parquet`, `pretrain embed --sharded` (and their tests)
