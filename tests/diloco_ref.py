@@ -4,12 +4,13 @@ model and batches (tests/batches.py); run as a script by tests/e2e/test_cross_si
     python tests/diloco_ref.py ours SPEC.json SITE_INDEX      # DeepSpeed ZeRO-3 (1 rank), parallel.cross_site
     python tests/diloco_ref.py torchft SPEC.json SITE_INDEX   # plain torch; torchft.local_sgd.DiLoCo
 
-Both sides build the same model from `train.seed`, train it with the same AdamW (our `param_groups`, our LR
-schedule, torch's fused CPU kernel) on the same batches (replica i draws from seed 1000 + i), and exchange
-every `cross_site.every` steps with the same outer step (`cross_site.outer_lr`, `cross_site.outer_momentum`:
-torch SGD with Nesterov on torchft's side). What differs is everything the comparison is about: ZeRO-3's
-partitions read and written by `OuterLoop` over our TCP store, against torchft's Manager, lighthouse quorum
-and gloo all-reduce on whole `p.data`. Writes the final fp32 parameters {name: tensor} to SPEC's out path.
+Both sides build the same model from `train.seed`, train it with the same AdamW (our `param_groups`, our
+LR schedule, torch's fused kernel: `optim.impl=torch_fused`) on the same batches (replica i draws from seed
+1000 + i), and exchange every `cross_site.every` steps with the same outer step (`cross_site.outer_lr`,
+`cross_site.outer_momentum`: torch SGD with Nesterov on torchft's side). What differs is everything the
+comparison is about: ZeRO-3's partitions read and written by `OuterLoop` over our TCP store, against
+torchft's Manager, lighthouse quorum and gloo all-reduce on whole `p.data`. Writes the final fp32
+parameters {name: tensor} to SPEC's out path.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from batches import ENGINE_BASE, EOS, PAD, VOCAB, make_batch
 def _config(spec: dict, site: int):
     from pretrain.config import load_config
 
-    return load_config(None, [*ENGINE_BASE, "train.grad_clip=0", f"train.steps={spec['steps']}",
-                              *spec["overrides"], f"cross_site.site=s{site}"])
+    return load_config(None, [*ENGINE_BASE, "train.grad_clip=0", "optim.impl=torch_fused",
+                              f"train.steps={spec['steps']}", *spec["overrides"], f"cross_site.site=s{site}"])
 
 
 def _batches(cfg, site: int) -> list[dict[str, torch.Tensor]]:
