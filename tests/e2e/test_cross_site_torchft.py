@@ -40,7 +40,8 @@ OUTER = {"averaging": ["cross_site.outer_lr=1.0", "cross_site.outer_momentum=0.0
 def _run_pair(side: str, spec: Path) -> None:
     """Both replicas of one side at once (each waits for the other at every round)."""
     path = [str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": "lo"}  # torchft's gloo all-reduce and ours stay on loopback
     procs = [subprocess.Popen([sys.executable, str(SCRIPT), side, str(spec), str(i)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
     for i, p in enumerate(procs):
