@@ -78,13 +78,13 @@ def reference(spec: dict, site: int) -> dict[str, torch.Tensor]:
     from torchft.process_group import ProcessGroupGloo
 
     from parallel.engine import lr_lambda, param_groups
+    from parallel.optimizers import client_optimizer
     from pretrain.config import engine_spec
 
     cfg = _config(spec, site)
     model = _model(cfg)
     o, c = cfg.optim, cfg.cross_site
-    inner = torch.optim.AdamW(param_groups(model, o.weight_decay, o.lr), lr=o.lr, betas=tuple(o.betas),
-                              eps=o.eps, weight_decay=o.weight_decay, fused=True)
+    inner = client_optimizer(o.impl, o)(param_groups(model, o.weight_decay, o.lr))  # what DeepSpeed is given
     schedule = torch.optim.lr_scheduler.LambdaLR(inner, lr_lambda(engine_spec(cfg)))
     outer = torch.optim.SGD(model.parameters(), lr=c.outer_lr, momentum=c.outer_momentum,
                             nesterov=c.outer_momentum > 0)
