@@ -12,6 +12,7 @@ trains open_clip's CLIP on the same batches (`--vs open_clip`, plus its patch_dr
 
     python scripts/bench_gpu.py                          # CUDA, ViT-B/16, micro-batch 256, bf16 (< 8 min)
     python scripts/bench_gpu.py --device cpu --tiny      # the same variants on a tiny model (CI / tests)
+    python scripts/bench_gpu.py --skip compile           # leave the compile rows out (a row says so)
 """
 
 from __future__ import annotations
@@ -184,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="timed steps per variant (default 8, tiny 2)")
     ap.add_argument("--warmup", type=int, help="warm-up steps per variant (default 3, tiny 1)")
     ap.add_argument("--only", nargs="*", help="run only variants whose name contains one of these")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="variants whose name contains one of these get a 'skipped' row instead of a run "
+                         "(e.g. `compile`: inductor's compile makes those rows the slowest on a CPU)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per variant")
     args = ap.parse_args(argv)
     steps = args.steps or (2 if args.tiny else 8)
@@ -202,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, flips in variants(args.tiny):
         if args.only and not any(s in name for s in args.only):
+            continue
+        skipped_by = next((s for s in args.skip if s in name), None)
+        if skipped_by is not None:  # still a row, so the table says what was left out and why
+            rows.append({"name": name, "overrides": flips, "status": f"skipped: --skip {skipped_by}"})
+            print(f"{name}: {rows[-1]['status']}", flush=True)
             continue
         if name == ALL_FUSIONS:
             ran = {f for r in rows if r["status"] == "ok" for f in r["overrides"]}
