@@ -190,6 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                          "(e.g. `compile`: inductor's compile makes those rows the slowest on a CPU)")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per variant")
     args = ap.parse_args(argv)
+    names = [name for name, _ in variants(args.tiny)]
+    for flag in ("only", "skip"):  # a typo would otherwise append an empty or unchanged table to --out
+        unmatched = [s for s in getattr(args, flag) or [] if not any(s in name for name in names)]
+        if unmatched:
+            ap.error(f"--{flag} {' '.join(unmatched)}: no variant name contains it; variants: "
+                     + "; ".join(names))
     steps = args.steps or (2 if args.tiny else 8)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -16,10 +16,11 @@ def test_bench_gpu_script_tiny_cpu_appends_a_row_for_every_variant(tmp_path):
     """`scripts/bench_gpu.py --device cpu --tiny` (what `make bench-gpu` runs on a GPU, at tiny size): every
     variant gets a row, measured or "unavailable: <reason>" (apex, CUDA-only kernels), never a crash.
 
-    `--skip compile`: the two compile rows and the compile in "all available fusions" took ~90 of this test's
-    174 s (inductor on CPU); compiled engine runs against eager, per block and whole model, are checked in
-    tests/e2e/test_fused_paths.py. Here they get their "skipped" rows, and "all available fusions" then leaves
-    compile out, as it does for any row that did not run."""
+    `--skip compile`: the two compile rows and the compile in "all available fusions" took ~90 s of the
+    script's 174 s (inductor on CPU; docs/benchmarks.md, "Test-suite time and where it goes"); compiled
+    engine runs against eager, per block and whole model, are checked in tests/e2e/test_fused_paths.py. Here
+    they get their "skipped" rows, and "all available fusions" then leaves compile out, as it does for any
+    row that did not run."""
     import subprocess
     import sys
 

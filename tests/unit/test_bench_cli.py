@@ -86,3 +86,28 @@ def test_all_fusions_take_the_whole_model_compile_only_where_it_measured_faster(
     failed = {"name": WHOLE_COMPILE, "status": "failed: x"}
     assert not whole_compile_faster([ok("train.compile=true", 10.0), failed])
     assert not whole_compile_faster([ok(WHOLE_COMPILE, 12.0)])  # no per-block row: nothing to beat
+
+
+
+@pytest.mark.parametrize("flag, args", [
+    ("--only", ["--only", "no-such-variant"]),
+    # with one variant that cannot run on a CPU selected, so even a missing check fails in a second
+    ("--skip", ["--only", "optim.impl=apex_fused", "--skip", "compile", "no-such-variant"])])
+def test_bench_gpu_pattern_matching_no_variant_is_refused_before_anything_runs(flag, args, tmp_path, capsys):
+    """scripts/bench_gpu.py: `--skip compiled` (a typo) would silently skip nothing, and an `--only` that
+    matches nothing would append an empty table to docs/benchmarks.md; both stop first, naming the pattern."""
+    import sys
+
+    from tiny import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_gpu import main
+
+    out = tmp_path / "benchmarks.md"
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu", "--tiny", "--out", str(out), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag} no-such-variant: no variant name contains it" in err  # only the unmatched pattern
+    assert "train.compile=true" in err  # the names to choose from
+    assert not out.exists()
