@@ -6,10 +6,11 @@ Atomic save protocol (a kill -9 or a full disk at any point leaves the previous 
 1. every rank writes its DeepSpeed files into `<root>/.staging/<tag>/` (never into a live tag folder);
 2. each rank fsyncs what it wrote; all ranks agree (one all_gather of each rank's error, if any) whether
    every write succeeded;
-3. rank 0 writes `<tag>/mmpt_complete.json` (file names and sizes), fsyncs, renames the folder to
-   `<root>/<tag>`, then replaces `latest` through a fsynced temporary file and a rename.
-A folder without `mmpt_complete.json` is never resumed from; `--resume latest` takes the newest complete
-checkpoint even if `latest` was lost.
+3. rank 0 writes `<tag>/mmpt_complete.json` (file names, sizes, sha256s and the save's place in the root's
+   save order), fsyncs, renames the folder to `<root>/<tag>`, then replaces `latest` through a fsynced
+   temporary file and a rename.
+A folder without `mmpt_complete.json` is never resumed from; `--resume latest` takes the most recently saved
+complete checkpoint even if `latest` was lost. Save order and retention: `tags.py`.
 
 A failure on one rank never leaves the ranks in different collectives: DeepSpeed's `save_checkpoint` runs
 collectives between and after its file writes (the tag check, the all_gather of persistent ZeRO-3
@@ -18,9 +19,9 @@ parameters, a closing barrier), so a write error is recorded instead of raised
 may fail on one rank is followed by an agreement that every rank reaches (`consensus.failures_by_rank`),
 and all ranks then raise CheckpointSaveError together, each naming the failing ranks and their errors.
 
-Loading (`load_deepspeed`): every rank checks the files it will read (sha256 against the marker, then a
-weights-only parse), all ranks stop together if any file is refused, and DeepSpeed's own load runs with
-every torch.load forced weights-only (`weights_only.py`).
+Loading (`load_deepspeed`): every rank checks exactly the files DeepSpeed will read on it (`deepspeed_reads`:
+sha256 against the marker, then a weights-only parse), all ranks stop together if any file is refused, and
+DeepSpeed's own load runs with every torch.load forced weights-only (`weights_only.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,8 +42,21 @@ import torch.distributed as dist
 from parallel import groups
 from parallel.consensus import any_rank, failures_by_rank
 from pretrain import faults
-from pretrain.checkpoint.best import best_tag
+from pretrain.checkpoint.tags import (  # noqa: F401 -- re-exported: `ckpt.complete_tags`, `ckpt.prune`, ...
+    MARKER,
+    complete_tags,
+    latest_tag,
+    next_seq,
+    note_resume,
+    prune,
+    saved_order,
+    step_of,
+    tag_for,
+)
 from pretrain.checkpoint.tensor_files import IntegrityError, file_sha256
+from pretrain.checkpoint.tensor_files import fsync_dir as _fsync_dir
+from pretrain.checkpoint.tensor_files import fsync_file as _fsync_file
+from pretrain.checkpoint.tensor_files import write_text_atomic as _write_atomic
 from pretrain.checkpoint.weights_only import (
     UnsafeCheckpointError,
     check_loadable,
@@ -53,7 +68,6 @@ from pretrain.config import Config
 
 log = logging.getLogger("mmpt.checkpoint")
 STAGING = ".staging"
-MARKER = "mmpt_complete.json"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -62,43 +76,6 @@ class CheckpointSaveError(RuntimeError):
 
 def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir or Path(cfg.run.dir) / "checkpoints")
-
-
-def tag_for(step: int) -> str:
-    return f"global_step{step}"
-
-
-def step_of(tag: str) -> int:
-    m = re.search(r"(\d+)$", tag)
-    return int(m.group(1)) if m else -1
-
-
-def complete_tags(root: Path) -> list[str]:
-    """Tags under `root` whose folder carries the completion marker, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file()]
-    return sorted(tags, key=step_of)
-
-
-def latest_tag(root: Path) -> str | None:
-    """The tag `latest` names if that folder is complete; else the newest complete one.
-
-    Folders written by plain DeepSpeed (no marker) are accepted when `latest` names them, so checkpoints
-    from other tools still load."""
-    root = Path(root)
-    f = root / "latest"
-    named = f.read_text().strip() if f.is_file() else ""
-    complete = complete_tags(root)
-    if named and (named in complete or (not complete and (root / named).is_dir())):
-        return named
-    if complete:
-        if named:
-            log.warning("%s/latest names %r, which is not a complete checkpoint; using %s",
-                        root, named, complete[-1])
-        return complete[-1]
-    return None
 
 
 def resolve(spec: str, default_root: Path) -> tuple[Path, str] | None:
@@ -158,28 +135,6 @@ def consolidated_state_dict(root: Path, tag: str | None = None) -> dict[str, tor
 
 
 # ------------------------------------------------------------------------------------------ saving
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)  # a directory's entries (renames) are made durable by fsyncing the directory
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _explain(error: BaseException, where: Path) -> BaseException:
     """torch.save reports a full disk as a zip-writer RuntimeError; say what it really is."""
     if isinstance(error, OSError):
@@ -257,7 +212,8 @@ def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any]
                 _fsync_file(f)
                 if f.name not in hashes:  # files no rank claimed (e.g. ZeRO-0's single model file)
                     hashes[f.name] = file_sha256(f)
-            manifest = {"tag": tag, "step": step, "files": {f.name: f.stat().st_size for f in files},
+            manifest = {"tag": tag, "step": step, "seq": next_seq(root), "saved_at": time.time(),
+                        "files": {f.name: f.stat().st_size for f in files},
                         "sha256": {f.name: hashes[f.name] for f in files}}
             _write_atomic(staging / tag / MARKER, json.dumps(manifest, indent=1))
             final = root / tag
@@ -292,8 +248,8 @@ def save_atomic(engine: Any, root: Path, step: int, client_state: dict[str, Any]
 
 
 def _own_files(tag_dir: Path) -> list[Path]:
-    """The files this rank wrote (or, on load, reads) in a ZeRO checkpoint: its (dp, tp) pair's (bf16
-    ZeRO 1-2 optimizer states carry DeepSpeed's `bf16_` prefix)."""
+    """The files this rank wrote in a ZeRO checkpoint: its (dp, tp) pair's (bf16 ZeRO 1-2 optimizer states
+    carry DeepSpeed's `bf16_` prefix); rank 0 hashes the shared ones. On load: `deepspeed_reads`."""
     return sorted(Path(tag_dir).glob(f"*zero_pp_rank_{groups.dp_rank()}_mp_rank_{groups.tp_rank():02d}_*"))
 
 
@@ -314,8 +270,9 @@ def _gather_hashes(tag_dir: Path) -> tuple[dict[str, str], BaseException | None]
 def verify_marker(tag_dir: Path, files: list[Path] | None = None) -> None:
     """Refuse a checkpoint folder whose files differ from its completion marker (size, then sha256).
 
-    `files` limits the (expensive) hash check to those files (each rank checks what it reads); sizes of
-    all files are always checked. Folders written by plain DeepSpeed carry no marker and are not checked."""
+    `files` limits the (expensive) hash check to those files (each rank checks what it reads), each of which
+    the marker must list; sizes of all files are always checked. Folders written by plain DeepSpeed carry
+    no marker and are not checked."""
     tag_dir = Path(tag_dir)
     marker = tag_dir / MARKER
     if not marker.is_file():
@@ -333,6 +290,10 @@ def verify_marker(tag_dir: Path, files: list[Path] | None = None) -> None:
                                  "replaced); refusing to load it")
     check = info.get("sha256", {})
     names = [f.name for f in files] if files is not None else list(check)
+    unlisted = [n for n in names if "files" in info and n not in info["files"]]
+    if unlisted:
+        raise IntegrityError(f"{tag_dir / unlisted[0]}: not listed in {MARKER} (added after the checkpoint "
+                             "was saved); refusing to load it")
     for name in names:
         if name in check and file_sha256(tag_dir / name) != check[name]:
             raise IntegrityError(f"{tag_dir / name}: sha256 does not match {MARKER}: the file is corrupt; "
@@ -340,15 +301,22 @@ def verify_marker(tag_dir: Path, files: list[Path] | None = None) -> None:
 
 
 def deepspeed_reads(tag_dir: Path, elastic: bool = False) -> list[Path]:
-    """Every file DeepSpeed's `engine.load_checkpoint` may read on this rank: the model-states files its
-    DP rank globs (ZeRO-3: `zero_pp_rank_<dp>_mp_rank_*`; ZeRO 0-2: the shared `mp_rank_*`) and its own
-    optimizer states (with ZeRO's elastic checkpoints: every DP rank's of its TP rank)."""
+    """The files DeepSpeed 0.19's `engine.load_checkpoint` reads on this rank (`_load_checkpoint`,
+    `_get_all_zero_checkpoint_state_dicts`): of the model-states files its DP rank globs (ZeRO-3:
+    `zero_pp_rank_<dp>_mp_rank_*`; ZeRO 0-2: the `mp_rank_*` files every DP rank shares, which hold the
+    module, our client state and, under ZeRO-1, the frozen parameters) the one of its TP rank, when there is
+    one per TP rank (else DeepSpeed merges or splits: all of them); and its own optimizer states (ZeRO's
+    elastic checkpoints: every DP rank's of its TP rank; bf16 ones carry DeepSpeed's `bf16_` prefix)."""
     tag_dir = Path(tag_dir)
     dp, tp = groups.dp_rank(), groups.tp_rank()
-    found = {*tag_dir.glob(f"zero_pp_rank_{dp}_mp_rank_*_model_states.pt"),
-             *tag_dir.glob("mp_rank_*_model_states.pt"),
-             *tag_dir.glob(f"*zero_pp_rank_{'*' if elastic else dp}_mp_rank_{tp:02d}*optim_states.pt")}
-    return sorted(found)
+
+    def this_tp(files: list[Path]) -> list[Path]:  # SDLoader: file mp_rank * n_files // mp_world, only it
+        return [files[tp]] if len(files) == groups.tp_size() else files
+
+    states = [*this_tp(sorted(tag_dir.glob(f"zero_pp_rank_{dp}_mp_rank_*_model_states.pt"))),
+              *this_tp(sorted(tag_dir.glob("mp_rank_*_model_states.pt")))]  # a real folder has one kind
+    optim = tag_dir.glob(f"*zero_pp_rank_{'*' if elastic else dp}_mp_rank_{tp:02d}*optim_states.pt")
+    return sorted({*states, *optim})
 
 
 def _fail_together(error: Exception | None) -> None:
@@ -372,13 +340,14 @@ def _fail_together(error: Exception | None) -> None:
 
 
 def verify_for_load(tag_dir: Path, elastic: bool = False) -> None:
-    """Every rank checks the files it will read: sha256 against the marker, then a weights-only parse of
-    every file DeepSpeed will read on it (a file holding code is refused by name). All ranks fail
-    together, each naming what was found, before anything is loaded."""
+    """Every rank checks exactly the files DeepSpeed will read on it (`deepspeed_reads`: the shared ZeRO 0-2
+    model states included): sha256 against the marker, then a weights-only parse (a file holding code is
+    refused by name). All ranks fail together, each naming what was found, before anything is loaded."""
     error: Exception | None = None
     try:
-        verify_marker(tag_dir, _own_files(tag_dir) or None)
-        check_loadable(deepspeed_reads(tag_dir, elastic))
+        reads = deepspeed_reads(tag_dir, elastic)
+        verify_marker(tag_dir, reads)
+        check_loadable(reads)
     except (ValueError, OSError) as e:  # IntegrityError, UnsafeCheckpointError, unreadable files
         error = e
     _fail_together(error)
@@ -394,23 +363,3 @@ def load_deepspeed(engine: Any, root: Path, tag: str) -> None:
         load_path, _ = engine.load_checkpoint(str(root), tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {root}/{tag}")
-
-
-def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:
-    """Delete complete checkpoints outside the retention policy; return the deleted tags."""
-    tags = complete_tags(root)
-    keep = set(tags[-keep_last:]) if keep_last else set(tags)
-    if keep_every:
-        keep |= {t for t in tags if step_of(t) % keep_every == 0}
-    named = (Path(root) / "latest").read_text().strip() if (Path(root) / "latest").is_file() else None
-    keep |= {named} if named else set()
-    keep |= {best_tag(root)} - {None}  # checkpoint.keep_best
-    removed = []
-    for t in tags:
-        if t not in keep:
-            shutil.rmtree(Path(root) / t, ignore_errors=True)
-            shutil.rmtree(Path(root) / "universal" / t, ignore_errors=True)  # its universal copy, if any
-            removed.append(t)
-    if removed:
-        log.info("removed old checkpoints %s (keep_last=%d keep_every=%d)", removed, keep_last, keep_every)
-    return removed

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from parallel.memory import current_rss_mb, peak_rss_mb
-from pretrain.checkpoint.sources import DictSource, Source, load_tokenizer, open_source
+from pretrain.checkpoint.sources import DictSource, Source, check_output_path, load_tokenizer, open_source
 from pretrain.checkpoint.tensor_files import staged_output, write_manifest
 from pretrain.checkpoint.universal import write_universal, write_weights
 from pretrain.config import Config, dump_yaml, load_config, to_dict
@@ -48,7 +48,7 @@ def _export_with(src: Source, dst: Path, to: str, dtype: torch.dtype, overwrite:
         from pretrain.export.open_clip import export_open_clip as export
     from pretrain.export.common import left_out_parts
 
-    left_out = left_out_parts(src.names)
+    left_out = left_out_parts(src.names, to)
     if "fusion" in left_out:
         log.info("--to %s exports the dual encoder (CLIP towers + logit scale) only; left out: %s "
                  "(the cross-modal fusion encoder and its heads have no place in the %s model; "
@@ -68,6 +68,7 @@ def convert(src_path: str | Path, dst: str | Path, to: str, dtype: str = "fp32",
     to `--to onnx`."""
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
+    check_output_path(src_path, dst)  # DST must not be SRC or hold it: --overwrite would delete the input
     if to == "onnx":
         from pretrain.export.onnx_convert import convert_onnx
 
@@ -151,6 +152,9 @@ def build_imported_model(state: dict[str, torch.Tensor], overrides: dict[str, An
     torch.manual_seed(seed)
     with torch.device(device):
         model = PretrainModel.from_config(cfg, tok)
+    from pretrain.export.common import check_import_shapes  # a named error, not torch's size mismatch
+
+    check_import_shapes(state, model.state_dict(), src)
     fresh_rows = _pad_token_rows(state, model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
@@ -174,6 +178,7 @@ def import_checkpoint(kind: str, src: str | Path, dst: str | Path, base_config: 
 
     if kind not in IMPORTS:
         raise ValueError(f"--from {kind!r}: choose one of {', '.join(IMPORTS)}")
+    check_output_path(src, dst)  # DST must not be SRC or hold it: --overwrite would delete the input
     tok_json = tokenizer_json_for(tokenizer) if tokenizer else None
     state, overrides, tok_json = _read_import(kind, Path(src), arch, tok_json)
     if tok_json is None:

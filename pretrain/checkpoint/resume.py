@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,10 @@ from pretrain.checkpoint.sources import (
     UniversalSource,
     is_universal,
     open_source,
+    weights_only_kind,
 )
+from pretrain.checkpoint.tags import UNIVERSAL, prune_universal_copies, save_key
+from pretrain.checkpoint.tensor_files import MANIFEST, write_text_atomic
 from pretrain.checkpoint.universal_load import load_full_tensors, load_universal
 from pretrain.config import Config, ConfigError, ModelConfig, config_from_dict
 
@@ -118,12 +120,59 @@ class StartPoint:
 
 
 def open_universal(resume: str) -> UniversalSource | None:
-    """The universal checkpoint `resume` names (a folder with universal.json, or a folder of them with a
-    `latest` file), else None."""
+    """The universal checkpoint `resume` names, else None: a folder with universal.json, or a folder of
+    them (`checkpoints/universal`): the copy its `latest` names or, when `latest` is missing or names no
+    complete copy (a save killed while writing the next one), the most recent complete copy (in the save
+    order of the DeepSpeed checkpoints beside the folder, else by step)."""
     path = Path(resume)
-    if not is_universal(path) and (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
-    return UniversalSource(path) if is_universal(path) else None
+    if is_universal(path):
+        return UniversalSource(path)
+    named = (path / "latest").read_text().strip() if (path / "latest").is_file() else ""
+    if named and is_universal(path / named):
+        return UniversalSource(path / named)
+    copies = [p for p in path.iterdir() if p.is_dir() and is_universal(p) and (p / MANIFEST).is_file()
+              ] if path.is_dir() else []
+    if not copies:
+        return None
+    newest = max(copies, key=lambda p: save_key(path.parent, p.name))
+    if named:
+        log.warning("%s/latest names %r, which is not a complete universal checkpoint; using %s (the most "
+                    "recent complete one)", path, named, newest.name)
+    return UniversalSource(newest)
+
+
+def _refuse_weights_only(resume: str) -> None:
+    """`--resume` of a folder that holds weights only: say how to start from it instead (ValueError)."""
+    kind = weights_only_kind(resume)
+    if kind is None:
+        return
+    what = {"weights": "a weights export", "hf": "a Hugging Face CLIP model folder",
+            "open_clip": "an open_clip model folder", "onnx": "an ONNX export"}[kind]
+    if kind == "onnx":
+        how = "it is for inference only: resume from the checkpoint it was exported from"
+    elif kind == "weights":
+        how = f"start a run from its weights (a fresh optimizer at step 0) with `--init-from {resume}`"
+    else:
+        how = (f"import it with `pretrain convert --from {kind} {resume} DST` and start a run from its "
+               "weights (a fresh optimizer at step 0) with `--init-from DST`")
+    raise ValueError(f"--resume {resume}: {what} holds a model's weights only, no optimizer state, step or "
+                     f"data position, so training cannot resume from it; {how}")
+
+
+def _note_rollback(root: Path, resumed: tuple[Path, str] | None) -> None:
+    """A resume from `resumed` (checkpoint root, tag): when that is an earlier save in this run's own
+    checkpoint folder (a rollback), rank 0 makes it the most recent save, so that retention and the `latest`
+    fallback follow the new branch (`tags.note_resume`, which logs the abandoned checkpoints)."""
+    if resumed is None or groups.rank() != 0:
+        return
+    src_root, tag = resumed
+    if Path(src_root).resolve() != Path(root).resolve():
+        return  # another run's checkpoints: this run saves elsewhere, nothing to reorder
+    try:
+        ckpt.note_resume(root, tag)
+    except OSError as e:
+        log.warning("resuming from %s/%s: could not record it as the most recent save (%s); retention and "
+                    "the `latest` fallback count checkpoints saved after it as newer", root, tag, e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,12 +268,16 @@ def resolve_start(cfg: Config, root: Path, resume: str | None, init_from: str | 
     another layout is switched to its universal copy (written now if needed: a collective, so every rank
     calls this after the process groups exist). No tensor is loaded into a model yet."""
     start = StartPoint()
+    resumed: tuple[Path, str] | None = None  # the DeepSpeed checkpoint (root, tag) resumed from, if any
     if resume:
         start.universal = open_universal(resume)  # layout-free: any (dp, tp) resumes it
         if start.universal is not None:
             start.client = start.universal.client_state()
+            copy = start.universal.path
+            resumed = (copy.parent.parent, copy.name) if copy.parent.name == UNIVERSAL else None
         else:
-            start.target = ckpt.resolve(resume, root)
+            _refuse_weights_only(resume)
+            start.target = resumed = ckpt.resolve(resume, root)
             start.client = ckpt.read_client_state(*start.target) if start.target else None
     if start.client is not None:
         saved = config_from_dict(start.client["config"])
@@ -245,26 +298,26 @@ def resolve_start(cfg: Config, root: Path, resume: str | None, init_from: str | 
                               f"with its config (`--config {Path(init_from) / 'train.yaml'}` for imports) or "
                               "the same model.* settings (a dual encoder may also gain a fusion encoder: "
                               "model.fusion.layers > 0 with every other model.* key the same)")
+    _note_rollback(root, resumed)  # once every check passed
     return start
 
 
 def save_universal(root: Path, tag: str) -> None:
     """Also write the just-published checkpoint as `<root>/universal/<tag>` (rank 0 converts, reading the
-    files back parameter by parameter; the others wait). Retention follows the DeepSpeed checkpoints.
+    files back parameter by parameter; the others wait). Retention follows the DeepSpeed checkpoints: only
+    once the new copy is complete and `universal/latest` names it (replaced atomically) are the copies of
+    the checkpoints retention removed deleted (`tags.prune` leaves the one `latest` named until then), so a
+    kill or a full disk while the copy streams leaves the previous copy and a `latest` naming it.
 
     A failure on rank 0 raises CheckpointSaveError on every rank (the DeepSpeed checkpoint stays). The
     others wait by polling (`on_rank0`), so a conversion longer than `parallel.timeout_s` is fine."""
 
     def convert() -> None:
-        out = universal_io.write_universal(DeepSpeedSource(root, tag), root / "universal" / tag,
-                                           overwrite=True)
-        (root / "universal" / "latest").write_text(tag)
-        kept = set(ckpt.complete_tags(root))
-        for old in (root / "universal").iterdir():
-            if old.is_dir() and old.name.startswith("global_step") and old.name not in kept:
-                shutil.rmtree(old, ignore_errors=True)
-        log.info("saved universal checkpoint %s (%.1f MB in %.1f s)", out["out"], out["bytes"] / 1e6,
-                 out["seconds"])
+        out = universal_io.write_universal(DeepSpeedSource(root, tag), root / UNIVERSAL / tag, overwrite=True)
+        write_text_atomic(root / UNIVERSAL / "latest", tag)
+        removed = prune_universal_copies(root)
+        log.info("saved universal checkpoint %s (%.1f MB in %.1f s)%s", out["out"], out["bytes"] / 1e6,
+                 out["seconds"], f"; removed the copies {removed}" if removed else "")
 
     _, error = on_rank0(convert)
     failed = failures_by_rank(error)

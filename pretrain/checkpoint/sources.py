@@ -259,6 +259,54 @@ def is_weights(path: str | Path) -> bool:
         return False
 
 
+def weights_only_kind(path: str | Path) -> str | None:
+    """What a folder holding a model's weights but no training state is: "weights" (`convert --to
+    safetensors`, or an import), "hf", "open_clip" or "onnx" (our exports, or a transformers / open_clip
+    model folder); None for anything else. `--resume` names the way such a folder can be started from."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    if is_weights(p):
+        return "weights"
+    try:
+        kind = json.loads((p / "manifest.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind in ("weights", "hf", "open_clip", "onnx"):
+        return kind
+    if (p / "open_clip_config.json").is_file():
+        return "open_clip"
+    try:
+        hf = json.loads((p / WEIGHTS_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return "hf" if isinstance(hf, dict) and hf.get("model_type") == "clip" else None
+
+
+def check_output_path(src: str | Path, dst: str | Path) -> None:
+    """Refuse (ValueError naming both) an output folder that is the source or a folder holding it: the
+    output replaces DST (`--overwrite`) once it is complete, which would delete the input it was made from
+    (a run directory, with its checkpoints and metrics, for `convert RUN/checkpoints/TAG RUN`). Checked
+    against SRC as given and the checkpoint folder a run directory or checkpoint root resolves to, before
+    anything is read or written. An output inside the source (`convert RUN RUN/hf`) is fine."""
+    out = Path(dst).resolve()
+    inputs = [Path(src)]
+    try:
+        found = ckpt.resolve(str(src), Path(src) / "checkpoints")
+    except (OSError, ValueError):  # not a DeepSpeed checkpoint: SRC itself is what is read
+        found = None
+    if found is not None:
+        inputs.append(found[0] / found[1])
+    for given in inputs:
+        read = given.resolve()
+        if read == out or out in read.parents:
+            where = "is" if read == out else "contains"
+            via = f" (what SRC {src} resolves to)" if given != Path(src) else ""
+            raise ValueError(f"output {dst} {where} the source {given}{via}: writing it would replace "
+                             "and delete the input; choose an output folder that is not the source and does "
+                             "not hold it")
+
+
 def open_source(path: str | Path, tag: str | None = None) -> Source:
     """The right reader for `path`: universal folder, weights export, or DeepSpeed checkpoint/run dir."""
     if is_universal(path):

@@ -168,6 +168,33 @@ def verify_manifest(folder: Path, hashes: bool = True) -> dict[str, Any]:
     return manifest
 
 
+def fsync_file(path: Path) -> None:
+    """Make a written file durable (its data reaches the disk before a rename publishes it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """A directory's entries (renames) are made durable by fsyncing the directory itself."""
+    fsync_file(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` through a fsynced temporary file and a rename: a reader (or a kill at any
+    point) sees the old content or the new one, never a half-written file (pointers such as `latest`)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def staged_output(dst: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success rename it to `dst` (replacing it only if `overwrite`).
@@ -192,8 +219,4 @@ def staged_output(dst: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dst)
-    fd = os.open(dst.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(dst.parent)

@@ -1,0 +1,172 @@
+"""Which checkpoints a root holds, in which order they were saved, and which ones retention keeps.
+
+A checkpoint `<root>/<tag>` is complete once its marker `mmpt_complete.json` is there (`atomic.save_atomic`
+writes it last). The marker records `seq`, the save's place in the root's save order (one more than the
+largest there when it was published), and `saved_at`. Save order, not the step number, says which
+checkpoint is newest, because a run may go back: after `--resume <root>/global_step40` in a run that had
+saved up to step 50 (a rollback, e.g. after a loss spike), the new branch's saves (42, 44, ...) are newer
+than the abandoned step 50. So
+- `keep_last` keeps the N most recently saved checkpoints (by step it would delete the checkpoint resumed
+  from at the first new save and keep the abandoned ones forever);
+- the `latest` fallback (`latest` lost, or naming an incomplete folder) takes the most recent save.
+
+A resume from a checkpoint that is not the root's most recent save (`note_resume`, rank 0) makes it the
+most recent: it writes `<tag>/mmpt_resumed.json` ({"seq", "resumed_at", "abandoned"}; the marker itself is
+never rewritten, its sha256 identifies the checkpoint: `DeepSpeedSource.fingerprint`), points `latest` at
+it and logs the abandoned tags; nothing is deleted then, and retention later removes them as it removes any
+older save. Checkpoints written before save orders were recorded sort before every recorded one, by step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrain.checkpoint.best import best_tag
+from pretrain.checkpoint.tensor_files import write_text_atomic
+
+log = logging.getLogger("mmpt.checkpoint")
+MARKER = "mmpt_complete.json"
+RESUMED = "mmpt_resumed.json"
+UNIVERSAL = "universal"
+"""`<root>/universal/<tag>`: universal copies of the root's checkpoints (`checkpoint.universal=true`, or a
+resume at another layout), with their own `latest` (`resume.save_universal`)."""
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def step_of(tag: str) -> int:
+    m = re.search(r"(\d+)$", tag)
+    return int(m.group(1)) if m else -1
+
+
+def complete_tags(root: Path) -> list[str]:
+    """Tags under `root` whose folder carries the completion marker, in step order."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file()]
+    return sorted(tags, key=step_of)
+
+
+def _seq(path: Path) -> int:
+    """The `seq` a marker or resume note records; 0 when absent or unreadable (older checkpoints)."""
+    try:
+        value: Any = json.loads(path.read_text()).get("seq")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def save_key(root: Path, tag: str) -> tuple[int, int]:
+    """(save order, step) of `root/tag`: the later of its save and of a resume from it (`note_resume`)."""
+    folder = Path(root) / tag
+    return max(_seq(folder / MARKER), _seq(folder / RESUMED)), step_of(tag)
+
+
+def saved_order(root: Path) -> list[str]:
+    """The complete checkpoints of `root`, least recently saved (or resumed from) first."""
+    return sorted(complete_tags(root), key=lambda t: save_key(root, t))
+
+
+def next_seq(root: Path) -> int:
+    """The save order of the next checkpoint published under `root`."""
+    return 1 + max((save_key(root, t)[0] for t in complete_tags(root)), default=0)
+
+
+def _named(pointer: Path) -> str:
+    return pointer.read_text().strip() if pointer.is_file() else ""
+
+
+def latest_tag(root: Path) -> str | None:
+    """The tag `latest` names if that folder is complete; else the most recently saved complete one.
+
+    Folders written by plain DeepSpeed (no marker) are accepted when `latest` names them, so checkpoints
+    from other tools still load."""
+    root = Path(root)
+    named = _named(root / "latest")
+    complete = complete_tags(root)
+    if named and (named in complete or (not complete and (root / named).is_dir())):
+        return named
+    if complete:
+        newest = saved_order(root)[-1]
+        if named:
+            log.warning("%s/latest names %r, which is not a complete checkpoint; using %s (the most recent "
+                        "save)", root, named, newest)
+        return newest
+    return None
+
+
+def note_resume(root: Path, tag: str) -> list[str]:
+    """A run resumes from `root/tag` and saves into `root`: if other checkpoints there were saved after it
+    (a rollback), make `tag` the most recent save (module docstring) and point `latest` (and, when `tag` has
+    a universal copy, `universal/latest`) at it, so neither retention nor a `--resume latest` after a crash
+    takes the abandoned branch for the run's newest state. Returns the abandoned tags; an ordinary resume
+    from the most recent save writes nothing and returns []. Rank 0 only."""
+    root = Path(root)
+    order = saved_order(root)
+    if tag not in order or order[-1] == tag:
+        return []
+    abandoned = order[order.index(tag) + 1:]
+    note = {"seq": next_seq(root), "resumed_at": time.time(), "abandoned": abandoned}
+    write_text_atomic(root / tag / RESUMED, json.dumps(note, indent=1))
+    write_text_atomic(root / "latest", tag)
+    copies = root / UNIVERSAL
+    if (copies / "latest").is_file() and (copies / tag / "universal.json").is_file():
+        write_text_atomic(copies / "latest", tag)
+    log.warning("resuming from %s/%s, which was saved before %s: those checkpoints belong to an abandoned "
+                "branch. %s is now this run's latest checkpoint, the new saves count after it, and retention "
+                "(checkpoint.keep_last) removes the abandoned ones as it removes any older save (keep_every "
+                "and keep_best still keep theirs); a same-step save replaces one. Copy any you want to keep.",
+                root, tag, ", ".join(abandoned), tag)
+    return abandoned
+
+
+def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:
+    """Delete complete checkpoints outside the retention policy; return the deleted tags.
+
+    Kept: the `keep_last` most recent saves, every step divisible by `keep_every`, the one `latest` names and
+    `best.json`'s (checkpoint.keep_best). A deleted checkpoint's universal copy goes with it, except the one
+    `universal/latest` names: it stays until `save_universal` has written the next copy and pointed
+    `universal/latest` at it, so `checkpoints/universal` always holds a complete copy."""
+    root = Path(root)
+    order = saved_order(root)
+    keep = set(order[-keep_last:]) if keep_last else set(order)
+    if keep_every:
+        keep |= {t for t in order if step_of(t) % keep_every == 0}
+    keep |= {_named(root / "latest")} | {best_tag(root)}
+    newest_copy = _named(root / UNIVERSAL / "latest")
+    removed = [t for t in order if t not in keep]
+    for t in removed:
+        shutil.rmtree(root / t, ignore_errors=True)
+        if t != newest_copy:
+            shutil.rmtree(root / UNIVERSAL / t, ignore_errors=True)
+    if removed:
+        newest = step_of(order[-1])
+        later = [t for t in removed if step_of(t) > newest]
+        log.info("removed old checkpoints %s (keep_last=%d keep_every=%d, counted in save order)%s", removed,
+                 keep_last, keep_every, f"; {later} came from a branch abandoned by a resume from an earlier "
+                 "step" if later else "")
+    return removed
+
+
+def prune_universal_copies(root: Path) -> list[str]:
+    """Delete the universal copies whose DeepSpeed checkpoint retention removed, except the one
+    `universal/latest` names; run after a new copy and its `latest` are written. Returns their tags."""
+    root = Path(root)
+    copies = root / UNIVERSAL
+    if not copies.is_dir():
+        return []
+    kept = set(complete_tags(root)) | {_named(copies / "latest")}
+    removed = sorted((p.name for p in copies.iterdir()
+                      if p.is_dir() and p.name.startswith("global_step") and p.name not in kept), key=step_of)
+    for t in removed:
+        shutil.rmtree(copies / t, ignore_errors=True)
+    return removed
