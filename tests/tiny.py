@@ -136,8 +136,9 @@ TINY_INFER = ["model.image_size=32", "model.vision.patch_size=8", "model.vision.
               "model.decoder.width=16", "model.decoder.layers=1", "model.decoder.heads=2"]
 
 
-def write_tiny_weights(folder: Path, tok, seed: int = 0) -> Path:
-    """A weights export of a random-init TINY_INFER model (what `pretrain convert` reads)."""
+def write_tiny_weights(folder: Path, tok, seed: int = 0, overrides: tuple[str, ...] = ()) -> Path:
+    """A weights export of a random-init TINY_INFER model (what `pretrain convert` reads), `overrides`
+    applied after TINY_INFER."""
     import torch
 
     from pretrain.checkpoint.sources import DictSource
@@ -145,7 +146,7 @@ def write_tiny_weights(folder: Path, tok, seed: int = 0) -> Path:
     from pretrain.config import embedded_config_path, load_config, to_dict
     from pretrain.models.pretrain_model import PretrainModel
 
-    cfg = load_config(embedded_config_path(), TINY_INFER)
+    cfg = load_config(embedded_config_path(), [*TINY_INFER, *overrides])
     torch.manual_seed(seed)
     model = PretrainModel.from_config(cfg, tok)
     meta = {"config": to_dict(cfg), "tokenizer": tok.to_json(), "step": 0}

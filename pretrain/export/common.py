@@ -24,10 +24,9 @@ from data_pipelines.tokenizer import EOS, MASK, PAD, SOS, UNK, TextTokenizer
 from pretrain.config import Config
 from pretrain.models.transformer import LAYER_NORM_EPS as _EPS
 
-__all__ = ["CLIP_PREFIXES", "LAYER_NORM_EPS", "check_state_matches_config", "clip_state", "left_out_parts",
-           "load_weight_file",
-           "read_json", "tokenizer_from_json", "write_hf_tokenizer_files", "write_json",
-           "write_safetensors"]
+__all__ = ["CLIP_PREFIXES", "KEPT_BY_TARGET", "LAYER_NORM_EPS", "check_import_shapes", "check_source_shapes",
+           "check_state_matches_config", "clip_state", "left_out_parts", "load_weight_file", "read_json",
+           "tokenizer_from_json", "write_hf_tokenizer_files", "write_json", "write_safetensors"]
 
 CLIP_PREFIXES: tuple[str, ...] = ("visual.", "text.")
 """Our state-dict prefixes of the two CLIP towers (everything else but the logit scale is left behind)."""
@@ -42,12 +41,54 @@ def clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith(CLIP_PREFIXES)}
 
 
-def left_out_parts(names: list[str] | tuple[str, ...]) -> list[str]:
-    """Top-level modules of our state dict that an HF / open_clip export leaves behind (`decoder`,
-    `mlm_head`, `fusion`, `itm_head`, ...; the logit scale and SigLIP bias travel as config values), for
-    the export's manifest (`left_out`) and log line."""
-    kept = ("logit_scale", "logit_bias")
+KEPT_BY_TARGET: dict[str | None, tuple[str, ...]] = {
+    "hf": ("logit_scale",), "open_clip": ("logit_scale", "logit_bias"), None: ("logit_scale", "logit_bias")}
+"""Top-level parameters besides the towers that each export target carries. HF's `CLIPModel` has a
+`logit_scale` but no place for SigLIP's `logit_bias`; open_clip's `CLIP` has both (`init_logit_bias`)."""
+
+
+def left_out_parts(names: list[str] | tuple[str, ...], target: str | None = None) -> list[str]:
+    """Top-level modules and parameters of our state dict that an export to `target` ("hf" or
+    "open_clip") leaves behind (`decoder`, `mlm_head`, `fusion`, `itm_head`, ...; and for "hf" a SigLIP
+    `logit_bias`, which `CLIPModel` has no place for), for the export's manifest (`left_out`) and log line.
+    `target` None: what both targets leave out (kept for callers that do not name one)."""
+    kept = KEPT_BY_TARGET[target] if target in KEPT_BY_TARGET else KEPT_BY_TARGET[None]
     return sorted({n.split(".")[0] for n in names if not n.startswith(CLIP_PREFIXES) and n not in kept})
+
+
+TOKEN_EMBEDDING = "text.token_embedding.weight"
+
+
+def check_import_shapes(state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor],
+                        source: str) -> None:
+    """Before `load_state_dict` of an import: every tensor of `state` must have the shape the model built
+    from the source's config has (the token table may have fewer rows: `pretrain convert` appends the
+    fresh ones). A ValueError names the key and both shapes, instead of torch's size-mismatch traceback,
+    when the config (HF config.json, open_clip_config.json or `--arch`) does not describe the weights."""
+    for key, tensor in state.items():
+        want = model_state.get(key)
+        if want is None:  # a tensor the model has no place for: the caller names those
+            continue
+        got, exp = tuple(tensor.shape), tuple(want.shape)
+        if key == TOKEN_EMBEDDING and len(got) == 2 and got[1:] == exp[1:] and got[0] <= exp[0]:
+            continue
+        if got != exp:
+            raise ValueError(f"{source}: {key!r} has shape {list(got)} in the weights but {list(exp)} in the "
+                             f"model its config describes (config.json for --from hf, open_clip_config.json "
+                             f"or --arch for --from open_clip, the shapes for --from openai): the config "
+                             f"does not belong to these weights")
+
+
+def check_source_shapes(weights: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str,
+                        config: str) -> None:
+    """Before a foreign state dict is reshaped into ours (the fused QKV): each key of `expected` present in
+    `weights` must have that shape, or a ValueError names the key, both shapes and `config` (where the
+    architecture came from: a config file or `--arch NAME`). Missing keys are left to the mapping, which
+    names them."""
+    for key, shape in expected.items():
+        if key in weights and tuple(weights[key].shape) != tuple(shape):
+            raise ValueError(f"{source}: {key!r} has shape {list(weights[key].shape)} in the weights but "
+                             f"{config} implies {list(shape)}: the architecture does not match the weights")
 
 
 def check_state_matches_config(state: dict[str, torch.Tensor], cfg: Config) -> None:
@@ -91,7 +132,11 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path))
+        try:
+            state: Any = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 -- safetensors reports damage with its own error type
+            raise ValueError(f"{path}: not a readable .safetensors file (truncated or damaged?): "
+                             f"{type(exc).__name__}: {exc}") from None
     else:
         from pretrain.checkpoint.weights_only import safe_load
 
@@ -150,6 +195,7 @@ def write_hf_tokenizer_files(out: Path, tokenizer_json: str, context_length: int
         "padding_side": "right",
         "truncation_side": "right",
         "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,  # "[EOS]" typed in a caption is text, as in TextTokenizer
         **specials,
     })
     write_json(out / "special_tokens_map.json", specials)

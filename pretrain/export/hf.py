@@ -35,6 +35,7 @@ from data_pipelines.tokenizer import EOS_ID, PAD_ID, SOS_ID
 from pretrain.config import Config
 from pretrain.export.common import (
     LAYER_NORM_EPS,
+    check_source_shapes,
     check_state_matches_config,
     load_weight_file,
     read_json,
@@ -101,6 +102,18 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], layers: dict[str, int], hea
                         f"{theirs}self_attn.v_proj.{kind}": v})
             for a, b in _BLOCK:
                 out[f"{theirs}{b}.{kind}"] = state[f"{ours}{a}.{kind}"]
+    return out
+
+
+def _attention_shapes(layers: dict[str, int], widths: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """HF's q/k/v projection shapes ([W, W] and [W]) that config.json implies, checked before they are
+    concatenated and reshaped into our fused QKV."""
+    out: dict[str, tuple[int, ...]] = {}
+    for ours, theirs in _blocks(layers):
+        w = int(widths[ours.split(".")[0]])
+        for p in "qkv":
+            out[f"{theirs}self_attn.{p}_proj.weight"] = (w, w)
+            out[f"{theirs}self_attn.{p}_proj.bias"] = (w,)
     return out
 
 
@@ -317,5 +330,8 @@ def import_hf(src: Path, tokenizer_json: str | None = None
     overrides.update(vocab)
     layers = {"visual": vision["num_hidden_layers"], "text": text["num_hidden_layers"]}
     heads = {"visual": vision["num_attention_heads"], "text": text["num_attention_heads"]}
-    state = from_hf_state_dict(read_hf_weights(src), layers, heads)
+    weights = read_hf_weights(src)
+    widths = {"visual": vision["hidden_size"], "text": text["hidden_size"]}
+    check_source_shapes(weights, _attention_shapes(layers, widths), str(src), f"{src / 'config.json'}")
+    state = from_hf_state_dict(weights, layers, heads)
     return {k: v.float() for k, v in state.items()}, overrides, tokenizer_json

@@ -2,7 +2,8 @@
 
 DST holds `image.onnx` (pixel_values float32 [batch, 3, S, S] -> embeds [batch, E]), `text.onnx`
 (input_ids int64 [batch, L] -> embeds [batch, E]), both with a dynamic batch axis and L2-normalised
-outputs (the model's own `encode_image` / `encode_text`), the `tokenizers` library's `tokenizer.json`,
+outputs (the model's own `encode_image` / `encode_text`), the run's tokenizer as the `tokenizers` library's
+`tokenizer.json` (OpenAI CLIP's too, for `data.tokenizer=clip`),
 `preprocess.json` (what `pretrain.export.onnx_runtime.OnnxCLIP` needs to turn images and strings into
 those inputs) and `manifest.json`. Inputs and outputs stay float32 at every dtype, so callers never
 change.
@@ -39,7 +40,8 @@ from pretrain.export.common import write_json
 from pretrain.export.onnx_fuse import OPTIMIZERS, fusable_tower, graph_record, transformers_optimize
 from pretrain.export.onnx_runtime import IMAGE_ONNX, PREPROCESS, TEXT_ONNX, TOKENIZER, OnnxCLIP
 
-__all__ = ["ONNX_DTYPES", "OPSET", "OPTIMIZERS", "ExportError", "export_onnx", "preprocess_config"]
+__all__ = ["ONNX_DTYPES", "OPSET", "OPTIMIZERS", "ExportError", "export_onnx", "preprocess_config",
+           "runtime_tokenizer_json"]
 
 ONNX_DTYPES = ("fp32", "fp16", "int8")
 OPSET = 17
@@ -64,7 +66,8 @@ class _ImageEncoder(nn.Module):
 
 
 class _TextEncoder(nn.Module):
-    """`PretrainModel.encode_text` as a module: causal pass pooled at the first EOS, L2-normalised."""
+    """`PretrainModel.encode_text` as a module: causal pass pooled as the tower pools (the first [EOS] of
+    our BPE, or argmax over the ids with OpenAI CLIP's tokenizer), L2-normalised."""
 
     def __init__(self, text: nn.Module) -> None:
         super().__init__()
@@ -74,16 +77,41 @@ class _TextEncoder(nn.Module):
         return F.normalize(self.text(input_ids, causal=True).float(), dim=-1)
 
 
-def preprocess_config(cfg: Config, dtype: str, quant: str | None) -> dict[str, Any]:
-    """What turns an image file or a string into the graphs' inputs (read by `OnnxCLIP`)."""
+def _is_clip_tokenizer(tokenizer: Any) -> bool:
+    return getattr(tokenizer, "pool_type", "eos") == "argmax"
+
+
+def runtime_tokenizer_json(tokenizer: Any) -> str:
+    """The `tokenizers` library's JSON of the run's tokenizer, what `OnnxCLIP` loads as tokenizer.json.
+
+    Our BPE's record is that JSON already. OpenAI CLIP's (`data.tokenizer=clip`) is stored in checkpoints
+    as a small record naming its merges file; the export writes the Rust tokenizer it builds from them
+    (CLIP's vocabulary, merges, pre-tokenizer regex and special tokens), so the folder needs no open_clip.
+    CLIP's text clean-up runs in Python before it (`preprocess.json` `text_clean`)."""
+    if _is_clip_tokenizer(tokenizer):
+        return tokenizer._tok.to_str()
+    return tokenizer.to_json()
+
+
+def preprocess_config(cfg: Config, dtype: str, quant: str | None, tokenizer: Any = None) -> dict[str, Any]:
+    """What turns an image file or a string into the graphs' inputs (read by `OnnxCLIP`): the special ids,
+    clean-up and pooling are the run's tokenizer's (default: our BPE's)."""
+    if tokenizer is not None and _is_clip_tokenizer(tokenizer):
+        ids = {"sos_id": tokenizer.sos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+        clean, layout = "clip", "<start_of_text> tokens[:context_length - 2] <end_of_text> 0..."
+        text_pool = ("highest id in the row (argmax; the first <end_of_text>) after ln_final, @ "
+                     "text_projection (causal attention)")
+    else:
+        ids = {"sos_id": SOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID}
+        clean, layout = "none", "[SOS] tokens[:context_length - 2] [EOS] [PAD]..."
+        text_pool = "first EOS token after ln_final, @ text_projection (causal attention)"
     return {
         "image_size": cfg.model.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
         "resize": "shorter side to image_size, bicubic", "crop": "center", "channels": "RGB",
         "scale": "pixels / 255, then (x - mean) / std",
-        "context_length": cfg.model.text.context_length, "sos_id": SOS_ID, "eos_id": EOS_ID,
-        "pad_id": PAD_ID, "text_layout": "[SOS] tokens[:context_length - 2] [EOS] [PAD]...",
-        "pooling": {"image": "class token after ln_post, @ proj", "text": "first EOS token after ln_final, "
-                    "@ text_projection (causal attention)"},
+        "context_length": cfg.model.text.context_length, **ids, "text_layout": layout,
+        "text_clean": clean,
+        "pooling": {"image": "class token after ln_post, @ proj", "text": text_pool},
         "normalized": True, "embed_dim": cfg.model.embed_dim, "dtype": dtype, "quantization": quant,
         "inputs": {"image": "pixel_values float32 [batch, 3, S, S]", "text": "input_ids int64 [batch, L]"},
         "outputs": "embeds float32 [batch, E]",
@@ -227,9 +255,9 @@ def export_onnx(model: Any, tokenizer: TextTokenizer, cfg: Config, out: Path, dt
         p.unlink()
     fp32.rmdir()
     graph = graph_record({"image": out / IMAGE_ONNX, "text": out / TEXT_ONNX}, fused or None)
-    (out / TOKENIZER).write_text(tokenizer.to_json(), encoding="utf-8")
+    (out / TOKENIZER).write_text(runtime_tokenizer_json(tokenizer), encoding="utf-8")
     q = quant if dtype == "int8" else None
-    write_json(out / PREPROCESS, preprocess_config(cfg, dtype, q))
+    write_json(out / PREPROCESS, preprocess_config(cfg, dtype, q, tokenizer))
     check = check_export(out, model, images, ids)
     if dtype == "fp32" and min(check.values()) < FP32_MIN_COSINE:
         raise ExportError(f"the fp32 ONNX graphs do not reproduce the eager model (cosines {check}, need "

@@ -6,11 +6,14 @@
     txt = clip.encode_texts(["a photo of a cat"])            # [1, E]
     scores = img @ txt.T
 
-This module imports only numpy, onnxruntime, tokenizers and PIL, so a serving process can copy this one
-file next to the export folder and run it without torch installed (tests/unit/test_export_onnx.py runs it
-in a subprocess where `import torch` raises). Everything the encoders need besides the two graphs is in
-the folder: `preprocess.json` (image size, mean, std, crop, context length, special ids, pooling) and the
-`tokenizers` library's `tokenizer.json`.
+This module imports only numpy, onnxruntime, tokenizers and PIL (and ftfy, when a folder needs CLIP's
+clean-up, below), so a serving process can copy this one file next to the export folder and run it
+without torch installed (tests/unit/test_export_onnx.py runs it in a subprocess where `import torch`
+raises). Everything the encoders need besides the two graphs is in
+the folder: `preprocess.json` (image size, mean, std, crop, context length, special ids, text clean-up,
+pooling) and the `tokenizers` library's `tokenizer.json`. An export of a `data.tokenizer=clip` run carries
+OpenAI CLIP's tokenizer, whose clean-up (`text_clean: "clip"`: ftfy, HTML unescaping, whitespace, lower
+case) also needs the `ftfy` package, as training does.
 
 Images are resized and centre-cropped with PIL's bicubic filter; training and `pretrain eval` resize with
 torch's uint8 bicubic kernel, which rounds differently in the last bit of a few pixels, so embeddings of
@@ -20,6 +23,7 @@ normalised arrays to `encode_pixels` to reproduce them exactly.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from collections.abc import Sequence
@@ -32,8 +36,8 @@ import onnxruntime as ort
 from PIL import Image
 from tokenizers import Tokenizer
 
-__all__ = ["CPU_DISABLED_OPTIMIZERS", "IMAGE_ONNX", "PREPROCESS", "TEXT_ONNX", "OnnxCLIP",
-           "default_providers"]
+__all__ = ["CPU_DISABLED_OPTIMIZERS", "IMAGE_ONNX", "PREPROCESS", "TEXT_CLEAN", "TEXT_ONNX", "OnnxCLIP",
+           "clip_clean", "default_providers"]
 
 IMAGE_ONNX, TEXT_ONNX, PREPROCESS, TOKENIZER = "image.onnx", "text.onnx", "preprocess.json", "tokenizer.json"
 _PREFERRED = ("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -42,6 +46,23 @@ CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel measured ~5x slower than the two
 ops it replaces at [64, 65, 128] (onnxruntime 1.32, 2-core Xeon: 2.7 ms vs 0.55 ms, one thread); GPU
 sessions keep it."""
+
+
+TEXT_CLEAN = ("none", "clip")
+"""`preprocess.json` `text_clean` values: none (our BPE: its tokenizer.json normalises), or OpenAI CLIP's."""
+
+
+def clip_clean(text: str) -> str:
+    """OpenAI CLIP's caption clean-up, exactly as training applies it before the BPE
+    (`data_pipelines.clip_tokenizer.clean_caption`): ftfy, HTML unescaped twice, whitespace collapsed,
+    lower-cased. Repeated here so this file stays importable without the project."""
+    try:
+        import ftfy
+    except ImportError:
+        raise ImportError("this export uses OpenAI CLIP's tokenizer, whose text clean-up needs the ftfy "
+                          "package (pip install ftfy), as training does") from None
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return " ".join(text.split()).lower()
 
 
 def default_providers() -> list[str]:
@@ -86,7 +107,13 @@ class OnnxCLIP:
         self.mean = np.asarray(c["mean"], dtype=np.float32)
         self.std = np.asarray(c["std"], dtype=np.float32)
         self.sos_id, self.eos_id, self.pad_id = int(c["sos_id"]), int(c["eos_id"]), int(c["pad_id"])
+        self.text_clean = str(c.get("text_clean", "none"))  # folders written before the key: our BPE
+        if self.text_clean not in TEXT_CLEAN:
+            raise ValueError(f"{pre}: text_clean {self.text_clean!r} is not one of {', '.join(TEXT_CLEAN)}")
         self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
+        # our BPE reads "[EOS]" typed in a caption as text, as training does (not saved in tokenizer.json);
+        # OpenAI CLIP's maps its special strings to their ids, as open_clip.tokenize does
+        self.tokenizer.encode_special_tokens = self.text_clean == "none"
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.image = _session(self.folder / IMAGE_ONNX, providers, threads) if "image" in towers else None
@@ -105,9 +132,10 @@ class OnnxCLIP:
     # ------------------------------------------------------------------------------------- inputs
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """int64 [B, context_length]: [SOS] tokens [EOS] then [PAD], long texts cut so they keep [EOS]
-        (the same ids as the training tokenizer's `encode_batch`)."""
+        (the same ids as the training tokenizer's `encode_batch`, OpenAI CLIP's clean-up included)."""
         L = self.context_length
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        texts = [clip_clean(t) for t in texts] if self.text_clean == "clip" else list(texts)
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         out = np.full((len(encodings), L), self.pad_id, dtype=np.int64)
         out[:, 0] = self.sos_id
         for row, enc in zip(out, encodings, strict=True):

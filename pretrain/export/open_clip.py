@@ -24,6 +24,7 @@ Loading an export (open_clip 3.x, no network needed)::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from data_pipelines.tokenizer import EOS_ID, PAD_ID
 from pretrain.config import Config
 from pretrain.export.common import (
     LAYER_NORM_EPS,
+    check_source_shapes,
     check_state_matches_config,
     load_weight_file,
     read_json,
@@ -157,14 +159,29 @@ def preprocess_cfg(cfg: Config) -> dict[str, Any]:
             "std": list(cfg.data.std), "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
+_STAGED_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
+"""`pretrain convert` writes into `.DST.tmp-PID` and renames it to DST when complete
+(`pretrain.checkpoint.tensor_files.staged_output`)."""
+
+
+def destination_name(out: Path) -> str:
+    """The folder name `out` will have once in place: DST for a staged `.DST.tmp-PID`, else its own."""
+    name = Path(out).resolve().name
+    m = _STAGED_NAME.match(name)
+    return m.group("name") if m else name
+
+
 def export_open_clip(state: dict[str, torch.Tensor], cfg: Config, tokenizer_json: str, out: Path,
-                     dtype: torch.dtype = torch.float32) -> None:
+                     dtype: torch.dtype = torch.float32, name: str | None = None) -> None:
     """Write an open_clip folder from our single-device state dict into the existing `out`.
 
     Files: open_clip_model.safetensors (tensors in `dtype`), open_clip_config.json ({"model_cfg",
     "preprocess_cfg"}) and the tokenizer files open_clip's `get_tokenizer("local-dir:...")` reads through
     transformers. Only the CLIP towers, the logit scale and a SigLIP logit bias are exported: the MAE
     decoder and the MLM head have no place in open_clip's `CLIP`. Load commands: module docstring.
+    `name` (default: the destination's folder name, `destination_name(out)`) is recorded as
+    `text_cfg.hf_tokenizer_name` with our BPE; `local-dir:` loading ignores it, a hub copy replaces it with
+    the repo id.
     """
     out = Path(out)
     if not out.is_dir():
@@ -179,7 +196,7 @@ def export_open_clip(state: dict[str, torch.Tensor], cfg: Config, tokenizer_json
     write_safetensors(to_open_clip_state_dict(state, layers, heads), out / WEIGHT_FILE, dtype)
     config = model_cfg(cfg, state["text.token_embedding.weight"].shape[0],
                        float(state["logit_scale"].reshape(())), bias,
-                       None if is_clip(tokenizer_json) else out.resolve().name)
+                       None if is_clip(tokenizer_json) else (name or destination_name(out)))
     write_json(out / CONFIG_FILE, {"model_cfg": config, "preprocess_cfg": preprocess_cfg(cfg)})
 
 
@@ -305,11 +322,24 @@ def check_open_clip_config(model: dict[str, Any], src: str) -> tuple[dict[str, A
     return vision, text
 
 
+def _attention_shapes(layers: dict[str, int], widths: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """open_clip's stacked in-projection shapes ([3 W, W] and [3 W]) that the config implies, checked
+    before they are reshaped into our fused QKV (a wrong `--arch` would fail inside the reshape)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for tower, _, theirs in _blocks(layers):
+        w = widths[tower]
+        out[f"{theirs}attn.in_proj_weight"] = (3 * w, w)
+        out[f"{theirs}attn.in_proj_bias"] = (3 * w,)
+    return out
+
+
 def import_open_clip_weights(weights: dict[str, torch.Tensor], model: dict[str, Any],
-                             preprocess: dict[str, Any], tokenizer_json: str | None, src: str
+                             preprocess: dict[str, Any], tokenizer_json: str | None, src: str,
+                             config: str = CONFIG_FILE
                              ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
     """`import_open_clip` for weights already read and an open_clip `model_cfg` from anywhere (a folder's
-    config, a named architecture, one inferred from an OpenAI state dict)."""
+    config, a named architecture, one inferred from an OpenAI state dict); `config` says which, for the
+    error when the weights do not have its shapes."""
     vision, text = check_open_clip_config(model, src)
     overrides = _overrides(model, vision, text, preprocess, Path(src))
     clip_pooling = text["pool_type"] == "argmax" or text["eos_id"] == EOT_ID
@@ -320,6 +350,8 @@ def import_open_clip_weights(weights: dict[str, torch.Tensor], model: dict[str, 
     overrides.update(vocab)
     layers = {"visual": overrides["model.vision.layers"], "text": overrides["model.text.layers"]}
     heads = {"visual": overrides["model.vision.heads"], "text": overrides["model.text.heads"]}
+    widths = {"visual": overrides["model.vision.width"], "text": overrides["model.text.width"]}
+    check_source_shapes(weights, _attention_shapes(layers, widths), src, config)
     state = from_open_clip_state_dict(weights, layers, heads)
     if "logit_bias" in state:
         overrides["objectives.contrastive.loss"] = "siglip"

@@ -11,16 +11,17 @@
 
 Both end in `pretrain.export.open_clip.import_open_clip_weights`, so what our towers cannot express
 (ModifiedResNet image towers, timm/HF towers, SigLIP's tokenizers, ...) is refused naming each setting.
-Nothing is downloaded; nothing is unpickled (torch pickles are read with `weights_only=True`; a TorchScript
-archive is read by `torch.jit.load`, which rebuilds TorchScript modules, not Python objects, and only its
-tensors are kept).
+Nothing is downloaded and nothing in the file runs: torch pickles are read with `weights_only=True`; a
+TorchScript archive is never given to `torch.jit.load` (which would run the TorchScript code it carries,
+a scripted `__setstate__` included) but read as data by `pretrain.export.torchscript`: its pickled module
+records with a restricted unpickler, tensors from its storage records, parameter and buffer names from
+its code text. An archive whose modules restore themselves through their own `__setstate__` is refused.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 
 from pretrain.export.common import load_weight_file
 from pretrain.export.open_clip import WEIGHT_FILES, check_open_clip_config, import_open_clip_weights
+from pretrain.export.torchscript import is_torchscript, read_torchscript_state
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -66,19 +68,12 @@ def _weights_file(src: Path) -> Path:
     raise FileNotFoundError(f"{src}: no weights file ({', '.join(WEIGHT_FILES[:4])}, ...) found")
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
-
-
 def read_weights(src: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file or folder: safetensors, torch pickle (weights only) or TorchScript."""
+    """A state dict from a file or folder: safetensors, torch pickle (weights only) or TorchScript (read
+    as data, `pretrain.export.torchscript`: nothing in it runs)."""
     path = _weights_file(Path(src))
-    if _is_torchscript(path):
-        module = torch.jit.load(str(path), map_location="cpu")
-        return {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+    if is_torchscript(path):
+        return read_torchscript_state(path)
     return load_weight_file(path)
 
 
@@ -89,7 +84,7 @@ def import_arch(src: Path, arch: str, tokenizer_json: str | None = None
     model, label = arch_config(arch), f"{src} (--arch {arch})"
     check_open_clip_config(model, label)  # before reading gigabytes of weights
     return import_open_clip_weights(read_weights(src), model, {"mean": OPENAI_MEAN, "std": OPENAI_STD},
-                                    tokenizer_json, label)
+                                    tokenizer_json, label, f"--arch {arch}")
 
 
 def openai_model_cfg(state: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -124,10 +119,11 @@ def import_openai(src: Path, tokenizer_json: str | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
     """`--from openai SRC`: an OpenAI-format CLIP (see module docstring); returns what `import_open_clip`
     returns."""
-    state = {k: v for k, v in read_weights(src).items() if k not in OPENAI_EXTRA_KEYS}
+    state = {k: v for k, v in read_weights(src).items()
+             if k not in OPENAI_EXTRA_KEYS and not k.endswith(".attn_mask")}  # masks are never weights
     try:
         model = openai_model_cfg(state)
     except ValueError as exc:
         raise ValueError(f"{src}: {exc}") from None
     return import_open_clip_weights(state, model, {"mean": OPENAI_MEAN, "std": OPENAI_STD}, tokenizer_json,
-                                    f"{src} (OpenAI format)")
+                                    f"{src} (OpenAI format)", "the architecture inferred from its shapes")

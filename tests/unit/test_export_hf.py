@@ -23,8 +23,8 @@ SMALL = ["model.image_size=32", "model.vision.patch_size=8", "model.vision.width
          "model.text.context_length=16", "model.embed_dim=24", "model.decoder.width=32",
          "model.decoder.layers=1", "model.decoder.heads=2", "data.mean=[0.5,0.4,0.3]",
          "data.std=[0.2,0.25,0.3]"]
-TEXTS = ["a red square on a blue background", "green circle", "",
-         "a very long caption " * 10]  # the last one is truncated to the context length
+TEXTS = ["a red square on a blue background", "green circle", "", "a red [EOS] square [PAD] [MASK]",
+         "a very long caption " * 10]  # special-token strings are text; the last one is truncated
 
 
 def _model(cfg: Config, tiny_tok: TextTokenizer, seed: int = 0) -> PretrainModel:

@@ -30,7 +30,8 @@ from pretrain.export.onnx_runtime import OnnxCLIP
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = ROOT / "pretrain" / "export" / "onnx_runtime.py"
-CAPTIONS = ["a red square", "a small blue circle on the left of a large green triangle", "", "x"]
+CAPTIONS = ["a red square", "a small blue circle on the left of a large green triangle", "", "x",
+            "a red [EOS] square [PAD] [MASK]"]  # special-token strings typed in a caption are text
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +283,85 @@ def test_runs_in_a_process_without_torch(fp32, eager, tmp_path):
     result = json.loads(r.stdout.splitlines()[0])
     assert result["torch"] is False and "blocked: torch is blocked" in r.stdout
     assert result["img"] < 2e-5 and result["txt"] < 2e-5, result
+
+
+# ---------------------------------------------------------- OpenAI CLIP's tokenizer (data.tokenizer=clip)
+CLIP_CAPTIONS = ["A Photo of a  CAT", "fish &amp; chips", "cafÃ© on the left!!", "", "!!!",
+                 "<start_of_text> tags <end_of_text> typed in", "a very long caption " * 10,
+                 "  Ünïcode\twords \n"]
+
+
+@pytest.fixture(scope="module")
+def clip_weights(tmp_path_factory) -> Path:
+    """A weights export of a random-init TINY_INFER model trained with `data.tokenizer=clip`."""
+    from tiny import TINY_INFER
+
+    from data_pipelines.clip_tokenizer import ClipTokenizer
+    from pretrain.checkpoint.sources import DictSource
+    from pretrain.checkpoint.universal import write_weights
+    from pretrain.config import embedded_config_path, load_config, to_dict
+    from pretrain.models.pretrain_model import PretrainModel
+
+    tok = ClipTokenizer()
+    cfg = load_config(embedded_config_path(), [*TINY_INFER, "data.tokenizer=clip"])
+    torch.manual_seed(0)
+    model = PretrainModel.from_config(cfg, tok)
+    folder = tmp_path_factory.mktemp("onnx-clip") / "weights"
+    meta = {"config": to_dict(cfg), "tokenizer": tok.to_json(), "step": 0}
+    write_weights(DictSource(model.state_dict(), meta, "random init"), folder, overwrite=True)
+    return folder
+
+
+def test_clip_tokenizer_export_tokenizes_and_pools_as_training(clip_weights, tmp_path):
+    """A `data.tokenizer=clip` model: the folder carries CLIP's tokenizer as a `tokenizers` JSON with its
+    own special ids (49406/49407, padding 0) and argmax pooling; `OnnxCLIP` gives exactly the training
+    tokenizer's ids (CLIP's clean-up included) and the eager model's embeddings, also without torch."""
+    from data_pipelines.clip_tokenizer import EOT_ID, SOT_ID
+
+    model, tok, cfg = load_model(clip_weights)
+    assert model.text.pool_type == "argmax"
+    out = tmp_path / "onnx"
+    summary = convert(clip_weights, out, "onnx", "fp32")
+    assert min(summary["check"].values()) >= 0.9999
+    pre = json.loads((out / "preprocess.json").read_text())
+    assert (pre["sos_id"], pre["eos_id"], pre["pad_id"]) == (SOT_ID, EOT_ID, 0)
+    assert pre["text_clean"] == "clip" and "argmax" in pre["pooling"]["text"]
+    clip = OnnxCLIP(out, providers=["CPUExecutionProvider"])
+    want_ids = tok.encode_batch(CLIP_CAPTIONS, 16).numpy()
+    np.testing.assert_array_equal(clip.tokenize(CLIP_CAPTIONS), want_ids)
+    assert (want_ids == 0).any() and (want_ids[:, -1] == EOT_ID).any()  # padding "!" ids and a cut caption
+    want_txt = model.encode_text(torch.from_numpy(want_ids)).numpy()
+    np.testing.assert_allclose(clip.encode_texts(CLIP_CAPTIONS), want_txt, atol=2e-5)
+
+    np.save(tmp_path / "want_ids.npy", want_ids)
+    np.save(tmp_path / "want_txt.npy", want_txt)
+    script = BLOCK_TORCH + textwrap.dedent(f"""
+        import importlib.util, json, sys
+        import numpy as np
+        spec = importlib.util.spec_from_file_location("onnx_runtime", {str(RUNTIME)!r})
+        rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
+        clip = rt.OnnxCLIP({str(out)!r}, providers=["CPUExecutionProvider"], towers=("text",))
+        ids, txt = clip.tokenize({CLIP_CAPTIONS!r}), clip.encode_texts({CLIP_CAPTIONS!r})
+        same = bool((ids == np.load({str(tmp_path / "want_ids.npy")!r})).all())
+        d_txt = np.abs(txt - np.load({str(tmp_path / "want_txt.npy")!r})).max()
+        print(json.dumps({{"same_ids": same, "txt": float(d_txt), "torch": "torch" in sys.modules}}))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.splitlines()[0])
+    assert result == {"same_ids": True, "txt": result["txt"], "torch": False} and result["txt"] < 2e-5, result
+
+
+def test_clip_tokenizer_model_through_embed_onnx_backend(clip_weights):
+    """`pretrain embed --backend onnx` / `bench infer` export on the fly the same way: the ONNX encoder of a
+    CLIP-tokenizer model gives the torch encoder's text embeddings."""
+    from pretrain.evaluation.encoders import open_encoder
+
+    with open_encoder(clip_weights, "torch", device="cpu") as (eager, tok, cfg):
+        ids = tok.encode_batch(CLIP_CAPTIONS, cfg.model.text.context_length)
+        want = eager.encode_text(ids)
+    with open_encoder(clip_weights, "onnx") as (onnx_enc, _, _):
+        assert onnx_enc.clip.text_clean == "clip"
+        np.testing.assert_array_equal(onnx_enc.clip.tokenize(CLIP_CAPTIONS), ids.numpy())
+        torch.testing.assert_close(onnx_enc.encode_text(ids), want, atol=2e-5, rtol=0)
