@@ -21,7 +21,7 @@ from .plan import Item, PlanParams, StreamState
 from .seeding import derive_seed
 from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .shardstream import shard_samples
-from .stats import SkipCounter
+from .stats import SkipCounter, SkipGate
 
 _DRAW_BLOCK = 1024
 _DRAW_TAG = 0xD7A
@@ -33,15 +33,29 @@ def item_samples(url: str, item: Item, skips: SkipCounter,
 
     Skipped blocks are read but neither permuted nor yielded; a shard failure ends the item (counted by
     `shard_samples`, as is `max_bytes`, the `data.max_sample_bytes` limit).
+
+    Shard-level problems (`bad_shard`, `duplicate_key`) go into `skips` once per shard per epoch: only
+    from phase 0 of a strided shard (every phase reads all of the shard's bytes), and only while reading
+    blocks at or past `start` -- the earlier ones were read, and their problems counted, by whoever
+    consumed those samples (a block is read whole when its first sample is taken). A `SkipGate` passed as
+    `skips` also remembers the problems it met but did not count.
     """
-    raw = shard_samples([url], skips, max_bytes=max_bytes)
+    gate = skips if isinstance(skips, SkipGate) else SkipGate(skips)
+    raw = shard_samples([url], gate, max_bytes=max_bytes)
     mine = islice(raw, item.phase, None, item.stride) if item.stride > 1 else raw
-    if item.block <= 1:
-        yield from islice(mine, item.start, None)
-        return
+    block = max(item.block, 1)
     number = 0
     while True:
-        chunk = list(islice(mine, item.block))
+        gate.counting = item.phase == 0 and number * block >= item.start
+        if block == 1:  # no permutation: the same as below without a generator per sample
+            sample = next(mine, None)
+            if sample is None:
+                return
+            if number >= item.start:
+                yield sample
+            number += 1
+            continue
+        chunk = list(islice(mine, block))
         if not chunk:
             return
         first = item.start - number * item.block
@@ -67,6 +81,7 @@ class StreamCursor:
         self.max_bytes = max_bytes
         self._items: list[Item] | None = None
         self._readers: dict[int, Iterator[dict[str, Any]]] = {}
+        self._gates: list[SkipGate] = []
         self._draws_key: tuple[int, int] | None = None
         self._draw_values: np.ndarray | None = None
 
@@ -94,6 +109,12 @@ class StreamCursor:
             if close is not None:
                 close()
         self._readers = {}
+        self._gates = []
+
+    def shard_problems(self) -> int:
+        """Shard-level problems this epoch's readers met, also those another reader counts (a strided
+        item's phase > 0, blocks before a resume point): why an item ended without samples."""
+        return sum(g.seen for g in self._gates)
 
     def next_in_epoch(self) -> dict[str, Any] | None:
         """The next raw sample of the current epoch, or None when the epoch's items are all exhausted."""
@@ -103,7 +124,6 @@ class StreamCursor:
             while len(state.open) < self.interleave and state.opened < len(items):
                 state.open.append([state.opened, items[state.opened].start])
                 state.opened += 1
-                state.shards += 1
             if not state.open:
                 return None
             slot = min(int(self._draw() * len(state.open)), len(state.open) - 1)
@@ -111,7 +131,13 @@ class StreamCursor:
             reader = self._readers.get(index)
             if reader is None:
                 item = items[index].with_start(progress)
-                reader = item_samples(self.urls[item.shard], item, self.skips, self.max_bytes)
+                if progress == 0 and item.phase == 0:
+                    # a shard read, counted once per shard per epoch as its problems are (see item_samples):
+                    # an open item with progress 0 was never read (a read takes a sample or ends the item)
+                    state.shards += 1
+                gate = SkipGate(self.skips)
+                self._gates.append(gate)
+                reader = item_samples(self.urls[item.shard], item, gate, self.max_bytes)
                 self._readers[index] = reader
             sample = next(reader, None)
             if sample is None:

@@ -120,5 +120,5 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {reason}: {count}{kept}{detail}")
     for shard in report["per_shard"]:
         if shard["bad"].get("bad_shard"):
-            lines.append(f"  unreadable or truncated: {shard['url']}")
+            lines.append(f"  unreadable, truncated or with data past its end: {shard['url']}")
     return "\n".join(lines)

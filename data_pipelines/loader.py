@@ -21,7 +21,6 @@ never run dry at different times.
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -32,21 +31,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .collate import EvalExample, TrainExample, collate_eval, collate_train
 from .cursor import StreamCursor
 from .decode import decode_image, label_of, negative_caption_of, negative_captions_of, split_sample
+from .empty_epochs import EmptyEpochs
 from .plan import PlanParams, StreamState, split_counts
 from .position import PositionTracker, shards_fingerprint, start_states, stream_index, streams_for
 from .seeding import sample_rngs
 from .settings import DEFAULT_MAX_SAMPLE_BYTES, DataConfig, StreamSpec
 from .shardstream import shard_samples
-from .stats import SkipCounter
+from .stats import SkipCounter, SkipGate
 from .tokenizer import TextTokenizer
 from .transforms import center_crop_resize_array, random_resized_crop_array
 from .urls import expand_sources, known_sizes
 
 __all__ = ["PositionTracker", "TrainLoader", "make_eval_loader", "make_train_loader", "plan_params"]
 
-logger = logging.getLogger("data_pipelines")
-
-_MAX_EMPTY_EPOCHS = 3
 _PREFETCH = 4
 
 
@@ -84,6 +81,7 @@ class _TrainStream(IterableDataset):
         self.crop_scale = tuple(d.crop_scale)
         self.max_pixels = d.max_image_pixels
         self.max_bytes = d.max_sample_bytes
+        self.max_bad_fraction = d.max_bad_fraction
         self.mean, self.std = tuple(d.mean), tuple(d.std)
         self.context_length = spec.context_length
         self.mask_prob = spec.mlm_prob
@@ -122,11 +120,11 @@ class _TrainStream(IterableDataset):
         skips.restore(state.skips)
         cursor = StreamCursor(self.urls, self.params, state, stream, self.world * self.num_streams,
                               self.interleave, skips, self.max_bytes)
+        empty = EmptyEpochs(skips.where, self.urls, self.params, self.world * self.num_streams,
+                            self.max_bad_fraction)
         pending: list[TrainExample] = []
-        empty_epochs = 0
         while True:
-            fresh, items = cursor.at_epoch_start(), cursor.items()
-            delivered_before = state.delivered
+            empty.begin(cursor, state, skips)
             while (sample := cursor.next_in_epoch()) is not None:
                 example = self._example(sample, state.epoch, skips)
                 if example is None:
@@ -141,19 +139,7 @@ class _TrainStream(IterableDataset):
                     batch["_skips"] = dict(state.skips)
                     pending = []
                     yield batch
-            if fresh and items and state.delivered == delivered_before:
-                empty_epochs += 1
-                shards = sorted({self.urls[i.shard] for i in items})
-                hint = (f" (every {items[0].stride}th sample of a shard: fewer samples than streams?)"
-                        if items[0].stride > 1 else "")
-                msg = (f"rank {self.rank} worker {worker}: no usable samples in epoch {state.epoch} from "
-                       f"{len(items)} item(s) of shard(s) {shards[:4]}{'...' if len(shards) > 4 else ''}"
-                       f"{hint}; skips so far: {skips.as_dict()}")
-                if empty_epochs >= _MAX_EMPTY_EPOCHS:
-                    raise RuntimeError(f"{msg} ({empty_epochs} epochs in a row, giving up)")
-                logger.warning(msg)
-            elif state.delivered > delivered_before:
-                empty_epochs = 0
+            empty.end(cursor, state, skips)  # an epoch without a sample: go on, or give up (empty_epochs)
             cursor.next_epoch()
 
 
@@ -163,7 +149,8 @@ class _EvalStream(IterableDataset):
     Stream g of G (G = world x workers, g = rank x workers + worker) takes
       - whole shards s with s % G == g when there are at least G shards and no cap, or
       - the samples at global positions p (in shard order) with p % G == g, over the first `max_samples`
-        positions (every stream reads those tar bytes, decodes only its own), otherwise;
+        positions (every stream reads those tar bytes, decodes only its own; stream 0 alone counts a bad
+      shard), otherwise;
     so the union over streams is exactly the single-process set. Each batch carries `_order` [B, 2]
     (shard index, position in shard): sorting gathered rows by it gives the single-process order.
     With `masking` = (seed, mlm_prob, num_patches) batches also hold `mlm_input`, `mlm_labels` and
@@ -192,8 +179,9 @@ class _EvalStream(IterableDataset):
                     yield s, j, sample
             return
         p = 0
+        shared = SkipGate(skips, counting=stream == 0)  # every stream reads these shards: count them once
         for s, url in enumerate(self.shards):
-            for j, sample in enumerate(shard_samples([url], skips, max_bytes=self.max_bytes)):
+            for j, sample in enumerate(shard_samples([url], shared, max_bytes=self.max_bytes)):
                 if self.max_samples and p >= self.max_samples:
                     return
                 if p % streams == stream:

@@ -21,7 +21,8 @@ IMAGE_TOO_LARGE = "image_too_large"
 TOO_LARGE = "too_large"  # more bytes than data.max_sample_bytes (tar members of a sample, a fetched image)
 FETCH_FAILED = "fetch_failed"  # importers only: an image URL could not be downloaded
 BAD_SHARD = "bad_shard"
-DUPLICATE_MEMBER = "duplicate_member"
+DUPLICATE_MEMBER = "duplicate_member"  # no longer produced by the reader (see DUPLICATE_KEY); kept as a name
+DUPLICATE_KEY = "duplicate_key"  # a key repeated right after itself: the repeat is read as a new sample, kept
 BAD_NEGATIVE = "bad_negative"  # a `neg.txt` member that is not UTF-8 or holds no caption: the sample is kept
 MISSING_NEGATIVE = "missing_negative"  # no `neg.txt` while objectives.itm.caption_negatives wants one: kept
 
@@ -30,8 +31,8 @@ TOO_LARGE_KEY = "__too_large__"
 
 SAMPLE_REASONS: tuple[str, ...] = (MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_IMAGE, BAD_TEXT,
                                    IMAGE_TOO_LARGE, TOO_LARGE)
-"""Reasons that each lose one sample (bad_shard loses the rest of a shard, duplicate_member nothing)."""
-KEPT_REASONS: tuple[str, ...] = (DUPLICATE_MEMBER, BAD_NEGATIVE, MISSING_NEGATIVE)
+"""Reasons that each lose one sample (bad_shard loses the rest of a shard, duplicate_key nothing)."""
+KEPT_REASONS: tuple[str, ...] = (DUPLICATE_MEMBER, DUPLICATE_KEY, BAD_NEGATIVE, MISSING_NEGATIVE)
 """Problems counted (and logged) on a sample that is still trained on: only an optional part was lost."""
 
 
@@ -86,6 +87,33 @@ class SkipCounter:
 
     def __repr__(self) -> str:
         return f"SkipCounter({self.where!r}, {self.as_dict()})"
+
+
+class SkipGate(SkipCounter):
+    """The counter one reader of a shard counts into, forwarding to the stream's `target` only while
+    `counting` is set; its own counts are everything it saw.
+
+    Shard-level problems (`bad_shard`, `duplicate_key`) are found by whoever reads the shard's bytes, and
+    a shard is read more than once per epoch when it is split into strided items or re-read up to a resume
+    point. Only the reader that accounts for a stretch of the shard turns `counting` on for it, so each
+    problem is counted once per shard per epoch; `seen` (what the gate got, counted or not) still tells a
+    reader that its shard was bad.
+    """
+
+    def __init__(self, target: SkipCounter, counting: bool = True) -> None:
+        super().__init__(where=target.where, first_warnings=0, min_interval_s=float("inf"))
+        self.target = target
+        self.counting = counting
+
+    def skip(self, reason: str, detail: str = "") -> None:
+        self._counts[reason] = self._counts.get(reason, 0) + 1
+        if self.counting:
+            self.target.skip(reason, detail)
+
+    @property
+    def seen(self) -> int:
+        """Problems this reader met, counted in `target` or not."""
+        return self.total
 
 
 class DataQualityError(RuntimeError):

@@ -61,13 +61,35 @@ def known_sizes(urls: list[str]) -> list[int | None]:
     return sizes
 
 
+def _folder_message(part: str, url: str) -> str:
+    """Why a folder is refused as a shard, with a spec for the tar files it holds as the hint."""
+    folder = _local_path(url)
+    try:
+        tars = sorted(n for n in os.listdir(folder) if n.endswith(".tar"))
+    except OSError as exc:
+        return f"shard spec {part!r}: {url} is a directory, not a tar shard ({exc})"
+    numbered = [re.fullmatch(r"(.*?)(\d+)\.tar", n) for n in tars]
+    if not tars:
+        hint = "it holds no .tar files"
+    elif len(tars) == 1:
+        hint = f"name the shard: {os.path.join(folder, tars[0])}"
+    elif all(numbered) and len({(m.group(1), len(m.group(2))) for m in numbered if m}) == 1:
+        first, last = numbered[0], numbered[-1]
+        assert first is not None and last is not None
+        brace = f"{first.group(1)}{{{first.group(2)}..{last.group(2)}}}.tar"
+        hint = f"name its {len(tars)} shards, e.g. {os.path.join(folder, brace)}"
+    else:
+        hint = f"name its {len(tars)} .tar files ({tars[0]} ... {tars[-1]}) with a brace pattern or '::'"
+    return f"shard spec {part!r}: {url} is a directory, not a tar shard; {hint}"
+
+
 def expand_urls(spec: str) -> list[str]:
     """Expand `dir/shard-{000000..000031}.tar::other/{a,b}.tar` into a list of URLs, in order.
 
     Several specs are joined with `::` (a separator that cannot occur in a brace pattern and rarely in a
-    path). Local paths are returned as given but must exist, so a typo fails at start-up with the spec named
-    instead of as an endless stream of skipped shards; `pipe:` and remote URLs cannot be checked cheaply
-    and are passed through.
+    path). Local paths are returned as given but must be files, so a typo (or a folder: shard specs name
+    tar files) fails at start-up with the spec named instead of as skipped shards later; `pipe:` and
+    remote URLs cannot be checked cheaply and are passed through.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"no shard URLs given (empty spec {spec!r})")
@@ -78,7 +100,10 @@ def expand_urls(spec: str) -> list[str]:
         expanded = [u for u in expanded if u.strip()]
         if not expanded:
             raise ValueError(f"shard spec {part!r} (in {spec!r}) expands to no URLs")
-        missing = [u for u in expanded if is_local(u) and not os.path.exists(_local_path(u))]
+        folders = [u for u in expanded if is_local(u) and os.path.isdir(_local_path(u))]
+        if folders:
+            raise ValueError(_folder_message(part, folders[0]))
+        missing = [u for u in expanded if is_local(u) and not os.path.isfile(_local_path(u))]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise ValueError(f"shard spec {part!r}: {len(missing)} of {len(expanded)} local shard(s) do not "
