@@ -31,7 +31,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                          max_image_pixels=args.max_image_pixels, max_sample_bytes=args.max_sample_bytes,
                          image_col=args.image_col, caption_col=args.caption_col, key_col=args.key_col,
                          delimiter=args.delimiter,
-                         opener=args.opener, progress=not args.no_progress)
+                         opener=args.opener, progress=not args.no_progress, overwrite=args.overwrite)
     stats = run_import(args.source_kind, args.src, args.out, opts)
     short = {k: stats[k] for k in ("out", "samples", "bytes", "skipped", "urls", "wall_s") if k in stats}
     short["shards"] = len(stats["shards"])
@@ -89,7 +89,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
                    help="folder: images + NAME.txt captions; csv: image path/URL + caption columns; "
                         "parquet: image bytes/paths + caption; wds: re-shard existing shards")
     p.add_argument("src", help="folder, .csv/.tsv file, .parquet file or folder, or shard URLs")
-    p.add_argument("out", help="output folder for shards, sizes.json and stats.json")
+    p.add_argument("out", help="output folder for shards, sizes.json and stats.json: new or empty unless "
+                               "--overwrite")
     p.add_argument("--samples-per-shard", type=int, default=10000)
     p.add_argument("--shard-bytes", type=parse_size, default=0, help="also cap shard size, e.g. 1GB")
     p.add_argument("--workers", type=int, default=4, help="loader processes (0: in-process)")
@@ -105,6 +106,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--delimiter", default="", help="CSV separator (default: tab for .tsv, else comma)")
     p.add_argument("--opener", default="", help="module:function mapping an image URL/path to bytes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a non-empty OUT: replace the earlier import with the same --prefix there "
+                        "(only once this one succeeded; other files stay). OUT holding SRC is always refused")
     p.set_defaults(func=cmd_import)
 
     p = data.add_parser("inspect", help="count samples, keys, extensions and bad samples by reason")

@@ -1,42 +1,53 @@
 """Importers: image-caption data from a folder, CSV/TSV, Parquet or existing WebDataset shards -> shards.
 
-Every source is turned into a stream of small *records* (key, image reference or bytes, caption, extra
-members) in a deterministic order; a pool of worker processes loads and checks each record (reads or
-fetches the image through `openers`, checks the byte limit, the header, the pixel limit and the caption
-exactly as training will) and the main process writes the results in input order, so the output shards
-do not depend on the worker count.
+Every source (`import_sources`, `import_csv`) is turned into a stream of small *records* (key, image
+reference or bytes, caption, extra members) in a deterministic order; a pool of worker processes loads and
+checks each record (reads or fetches the image through `openers`, checks the byte limit, the header, the
+pixel limit and the caption exactly as training will) and the main process writes the results in input
+order, so the output shards do not depend on the worker count.
 At most a few chunks per worker are in flight, so a Parquet file of image bytes is never all in memory.
 
 Written per import: `OUT/{prefix}-NNNNNN.tar` (plain tar, KEY.jpg|png|webp + KEY.txt + KEY.json with the
 source reference), `sizes.json` (samples per shard, read by the loader's start-up checks) and `stats.json`
 (samples and bytes per shard, skipped samples by reason with examples). Image bytes are copied unchanged;
-formats other than JPEG/PNG/WebP are re-encoded once as PNG so training can read them.
+formats other than JPEG/PNG/WebP are re-encoded once as PNG so training can read them. OUT is checked
+and written through a staging folder (`import_output`): a failed import leaves OUT as it was.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
 import io
 import json
 import logging
 import multiprocessing
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .decode import IMAGE_KEYS, image_bytes
+from .decode import IMAGE_KEYS
+from .import_csv import csv_records
+from .import_options import ImportOptions
+from .import_output import Staging, check_out, check_prefix
+from .import_sources import (
+    DUPLICATE_IMAGE,
+    IMAGE_SUFFIXES,
+    Lazy,
+    Record,
+    folder_records,
+    parquet_records,
+    safe_key,
+    source_paths,
+    wds_records,
+)
 from .openers import SampleTooLarge, default_opener, resolve_opener
 from .seeding import stable_hash
-from .settings import DEFAULT_MAX_SAMPLE_BYTES
-from .shardstream import shard_samples
 from .shardwriter import ShardWriter
 from .stats import (
     BAD_IMAGE,
@@ -47,173 +58,35 @@ from .stats import (
     MISSING_CAPTION,
     MISSING_IMAGE,
     TOO_LARGE,
-    TOO_LARGE_KEY,
     SkipCounter,
 )
-from .urls import expand_urls
+
+__all__ = ["IMAGE_SUFFIXES", "SOURCE_KINDS", "ImportOptions", "check_image", "csv_records", "folder_records",
+           "load_record", "parquet_records", "resolve_opener", "run_import", "safe_key", "wds_records"]
 
 logger = logging.getLogger("data_pipelines")
 
 SOURCE_KINDS = ("folder", "csv", "parquet", "wds")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-_KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-_IMAGE_COLUMNS = ("image", "jpg", "img", "image_bytes", "bytes", "filepath", "file", "path", "image_path",
-                  "url", "image_url")
-_CAPTION_COLUMNS = ("caption", "text", "txt", "title", "alt", "description")
+_KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+"""Formats whose bytes are imported unchanged. MPO is what Pillow calls many camera and phone JPEGs (a
+JPEG with extra pictures in APP2): a plain JPEG decoder reads the first picture, as training does."""
 _CHUNK = 32
 _EXAMPLES = 5
 
 
-@dataclass
-class ImportOptions:
-    """How an import writes and checks; the defaults suit web-scale data."""
+class _ImportSkips(SkipCounter):
+    """The import's skip counter: also keeps the first few details per reason for stats.json, whoever
+    counts them (the worker results, a source listing, the shard reader)."""
 
-    samples_per_shard: int = 10000
-    shard_bytes: int = 0
-    """Start a new shard before one would exceed this many bytes (0: by samples only)."""
-    workers: int = 4
-    """Loader processes (0: load in the main process)."""
-    prefix: str = "shard"
-    check: str = "header"
-    """`header`: open each image (format, size, pixel limit); `decode`: also decode it fully (catches
-    truncated files, ~10x slower)."""
-    max_image_pixels: int = 89478485
-    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES
-    """Skip (as `too_large`) images and samples over this many bytes, as training's data.max_sample_bytes
-    would; local files and http(s) bodies over it are never read whole (0: no limit)."""
-    image_col: str = ""
-    caption_col: str = ""
-    key_col: str = ""
-    delimiter: str = ""
-    """CSV field separator; empty: tab for .tsv files, else comma."""
-    opener: str = ""
-    """`module:function` that maps an image URL or path to bytes (e.g. an S3 client); empty: local files
-    and http(s) via urllib."""
-    progress: bool = True
+    def __init__(self) -> None:
+        super().__init__(where="import")
+        self.examples: dict[str, list[str]] = {}
 
-
-@dataclass
-class _Lazy:
-    """A file the worker reads (sidecar captions, .json/.cls members), so the main process only lists."""
-
-    path: str
-
-
-Record = tuple[str, Any, Any, dict[str, Any]]
-"""(key, image: URL/path str | bytes | None, caption: str | bytes | _Lazy | None, extra members)."""
-
-
-# ------------------------------------------------------------------------------------------ sources
-_UNSAFE = re.compile(r"[^A-Za-z0-9_/-]")
-
-
-def safe_key(raw: str) -> str:
-    """A WebDataset-safe key: no dots in names (webdataset splits the extension at the first dot), no
-    spaces or odd characters, no leading slash or empty path parts."""
-    parts = [_UNSAFE.sub("_", p) for p in raw.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-    return "/".join(parts) or "_"
-
-
-def _pick(columns: list[str], wanted: str, defaults: tuple[str, ...], what: str, source: str) -> str:
-    if wanted:
-        if wanted not in columns:
-            raise ValueError(f"{source}: no {what} column {wanted!r}; columns are {', '.join(columns)}")
-        return wanted
-    lower = {c.lower(): c for c in columns}
-    for name in defaults:
-        if name in lower:
-            return lower[name]
-    raise ValueError(f"{source}: cannot tell which column holds the {what}; columns are "
-                     f"{', '.join(columns)} (pass --{what}-col)")
-
-
-def _resolve_ref(ref: str, base: Path) -> str:
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", ref) or os.path.isabs(ref):
-        return ref
-    return str(base / ref)
-
-
-def folder_records(src: str, skips: SkipCounter) -> Iterator[Record]:
-    """Images under `src` (recursively, sorted) with a sidecar caption `NAME.txt`; `NAME.json` / `.cls`
-    sidecars are kept as members. Captions without an image are counted as missing_image."""
-    root = Path(src)
-    if not root.is_dir():
-        raise ValueError(f"--from folder: {src} is not a directory")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    images = {p.with_suffix(""): p for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
-    for stem in sorted({p.with_suffix("") for p in files if p.suffix == ".txt"} - set(images)):
-        skips.skip(MISSING_IMAGE, f"{stem}.txt has no image")
-    for stem, image in sorted(images.items()):
-        # "my.photo" + ".txt" (Path.with_suffix would replace ".photo")
-        sidecar = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("txt", "json", "cls")}
-        caption = sidecar["txt"]
-        extra = {ext: _Lazy(str(sidecar[ext])) for ext in ("json", "cls") if sidecar[ext].is_file()}
-        key = safe_key(str(stem.relative_to(root)))
-        yield key, str(image), _Lazy(str(caption)) if caption.is_file() else None, extra
-
-
-def csv_records(src: str, opts: ImportOptions) -> Iterator[Record]:
-    """Rows of a CSV/TSV file with a header: image path (relative to the file) or URL, and a caption."""
-    path = Path(src)
-    if not path.is_file():
-        raise ValueError(f"--from csv: {src} is not a file")
-    delimiter = opts.delimiter or ("\t" if path.suffix.lower() in (".tsv", ".tab") else ",")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        columns = list(reader.fieldnames or [])
-        image_col = _pick(columns, opts.image_col, _IMAGE_COLUMNS, "image", src)
-        caption_col = _pick(columns, opts.caption_col, _CAPTION_COLUMNS, "caption", src)
-        if opts.key_col and opts.key_col not in columns:
-            raise ValueError(f"{src}: no key column {opts.key_col!r}; columns are {', '.join(columns)}")
-        for index, row in enumerate(reader):
-            key = safe_key(row[opts.key_col]) if opts.key_col else f"{index:09d}"
-            ref = (row.get(image_col) or "").strip()
-            yield key, _resolve_ref(ref, path.parent) if ref else None, row.get(caption_col), {}
-
-
-def parquet_records(src: str, opts: ImportOptions) -> Iterator[Record]:
-    """Rows of a Parquet file (or a folder of them, sorted): image bytes, a {bytes, path} struct (Hugging
-    Face `Image`) or a path/URL, and a caption. Read in record batches, never whole."""
-    import pyarrow.parquet as pq
-
-    root = Path(src)
-    files = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
-    if not files or not files[0].is_file():
-        raise ValueError(f"--from parquet: no parquet file at {src}")
-    index = 0
-    for file in files:
-        pf = pq.ParquetFile(file)
-        columns = list(pf.schema_arrow.names)
-        image_col = _pick(columns, opts.image_col, _IMAGE_COLUMNS, "image", str(file))
-        caption_col = _pick(columns, opts.caption_col, _CAPTION_COLUMNS, "caption", str(file))
-        wanted = [image_col, caption_col] + ([opts.key_col] if opts.key_col else [])
-        if opts.key_col and opts.key_col not in columns:
-            raise ValueError(f"{file}: no key column {opts.key_col!r}; columns are {', '.join(columns)}")
-        for batch in pf.iter_batches(batch_size=256, columns=wanted):
-            rows = batch.to_pydict()
-            for i in range(batch.num_rows):
-                image = rows[image_col][i]
-                if isinstance(image, dict):  # Hugging Face datasets' Image feature
-                    image = image.get("bytes") or image.get("path")
-                if isinstance(image, str):
-                    image = _resolve_ref(image, file.parent)
-                key = safe_key(str(rows[opts.key_col][i])) if opts.key_col else f"{index:09d}"
-                yield key, image, rows[caption_col][i], {}
-                index += 1
-
-
-def wds_records(src: str, skips: SkipCounter, max_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> Iterator[Record]:
-    """Samples of existing WebDataset shards (brace spec, `::`, pipe:, http), every member kept, keys
-    made safe like the other sources' (`safe_key`: no `..`, leading `/` or odd characters in member
-    names). Samples over `max_bytes` are counted as too_large without reading their big members."""
-    for sample in shard_samples(expand_urls(src), skips, max_bytes=max_bytes):
-        if TOO_LARGE_KEY in sample:
-            skips.skip(TOO_LARGE, f"{sample['__key__']}: {sample[TOO_LARGE_KEY]}")
-            continue
-        image = image_bytes(sample)
-        extra = {k: v for k, v in sample.items()
-                 if not k.startswith("__") and k not in IMAGE_KEYS and k != "txt"}
-        yield safe_key(sample["__key__"]), image, sample.get("txt"), extra
+    def skip(self, reason: str, detail: str = "") -> None:
+        super().skip(reason, detail)
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < _EXAMPLES:
+            kept.append(detail)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -226,7 +99,7 @@ def _init_worker(opts: ImportOptions, opener: Callable[[str], bytes] | None) -> 
 
 
 def _read(value: Any, max_bytes: int = 0) -> Any:
-    if isinstance(value, _Lazy):
+    if isinstance(value, Lazy):
         return default_opener(value.path, max_bytes)
     return value
 
@@ -261,7 +134,8 @@ class _Skip(Exception):
 
 def load_record(record: Record, opts: ImportOptions, opener: Callable[[str], bytes]
                 ) -> tuple[dict[str, Any] | None, str, str]:
-    """(sample, "", "") or (None, reason, detail) for one record."""
+    """(sample, "", "") or (None, reason, detail) for one record; (sample, reason, detail) when the sample
+    is kept but lost an input the import counts (an extra image member, see `_drop_hidden_images`)."""
     key, image, caption, extra = record
     limit = opts.max_sample_bytes
     try:
@@ -292,6 +166,7 @@ def load_record(record: Record, opts: ImportOptions, opener: Callable[[str], byt
             raise _Skip(TOO_LARGE, f"{source or 'image'}: {len(image)} bytes > {limit}")
         ext, data, width, height = check_image(bytes(image), opts.check, opts.max_image_pixels)
         sample = {"__key__": key, ext: data, "txt": text.encode("utf-8")}
+        extra, dropped = _drop_hidden_images(extra, ext)
         for name, value in extra.items():
             sample[name] = bytes(_read(value, limit))
         if "json" not in sample:
@@ -304,7 +179,18 @@ def load_record(record: Record, opts: ImportOptions, opener: Callable[[str], byt
         return None, TOO_LARGE, f"{key}: {exc}"
     except _Skip as skip:
         return None, skip.reason, f"{key}: {skip.detail}" if skip.detail else key
+    if dropped:
+        return sample, DUPLICATE_IMAGE, (f"{key}: member(s) {', '.join(dropped)} left out: the image is "
+                                         f"imported as .{ext}, which training must read first")
     return sample, "", ""
+
+
+def _drop_hidden_images(extra: dict[str, Any], ext: str) -> tuple[dict[str, Any], list[str]]:
+    """Extra image members stay, under their own extension, unless training (which reads the first of
+    jpg/jpeg/png/webp) would read one instead of the checked image written as `.ext`."""
+    order = IMAGE_KEYS.index(ext)
+    dropped = [n for n in extra if n in IMAGE_KEYS and IMAGE_KEYS.index(n) <= order]
+    return {n: v for n, v in extra.items() if n not in dropped}, dropped
 
 
 def _load_chunk(chunk: list[Record]) -> list[tuple[dict[str, Any] | None, str, str]]:
@@ -357,16 +243,31 @@ def run_import(kind: str, src: str, out: str | os.PathLike, opts: ImportOptions 
         raise ValueError(f"check must be header or decode, got {opts.check!r}")
     if opener is None:
         resolve_opener(opts.opener)  # fail on a bad --opener before starting workers
-    skips = SkipCounter(where="import")
-    examples: dict[str, list[str]] = {}
+    check_prefix(opts.prefix)
+    out = Path(out)
+    check_out(out, source_paths(kind, src), opts.prefix, opts.overwrite)
+    skips = _ImportSkips()
     if kind == "folder":
         records = folder_records(src, skips)
     elif kind == "csv":
-        records = csv_records(src, opts)
+        records = csv_records(src, opts, skips)
     elif kind == "parquet":
         records = parquet_records(src, opts)
     else:
         records = wds_records(src, skips, opts.max_sample_bytes)
+    staging = Staging(out, opts.prefix)  # shards go to OUT/.import-tmp until the import succeeded
+    try:
+        stats = _write_shards(kind, src, out, records, skips, staging.dir, opts, opener)
+        staging.commit(stats["shards"], stats)
+    except BaseException:
+        staging.abandon()  # OUT as it was: never half an import that looks finished
+        raise
+    return stats
+
+
+def _write_shards(kind: str, src: str, out: Path, records: Iterator[Record], skips: _ImportSkips,
+                  folder: Path, opts: ImportOptions, opener: Callable[[str], bytes] | None) -> dict[str, Any]:
+    """Load `records` and write the good samples as shards into `folder`; the import's stats."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -374,40 +275,39 @@ def run_import(kind: str, src: str, out: str | os.PathLike, opts: ImportOptions 
     renamed = 0
     bar = tqdm(desc=f"import {kind}", unit=" samples", disable=not opts.progress, file=sys.stderr,
                dynamic_ncols=True)
-    with ShardWriter(out, opts.prefix, opts.samples_per_shard, opts.shard_bytes) as writer:
-        for results in _ordered_results(_chunks(records, _CHUNK), opts, opener):
-            for sample, reason, detail in results:
-                if sample is None:
-                    skips.skip(reason, detail)
-                    examples.setdefault(reason, [])
-                    if len(examples[reason]) < _EXAMPLES:
-                        examples[reason].append(detail)
-                    continue
-                key = sample["__key__"]
-                digest, n = stable_hash(key), 0
-                while digest in seen:  # keys must be unique: audit, per-sample randomness, grouping
-                    n += 1
-                    sample["__key__"] = f"{key}_dup{n}"
-                    digest = stable_hash(sample["__key__"])
-                renamed += n > 0
-                seen.add(digest)
-                writer.write(sample)
-            bar.update(len(results))
-    bar.close()
+    try:
+        with ShardWriter(folder, opts.prefix, opts.samples_per_shard, opts.shard_bytes) as writer:
+            for results in _ordered_results(_chunks(records, _CHUNK), opts, opener):
+                for sample, reason, detail in results:
+                    if reason:
+                        skips.skip(reason, detail)
+                    if sample is None:
+                        continue
+                    key = sample["__key__"]
+                    digest, n = stable_hash(key), 0
+                    while digest in seen:  # keys must be unique: audit, per-sample randomness, grouping
+                        n += 1
+                        sample["__key__"] = f"{key}_dup{n}"
+                        digest = stable_hash(sample["__key__"])
+                    renamed += n > 0
+                    seen.add(digest)
+                    writer.write(sample)
+                bar.update(len(results))
+    finally:
+        bar.close()
     shards = writer.shards
+    if not shards:
+        examples = "; ".join(f"{reason}: {found[0]}" for reason, found in sorted(skips.examples.items()))
+        raise ValueError(f"import of {src} produced no samples (skipped: {skips.as_dict()}"
+                         f"{'; e.g. ' + examples if examples else ''}); {out} was left as it was")
     stats = {
         "source": str(src), "from": kind, "out": str(out), "options": asdict(opts),
         "samples": sum(s["samples"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
         "shards": shards, "skipped": skips.as_dict(), "skipped_total": skips.total,  # bad_shard: input shards
-        "skipped_examples": examples, "renamed_duplicate_keys": renamed,
+        "skipped_examples": dict(sorted(skips.examples.items())), "renamed_duplicate_keys": renamed,
         "wall_s": round(time.perf_counter() - t0, 3),
     }
-    if shards:
-        last = len(shards) - 1
-        stats["urls"] = (str(Path(out) / f"{opts.prefix}-{{000000..{last:06d}}}.tar") if last
-                         else str(Path(out) / shards[0]["name"]))
-    Path(out, "stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
-    if not shards:
-        raise ValueError(f"import of {src} produced no samples (skipped: {skips.as_dict()}); see "
-                         f"{Path(out, 'stats.json')}")
+    last = len(shards) - 1
+    stats["urls"] = (str(out / f"{opts.prefix}-{{000000..{last:06d}}}.tar") if last
+                     else str(out / shards[0]["name"]))
     return stats

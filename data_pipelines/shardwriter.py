@@ -3,7 +3,7 @@
 Shards are plain POSIX tar files (`tar tf` lists them, plain `webdataset` reads them): members
 `KEY.EXT`, fixed mtime/owner so identical input gives identical bytes. Each shard is written under a
 temporary name and renamed when complete, so a crashed import never leaves a truncated shard that looks
-finished.
+finished; sizes.json is written only when the writer is closed without an error.
 """
 
 from __future__ import annotations
@@ -88,15 +88,19 @@ class ShardWriter:
         """Finish the last shard, write sizes.json; returns [{name, samples, bytes}] per shard."""
         self._finish()
         sizes = {s["name"]: s["samples"] for s in self.shards}
-        (self.out / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n", encoding="utf-8")
+        tmp = self.out / ".sizes.json.tmp"
+        tmp.write_text(json.dumps(sizes, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, self.out / "sizes.json")  # never a half-written sizes.json
         return self.shards
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if exc[0] is not None and self._tar is not None:
-            self._close_tar()
-            self._tmp.unlink(missing_ok=True)  # never leave a half-written shard behind
+        if exc[0] is None:
+            self.close()
             return
-        self.close()
+        # failing: no sizes.json (the shards so far are not a finished output), no half-written shard
+        if self._tar is not None:
+            self._close_tar()
+            self._tmp.unlink(missing_ok=True)

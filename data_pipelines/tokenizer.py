@@ -1,8 +1,10 @@
 """Caption tokenizer: a byte-pair-encoding model trained with HF `tokenizers`, with fixed special ids.
 
 The special tokens sit at fixed ids 0-4 so the model code (padding mask, [EOS] pooling, MLM) can rely on
-them without carrying the tokenizer around. Encoding runs in the Rust tokenizer on whole batches; Python
-only places each caption's ids into a pre-padded array (no per-token work, no stateful padding settings).
+them without carrying the tokenizer around. Only `encode_batch` places them: the same strings written in a
+caption ("[EOS]", "[MASK]") are encoded as ordinary text. Encoding runs in the Rust tokenizer on whole
+batches; Python only places each caption's ids into a pre-padded array (no per-token work, no stateful
+padding settings).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer, source: str = "<in memory>") -> None:
         _check_specials(tokenizer, source)
         self._tok = tokenizer
+        # captions are text: a literal "[EOS]" or "[PAD]" in one must not become the id the model pools at
+        # or masks out. Not stored in tokenizer.json, so set on every construction (load, unpickle too).
+        self._tok.encode_special_tokens = True
         self._tok.post_processor = processors.TemplateProcessing(
             single=f"{SOS} $A {EOS}", special_tokens=[(SOS, SOS_ID), (EOS, EOS_ID)])
         self._tok.no_truncation()

@@ -51,6 +51,19 @@ def test_encode_batch_layout(tok):
         tok.encode_batch(["x"], 1)
 
 
+def test_special_token_strings_in_a_caption_are_ordinary_text(tok, tmp_path):
+    """A caption saying "[EOS]" must not end the text there (the tower pools at the first [EOS]), "[PAD]"
+    must not be masked out as padding, "[MASK]" must not look masked; also after save/load and pickling."""
+    caption = "a red [EOS] square [PAD] [MASK] [SOS] [UNK]"
+    tok.save(tmp_path / "tok.json")
+    for t in (tok, TextTokenizer.load(tmp_path / "tok.json"), pickle.loads(pickle.dumps(tok))):
+        row = t.encode_batch([caption, "a red square"], 32)
+        n = len(t.tokenize(caption))
+        assert n > 7 and row[0, 0] == SOS_ID and row[0, n + 1] == EOS_ID
+        assert not any(i in (PAD_ID, SOS_ID, EOS_ID, MASK_ID) for i in row[0, 1:n + 1].tolist()), row[0]
+        assert torch.equal(row[1], tok.encode_batch(["a red square"], 32)[0])  # normal captions unchanged
+
+
 def test_truncation_keeps_sos_and_ends_with_eos(tok):
     text = "a large red circle in the top left of the image on a grey background"
     full = tok.encode_batch([text], 32)[0]
