@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -227,6 +228,22 @@ class _EvalStream(IterableDataset):
         return batch
 
 
+WORKER_SIGTERM_GRACE_S = 300
+"""How long a DataLoader worker keeps serving batches after a SIGTERM (then SIGALRM ends it)."""
+
+
+def _worker_init(_: int) -> None:
+    """A worker outlives a SIGTERM sent to every process (Slurm's scancel or preemption, `kill -- -PGID`).
+
+    torch's workers end on SIGTERM from anyone but their parent, and the rank then raises "DataLoader worker
+    killed" instead of finishing its step and saving the checkpoint its own SIGTERM handler asked for. Here
+    a worker that gets SIGTERM goes on serving until the ranks have agreed to stop, and ends at the latest
+    WORKER_SIGTERM_GRACE_S later (SIGALRM, default action), so it cannot outlive its job for long; its rank
+    ends it as usual on shutdown. A SIGTERM from the parent (torch's shutdown of a worker that did not stop
+    in time) gets the same grace: the worker is ended by SIGALRM or when its parent goes."""
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_SIGTERM_GRACE_S))
+
+
 def _data_loader(dataset: IterableDataset, workers: int, persistent: bool) -> DataLoader:
     if workers > 0:
         # workers tokenise one batch at a time; Rust thread pools in forked workers only add contention
@@ -239,6 +256,7 @@ def _data_loader(dataset: IterableDataset, workers: int, persistent: bool) -> Da
         persistent_workers=persistent and workers > 0,
         prefetch_factor=_PREFETCH if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_worker_init if workers > 0 else None,
     )
 
 

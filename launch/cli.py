@@ -6,8 +6,10 @@
 
 Defaults come from the environment, so inside a Slurm allocation `--nodes`, the master address (the
 first node's NodeAddr), the port (from the job id), the node rank (SLURM_NODEID) and a deepspeed hostfile
-(from SLURM_JOB_NODELIST) need no flags. The launcher replaces this process (exec), so its exit status
-is the job's and signals reach it directly.
+(from SLURM_JOB_NODELIST) need no flags. torchrun, mpirun and srun replace this process (exec), so their
+exit status is the job's and signals reach them directly. The deepspeed launcher runs as a child instead
+(launch/supervise.py): its runner has no SIGTERM handler, so this process passes SIGTERM, SIGINT and
+SIGUSR1 on to the ranks, waits, and exits with the launcher's status.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 from collections.abc import Mapping
 
 from launch.commands import LAUNCHERS, LaunchPlan, LaunchPlanError, build_command, render
-from launch.env import DEFAULT_PORT, slurm_port
+from launch.env import DEFAULT_PORT, env_int, slurm_port
 from launch.hostfile import node_address, read_hostfile, slurm_hosts, write_hostfile
 from launch.rendezvous import free_port
 
@@ -41,21 +43,46 @@ def _mpi_flavor(env: Mapping[str, str]) -> str:
     return "openmpi" if "Open MPI" in out or "OpenRTE" in out else "mpich"
 
 
-def _default_procs() -> int:
+def _cuda_gpus() -> int:
+    """CUDA devices this process sees (CUDA_VISIBLE_DEVICES applies); 0 without CUDA."""
     try:
         import torch
 
-        return max(1, torch.cuda.device_count())
+        return int(torch.cuda.device_count())
     except ImportError:
-        return 1
+        return 0
+
+
+def _default_procs() -> int:
+    return max(1, _cuda_gpus())
+
+
+def _visible_devices(e: Mapping[str, str], launcher: str, nodes: int, hostfile: str | None) -> str | None:
+    """CUDA_VISIBLE_DEVICES for a one-node deepspeed launch on CUDA (launch.commands.deepspeed_command
+    turns it into --include); None elsewhere: on CPU the launcher's --num_accelerators is the rank count."""
+    value = e.get("CUDA_VISIBLE_DEVICES")
+    if launcher != "deepspeed" or nodes != 1 or hostfile or value is None:
+        return None
+    if e.get("DS_ACCELERATOR", "cuda") not in ("", "cuda") or _cuda_gpus() == 0:
+        return None
+    return value
+
+
+def _port(value: int, source: str) -> int:
+    if not 0 < value < 65536:
+        raise LaunchPlanError(f"{source} {value} is not a TCP port (1-65535)")
+    return value
 
 
 def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> LaunchPlan:
     """Fill what the flags leave open from the environment (Slurm allocation, MASTER_*), then check."""
     e = os.environ if env is None else env
     in_slurm = bool(e.get("SLURM_JOB_ID"))
-    nodes = args.nodes or int(e.get("SLURM_JOB_NUM_NODES") or e.get("SLURM_NNODES") or 1)
-    ppn = args.procs_per_node or _default_procs()
+    if args.nodes is not None:
+        nodes = args.nodes
+    else:
+        nodes = env_int(e, "SLURM_JOB_NUM_NODES", 0) or env_int(e, "SLURM_NNODES", 0) or 1
+    ppn = args.procs_per_node if args.procs_per_node is not None else _default_procs()
     program = list(args.program)
     if program and program[0] == "--":
         program = program[1:]
@@ -66,6 +93,9 @@ def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
 
     hosts = slurm_hosts(e)[:nodes] if in_slurm else []
     hostfile = args.hostfile
+    listed = read_hostfile(hostfile) if hostfile else []  # checked now, not by the launcher on every node
+    if hostfile and args.launcher in ("deepspeed", "mpirun") and nodes > len(listed):
+        raise LaunchPlanError(f"--nodes {nodes} but hostfile {hostfile} lists {len(listed)} host(s)")
     if hostfile is None and args.launcher == "deepspeed" and nodes > 1 and hosts:
         hostfile = str(write_hostfile(hosts, ppn))
 
@@ -76,15 +106,15 @@ def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
             master_addr = "127.0.0.1"
         elif hosts:
             master_addr = node_address(hosts[0])
-        elif hostfile:
-            master_addr = read_hostfile(hostfile)[0][0]
+        elif listed:
+            master_addr = listed[0][0]
         else:
             raise LaunchPlanError(f"{nodes} nodes but no way to find rank 0: pass --master-addr (or "
                                   "--hostfile, or run inside a Slurm allocation)")
-    if args.master_port:
-        master_port: int | None = args.master_port
+    if args.master_port is not None:
+        master_port: int | None = _port(args.master_port, "--master-port")
     elif e.get("MASTER_PORT"):
-        master_port = int(e["MASTER_PORT"])
+        master_port = _port(env_int(e, "MASTER_PORT"), "MASTER_PORT")
     elif in_slurm:
         master_port = slurm_port(e)
     elif args.launcher == "mpirun":
@@ -98,7 +128,7 @@ def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     if args.node_rank is not None:
         node_rank = args.node_rank
     elif per_node_start and nodes > 1 and e.get("SLURM_NODEID"):
-        node_rank = int(e["SLURM_NODEID"])
+        node_rank = env_int(e, "SLURM_NODEID")
     else:
         node_rank = 0
     if args.launcher == "torchrun" and nodes > 1 and args.node_rank is None and not e.get("SLURM_NODEID"):
@@ -110,18 +140,20 @@ def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
         no_ssh=args.no_ssh, launcher_args=tuple(shlex.split(args.launcher_args or "")),
         python=args.python or sys.executable, as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
         mpi_flavor=_mpi_flavor(e) if args.launcher == "mpirun" else "openmpi",
+        visible_devices=_visible_devices(e, args.launcher, nodes, hostfile),
     )
 
 
 def cross_site_overrides(args: argparse.Namespace) -> list[str]:
     """`--site` / `--rendezvous` as config overrides, placed last so they win over the same keys given
-    earlier. The name is YAML-quoted: `--site 0` is the string "0", the type `cross_site.site` has."""
+    earlier. Both are YAML-quoted, so they stay strings whatever they look like (`--site 0`,
+    `--rendezvous [::1]:29400`)."""
     out = []
     if getattr(args, "site", None):
         out.append(f"cross_site.site={json.dumps(args.site)}")
     if getattr(args, "rendezvous", None):
         _host_port("--rendezvous", args.rendezvous)
-        out.append(f"cross_site.rendezvous={args.rendezvous}")
+        out.append(f"cross_site.rendezvous={json.dumps(args.rendezvous)}")
     return out
 
 
@@ -130,8 +162,8 @@ def _host_port(flag: str, address: str) -> tuple[str, int]:
 
     try:
         return parse_address(address)
-    except ValueError:
-        raise LaunchPlanError(f"{flag} must be HOST:PORT, got {address!r}") from None
+    except ValueError as e:
+        raise LaunchPlanError(f"{flag} must be HOST:PORT: {e}") from None
 
 
 def serve_rendezvous(address: str) -> int:
@@ -164,11 +196,18 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(render(cmd), flush=True)
         return 0
+    if shutil.which(cmd[0]) is None:
+        raise LaunchPlanError(f"{cmd[0]}: no such program; is the {plan.launcher} launcher installed in this "
+                              "environment and on PATH?")
     print(f"+ {render(cmd)}", file=sys.stderr, flush=True)
-    if plan.launcher in ("deepspeed", "torchrun"):
-        # Slurm signals every process of a step. These launchers die on SIGUSR1 (its default action)
-        # and would take the ranks down before they checkpoint; ignored here (inherited across exec),
-        # the ranks still get it: the trainer installs its own handler (launch/signals.py).
+    if plan.launcher == "deepspeed":  # a child, not exec'd: its runner would die of SIGTERM at once
+        from launch.supervise import run_supervised
+
+        return run_supervised(cmd, to_launcher=plan.nodes > 1 and not plan.no_ssh)
+    if plan.launcher == "torchrun":
+        # Slurm signals every process of a step. torchrun dies on SIGUSR1 (its default action) and would
+        # take the ranks down before they checkpoint; ignored here (inherited across exec), the ranks
+        # still get it: the trainer installs its own handler (launch/signals.py).
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.execvp(cmd[0], cmd)
     return 127  # not reached
@@ -186,8 +225,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
                                       "SLURM_JOB_NODELIST for deepspeed inside an allocation")
     p.add_argument("--master-addr", help="rank 0's address (default: MASTER_ADDR, the first Slurm node's "
                                          "NodeAddr, 127.0.0.1 on one node; mpirun: shared over MPI)")
-    p.add_argument("--master-port", type=int, help="rendezvous port (default: MASTER_PORT, 29500 + Slurm "
-                                                   "job id %% 1000, else 29500; mpirun: a free port)")
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: MASTER_PORT; in Slurm 29500 + "
+                   "job id %% 1000; one node: a free port in 20000-28999 (MMPT_PORT_RANGE); several nodes: "
+                   "29500; mpirun: a free port rank 0 picks)")
     p.add_argument("--node-rank", type=int, help="this node's index for per-node starts (default: "
                                                  "SLURM_NODEID)")
     p.add_argument("--no-ssh", action="store_true", help="deepspeed: start only this node's ranks "

@@ -39,6 +39,10 @@ class LaunchPlan:
     """mpirun: Open MPI refuses to run as root without --allow-run-as-root."""
     mpi_flavor: str = "openmpi"
     """openmpi or mpich (hydra): they spell per-node counts, hostfiles and env exports differently."""
+    visible_devices: str | None = None
+    """deepspeed on one node with CUDA: the CUDA_VISIBLE_DEVICES the ranks must stay on (None: unset, or no
+    CUDA). The deepspeed runner drops the variable once --num_accelerators is given and puts the ranks on
+    GPUs 0..P-1, so these indices go to it as --include instead."""
 
     @property
     def world_size(self) -> int:
@@ -59,6 +63,23 @@ def _beside_python(plan: LaunchPlan, name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
+def visible_gpus(visible: str, procs: int) -> list[str]:
+    """The first `procs` GPU indices of a CUDA_VISIBLE_DEVICES value, for deepspeed's `--include`.
+
+    Raises LaunchPlanError when the value lists fewer GPUs than ranks, repeats one, or names GPUs by UUID
+    (the deepspeed runner only takes indices)."""
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    if not all(i.isdigit() for i in ids):
+        raise LaunchPlanError(f"CUDA_VISIBLE_DEVICES={visible!r}: the deepspeed launcher selects GPUs by "
+                              "index only; list indices (e.g. 4,5) or use --launcher torchrun")
+    if len(set(ids)) != len(ids):
+        raise LaunchPlanError(f"CUDA_VISIBLE_DEVICES={visible!r} lists a GPU twice")
+    if len(ids) < procs:
+        raise LaunchPlanError(f"--procs-per-node {procs} but CUDA_VISIBLE_DEVICES={visible!r} lists "
+                              f"{len(ids)} GPU(s): one rank per GPU")
+    return ids[:procs]
+
+
 def deepspeed_command(plan: LaunchPlan) -> list[str]:
     """`deepspeed` launcher: one node directly; several nodes over ssh/pdsh with a hostfile, or one
     start per node with `--no_ssh --node_rank` (what Slurm's srun does for us)."""
@@ -70,7 +91,10 @@ def deepspeed_command(plan: LaunchPlan) -> list[str]:
                               "Slurm allocation to write one from SLURM_JOB_NODELIST)")
     if plan.nodes > 1 or plan.hostfile:
         cmd += ["--num_nodes", str(plan.nodes)]
-    cmd += ["--num_accelerators", str(plan.procs_per_node)]
+    if plan.visible_devices is not None and plan.nodes == 1 and not plan.hostfile:
+        cmd += ["--include", "localhost:" + ",".join(visible_gpus(plan.visible_devices, plan.procs_per_node))]
+    else:  # CPU: the rank count; several nodes: GPUs 0..P-1 of each (Slurm ConstrainDevices numbering)
+        cmd += ["--num_accelerators", str(plan.procs_per_node)]
     if plan.master_addr and (plan.nodes > 1 or plan.hostfile):
         cmd += ["--master_addr", plan.master_addr]
     if plan.master_port:

@@ -64,7 +64,8 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def _int(e: Mapping[str, str], key: str, default: int | None = None) -> int:
+def env_int(e: Mapping[str, str], key: str, default: int | None = None) -> int:
+    """Integer variable `key` of `e` (`default` when unset or empty); LaunchEnvError naming it otherwise."""
     raw = e.get(key)
     if raw is None or raw == "":
         if default is None:
@@ -74,6 +75,9 @@ def _int(e: Mapping[str, str], key: str, default: int | None = None) -> int:
         return int(raw)
     except ValueError:
         raise LaunchEnvError(f"{key}={raw!r} is not an integer") from None
+
+
+_int = env_int  # the short name the parsers below use
 
 
 def slurm_port(e: Mapping[str, str]) -> int:

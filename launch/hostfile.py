@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from launch.commands import LaunchPlanError
 from launch.env import expand_nodelist
 
 
@@ -40,9 +41,16 @@ def node_address(node: str) -> str:
 
 
 def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
-    """(host, slots) pairs from a deepspeed (`host slots=N`) or Open MPI (`host slots=N`/`host`) file."""
+    """(host, slots) pairs from a deepspeed (`host slots=N`) or Open MPI (`host slots=N`/`host`) file.
+
+    Raises LaunchPlanError naming the file (and line) when it is missing, has no hosts, or a line's
+    `slots=` is not a positive integer: the launchers themselves fail later and less clearly."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LaunchPlanError(f"hostfile {path}: cannot read it ({e})") from None
     hosts: list[tuple[str, int]] = []
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -50,8 +58,14 @@ def read_hostfile(path: str | Path) -> list[tuple[str, int]]:
         slots = 1
         for item in rest:
             if item.startswith("slots="):
-                slots = int(item.split("=", 1)[1])
+                value = item.split("=", 1)[1]
+                if not value.isdigit() or int(value) < 1:
+                    raise LaunchPlanError(f"hostfile {path}, line {number}: {item!r} is not a positive slot "
+                                          "count (expected `host slots=N`)")
+                slots = int(value)
         hosts.append((name, slots))
+    if not hosts:
+        raise LaunchPlanError(f"hostfile {path} lists no hosts (expected `host slots=N` lines)")
     return hosts
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from collections.abc import Mapping
 from typing import Any
 
-from launch.env import LaunchEnvError, RankInfo
+from launch.env import LaunchEnvError, RankInfo, discover, mpi_launcher_hint
 from launch.ports import free_port
 
 
@@ -26,17 +27,36 @@ def _comm() -> Any | None:
     return MPI.COMM_WORLD
 
 
+_layout: list[tuple[int, int, int, int] | None] = []
+"""MPI_COMM_WORLD's (rank, node-local rank, size, node size), asked once: the node split is a collective."""
+
+
 def rank_info_from_mpi(port: int) -> RankInfo | None:
     """Rank, size and node-local rank from MPI_COMM_WORLD; None without mpi4py or in a world of one."""
-    comm = _comm()
-    if comm is None or comm.Get_size() == 1:
-        return None
-    from mpi4py import MPI
+    if not _layout:
+        comm = _comm()
+        if comm is None or comm.Get_size() == 1:
+            _layout.append(None)
+        else:
+            from mpi4py import MPI
 
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    info = RankInfo(comm.Get_rank(), node.Get_rank(), comm.Get_size(), "127.0.0.1", port, "mpi4py",
-                    node.Get_size(), master_given=False)
-    node.Free()
+            node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+            _layout.append((comm.Get_rank(), node.Get_rank(), comm.Get_size(), node.Get_size()))
+            node.Free()
+    if _layout[0] is None:
+        return None
+    rank, local, size, local_size = _layout[0]
+    return RankInfo(rank, local, size, "127.0.0.1", port, "mpi4py", local_size, master_given=False)
+
+
+def launch_rank_info(env: Mapping[str, str] | None = None) -> RankInfo:
+    """Who this process is, as its launcher started it: `discover()`, and MPI_COMM_WORLD's rank and size
+    under an MPI launcher whose variables `discover` does not know (mpi4py). Use it, not `discover`, for
+    the world size a config is checked against before the process group exists: under that fallback
+    `discover` alone says "one process" (`launch.rendezvous.resolve` adds rank 0's address to this)."""
+    info = discover(env)
+    if info.source == "single" and mpi_launcher_hint(env):
+        info = rank_info_from_mpi(info.master_port) or info
     return info
 
 

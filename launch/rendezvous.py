@@ -28,9 +28,7 @@ from launch.env import (
     LaunchEnvError,
     RankInfo,
     RendezvousError,
-    discover,
     export_torch_env,
-    mpi_launcher_hint,
 )
 from launch.logs import drop_printed
 from launch.ports import free_port
@@ -43,9 +41,7 @@ _KEY = f"mmpt/rendezvous/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 def resolve(env: Mapping[str, str] | None = None) -> RankInfo:
     """`discover()` plus what only MPI can tell: ranks under unknown MPI launchers, and rank 0's
     address when an MPI launch did not set MASTER_ADDR/MASTER_PORT. A world of one gets a free port."""
-    info = discover(env)
-    if info.source == "single" and mpi_launcher_hint(env):
-        info = mpi.rank_info_from_mpi(info.master_port) or info
+    info = mpi.launch_rank_info(env)
     if info.source in ("openmpi", "pmi", "mpi4py") and not info.master_given:
         shared = mpi.share_master(info)
         if shared is not None:
@@ -90,6 +86,8 @@ def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"expected HOST:PORT, got {address!r}")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"port {port} of {address!r} is not a TCP port (1-65535)")
     return host.strip("[]"), int(port)
 
 

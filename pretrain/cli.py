@@ -38,13 +38,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launch.env import discover
+    from launch.mpi import launch_rank_info
     from parallel import groups
     from pretrain.checkpoint.atomic import CheckpointSaveError
     from pretrain.train import train
 
-    # Validate against the launcher's world size before any process group exists.
-    me = discover()
+    # Validate against the launcher's world size before any process group exists (mpi4py included).
+    me = launch_rank_info()
     cfg = load_config(args.config or embedded_config_path(), args.overrides, world_size=me.world_size)
     quiet_other_ranks(me.rank, cfg.logging.all_ranks)  # ranks > 0: warnings and errors only
     try:
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Single process, or every rank of a launcher (deepspeed, torchrun, mpirun, srun): each rank encodes
     its share of the shards and rank 0 prints the (identical) result."""
-    from launch.env import discover
+    from launch.mpi import launch_rank_info
     from parallel import groups
     from pretrain.evaluation.evaluate import eval_device, evaluate, load_model
     from pretrain.evaluation.layout import resolve_eval_data
@@ -76,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.few_shot and not args.linear_probe:
         raise ValueError("--few-shot K draws K labelled samples per class from --linear-probe TRAIN_SHARDS; "
                          "pass both")
-    me = discover()
+    me = launch_rank_info()
     if me.world_size > 1:
         quiet_other_ranks(me.rank, False)
         groups.init_distributed(args.timeout_s, tp=1)
@@ -135,9 +135,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pretrain.demo import run_demo
+    from pretrain.demo import DemoTrainingFailed, run_demo
 
-    result = run_demo(Path(args.out), procs=args.procs, overrides=args.overrides)
+    try:
+        result = run_demo(Path(args.out), procs=args.procs, overrides=args.overrides)
+    except DemoTrainingFailed as e:
+        print(f"pretrain: error: {e}", file=sys.stderr, flush=True)
+        return e.status
     print(json.dumps(result), flush=True)
     return 0
 

@@ -22,6 +22,15 @@ TRAIN_SAMPLES, VAL_SAMPLES, PER_SHARD, SEED_TRAIN, SEED_VAL = 12000, 1000, 500, 
 DEMO_EVAL_EVERY, DEMO_EVAL_SAMPLES = 100, 512
 
 
+class DemoTrainingFailed(RuntimeError):
+    """The demo's training ranks failed; they printed why. `pretrain demo` exits with their `status`."""
+
+    def __init__(self, status: int):
+        status = 128 - status if status < 0 else status  # killed by signal N: 128 + N, as a shell says
+        super().__init__(f"demo training failed with exit status {status} (the ranks' errors are above)")
+        self.status = status
+
+
 def write_demo_shards(out: Path, samples: int, seed: int, image_size: int) -> None:
     """The demo's synthetic shards (PER_SHARD per shard), skipped when the same arguments wrote them."""
     from data_pipelines.synth import write_synthetic_shards
@@ -58,7 +67,8 @@ def run_demo(out: Path, procs: int = 2, overrides: list[str] | None = None) -> d
     n_shards = TRAIN_SAMPLES // PER_SHARD
     train_dir, val_dir = out / "data" / "train", out / "data" / "val"
     val_urls = f"{val_dir}/shard-{{000000..{VAL_SAMPLES // PER_SHARD - 1:06d}}}.tar"
-    cfg = load_config(config, [f"data.val={val_urls}", *(overrides or [])])  # the user's overrides, checked
+    # the user's overrides, checked at the world size the demo launches, before any shard is written
+    cfg = load_config(config, [f"data.val={val_urls}", *(overrides or [])], world_size=procs)
     write_demo_shards(train_dir, TRAIN_SAMPLES, SEED_TRAIN, cfg.model.image_size)
     write_demo_shards(val_dir, VAL_SAMPLES, SEED_VAL, cfg.model.image_size)
     run_dir = out / time.strftime("run-%Y%m%d-%H%M%S")
@@ -69,7 +79,9 @@ def run_demo(out: Path, procs: int = 2, overrides: list[str] | None = None) -> d
     cmd = launcher_command(procs, config, [f"data.train={train_urls}", f"data.val={val_urls}", *evals,
                                            f"run.dir={run_dir}", *(overrides or [])], free_port())
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True, env=quiet_launcher_env(dict(os.environ)))
+    status = subprocess.run(cmd, env=quiet_launcher_env(dict(os.environ))).returncode
+    if status != 0:
+        raise DemoTrainingFailed(status)
     summary = json.loads((run_dir / "summary.json").read_text())
     result = evaluate(run_dir, val_urls, val_dir / "classnames.txt")
     from pretrain.metrics import read_metrics

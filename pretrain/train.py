@@ -23,8 +23,8 @@ from data_pipelines.monitor import local_totals, merge_totals, metrics_row
 from data_pipelines.position import PositionTracker
 from data_pipelines.stats import check_bad_fraction
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer_from_shards
-from launch.env import discover
 from launch.logs import install_filters
+from launch.mpi import launch_rank_info
 from launch.signals import StoppedForRequeue, StopRequest
 from parallel import groups
 from parallel.comms_probe import CommsProbe
@@ -141,7 +141,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     """Run `cfg.train.steps` optimizer steps (continuing from `resume`, or starting from the weights of
     `init_from`); return a summary dict."""
     stop = StopRequest().install()  # preemption (launch/signals.py): SIGUSR1/SIGTERM -> checkpoint + exit 75
-    validate(cfg, world_size=discover().world_size)  # every config problem, before any process group
+    validate(cfg, world_size=launch_rank_info().world_size)  # every config problem, before any process group
     if not cfg.data.train.strip():
         raise ConfigError("data.train is empty: give the training shards, e.g. "
                           "data.train='shards/shard-{000000..000023}.tar' (see `pretrain data synth|import`)")

@@ -93,25 +93,91 @@ def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` -> (["a","b","c"], YAML-parsed value) so `x=3` is an int and `x=[1,2]` a list."""
+class _StrictLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, but a key given twice in one mapping is an error naming both lines: PyYAML keeps
+    the last one silently, so a second `train:` section further down would drop the first. Keys a merge
+    (`<<: *base`) brings in may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            mark = key_node.start_mark
+            if first is not None:
+                raise ConfigError(f"{mark.name}, line {mark.line + 1}: key '{key}' is given twice in the "
+                                  f"same mapping (first on line {first.line + 1}); YAML would keep only the "
+                                  "last one")
+            seen[key] = mark
+        return super().construct_mapping(node, deep)
+
+
+def _strict_load(stream: Any) -> Any:
+    """One YAML document through `_StrictLoader` (what `yaml.safe_load` does with SafeLoader)."""
+    loader = _StrictLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def _yaml_value(text: str, where: str) -> Any:
+    try:
+        return _strict_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: cannot parse value: {e}") from None
+    except ConfigError as e:  # a key given twice in the value's mapping
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _split_override(text: str) -> tuple[list[str], str]:
+    """`a.b.c=value` -> (["a", "b", "c"], "value"), the value as typed."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form dotted.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': cannot parse value: {e}") from None
-    if value is None:
-        value = raw
-    return key.split("."), value
+    return key.split("."), raw
 
 
-def _set_nested(tree: dict[str, Any], path: list[str], value: Any, cls: type, full: str) -> None:
-    """Insert `value` at `path`, validating each segment against the schema for a clear error."""
+def _quoted(raw: str) -> bool:
+    text = raw.strip()
+    return len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+
+
+def override_value(text: str, raw: str, tp: Any) -> Any:
+    """The value of override `text` (raw part `raw`) for a key of type `tp`.
+
+    A string key takes the text as typed, so paths and patterns stay whole: `run.dir=/exp #3/run`,
+    `run.dir=%x-%j`, `cross_site.site=no`, `data.train=@bucket/x` (YAML would cut the first at ` #`,
+    reject the next two as directives or tags and turn `no` into false). Quote it (`'...'` or `"..."`)
+    to have YAML read the quotes away, e.g. escapes in double quotes. Any other key is YAML-typed:
+    `x=3` an int, `x=[1,2]` a list, `x=true` a bool.
+    """
+    if tp is str and not _quoted(raw):
+        return raw
+    value = _yaml_value(raw, f"override '{text}'") if raw.strip() else ""
+    return raw if value is None else value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], YAML-parsed value) so `x=3` is an int and `x=[1,2]` a list.
+
+    Type-blind: `load_config` goes through `override_value`, which keeps string keys' text as typed."""
+    keys, raw = _split_override(text)
+    value = _yaml_value(raw, f"override '{text}'") if raw.strip() else ""
+    return keys, raw if value is None else value
+
+
+def _set_nested(tree: dict[str, Any], path: list[str], raw: str, cls: type, full: str, text: str) -> None:
+    """Insert override `text`'s value (typed for its key) at `path`, validating each segment against the
+    schema for a clear error."""
     node, scls = tree, cls
     for i, part in enumerate(path):
         names = _field_names(scls)
@@ -124,7 +190,7 @@ def _set_nested(tree: dict[str, Any], path: list[str], value: Any, cls: type, fu
             if _is_dataclass_type(tp):
                 raise ConfigError(f"'{full}' is a section; set one of its keys: "
                                   f"{', '.join(_field_names(tp))}")
-            node[part] = value
+            node[part] = override_value(text, raw, tp)
         else:
             if not _is_dataclass_type(tp):
                 raise ConfigError(f"'{'.'.join(path[:i + 1])}' is not a section in '{full}'")
@@ -132,6 +198,21 @@ def _set_nested(tree: dict[str, Any], path: list[str], value: Any, cls: type, fu
             if not isinstance(node, dict):
                 raise ConfigError(f"'{'.'.join(path[:i + 1])}' must be a mapping")
             scls = tp
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A recipe file's YAML (safe: nothing in it runs). Syntax errors, undecodable bytes and duplicate keys
+    raise ConfigError naming the file (and line), not a traceback."""
+    p = Path(path)
+    try:
+        with p.open(encoding="utf-8") as fh:  # a stream: YAML's error marks name the file
+            return _strict_load(fh)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it ({e.strerror or e})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -143,15 +224,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text())
+        loaded = read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         tree = loaded
     for ov in overrides:
-        keys, value = parse_override(ov)
-        _set_nested(tree, keys, value, Config, ".".join(keys))
+        keys, raw = _split_override(ov)
+        _set_nested(tree, keys, raw, Config, ".".join(keys), ov)
     cfg = _build(Config, tree, "")
     validate(cfg, world_size=world_size)
     return cfg

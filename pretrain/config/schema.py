@@ -196,7 +196,8 @@ class CheckpointConfig:
     dir: str = ""
     """Checkpoint directory (default: RUN_DIR/checkpoints)."""
     keep_last: int = 0
-    """Keep only the newest N complete checkpoints (0 keeps all). Never deletes the one `latest` names."""
+    """Keep only the N most recently saved complete checkpoints (0 keeps all). Never deletes the one `latest`
+    names."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of K, whatever `keep_last` says (0: none)."""
     keep_best: str = ""

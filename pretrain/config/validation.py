@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 from typing import Any
@@ -24,7 +25,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key, choices in CHOICES.items():
         value = get_key(cfg, key)
         check(value in choices, f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    problems += _nonfinite_problems(cfg, "")
     m = cfg.model
+    check(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
     check(m.image_size > 0 and m.vision.patch_size > 0 and m.image_size % m.vision.patch_size == 0,
           f"model.image_size ({m.image_size}) must be a positive multiple of "
           f"model.vision.patch_size ({m.vision.patch_size})")
@@ -97,6 +100,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
           f"({cfg.train.steps})")
     check(0.0 < o.mlm.mask_prob < 1.0, "objectives.mlm.mask_prob must be in (0, 1)")
     check(o.contrastive.init_temperature > 0, "objectives.contrastive.init_temperature must be > 0")
+    check(o.contrastive.max_logit_scale > 0, "objectives.contrastive.max_logit_scale must be > 0 (the cap on "
+          f"1 / temperature), got {o.contrastive.max_logit_scale}")
     check(o.contrastive.chunk >= 0, "objectives.contrastive.chunk must be >= 0 (0: plain loss)")
     t = cfg.train
     check(t.steps >= 1, "train.steps must be >= 1")
@@ -124,6 +129,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
               f"tp {cfg.parallel.tp})")
     op = cfg.optim
     check(op.lr > 0, "optim.lr must be > 0")
+    check(op.eps > 0, f"optim.eps must be > 0, got {op.eps}")
+    check(op.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {op.weight_decay}")
     check(0 <= op.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
     check(op.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
     check(len(op.betas) == 2 and all(0 <= b < 1 for b in op.betas),
@@ -196,6 +203,21 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     check(bool(cfg.run.dir), "run.dir must be set")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _nonfinite_problems(section: Any, prefix: str) -> list[str]:
+    """Every float key (and float list item) must be finite: YAML reads `.nan` and `.inf`, and `x > 0`
+    is false for NaN but true for inf, so range checks alone let them through to the model."""
+    out = []
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            out += _nonfinite_problems(value, key + ".")
+            continue
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            out.append(f"{key} must be a finite number, got {value}")
+    return out
 
 
 def _eval_problems(cfg: Config) -> list[str]:
@@ -279,7 +301,7 @@ def _tensor_parallel_problems(cfg: Config) -> list[str]:
         if tower.heads % tp:
             out.append(f"model.{name}.heads ({tower.heads}) must be divisible by parallel.tp ({tp}): "
                        f"each tensor-parallel rank computes whole heads")
-        hidden = int(tower.width * m.mlp_ratio)
+        hidden = int(tower.width * m.mlp_ratio) if math.isfinite(m.mlp_ratio) else 0  # NaN: reported above
         if hidden % tp:
             out.append(f"model.{name}: MLP width {hidden} (width {tower.width} x model.mlp_ratio "
                        f"{m.mlp_ratio}) must be divisible by parallel.tp ({tp})")

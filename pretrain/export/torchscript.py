@@ -1,7 +1,7 @@
 """The parameters and buffers of a TorchScript archive (OpenAI's released CLIP `.pt` files), read as data.
 
 `torch.jit.load` would rebuild the archive's modules and run the TorchScript code they carry (a scripted
-`__setstate__` runs while the file loads), and `torch.load(weights_only=True)` refuses TorchScript
+`__setstate__` runs while the file loads), and `torch.load` with `weights_only=True` refuses TorchScript
 archives. This reader runs nothing from the file. It unpickles the archive's `data.pkl` with a restricted
 unpickler whose only callables are ours:
 

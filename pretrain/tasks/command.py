@@ -52,8 +52,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from launch.env import discover
     from launch.logs import quiet_other_ranks
+    from launch.mpi import launch_rank_info
     from parallel import groups
     from pretrain.checkpoint.atomic import CheckpointSaveError
     from pretrain.config import embedded_config_path, load_config
@@ -61,7 +61,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     alphas, extra = _alphas(args.wise_ft)
     overrides = [*(args.overrides or []), *extra, *flag_overrides(args)]
-    me = discover()
+    me = launch_rank_info()  # the world size under mpi4py's fallback too
     cfg = load_config(args.config or embedded_config_path(), overrides, world_size=me.world_size)
     if alphas and not cfg.data.val.strip():
         raise ValueError("--wise-ft scores each mixing coefficient on held-out shards: pass --val SHARDS")

@@ -45,6 +45,10 @@ def test_mpirun_two_ranks_train(tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "global_step3"
 
 
+HIDE_OMPI = [a for v in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                         "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_NODE_RANK") for a in ("-u", v)]
+"""`env` arguments that strip Open MPI's rank variables: an MPI launcher `discover` does not know."""
+
 PROBE = """
 import json
 import re
@@ -58,9 +62,7 @@ print(json.dumps({"rank": info.rank, "world": info.world_size, "local": info.loc
 def test_unknown_mpi_launcher_falls_back_to_mpi4py():
     """Strip Open MPI's rank variables: ranks are then found through mpi4py (MPI_COMM_WORLD), and rank 0's
     free port reaches the other rank by broadcast."""
-    hide = [a for v in ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                        "OMPI_COMM_WORLD_LOCAL_SIZE", "OMPI_COMM_WORLD_NODE_RANK") for a in ("-u", v)]
-    r = subprocess.run(["mpirun", "-np", "2", "--allow-run-as-root", *LOCAL_ONLY.split(), "env", *hide,
+    r = subprocess.run(["mpirun", "-np", "2", "--allow-run-as-root", *LOCAL_ONLY.split(), "env", *HIDE_OMPI,
                         PYTHON, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     # Both ranks write to one pipe: lines can interleave, so pick every JSON object out of the stream.
@@ -69,3 +71,19 @@ def test_unknown_mpi_launcher_falls_back_to_mpi4py():
     assert {d["source"] for d in rows} == {"mpi4py"}
     assert {d["world"] for d in rows} == {2} and [d["local"] for d in rows] == [0, 1]
     assert len({(d["addr"], d["port"]) for d in rows}) == 1 and rows[0]["addr"] == "127.0.0.1"
+
+
+def test_training_under_the_mpi4py_fallback_checks_the_config_at_mpi_world_size(tmp_path):
+    """The same fallback through `pretrain train`: keys that depend on the world size are checked against
+    MPI's 2 ranks, not 1 (train.global_batch = 4 per rank x 2), and only rank 0 logs INFO lines."""
+    shards = write_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    r = subprocess.run(["mpirun", "-np", "2", "--allow-run-as-root", *LOCAL_ONLY.split(), "env", *HIDE_OMPI,
+                        "OMP_NUM_THREADS=1", PYTHON, "-m", "pretrain.cli", "train",
+                        *train_args(shards, run, 2, "train.global_batch=8")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert logged_steps(run) == [1, 2]
+    assert "rank 0 of 2 (from mpi4py variables)" in out
+    assert "rank 1 of 2" not in out  # rank 1 logs warnings and errors only

@@ -107,3 +107,56 @@ def test_deepspeed_launcher_per_node_no_ssh_under_srun(cluster, shards, tmp_path
     assert "--master_addr 127.0.0.1" in log and "--hostfile" in log
     assert "rank 1 of 2 (from torch variables)" in log
     assert logged_steps(run) == [1, 2, 3]
+
+
+def _until_training(cluster, jid: int, run: Path, out: Path, steps: int = 2) -> None:
+    deadline = time.monotonic() + 180
+    while len(logged_steps(run)) < steps:  # mid-run: training is under way on both nodes
+        assert time.monotonic() < deadline, out.read_text()[-3000:] if out.exists() else "no output"
+        assert cluster.job(jid).get("JobState") in ("PENDING", "RUNNING"), out.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def test_deepspeed_launcher_usr1_still_checkpoints_and_requeues(cluster, shards, tmp_path):
+    """MMPT_LAUNCHER=deepspeed: the srun task is `pretrain launch`, the parent of DeepSpeed's runner, which
+    starts MMPT_PROCS_PER_NODE ranks (srun gets MMPT_SRUN_ARGS); USR1 reaches every process of the step,
+    the launcher processes ignore it, the ranks save and exit 75, and the script requeues."""
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    jid = submit(cluster, out, 1, train_args(shards, run, 400, "logging.all_ranks=true"),
+                 env={"MMPT_LAUNCHER": "deepspeed", "MMPT_PROCS_PER_NODE": "2", "MMPT_SRUN_ARGS": "--label"})
+    _until_training(cluster, jid, run, out)
+    cluster.run(["scancel", "--signal=USR1", "--batch", str(jid)])
+    info = cluster.wait_job(jid, {"PENDING"}, 120, str(out))  # requeued by the script
+    cluster.run(["scancel", str(jid)])
+    log = out.read_text()
+    assert info["Restarts"] == "1", log[-4000:]
+    stopped_at = logged_steps(run)[-1]
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{stopped_at}"
+    assert "training step exited with status 75" in log and "requeueing job" in log
+    assert "--num_accelerators 2" in log and "rank 1 of 2 (from torch variables)" in log
+    assert "\n0: " in log  # srun --label: MMPT_SRUN_ARGS reached srun
+
+
+def test_deepspeed_launcher_scancel_saves_before_the_step_ends(cluster, shards, tmp_path):
+    """scancel signals SIGTERM to every process of the step: DeepSpeed's runner dies of it, `pretrain
+    launch` (the srun task) waits for its per-node launcher and ranks, which save first; no requeue. The
+    ranks are held after step 2 for 3 s past the signal (MMPT_FAULT_HOLD), like a slow step or save: with
+    the runner as the task, the step ended then and took the ranks with it.
+    data.workers=0: torch's DataLoader workers end on SIGTERM and take their rank down (a loader matter)."""
+    run, out, release = tmp_path / "run", tmp_path / "job.out", tmp_path / "release"
+    jid = submit(cluster, out, 2, train_args(shards, run, 400, "data.workers=0"),
+                 env={"MMPT_LAUNCHER": "deepspeed", "TMPDIR": str(tmp_path),
+                      "MMPT_FAULT_HOLD": f"2:{release}"})
+    _until_training(cluster, jid, run, out)
+    cluster.run(["scancel", str(jid)])
+    time.sleep(3)
+    release.touch()
+    info = cluster.wait_job(jid, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 120, str(out))
+    time.sleep(1)  # the job state can change before the last lines reach the output file
+    log = out.read_text()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log[-4000:]
+    stopped_at = logged_steps(run)[-1]
+    assert stopped_at == 3, log[-4000:]  # the first stop check after the signal
+    assert "stopped at step 3 on SIGTERM" in log, log[-4000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "global_step3"
+    assert "requeueing" not in log

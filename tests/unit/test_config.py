@@ -114,3 +114,92 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert markdown_reference() in readme, "README config reference is stale: run `make docs`"
+
+
+@pytest.mark.parametrize("override, value", [
+    ("run.dir=/mnt/exp #3/run", "/mnt/exp #3/run"),  # YAML would read ` #3/run` as a comment
+    ("run.dir=%x-%j", "%x-%j"),  # a YAML directive
+    ("data.train=@bucket/shards", "@bucket/shards"),  # a reserved character
+    ("cross_site.site=no", "no"),  # YAML 1.1's false
+    ("cross_site.site=0", "0"),
+    ("cross_site.rendezvous=[::1]:29400", "[::1]:29400"),  # a flow sequence
+    ("run.dir='a #b'", "a #b"),  # quoted: YAML reads the quotes away
+    ('cross_site.site="x\\ty"', "x\ty"),
+])
+def test_string_keys_take_the_override_text_as_typed(override, value):
+    from pretrain.config import get_key
+
+    assert get_key(load_config(None, [override]), override.split("=", 1)[0]) == value
+
+
+def test_other_keys_are_still_yaml_typed():
+    cfg = load_config(None, ["logging.tensorboard=no", "train.steps=12", "optim.betas=[0.8, 0.9]",
+                             "train.freeze=[text.*]"])
+    assert cfg.logging.tensorboard is False and cfg.train.steps == 12
+    assert cfg.optim.betas == [0.8, 0.9] and cfg.train.freeze == ["text.*"]
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: {steps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: not valid YAML") and f'in "{p}", line 2' in str(e.value)
+    p.write_bytes(b"\xff\xfe train: 1\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text") as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: ")
+
+
+def test_yaml_syntax_error_is_one_line_through_the_cli(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: {steps: 3\n")
+    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "config", "--config", str(p)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"pretrain: config error: {p}: not valid YAML" in r.stderr
+
+
+def test_duplicate_keys_in_a_recipe_are_an_error(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("train:\n  steps: 1\nmodel:\n  embed_dim: 32\ntrain:\n  micro_batch: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}, line 5: key 'train' is given twice")
+    assert "first on line 1" in str(e.value)
+    p.write_text("train:\n  steps: 1\n  steps: 2\n")
+    with pytest.raises(ConfigError, match="key 'steps' is given twice"):
+        load_config(p)
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    p = tmp_path / "merge.yaml"
+    p.write_text("x-tower: &tower {width: 64, heads: 2, layers: 1}\n"
+                 "model:\n  vision: {<<: *tower, layers: 3}\n  text: *tower\n")
+    with pytest.raises(ConfigError, match="unknown config key 'x-tower'"):  # merged fine, then the schema
+        load_config(p)
+    p.write_text("model:\n  vision: &tower {width: 64, heads: 2, layers: 1}\n"
+                 "  text: {<<: *tower, layers: 3}\n")
+    cfg = load_config(p)
+    assert (cfg.model.text.width, cfg.model.text.layers, cfg.model.vision.layers) == (64, 3, 1)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("model.mlp_ratio=-1", "model.mlp_ratio must be > 0"),
+    ("model.mlp_ratio=.nan", "model.mlp_ratio must be a finite number"),
+    ("objectives.contrastive.max_logit_scale=-5", "objectives.contrastive.max_logit_scale must be > 0"),
+    ("optim.eps=-1", "optim.eps must be > 0"),
+    ("optim.eps=0", "optim.eps must be > 0"),
+    ("optim.weight_decay=.nan", "optim.weight_decay must be a finite number"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.lr=.inf", "optim.lr must be a finite number"),
+    ("data.mean=[.nan, 0.5, 0.5]", "data.mean must be a finite number"),
+])
+def test_float_keys_out_of_range_are_named(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_nan_mlp_ratio_with_tensor_parallelism_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.mlp_ratio must be a finite number"):
+        load_config(None, ["model.mlp_ratio=.nan", "parallel.tp=2"], world_size=2)

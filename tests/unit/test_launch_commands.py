@@ -69,8 +69,15 @@ def test_torchrun_several_nodes_needs_a_node_rank():
         plan(["--launcher", "torchrun", "--nodes", "2", "--master-addr", "h", "--", *TRAIN])
 
 
-def test_mpirun_open_mpi_leaves_the_master_to_mpi4py_unless_given(monkeypatch):
+def _two_host_file(tmp_path: Path, monkeypatch) -> None:
+    """`hf` in the working directory: `pretrain launch` reads a --hostfile before building the command."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hf").write_text("h0 slots=3\nh1 slots=3\n")
+
+
+def test_mpirun_open_mpi_leaves_the_master_to_mpi4py_unless_given(monkeypatch, tmp_path):
     monkeypatch.setattr(launch_cli.os, "geteuid", lambda: 0)
+    _two_host_file(tmp_path, monkeypatch)
     env = {"MMPT_MPI_FLAVOR": "openmpi"}
     p = plan(["--launcher", "mpirun", "--nodes", "1", "--procs-per-node", "2", "--python", PY,
               "--launcher-args=--oversubscribe --mca btl self,vader,tcp", "--", *TRAIN], env)
@@ -86,7 +93,8 @@ def test_mpirun_open_mpi_leaves_the_master_to_mpi4py_unless_given(monkeypatch):
     assert build_command(p).count("--bind-to") == 1  # the user's choice wins
 
 
-def test_mpirun_mpich_spelling():
+def test_mpirun_mpich_spelling(monkeypatch, tmp_path):
+    _two_host_file(tmp_path, monkeypatch)
     p = plan(["--launcher", "mpirun", "--nodes", "2", "--procs-per-node", "3", "--hostfile", "hf",
               "--master-addr", "h0", "--master-port", "5000", "--python", PY, "--", *TRAIN],
              {"MMPT_MPI_FLAVOR": "mpich"})
@@ -123,3 +131,38 @@ def test_dry_run_through_the_pretrain_cli_prints_one_runnable_line():
                                              "--nproc_per_node", "2", "--node_rank", "0", "--master_addr",
                                              "127.0.0.1", "--master_port", "29999", "-m", "pretrain.cli",
                                              *TRAIN]
+
+
+def test_deepspeed_on_one_node_stays_on_the_gpus_cuda_visible_devices_lists(monkeypatch):
+    """With --num_accelerators the deepspeed runner drops CUDA_VISIBLE_DEVICES and starts the ranks on GPUs
+    0..P-1; the visible ones go to it as --include instead (CUDA present: two GPUs seen through it)."""
+    monkeypatch.setattr(launch_cli, "_cuda_gpus", lambda: 2)
+    env = {"CUDA_VISIBLE_DEVICES": "4,5"}
+    for argv in (["--procs-per-node", "2"], []):  # the default rank count is the visible GPUs too
+        p = plan(["--launcher", "deepspeed", *argv, "--master-port", "4000", "--python", PY, "--", *TRAIN],
+                 env)
+        assert build_command(p) == [str(Path(PY).parent / "deepspeed"), "--include", "localhost:4,5",
+                                    "--master_port", "4000", "--no_local_rank", "--module", "pretrain.cli",
+                                    *TRAIN]
+    p = plan(["--launcher", "deepspeed", "--procs-per-node", "1", "--python", PY, "--", *TRAIN], env)
+    assert "localhost:4" in build_command(p)
+
+
+def test_deepspeed_on_cpu_keeps_num_accelerators_as_the_rank_count(monkeypatch):
+    monkeypatch.setattr(launch_cli, "_cuda_gpus", lambda: 0)  # what this CPU machine reports anyway
+    p = plan(["--launcher", "deepspeed", "--procs-per-node", "3", "--python", PY, "--", *TRAIN],
+             {"CUDA_VISIBLE_DEVICES": "4,5"})
+    cmd = build_command(p)
+    assert cmd[1:3] == ["--num_accelerators", "3"] and "--include" not in cmd
+
+
+@pytest.mark.parametrize("visible, procs, words", [
+    ("GPU-5d3c1f2e,GPU-77aa0b12", 2, "by index only"),
+    ("4,5", 3, "lists 2 GPU"),
+    ("4,4", 2, "twice"),
+])
+def test_cuda_visible_devices_the_deepspeed_launcher_cannot_honour_is_refused(visible, procs, words):
+    p = LaunchPlan(launcher="deepspeed", nodes=1, procs_per_node=procs, train_args=TRAIN,
+                   visible_devices=visible)
+    with pytest.raises(LaunchPlanError, match=words):
+        build_command(p)
