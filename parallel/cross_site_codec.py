@@ -14,6 +14,11 @@ that minimises the L2 error of a sign vector (scaled sign compression, EF-SignSG
 2019; 1-bit Adam). It is 0.129 bytes per value against int8's 1.004, so the same byte budget buys ~7.8x
 the rounds; with error feedback nothing is lost, only delayed. Why trade precision for rounds: on the
 demo, the drift of the sites between rounds costs far more than rounding (docs/benchmarks.md, "#19").
+
+Only finite values are encoded: one inf would make its chunk's int8/sign scale inf and the whole chunk (and,
+through error feedback, the residual of every later round) NaN, so `encode` refuses NaN and inf, naming how
+many. fp16 saturates at its largest finite value, +-65504, instead of overflowing to inf (it has no error
+feedback: what lies beyond is lost, and a pseudo-gradient that large means the site's training diverged).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import torch
 
 CHUNK = 1024
 """Values per int8 or sign scale."""
+FP16_MAX = 65504.0
+"""Largest finite fp16 value: what the fp16 codec saturates at."""
 _HEADER = struct.Struct("<4sQ")  # codec name (padded), number of values
 CODECS = ("none", "fp16", "int8", "sign")
 LOSSY = ("int8", "sign")
@@ -32,20 +39,26 @@ LOSSY = ("int8", "sign")
 
 
 def encode(values: torch.Tensor, codec: str) -> bytes:
-    """`values` (a flat fp32 tensor on any device) as payload bytes under `codec`."""
+    """`values` (a flat fp32 tensor on any device, every value finite) as payload bytes under `codec`."""
     x = values.detach().float().cpu().reshape(-1)
     n = x.numel()
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"cross-site payload: {bad} of the {n} values to encode ({codec}) are NaN or inf; "
+                         "only finite values can be sent")
     head = _HEADER.pack(codec.encode().ljust(4, b" "), n)
     if codec == "none":
         return head + x.numpy().tobytes()
     if codec == "fp16":
-        return head + x.half().numpy().tobytes()
+        return head + x.clamp(-FP16_MAX, FP16_MAX).half().numpy().tobytes()
     if codec == "int8":
         q, scales = _quantize(x)
         return head + scales.numpy().tobytes() + q.numpy().tobytes()
     if codec == "sign":
         padded = torch.nn.functional.pad(x, (0, (-n) % CHUNK)).view(-1, CHUNK)
-        scales = padded.abs().sum(dim=1) / _chunk_sizes(n)  # the mean |x| of each chunk's real values
+        # the mean |x| of each chunk's real values, summed in float64: 1024 values near the fp32 maximum
+        # would overflow an fp32 sum to inf, while their mean is finite
+        scales = padded.double().abs().sum(dim=1) / _chunk_sizes(n).double()
         bits = np.packbits((x >= 0).numpy())  # 1: x >= 0, 0: x < 0; eight values per byte
         return head + scales.float().numpy().tobytes() + bits.tobytes()
     raise ValueError(f"cross_site.compress: unknown codec {codec!r} (one of {', '.join(CODECS)})")
@@ -118,10 +131,15 @@ class ErrorFeedback:
         self.residual = torch.zeros(numel if codec in LOSSY else 0, dtype=torch.float32, device=device)
 
     def encode(self, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
-        """(payload, what the other sites will decode from it) for `values` plus the carried residual."""
+        """(payload, what the other sites will decode from it) for `values` plus the carried residual. A
+        ValueError (values not finite, or a decoded value that is not) leaves the residual as it was: a NaN
+        in it would be added to every later round."""
         carried = values + self.residual if self.residual.numel() else values
         payload = encode(carried, self.codec)
         sent = decode(payload).to(values.device)
+        if not bool(torch.isfinite(sent).all()):
+            raise ValueError(f"cross-site payload ({self.codec}): values of magnitude up to "
+                             f"{float(carried.abs().max()):.3g} decode to inf; nothing was sent")
         if self.residual.numel():
             self.residual = carried - sent
         return payload, sent

@@ -9,14 +9,20 @@ instead of remove) faces sensitivity 2 x clip: the same epsilon then needs twice
 sample-level privacy of one image-caption pair inside a site (per-sample clipping in the inner steps,
 DP-SGD) and protection against the site's own operators. See docs/cross_site.md.
 
-The noise generator is seeded by (site, round, rank): distinct draws on every rank's partition and in
-every round, reproducible for a given run, independent between sites.
+The noise must be unknown to everyone but the site: whoever can regenerate it can subtract it, and a
+seed derived from public values (site, round, rank: all three are in the store's key of every payload)
+would give the noise away to the store, the other sites and anyone reading the traffic. So every release
+draws a fresh 256-bit key from the operating system's CSPRNG (`secrets`), expands it into normals with
+SHAKE-256 (a cryptographic XOF: the draws do not reveal the key or each other, unlike a Mersenne Twister,
+whose state a few hundred outputs recover) and forgets it. Nothing about it is stored, checkpointed or
+sent, so a replayed round draws new noise too (that replay is then one more release for the accountant).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 import warnings
 
 import torch
@@ -24,23 +30,49 @@ import torch
 
 def clip_scale(site_sq_norm: float, clip: float) -> float:
     """Factor that brings a pseudo-gradient of squared L2 norm `site_sq_norm` (summed over every rank of
-    the site) to norm <= `clip`; 1 when it already is, or when clipping is off (clip = 0)."""
+    the site) to norm <= `clip`; 1 when it already is, or when clipping is off (clip = 0). A norm that is
+    not finite is refused: NaN would pass through as a NaN factor and inf would give 0, and inf x 0 is NaN."""
     if clip <= 0:
         return 1.0
+    if not math.isfinite(site_sq_norm):
+        raise ValueError(f"cross_site.dp_clip: the pseudo-gradient's squared norm is {site_sq_norm}, not a "
+                         "finite number: there is nothing meaningful to clip")
     norm = math.sqrt(max(site_sq_norm, 0.0))
     return 1.0 if norm <= clip else clip / norm
 
 
-def noise_seed(site: str, round_index: int, rank: int) -> int:
-    """A 63-bit seed for the noise of `site`'s partition on `rank` in `round_index`."""
-    digest = hashlib.sha256(f"mmpt-cross-site/{site}/{round_index}/{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+def noise_seed() -> bytes:
+    """A fresh 256-bit secret for one release's noise, from the OS CSPRNG. The caller uses it once and keeps
+    it nowhere: not in the checkpoint, the store or the log (see the module docstring)."""
+    return secrets.token_bytes(32)
 
 
-def gaussian_noise(like: torch.Tensor, std: float, seed: int) -> torch.Tensor:
-    """N(0, std^2) of `like`'s shape, drawn on the CPU from `seed` (the same draws on any device)."""
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(like.shape, generator=gen, dtype=torch.float32) * std).to(like.device)
+_NOISE_PIECE = 1 << 22
+"""Normals per SHAKE-256 call: bounds the temporary memory to a few tens of MB whatever the partition."""
+
+
+def gaussian_noise(like: torch.Tensor, std: float, seed: bytes) -> torch.Tensor:
+    """N(0, std^2) of `like`'s shape (fp32, on its device), a deterministic function of the secret `seed`
+    (so that it can be tested) and of nothing public. SHAKE-256 of (seed, piece) gives 64 bits per value; the
+    top 53 of each pair make two uniforms in (0, 1], Box-Muller in float64 turns them into two normals (tails
+    to 8.5 std, against 5.8 for a float32 generator)."""
+    if len(seed) < 16:
+        raise ValueError(f"gaussian_noise: a seed of {len(seed)} bytes is too short to be secret "
+                         "(use noise_seed())")
+    n = like.numel()
+    out = torch.empty(n, dtype=torch.float32, device=like.device)
+    for piece, start in enumerate(range(0, n, _NOISE_PIECE)):
+        count = min(_NOISE_PIECE, n - start)
+        pairs = -(-count // 2)
+        stream = hashlib.shake_256(b"mmpt-cross-site-noise/" + seed + piece.to_bytes(8, "little"))
+        words = torch.frombuffer(bytearray(stream.digest(16 * pairs)), dtype=torch.int64).to(like.device)
+        # the top 53 bits as an integer in [0, 2^53), + 1: uniforms in (0, 1], so log(u) is finite
+        u = ((words >> 11) & ((1 << 53) - 1)).double().add_(1.0).mul_(2.0 ** -53).view(2, pairs)
+        radius = torch.sqrt(-2.0 * torch.log(u[0]))
+        angle = (2.0 * math.pi) * u[1]
+        normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+        out[start:start + count] = (normals * std).float()
+    return out.view(like.shape)
 
 
 class PrivacyLedger:

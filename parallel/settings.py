@@ -134,16 +134,31 @@ class CrossSiteConfig:
     bytes per sample on the link than data parallelism and trailed the synchronous job by 3.4 zero-shot
     points on average, against 5.6 for `every=20` with int8 on 1.15x its link bytes (docs/benchmarks.md)."""
     dp_clip: float = 0.0
-    """Clip each site's pseudo-gradient (all of the model: all ranks' partitions) to this L2 norm before it
-    leaves the site (0: no clipping). Needed for `cross_site.dp_noise`."""
+    """Clip each site's pseudo-gradient (all of the model: all ranks' partitions) to this L2 norm every round,
+    before it is encoded (0: no clipping). Needed for `cross_site.dp_noise`, whose sensitivity it is. Without
+    noise it bounds what leaves the site each round only with compress `none` (fp16: up to its rounding):
+    int8 and sign also send what their rounding held back in earlier rounds (error feedback), so one round's
+    payload can exceed dp_clip; what they bound is the running sum: after k rounds, the norm of everything
+    the site has sent is <= k x dp_clip + the norm of the residual it still holds (docs/cross_site.md)."""
     dp_noise: float = 0.0
     """Gaussian noise multiplier: each site adds N(0, (dp_noise x dp_clip)^2) to every value it sends
-    (0: off). Epsilon per round and in total (site-level, not sample-level) from opacus's RDP accountant
-    goes to the log and metrics.jsonl."""
+    (0: off), drawn from a fresh secret each release that is never stored or sent, so nobody else can
+    regenerate the noise and subtract it. Epsilon per round and in total (site-level, not sample-level) from
+    opacus's RDP accountant goes to the log and metrics.jsonl."""
     dp_delta: float = 1e-5
     """Delta of the reported (epsilon, delta) guarantee."""
     timeout_s: int = 120
     """Seconds to wait for the rendezvous (an unreachable one fails after this, naming the address), for
     other sites at each round (a site that has not delivered by then is dropped for that round) and for a
-    survivor's outer state when rejoining. Must exceed the time `every` steps take on the slowest site and
-    stay below `parallel.timeout_s`."""
+    survivor's outer state when rejoining, and for any one operation on the store (a store that accepts but
+    does not answer, e.g. a frozen host, fails after this, naming the address). Must exceed the time `every`
+    steps take on the slowest site and the time one payload takes on the link, and stay below
+    `parallel.timeout_s`."""
+    secret_file: str = ""
+    """A file holding a secret shared by every site (at least 16 bytes, e.g. `openssl rand -hex 32`; the
+    same file content everywhere, never in the store). With it, every value a site writes to the rendezvous
+    store (payloads, outer states handed to a rejoining site, members, digests, the fingerprint) carries an
+    HMAC-SHA256 over its key and bytes, checked before use: a value written by anyone else who reaches the
+    store's port is refused, naming the key. Empty: unsigned, so the store's port must be reachable only by
+    the sites (a private network, a VPN or an SSH/TLS tunnel; docs/cross_site.md). Signing does not encrypt:
+    what crosses the link can still be read by whoever sees it."""

@@ -22,7 +22,9 @@ log = logging.getLogger("mmpt.train")
 def fingerprint(cfg: Config, tokenizer_text: str) -> dict[str, Any]:
     """What every site must share, key by key (a mismatch is reported by these names): the architecture,
     the tokenizer (token ids must mean the same words everywhere: give every site the same
-    `data.tokenizer`), the initial weights' seed, H and the layout (rank r exchanges with rank r)."""
+    `data.tokenizer`), the initial weights' seed, H, the outer step (every site applies it to the same
+    average on its own: a different outer_lr or outer_momentum would make `synced` drift apart silently) and
+    the layout (rank r exchanges with rank r)."""
     model = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items() if k not in KERNEL_SWITCHES}
     return {
         **model,
@@ -30,6 +32,8 @@ def fingerprint(cfg: Config, tokenizer_text: str) -> dict[str, Any]:
         "train.seed": cfg.train.seed,
         "cross_site.every": cfg.cross_site.every,
         "cross_site.sites": cfg.cross_site.sites,
+        "cross_site.outer_lr": cfg.cross_site.outer_lr,
+        "cross_site.outer_momentum": cfg.cross_site.outer_momentum,
         "world_size": groups.world_size(),
         "parallel.tp": cfg.parallel.tp,
         "train.freeze": list(cfg.train.freeze),
@@ -55,7 +59,8 @@ def start_outer_loop(cfg: Config, engine: Any, start: Any, run_dir: Path) -> Out
     if cfg.cross_site.sites <= 1:
         return None
     tokenizer_text = (run_dir / "tokenizer.json").read_text()
-    loop = OuterLoop(cfg.cross_site, engine.module, fingerprint(cfg, tokenizer_text), engine.device)
+    loop = OuterLoop(cfg.cross_site, engine.module, fingerprint(cfg, tokenizer_text), engine.device,
+                     run_dir=run_dir)  # released rounds recorded there too: epsilon survives a crash
     state = rank_outer_state(start.target if start.universal is None else None)
     if start.resumed and state is None:
         log.warning("cross-site: the checkpoint has no outer state for this rank (another layout, or saved "

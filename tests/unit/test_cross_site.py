@@ -152,15 +152,14 @@ def test_clip_scale_over_several_ranks_bounds_the_whole_site():
     assert clip_scale(0.25, 1.0) == 1.0 and clip_scale(123.0, 0.0) == 1.0
 
 
-def test_noise_has_the_configured_scale_and_differs_by_round_and_site():
+def test_noise_has_the_configured_scale_and_is_never_reproduced():
+    """Reproducible noise could be regenerated and subtracted by whoever knows how: the same (site, round,
+    rank) must give other noise every time (test_cross_site_numerics checks it against public seeds)."""
     zero = torch.zeros(20000)
     a1 = _loop(dp_clip=2.0, dp_noise=0.5)._release(zero, 1)
     assert a1.std().item() == pytest.approx(1.0, rel=0.05)  # dp_noise x dp_clip
-    assert torch.equal(a1, _loop(dp_clip=2.0, dp_noise=0.5)._release(zero, 1))  # reproducible
-    assert not torch.equal(a1, _loop(dp_clip=2.0, dp_noise=0.5)._release(zero, 2))
-    other = _loop(dp_clip=2.0, dp_noise=0.5)
-    other.cfg = CrossSiteConfig(site="t", dp_clip=2.0, dp_noise=0.5)
-    assert not torch.equal(a1, other._release(zero, 1))
+    again = _loop(dp_clip=2.0, dp_noise=0.5)._release(zero, 1)
+    assert torch.corrcoef(torch.stack([a1, again]))[0, 1].abs() < 0.05  # same site, round, rank: new noise
 
 
 def test_epsilon_comes_from_opacus_and_grows_with_rounds():
@@ -283,6 +282,7 @@ def test_heartbeat_stop_waits_for_a_store_call_in_flight():
 def test_a_rejoining_site_gets_the_state_a_member_publishes():
     store = serve(f"127.0.0.1:{free_port()}")
     a = _site(store, "a")
+    store.add("mmpt/xs/beat/a", 1)  # a is running (a joiner stops waiting when no other site beats)
     a.finish_round(4)
     late = Rendezvous(store, "b", 0, "test", 5.0, expected_sites=2)
     assert late.group_round() == 4
@@ -310,4 +310,4 @@ def test_launch_site_flags_become_overrides():
     args = parser.parse_args(["launch", "--launcher", "torchrun", "--site", "0", "--rendezvous", "h:29400",
                               "--", "train", "cross_site.site=x"])
     plan = launch_cli.plan_from_args(args, {})
-    assert plan.train_args[-2:] == ('cross_site.site="0"', "cross_site.rendezvous=h:29400")
+    assert plan.train_args[-2:] == ('cross_site.site="0"', 'cross_site.rendezvous="h:29400"')
