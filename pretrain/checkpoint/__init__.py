@@ -1,7 +1,7 @@
 """Everything about checkpoints, in one room.
 
 - `atomic`: atomic save, markers, and the checked, weights-only DeepSpeed load
-- `tags`: complete tags in save order, the `latest` fallback, retention (`keep_last` / `keep_every`), rollbacks
+- `tags`: complete tags in save order, the `latest` fallback, retention (`keep_last`, `keep_every`), rollbacks
 - `weights_only`: loading that never unpickles (ours and DeepSpeed's readers), refusals named
 - `write_errors`: a write failing on one rank is recorded, not raised mid-collective (no hang)
 - `sources`: read any checkpoint (DeepSpeed ZeRO folder, universal, safetensors) as named tensors
