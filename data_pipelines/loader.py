@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -229,7 +230,17 @@ class _EvalStream(IterableDataset):
 
 
 WORKER_SIGTERM_GRACE_S = 300
-"""How long a DataLoader worker keeps serving batches after a SIGTERM (then SIGALRM ends it)."""
+"""How long a DataLoader worker keeps serving batches after a SIGTERM from outside its rank."""
+
+
+def _watch_sigterm(parent: int) -> None:
+    """The worker's SIGTERM, taken synchronously (with its sender) on a thread of its own."""
+    while True:
+        info = signal.sigtimedwait({signal.SIGTERM}, 5.0)
+        if os.getppid() != parent or (info is not None and info.si_pid == parent):
+            os._exit(0)  # its rank is gone, or is shutting it down (what torch's own handler does)
+        if info is not None:
+            signal.alarm(WORKER_SIGTERM_GRACE_S)  # SIGALRM's default action ends it then
 
 
 def _worker_init(_: int) -> None:
@@ -237,11 +248,13 @@ def _worker_init(_: int) -> None:
 
     torch's workers end on SIGTERM from anyone but their parent, and the rank then raises "DataLoader worker
     killed" instead of finishing its step and saving the checkpoint its own SIGTERM handler asked for. Here
-    a worker that gets SIGTERM goes on serving until the ranks have agreed to stop, and ends at the latest
-    WORKER_SIGTERM_GRACE_S later (SIGALRM, default action), so it cannot outlive its job for long; its rank
-    ends it as usual on shutdown. A SIGTERM from the parent (torch's shutdown of a worker that did not stop
-    in time) gets the same grace: the worker is ended by SIGALRM or when its parent goes."""
-    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_SIGTERM_GRACE_S))
+    SIGTERM is blocked in the worker and taken by a thread that sees who sent it: from the rank (its
+    shutdown of the worker), or once the rank is gone, the worker exits at once as before; from anyone else
+    it goes on serving until the ranks have agreed to stop, and ends at the latest WORKER_SIGTERM_GRACE_S
+    later, so it cannot outlive its job for long."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    threading.Thread(target=_watch_sigterm, args=(os.getppid(),), name="mmpt-worker-sigterm",
+                     daemon=True).start()
 
 
 def _data_loader(dataset: IterableDataset, workers: int, persistent: bool) -> DataLoader:

@@ -69,13 +69,13 @@ def read_secret(path: str) -> bytes | None:
     return data
 
 
-def _run_bounded(fn: Callable[[], T], timeout_s: float,
-                 name: str) -> tuple[bool, T | None, BaseException | None]:
-    """(finished, result, error) of `fn` run on a daemon thread, waited for at most `timeout_s`."""
+def _boxed(fn: Callable[[], T]) -> tuple[Callable[[], None], dict[str, Any], threading.Event]:
+    """`fn` as a job to run on another thread, the box its result or error lands in, and the event set
+    when it ends (the caller waits on that with a deadline)."""
     box: dict[str, Any] = {}
     done = threading.Event()
 
-    def work() -> None:
+    def job() -> None:
         try:
             box["result"] = fn()
         except BaseException as e:  # handed to the caller
@@ -83,7 +83,14 @@ def _run_bounded(fn: Callable[[], T], timeout_s: float,
         finally:
             done.set()
 
-    threading.Thread(target=work, name=name, daemon=True).start()
+    return job, box, done
+
+
+def _run_bounded(fn: Callable[[], T], timeout_s: float,
+                 name: str) -> tuple[bool, T | None, BaseException | None]:
+    """(finished, result, error) of `fn` run on a daemon thread, waited for at most `timeout_s`."""
+    job, box, done = _boxed(fn)
+    threading.Thread(target=job, name=name, daemon=True).start()
     finished = done.wait(timeout_s)
     return finished, box.get("result"), box.get("error")
 
@@ -129,17 +136,7 @@ class Link:
             self._worker = threading.Thread(target=self._serve_jobs, name="mmpt-cross-site-store",
                                             daemon=True)
             self._worker.start()
-        box: dict[str, Any] = {}
-        done = threading.Event()
-
-        def job() -> None:
-            try:
-                box["result"] = fn()
-            except BaseException as e:  # handed to the caller
-                box["error"] = e
-            finally:
-                done.set()
-
+        job, box, done = _boxed(fn)
         self._jobs.put(job)
         if not done.wait(self.timeout_s):
             self._broken = (f"the store stopped answering ({what} got no answer within {self.timeout_s:g} s, "

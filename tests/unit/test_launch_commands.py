@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from launchargs import plan
 
 from launch import cli as launch_cli
 from launch.commands import LaunchPlan, LaunchPlanError, build_command
@@ -19,16 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 TRAIN = ("train", "--config", "c.yaml", "train.steps=9")
 
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    launch_cli.register(sub=sub, bench=None, data=None)  # type: ignore[arg-type]
-    return parser.parse_args(["launch", *argv])
-
-
-def plan(argv: list[str], env: dict[str, str] | None = None) -> LaunchPlan:
-    return launch_cli.plan_from_args(parse(argv), env or {})
 
 
 def test_deepspeed_single_node():

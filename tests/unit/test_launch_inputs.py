@@ -3,16 +3,16 @@ traceback or a launcher that fails later; cross-site addresses reach the config 
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launchargs import parse, plan
 
 from launch import cli as launch_cli
-from launch.commands import LaunchPlan, LaunchPlanError
+from launch.commands import LaunchPlanError
 from launch.env import LaunchEnvError
 from pretrain.config import load_config
 
@@ -20,16 +20,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 TRAIN = ["--", "train", "--config", "c.yaml"]
 
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    launch_cli.register(sub=sub, bench=None, data=None)  # type: ignore[arg-type]
-    return parser.parse_args(["launch", *argv])
-
-
-def plan(argv: list[str], env: dict[str, str] | None = None) -> LaunchPlan:
-    return launch_cli.plan_from_args(parse(argv), env or {})
 
 
 @pytest.fixture
