@@ -76,6 +76,21 @@ def checkpoint(loop: OuterLoop) -> dict:
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in loop.state_dict().items()}
 
 
+def exchange(a: OuterLoop, b: OuterLoop, rounds: int, keep_b_at: int,
+             b_seed: int = 100) -> tuple[dict, torch.Tensor]:
+    """Sites a and b train and exchange `rounds` rounds (b on other data: seeds b_seed + k); b's checkpoint
+    (outer state and weights) as it was after round `keep_b_at`, for a restart from it."""
+    kept: tuple[dict, torch.Tensor] | None = None
+    for k in range(1, rounds + 1):
+        train(a, k)
+        train(b, b_seed + k)
+        together(a._round, b._round)
+        if k == keep_b_at:
+            kept = checkpoint(b), b.partition.read()
+    assert kept is not None
+    return kept
+
+
 def asked(member: OuterLoop, timeout_s: float = 20) -> None:
     """Until a joining site has asked the sites (here: `member`'s generation) for their outer state."""
     deadline = time.monotonic() + timeout_s

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from xsites import N, asked, checkpoint, site, stop, together, train
+from xsites import N, asked, exchange, site, stop, together, train
 
 from launch.rendezvous import free_port
 from parallel.cross_site_codec import encode
@@ -153,12 +153,7 @@ def test_epsilon_counts_the_rounds_released_after_the_last_checkpoint(tmp_path):
     kw = {"timeout_s": 5, "dp_clip": 1.0, "dp_noise": 1.0}
     a, b = site(address, "a", **kw), site(address, "b", run_dir=tmp_path, **kw)
     together(a.join, b.join)
-    for k in range(1, 5):
-        train(a, k)
-        train(b, 100 + k)
-        together(a._round, b._round)
-        if k == 2:
-            ckpt, w_ckpt = checkpoint(b), b.partition.read()
+    ckpt, w_ckpt = exchange(a, b, 4, keep_b_at=2)
     stop(b)
     b2 = site(address, "b", w_ckpt, state=ckpt, **kw)  # no run_dir: the store's count alone
     joining = threading.Thread(target=b2.join, daemon=True)

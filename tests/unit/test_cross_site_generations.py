@@ -9,7 +9,7 @@ import threading
 import time
 
 import torch
-from xsites import N, asked, checkpoint, site, stop, together, train
+from xsites import N, asked, checkpoint, exchange, site, stop, together, train
 
 from launch.rendezvous import free_port
 from parallel.cross_site_store import Heartbeat, serve
@@ -48,12 +48,7 @@ def test_a_site_back_from_an_older_checkpoint_after_the_others_ended_goes_on_as_
     server = serve(address)
     a, b = site(address, "a", timeout_s=2), site(address, "b", timeout_s=2)
     together(a.join, b.join)
-    for k in range(1, 5):
-        train(a, k)
-        train(b, 100 + k)
-        together(a._round, b._round)
-        if k == 2:
-            ckpt, w_ckpt = checkpoint(b), b.partition.read()
+    ckpt, w_ckpt = exchange(a, b, 4, keep_b_at=2)
     stop(b)
     for k in (5, 6):
         train(a, k)
@@ -93,12 +88,7 @@ def test_sites_resumed_at_different_rounds_on_a_fresh_store_meet_again():
     server = serve(address)
     a, b = site(address, "a"), site(address, "b")
     together(a.join, b.join)
-    for k in range(1, 6):
-        train(a, k)
-        train(b, 10 + k)
-        together(a._round, b._round)
-        if k == 3:
-            ckpt_b, w_b = checkpoint(b), b.partition.read()
+    ckpt_b, w_b = exchange(a, b, 5, keep_b_at=3, b_seed=10)
     ckpt_a, w_a = checkpoint(a), a.partition.read()
     stop(a, b)
     del server
@@ -132,12 +122,7 @@ def test_a_site_ahead_of_the_one_that_seeded_a_fresh_store_hands_it_its_state():
     server = serve(address)
     a, b = site(address, "a"), site(address, "b")
     together(a.join, b.join)
-    for k in range(1, 6):
-        train(a, k)
-        train(b, 10 + k)
-        together(a._round, b._round)
-        if k == 3:
-            ckpt_b, w_b = checkpoint(b), b.partition.read()
+    ckpt_b, w_b = exchange(a, b, 5, keep_b_at=3, b_seed=10)
     ckpt_a, w_a = checkpoint(a), a.partition.read()
     stop(a, b)
     address = f"127.0.0.1:{free_port()}"
