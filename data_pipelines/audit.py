@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+from .files import write_text_atomic
+
 _RANK_FILE = re.compile(r"^rank(\d+)\.txt$")
 
 
@@ -34,9 +36,7 @@ def truncate_after(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and int(line.rsplit(" ", 1)[1]) <= step]
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(f"{line}\n" for line in kept))
 
 
 class KeyAudit:

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import write_text_atomic
+
 CLIP_SPEC = "clip"
 """The `data.tokenizer` / `--tokenizer` value that selects this tokenizer."""
 FORMAT = "mmpt-clip-bpe"
@@ -135,13 +137,9 @@ class ClipTokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the JSON atomically, like `TextTokenizer.save`."""
-        import os
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def from_json(cls, text: str, source: str = "tokenizer.json") -> ClipTokenizer:

@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .files import write_text_atomic
+
 logger = logging.getLogger("data_pipelines")
 
 STAGING = ".import-tmp"
@@ -98,9 +100,7 @@ class Staging:
                 self.out.rmdir()
 
     def _write_json(self, name: str, obj: dict[str, Any]) -> None:
-        tmp = self.dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out / name)
+        write_text_atomic(self.out / name, json.dumps(obj, indent=1) + "\n")
 
     def commit(self, shards: list[dict[str, Any]], stats: dict[str, Any]) -> None:
         """Move the staged `shards` into OUT over the previous import with this prefix, delete that

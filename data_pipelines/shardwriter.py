@@ -15,6 +15,8 @@ from typing import Any, BinaryIO
 
 import webdataset as wds
 
+from .files import write_text_atomic
+
 TAR_MTIME = 946684800  # 2000-01-01, as in synth: tar bytes do not depend on when they were written
 _BLOCK = 512
 _TAR_END = 10240  # end-of-archive blocks, padded to tarfile's record size
@@ -88,9 +90,7 @@ class ShardWriter:
         """Finish the last shard, write sizes.json; returns [{name, samples, bytes}] per shard."""
         self._finish()
         sizes = {s["name"]: s["samples"] for s in self.shards}
-        tmp = self.out / ".sizes.json.tmp"
-        tmp.write_text(json.dumps(sizes, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out / "sizes.json")  # never a half-written sizes.json
+        write_text_atomic(self.out / "sizes.json", json.dumps(sizes, indent=1) + "\n")
         return self.shards
 
     def __enter__(self) -> ShardWriter:

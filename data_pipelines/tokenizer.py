@@ -19,6 +19,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from .clip_tokenizer import CLIP_SPEC, ClipTokenizer, is_clip_json
+from .files import write_text_atomic
 from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .shardstream import shard_samples
 from .stats import BAD_TEXT, EMPTY_CAPTION, MISSING_CAPTION, TOO_LARGE, TOO_LARGE_KEY, SkipCounter
@@ -65,9 +66,7 @@ class TextTokenizer:
         """Write tokenizer.json atomically (a crash mid-write must not leave a corrupt file in a run dir)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TextTokenizer:
