@@ -91,9 +91,17 @@ class Staging:
             logger.warning("removing %s, left by an import that did not finish", self.dir)
             shutil.rmtree(self.dir)
         self.dir.mkdir()
+        self._swapping = False
 
     def abandon(self) -> None:
-        """Remove the staging folder (and OUT, if this import created it and it is empty again)."""
+        """Remove the staging folder (and OUT, if this import created it and it is empty again). Stopped
+        while `commit` was moving shards into OUT, it keeps the folder: OUT then holds part of the old and
+        part of the new import (no sizes.json), and the new shards not yet moved are still there."""
+        if self._swapping:
+            logger.error("import stopped while moving its shards into %s: that folder holds part of the "
+                         "previous import and part of this one, with no sizes.json; the shards not moved yet "
+                         "are in %s. Run the import again with --overwrite", self.out, self.dir)
+            return
         shutil.rmtree(self.dir, ignore_errors=True)
         if self._created:
             with contextlib.suppress(OSError):  # only if nothing else was put there meanwhile
@@ -121,6 +129,7 @@ class Staging:
                   if p != self.prefix and any(shard_pattern(p).fullmatch(n) for n in present)}
         if others:
             stats = {**stats, OTHER_PREFIXES: others}
+        self._swapping = True
         for name in (SIZES, STATS):  # while shards move, OUT must not look like a finished import
             (self.out / name).unlink(missing_ok=True)
         new = {s["name"] for s in shards}
@@ -132,4 +141,5 @@ class Staging:
         sizes.update({s["name"]: s["samples"] for s in shards})
         self._write_json(SIZES, dict(sorted(sizes.items())))
         self._write_json(STATS, stats)
+        self._swapping = False
         shutil.rmtree(self.dir)

@@ -151,3 +151,29 @@ def test_cli_overwrite_flag(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["samples"] == 4 and sorted(p.name for p in out.iterdir()) == [
         "shard-000000.tar", "sizes.json", "stats.json", "x"]
+
+
+def test_an_import_stopped_while_moving_its_shards_keeps_the_ones_not_moved(tmp_path, monkeypatch, caplog):
+    """Once `commit` has begun replacing the previous import's shards, OUT cannot be as it was; the shards
+    not moved yet stay in the staging folder and the log says what OUT holds."""
+    import data_pipelines.import_output as import_output
+
+    write_tar(tmp_path / "old.tar", good_members("old", 30))
+    write_tar(tmp_path / "new.tar", good_members("new", 30))
+    out = tmp_path / "out"
+    run_import("wds", str(tmp_path / "old.tar"), out, opts())
+    real, moved = import_output.os.replace, []
+
+    def replace_then_fail(src, dst):  # the second shard moved from staging into OUT is interrupted
+        if Path(src).parent.name == import_output.STAGING and Path(dst).parent == out:
+            if moved:
+                raise KeyboardInterrupt
+            moved.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(import_output.os, "replace", replace_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        run_import("wds", str(tmp_path / "new.tar"), out, opts(overwrite=True))
+    staged = sorted(p.name for p in (out / import_output.STAGING).iterdir())
+    assert staged and not (out / "sizes.json").exists()
+    assert "stopped while moving its shards" in caplog.text
