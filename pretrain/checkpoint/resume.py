@@ -274,10 +274,15 @@ def resolve_start(cfg: Config, root: Path, resume: str | None, init_from: str | 
         if start.universal is not None:
             start.client = start.universal.client_state()
             copy = start.universal.path
-            resumed = (copy.parent.parent, copy.name) if copy.parent.name == UNIVERSAL else None
+            named = Path(resume).resolve() == copy.resolve()  # a tag the user named, not a folder's latest
+            resumed = (copy.parent.parent, copy.name) if copy.parent.name == UNIVERSAL and named else None
         else:
             _refuse_weights_only(resume)
-            start.target = resumed = ckpt.resolve(resume, root)
+            start.target = ckpt.resolve(resume, root)
+            # a rollback only when the user named the tag: `latest` naming an older tag than the newest save
+            # is a save killed before it moved `latest`, and that newest save must not be aged out
+            if start.target and Path(resume).resolve() == (Path(start.target[0]) / start.target[1]).resolve():
+                resumed = start.target
             start.client = ckpt.read_client_state(*start.target) if start.target else None
     if start.client is not None:
         saved = config_from_dict(start.client["config"])

@@ -85,6 +85,20 @@ def test_a_rollback_keeps_the_checkpoint_resumed_from_and_ages_out_the_abandoned
     assert not list(root.glob(f"*/{RESUMED}")) and (root / "latest").read_text() == "global_step44"
 
 
+def test_resume_latest_after_a_save_killed_before_it_moved_latest_keeps_that_save(tmp_path):
+    """`latest` still names 20 when 30 is the newest complete save (killed between publishing 30 and
+    rewriting `latest`): `--resume latest` is not a rollback, and 30 must outlive the next save."""
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        save(root, step, keep_last=3)
+    (root / "latest").write_text("global_step20")
+    resolve_start(CFG, root, "latest", None)
+    resolve_start(CFG, tmp_path, str(root), None)  # the folder itself: the same
+    assert not list(root.glob(f"*/{RESUMED}"))
+    save(root, 40, keep_last=2)
+    assert ckpt.complete_tags(root) == ["global_step30", "global_step40"]
+
+
 def _universal_copy(root: Path, tag: str) -> None:
     """A complete universal copy and `universal/latest` as `save_universal` leaves them (staged, manifest
     last; tensors left out: retention and the choice of copy look at the folders only)."""
