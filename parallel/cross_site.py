@@ -230,7 +230,8 @@ class OuterLoop:
             return cross_site_join.catch_up(self, k, start["behind"], t0)
         if self.ledger.enabled:
             self.ledger.rounds = start["released"] - 1  # recorded before anything is posted
-        payload, sent = self.feedback.encode(self._release(self.synced - self.partition.read(), k))
+        released = self._release(self.synced - self.partition.read(), k)
+        (payload, sent), _ = every_rank(lambda: self.feedback.encode(released), self)  # errors: all ranks
         try:  # the sum also tells every rank that every rank has posted
             stored, sent_here = every_rank(lambda: self.rv.post(k, payload), self,
                                            count=lambda old: 0 if old is not None else len(payload))

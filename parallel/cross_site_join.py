@@ -67,10 +67,11 @@ def rank0(fn: Callable[[], T], wait: bool = False) -> T:
 def every_rank(fn: Callable[[], T], loop: OuterLoop,
                count: Callable[[T], float] | None = None) -> tuple[T, float]:
     """(`fn()` on this rank, the sum over the site's ranks of `count(result)`): one all-reduce that also
-    makes a CrossSiteError on any rank fail every rank together (no rank left in a later collective)."""
+    makes an error on any rank fail every rank together (no rank left in a later collective): this rank
+    re-raises its own error, the others a CrossSiteError naming the rendezvous."""
     try:
         out, err = fn(), None
-    except CrossSiteError as e:
+    except Exception as e:  # any error: the other ranks must not be left waiting in the sum below
         out, err = None, e
     n = 0.0 if err is not None or count is None else float(count(out))  # type: ignore[arg-type]
     failed, gone, total = sum_over_ranks([err is not None, isinstance(err, StoreGone), n], loop.device)
