@@ -98,13 +98,13 @@ def join(loop: OuterLoop, first: bool = True) -> None:
             action = "continue" if _same_state(loop) else ("adopt" if plan["alive"] else "defer")
             plan["why"] = "its outer state is not the one the sites recorded for that round"
         if action == "continue":
-            rank0(lambda: _enter(loop))
+            rank0(lambda: _enter(loop), wait=True)
             break
         if action == "defer" and first:
             # nobody alive yet to hand over the recorded state: another site may just be starting (it
             # recorded its digests but has not registered). Decide at the first round: take theirs then,
             # or go on alone as a new generation.
-            rank0(lambda: _enter(loop, at_own_state=False))
+            rank0(lambda: _enter(loop, at_own_state=False), wait=True)
             deferred = True
             break
         if action == "adopt" and adopt(loop, plan["why"]):
@@ -252,7 +252,8 @@ def fork(loop: OuterLoop, why: str) -> bool:
         return False
     rv.use(new)
     _same_state(loop)  # a new key space: records this site's digests
-    rank0(lambda: (check_fingerprint(rv.store, c.site, loop.fingerprint, c.rendezvous, rv.ns), _enter(loop)))
+    rank0(lambda: (check_fingerprint(rv.store, c.site, loop.fingerprint, c.rendezvous, rv.ns), _enter(loop)),
+          wait=True)
     if groups.rank() == 0:
         log.warning("cross-site: no running site can hand over the outer state (%s); site %s goes on from "
                     "its own outer state (round %d) as a new generation %s at %s: the rounds already in the "
