@@ -318,6 +318,9 @@ class OuterLoop:
             log.warning("cross-site round %d: %s; the other sites have finished, so site %s goes on alone",
                         k, error, self.cfg.site)
         self.solo = True
+        if self.heartbeat is not None:  # nobody is left to watch it: its retries would only pile up
+            self.heartbeat.stop()  # connections (and, to a frozen host, threads) for the rest of the run
+            self.heartbeat = None
         return self._alone(k, t0)
 
     def _alone(self, k: int, t0: float) -> dict[str, Any]:

@@ -127,12 +127,14 @@ def test_a_site_whose_partners_finished_goes_on_alone_when_the_store_goes():
     a.finish()
     train(b, 3)
     assert b._round()["cross_site_sites"] == 1  # a is done: b exchanges alone, and knows it
+    beat = b.heartbeat
     del server  # the store's host ends
     gc.collect()
     train(b, 4)
     expected = b.partition.read()  # default outer step (lr 1, no momentum): the site's own weights
     row = b._round()
     assert row["cross_site_round"] == 3 and b.solo and torch.equal(b.synced, expected)
+    assert beat is not None and not beat._thread.is_alive() and b.heartbeat is None  # no retries for ever
     b.finish()  # no store to mark itself done at: a warning, not an error
 
 
