@@ -135,6 +135,12 @@ class ClipTokenizer:
         """The small JSON that stands for this tokenizer (`clip_tokenizer_json`)."""
         return clip_tokenizer_json()
 
+    def runtime_json(self) -> str:
+        """The `tokenizers` library's JSON of the Rust tokenizer this class encodes with (CLIP's vocabulary,
+        merges, pre-tokenizer regex and special tokens): what a runtime without open_clip loads, e.g. the
+        ONNX export's tokenizer.json. `to_json` is only the small record naming the merges file."""
+        return self._tok.to_str()
+
     def save(self, path: str | Path) -> None:
         """Write the JSON atomically, like `TextTokenizer.save`."""
         path = Path(path)

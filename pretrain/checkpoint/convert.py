@@ -53,8 +53,10 @@ def _export_with(src: Source, dst: Path, to: str, dtype: torch.dtype, overwrite:
         log.info("--to %s exports the dual encoder (CLIP towers + logit scale) only; left out: %s "
                  "(the cross-modal fusion encoder and its heads have no place in the %s model; "
                  "universal and safetensors outputs keep them)", to, ", ".join(left_out), to)
+    # open_clip records the folder's name (`hf_tokenizer_name`): DST's, not the staging folder's
+    named = {} if to == "hf" else {"name": Path(dst).resolve().name}
     with staged_output(dst, overwrite) as tmp:
-        export(src.state_dict(), src.config, src.meta["tokenizer"], tmp, dtype=dtype)
+        export(src.state_dict(), src.config, src.meta["tokenizer"], tmp, dtype=dtype, **named)
         write_manifest(tmp, {}, kind=to, step=src.meta.get("step"), left_out=left_out)
         nbytes = sum(e["bytes"] for e in json.loads((tmp / "manifest.json").read_text())["files"].values())
     return {"to": to, "out": str(dst), "params": len(src.names), "bytes": nbytes, "left_out": left_out}

@@ -35,7 +35,7 @@ from pretrain.checkpoint.sources import (
     open_source,
     weights_only_kind,
 )
-from pretrain.checkpoint.tags import UNIVERSAL, prune_universal_copies, save_key
+from pretrain.checkpoint.tags import UNIVERSAL, is_save_name, prune_universal_copies, save_key
 from pretrain.checkpoint.tensor_files import MANIFEST, write_text_atomic
 from pretrain.checkpoint.universal_load import load_full_tensors, load_universal
 from pretrain.config import Config, ConfigError, ModelConfig, config_from_dict
@@ -66,6 +66,7 @@ class StartPoint:
     init: Source | None = None
     init_adds_fusion: bool = False  # `--init-from` a dual encoder: the fusion part starts fresh
     client: dict[str, Any] | None = None  # step, config, tokenizer, data positions, RNG of a resume
+    rollback: tuple[Path, str] | None = None  # (root, tag) resumed from in this run's root: `load` notes it
 
     @property
     def resumed(self) -> bool:
@@ -97,7 +98,34 @@ class StartPoint:
         return frozenset(fresh)
 
     def load(self, engine: Any) -> tuple[int, Any]:
-        """Put the start state into `engine`; return (start step, saved data positions or None)."""
+        """Put the start state into `engine`; return (start step, saved data positions or None). A rollback
+        is noted (`_note_rollback`) only once every rank has loaded: a load that fails (a file failing its
+        hash check) leaves `latest` and the save order as they were, so `--resume latest` still takes the
+        newest save."""
+        if self.rollback is None:
+            self._load(engine)
+        else:
+            error: Exception | None = None
+            try:
+                self._load(engine)
+            except Exception as e:  # every rank reaches the agreement below, whatever happened to it
+                error = e
+            failed = failures_by_rank(error)
+            if error is not None:
+                raise error
+            if failed:
+                raise RuntimeError(f"loading {self.describe()} failed on {'; '.join(failed)}")
+            _note_rollback(*self.rollback)
+        if self.client is None:
+            return 0, None
+        torch.set_rng_state(self.client["rng"])
+        step = int(self.client["step"])
+        log.info("resumed from %s at step %d", self.describe(), step)
+        # every rank's positions: the loader re-deals them if the layout changed
+        return step, self.client["data_positions"]
+
+    def _load(self, engine: Any) -> None:
+        """The checkpoint's or init weights' tensors (and optimizer state) into `engine`."""
         if self.universal is not None:
             load_universal(engine, self.universal)
         elif self.target is not None:
@@ -110,28 +138,22 @@ class StartPoint:
             if fresh:
                 log.info("%d parameters the source lacks start from this run's initialisation: %s",
                          len(fresh), ", ".join(sorted({n.split(".")[0] + ".*" for n in fresh})))
-        if self.client is None:
-            return 0, None
-        torch.set_rng_state(self.client["rng"])
-        step = int(self.client["step"])
-        log.info("resumed from %s at step %d", self.describe(), step)
-        # every rank's positions: the loader re-deals them if the layout changed
-        return step, self.client["data_positions"]
 
 
 def open_universal(resume: str) -> UniversalSource | None:
     """The universal checkpoint `resume` names, else None: a folder with universal.json, or a folder of
     them (`checkpoints/universal`): the copy its `latest` names or, when `latest` is missing or names no
     complete copy (a save killed while writing the next one), the most recent complete copy (in the save
-    order of the DeepSpeed checkpoints beside the folder, else by step)."""
+    order of the DeepSpeed checkpoints beside the folder, else by step; hidden staging folders, which a kill
+    can leave complete but for their name, are no copy: `tags.is_save_name`)."""
     path = Path(resume)
     if is_universal(path):
         return UniversalSource(path)
     named = (path / "latest").read_text().strip() if (path / "latest").is_file() else ""
     if named and is_universal(path / named):
         return UniversalSource(path / named)
-    copies = [p for p in path.iterdir() if p.is_dir() and is_universal(p) and (p / MANIFEST).is_file()
-              ] if path.is_dir() else []
+    copies = [p for p in path.iterdir() if p.is_dir() and is_save_name(p.name) and is_universal(p)
+              and (p / MANIFEST).is_file()] if path.is_dir() else []  # a kill's staging folder never
     if not copies:
         return None
     newest = max(copies, key=lambda p: save_key(path.parent, p.name))
@@ -159,15 +181,20 @@ def _refuse_weights_only(resume: str) -> None:
                      f"data position, so training cannot resume from it; {how}")
 
 
-def _note_rollback(root: Path, resumed: tuple[Path, str] | None) -> None:
-    """A resume from `resumed` (checkpoint root, tag): when that is an earlier save in this run's own
-    checkpoint folder (a rollback), rank 0 makes it the most recent save, so that retention and the `latest`
-    fallback follow the new branch (`tags.note_resume`, which logs the abandoned checkpoints)."""
-    if resumed is None or groups.rank() != 0:
+def _rollback_of(root: Path, resumed: tuple[Path, str] | None) -> tuple[Path, str] | None:
+    """(root, tag) when the resume from `resumed` (checkpoint root, tag) is from this run's own checkpoint
+    folder, which then may be a rollback; None for another run's checkpoints (nothing to reorder)."""
+    if resumed is None or Path(resumed[0]).resolve() != Path(root).resolve():
+        return None
+    return Path(root), resumed[1]
+
+
+def _note_rollback(root: Path, tag: str) -> None:
+    """A resume from `root/tag`, this run's own checkpoint folder: when that is an earlier save (a rollback),
+    rank 0 makes it the most recent save, so that retention and the `latest` fallback follow the new branch
+    (`tags.note_resume`, which logs the abandoned checkpoints). Called once the checkpoint has loaded."""
+    if groups.rank() != 0:
         return
-    src_root, tag = resumed
-    if Path(src_root).resolve() != Path(root).resolve():
-        return  # another run's checkpoints: this run saves elsewhere, nothing to reorder
     try:
         ckpt.note_resume(root, tag)
     except OSError as e:
@@ -303,7 +330,7 @@ def resolve_start(cfg: Config, root: Path, resume: str | None, init_from: str | 
                               f"with its config (`--config {Path(init_from) / 'train.yaml'}` for imports) or "
                               "the same model.* settings (a dual encoder may also gain a fusion encoder: "
                               "model.fusion.layers > 0 with every other model.* key the same)")
-    _note_rollback(root, resumed)  # once every check passed
+    start.rollback = _rollback_of(root, resumed)  # noted by `start.load`, once the checkpoint has loaded
     return start
 
 

@@ -47,12 +47,20 @@ def step_of(tag: str) -> int:
     return int(m.group(1)) if m else -1
 
 
+def is_save_name(name: str) -> bool:
+    """Whether a folder named `name` can be a published save: every staging folder is hidden (`.staging`,
+    `staged_output`'s `.<tag>.tmp-<pid>` and `.<tag>.old-<pid>`). A kill just before the final rename leaves
+    one holding every file of a complete save, and `step_of` would read its PID as the step (the newest save
+    when markers record no `seq`), so listings of saves skip them."""
+    return not name.startswith(".")
+
+
 def complete_tags(root: Path) -> list[str]:
-    """Tags under `root` whose folder carries the completion marker, in step order."""
+    """Tags under `root` whose folder carries the completion marker (staging folders never), in step order."""
     root = Path(root)
     if not root.is_dir():
         return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and (p / MARKER).is_file()]
+    tags = [p.name for p in root.iterdir() if p.is_dir() and is_save_name(p.name) and (p / MARKER).is_file()]
     return sorted(tags, key=step_of)
 
 

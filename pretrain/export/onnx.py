@@ -89,7 +89,7 @@ def runtime_tokenizer_json(tokenizer: Any) -> str:
     (CLIP's vocabulary, merges, pre-tokenizer regex and special tokens), so the folder needs no open_clip.
     CLIP's text clean-up runs in Python before it (`preprocess.json` `text_clean`)."""
     if _is_clip_tokenizer(tokenizer):
-        return tokenizer._tok.to_str()
+        return tokenizer.runtime_json()
     return tokenizer.to_json()
 
 

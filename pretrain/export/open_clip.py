@@ -24,7 +24,6 @@ Loading an export (open_clip 3.x, no network needed)::
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,18 +158,6 @@ def preprocess_cfg(cfg: Config) -> dict[str, Any]:
             "std": list(cfg.data.std), "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
-_STAGED_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
-"""`pretrain convert` writes into `.DST.tmp-PID` and renames it to DST when complete
-(`pretrain.checkpoint.tensor_files.staged_output`)."""
-
-
-def destination_name(out: Path) -> str:
-    """The folder name `out` will have once in place: DST for a staged `.DST.tmp-PID`, else its own."""
-    name = Path(out).resolve().name
-    m = _STAGED_NAME.match(name)
-    return m.group("name") if m else name
-
-
 def export_open_clip(state: dict[str, torch.Tensor], cfg: Config, tokenizer_json: str, out: Path,
                      dtype: torch.dtype = torch.float32, name: str | None = None) -> None:
     """Write an open_clip folder from our single-device state dict into the existing `out`.
@@ -179,9 +166,9 @@ def export_open_clip(state: dict[str, torch.Tensor], cfg: Config, tokenizer_json
     "preprocess_cfg"}) and the tokenizer files open_clip's `get_tokenizer("local-dir:...")` reads through
     transformers. Only the CLIP towers, the logit scale and a SigLIP logit bias are exported: the MAE
     decoder and the MLM head have no place in open_clip's `CLIP`. Load commands: module docstring.
-    `name` (default: the destination's folder name, `destination_name(out)`) is recorded as
-    `text_cfg.hf_tokenizer_name` with our BPE; `local-dir:` loading ignores it, a hub copy replaces it with
-    the repo id.
+    `name` (default: `out`'s own folder name) is recorded as `text_cfg.hf_tokenizer_name` with our BPE;
+    `local-dir:` loading ignores it, a hub copy replaces it with the repo id. A caller writing into a
+    staging folder that is renamed later (`pretrain convert`) passes the final folder's name.
     """
     out = Path(out)
     if not out.is_dir():
@@ -196,7 +183,7 @@ def export_open_clip(state: dict[str, torch.Tensor], cfg: Config, tokenizer_json
     write_safetensors(to_open_clip_state_dict(state, layers, heads), out / WEIGHT_FILE, dtype)
     config = model_cfg(cfg, state["text.token_embedding.weight"].shape[0],
                        float(state["logit_scale"].reshape(())), bias,
-                       None if is_clip(tokenizer_json) else (name or destination_name(out)))
+                       None if is_clip(tokenizer_json) else (name or out.resolve().name))
     write_json(out / CONFIG_FILE, {"model_cfg": config, "preprocess_cfg": preprocess_cfg(cfg)})
 
 

@@ -5,7 +5,9 @@ export records its destination's name, not the staging folder's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,26 @@ def test_hf_export_names_the_siglip_logit_bias_it_leaves_out(tmp_path: Path, tin
 
 
 def test_open_clip_export_records_the_destination_name(tmp_path: Path, tiny_tok: TextTokenizer):
+    weights = write_tiny_weights(tmp_path / "weights", tiny_tok)
+    convert(weights, tmp_path / "my-oc-export", "open_clip")
+    config = json.loads((tmp_path / "my-oc-export" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] == "my-oc-export"
+
+
+def test_convert_tells_the_open_clip_export_its_destination_name(tmp_path: Path, tiny_tok: TextTokenizer,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    """`pretrain convert` passes DST's name to the writer: nothing works it out from how the staging folder
+    is named (here `staging-area`, renamed to DST once complete)."""
+    from pretrain.checkpoint import convert as convert_module
+
+    @contextlib.contextmanager
+    def staged(dst: Path, overwrite: bool = False):
+        tmp = Path(dst).parent / "staging-area"
+        tmp.mkdir()
+        yield tmp
+        os.replace(tmp, dst)
+
+    monkeypatch.setattr(convert_module, "staged_output", staged)
     weights = write_tiny_weights(tmp_path / "weights", tiny_tok)
     convert(weights, tmp_path / "my-oc-export", "open_clip")
     config = json.loads((tmp_path / "my-oc-export" / "open_clip_config.json").read_text())

@@ -24,7 +24,14 @@ from tiny import write_tiny_weights
 from pretrain.checkpoint.convert import convert
 from pretrain.cli import main
 from pretrain.evaluation.evaluate import load_model
-from pretrain.export.onnx import OPSET, ExportError, _export, _ImageEncoder, export_onnx
+from pretrain.export.onnx import (
+    OPSET,
+    ExportError,
+    _export,
+    _ImageEncoder,
+    export_onnx,
+    runtime_tokenizer_json,
+)
 from pretrain.export.onnx_fuse import op_counts, transformers_optimize
 from pretrain.export.onnx_runtime import OnnxCLIP
 
@@ -351,6 +358,26 @@ def test_clip_tokenizer_export_tokenizes_and_pools_as_training(clip_weights, tmp
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.splitlines()[0])
     assert result == {"same_ids": True, "txt": result["txt"], "torch": False} and result["txt"] < 2e-5, result
+
+
+def test_the_clip_runtime_tokenizer_json_comes_through_the_tokenizers_public_accessor():
+    """The export asks a CLIP tokenizer for its `tokenizers` JSON (`ClipTokenizer.runtime_json`) instead of
+    reaching into its private state, so any tokenizer with that interface exports."""
+    from tokenizers import Tokenizer
+
+    from data_pipelines.clip_tokenizer import EOT_ID, SOT_ID, ClipTokenizer
+
+    class OtherArgmaxTokenizer:  # no private `_tok`: the accessor is all the export may use
+        pool_type = "argmax"
+
+        def runtime_json(self) -> str:
+            return '{"version": "1.0"}'
+
+    assert runtime_tokenizer_json(OtherArgmaxTokenizer()) == '{"version": "1.0"}'
+    tok = ClipTokenizer()
+    runtime = Tokenizer.from_str(runtime_tokenizer_json(tok))
+    ids = runtime.encode("a photo of a cat", add_special_tokens=False).ids
+    assert tok.encode_batch(["a photo of a cat"], 16)[0, :len(ids) + 2].tolist() == [SOT_ID, *ids, EOT_ID]
 
 
 def test_clip_tokenizer_model_through_embed_onnx_backend(clip_weights):
