@@ -20,7 +20,7 @@ from .import_options import ImportOptions
 from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .shardstream import shard_samples
 from .stats import MISSING_IMAGE, TOO_LARGE, TOO_LARGE_KEY, SkipCounter
-from .urls import expand_urls, is_local
+from .urls import expand_urls, is_local, local_path
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "jpg", "img", "image_bytes", "bytes", "filepath", "file", "path", "image_path",
@@ -84,7 +84,7 @@ def source_paths(kind: str, src: str) -> list[str]:
     file or folder, or every local shard of a `--from wds` spec (`pipe:` and remote URLs left out)."""
     if kind != "wds":
         return [src]
-    return [re.sub(r"^file:(//)?", "", u, flags=re.IGNORECASE) for u in expand_urls(src) if is_local(u)]
+    return [local_path(u) for u in expand_urls(src) if is_local(u)]
 
 
 def folder_records(src: str, skips: SkipCounter) -> Iterator[Record]:

@@ -55,6 +55,7 @@ from .stats import (
     EMPTY_CAPTION,
     FETCH_FAILED,
     IMAGE_TOO_LARGE,
+    KEPT_REASONS,
     MISSING_CAPTION,
     MISSING_IMAGE,
     TOO_LARGE,
@@ -76,7 +77,10 @@ _EXAMPLES = 5
 
 class _ImportSkips(SkipCounter):
     """The import's skip counter: also keeps the first few details per reason for stats.json, whoever
-    counts them (the worker results, a source listing, the shard reader)."""
+    counts them (the worker results, a source listing, the shard reader). `duplicate_image` (like the
+    reader's `duplicate_key`) is counted on a sample that is still imported: not a skip."""
+
+    kept = (*KEPT_REASONS, DUPLICATE_IMAGE)
 
     def __init__(self) -> None:
         super().__init__(where="import")
@@ -87,6 +91,13 @@ class _ImportSkips(SkipCounter):
         kept = self.examples.setdefault(reason, [])
         if len(kept) < _EXAMPLES:
             kept.append(detail)
+
+    def totals(self) -> tuple[int, int]:
+        """(inputs skipped -- rows, files, samples; `bad_shard` counts input shards --, problems counted on
+        samples that were imported anyway)."""
+        counts = self.as_dict()
+        kept = sum(n for reason, n in counts.items() if reason in self.kept)
+        return sum(counts.values()) - kept, kept
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -255,7 +266,7 @@ def run_import(kind: str, src: str, out: str | os.PathLike, opts: ImportOptions 
         records = parquet_records(src, opts)
     else:
         records = wds_records(src, skips, opts.max_sample_bytes)
-    staging = Staging(out, opts.prefix)  # shards go to OUT/.import-tmp until the import succeeded
+    staging = Staging(out, opts.prefix, opts.overwrite)  # shards in OUT/.import-tmp until the import worked
     try:
         stats = _write_shards(kind, src, out, records, skips, staging.dir, opts, opener)
         staging.commit(stats["shards"], stats)
@@ -300,10 +311,12 @@ def _write_shards(kind: str, src: str, out: Path, records: Iterator[Record], ski
         examples = "; ".join(f"{reason}: {found[0]}" for reason, found in sorted(skips.examples.items()))
         raise ValueError(f"import of {src} produced no samples (skipped: {skips.as_dict()}"
                          f"{'; e.g. ' + examples if examples else ''}); {out} was left as it was")
+    skipped_total, counted_kept_total = skips.totals()
     stats = {
         "source": str(src), "from": kind, "out": str(out), "options": asdict(opts),
         "samples": sum(s["samples"] for s in shards), "bytes": sum(s["bytes"] for s in shards),
-        "shards": shards, "skipped": skips.as_dict(), "skipped_total": skips.total,  # bad_shard: input shards
+        "shards": shards, "skipped": skips.as_dict(),
+        "skipped_total": skipped_total, "counted_kept_total": counted_kept_total,  # bad_shard: input shards
         "skipped_examples": dict(sorted(skips.examples.items())), "renamed_duplicate_keys": renamed,
         "wall_s": round(time.perf_counter() - t0, 3),
     }

@@ -194,6 +194,10 @@ class _EvalStream(IterableDataset):
         worker, count = _worker()
         self._skips = skips = SkipCounter(where=f"eval worker {worker}")
         pending: list[tuple[Any, tuple[int, int]]] = []
+        # a full batch is held until the next usable sample (or the end) is read: consumers take the skip
+        # counts from a stream's last batch (`_skips` is cumulative), so it must count the bad samples after
+        # its own last one
+        full: list[tuple[Any, tuple[int, int]]] = []
         for s, j, sample in self._positions(self.rank * count + worker, self.world * count):
             parts = split_sample(sample, skips)
             if parts is None:
@@ -209,12 +213,15 @@ class _EvalStream(IterableDataset):
                 _, mlm_rng, noise_rng = sample_rngs(self.masking[0], 0, key)
                 example = TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng,
                                        negative=negative_caption_of(sample, 0, skips))
+            if full:
+                yield self._batch(full, skips)
+                full = []
             pending.append((example, (s, j)))
             if len(pending) == self.batch_size:
-                yield self._batch(pending, skips)
-                pending = []
-        if pending:
-            yield self._batch(pending, skips)
+                full, pending = pending, []
+        for rest in (full, pending):  # at most one of them holds samples
+            if rest:
+                yield self._batch(rest, skips)
 
     def _batch(self, pending: list[tuple[Any, tuple[int, int]]], skips: SkipCounter) -> dict[str, Any]:
         examples = [e for e, _ in pending]
@@ -351,8 +358,9 @@ def make_eval_loader(
     """Finite iterable over every sample of `urls` once (this rank's share of `world`), without
     augmentation; re-iterable.
 
-    Batches hold image, text, cls, _keys, _order (shard index, position in shard) and _skips; the last
-    batch may be smaller. `max_samples` > 0 keeps the first that many positions in shard order (unreadable
+    Batches hold image, text, cls, _keys, _order (shard index, position in shard) and _skips (counts by
+    reason, cumulative per stream: a stream's last batch counts every sample it skipped); the last batch may
+    be smaller. `max_samples` > 0 keeps the first that many positions in shard order (unreadable
     samples among them are skipped and counted). The split between ranks and workers is in `_EvalStream`;
     the union over all ranks is the same set in every layout. `masking` = (seed, mlm_prob, num_patches)
     adds fixed-seed MLM inputs/labels and MAE patch noise (validation losses). Samples over

@@ -43,6 +43,9 @@ class SkipCounter:
     that at most one summary line per `min_interval_s` seconds.
     """
 
+    kept: tuple[str, ...] = KEPT_REASONS
+    """Reasons logged as "counted, sample kept" rather than "skipped" (a counter may know more of them)."""
+
     def __init__(self, where: str = "", first_warnings: int = 5, min_interval_s: float = 60.0) -> None:
         self.where = where
         self.first_warnings = first_warnings
@@ -57,7 +60,7 @@ class SkipCounter:
         prefix = f"[{self.where}] " if self.where else ""
         if self._warned < self.first_warnings:
             self._warned += 1
-            what = "counted, sample kept" if reason in KEPT_REASONS else "skipped"
+            what = "counted, sample kept" if reason in self.kept else "skipped"
             logger.warning("%s%s (%s)%s", prefix, what, reason, f": {detail}" if detail else "")
             if self._warned == self.first_warnings:
                 logger.warning("%sfurther skips are summarised at most every %.0f s", prefix,

@@ -20,8 +20,16 @@ def is_local(url: str) -> bool:
     return match is None or match.group(1).lower() == "file"
 
 
-def _local_path(url: str) -> str:
-    return re.sub(r"^file:(//)?", "", url) if url.lower().startswith("file:") else url
+def local_path(url: str) -> str:
+    """The file path of a local shard URL (`is_local`): `file://PATH` and `file:PATH` without the scheme, a
+    plain path as given. One helper for every check (start-up, import, class names), so they agree on what a
+    URL names. Only a lower-case `file:` is removed, as webdataset's reader does: `FILE:///x.tar` stays a
+    path that does not exist and fails at start-up instead of as unreadable shards later."""
+    return re.sub(r"^file:(//)?", "", url)
+
+
+_local_path = local_path
+"""The old private name, still imported by `pretrain.evaluation.validate`."""
 
 
 def expand_sources(spec: str) -> list[list[str]]:
@@ -45,7 +53,7 @@ def known_sizes(urls: list[str]) -> list[int | None]:
         if not is_local(url):
             sizes.append(None)
             continue
-        path = _local_path(url)
+        path = local_path(url)
         folder, name = os.path.split(path)
         if folder not in cache:
             cache[folder] = {}
@@ -63,7 +71,7 @@ def known_sizes(urls: list[str]) -> list[int | None]:
 
 def _folder_message(part: str, url: str) -> str:
     """Why a folder is refused as a shard, with a spec for the tar files it holds as the hint."""
-    folder = _local_path(url)
+    folder = local_path(url)
     try:
         tars = sorted(n for n in os.listdir(folder) if n.endswith(".tar"))
     except OSError as exc:
@@ -100,10 +108,10 @@ def expand_urls(spec: str) -> list[str]:
         expanded = [u for u in expanded if u.strip()]
         if not expanded:
             raise ValueError(f"shard spec {part!r} (in {spec!r}) expands to no URLs")
-        folders = [u for u in expanded if is_local(u) and os.path.isdir(_local_path(u))]
+        folders = [u for u in expanded if is_local(u) and os.path.isdir(local_path(u))]
         if folders:
             raise ValueError(_folder_message(part, folders[0]))
-        missing = [u for u in expanded if is_local(u) and not os.path.isfile(_local_path(u))]
+        missing = [u for u in expanded if is_local(u) and not os.path.isfile(local_path(u))]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise ValueError(f"shard spec {part!r}: {len(missing)} of {len(expanded)} local shard(s) do not "

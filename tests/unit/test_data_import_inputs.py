@@ -130,3 +130,29 @@ def test_camera_jpegs_reported_as_mpo_are_copied_unchanged(tmp_path):
     run_import("folder", str(tmp_path), tmp_path / "out", opts())
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
         assert tar.extractfile("cam.jpg").read() == data
+
+
+def test_skipped_total_counts_only_inputs_left_out(tmp_path, caplog):
+    """stats.json's `skipped_total` used to add the problems counted on samples that were imported anyway
+    (a second image of the same name, a repeated key) to the inputs actually left out; those have a total of
+    their own, `counted_kept_total`, and the per-reason counts stay as they were."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a", "b"):
+        (src / f"{name}.jpg").write_bytes(image_bytes())
+        (src / f"{name}.txt").write_text(f"caption {name}")
+    (src / "a.png").write_bytes(image_bytes("PNG"))  # counted as duplicate_image, sample `a` imported
+    (src / "orphan.txt").write_text("no image")  # left out: missing_image
+    stats = run_import("folder", str(src), tmp_path / "out", opts())
+    assert stats["samples"] == 2 and stats["skipped"] == {"duplicate_image": 1, "missing_image": 1}
+    assert stats["skipped_total"] == 1 and stats["counted_kept_total"] == 1
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["skipped_total"] == 1
+    assert "counted, sample kept (duplicate_image)" in caplog.text
+
+    jpg, png = image_bytes(), image_bytes("PNG")
+    write_tar(tmp_path / "in.tar", [("k.jpg", png), ("k.png", jpg), ("k.txt", b"cap"),  # png member dropped
+                                    ("d.jpg", jpg), ("d.txt", b"one"), ("d.jpg", jpg), ("d.txt", b"two")])
+    stats = run_import("wds", str(tmp_path / "in.tar"), tmp_path / "wds", opts())
+    assert stats["samples"] == 3 and stats["renamed_duplicate_keys"] == 1
+    assert stats["skipped"] == {"duplicate_image": 1, "duplicate_key": 1}
+    assert stats["skipped_total"] == 0 and stats["counted_kept_total"] == 2

@@ -5,12 +5,18 @@ prefixes' sizes.json/stats.json entries; ShardWriter writes no sizes.json when i
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from datautil import good_members, image_bytes, write_tar
 from tiny import pretrain_cli
 
+import data_pipelines.import_output as import_output
 from data_pipelines.importers import ImportOptions, run_import
 from data_pipelines.shardwriter import ShardWriter
 
@@ -156,8 +162,6 @@ def test_cli_overwrite_flag(tmp_path):
 def test_an_import_stopped_while_moving_its_shards_keeps_the_ones_not_moved(tmp_path, monkeypatch, caplog):
     """Once `commit` has begun replacing the previous import's shards, OUT cannot be as it was; the shards
     not moved yet stay in the staging folder and the log says what OUT holds."""
-    import data_pipelines.import_output as import_output
-
     write_tar(tmp_path / "old.tar", good_members("old", 30))
     write_tar(tmp_path / "new.tar", good_members("new", 30))
     out = tmp_path / "out"
@@ -177,3 +181,125 @@ def test_an_import_stopped_while_moving_its_shards_keeps_the_ones_not_moved(tmp_
     staged = sorted(p.name for p in (out / import_output.STAGING).iterdir())
     assert staged and not (out / "sizes.json").exists()
     assert "stopped while moving its shards" in caplog.text
+
+
+# ------------------------------------------------------------------ a staging folder found by the next import
+_CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+from data_pipelines.importers import ImportOptions, run_import
+csv, out, mode, flag = sys.argv[1:5]
+def opener(ref):
+    if ref.endswith("/35.jpg"):  # records are loaded 32 at a time: three shards are written by then
+        if mode == "kill":  # a kill -9 or a power cut: nothing of the import's own clean-up runs
+            os.kill(os.getpid(), signal.SIGKILL)
+        Path(flag).write_text("waiting")  # a long import, still running
+        deadline = time.monotonic() + 120
+        while not Path(flag + ".go").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return Path(ref).read_bytes()
+opts = ImportOptions(workers=0, progress=False, samples_per_shard=10, overwrite=True)
+run_import("csv", csv, out, opts, opener=opener)
+"""
+
+
+def _forty_rows(tmp_path: Path) -> Path:
+    (tmp_path / "imgs").mkdir()
+    for i in range(40):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(image_bytes(colour=(i, 0, 0)))
+    rows = "".join(f"imgs/{i}.jpg,cap {i}\n" for i in range(40))
+    (tmp_path / "pairs.csv").write_text(f"image,caption\n{rows}")
+    return tmp_path / "pairs.csv"
+
+
+def _child(csv: Path, out: Path, mode: str, flag: Path) -> subprocess.Popen:
+    from tiny import ROOT
+
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(csv), str(out), mode, str(flag)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_staging_folder_of_a_killed_import_is_named_and_removed(tmp_path, caplog):
+    """An import killed while writing (no clean-up ran) left only its unfinished shards in OUT/.import-tmp;
+    the next import was refused with 'OUT is not empty (.import-tmp)' and a hint about --overwrite."""
+    csv, out = _forty_rows(tmp_path), tmp_path / "out"
+    child = _child(csv, out, "kill", tmp_path / "flag")
+    assert child.wait(timeout=120) == -signal.SIGKILL, child.communicate()[1][-2000:]
+    staged = sorted(p.name for p in (out / import_output.STAGING).iterdir())
+    assert "shard-000002.tar" in staged and "sizes.json" not in staged and os.listdir(out) == [".import-tmp"]
+    stats = run_import("csv", str(csv), out, opts())  # no --overwrite needed: OUT held nothing else
+    assert stats["samples"] == 40 and sorted(os.listdir(out)) == [f"shard-00000{i}.tar" for i in range(4)] + [
+        "sizes.json", "stats.json"]
+    assert f"removing {out / '.import-tmp'}, left by an import that stopped before it had" in caplog.text
+
+
+def test_a_staging_folder_holding_a_whole_import_stays_until_that_import_is_rerun(tmp_path, monkeypatch,
+                                                                                 caplog):
+    """After an import stopped while moving its shards into OUT, an --overwrite import with another prefix
+    deleted the shards not moved yet (a log line, 'left by an import that did not finish'), leaving OUT
+    with half of each import for good. Now only a rerun with that prefix (which replaces them) removes it."""
+    write_tar(tmp_path / "old.tar", good_members("old", 30))
+    write_tar(tmp_path / "new.tar", good_members("new", 30))
+    write_tar(tmp_path / "b.tar", good_members("b", 5))
+    out = tmp_path / "out"
+    run_import("wds", str(tmp_path / "old.tar"), out, opts())
+    real = import_output.os.replace
+
+    def replace_then_fail(src, dst):
+        if Path(src).parent.name == import_output.STAGING and Path(src).name == "shard-000001.tar":
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(import_output.os, "replace", replace_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        run_import("wds", str(tmp_path / "new.tar"), out, opts(overwrite=True))
+    monkeypatch.setattr(import_output.os, "replace", real)
+    before = snapshot(out)
+    assert ".import-tmp/shard-000001.tar" in before and "sizes.json" not in before
+    for prefix, overwrite in (("b", True), ("b", False), ("shard", False)):
+        with pytest.raises(ValueError, match=r"out/\.import-tmp holds the shards of an import with --prefix "
+                                             r"shard that stopped .* again with --overwrite --prefix shard"):
+            run_import("wds", str(tmp_path / "b.tar"), out, opts(prefix=prefix, overwrite=overwrite))
+        assert snapshot(out) == before
+    run_import("wds", str(tmp_path / "new.tar"), out, opts(overwrite=True))
+    assert "the shards of an earlier import with --prefix shard that stopped" in caplog.text
+    assert json.loads((out / "sizes.json").read_text()) == {f"shard-00000{i}.tar": 10 for i in range(3)}
+    assert not (out / import_output.STAGING).exists()
+    assert all(b"old" not in (out / f"shard-00000{i}.tar").read_bytes() for i in range(3))
+
+
+def test_an_import_still_running_into_out_is_left_alone(tmp_path):
+    """A second --overwrite import into the same OUT removed the first one's staging folder while it was
+    still writing there (and the first could then move the second's shards into OUT)."""
+    csv, out, flag = _forty_rows(tmp_path), tmp_path / "out", tmp_path / "flag"
+    write_tar(tmp_path / "b.tar", good_members("b", 5))
+    child = _child(csv, out, "wait", flag)
+    try:
+        deadline = time.monotonic() + 120
+        while not flag.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert flag.exists(), child.communicate()[1][-2000:]
+        for overwrite in (True, False):
+            with pytest.raises(ValueError, match=r"out/\.import-tmp is in use by another import into .*still "
+                                                 "running"):
+                run_import("wds", str(tmp_path / "b.tar"), out, opts(overwrite=overwrite))
+    finally:
+        Path(f"{flag}.go").write_text("")
+        rc = child.wait(timeout=120)
+    assert rc == 0, child.communicate()[1][-2000:]
+    assert json.loads((out / "sizes.json").read_text()) == {f"shard-00000{i}.tar": 10 for i in range(4)}
+    assert not (out / import_output.STAGING).exists()
+
+
+def test_import_reads_local_shard_paths_as_the_loader_checks_them(tmp_path):
+    """`source_paths` had its own copy of the file: URL rule in `urls`; one public helper serves both."""
+    from data_pipelines.import_sources import source_paths
+    from data_pipelines.urls import local_path
+
+    assert [local_path(u) for u in ("file:///d/a.tar", "file:d/a.tar", "/d/a.tar", "d/a.tar")] == [
+        "/d/a.tar", "d/a.tar", "/d/a.tar", "d/a.tar"]
+    for name in ("a", "b"):
+        write_tar(tmp_path / f"{name}.tar", good_members(name, 2))
+    spec = f"file://{tmp_path}/a.tar::file:{tmp_path}/b.tar::{tmp_path}/a.tar::pipe:cat {tmp_path}/b.tar"
+    assert source_paths("wds", spec) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar"),
+                                         str(tmp_path / "a.tar")]

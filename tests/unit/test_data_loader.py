@@ -264,3 +264,32 @@ def test_stream_without_any_usable_sample_fails_clearly(tmp_path, tiny_tok):
                 r"shard\(s\)")
     with pytest.raises(DataQualityError, match=expected):
         _take(train_loader(_cfg(str(path)), tiny_tok, rank=0, world=1), 1)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_skips_after_the_last_batch_are_reported(tmp_path, tiny_tok, workers):
+    """`_skips` is cumulative per stream, and eval callers (`pretrain embed`, the sharded embed store) report
+    each stream's last batch's counts. Bad samples at the end of a stream's last shard, after a batch that
+    was already full, came after that last batch and were logged but never counted."""
+    urls = []
+    for name in ("a", "b"):
+        good = [(f"{name}{i}.{ext}", _jpeg() if ext == "jpg" else b"a red square")
+                for i in range(4) for ext in ("jpg", "txt")]
+        bad = [(f"{name}9.jpg", b"\xff\xd8\xff\xe0 not a jpeg"), (f"{name}9.txt", b"a caption")]
+        bad += [("zcaptionless.jpg", _jpeg())] if name == "b" else []
+        _write_tar(tmp_path / f"{name}.tar", good + bad)
+        urls.append(str(tmp_path / f"{name}.tar"))
+    for batch_size in (2, 4):  # 4 good samples per shard: the last batch is full before the bad ones
+        loader = make_eval_loader("::".join(urls), tiny_tok, SIZE, batch_size, CTX, [0.5] * 3, [0.5] * 3,
+                                  workers=workers)
+        last: dict[int, dict[str, int]] = {}
+        keys = []
+        for batch in loader:  # with 2 workers each reads one whole shard
+            last[int(batch["_order"][0, 0]) % max(workers, 1)] = batch["_skips"]
+            keys += batch["_keys"]
+        total: dict[str, int] = {}
+        for skips in last.values():
+            for reason, n in skips.items():
+                total[reason] = total.get(reason, 0) + n
+        assert sorted(keys) == [f"{s}{i}" for s in "ab" for i in range(4)]
+        assert total == {"bad_image": 2, "missing_caption": 1}, (batch_size, last)
