@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from launch.commands import LAUNCHERS, LaunchPlan, LaunchPlanError, build_command, render
 from launch.env import DEFAULT_PORT, env_int, slurm_port
 from launch.hostfile import node_address, read_hostfile, slurm_hosts, write_hostfile
+from launch.ports import is_tcp_port
 from launch.rendezvous import free_port
 
 
@@ -69,7 +70,7 @@ def _visible_devices(e: Mapping[str, str], launcher: str, nodes: int, hostfile: 
 
 
 def _port(value: int, source: str) -> int:
-    if not 0 < value < 65536:
+    if not is_tcp_port(value):
         raise LaunchPlanError(f"{source} {value} is not a TCP port (1-65535)")
     return value
 

@@ -45,6 +45,18 @@ class RankInfo:
     mpi4py may replace them with rank 0's real address."""
 
 
+def is_tcp_port(value: int | str) -> bool:
+    """Whether `value` (a number, or a string of digits) is a TCP port, 1-65535: the one check behind every
+    port a user gives (MASTER_PORT, --master-port, HOST:PORT addresses, cross_site.rendezvous), each place
+    wording its own error. Import it from `launch.ports`; it is defined here, at the bottom of launch's
+    imports, because launch.ports imports this module (LaunchEnvError) and imports must not cycle."""
+    if isinstance(value, str):
+        if not value.isdigit():
+            return False
+        value = int(value)
+    return 0 < value < 65536
+
+
 def expand_nodelist(nodelist: str) -> list[str]:
     """Expand Slurm's compressed host list, e.g. `n[01-03,7],gpu5` -> n01 n02 n03 n7 gpu5."""
     hosts: list[str] = []
@@ -100,7 +112,7 @@ def _validate(info: RankInfo, names: str) -> RankInfo:
                              f"{info.local_world_size} ({names})")
     if info.local_rank < 0:
         raise LaunchEnvError(f"local rank {info.local_rank} < 0 ({names})")
-    if not 0 < info.master_port < 65536:
+    if not is_tcp_port(info.master_port):
         raise LaunchEnvError(f"MASTER_PORT={info.master_port} is not a TCP port")
     return info
 

@@ -17,7 +17,9 @@ import random
 import socket
 from pathlib import Path
 
-from launch.env import LaunchEnvError
+# is_tcp_port, the one "1-65535" check that every given port goes through, is imported from here; it is
+# defined in launch.env, which this module imports, so that env's own MASTER_PORT check adds no cycle
+from launch.env import LaunchEnvError, is_tcp_port  # noqa: F401
 
 DEFAULT_RANGE = (20000, 29000)  # below Linux's default ephemeral range, clear of 29500 (torch's default)
 _cursor: dict[tuple[int, int], int] = {}

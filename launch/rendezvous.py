@@ -5,7 +5,10 @@ MASTER_ADDR retries for up to twice the timeout, a rank started with another WOR
 the whole timeout and reports "1/2 clients joined". Here rank 0 opens the TCPStore itself, the other
 ranks first wait (up to the timeout) for its port to accept, and every rank checks its world size
 against rank 0's before building the process group, so each mistake ends in time with a message
-naming the address, the ranks and the variables involved.
+naming the address, the ranks and the variables involved. TCPStore's own timeout does not cover a peer
+that accepts connections but never answers (another service on MASTER_PORT, or rank 0's host frozen by
+`scontrol suspend`, a debugger, SIGSTOP): the client's connect and every store call of the rendezvous
+run bounded by its deadline (`launch.store_client`).
 """
 
 from __future__ import annotations
@@ -31,11 +34,15 @@ from launch.env import (
     export_torch_env,
 )
 from launch.logs import drop_printed
-from launch.ports import free_port
+from launch.ports import free_port, is_tcp_port
+from launch.store_client import CONNECT_GRACE_S, BoundedStore, StoreFailed, StoreNoAnswer
+from launch.store_client import connect as connect_store
 
 log = logging.getLogger("mmpt.launch")
 # torchrun restarts reuse its agent's store: one key space per attempt
 _KEY = f"mmpt/rendezvous/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+_PROBE_S = 5.0
+"""At most this long for each question to the store when explaining a failed rendezvous."""
 
 
 def resolve(env: Mapping[str, str] | None = None) -> RankInfo:
@@ -86,7 +93,7 @@ def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"expected HOST:PORT, got {address!r}")
-    if not 0 < int(port) < 65536:
+    if not is_tcp_port(port):
         raise ValueError(f"port {port} of {address!r} is not a TCP port (1-65535)")
     return host.strip("[]"), int(port)
 
@@ -128,6 +135,34 @@ def agent_hosts_store() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
+def _frozen_hint(info: RankInfo) -> str:
+    return (f"another service may be listening on MASTER_PORT {info.master_port}, or rank 0's host is frozen "
+            "(Slurm `scontrol suspend`, a debugger, SIGSTOP); check what listens on "
+            f"{info.master_addr}:{info.master_port} and that rank 0 is running")
+
+
+class _RankStore(BoundedStore):
+    """One rank's store calls during the rendezvous, each bounded by the rendezvous deadline (at least
+    1 s, plus a grace so that TCPStore's own timeout, which init_process_group explains, comes first)."""
+
+    def __init__(self, store: dist.TCPStore, info: RankInfo, deadline: float) -> None:
+        super().__init__(store, f"{info.master_addr}:{info.master_port}", 0.0, "mmpt-rendezvous-store")
+        self.info, self.deadline = info, deadline
+
+    def bound_s(self) -> float:
+        return max(1.0, self.deadline - time.monotonic()) + CONNECT_GRACE_S
+
+    def stopped_answering(self, what: str, waited_s: float) -> str:
+        return (f"the store at {self.address} accepted the connection but {what} got no answer within "
+                f"{waited_s:.3g} s")
+
+    def no_answer(self, sentence: str) -> BaseException:
+        return RendezvousError(f"{_where(self.info)}: {sentence}; {_frozen_hint(self.info)}")
+
+    def failed(self, what: str, error: BaseException) -> BaseException:
+        return error  # TCPStore's own error (its timeout, a reset): init_process_group explains it
+
+
 def _open_store(info: RankInfo, timeout_s: float, deadline: float) -> dist.TCPStore:
     if info.rank == 0 and not agent_hosts_store():
         try:
@@ -139,15 +174,28 @@ def _open_store(info: RankInfo, timeout_s: float, deadline: float) -> dist.TCPSt
     wait_for_master(info, deadline)
     left = max(1.0, deadline - time.monotonic())
     try:
-        return dist.TCPStore(info.master_addr, info.master_port, info.world_size, False,
-                             timeout=datetime.timedelta(seconds=left))
-    except (RuntimeError, OSError) as e:
+        return connect_store(info.master_addr, info.master_port, left, info.world_size,
+                             name="mmpt-rendezvous-connect")
+    except StoreNoAnswer:
+        raise RendezvousError(f"{_where(info)}: something accepts connections at {info.master_addr}:"
+                              f"{info.master_port} but did not answer as rank 0's TCP store within "
+                              f"{left:.3g} s; {_frozen_hint(info)}") from None
+    except StoreFailed as e:
         raise RendezvousError(f"{_where(info)}: could not join the store at "
-                              f"{info.master_addr}:{info.master_port}: {e}") from e
+                              f"{info.master_addr}:{info.master_port}: {e.cause}") from e.cause
 
 
-def _check_world(store: dist.TCPStore, info: RankInfo, deadline: float) -> None:
-    """Catch a second process with the same rank and ranks started with different world sizes."""
+def _check_world(raw: dist.TCPStore, info: RankInfo, deadline: float) -> None:
+    """Catch a second process with the same rank and ranks started with different world sizes. Every
+    store call ends by the deadline: a RendezvousError naming the address when the store stops answering."""
+    store = _RankStore(raw, info, deadline)
+    try:
+        _compare_world(store, info, deadline)
+    finally:
+        store.close()
+
+
+def _compare_world(store: _RankStore, info: RankInfo, deadline: float) -> None:
     if store.add(f"{_KEY}/claim/{info.rank}", 1) > 1:
         store.set(f"{_KEY}/problem", f"two processes were started as rank {info.rank}")
         raise LaunchEnvError(f"{_where(info)}: another process already joined as rank {info.rank}; "
@@ -156,7 +204,7 @@ def _check_world(store: dist.TCPStore, info: RankInfo, deadline: float) -> None:
     store.add(f"{_KEY}/joined", 1)
     if info.rank == 0:
         return
-    store.set_timeout(datetime.timedelta(seconds=max(1.0, deadline - time.monotonic())))
+    store.raw.set_timeout(datetime.timedelta(seconds=max(1.0, deadline - time.monotonic())))
     theirs = int(store.get(f"{_KEY}/world/0"))
     if theirs != info.world_size:
         msg = (f"world size mismatch: rank {info.rank} was started with world size {info.world_size} "
@@ -165,13 +213,22 @@ def _check_world(store: dist.TCPStore, info: RankInfo, deadline: float) -> None:
         raise LaunchEnvError(msg + "; start every rank with the same world size")
 
 
-def _explain_timeout(store: dist.TCPStore, info: RankInfo, timeout_s: float, err: Exception) -> str:
+def _explain_timeout(raw: dist.TCPStore, info: RankInfo, timeout_s: float, err: Exception) -> str:
+    store = BoundedStore(raw, f"{info.master_addr}:{info.master_port}", min(timeout_s, _PROBE_S),
+                         "mmpt-rendezvous-probe")  # a frozen store must not hold the explanation for ever
+    silent = False
     try:
         joined = store.add(f"{_KEY}/joined", 0)
-        problem = store.get(f"{_KEY}/problem").decode() if store.check([f"{_KEY}/problem"]) else ""
+        problem = store.get(f"{_KEY}/problem").decode() if store.check(f"{_KEY}/problem") else ""
+    except StoreNoAnswer:
+        joined, problem, silent = -1, "", True
     except Exception:  # the store itself may be gone with rank 0; the original error still says why
         joined, problem = -1, ""
+    finally:
+        store.close()
     seen = "" if joined < 0 else f"{joined} of {info.world_size} ranks joined; "
+    if silent:
+        seen = f"the store stopped answering: {_frozen_hint(info)}; "
     return (f"{_where(info)}: the process group did not form within {timeout_s:g} s ({seen}"
             f"{problem + '; ' if problem else ''}{type(err).__name__}: {str(err).splitlines()[0]})")
 
@@ -201,6 +258,8 @@ def init_process_group(timeout_s: float, env: Mapping[str, str] | None = None) -
         store.set_timeout(datetime.timedelta(seconds=timeout_s))
         dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+    except RendezvousError:  # says it all already (a store that stopped answering)
+        raise
     except RuntimeError as e:  # DistError and friends; LaunchEnvError (a ValueError) passes unchanged
         raise RendezvousError(_explain_timeout(store, info, timeout_s, e)) from e
     import deepspeed

@@ -6,8 +6,9 @@ peer that accepted the connection but never answers: another service on that por
 is frozen (Slurm `scontrol suspend`, a debugger, swap death: the kernel keeps accepting). Its errors are
 raw `DistNetworkError: Broken pipe` with a C++ stack. And anyone who reaches the port can read and write
 any key. So each operation here runs on a worker thread (TCPStore releases the GIL) that the caller waits
-for at most `timeout_s`; a store that did not answer in time is not used again (its thread may be stuck
-for good), and every error says which rendezvous and which operation.
+for at most `timeout_s` (`launch.store_client`, shared with the job's own rendezvous); a store that did not
+answer in time is not used again (its thread may be stuck for good), and every error says which rendezvous
+and which operation.
 
 Values written with `set`/`compare_set` carry an HMAC-SHA256 tag over (key, value) when a shared secret
 is configured, checked by `get`/`compare_set` before the value is used: a forged or replayed value (a
@@ -18,11 +19,9 @@ payload copied to another round, site or rank: the key is signed too) is refused
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import hmac
 import logging
-import queue
 import socket
 import threading
 import time
@@ -32,8 +31,10 @@ from typing import Any, TypeVar
 
 import torch.distributed as dist
 
+from launch import store_client
 from launch.env import RendezvousError
 from launch.rendezvous import parse_address, serve_store, wait_for_port
+from launch.store_client import BoundedStore, first_line, run_bounded
 
 log = logging.getLogger("mmpt.cross_site")
 T = TypeVar("T")
@@ -69,87 +70,45 @@ def read_secret(path: str) -> bytes | None:
     return data
 
 
-def _boxed(fn: Callable[[], T]) -> tuple[Callable[[], None], dict[str, Any], threading.Event]:
-    """`fn` as a job to run on another thread, the box its result or error lands in, and the event set
-    when it ends (the caller waits on that with a deadline)."""
-    box: dict[str, Any] = {}
-    done = threading.Event()
-
-    def job() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # handed to the caller
-            box["error"] = e
-        finally:
-            done.set()
-
-    return job, box, done
-
-
-def _run_bounded(fn: Callable[[], T], timeout_s: float,
-                 name: str) -> tuple[bool, T | None, BaseException | None]:
-    """(finished, result, error) of `fn` run on a daemon thread, waited for at most `timeout_s`."""
-    job, box, done = _boxed(fn)
-    threading.Thread(target=job, name=name, daemon=True).start()
-    finished = done.wait(timeout_s)
-    return finished, box.get("result"), box.get("error")
-
-
 def connect(host: str, port: int, timeout_s: float) -> dist.TCPStore:
     """A TCPStore client, or a CrossSiteError within `timeout_s` naming the address (a listener that
-    accepts but never answers would otherwise hold the constructor for ever)."""
-    finished, store, error = _run_bounded(
-        lambda: dist.TCPStore(host, port, None, False, timeout=datetime.timedelta(seconds=timeout_s)),
-        timeout_s + 1.0, "mmpt-cross-site-connect")
-    if not finished:
+    accepts but never answers would otherwise hold the constructor for ever: `launch.store_client`)."""
+    try:
+        return store_client.connect(host, port, timeout_s, name="mmpt-cross-site-connect")
+    except store_client.StoreNoAnswer:
         raise StoreGone(f"cross-site rendezvous {host}:{port}: something accepts connections there but "
                         f"did not answer as a TCP store within {timeout_s:.3g} s (cross_site.timeout_s): the "
                         "store's host is frozen (suspended, stopped in a debugger, swapping) or another "
-                        "service uses that port")
-    if error is not None:
+                        "service uses that port") from None
+    except store_client.StoreFailed as e:
         raise StoreGone(f"cross-site rendezvous {host}:{port}: could not join the store: "
-                        f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-    assert store is not None
-    return store
+                        f"{first_line(e.cause) if e.cause is not None else e}") from None
 
 
-class Link:
-    """The store operations one rank uses, each bounded by `timeout_s` and reported as a CrossSiteError
-    naming `address`; values signed with `secret` when there is one."""
+class Link(BoundedStore):
+    """The store operations one rank uses, each bounded by `timeout_s` (`launch.store_client.BoundedStore`)
+    and reported as a CrossSiteError naming `address`; values signed with `secret` when there is one."""
+
+    passthrough = (CrossSiteError,)
 
     def __init__(self, store: Any, address: str, timeout_s: float, secret: bytes | None = None) -> None:
-        self.raw, self.address, self.timeout_s, self.secret = store, address, timeout_s, secret
-        self._broken = ""
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
+        super().__init__(store, address, timeout_s, thread_name="mmpt-cross-site-store")
+        self.secret = secret
 
-    # ------------------------------------------------------------------ bounded calls
-    def _serve_jobs(self) -> None:
-        while True:
-            job = self._jobs.get()
-            job()
+    # ------------------------------------------------------------------ bounded calls: the wording
+    def stopped_answering(self, what: str, waited_s: float) -> str:
+        return (f"the store stopped answering ({what} got no answer within {waited_s:g} s, "
+                "cross_site.timeout_s): its host is frozen or the link is down")
+
+    def no_answer(self, sentence: str) -> BaseException:
+        return StoreGone(f"cross-site rendezvous {self.address}: {sentence}")
+
+    def failed(self, what: str, error: BaseException) -> BaseException:
+        return StoreGone(f"cross-site rendezvous {self.address}: {what} failed ({first_line(error)}): the "
+                         "store is gone (the site serving it ended, or its host is unreachable)")
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
-        if self._broken:
-            raise StoreGone(f"cross-site rendezvous {self.address}: {self._broken}")
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._serve_jobs, name="mmpt-cross-site-store",
-                                            daemon=True)
-            self._worker.start()
-        job, box, done = _boxed(fn)
-        self._jobs.put(job)
-        if not done.wait(self.timeout_s):
-            self._broken = (f"the store stopped answering ({what} got no answer within {self.timeout_s:g} s, "
-                            "cross_site.timeout_s): its host is frozen or the link is down")
-            raise StoreGone(f"cross-site rendezvous {self.address}: {self._broken}")
-        error = box.get("error")
-        if error is not None:
-            if isinstance(error, CrossSiteError):
-                raise error
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise StoreGone(f"cross-site rendezvous {self.address}: {what} failed ({first}): the store is "
-                            "gone (the site serving it ended, or its host is unreachable)") from None
-        return box["result"]
+        return self.call(what, fn)
 
     # ------------------------------------------------------------------ signatures
     def _tag(self, key: str, value: bytes) -> bytes:
@@ -183,15 +142,6 @@ class Link:
         old = self.seal(key, expected) if expected else b""
         new = self.seal(key, desired)
         return self.unseal(key, self._call(f"compare_set {key}", lambda: self.raw.compare_set(key, old, new)))
-
-    def check(self, key: str) -> bool:
-        return bool(self._call(f"check {key}", lambda: self.raw.check([key])))
-
-    def add(self, key: str, n: int) -> int:
-        return int(self._call(f"add {key}", lambda: self.raw.add(key, n)))
-
-    def delete_key(self, key: str) -> None:
-        self._call(f"delete {key}", lambda: self.raw.delete_key(key))
 
 
 def as_link(store: Any, address: str, timeout_s: float) -> Link:
@@ -258,7 +208,7 @@ class Heartbeat:
         # that long, so the end of a run waits at most 10 s for it (then exits as before the join)
         self.join_s = min(timeout_s, 10.0)
         self.failures = 0
-        finished, _, error = _run_bounded(lambda: self.store.add(self.key, 1), timeout_s, "mmpt-xs-beat0")
+        finished, _, error = run_bounded(lambda: self.store.add(self.key, 1), timeout_s, "mmpt-xs-beat0")
         if not finished or error is not None:
             raise StoreGone(f"cross-site rendezvous {address}: the first heartbeat got no answer within "
                             f"{timeout_s:g} s (cross_site.timeout_s)" if not finished else

@@ -11,6 +11,7 @@ import math
 from types import SimpleNamespace
 from typing import Any
 
+from launch.ports import is_tcp_port
 from pretrain.config.schema import CHOICES, Config, ConfigError
 
 
@@ -254,7 +255,7 @@ def _cross_site_problems(cfg: Config) -> list[str]:
         out.append("cross_site.site must name this site (e.g. cross_site.site=eu, or `pretrain launch --site "
                    "eu`) when cross_site.sites >= 2")
     host, _, port = x.rendezvous.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not is_tcp_port(port):
         out.append(f"cross_site.rendezvous must be HOST:PORT (e.g. 10.0.0.5:29400), got {x.rendezvous!r}")
     if x.every < 1:
         out.append(f"cross_site.every must be >= 1, got {x.every}")
