@@ -162,8 +162,9 @@ class _EvalStream(IterableDataset):
     def __init__(self, shards: list[str], tokenizer: TextTokenizer, image_size: int, batch_size: int,
                  context_length: int, mean: Iterable[float], std: Iterable[float], max_bytes: int,
                  rank: int = 0, world: int = 1, max_samples: int = 0,
-                 masking: tuple[int, float, int] | None = None) -> None:
+                 masking: tuple[int, float, int] | None = None, empty_batches: bool = False) -> None:
         super().__init__()
+        self.empty_batches = empty_batches
         self.shards = shards
         self.max_bytes = max_bytes
         self.tokenizer = tokenizer
@@ -198,6 +199,7 @@ class _EvalStream(IterableDataset):
         # counts from a stream's last batch (`_skips` is cumulative), so it must count the bad samples after
         # its own last one
         full: list[tuple[Any, tuple[int, int]]] = []
+        usable = False
         for s, j, sample in self._positions(self.rank * count + worker, self.world * count):
             parts = split_sample(sample, skips)
             if parts is None:
@@ -216,12 +218,16 @@ class _EvalStream(IterableDataset):
             if full:
                 yield self._batch(full, skips)
                 full = []
+            usable = True  # a batch will carry this stream's counts
             pending.append((example, (s, j)))
             if len(pending) == self.batch_size:
                 full, pending = pending, []
         for rest in (full, pending):  # at most one of them holds samples
             if rest:
                 yield self._batch(rest, skips)
+        if self.empty_batches and not usable and skips.as_dict():
+            # no usable sample, so no batch would carry these counts to the consumer
+            yield self._empty_batch(skips)
 
     def _batch(self, pending: list[tuple[Any, tuple[int, int]]], skips: SkipCounter) -> dict[str, Any]:
         examples = [e for e, _ in pending]
@@ -232,6 +238,19 @@ class _EvalStream(IterableDataset):
             batch = collate_train(examples, self.tokenizer, self.context_length, mlm_prob, num_patches,
                                   self.mean, self.std)
         batch["_order"] = torch.tensor([o for _, o in pending], dtype=torch.long).reshape(-1, 2)
+        batch["_skips"] = skips.as_dict()
+        return batch
+
+    def _empty_batch(self, skips: SkipCounter) -> dict[str, Any]:
+        """A batch of no rows (a real one's keys and trailing shapes) that carries the stream's `_skips`."""
+        L, S = self.context_length, self.image_size
+        text = torch.zeros(0, L, dtype=torch.long)
+        batch: dict[str, Any] = {"image": torch.zeros(0, 3, S, S), "text": text,
+                                 "cls": torch.zeros(0, dtype=torch.long), "_keys": []}
+        if self.masking is not None:
+            batch.update(mlm_input=text.clone(), mlm_labels=text.clone(),
+                         patch_noise=torch.zeros(0, self.masking[2]), itm_noise=torch.zeros(0, 2), _epochs=[])
+        batch["_order"] = torch.zeros(0, 2, dtype=torch.long)
         batch["_skips"] = skips.as_dict()
         return batch
 
@@ -354,6 +373,7 @@ def make_eval_loader(
     world: int = 1,
     max_samples: int = 0,
     masking: tuple[int, float, int] | None = None,
+    empty_batches: bool = False,
 ) -> Iterable[dict[str, Any]]:
     """Finite iterable over every sample of `urls` once (this rank's share of `world`), without
     augmentation; re-iterable.
@@ -364,7 +384,10 @@ def make_eval_loader(
     samples among them are skipped and counted). The split between ranks and workers is in `_EvalStream`;
     the union over all ranks is the same set in every layout. `masking` = (seed, mlm_prob, num_patches)
     adds fixed-seed MLM inputs/labels and MAE patch noise (validation losses). Samples over
-    `max_sample_bytes` (`data.max_sample_bytes`) are skipped as `too_large`.
+    `max_sample_bytes` (`data.max_sample_bytes`) are skipped as `too_large`. With `empty_batches`, a
+    stream that skipped samples but read no usable one (e.g. a worker whose shard is all corrupt) yields
+    one zero-row batch (`_keys` empty) carrying its `_skips`, which would otherwise reach no consumer;
+    callers that sum skips pass it and must accept zero-row batches (off by default for those that don't).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -373,5 +396,6 @@ def make_eval_loader(
     shards = [u for source in expand_sources(urls) for u in source]
     workers = min(max(int(workers), 0), len(shards))
     dataset = _EvalStream(shards, tokenizer, image_size, batch_size, context_length, mean, std,
-                          max_sample_bytes, rank=rank, world=world, max_samples=max_samples, masking=masking)
+                          max_sample_bytes, rank=rank, world=world, max_samples=max_samples, masking=masking,
+                          empty_batches=empty_batches)
     return _data_loader(dataset, workers, persistent=False)

@@ -50,13 +50,16 @@ def encode_share(batches: Iterable[dict[str, Any]],
     `_order`); `encode(None, False)` must run the same forwards on a dummy input. `uniform` is true when
     every rank holds a batch of the same size this round (what collective losses need). Each round
     all-reduces three integers, so ranks with shorter shares keep calling `encode(None, False)` until the
-    longest share is done. Returns the concatenated rows (zero-row tensors when this rank had no sample but
+    longest share is done; a zero-row batch (an eval stream's skip counts, `empty_batches`) is read past,
+    not a round. Returns the concatenated rows (zero-row tensors when this rank had no sample but
     another had; an empty dict when no rank had any)."""
     it = iter(batches)
     rows: dict[str, list[torch.Tensor]] = {}
     dummy: dict[str, torch.Tensor] = {}
     while True:
         batch = next(it, None)
+        while batch is not None and not len(batch["_order"]):  # as a round it would read as "no rank has
+            batch = next(it, None)  # a batch" and end the loop while other batches remain
         b = 0 if batch is None else len(batch["_order"])
         flag = torch.tensor([int(b > 0), b, -b], dtype=torch.int64, device=device)
         if _distributed():

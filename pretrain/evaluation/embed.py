@@ -192,10 +192,14 @@ def embed_shards(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: in
     workers = eval_workers(urls, workers, max_samples)
     loader = make_eval_loader(urls, tokenizer, cfg.model.image_size, batch_size,
                               cfg.model.text.context_length, cfg.data.mean, cfg.data.std, workers=workers,
-                              max_sample_bytes=cfg.data.max_sample_bytes)
+                              max_sample_bytes=cfg.data.max_sample_bytes, empty_batches=True)
     imgs, txts, keys, order = [], [], [], []
     last: dict[int, dict[str, int]] = {}
+    unread: dict[str, int] = {}  # skips of workers without a usable sample
     for batch in loader:
+        if not batch["_keys"]:  # such a worker's one batch: no rows, its whole (cumulative) skip count
+            _add(unread, batch["_skips"])
+            continue
         imgs.append(model.encode_image(batch["image"].to(device)).cpu())
         txts.append(model.encode_text(batch["text"].to(device)).cpu())
         keys.extend(batch["_keys"])
@@ -204,7 +208,7 @@ def embed_shards(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: in
         if max_samples and len(keys) >= max_samples:
             break
     if skipped is not None:
-        for s in last.values():
+        for s in [*last.values(), unread]:
             _add(skipped, s)
     if not keys:
         raise ValueError(f"--data: no readable samples in {urls}")

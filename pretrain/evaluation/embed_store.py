@@ -75,11 +75,15 @@ def embed_sharded(encoder: Any, tokenizer: Any, cfg: Any, urls: str, out: Path, 
         ids = todo[start:start + group]
         loader = make_eval_loader("::".join(shards[i] for i in ids), tokenizer, cfg.model.image_size,
                                   batch_size, cfg.model.text.context_length, cfg.data.mean, cfg.data.std,
-                                  workers=min(workers, len(ids)), max_sample_bytes=cfg.data.max_sample_bytes)
+                                  workers=min(workers, len(ids)), max_sample_bytes=cfg.data.max_sample_bytes,
+                                  empty_batches=True)
         fields = ("image", "text", "keys", "pos", "cls")
         rows: dict[int, dict[str, list[Any]]] = {j: {f: [] for f in fields} for j in range(len(ids))}
         last_skips: dict[int, dict[str, int]] = {}
         for batch in loader:
+            if not batch["_keys"]:  # a worker whose shard held no usable sample: its one batch, only skips
+                _add_skips(skips, batch["_skips"])
+                continue
             order = batch["_order"].tolist()
             j = order[0][0]  # one worker per shard of the group: a batch never spans two shards
             r = rows[j]

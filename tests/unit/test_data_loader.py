@@ -293,3 +293,56 @@ def test_eval_skips_after_the_last_batch_are_reported(tmp_path, tiny_tok, worker
                 total[reason] = total.get(reason, 0) + n
         assert sorted(keys) == [f"{s}{i}" for s in "ab" for i in range(4)]
         assert total == {"bad_image": 2, "missing_caption": 1}, (batch_size, last)
+
+
+def _good_and_all_bad_shards(tmp_path: Path) -> list[str]:
+    """Shard 0 holds only bad samples (2 undecodable images, 1 image without caption), shard 1 4 good ones."""
+    bad = [("x0.jpg", b"\xff\xd8\xff\xe0 not a jpeg"), ("x0.txt", b"a caption"),
+           ("x1.jpg", b"\x00" * 300), ("x1.txt", b"a caption"), ("x2.jpg", _jpeg())]
+    good = [(f"g{i}.{ext}", _jpeg() if ext == "jpg" else b"a red square")
+            for i in range(4) for ext in ("jpg", "txt")]
+    _write_tar(tmp_path / "bad.tar", bad)
+    _write_tar(tmp_path / "good.tar", good)
+    return [str(tmp_path / "bad.tar"), str(tmp_path / "good.tar")]
+
+
+def _summed_skips(batches) -> tuple[dict[str, int], list[str]]:
+    """Run-wide skips as eval callers sum them: each stream's last batch (`_skips` is cumulative); a
+    zero-row batch is its stream's only one, with a real batch's keys and trailing shapes."""
+    last: dict[int, dict[str, int]] = {}
+    total: dict[str, int] = {}
+    keys: list[str] = []
+    real = next(b for b in batches if b["_keys"])
+    for batch in batches:
+        keys += batch["_keys"]
+        if not batch["_keys"]:
+            assert batch.keys() == real.keys()
+            for k, v in batch.items():
+                if isinstance(v, torch.Tensor):
+                    assert v.shape == (0, *real[k].shape[1:]) and v.dtype == real[k].dtype, k
+            last[-1 - len(last)] = batch["_skips"]
+        else:
+            last[int(batch["_order"][0, 0])] = batch["_skips"]  # one stream per shard here
+    for skips in last.values():
+        for reason, n in skips.items():
+            total[reason] = total.get(reason, 0) + n
+    return total, keys
+
+
+@pytest.mark.parametrize("layout", ["2 workers", "2 ranks", "2 workers, masked"])
+def test_eval_stream_without_a_usable_sample_still_reports_its_skips(tmp_path, tiny_tok, layout):
+    """A stream (a rank's DataLoader worker) whose whole share is bad yielded no batch, so its skips
+    reached no consumer: the run reported 0 of them. With `empty_batches` it yields one zero-row batch
+    carrying them."""
+    urls = "::".join(_good_and_all_bad_shards(tmp_path))
+    args = (urls, tiny_tok, SIZE, 2, CTX, [0.5] * 3, [0.5] * 3)
+    masking = (3, 0.5, (SIZE // PATCH) ** 2) if "masked" in layout else None
+    if layout.startswith("2 workers"):
+        batches = list(make_eval_loader(*args, workers=2, empty_batches=True, masking=masking))
+    else:  # rank 0 reads the bad shard, rank 1 the good one
+        batches = [b for r in range(2) for b in make_eval_loader(*args, rank=r, world=2, empty_batches=True)]
+    total, keys = _summed_skips(batches)
+    assert sorted(keys) == [f"g{i}" for i in range(4)]
+    assert total == {"bad_image": 2, "missing_caption": 1}
+    # off by default: callers that do not sum skips never see a zero-row batch
+    assert all(b["_keys"] for b in make_eval_loader(*args, workers=2))
