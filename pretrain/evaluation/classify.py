@@ -17,9 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from data_pipelines.loader import make_eval_loader
-from pretrain.evaluation.distributed import encode_share, gather_features
-from pretrain.evaluation.features import _dp, model_device
+from pretrain.evaluation.distributed import encode_share, gather_features, sum_skips, warn_skips
+from pretrain.evaluation.features import _dp, eval_share, model_device
 from pretrain.evaluation.validate import Validator, _RngSnapshot
 
 log = logging.getLogger("mmpt.validate")
@@ -32,14 +31,13 @@ METRICS = ("loss", "top1", "top5")
 def classify_metrics(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: int, max_samples: int = 0,
                      dtype: torch.dtype | None = None, workers: int = 0) -> dict[str, Any]:
     """top-1 / top-5 accuracy and mean cross-entropy of `model.logits` over the labelled samples among the
-    first `max_samples` of `urls` (0: all); keys `top1`, `top5`, `loss`, `samples`, `labelled`. ValueError
-    (on every rank) when no rank read a labelled sample."""
+    first `max_samples` of `urls` (0: all); keys `top1`, `top5`, `loss`, `samples`, `labelled`, and
+    `skipped` ({reason: count} of the samples the loader left out, summed over the ranks; also logged as a
+    warning). ValueError (on every rank) when no rank read a labelled sample."""
     device = model_device(model)
-    dp_rank, dp_world, dp_group = _dp()
-    L, S = cfg.model.text.context_length, cfg.model.image_size
-    loader = make_eval_loader(urls, tokenizer, S, batch_size, L, cfg.data.mean, cfg.data.std, workers=workers,
-                              max_sample_bytes=cfg.data.max_sample_bytes, rank=dp_rank, world=dp_world,
-                              max_samples=max_samples)
+    _, _, dp_group = _dp()
+    S = cfg.model.image_size
+    loader, skips = eval_share(urls, tokenizer, cfg, batch_size, max_samples, workers)
     in_dtype = dtype or torch.float32
 
     def encode(batch: dict[str, Any] | None, uniform: bool) -> dict[str, torch.Tensor]:
@@ -56,19 +54,23 @@ def classify_metrics(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         return {"top": top, "nll": nll, "cls": labels, "_order": order}
 
-    feats = gather_features(encode_share(loader, encode, device), dp_group)
+    local = encode_share(loader, encode, device)  # {} on every rank when no rank read a sample
+    feats = gather_features(local, dp_group) if local else {}
+    skipped = sum_skips(skips.total(), dp_group)
     labels = feats.get("cls", torch.empty(0, dtype=torch.long))
     has = labels >= 0
     labelled = int(has.sum())
     if not labelled:
         raise ValueError(f"{urls}: no readable sample with a .cls label among the first "
-                         f"{max_samples or 'all'} positions; classification accuracy needs labelled shards")
+                         f"{max_samples or 'all'} positions; classification accuracy needs labelled shards"
+                         + (f" (skipped: {skipped})" if skipped else ""))
+    warn_skips(urls, skipped, len(labels))
     top, y = feats["top"][has], labels[has].unsqueeze(1)
     return {
         "top1": round(int((top[:, :1] == y).any(dim=1).sum()) / labelled, 6),
         "top5": round(int((top == y).any(dim=1).sum()) / labelled, 6),
         "loss": round(float(feats["nll"].sum()) / labelled, 6),
-        "samples": int(len(labels)), "labelled": labelled,
+        "samples": int(len(labels)), "labelled": labelled, "skipped": skipped,
     }
 
 
@@ -95,6 +97,7 @@ class ClassifyValidator(Validator):
                 model.train(was_training)
         row: dict[str, Any] = {f"val/{k}": m[k] for k in METRICS}
         row["val/samples"] = m["samples"]
+        row["val/skipped"] = m["skipped"]
         seconds = time.perf_counter() - t0
         self.seconds += seconds
         row["val/seconds"] = round(seconds, 3)

@@ -14,17 +14,26 @@ never forms the N x N matrix (1M pairs at E=512 need 4 GB of image and text feat
 Ranks under ZeRO-3 must run the same number of forwards (every forward gathers parameters collectively):
 a rank whose share has run out encodes a one-sample dummy batch while the others finish (`encode_share`).
 Tensor-parallel peers hold the same dp rank, so they read the same share and run the same forwards.
+
+Samples the eval loader skips (corrupt image, missing caption, bad shard) are counted per stream and summed
+over the ranks (`StreamSkips`, `sum_skips`): every result says how many were left out (`skipped`), and a
+warning names the dataset (`warn_skips`), so metrics over fewer samples than the set holds never pass
+unnoticed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from data_pipelines.stats import KEPT_REASONS
 from parallel import groups
+
+log = logging.getLogger("mmpt.eval")
 
 BLOCK = 4096
 """Rows (and columns) per score tile."""
@@ -186,3 +195,63 @@ def metrics_from_features(feats: dict[str, torch.Tensor], classifier: torch.Tens
     for k, v in r.items():
         out[k] = round(v / max(n, 1), 6)
     return out
+
+
+# ------------------------------------------------------------------------------------------ skip counts
+def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for k, v in counts.items():
+        total[k] = total.get(k, 0) + int(v)
+
+
+class StreamSkips:
+    """This rank's skip counts from the batches of an eval loader (`make_eval_loader(...,
+    empty_batches=True)`), read as they pass on to `encode_share` (`watch`).
+
+    `_skips` is cumulative per stream (one DataLoader worker of one rank) and a stream's last batch holds
+    its total, so the last counts of each stream are kept and summed. A batch's stream is its first row's
+    shard index modulo `workers`, exact when every stream reads whole shards (`stream_workers`); a zero-row
+    batch is the only batch of a stream that read no usable sample, so its counts are that stream's total.
+    Problems on samples that were kept (`KEPT_REASONS`, e.g. duplicate_key) are not skips and left out."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = max(int(workers), 1)
+        self.last: dict[int, dict[str, int]] = {}
+        self.unread: dict[str, int] = {}
+
+    def watch(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The batches, unchanged, noting each one's `_skips`."""
+        for batch in batches:
+            skips = batch.get("_skips") or {}
+            if not len(batch["_order"]):
+                _add_counts(self.unread, skips)
+            else:
+                self.last[int(batch["_order"][0, 0]) % self.workers] = dict(skips)
+            yield batch
+
+    def total(self) -> dict[str, int]:
+        """{reason: count} of the skipped samples (and unreadable shards) of the batches seen so far."""
+        out: dict[str, int] = {}
+        for counts in [*self.last.values(), self.unread]:
+            _add_counts(out, {k: v for k, v in counts.items() if k not in KEPT_REASONS})
+        return out
+
+
+def sum_skips(local: dict[str, int], group: Any = None) -> dict[str, int]:
+    """Every rank's skip counts summed, on every rank (one all_gather of a small dict over `group`, the
+    data-parallel group: TP peers read the same share); every rank of the group must call it."""
+    every: list[Any] = [local]
+    if _distributed() and dist.get_world_size(group) > 1:
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, dict(local), group=group)
+    total: dict[str, int] = {}
+    for counts in every:
+        _add_counts(total, counts or {})
+    return dict(sorted(total.items()))
+
+
+def warn_skips(urls: str, skipped: dict[str, int], samples: int) -> None:
+    """One warning (on rank 0) naming the dataset and the counts when it lost samples: the metrics then
+    cover fewer samples than the shards hold."""
+    if skipped and (groups.rank() if _distributed() else 0) == 0:
+        log.warning("eval data %s: %d skipped (%s); the metrics cover the %d samples read", urls,
+                    sum(skipped.values()), ", ".join(f"{k} {v}" for k, v in skipped.items()), samples)

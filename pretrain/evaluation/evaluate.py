@@ -67,7 +67,8 @@ def _probe_on_rank0(model: Any, tokenizer: TextTokenizer, cfg: Config, train_url
     has = test["cls"] >= 0
     if not bool(has.any()):
         raise ValueError(f"--linear-probe: {data} has no labelled (.cls) samples to score the probe on")
-    train = shard_features(model, tokenizer, cfg, train_urls, batch_size, texts=False)
+    train_skipped: dict[str, int] = {}
+    train = shard_features(model, tokenizer, cfg, train_urls, batch_size, texts=False, skipped=train_skipped)
     keep = train["cls"] >= 0
     if not bool(keep.any()):
         raise ValueError(f"--linear-probe: no labelled (.cls) samples in {train_urls}")
@@ -81,7 +82,9 @@ def _probe_on_rank0(model: Any, tokenizer: TextTokenizer, cfg: Config, train_url
             from pretrain.evaluation.probe import few_shot_probe
 
             result[0].update(few_shot_probe(*xy(train, keep), *xy(test, has), few_shot, classnames))
-    return from_rank0(result[0])
+    out = from_rank0(result[0])
+    out["linear_probe_train_skipped"] = train_skipped  # the same on every rank
+    return out
 
 
 @torch.no_grad()
@@ -99,7 +102,10 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     is false (retrieval only: zero-shot keys are then None). Under a launcher every rank calls this and
     gets the same metrics. `seconds` / `images_per_s` time the encoding and metrics (not the model load;
     the probe's train features and fit come after). `rerank` K > 0 adds ITM re-ranking of the top-K
-    retrieval candidates (`pretrain.evaluation.rerank`, needs a fusion checkpoint; timed with the rest)."""
+    retrieval candidates (`pretrain.evaluation.rerank`, needs a fusion checkpoint; timed with the rest).
+    `skipped` ({reason: count}, summed over the ranks) counts the samples of `data` the loader left out of
+    `samples` (corrupt image, missing caption, ...), `linear_probe_train_skipped` those of the probe's train
+    shards; each non-empty one is also logged as a warning naming the shards."""
     classnames = read_classnames(classnames_file)
     model, tokenizer, cfg = model_bundle if model_bundle is not None else load_model(checkpoint)
     if model_bundle is None:
@@ -109,10 +115,12 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     weights = classifier_weights(model, tokenizer, classnames, cfg.model.text.context_length, prompts)
     if rerank and getattr(model, "itm_head", None) is None:  # before encoding anything
         rerank_metrics(model, {}, rerank)
+    skipped: dict[str, int] = {}
     feats = shard_features(model, tokenizer, cfg, data, batch_size, max_samples, workers=workers,
-                           pairs=rerank > 0)
+                           pairs=rerank > 0, skipped=skipped)
     out: dict[str, Any] = {"classes": len(classnames), "chance": round(1.0 / len(classnames), 6)}
     out.update(metrics_from_features(feats, weights))
+    out["skipped"] = skipped
     if rerank:
         out.update(rerank_metrics(model, feats, rerank))
     if not out.pop("labelled", 0) and require_labels:

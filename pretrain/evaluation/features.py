@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from data_pipelines.loader import make_eval_loader
+from data_pipelines.urls import expand_sources
 from parallel import groups
-from pretrain.evaluation.distributed import encode_share, gather_features
+from pretrain.evaluation.distributed import StreamSkips, encode_share, gather_features, sum_skips, warn_skips
 
 TEMPLATES = (
     "a photo of a {}.",
@@ -54,12 +55,35 @@ def _dp() -> tuple[int, int, Any]:
     return 0, 1, None
 
 
+def stream_workers(urls: str, workers: int, max_samples: int, dp_world: int) -> int:
+    """Decode workers per rank such that every stream (rank x worker) reads whole shards, so the skip counts
+    each one carries can be attributed and summed (`StreamSkips`): at most shards // ranks; none with a
+    `max_samples` cap, where the eval loader would deal positions over the workers."""
+    if max_samples or workers <= 0:
+        return 0
+    return min(workers, sum(len(s) for s in expand_sources(urls)) // max(dp_world, 1))
+
+
+def eval_share(urls: str, tokenizer: Any, cfg: Any, batch_size: int, max_samples: int, workers: int,
+               masking: tuple[int, float, int] | None = None) -> tuple[Any, StreamSkips]:
+    """This data-parallel rank's eval batches of `urls` (zero-row batches of skip-only streams included,
+    which `encode_share` reads past) and the `StreamSkips` counting them as they are read."""
+    dp_rank, dp_world, _ = _dp()
+    workers = stream_workers(urls, workers, max_samples, dp_world)
+    loader = make_eval_loader(urls, tokenizer, cfg.model.image_size, batch_size,
+                              cfg.model.text.context_length, cfg.data.mean, cfg.data.std, workers=workers,
+                              max_sample_bytes=cfg.data.max_sample_bytes, rank=dp_rank, world=dp_world,
+                              max_samples=max_samples, masking=masking, empty_batches=True)
+    skips = StreamSkips(workers)
+    return skips.watch(loader), skips
+
+
 @torch.no_grad()
 def shard_features(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: int, max_samples: int = 0,
                    *, texts: bool = True, dtype: torch.dtype | None = None, workers: int = 0,
                    masking: tuple[int, float, int] | None = None,
                    on_batch: Callable[[dict[str, Any], bool], None] | None = None,
-                   pairs: bool = False) -> dict[str, torch.Tensor]:
+                   pairs: bool = False, skipped: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Gathered features of `urls` (first `max_samples` positions; 0: all), identical on every rank and in
     single-process order: `image` [N, E], `text` [N, E] (with `texts`), `cls` [N], `_order` [N, 2].
 
@@ -67,13 +91,15 @@ def shard_features(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: 
     DeepSpeed bf16). `on_batch(batch, uniform)` runs before the encoders on each real batch (validation
     losses; `uniform`: every rank holds a batch of this size). ValueError (on every rank) when no rank read
     a usable sample. `pairs` also gathers each sample's caption ids `ids` [N, L] and fp32 `pixels`
-    [N, 3, S, S], what ITM re-ranking feeds the fusion encoder (`pretrain.evaluation.rerank`)."""
+    [N, 3, S, S], what ITM re-ranking feeds the fusion encoder (`pretrain.evaluation.rerank`).
+
+    Samples the loader skipped, summed over the ranks, are added to `skipped` ({reason: count}; the same on
+    every rank) and logged as a warning naming `urls`. `workers` is capped so that each stream reads
+    whole shards (`stream_workers`)."""
     device = model_device(model)
-    dp_rank, dp_world, dp_group = _dp()
+    _, _, dp_group = _dp()
     L, S = cfg.model.text.context_length, cfg.model.image_size
-    loader = make_eval_loader(urls, tokenizer, S, batch_size, L, cfg.data.mean, cfg.data.std, workers=workers,
-                              max_sample_bytes=cfg.data.max_sample_bytes, rank=dp_rank, world=dp_world,
-                              max_samples=max_samples, masking=masking)
+    loader, skips = eval_share(urls, tokenizer, cfg, batch_size, max_samples, workers, masking)
     in_dtype = dtype or torch.float32
 
     def encode(batch: dict[str, Any] | None, uniform: bool) -> dict[str, torch.Tensor]:
@@ -99,6 +125,12 @@ def shard_features(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size: 
     n = torch.tensor([len(local.get("_order", ()))], dtype=torch.int64, device=device)
     if groups.is_distributed() and groups.world_size() > 1:
         torch.distributed.all_reduce(n)
+    lost = sum_skips(skips.total(), dp_group)
+    if skipped is not None:
+        for k, v in lost.items():
+            skipped[k] = skipped.get(k, 0) + v
     if not int(n[0]):
-        raise ValueError(f"{urls}: no readable samples to evaluate")
-    return gather_features(local, dp_group)
+        raise ValueError(f"{urls}: no readable samples to evaluate" + (f" (skipped: {lost})" if lost else ""))
+    feats = gather_features(local, dp_group)
+    warn_skips(urls, lost, len(feats["_order"]))
+    return feats

@@ -125,6 +125,7 @@ class Validator:
         model, was_training = self.model, self.model.training
         sums: dict[str, torch.Tensor] = {}
         batches = [0]
+        skipped: dict[str, int] = {}
 
         def losses(batch: dict[str, Any], uniform: bool) -> None:
             if not uniform:  # a collective loss needs the same batch size on every rank
@@ -144,7 +145,7 @@ class Validator:
                                                  self.cfg.model.text.context_length)
                 feats = shard_features(model, self.tokenizer, self.cfg, self.cfg.data.val, self.batch_size,
                                        self.cfg.eval.max_samples, dtype=self.dtype, masking=self.masking,
-                                       on_batch=losses)
+                                       on_batch=losses, skipped=skipped)
                 metrics = metrics_from_features(feats, weights)
             finally:
                 model.train(was_training)
@@ -161,6 +162,7 @@ class Validator:
         for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "samples"):
             if metrics.get(k) is not None:
                 row[f"val/{k}"] = metrics[k]
+        row["val/skipped"] = skipped  # {reason: count} left out of val/samples; TensorBoard ignores it
         seconds = time.perf_counter() - t0
         self.seconds += seconds
         row["val/seconds"] = round(seconds, 3)

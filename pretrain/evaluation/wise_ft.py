@@ -79,14 +79,15 @@ def wise_ft_sweep(run_dir: str | Path, alphas: list[float], data: str | None = N
         raise ValueError("--wise-ft needs held-out shards: --val (data.val)")
     bs = batch_size or cfg.eval.batch_size or cfg.train.micro_batch
     n = cfg.eval.max_samples if max_samples is None else max_samples
-    rows, samples = [], 0
+    rows, samples, skipped = [], 0, {}  # skipped: {reason: count} the loader left out of `samples`
     for alpha in alphas:
         model.load_state_dict(interpolate(zero_shot, fine_tuned, alpha))
         m = classify_metrics(model, tokenizer, cfg, urls, bs, n, workers=workers)
         rows.append({"alpha": alpha, "top1": m["top1"], "top5": m["top5"], "loss": m["loss"]})
-        samples = m["labelled"]
-    result = {"data": urls, "samples": samples, "checkpoint": str(src.path), "step": src.meta.get("step"),
-              "classes": len(src.meta["classnames"]), "alphas": list(alphas), "results": rows}
+        samples, skipped = m["labelled"], m["skipped"]  # the same samples at every alpha
+    result = {"data": urls, "samples": samples, "skipped": skipped, "checkpoint": str(src.path),
+              "step": src.meta.get("step"), "classes": len(src.meta["classnames"]), "alphas": list(alphas),
+              "results": rows}
     if groups.rank() == 0:
         (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
     return result

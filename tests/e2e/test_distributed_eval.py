@@ -76,6 +76,7 @@ def test_two_ranks_uneven_shards_with_probe(setup):
     two = _torchrun(2, ["--checkpoint", setup["weights"], "--data", setup["val"], "--classnames",
                         setup["classnames"], "--linear-probe", setup["train"]])
     assert one["samples"] == 19 and one["linear_probe_train_samples"] == 90
+    assert one["skipped"] == one["linear_probe_train_skipped"] == {}  # clean shards; see test_eval_skips
     assert two == one
 
 
@@ -83,7 +84,7 @@ def test_four_ranks_with_a_cap(setup):
     one = _single(setup, "val", max_samples=11)
     four = _torchrun(4, ["--checkpoint", setup["weights"], "--data", setup["val"], "--classnames",
                          setup["classnames"], "--max-samples", "11"])
-    assert one["samples"] == 11
+    assert one["samples"] == 11 and one["skipped"] == {}
     assert four == one
 
 
