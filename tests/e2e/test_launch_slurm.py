@@ -160,3 +160,25 @@ def test_deepspeed_launcher_scancel_saves_before_the_step_ends(cluster, shards, 
     assert "stopped at step 3 on SIGTERM" in log, log[-4000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "global_step3"
     assert "requeueing" not in log
+
+
+def test_torchrun_launcher_per_node_trains_and_usr1_requeues(cluster, shards, tmp_path):
+    """MMPT_LAUNCHER=torchrun: one srun task per node runs `pretrain launch --launcher torchrun` (node rank
+    from SLURM_NODEID, rank 0 at the first node's address). On USR1 the ranks save and exit 75, which torchrun
+    reports as 1: the script requeues anyway because USR1 came and the step did not finish."""
+    run, out = tmp_path / "run", tmp_path / "job.out"
+    jid = submit(cluster, out, 2, train_args(shards, run, 400, "logging.all_ranks=true"),
+                 env={"MMPT_LAUNCHER": "torchrun"})
+    _until_training(cluster, jid, run, out)
+    cluster.run(["scancel", "--signal=USR1", "--batch", str(jid)])
+    info = cluster.wait_job(jid, {"PENDING"}, 120, str(out))  # requeued by the script
+    cluster.run(["scancel", str(jid)])
+    log = out.read_text()
+    assert info["Restarts"] == "1", log[-4000:]
+    assert "torch.distributed.run --nnodes 2 --nproc_per_node 1 --node_rank 0" in log, log[-4000:]
+    assert "--node_rank 1" in log and "--master_addr 127.0.0.1" in log
+    assert "rank 1 of 2 (from torch variables)" in log
+    stopped_at = logged_steps(run)[-1]
+    assert stopped_at < 400
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"global_step{stopped_at}"
+    assert "batch script got SIGUSR1" in log and "requeueing job" in log
