@@ -239,9 +239,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a Config from `to_dict()` output (e.g. the copy stored in a checkpoint)."""
+    """Rebuild a Config from `to_dict()` output (e.g. the copy stored in a checkpoint): checked as a config,
+    not as a run about to start (`schedule=False`), so a checkpoint saved before a schedule check existed
+    still loads."""
     cfg = _build(Config, tree, "")
-    validate(cfg)
+    validate(cfg, schedule=False)
     return cfg
 
 

@@ -133,7 +133,10 @@ class TrainConfig:
     micro_batch: int = 32
     """Samples per rank per forward pass."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step; global batch = micro_batch x grad_accum x dp."""
+    """Micro-batches accumulated per optimizer step; global batch = micro_batch x grad_accum x dp. Not a
+    bigger batch for the in-batch losses: each micro-batch is its own contrastive (InfoNCE) loss over
+    micro_batch x dp samples, and ITM draws its hard negatives from those, so accumulation adds samples per
+    step, not negatives (a warning at start-up says so)."""
     precision: str = "bf16"
     """Numeric precision: bf16 (bf16 params, fp32 master weights), fp16 (dynamic loss scaling), fp32, or
     bf16_autocast (fp32 params and master weights, bf16 compute under torch.autocast; DeepSpeed's
@@ -150,7 +153,10 @@ class TrainConfig:
     """Recompute transformer blocks in backward instead of storing their activations."""
     global_batch: int = 0
     """Expected global batch (micro_batch x grad_accum x data-parallel ranks); 0 derives it. Set it in
-    recipes so a launch with the wrong rank count fails before training instead of changing the math."""
+    recipes so a launch with the wrong rank count fails before training instead of silently training on a
+    different number of samples per step. It checks the sample count only: trading data-parallel ranks
+    for `grad_accum` keeps it but shrinks the contrastive loss's negatives (micro_batch x dp); keep
+    micro_batch x dp for the same objective."""
     nonfinite_patience: int = 3
     """A micro-batch whose loss is NaN/inf never reaches the weights and is counted; this many in a row
     stop the run with the step and the objective that went non-finite. Under ZeRO 1-3 its optimizer step
@@ -160,7 +166,7 @@ class TrainConfig:
     """How often (in optimizer steps) the ranks agree on a stop request (SIGUSR1/SIGTERM), which costs a
     collective and a read; 0: at log steps (`logging.every`). The run stops, checkpoints and exits 75 at
     the first check after the signal, so keep `logging.every` x step time (or this x step time) well under
-    the scheduler's warning (`--signal=USR1@120`: 120 s)."""
+    the scheduler's warning (`--signal=USR1@120`: 120 s). Must be <= `train.steps` (else no step checks)."""
     compile: bool = False
     """torch.compile the model (what: `train.compile_scope`); the first steps are slow while it compiles
     (inductor; on CPU it needs a C++ compiler)."""
@@ -203,7 +209,9 @@ class CheckpointConfig:
     keep_best: str = ""
     """Also keep the checkpoint with the best value of this validation metric (e.g. `val/zeroshot_top1`,
     `val/i2t_r1`, `val/loss`: losses lower is better, the rest higher), named in `<dir>/best.json`. Needs
-    `eval.every` with `checkpoint.every` a multiple of it, or `eval.at_end`. Empty: off."""
+    `eval.every` with `checkpoint.every` a multiple of it, or `eval.at_end`; and some checkpoint step must
+    be validated (`eval.at_end`, or `train.steps` or a `checkpoint.every` step <= it a multiple of
+    `eval.every`), else the config is refused. Empty: off."""
     max_failures: int = 3
     """A failed save (full or unwritable disk) is reported and training goes on from memory; this many
     failures in a row stop the run. The final save must succeed."""

@@ -12,11 +12,14 @@ from types import SimpleNamespace
 from typing import Any
 
 from launch.ports import is_tcp_port
+from pretrain.config.schedule import schedule_problems, schedule_warnings, warn_once
 from pretrain.config.schema import CHOICES, Config, ConfigError
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Check ranges, choices and divisibility; raise one ConfigError listing every problem."""
+def validate(cfg: Config, world_size: int | None = None, schedule: bool = True) -> None:
+    """Check ranges, choices and divisibility; raise one ConfigError listing every problem. `schedule=False`
+    (a config stored in a checkpoint) skips the checks and warnings of pretrain/config/schedule.py, which
+    are about a run about to start, so checkpoints saved before one of them existed still load."""
     problems: list[str] = []
 
     def check(ok: bool, msg: str) -> None:
@@ -202,8 +205,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     problems += _cross_site_problems(cfg)
     check(cfg.logging.every >= 1, "logging.every must be >= 1")
     check(bool(cfg.run.dir), "run.dir must be set")
+    if schedule:
+        problems += schedule_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    if schedule:
+        warn_once(schedule_warnings(cfg))
 
 
 def _nonfinite_problems(section: Any, prefix: str) -> list[str]:
