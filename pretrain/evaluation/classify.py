@@ -17,7 +17,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pretrain.evaluation.distributed import encode_share, gather_features, sum_skips, warn_skips
+from pretrain.evaluation.distributed import (
+    check_label_range,
+    encode_share,
+    gather_features,
+    sum_skips,
+    warn_skips,
+)
 from pretrain.evaluation.features import _dp, eval_share, model_device
 from pretrain.evaluation.validate import Validator, _RngSnapshot
 
@@ -33,12 +39,15 @@ def classify_metrics(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size
     """top-1 / top-5 accuracy and mean cross-entropy of `model.logits` over the labelled samples among the
     first `max_samples` of `urls` (0: all); keys `top1`, `top5`, `loss`, `samples`, `labelled`, and
     `skipped` ({reason: count} of the samples the loader left out, summed over the ranks; also logged as a
-    warning). ValueError (on every rank) when no rank read a labelled sample."""
+    warning). ValueError (on every rank) when no rank read a labelled sample, or when a `.cls` label is past
+    the head's classes (`finetune.classnames` of another dataset: the loss would be clamped to the last
+    class and the label scored as a miss)."""
     device = model_device(model)
     _, _, dp_group = _dp()
     S = cfg.model.image_size
     loader, skips = eval_share(urls, tokenizer, cfg, batch_size, max_samples, workers)
     in_dtype = dtype or torch.float32
+    classes = [0]  # the head's width, seen on the first forward (a dummy one included)
 
     def encode(batch: dict[str, Any] | None, uniform: bool) -> dict[str, torch.Tensor]:
         if batch is None:  # this rank's share is done: the same forwards on one blank sample
@@ -49,6 +58,7 @@ def classify_metrics(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size
             images = batch["image"].to(device=device, dtype=in_dtype)
             order, labels = batch["_order"].to(device), batch["cls"].to(device)
         logits = model.logits(images)  # [B, C] fp32
+        classes[0] = logits.shape[1]
         has = labels >= 0
         nll = F.cross_entropy(logits, labels.clamp(min=0, max=logits.shape[1] - 1), reduction="none") * has
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -64,6 +74,8 @@ def classify_metrics(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size
         raise ValueError(f"{urls}: no readable sample with a .cls label among the first "
                          f"{max_samples or 'all'} positions; classification accuracy needs labelled shards"
                          + (f" (skipped: {skipped})" if skipped else ""))
+    names = f"finetune.classnames ({cfg.finetune.classnames})" if cfg.finetune.classnames else "the head"
+    check_label_range(labels, feats["_order"], classes[0], names, urls)
     warn_skips(urls, skipped, len(labels))
     top, y = feats["top"][has], labels[has].unsqueeze(1)
     return {

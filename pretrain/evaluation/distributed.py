@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipelines.stats import KEPT_REASONS
+from data_pipelines.urls import expand_sources
 from parallel import groups
 
 log = logging.getLogger("mmpt.eval")
@@ -176,6 +177,26 @@ def retrieval_counts(img: torch.Tensor, txt: torch.Tensor, ks: tuple[int, ...] =
         for i, k in enumerate(ks):
             out[f"{name}_r{k}"] = int(t[d * len(ks) + i])
     return out
+
+
+def check_label_range(labels: torch.Tensor, order: torch.Tensor, classes: int, names: str, urls: str) -> None:
+    """ValueError when a `.cls` label indexes past the `classes` names of the class-names file `names`.
+
+    Raised on every rank (`labels` and `order` are the gathered rows, the same everywhere). Without it, the
+    class names of another dataset (or a truncated file) count every sample labelled beyond the file as a
+    miss, or, clamped for a loss, as another class, and the result reports the wrong classes and chance
+    with exit 0. Negative labels mean "unlabelled" and pass."""
+    if not len(labels):
+        return
+    top = int(labels.max())
+    if top < classes:
+        return
+    shards = [u for source in expand_sources(urls) for u in source]
+    shard = int(order[int(torch.argmax(labels))][0]) if len(order) == len(labels) else -1
+    where = f" (in {shards[shard]})" if 0 <= shard < len(shards) else ""
+    beyond = int((labels >= classes).sum())
+    raise ValueError(f"{urls}: .cls label {top}{where} but {names} has {classes} names ({beyond} of the "
+                     f"{len(labels)} samples have a label >= {classes}); do the labels index that file?")
 
 
 def metrics_from_features(feats: dict[str, torch.Tensor], classifier: torch.Tensor | None,

@@ -9,6 +9,7 @@ shards, and the metrics are computed from the gathered features exactly as one p
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,12 +24,15 @@ from parallel import groups
 from parallel.consensus import from_rank0
 from pretrain.checkpoint.sources import load_tokenizer, open_source
 from pretrain.config import Config
-from pretrain.evaluation.distributed import metrics_from_features
+from pretrain.evaluation.distributed import check_label_range, metrics_from_features
 from pretrain.evaluation.features import TEMPLATES, classifier_weights, shard_features
 from pretrain.evaluation.rerank import rerank_metrics
 from pretrain.models.pretrain_model import PretrainModel
 
 __all__ = ["TEMPLATES", "classifier_weights", "evaluate", "load_model", "read_classnames"]
+
+log = logging.getLogger("mmpt.eval")
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def load_model(checkpoint: str | Path, tag: str | None = None) -> tuple[PretrainModel, TextTokenizer, Config]:
@@ -46,8 +50,30 @@ def load_model(checkpoint: str | Path, tag: str | None = None) -> tuple[Pretrain
 
 
 def read_classnames(path: str | Path) -> list[str]:
-    """Non-empty lines of a classnames.txt; FileNotFoundError / ValueError naming the file otherwise."""
-    return read_lines(path, "class names")
+    """Non-empty lines of a classnames.txt; FileNotFoundError / ValueError naming the file otherwise.
+    Repeated names are warned about (`warn_duplicate_classnames`)."""
+    names = read_lines(path, "class names")
+    warn_duplicate_classnames(path, names)
+    return names
+
+
+def warn_duplicate_classnames(path: str | Path, names: list[str]) -> None:
+    """One warning (rank 0, once per file and content in a process) naming the class names that repeat and
+    their 0-based class indices: their prompts give the same class embedding, zero-shot top-k then breaks
+    the tie for the lower index (as clip_benchmark does), so every sample of the later class scores as a
+    miss (real label sets do repeat names, e.g. ImageNet's two "crane"s)."""
+    at: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        at.setdefault(name, []).append(i)
+    dups = {name: idx for name, idx in at.items() if len(idx) > 1}
+    key = (str(path), tuple(names))
+    if not dups or groups.rank() != 0 or key in _WARNED:
+        return
+    _WARNED.add(key)
+    shown = "; ".join(f"{name!r} at {', '.join(map(str, idx))}" for name, idx in list(dups.items())[:5])
+    more = f"; and {len(dups) - 5} more" if len(dups) > 5 else ""
+    log.warning("%s: %d class names repeat (%s%s; 0-based class indices): zero-shot ties go to the lower "
+                "index, so the samples of the later ones score as misses", path, len(dups), shown, more)
 
 
 def eval_device() -> torch.device:
@@ -105,7 +131,10 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     retrieval candidates (`pretrain.evaluation.rerank`, needs a fusion checkpoint; timed with the rest).
     `skipped` ({reason: count}, summed over the ranks) counts the samples of `data` the loader left out of
     `samples` (corrupt image, missing caption, ...), `linear_probe_train_skipped` those of the probe's train
-    shards; each non-empty one is also logged as a warning naming the shards."""
+    shards; each non-empty one is also logged as a warning naming the shards. A `.cls` label past the
+    class names (another dataset's file) is a ValueError naming both (`check_label_range`)."""
+    if max_samples < 0:
+        raise ValueError(f"--max-samples must be >= 0 (0: all), got {max_samples}")
     classnames = read_classnames(classnames_file)
     model, tokenizer, cfg = model_bundle if model_bundle is not None else load_model(checkpoint)
     if model_bundle is None:
@@ -118,6 +147,7 @@ def evaluate(checkpoint: str | Path, data: str, classnames_file: str | Path, bat
     skipped: dict[str, int] = {}
     feats = shard_features(model, tokenizer, cfg, data, batch_size, max_samples, workers=workers,
                            pairs=rerank > 0, skipped=skipped)
+    check_label_range(feats["cls"], feats["_order"], len(classnames), str(classnames_file), data)
     out: dict[str, Any] = {"classes": len(classnames), "chance": round(1.0 / len(classnames), 6)}
     out.update(metrics_from_features(feats, weights))
     out["skipped"] = skipped

@@ -84,23 +84,37 @@ def look_beside(first_shard: str, name: str) -> Path | None:
     return None
 
 
+def find_templates(first_shard: str,
+                   templates: str | Path | None = None) -> tuple[Path | None, list[str] | None]:
+    """(file, prompts) of the zero-shot templates for shards starting with `first_shard`: `templates` when
+    given, else `TEMPLATES_FILE` beside the shard or one folder up; (None, None): the built-in prompts.
+    `pretrain eval` and in-training validation both call this, so their zero-shot numbers agree."""
+    tfile = Path(templates) if templates else look_beside(first_shard, TEMPLATES_FILE)
+    return tfile, (read_templates(tfile) if tfile is not None else None)
+
+
 def check_captions(first_shard: str) -> None:
     """Refuse, by name, a local shard whose first sample has no `.txt` caption (CLIP_benchmark's own
     exporter writes classification sets as image + `.cls` only): `pretrain eval` reads image-caption pairs
-    (retrieval) and would otherwise skip every sample as `missing_caption` and report nothing readable."""
+    (retrieval) and would otherwise skip every sample as `missing_caption` and report nothing readable.
+    An unreadable shard (empty, corrupt) is left to the eval loader, which skips it and counts it as
+    `bad_shard` (named in a warning; with no other readable shard the error names it) like any other."""
     if "://" in first_shard or first_shard.startswith("pipe:") or not Path(first_shard).is_file():
         return
     key, exts = None, set()
-    with tarfile.open(first_shard) as tar:
-        for member in tar:
-            name = Path(member.name).name
-            if not member.isfile() or "." not in name:
-                continue
-            k, ext = str(Path(member.name).parent / name.split(".", 1)[0]), name.split(".", 1)[1].lower()
-            if key is not None and k != key:
-                break
-            key = k
-            exts.add(ext)
+    try:
+        with tarfile.open(first_shard) as tar:
+            for member in tar:
+                name = Path(member.name).name
+                if not member.isfile() or "." not in name:
+                    continue
+                k, ext = str(Path(member.name).parent / name.split(".", 1)[0]), name.split(".", 1)[1].lower()
+                if key is not None and k != key:
+                    break
+                key = k
+                exts.add(ext)
+    except (tarfile.TarError, OSError):
+        return
     if key is not None and "txt" not in exts:
         raise ValueError(f"{first_shard}: sample {key!r} has no .txt caption ({', '.join(sorted(exts))}); "
                          "pretrain eval needs image-caption pairs (sets from clip_benchmark_export_wds, "
@@ -133,6 +147,5 @@ def resolve_eval_data(data: str, classnames: str | Path | None = None, templates
                                 f"beside the shards (looked in {Path(first).parent} and its parent)")
     if not names.is_file():
         raise FileNotFoundError(f"{names}: class names file not found")
-    tfile = Path(templates) if templates else look_beside(first, TEMPLATES_FILE)
-    prompts = read_templates(tfile) if tfile is not None else None
+    tfile, prompts = find_templates(first, templates)
     return EvalData(urls=urls, classnames=names, templates=prompts, templates_file=tfile, layout=layout)

@@ -1,7 +1,9 @@
 """`pretrain eval --rerank K`: image-text matching re-ranking of the top-K contrastive retrieval candidates.
 
 For every query (an image for i2t, a caption for t2i) the dual encoder's similarities pick the K best
-candidates from the gathered features (the same features `metrics_from_features` scores); the fusion
+candidates from the gathered features (the same features `metrics_from_features` scores; among equal
+similarities the query's own pair comes first, plain recall's tie rule, so the pair is a candidate exactly
+when plain retrieval counts it at recall@K, even among duplicate captions); the fusion
 encoder then scores each (query, candidate) pair with the ITM head and the candidates are re-ordered by
 that score. A query is a hit at R@1 when its own pair is among the K candidates and no other candidate
 scores strictly higher (the tie rule of plain retrieval). `rerank_candidates_recall` is the fraction of
@@ -28,15 +30,22 @@ from pretrain.evaluation.distributed import BLOCK, _all_reduce, _my_blocks
 
 
 @torch.no_grad()
-def top_k(q: torch.Tensor, keys: torch.Tensor, k: int, block: int = BLOCK) -> torch.Tensor:
+def top_k(q: torch.Tensor, keys: torch.Tensor, k: int, block: int = BLOCK,
+          pair: torch.Tensor | None = None) -> torch.Tensor:
     """Indices [b, k] of the k keys most similar to each row of q [b, E], over column tiles of `block`
-    (never b x N at once when N > block); ties favour the lower index, as a stable sort would."""
+    (never b x N at once when N > block); ties favour the lower index, as a stable sort would, except that
+    with `pair` [b] (each query's own key) that key goes first among its equals: plain retrieval counts a
+    tie for the pair, so the pair is among the k exactly when fewer than k keys score strictly higher."""
     best_s = best_i = None
     for c in range(0, len(keys), block):
         s = q @ keys[c:c + block].T  # [b, block]
         i = torch.arange(c, c + s.shape[1], device=q.device).expand_as(s)
         if best_s is not None:
             s, i = torch.cat([best_s, s], dim=1), torch.cat([best_i, i], dim=1)
+        if pair is not None:  # the pair to the front; the stable sort below keeps it first among ties
+            is_pair = (i == pair[:, None]).to(torch.uint8)
+            front = torch.sort(is_pair, dim=1, descending=True, stable=True).indices
+            s, i = s.gather(1, front), i.gather(1, front)
         kk = min(k, s.shape[1])
         order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :kk]
         best_s, best_i = s.gather(1, order), i.gather(1, order)
@@ -67,7 +76,7 @@ def rerank_counts(model: Any, feats: dict[str, torch.Tensor], k: int, block: int
         rows = torch.arange(start, min(start + block, n), device=img.device)  # [b]
         b = len(rows)
         for d, (q, keys) in enumerate(((img, txt), (txt, img))):
-            cand = top_k(q[rows], keys, k)  # [b, k] global indices
+            cand = top_k(q[rows], keys, k, pair=rows)  # [b, k] global indices, the pair first among ties
             flat = cand.reshape(-1)  # [b k]
             if d == 0:  # i2t: query images, candidate captions
                 image_tok = model.image_tokens(pixels[rows].to(device)).repeat_interleave(k, dim=0)

@@ -6,8 +6,10 @@ parallel, bf16: exactly what trains) on `data.val`'s first `eval.max_samples` sa
 - the loss of each objective, on masks drawn from `eval.seed` (the same masks at every validation and in
   every layout), computed in eval mode over the batches every data-parallel rank holds in full;
 - zero-shot top-1/top-5 when there are class names (`eval.classnames`, or a classnames.txt beside the
-  shards), and i2t/t2i recall@1/5 over the validation pairs (`pretrain.evaluation.distributed`: each rank
-  encodes its share, features gathered once, counts exact).
+  shards; prompts from the zeroshot_classification_templates.txt beside the shards, else the built-in ones,
+  as `pretrain eval` picks them: `pretrain.evaluation.layout.find_templates`), and i2t/t2i recall@1/5
+  over the validation pairs (`pretrain.evaluation.distributed`: each rank encodes its share, features
+  gathered once, counts exact). A `.cls` label past the class names stops the run naming the file.
 
 Validation must not change training: it reads its own loader (the training stream's position is
 untouched), runs under no_grad in eval mode, and restores every RNG stream it could touch (torch CPU/CUDA,
@@ -31,12 +33,17 @@ import torch.distributed as dist
 from data_pipelines.urls import _local_path, expand_sources, is_local
 from parallel import groups
 from parallel import rng as tp_rng
-from pretrain.evaluation.distributed import metrics_from_features
-from pretrain.evaluation.features import classifier_weights, shard_features
+from pretrain.evaluation.distributed import check_label_range, metrics_from_features
+from pretrain.evaluation.features import TEMPLATES, classifier_weights, shard_features
 
 log = logging.getLogger("mmpt.validate")
 
 LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm", "loss_itm")
+
+
+def _first_local_val_shard(cfg: Any) -> str | None:
+    urls = [u for source in expand_sources(cfg.data.val) for u in source]
+    return _local_path(urls[0]) if urls and is_local(urls[0]) else None
 
 
 def find_classnames(cfg: Any) -> Path | None:
@@ -46,10 +53,20 @@ def find_classnames(cfg: Any) -> Path | None:
 
     if cfg.eval.classnames:
         return Path(cfg.eval.classnames)
-    urls = [u for source in expand_sources(cfg.data.val) for u in source]
-    if urls and is_local(urls[0]):
-        return look_beside(_local_path(urls[0]), CLASSNAMES_FILE)
-    return None
+    first = _first_local_val_shard(cfg)
+    return look_beside(first, CLASSNAMES_FILE) if first is not None else None
+
+
+def find_val_templates(cfg: Any) -> tuple[str, ...]:
+    """The zero-shot prompts of validation: the templates file beside the first local `data.val` shard (or one
+    folder up), else the built-in TEMPLATES, by the function `pretrain eval` uses on the same shards
+    (`find_templates`), so `val/zeroshot_*` equals `pretrain eval` on the checkpoint of that step. A bad
+    templates file is a ValueError naming it, at start-up."""
+    from pretrain.evaluation.layout import find_templates
+
+    first = _first_local_val_shard(cfg)
+    prompts = find_templates(first)[1] if first is not None else None
+    return tuple(prompts) if prompts else TEMPLATES
 
 
 class _RngSnapshot:
@@ -82,7 +99,9 @@ class Validator:
         self.enabled = e.every > 0 or e.at_end
         self.batch_size = e.batch_size or cfg.train.micro_batch
         self.seconds = 0.0
+        self.classnames_file: Path | None = None
         self.classnames: list[str] | None = self._classnames() if self.enabled else None
+        self.templates = find_val_templates(cfg) if self.classnames else TEMPLATES
         if self.enabled:
             self._check_keep_best()
             grid = cfg.model.image_size // cfg.model.vision.patch_size
@@ -92,7 +111,7 @@ class Validator:
         """The zero-shot class names, or None (no zero-shot metrics)."""
         from pretrain.evaluation.evaluate import read_classnames
 
-        path = find_classnames(self.cfg)
+        self.classnames_file = path = find_classnames(self.cfg)
         return read_classnames(path) if path is not None else None
 
     def metric_names(self) -> list[str]:
@@ -142,10 +161,13 @@ class Validator:
                 weights = None
                 if self.classnames:
                     weights = classifier_weights(model, self.tokenizer, self.classnames,
-                                                 self.cfg.model.text.context_length)
+                                                 self.cfg.model.text.context_length, self.templates)
                 feats = shard_features(model, self.tokenizer, self.cfg, self.cfg.data.val, self.batch_size,
                                        self.cfg.eval.max_samples, dtype=self.dtype, masking=self.masking,
                                        on_batch=losses, skipped=skipped)
+                if self.classnames:  # the same rows on every rank: every rank raises
+                    check_label_range(feats["cls"], feats["_order"], len(self.classnames),
+                                      str(self.classnames_file), self.cfg.data.val)
                 metrics = metrics_from_features(feats, weights)
             finally:
                 model.train(was_training)
