@@ -20,9 +20,12 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+        # a copy, never the incoming tensor: autograd may hand that same tensor to another branch (an add
+        # passes one gradient to both its inputs), which an in-place all_reduce would turn into the sum
+        # over ranks (`contiguous()` alone is a no-op on a contiguous gradient)
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
 
 
 def all_gather_with_grad(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:

@@ -150,17 +150,55 @@ def build_engine(spec: EngineSpec, model: torch.nn.Module, dp_world: int):
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             mpu=mpu,
         )
+    _link_fp32_masters(optimizer)
     if spec.compile_model:  # after initialize: ZeRO-3's gathers are hooks the compiled forward calls eagerly
         engine.compile()
     return engine, ds_cfg
 
 
+def ceiling_in(dtype: torch.dtype, max_value: float) -> float:
+    """The clamp bound for a tensor of `dtype` that keeps it at most `max_value`: `max_value` itself for fp32
+    and wider (unchanged behaviour), else the largest `dtype` value <= `max_value`. A bf16/fp16 clamp to
+    `max_value` stores its round-to-nearest, which can be ABOVE it (bf16(log 200) = 5.3125 > 5.2983: the
+    forward would see a scale of 202.9 under a ceiling of 200); a bound the dtype holds exactly cannot."""
+    if torch.finfo(dtype).bits >= 32:
+        return max_value
+    c = torch.tensor(max_value, dtype=torch.float64).to(dtype)
+    if float(c) > max_value:  # rounded up: step down to the neighbour below
+        c = torch.nextafter(c, torch.tensor(-math.inf, dtype=dtype))
+    return float(c)
+
+
+def _link_fp32_masters(optimizer: Any) -> None:
+    """ZeRO 0 under bf16/fp16: DeepSpeed's FP16_Optimizer / FP16_UnfusedOptimizer keep fp32 masters that
+    `safe_get_full_fp32_param` does not reach (it returns None), so `clamp_parameter_` would clamp only the
+    working copy while the master the optimizer updates climbs past the ceiling, and the scale could not come
+    back down until it had climbed back. Record on each parameter a view of its master (both optimizers
+    update and load their masters in place, so the view stays live)."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if isinstance(optimizer, FP16_UnfusedOptimizer):
+        for lps, hps in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
+            for lp, hp in zip(lps, hps, strict=True):
+                lp._mmpt_fp32_master = hp
+    elif isinstance(optimizer, FP16_Optimizer):
+        for lps, flat in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat, strict=True):
+            offset = 0
+            for lp in lps:
+                lp._mmpt_fp32_master = flat.detach().narrow(0, offset, lp.numel()).view_as(lp)
+                offset += lp.numel()
+
+
 @torch.no_grad()
 def clamp_parameter_(param: torch.nn.Parameter, max_value: float) -> None:
     """Clamp `param` in place after an optimizer step (CLIP's logit-scale ceiling), under any ZeRO stage and
-    precision: in the fp32 master copy the optimizer updates (ZeRO 1-3, bf16/fp16 optimizers) and in the
+    precision: in the fp32 master copy the optimizer updates (bf16/fp16 at any stage) and in the
     working copy the forward reads. Every rank calls it. Under ZeRO-3 each rank clamps its own partitions
-    (the clamp is elementwise: no communication); no host sync anywhere."""
+    (the clamp is elementwise: no communication); no host sync anywhere.
+
+    The master is clamped to `max_value`; a bf16/fp16 working copy to the largest value of its dtype at most
+    `max_value` (`ceiling_in`), so the value the forward reads never exceeds the ceiling."""
     from deepspeed.utils import (
         safe_get_full_fp32_param,
         safe_get_local_fp32_param,
@@ -172,8 +210,10 @@ def clamp_parameter_(param: torch.nn.Parameter, max_value: float) -> None:
         return
     if hasattr(param, "ds_id"):  # ZeRO-3: this rank's fp32 partition and working partition
         safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(max=max_value))
-        param.ds_tensor.data.clamp_(max=max_value)
+        param.ds_tensor.data.clamp_(max=ceiling_in(param.ds_tensor.dtype, max_value))
     elif (master := safe_get_full_fp32_param(param)) is not None:  # ZeRO 1-2, bf16/fp16 optimizers
         safe_set_full_fp32_param(param, master.clamp(max=max_value))
+    elif (master := getattr(param, "_mmpt_fp32_master", None)) is not None:  # ZeRO 0, bf16/fp16
+        master.clamp_(max=max_value)
     if param.data.numel():  # the working copy the forward reads (ZeRO-3: a persistent parameter)
-        param.data.clamp_(max=max_value)
+        param.data.clamp_(max=ceiling_in(param.dtype, max_value))
