@@ -11,8 +11,10 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 setup: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+$(STAMP): setup.py pyproject.toml scripts/build_deps.sh
+	sh scripts/build_deps.sh $(PY)
+	@# a venv made while python3-venv was missing has bin/python but no pip: made again, not reused
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PY) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev,mpi,data,clip]"
