@@ -8,7 +8,9 @@ recipe: a fusion stage on pretrained, often frozen, towers).
 `resolve_start` runs once the process groups exist but before the model does (it supplies the tokenizer,
 refuses a config that does not fit the checkpoint, and converts a checkpoint of another layout: rank 0
 writes, the others wait); `StartPoint.load` runs once the engine exists and returns the step and data
-positions to continue from. Universal checkpoints also get written here, next to each DeepSpeed save.
+positions to continue from. The checkpoint supplies the position, this run's config the optimizer's
+hyper-parameters and schedule (`hparams`: `optim.lr=X --resume latest` trains at X, at any layout).
+Universal checkpoints also get written here, next to each DeepSpeed save.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from parallel import groups
 from parallel.consensus import failures_by_rank, on_rank0
 from pretrain.checkpoint import atomic as ckpt
+from pretrain.checkpoint import hparams
 from pretrain.checkpoint import universal as universal_io
 from pretrain.checkpoint.sources import (
     UNIVERSAL_META,
@@ -67,6 +70,8 @@ class StartPoint:
     init_adds_fusion: bool = False  # `--init-from` a dual encoder: the fusion part starts fresh
     client: dict[str, Any] | None = None  # step, config, tokenizer, data positions, RNG of a resume
     rollback: tuple[Path, str] | None = None  # (root, tag) resumed from in this run's root: `load` notes it
+    # (key, checkpoint's, this run's) of the optimizer/schedule keys this resume takes from this run
+    changed: list[tuple[str, Any, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def resumed(self) -> bool:
@@ -121,16 +126,24 @@ class StartPoint:
         torch.set_rng_state(self.client["rng"])
         step = int(self.client["step"])
         log.info("resumed from %s at step %d", self.describe(), step)
+        if groups.rank() == 0:
+            for key, was, now in self.changed:
+                log.info("%s: checkpoint %s -> this run %s", key, was, now)
         # every rank's positions: the loader re-deals them if the layout changed
         return step, self.client["data_positions"]
 
     def _load(self, engine: Any) -> None:
-        """The checkpoint's or init weights' tensors (and optimizer state) into `engine`."""
-        if self.universal is not None:
-            load_universal(engine, self.universal)
-        elif self.target is not None:
-            # every rank checks its files (sha256, weights-only), then DeepSpeed loads, never unpickling
-            ckpt.load_deepspeed(engine, *self.target)
+        """The checkpoint's or init weights' tensors (and optimizer state) into `engine`. A resume keeps this
+        run's optimizer hyper-parameters (optim.lr x lr_mult, weight decay, betas, eps, the schedule) and
+        takes the checkpoint's position (step, schedule position, Adam moments): `hparams`."""
+        if self.universal is not None or self.target is not None:
+            mine = hparams.snapshot(engine)
+            if self.universal is not None:
+                load_universal(engine, self.universal)
+            else:
+                # every rank checks its files (sha256, weights-only), then DeepSpeed loads, never unpickling
+                ckpt.load_deepspeed(engine, *self.target)
+            hparams.reapply(engine, mine)
         elif self.init is not None:
             fresh = self._fresh(engine)
             load_full_tensors(engine, self.init.tensor, self.init.layout, keys=("fp32",), fresh=fresh)
@@ -313,6 +326,7 @@ def resolve_start(cfg: Config, root: Path, resume: str | None, init_from: str | 
             start.client = ckpt.read_client_state(*start.target) if start.target else None
     if start.client is not None:
         saved = config_from_dict(start.client["config"])
+        start.changed = hparams.changed_keys(saved, cfg)
         if _architecture(saved.model) != _architecture(cfg.model) or saved.objectives != cfg.objectives:
             raise ConfigError(f"--resume {resume}: model or objectives config differs from the checkpoint's; "
                               "resume with the same model.* and objectives.* settings")

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import groups
+from pretrain.checkpoint.hparams import set_schedule
 
 KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -202,7 +203,9 @@ def load_full_tensors(engine: Any, tensor: Any, layout: dict[str, dict[str, Any]
 
 
 def load_universal(engine: Any, src: Any) -> None:
-    """Weights, Adam moments and step, LR schedule and loss scale of universal source `src` into `engine`."""
+    """Weights, Adam moments and step, the LR schedule's position and loss scale of universal source `src`
+    into `engine`. The optimizer's hyper-parameters stay this run's (its parameter groups are never
+    replaced; the scheduler keeps its base rates), whatever the checkpoint's config said."""
     meta = src.meta
     load_full_tensors(engine, src.tensor, meta["params"])
     opt = engine.optimizer
@@ -218,15 +221,11 @@ def load_universal(engine: Any, src: Any) -> None:
                 st["step"] = old.new_full((), float(step)) if torch.is_tensor(old) else int(step)
             if "step" in group:
                 group["step"] = int(step)
-    saved_groups = meta.get("param_groups") or []
-    same_groups = _group_keys(saved_groups) == _group_keys(opt.optimizer.param_groups)
-    if same_groups:
-        for group, saved in zip(opt.optimizer.param_groups, saved_groups):
-            group["lr"] = saved["lr"]
     if meta.get("lr_scheduler") and engine.lr_scheduler is not None:
+        # the saved position (last_epoch), this run's rates: optim.lr x each group's lr_mult (hparams.py)
+        base_lrs = list(engine.lr_scheduler.base_lrs)
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-        if not same_groups:  # `train.freeze` / `optim.lr_mult` changed: this run's groups, the saved step
-            _regroup_schedule(engine.lr_scheduler, opt.optimizer.param_groups)
+        set_schedule(engine.lr_scheduler, base_lrs)
     for k, v in (meta.get("loss_scaler") or {}).items():
         if hasattr(opt, "loss_scaler") and hasattr(opt.loss_scaler, k):
             setattr(opt.loss_scaler, k, v)
@@ -234,18 +233,3 @@ def load_universal(engine: Any, src: Any) -> None:
     engine.global_samples = int(meta.get("global_samples") or 0)
     engine.skipped_steps = int(meta.get("skipped_steps") or 0)
 
-
-def _group_keys(param_groups: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    """(lr multiplier, weight decay) of each optimizer group: what makes two runs' groups the same."""
-    return [(float(g.get("lr_mult", 1.0)), float(g.get("weight_decay", 0.0))) for g in param_groups]
-
-
-def _regroup_schedule(scheduler: Any, param_groups: list[dict[str, Any]]) -> None:
-    """After loading a LambdaLR state saved with other parameter groups: keep its step count, take this run's
-    groups' base rates (their `initial_lr`: optim.lr x multiplier) and set each group's current rate."""
-    scheduler.base_lrs = [g["initial_lr"] for g in param_groups]
-    lambdas = scheduler.lr_lambdas
-    scheduler.lr_lambdas = [lambdas[0]] * len(param_groups)
-    for group, base in zip(param_groups, scheduler.base_lrs):
-        group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
-    scheduler._last_lr = [g["lr"] for g in param_groups]
