@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or embedded_config_path(), args.overrides, world_size=me.world_size)
     quiet_other_ranks(me.rank, cfg.logging.all_ranks)  # ranks > 0: warnings and errors only
     try:
-        summary = train(cfg, resume=args.resume, init_from=args.init_from)
+        summary = train(cfg, resume=args.resume, init_from=args.init_from, overwrite_run=args.overwrite_run)
     except CheckpointSaveError as e:  # raised on every rank together; each says so and exits
         print(f"pretrain: error on rank {groups.rank()}: {e}", file=sys.stderr, flush=True)
         return 1
@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="start from these weights with a fresh optimizer at step 0: a "
                    "`pretrain convert` output (--from hf|open_clip, --to safetensors|universal) "
                    "or a checkpoint")
+    p.add_argument("--overwrite-run", action="store_true", help="start over in a run.dir (or "
+                   "checkpoint.dir) that holds another run: delete its checkpoints, metrics.jsonl, "
+                   "summary.json, tensorboard/, keys/ and tokenizer.json first (without it such a start "
+                   "is refused)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=cmd_train)
 

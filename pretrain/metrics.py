@@ -1,33 +1,99 @@
-"""Run metrics: one JSON object per logged step in RUN_DIR/metrics.jsonl, mirrored to TensorBoard."""
+"""Run metrics: one JSON object per logged step in RUN_DIR/metrics.jsonl, mirrored to TensorBoard.
+
+Each step is in the file once: a resume drops the rows logged after its checkpoint's step (a crash logs
+steps it never saved; they are trained and logged again), and TensorBoard purges the same steps."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("mmpt.train")
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every non-finite float (inf, -inf, nan) replaced by None, in nested dicts and lists too:
+    JSON has no Infinity or NaN, and strict parsers (jq, JavaScript's JSON.parse) reject the whole line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def truncate_after(path: str | Path, step: int) -> int:
+    """Keep the rows of a metrics.jsonl whose `step` is <= `step` (validation rows of those steps included)
+    and return how many were dropped: the ones a crashed run logged after the checkpoint a resume starts
+    from, and a line a kill cut short. Rewritten through a temporary file and a rename, so a kill during
+    the rewrite leaves the old file whole; untouched when there is nothing to drop."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    text = path.read_text(encoding="utf-8")
+    kept, dropped = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # a partial line: the process died while writing it
+            dropped += 1
+            continue
+        at = row.get("step") if isinstance(row, dict) else None
+        if isinstance(at, int) and not isinstance(at, bool) and at <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if not dropped and (not text or text.endswith("\n")):
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write("".join(line + "\n" for line in kept))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return dropped
+
 
 class MetricsWriter:
-    """Rank 0 writes; other ranks get a writer that does nothing, so call sites need no rank checks."""
+    """Rank 0 writes; other ranks get a writer that does nothing, so call sites need no rank checks.
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    `resume_step`: the step a resume starts after. The rows and TensorBoard events of later steps are
+    dropped first, so the steps trained again are not in the file twice."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                dropped = truncate_after(self.path, resume_step)
+                if dropped:
+                    log.info("%s: dropped %d row(s) logged after step %d, which this resume trains again",
+                             self.path, dropped, resume_step)
             self._fh = self.path.open("a", encoding="utf-8")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                purge = None if resume_step is None else resume_step + 1  # events at steps >= purge go
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
+        """One row; non-finite floats are written as null (`finite_or_null`), TensorBoard gets them as
+        they are."""
         if not self.enabled:
             return
-        row = {"step": step, "time": round(time.time(), 3), **values}
-        self._fh.write(json.dumps(row, sort_keys=False) + "\n")
+        row = finite_or_null({"step": step, "time": round(time.time(), 3), **values})
+        self._fh.write(json.dumps(row, sort_keys=False, allow_nan=False) + "\n")
         self._fh.flush()
         if self._tb is not None:
             for k, v in values.items():

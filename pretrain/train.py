@@ -35,6 +35,7 @@ from pretrain.checkpoint import atomic as ckpt
 from pretrain.checkpoint import best as best_ckpt
 from pretrain.checkpoint.cross_site import start_outer_loop
 from pretrain.checkpoint.resume import resolve_start, save_universal
+from pretrain.checkpoint.run_dir import check_start, nothing_to_train
 from pretrain.config import (
     Config,
     ConfigError,
@@ -137,14 +138,17 @@ def _data_totals(tracker: PositionTracker) -> dict[str, Any]:
     return merge_totals(every)
 
 
-def train(cfg: Config, resume: str | None = None, init_from: str | None = None) -> dict[str, Any]:
+def train(cfg: Config, resume: str | None = None, init_from: str | None = None,
+          overwrite_run: bool = False) -> dict[str, Any]:
     """Run `cfg.train.steps` optimizer steps (continuing from `resume`, or starting from the weights of
-    `init_from`); return a summary dict."""
+    `init_from`); return a summary dict. A start from step 0 into a run.dir that holds another run is
+    refused unless `overwrite_run` (which deletes that run's outputs first: checkpoint/run_dir.py)."""
     stop = StopRequest().install()  # preemption (launch/signals.py): SIGUSR1/SIGTERM -> checkpoint + exit 75
     validate(cfg, world_size=launch_rank_info().world_size)  # every config problem, before any process group
     if not cfg.data.train.strip():
         raise ConfigError("data.train is empty: give the training shards, e.g. "
                           "data.train='shards/shard-{000000..000023}.tar' (see `pretrain data synth|import`)")
+    check_start(cfg, resume, init_from, overwrite_run, launch_rank_info().rank)  # another run in run.dir
     groups.init_distributed(cfg.parallel.timeout_s, cfg.parallel.tp)
     rank, dp_rank, dp_world = groups.rank(), groups.dp_rank(), groups.dp_world_size()
     run_dir = Path(cfg.run.dir)
@@ -154,6 +158,10 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     groups.barrier()
 
     start = resolve_start(cfg, root, resume, init_from)  # checks the config fits; loads nothing yet
+    done_before = nothing_to_train(cfg, start.client, start.describe(), root, rank)  # at/past train.steps
+    if done_before is not None:
+        stop.restore()
+        return done_before
     tokenizer = _prepare_tokenizer(cfg, run_dir, start.tokenizer_state)
     if rank == 0:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -171,9 +179,12 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     loader = make_train_loader(cfg.data, stream_spec(cfg), tokenizer, rank=dp_rank, world=dp_world,
                                position=position)
     tracker = loader.tracker  # every worker's start state; updated with each consumed batch
+    # a resume (also `--resume latest` finding no checkpoint: step 0) drops what was logged after its step
+    resume_step = start_step if resume is not None else None
     audit = KeyAudit(run_dir, dp_rank, dp_world, enabled=cfg.data.log_keys and groups.tp_rank() == 0,
-                     resume_step=start_step if start.resumed else None)
-    metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
+                     resume_step=resume_step)
+    metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+                            resume_step=resume_step)
     per_step = cfg.train.micro_batch * cfg.train.grad_accum * dp_world
 
     save_failures = 0
@@ -227,6 +238,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
     while step < cfg.train.steps:
         engine.module.set_unmasked_tail(step >= tail_from)  # FLIP's unmasking tuning for the last steps
         engine.module.set_itm_hardness(step)  # objectives.itm.hard_warmup_steps: easy -> hard negatives
+        lr = engine.get_lr()[0]  # the rate this step uses: the scheduler moves at its optimizer step
         done, pending = 0, []
         while done < cfg.train.grad_accum:
             t0 = time.perf_counter()
@@ -288,7 +300,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None) 
             temperature = None if logit_scale is None else 1.0 / float(logit_scale)
             row = {
                 **{k: round(values[k], 6) for k in LOSS_KEYS if k in values},
-                "lr": engine.get_lr()[0],
+                "lr": lr,
                 "temperature": None if temperature is None else round(temperature, 6),
                 "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
                 "samples_per_s": round(steps_in_window * per_step / max(elapsed, 1e-9), 3),

@@ -41,7 +41,7 @@ python3 -m pretrain.cli data synth $D/val64 --samples 1000 --samples-per-shard 5
 echo "== 1. demo recipe on CUDA (deepspeed launcher, 1 GPU, ZeRO-3, bf16)"
 t0=$(date +%s)
 $DS --num_gpus 1 --no_local_rank --module pretrain.cli train --config configs/demo.yaml \
-  "data.train=$D/train64/shard-{000000..000023}.tar" run.dir=/tmp/run-demo data.workers=4 logging.progress=false
+  "data.train=$D/train64/shard-{000000..000023}.tar" run.dir=/tmp/run-demo --overwrite-run data.workers=4 logging.progress=false
 python3 -m pretrain.cli eval --checkpoint /tmp/run-demo --data "$D/val64/shard-{000000..000001}.tar" \
   --classnames $D/val64/classnames.txt --json | tee "$OUTDIR/demo_eval.json"
 echo "demo wall_s $(( $(date +%s) - t0 ))" | tee -a "$OUTDIR/env.txt"
@@ -51,7 +51,7 @@ if [ "${SKIP_B16:-0}" = 1 ]; then echo "== 2. skipped (SKIP_B16=1)"; exit 0; fi
 echo "== 2. ViT-B/16-scale CLIP+MAE+MLM throughput, bf16, ZeRO-3, 1 GPU"
 python3 -m pretrain.cli data synth $D/train224 --samples 8000 --samples-per-shard 250 --image-size 224 --seed 0 >/dev/null
 $DS --num_gpus 1 --no_local_rank --module pretrain.cli train --config configs/demo.yaml \
-  "data.train=$D/train224/shard-{000000..000031}.tar" run.dir=/tmp/run-b16 data.workers=12 logging.progress=false \
+  "data.train=$D/train224/shard-{000000..000031}.tar" run.dir=/tmp/run-b16 --overwrite-run data.workers=12 logging.progress=false \
   model.image_size=224 model.embed_dim=512 model.vision.patch_size=16 model.vision.width=768 model.vision.layers=12 \
   model.vision.heads=12 model.text.width=512 model.text.layers=12 model.text.heads=8 model.text.context_length=77 \
   model.decoder.width=512 model.decoder.layers=4 model.decoder.heads=16 data.vocab_size=4096 \

@@ -79,6 +79,7 @@ def _train_args(
 
     return [
         "train",
+        "--overwrite-run",  # a rerun of the bench with the same --out trains each job again from scratch
         "--config",
         str(embedded_config_path("demo.yaml")),
         f"data.train={urls}",

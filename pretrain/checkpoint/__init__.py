@@ -10,5 +10,7 @@
 - `universal`, `universal_load`: the layout-free format, written and loaded under any (dp, tp)
 - `tensor_files`: safetensors writing, staged outputs, sha256 manifests
 - `resume`: where a run starts (resume of any kind, `--init-from`)
+- `hparams`: a resume takes this run's optimizer settings at the checkpoint's position
+- `run_dir`: a fresh start never writes over another run's outputs (`--overwrite-run`); nothing to train
 - `convert`: `pretrain convert` (universal, safetensors, HF, open_clip in and out)
 """

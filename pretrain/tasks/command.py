@@ -67,7 +67,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError("--wise-ft scores each mixing coefficient on held-out shards: pass --val SHARDS")
     quiet_other_ranks(me.rank, cfg.logging.all_ranks)
     try:
-        summary: dict[str, Any] = train(cfg, resume=args.resume, init_from=args.init_from)
+        summary: dict[str, Any] = train(cfg, resume=args.resume, init_from=args.init_from,
+                                        overwrite_run=args.overwrite_run)
     except CheckpointSaveError as e:
         print(f"pretrain: error on rank {groups.rank()}: {e}", file=sys.stderr, flush=True)
         return 1
@@ -95,6 +96,8 @@ def register(sub: argparse._SubParsersAction, **_: Any) -> None:
     p.add_argument("--init-from", help="pretrained weights: a run directory, checkpoint, universal "
                    "checkpoint or `pretrain convert` export")
     p.add_argument("--resume", help="'latest' or a checkpoint of this fine-tuning run")
+    p.add_argument("--overwrite-run", action="store_true", help="start over in a run.dir that holds another "
+                   "run: delete its checkpoints and metrics first (a fresh start there is refused otherwise)")
     p.add_argument("--wise-ft", nargs="+", metavar="ALPHA", help="after training, score the interpolation "
                    "(1 - ALPHA) x zero-shot + ALPHA x fine-tuned for each ALPHA on --val (JSON + table, "
                    "RUN_DIR/wise_ft.json)")

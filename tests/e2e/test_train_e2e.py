@@ -14,8 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import DEFAULT_PERSISTENCE, ROOT, TINY, persistent_params, run_pretrain, straight_2ranks
+from tiny import (
+    DEFAULT_PERSISTENCE,
+    ROOT,
+    TINY,
+    logged_steps,
+    persistent_params,
+    run_pretrain,
+    straight_2ranks,
+    train_args,
+    write_micro_shards,
+)
 
+from pretrain.checkpoint import atomic as ckpt
 from pretrain.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -58,6 +69,8 @@ def test_two_rank_zero3_loss_falls(straight_run):
                 "samples_per_s", "data_wait_frac"):
         assert key in rows[-1], key
     assert all(np.isfinite(r["loss"]) for r in rows)
+    # `lr` is the rate each step trained with (TINY: optim.lr 2e-3, 2 warm-up steps): half at step 1
+    assert [r["lr"] for r in rows[:2]] == pytest.approx([1e-3, 2e-3])
 
 
 def test_checkpoint_is_standard_deepspeed_zero3(straight_run):
@@ -148,3 +161,35 @@ def test_trains_on_shards_written_by_other_tools(tmp_path):
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert rows[-1]["skipped"] == 0
     assert (run / "checkpoints" / "latest").is_file()
+
+
+def test_rerun_into_a_finished_run_dir_refuses_resumes_to_nothing_or_starts_over(tmp_path):
+    """A second fresh start into a run.dir with a finished run is refused and touches nothing; the same
+    command with `--resume latest` has nothing to train and leaves summary.json as it was; --overwrite-run
+    starts over with the old checkpoints and rows gone. The `lr` rows are the rates the steps used."""
+    shards = write_micro_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    args = ["train", *train_args(shards, run, 3, "data.workers=0", "optim.warmup_steps=2", "optim.lr=1e-3",
+                                 "checkpoint.every=1")]
+    r = run_pretrain(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(run)
+    assert [row["lr"] for row in rows] == pytest.approx([5e-4, 1e-3, 1e-3])  # warm-up 1/2, 2/2, cosine(0)
+    root = run / "checkpoints"
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+
+    r = run_pretrain(args)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"run.dir={run} already holds a run" in r.stderr and "--resume latest" in r.stderr
+    assert "--overwrite-run" in r.stderr and "Traceback" not in r.stderr
+    r = run_pretrain([*args, "--resume", "latest"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is at step 3 and train.steps is 3: nothing to train" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["nothing_to_train"] is True
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files  # all untouched
+
+    r = run_pretrain([*args[:-1], "checkpoint.every=2", "train.steps=2", "--overwrite-run"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--overwrite-run" in r.stderr and str(root / "global_step3") in r.stderr
+    assert logged_steps(run) == [1, 2] and ckpt.complete_tags(root) == ["global_step2"]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2

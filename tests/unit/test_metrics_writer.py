@@ -1,0 +1,71 @@
+"""RUN_DIR/metrics.jsonl: strict JSON (non-finite values as null) and every step once after a resume, in
+the file and in TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from pretrain.metrics import MetricsWriter, read_metrics, truncate_after
+
+
+def _steps(run_dir) -> list[tuple[int, str]]:
+    return [(r["step"], "val" if "val/loss" in r else "train") for r in read_metrics(run_dir)]
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    nested = {"x": -math.inf, "y": [1.0, math.nan]}
+    w.log(2, {"loss": math.nan, "grad_norm": math.inf, "lr": 1e-3, "nested": nested})
+    w.close()
+    line = (tmp_path / "metrics.jsonl").read_text().strip()
+    row = json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))  # strict parse
+    assert row["loss"] is None and row["grad_norm"] is None and row["lr"] == 1e-3
+    assert row["nested"] == {"x": None, "y": [1.0, None]}
+    assert "NaN" not in line and "Infinity" not in line
+
+
+def test_resume_drops_rows_after_its_step_and_keeps_validation_rows(tmp_path):
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for step in range(1, 6):  # a run that checkpointed at 3 and was killed after logging 5
+        w.log(step, {"loss": float(step)})
+        if step in (2, 4):
+            w.log(step, {"val/loss": 9.0})
+    w.close()
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 6, "loss": 1.')  # the kill cut the last line short
+    w = MetricsWriter(tmp_path, tensorboard=False, resume_step=3)
+    for step in (4, 5, 6):
+        w.log(step, {"loss": 10.0 + step})
+    w.close()
+    assert _steps(tmp_path) == [(1, "train"), (2, "train"), (2, "val"), (3, "train"), (4, "train"),
+                                (5, "train"), (6, "train")]
+    assert [r["loss"] for r in read_metrics(tmp_path) if "loss" in r] == [1.0, 2.0, 3.0, 14.0, 15.0, 16.0]
+    assert not list(tmp_path.glob(".metrics.jsonl.tmp-*"))
+
+
+def test_truncate_leaves_a_file_with_nothing_to_drop_untouched(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    before = path.stat().st_mtime_ns, path.stat().st_ino
+    assert truncate_after(path, 2) == 0
+    assert (path.stat().st_mtime_ns, path.stat().st_ino) == before
+    assert truncate_after(path, 0) == 2 and path.read_text() == ""  # `--resume latest` found no checkpoint
+    assert truncate_after(tmp_path / "absent.jsonl", 0) == 0
+
+
+def test_tensorboard_purges_the_steps_a_resume_logs_again(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    w = MetricsWriter(tmp_path, tensorboard=True)
+    for step in range(1, 6):
+        w.log(step, {"loss": float(step)})
+    w.close()
+    w = MetricsWriter(tmp_path, tensorboard=True, resume_step=3)
+    for step in (4, 5):
+        w.log(step, {"loss": 10.0 + step})
+    w.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("loss/loss")]
+    assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
