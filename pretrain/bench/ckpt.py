@@ -33,6 +33,15 @@ def _rate(nbytes: int, seconds: float) -> dict[str, Any]:
             "gb_per_s": round(nbytes / max(seconds, 1e-9) / 1e9, 4)}
 
 
+def model_size(n_params: int) -> dict[str, Any]:
+    """The fp32 model size. `fp32_model_mb` has always been MiB (2^20 bytes), like the converter's
+    `peak_rss_mb` / `rss_before_mb` it is compared with (tests/e2e/test_bench_ckpt.py), so it stays MiB and
+    `fp32_model_mib` names the unit; `fp32_model_bytes` is exact. The stage sizes are bytes, printed in
+    MB = 10^6 bytes next to GB/s = 10^9 bytes/s."""
+    mib = round(n_params * 4 / 2**20, 1)
+    return {"fp32_model_mb": mib, "fp32_model_mib": mib, "fp32_model_bytes": n_params * 4}
+
+
 def run_ckpt_bench(cfg: Any, workdir: Path) -> dict[str, Any]:
     from data_pipelines.tokenizer import train_tokenizer
     from parallel import groups
@@ -84,12 +93,13 @@ def run_ckpt_bench(cfg: Any, workdir: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     ckpt.load_deepspeed(engine, root, tag)  # DeepSpeed's own load, weights-only
     load_ds = _rate(_dir_bytes(root / tag), time.perf_counter() - t0)
-    return {"params": n_params, "fp32_model_mb": round(n_params * 4 / 2**20, 1), "save": save,
+    return {"params": n_params, **model_size(n_params), "save": save,
             "convert_universal": convert, "load_universal": load_uni, "load_deepspeed": load_ds,
             "device": str(engine.device), "workdir": str(workdir)}
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
+    """Run the bench; print JSON or one line per stage (MB = 10^6 bytes, GB/s = 10^9 bytes/s; RSS in MiB)."""
     from pretrain.config import embedded_config_path, load_config
 
     overrides = [*args.overrides, "parallel.zero_stage=3", "parallel.tp=1"]
@@ -102,10 +112,11 @@ def cmd_ckpt(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"model: {out['params'] / 1e6:.1f}M params ({out['fp32_model_mb']} MB fp32)")
+        print(f"model: {out['params'] / 1e6:.1f}M params ({out['fp32_model_bytes'] / 1e6:.1f} MB = "
+              f"{out['fp32_model_mib']} MiB fp32)")
         for k in ("save", "convert_universal", "load_universal", "load_deepspeed"):
             v = out[k]
-            extra = f", peak RSS {v['peak_rss_mb']} MB" if v.get("peak_rss_mb") else ""
+            extra = f", peak RSS {v['peak_rss_mb']} MiB" if v.get("peak_rss_mb") else ""  # VmHWM / 1024
             print(f"{k:18s} {v['bytes'] / 1e6:9.1f} MB in {v['seconds']:.3f} s = {v['gb_per_s']:.3f} GB/s"
                   + extra)
     return 0

@@ -22,7 +22,10 @@ i2t/t2i R@1/5, linear probe on the train shards' frozen features). Recipes (`--r
 adds mean ± std per recipe (single runs of these small models differ by several points between seeds).
 
 The model is `SMALL` (ViT 4x128 patch 8, text 4x128) unless `--set` overrides it: the same command scales
-to ViT-B on a GPU (`--set model.vision.width=768 model.vision.layers=12 ... --image-size 224`).
+to ViT-B on a GPU (`--set model.vision.width=768 model.vision.layers=12 ... --image-size 224`). A `--set`
+of a key the bench sets itself (seed, steps, batch, image size, paths: `OWNED`, naming the flag to use) or
+that a chosen recipe pins (use `--add-recipe`) is refused, and so, with `open_clip_train`, is one that
+open_clip_train cannot follow with the same meaning (`quality_openclip_args.py`).
 Output: `OUT/quality.json` and, with `--docs FILE`, a Markdown table appended there.
 """
 
@@ -84,6 +87,39 @@ def parse_added_recipes(specs: list[list[str]]) -> dict[str, list[str]]:
     return added
 
 
+OWNED = {"train.seed": "--seeds (or --seed)", "train.steps": "--samples-seen",
+         "train.micro_batch": "--batch-size", "train.grad_accum": "--batch-size",
+         "model.image_size": "--image-size",
+         "objectives.mim.unmasked_tail_steps": "--tail-fraction", "data.train": None, "data.tokenizer": None,
+         "run.dir": None, "checkpoint.dir": None}
+"""Keys the bench sets per run (or that would put every run in one folder): a `--set` of one wins over the
+flag, and the rows would describe other runs than those trained (`--set train.seed=7 --seeds 0 1` trained
+seed 7 twice, labelled 0 and 1)."""
+
+
+def set_problems(args: argparse.Namespace) -> list[str]:
+    """Every `--set` the bench must refuse: keys it sets itself (`OWNED`), keys a chosen recipe pins (the
+    row would be another recipe under its name), and, with open_clip_train, keys open_clip_train cannot
+    follow (`quality_openclip_args`: its row must differ from ours in the trainer only)."""
+    from pretrain.bench.overrides import owned_key_problems
+
+    owned: dict[str, str | None] = dict(OWNED)
+    added = parse_added_recipes(getattr(args, "add_recipe", None) or [])
+    for name in [*args.recipes, *added]:
+        for kv in RECIPES.get(name, added.get(name, [])):
+            owned.setdefault(kv.split("=", 1)[0], f"--add-recipe NAME KEY=VALUE (recipe {name} sets it)")
+    problems = owned_key_problems(args.set, owned)
+    rest = [kv for kv in args.set or [] if kv.split("=", 1)[0] not in owned]
+    if "open_clip_train" in args.recipes:
+        from pretrain.bench.quality_openclip_args import open_clip_set_problems
+
+        base = [*SMALL, *RECIPES["open_clip_train"]]
+        problems += [f"{p}, so the open_clip_train row would differ from ours in more than the trainer "
+                     "(not like-for-like): drop open_clip_train from --recipes, or give our recipes that "
+                     "setting with --add-recipe" for p in open_clip_set_problems(rest, base)]
+    return problems
+
+
 def recipe_overrides(name: str, data: dict[str, Any], run_dir: Path, args: argparse.Namespace) -> list[str]:
     """Every override of one run: bench model, data, equal samples seen, then the recipe, then --set."""
     steps = max(1, args.samples_seen // args.batch_size)
@@ -102,8 +138,9 @@ def recipe_overrides(name: str, data: dict[str, Any], run_dir: Path, args: argpa
 
 def train_ours(overrides: list[str], run_dir: Path) -> tuple[dict[str, Any], float]:
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", *overrides], capture_output=True,
-                       text=True)
+    # --overwrite-run: a rerun of the bench with the same --out trains each recipe again from scratch
+    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", "--overwrite-run", *overrides],
+                       capture_output=True, text=True)
     wall = time.perf_counter() - t0
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train.log").write_text(r.stdout + r.stderr)
@@ -130,9 +167,15 @@ def run_recipe(name: str, data: dict[str, Any], out: Path, args: argparse.Namesp
 
             python = ensure_venv(out / "cache", args.open_clip_python)
             device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
-            folder, wall, samples = train_open_clip(cfg, data["tokenizer"], data, run_dir, samples, python,
-                                                    device)
+            folder, wall, samples, check = train_open_clip(cfg, data["tokenizer"], data, run_dir, samples,
+                                                           python, device)
             row["samples_seen"] = samples
+            row.update(check)  # baseline_trained: False when its weights never moved
+            if not check["baseline_trained"]:
+                print(f"warning: {data['name']} open_clip_train seed {args.seed}: its weights never moved "
+                      f"(logit scale {check['logit_scale_start']} -> {check['logit_scale_end']}, no "
+                      f"LayerNorm changed); the row is flagged baseline_trained: false, not a result "
+                      f"(log: {run_dir / 'open_clip_train.log'})", file=sys.stderr, flush=True)
             checkpoint = run_dir / "imported"
             import_checkpoint("open_clip", folder, checkpoint, tokenizer=data["tokenizer"], overwrite=True)
         else:
@@ -154,7 +197,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     models differ by a few points from seed to seed, more than some of the effects being measured."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        if "error" not in r:
+        if "error" not in r and r.get("baseline_trained", True):  # an untrained baseline is no result
             groups.setdefault((r["dataset"], r["recipe"]), []).append(r)
     out = []
     for (dataset, recipe), rs in groups.items():
@@ -191,6 +234,8 @@ def markdown(rows: list[dict[str, Any]], command: str, commit: str) -> str:
             "" if r.get(k) is None else (f"{r[k]:.3f}" if k in METRICS else str(r[k])) for k in keys]
         if "error" in r:
             cells[3] = f"failed: {r['error'][:80]}"
+        elif r.get("baseline_trained") is False:
+            cells[1] += " (NOT TRAINED: weights never moved, not a result)"
         lines.append("| " + " | ".join(cells) + " |")
     summary = summarize(rows)
     if any(len(s["seeds"]) > 1 for s in summary):
@@ -201,6 +246,9 @@ def markdown(rows: list[dict[str, Any]], command: str, commit: str) -> str:
 def cmd_quality(args: argparse.Namespace) -> int:
     from pretrain.bench.quality_data import prepare_dataset
 
+    problems = set_problems(args)
+    if problems:  # before any data is written
+        raise ValueError("bench quality: " + "; ".join(problems))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     added = parse_added_recipes(args.add_recipe or [])
@@ -224,7 +272,8 @@ def cmd_quality(args: argparse.Namespace) -> int:
     if args.docs:
         with open(args.docs, "a", encoding="utf-8") as f:
             f.write("\n" + table)
-    return 1 if any("error" in r for r in rows) and args.strict else 0
+    failed = any("error" in r or r.get("baseline_trained") is False for r in rows)
+    return 1 if failed and args.strict else 0
 
 
 def add_quality_parser(bench: argparse._SubParsersAction) -> None:

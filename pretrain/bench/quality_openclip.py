@@ -11,9 +11,12 @@ registers our architecture with `open_clip.add_model_config(folder)` (the traine
 config file).
 
 Same architecture: our model (same config, seed) exported with `pretrain.export.open_clip`, whose
-`model_cfg` is open_clip's `CLIP` with our shapes, EOS pooling and our tokenizer (`hf_tokenizer_name` =
-the export folder, read by transformers offline). Same batch, lr, warm-up, betas, eps, weight decay,
-gradient clipping, crop scale, normalisation and exactly our samples seen (`epoch_plan`).
+`model_cfg` is open_clip's `CLIP` with our shapes, EOS pooling, initial logit scale and our tokenizer
+(`hf_tokenizer_name` = the export folder, read by transformers offline). Same batch, lr, warm-up and
+schedule, betas, eps, weight decay, gradient clipping (0: none), precision, crop scale, normalisation and
+exactly our samples seen (`epoch_plan`); `quality_openclip_args.py` maps them and lists the `--set` keys
+open_clip_train cannot follow (`bench quality` refuses those), and `trained_check` flags a run whose
+weights never moved.
 Its final checkpoint goes back into that folder and through `pretrain convert --from open_clip`, so it is
 scored by exactly our `pretrain eval` code.
 """
@@ -32,7 +35,9 @@ from typing import Any
 import torch
 
 from data_pipelines.tokenizer import TextTokenizer
+from pretrain.bench.quality_openclip_args import open_clip_argv, trained_check
 from pretrain.config import Config
+from pretrain.export.common import load_weight_file
 from pretrain.export.open_clip import CONFIG_FILE, WEIGHT_FILES, export_open_clip
 from pretrain.models.pretrain_model import PretrainModel
 
@@ -110,9 +115,9 @@ def epoch_plan(samples_seen: int, batch: int, train_samples: int) -> tuple[int, 
 
 
 def train_open_clip(cfg: Config, tokenizer_path: str, data: dict[str, Any], out: Path, samples_seen: int,
-                    python: str, device: str) -> tuple[Path, float, int]:
+                    python: str, device: str) -> tuple[Path, float, int, dict[str, Any]]:
     """Train with open_clip_train; return (an open_clip folder holding its final weights, wall seconds,
-    samples seen: ours exactly, see `epoch_plan`)."""
+    samples seen: ours exactly, see `epoch_plan`; `trained_check` of its final weights)."""
     out.mkdir(parents=True, exist_ok=True)
     folder = (out / "open_clip_model").resolve()
     folder.mkdir(exist_ok=True)
@@ -128,21 +133,8 @@ def train_open_clip(cfg: Config, tokenizer_path: str, data: dict[str, Any], out:
     (out / "run_open_clip.py").write_text(WRAPPER)
     b = cfg.train.micro_batch * cfg.train.grad_accum
     epochs, per_epoch = epoch_plan(samples_seen, b, int(data["train_samples"]))
-    o, d = cfg.optim, cfg.data
     logs = out / "logs"
-    argv = [
-        "--train-data", data["train"], "--dataset-type", "webdataset", "--train-num-samples", str(per_epoch),
-        "--model", "mmpt_quality", "--batch-size", str(b), "--epochs", str(epochs),
-        "--lr", str(o.lr), "--beta1", str(o.betas[0]), "--beta2", str(o.betas[1]), "--eps", str(o.eps),
-        "--wd", str(o.weight_decay), "--warmup", str(o.warmup_steps),
-        "--grad-clip-norm", str(cfg.train.grad_clip),
-        "--precision", "fp32" if cfg.train.precision == "fp32" else "amp_bf16", "--workers", "1",
-        "--device", device, "--seed", str(cfg.train.seed), "--logs", str(logs), "--name", "run",
-        "--save-frequency", str(epochs), "--zeroshot-frequency", "0", "--val-frequency", "0",
-        "--report-to", "", "--log-every-n-steps", "10",
-        "--image-mean", *map(str, d.mean), "--image-std", *map(str, d.std),
-        "--aug-cfg", f"scale=({d.crop_scale[0]}, {d.crop_scale[1]})",
-    ]
+    argv = open_clip_argv(cfg, data["train"], per_epoch, epochs, logs, device)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
     t0 = time.perf_counter()
     r = subprocess.run([python, str(out / "run_open_clip.py"), str(cfg_dir), *argv], cwd=out, env=env,
@@ -157,7 +149,9 @@ def train_open_clip(cfg: Config, tokenizer_path: str, data: dict[str, Any], out:
     for name in WEIGHT_FILES:  # the exported random init must not shadow the trained weights
         (folder / name).unlink(missing_ok=True)
     os.link(ckpts[-1], folder / "open_clip_pytorch_model.bin")  # {"state_dict": ...}, "module." undone
-    return folder, wall, epochs * per_epoch
+    check = trained_check(load_weight_file(folder / "open_clip_pytorch_model.bin"),
+                          float(model_cfg["init_logit_scale"]))
+    return folder, wall, epochs * per_epoch, check
 
 
 if __name__ == "__main__":  # `make test`: python -m pretrain.bench.quality_openclip .venv-openclip

@@ -16,7 +16,9 @@ peak from a table of bf16 dense rates by CUDA device name, or on CPU a measured 
 this process (`pretrain/bench/vs_open_clip.py`) and adds `vs_open_clip` (its samples/s and ratio =
 ours / open_clip);
 `--vs-patch-dropout P` adds a second open_clip line with its own FLIP patch dropout. The comparison uses
-synthetic batches on both sides (the same generator and seed).
+synthetic batches on both sides (the same generator and seed). open_clip trains the contrastive loss
+alone: where our configured step does other work (MAE, MLM, ITM, another share of patches), ours is timed
+again with open_clip's work and that like-for-like ratio is printed first, the configured one labelled.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -194,27 +196,72 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
         if device.type == "cuda":
             torch.cuda.empty_cache()
         res["vs_open_clip"] = _vs_open_clip(cfg, n_shared, res, padded_vocab, vocab, device, steps, warmup,
-                                            peak, vs_patch_dropout)
+                                            peak, vs_patch_dropout,
+                                            lambda c: run_bench(c, steps, warmup, synthetic=True))
     return res
 
 
 def _vs_open_clip(cfg: Config, n_shared: int, ours: dict[str, Any], padded_vocab: int, vocab: int,
-                  device: torch.device, steps: int, warmup: int, peak: float,
-                  patch_dropout: float) -> dict[str, Any]:
-    """open_clip side(s) of `--vs open_clip`, on the batches our run saw (fresh generator, same seed)."""
-    from pretrain.bench.vs_open_clip import compare, open_clip_flops, run_open_clip
+                  device: torch.device, steps: int, warmup: int, peak: float, patch_dropout: float,
+                  run_ours: Callable[[Config], dict[str, Any]]) -> dict[str, Any]:
+    """open_clip side(s) of `--vs open_clip`, on the batches our run saw (fresh generator, same seed).
+
+    `ratio` is always the configured run's. Where that run does other work than the open_clip line
+    (MAE, MLM, ITM, another share of patches: `like_for_like_changes`), `run_ours` times our step again
+    with open_clip's work and the row adds `like_for_like_ratio` (printed first) and says why `ratio` is
+    not like-for-like."""
+    from pretrain.bench.vs_open_clip import (
+        compare,
+        like_for_like_changes,
+        open_clip_flops,
+        run_open_clip,
+        unlike_reason,
+        with_changes,
+    )
 
     runs = [0.0] + ([patch_dropout] if patch_dropout > 0 else [])
     rows = []
     for p in runs:
+        changes = like_for_like_changes(cfg, p)
+        fair = run_ours(with_changes(cfg, changes)) if changes else None
         theirs = run_open_clip(cfg, padded_vocab, synthetic_batches(cfg, vocab, cfg.train.seed), device,
                                steps, warmup, patch_dropout=p)
-        rows.append(compare(ours, theirs, peak, open_clip_flops(cfg, padded_vocab, p)))
+        row = compare(ours, theirs, peak, open_clip_flops(cfg, padded_vocab, p))
+        row["like_for_like"] = fair is None
+        if fair is not None:
+            same = compare(fair, theirs)
+            row.update(not_like_for_like=unlike_reason(cfg, p), like_for_like_ratio=same["ratio"])
+            if "ratio_per_cpu_s" in same:
+                row["like_for_like_ratio_per_cpu_s"] = same["ratio_per_cpu_s"]
+            row["ours_like_for_like"] = {"overrides": [f"{k}={v}" for k, v in changes.items()],
+                                         **{k: fair[k] for k in ("samples_per_s", "samples", "wall_s",
+                                                                 "process_cpu_s", "time_s", "parameters")}}
+        rows.append(row)
     main = rows[0]
     main["ours_shared_parameters"] = n_shared  # our parameters open_clip's CLIP also has
     if len(rows) > 1:
         main["patch_dropout_run"] = rows[1]
     return main
+
+
+def _print_vs(row: dict[str, Any]) -> None:
+    """One open_clip line: the like-for-like ratio first; the configured run's, when it differs, labelled."""
+    fair = row.get("like_for_like_ratio")
+    per_cpu = "like_for_like_ratio_per_cpu_s" if fair is not None else "ratio_per_cpu_s"
+    head = (f"{row['library']} (patch_dropout {row['patch_dropout']}, {row['precision_mode']}, "
+            f"{row['loss']}, same batches): {row['samples_per_s']} samples/s; ")
+    if fair is None:
+        head += f"ours / open_clip = {row['ratio']:.3f}x (like-for-like)"
+    else:
+        o = row["ours_like_for_like"]
+        head += (f"like-for-like ours / open_clip = {fair:.3f}x (ours with {' '.join(o['overrides'])}: "
+                 f"{o['samples_per_s']} samples/s)")
+    print(head + (f" ({row[per_cpu]:.3f}x per CPU-second)" if per_cpu in row else ""))
+    if fair is not None:
+        print(f"  configured run / open_clip = {row['ratio']:.3f}x, NOT like-for-like: "
+              f"{row['not_like_for_like']}")
+    print("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in row["time_s"].items()) + f" of {row['wall_s']}s"
+          + (f"; MFU {row['mfu']:.2%}" if "mfu" in row else ""))
 
 
 def cmd_bench_step(args: argparse.Namespace) -> int:
@@ -242,13 +289,7 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     vs = res.get("vs_open_clip")
     for row in [vs, (vs or {}).get("patch_dropout_run")]:
         if row:
-            tt = row["time_s"]
-            print(f"{row['library']} (patch_dropout {row['patch_dropout']}, {row['precision_mode']}, "
-                  f"{row['loss']}, same batches): {row['samples_per_s']} samples/s; "
-                  f"ours / open_clip = {row['ratio']:.3f}x"
-                  + (f" ({row['ratio_per_cpu_s']:.3f}x per CPU-second)" if "ratio_per_cpu_s" in row else ""))
-            print("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in tt.items()) + f" of {row['wall_s']}s"
-                  + (f"; MFU {row['mfu']:.2%}" if "mfu" in row else ""))
+            _print_vs(row)
     if vs:
         print(f"  parameters: open_clip {vs['parameters']:,}, ours {res['parameters']:,} of which "
               f"{vs['ours_shared_parameters']:,} in common (the rest: MAE decoder, MLM head)")

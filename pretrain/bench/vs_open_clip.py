@@ -175,6 +175,59 @@ def run_open_clip(cfg: Config, vocab_size: int, batches: Iterator[dict[str, torc
     return out
 
 
+def _contrastive_patches(cfg: Config) -> float:
+    """Share of patches our contrastive pass sees in a training step (`PretrainModel.contrastive_mask_ratio`:
+    every patch with separate views, 1 - mask_ratio under a shared masked pass or without MAE)."""
+    m = cfg.objectives.mim
+    return 1.0 if (m.weight > 0 and not m.shared_pass) else 1.0 - m.mask_ratio
+
+
+def like_for_like_changes(cfg: Config, patch_dropout: float) -> dict[str, Any]:
+    """The settings (dotted key -> value) that make our step the open_clip side's work at `patch_dropout`:
+    the contrastive loss alone (no MAE decoder, MLM head or fusion encoder), its pass seeing the same share
+    of patches. {} when the configured run already does exactly that."""
+    o = cfg.objectives
+    off = (("objectives.mim.weight", o.mim.weight), ("objectives.mlm.weight", o.mlm.weight),
+           ("objectives.itm.weight", o.itm.weight), ("model.fusion.layers", cfg.model.fusion.layers))
+    changes: dict[str, Any] = {key: type(value)(0) for key, value in off if value}
+    if o.contrastive.weight <= 0:
+        changes["objectives.contrastive.weight"] = 1.0
+    if o.mim.mask_ratio != patch_dropout:  # without MAE the contrastive pass hides mask_ratio of the patches
+        changes["objectives.mim.mask_ratio"] = patch_dropout
+    return changes
+
+
+def with_changes(cfg: Config, changes: dict[str, Any]) -> Config:
+    """A copy of `cfg` with `changes` (dotted key -> value) applied."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    for key, value in changes.items():
+        *path, leaf = key.split(".")
+        node = out
+        for part in path:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    return out
+
+
+def unlike_reason(cfg: Config, patch_dropout: float) -> str:
+    """Why the configured step is not the open_clip side's work (for the label of its ratio)."""
+    o, why = cfg.objectives, []
+    for name, w in (("MAE decoder", o.mim.weight), ("MLM head", o.mlm.weight), ("ITM", o.itm.weight)):
+        if w:
+            why.append(f"ours also trains the {name} (weight {w})")
+    if cfg.model.fusion.layers and not o.itm.weight:
+        why.append("ours has a fusion encoder")
+    if o.contrastive.weight <= 0:
+        why.append("our contrastive loss is off")
+    seen = _contrastive_patches(cfg)
+    if seen != 1.0 - patch_dropout:
+        why.append(f"our contrastive pass sees {seen:.0%} of the patches, open_clip's "
+                   f"{1 - patch_dropout:.0%}")
+    return "; ".join(why)
+
+
 def open_clip_flops(cfg: Config, vocab_size: int, patch_dropout: float) -> int:
     """Analytic fwd+bwd model FLOPs per sample of the open_clip side: our formula with only the
     contrastive objective and the encoder seeing int(N * (1 - patch_dropout)) patches (PatchDropout

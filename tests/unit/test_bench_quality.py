@@ -130,3 +130,38 @@ def test_open_clip_epochs_give_exactly_our_steps(seen, batch, train):
     epochs, per_epoch = epoch_plan(seen, batch, train)
     assert epochs * per_epoch == seen // batch * batch and per_epoch % batch == 0
     assert per_epoch <= max(train, batch)  # no epoch asks for more than one pass over the shards
+
+
+@pytest.mark.parametrize("sets,flag", [(["train.seed=7"], "--set train.seed: use --seeds"),
+                                       (["train.steps=3"], "--set train.steps: use --samples-seen"),
+                                       (["train.micro_batch=8"], "--set train.micro_batch: use --batch-size"),
+                                       (["model.image_size=64"], "--set model.image_size: use --image-size"),
+                                       (["run.dir=x"], "--set run.dir: the bench sets it"),
+                                       (["data.train=x.tar"], "--set data.train: the bench sets it"),
+                                       (["objectives.mim.weight=0.5"],
+                                        "--set objectives.mim.weight: use --add-recipe NAME KEY=VALUE "
+                                        "(recipe contrastive_full sets it)")])
+def test_set_of_a_key_the_bench_or_a_recipe_sets_is_refused(tmp_path, capsys, monkeypatch, sets, flag):
+    """`--set train.seed=7 --seeds 0 1` trained seed 7 twice and labelled the rows seed 0 and seed 1."""
+    import pretrain.bench.quality_data as quality_data
+
+    def not_refused(*a, **k):
+        raise AssertionError("not refused: the bench went on to write data and train")
+    monkeypatch.setattr(quality_data, "prepare_dataset", not_refused)
+    out = tmp_path / "q"
+    args = ["bench", "quality", "--out", str(out), "--datasets", "digits", "--recipes", "contrastive_full",
+            "--seeds", "0", "1", "--set", "model.vision.layers=1", *sets]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "bench quality: " + flag in err and "model.vision.layers" not in err
+    assert not out.exists()  # refused before any data is written
+
+
+def test_set_of_a_key_no_chosen_recipe_pins_is_kept():
+    from pretrain.bench.quality import set_problems
+
+    ns = argparse.Namespace(recipes=["default"], add_recipe=None, set=["objectives.mim.weight=0.25"])
+    assert set_problems(ns) == []
+    ns.add_recipe = [["mine", "objectives.mim.weight=0"]]  # an added recipe pins it too
+    assert set_problems(ns) == ["--set objectives.mim.weight: use --add-recipe NAME KEY=VALUE (recipe mine "
+                                "sets it)"]

@@ -110,3 +110,77 @@ def test_missing_open_clip_is_a_clear_error(monkeypatch, capsys):
     assert main(["bench", "step", "--vs", "open_clip", "--steps", "1", *TINY]) == 2
     err = capsys.readouterr().err
     assert "pretrain: error:" in err and "open_clip_torch" in err and "dev extra" in err
+
+
+CONTRASTIVE_FULL = ["objectives.mim.weight=0", "objectives.mlm.weight=0", "objectives.mim.mask_ratio=0"]
+
+
+def test_like_for_like_changes_give_our_step_open_clips_work():
+    from pretrain.bench.vs_open_clip import like_for_like_changes, unlike_reason
+
+    default = load_config(None, TINY)  # contrastive + MAE (separate views, 50%) + MLM
+    assert like_for_like_changes(default, 0.0) == {"objectives.mim.weight": 0.0, "objectives.mlm.weight": 0.0,
+                                                   "objectives.mim.mask_ratio": 0.0}
+    assert like_for_like_changes(default, 0.5) == {"objectives.mim.weight": 0.0, "objectives.mlm.weight": 0.0}
+    assert "MAE decoder" in unlike_reason(default, 0.0) and "MLM head" in unlike_reason(default, 0.0)
+    clip = load_config(None, [*TINY, *CONTRASTIVE_FULL])
+    assert like_for_like_changes(clip, 0.0) == {}
+    assert like_for_like_changes(clip, 0.5) == {"objectives.mim.mask_ratio": 0.5}
+    assert unlike_reason(clip, 0.5) == "our contrastive pass sees 100% of the patches, open_clip's 50%"
+
+
+def _fake_side(sps: float) -> dict:
+    return {"samples_per_s": sps, "samples": 8, "wall_s": 8 / sps, "process_cpu_s": 8 / sps,
+            "time_s": {"data": 0.0, "forward": 0.1, "backward": 0.1, "optimizer": 0.0}, "parameters": 10}
+
+
+def _vs_rows(monkeypatch, overrides, patch_dropout=0.0):
+    """`_vs_open_clip` with open_clip and our like-for-like rerun replaced by fixed numbers: ours as
+    configured 20 samples/s, ours with open_clip's work 80, open_clip 100."""
+    from pretrain.bench import step, vs_open_clip
+
+    def fake_open_clip(cfg, vocab, batches, device, steps, warmup, patch_dropout=0.0):
+        return {**_fake_side(100.0), "library": "open_clip_torch x", "patch_dropout": patch_dropout,
+                "precision_mode": "fp32", "loss": "ClipLoss"}
+    monkeypatch.setattr(vs_open_clip, "run_open_clip", fake_open_clip)
+    reruns = []
+
+    def run_ours(c):
+        reruns.append(c)
+        return _fake_side(80.0)
+    cfg = load_config(None, [*TINY, *overrides])
+    row = step._vs_open_clip(cfg, 10, _fake_side(20.0), 128, 100, torch.device("cpu"), 1, 0, 1e9,
+                             patch_dropout, run_ours)
+    return row, reruns
+
+
+def test_vs_open_clip_leads_with_the_like_for_like_ratio(monkeypatch, capsys):
+    """The default recipe runs MAE + MLM; open_clip contrastive only: `ratio` compared different work."""
+    from pretrain.bench import step
+
+    row, reruns = _vs_rows(monkeypatch, [])
+    assert row["ratio"] == 0.2 and row["like_for_like"] is False  # the configured run, labelled
+    assert row["like_for_like_ratio"] == 0.8 and row["like_for_like_ratio_per_cpu_s"] == 0.8
+    assert "MAE decoder" in row["not_like_for_like"] and "MLM head" in row["not_like_for_like"]
+    (fair,) = reruns  # timed again with open_clip's work
+    assert fair.objectives.mim.weight == fair.objectives.mlm.weight == fair.objectives.mim.mask_ratio == 0
+    assert row["ours_like_for_like"]["overrides"] == [
+        "objectives.mim.weight=0.0", "objectives.mlm.weight=0.0", "objectives.mim.mask_ratio=0.0"]
+    res = {"samples_per_s": 20.0, "device": "cpu", "precision": "fp32", "micro_batch": 4, "steps": 1,
+           "data_source": "synthetic", "time_s": {"forward": 0.1}, "wall_s": 0.4,
+           "memory": {"peak_bytes": 2**20, "how": "x"}, "flops_per_sample": 1e9, "achieved_flops_per_s": 1e9,
+           "mfu": 0.1, "peak_flops_per_s": 1e10, "peak_source": "x", "parameters": 12,
+           "vs_open_clip": {**row, "ours_shared_parameters": 10}}
+    monkeypatch.setattr(step, "run_bench", lambda *a, **k: res)
+    assert main(["bench", "step", "--vs", "open_clip", *TINY]) == 0
+    out = capsys.readouterr().out
+    fair_line = out.index("like-for-like ours / open_clip = 0.800x")
+    assert fair_line < out.index("configured run / open_clip = 0.200x, NOT like-for-like: ours also trains")
+
+
+def test_vs_open_clip_reruns_ours_only_where_the_work_differs(monkeypatch):
+    row, reruns = _vs_rows(monkeypatch, CONTRASTIVE_FULL, patch_dropout=0.5)
+    assert row["like_for_like"] is True and row["ratio"] == 0.2 and "like_for_like_ratio" not in row
+    pd = row["patch_dropout_run"]  # ours on every patch vs open_clip's patch_dropout 0.5: rerun at 50%
+    assert pd["like_for_like"] is False and pd["like_for_like_ratio"] == 0.8
+    assert [c.objectives.mim.mask_ratio for c in reruns] == [0.5]
