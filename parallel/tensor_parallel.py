@@ -13,6 +13,7 @@ DeepSpeed reads so gradient norms count each shard once and replicated parameter
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -69,6 +70,10 @@ def _classes() -> dict[str, type[nn.Module]]:
         get_extra_state = nn.Module.get_extra_state
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+            if x.device.type == "cpu":  # megatron's advice to set CUDA_DEVICE_MAX_CONNECTIONS=1 (once per
+                with warnings.catch_warnings():  # rank) has nothing to act on without CUDA: dropped there
+                    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
+                    return super().forward(x)[0]
             return super().forward(x)[0]
 
     class Row(RowParallelLinear):
