@@ -4,7 +4,6 @@ outer state that fails its checks (tests/xsites.py: real OuterLoops on a real st
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import gc
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from procs import wait_stopped
 from xsites import N, asked, exchange, site, stop, together, train
 
 from launch.rendezvous import free_port
@@ -56,20 +56,6 @@ def test_a_listener_that_never_answers_fails_within_the_timeout_naming_the_addre
     srv.close()
 
 
-def wait_stopped(pid: int, within_s: float = 30.0) -> None:
-    """Until every thread of `pid` is stopped. kill(SIGSTOP) returns once the signal is queued; the
-    process stops when one of its threads takes it, so on a busy machine its store thread may still
-    answer a request sent right after (CI saw exactly that)."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        states = []
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
-        if states and all(s in "tT" for s in states):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} did not stop within {within_s} s")
 
 
 def test_a_frozen_store_host_fails_every_operation_within_the_timeout_naming_the_address():

@@ -8,7 +8,6 @@ instead of hanging the suite.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import wait_stopped
 
 from launch import rendezvous
 from launch.env import RankInfo, RendezvousError
@@ -51,19 +51,6 @@ def bounded(fn: Callable[[], Any]) -> tuple[BaseException | None, float]:
     return box.get("error"), time.monotonic() - t0
 
 
-def wait_stopped(pid: int, within_s: float = 30.0) -> None:
-    """Until every thread of `pid` is stopped: kill(SIGSTOP) only queues the signal, and a store thread
-    not yet stopped could still answer the first request (as in tests/unit/test_cross_site_faults.py)."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        states = []
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
-        if states and all(s in "tT" for s in states):
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} did not stop within {within_s} s")
 
 
 @pytest.fixture
