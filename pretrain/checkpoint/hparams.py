@@ -47,9 +47,8 @@ def _group_lists(engine: Any) -> list[list[dict[str, Any]]]:
     (DeepSpeed's basic optimizer, the one its ZeRO 1-3 / bf16 / fp16 wrappers step), then the wrapper's
     (`engine.get_lr` reads it) when it is a list of its own rather than the inner one handed through."""
     lists: list[list[dict[str, Any]]] = []
-    scheduler = engine.lr_scheduler
-    for opt in (getattr(scheduler, "optimizer", None), getattr(engine.optimizer, "optimizer", None),
-                engine.optimizer):
+    scheduler, optimizer = getattr(engine, "lr_scheduler", None), getattr(engine, "optimizer", None)
+    for opt in (getattr(scheduler, "optimizer", None), getattr(optimizer, "optimizer", None), optimizer):
         groups = getattr(opt, "param_groups", None)
         if groups is not None and all(groups is not seen for seen in lists):
             lists.append(groups)
@@ -57,11 +56,13 @@ def _group_lists(engine: Any) -> list[list[dict[str, Any]]]:
 
 
 def snapshot(engine: Any) -> list[dict[str, Any]]:
-    """This run's hyper-parameters of each optimizer group (HYPER and `initial_lr`), before a load."""
-    groups = _group_lists(engine)[0]
-    out = [{k: copy.copy(g[k]) for k in HYPER if k in g} for g in groups]
-    if engine.lr_scheduler is not None:
-        for entry, base in zip(out, engine.lr_scheduler.base_lrs, strict=True):
+    """This run's hyper-parameters of each optimizer group (HYPER and `initial_lr`), before a load ([] for
+    an engine without an optimizer: nothing to put back)."""
+    lists = _group_lists(engine)
+    out = [{k: copy.copy(g[k]) for k in HYPER if k in g} for g in (lists[0] if lists else [])]
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is not None:
+        for entry, base in zip(out, scheduler.base_lrs, strict=True):
             entry["initial_lr"] = base
     return out
 
@@ -79,14 +80,17 @@ def set_schedule(scheduler: Any, base_lrs: list[float]) -> None:
 def reapply(engine: Any, saved: list[dict[str, Any]]) -> None:
     """Put `snapshot`'s values back into every group list DeepSpeed reads, then the schedule's rates."""
     lists = _group_lists(engine)
+    if not lists and not saved:
+        return
     for groups in lists:
         if len(groups) != len(saved):
             raise RuntimeError(f"the optimizer has {len(groups)} parameter groups after loading the "
                                f"checkpoint and had {len(saved)} before")
         for group, values in zip(groups, saved):
             group.update({k: copy.copy(v) for k, v in values.items()})
-    if engine.lr_scheduler is not None:
-        set_schedule(engine.lr_scheduler, [v["initial_lr"] for v in saved])
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is not None:
+        set_schedule(scheduler, [v["initial_lr"] for v in saved])
         for groups in lists[1:]:
-            for group, rate in zip(groups, engine.lr_scheduler.get_last_lr()):
+            for group, rate in zip(groups, scheduler.get_last_lr()):
                 group["lr"] = rate
