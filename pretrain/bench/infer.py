@@ -16,7 +16,9 @@ Speed: images/s and texts/s at the throughput batch (`--batch`), and p50/p99 lat
 Accuracy, with `--data`: cosine of each variant's image and text embeddings to eager fp32's on the held-out
 samples (mean and min), and zero-shot top-1 with each variant's own text encoder building the classifier
 from the same prompts (`pretrain.evaluation.features.classifier_weights`); the eager fp32 row is also
-checked against `pretrain.evaluation.evaluate.evaluate` on the same data (`zeroshot_top1_evaluate`).
+checked against `pretrain.evaluation.evaluate.evaluate` on the same data (`zeroshot_top1_evaluate`). The
+prompts are the ones `pretrain eval` uses: `--templates`, else zeroshot_classification_templates.txt beside
+the shards (or one folder up), else the built-in ones.
 """
 
 from __future__ import annotations
@@ -112,15 +114,30 @@ def _held_out(tok: Any, cfg: Any, data: str, max_samples: int) -> dict[str, torc
     return {k: torch.cat([b[k] for b in batches]) for k in ("image", "text", "cls")}
 
 
-def _accuracy(enc: Any, held: dict[str, torch.Tensor], tok: Any, cfg: Any, classnames: list[str] | None
-              ) -> dict[str, Any]:
-    from pretrain.evaluation.features import classifier_weights
+def bench_templates(data: str, templates: str | None = None) -> tuple[str, ...]:
+    """The zero-shot prompts for `data`: `templates` when given, else the templates file beside the first
+    shard (or one folder up), else the built-in ones -- `pretrain eval`'s lookup
+    (`pretrain.evaluation.layout.find_templates`), so the accuracy here equals `pretrain eval`'s."""
+    from data_pipelines.urls import expand_urls
+    from pretrain.evaluation.features import TEMPLATES
+    from pretrain.evaluation.layout import find_templates
+
+    prompts = find_templates(expand_urls(data.split("::")[0])[0], templates)[1]
+    return tuple(prompts) if prompts else TEMPLATES
+
+
+def _accuracy(enc: Any, held: dict[str, torch.Tensor], tok: Any, cfg: Any, classnames: list[str] | None,
+              templates: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Embeddings of the held-out samples and, with `classnames`, zero-shot top-1 with `templates` (None:
+    the built-in prompts; `run_infer_bench` passes `bench_templates`, what `pretrain eval` uses)."""
+    from pretrain.evaluation.features import TEMPLATES, classifier_weights
 
     img = torch.cat([enc.encode_image(x) for x in held["image"].split(64)]).float()
     txt = torch.cat([enc.encode_text(x) for x in held["text"].split(64)]).float()
     out: dict[str, Any] = {"image": img, "text": txt}
     if classnames:
-        w = classifier_weights(enc, tok, classnames, cfg.model.text.context_length).float()
+        w = classifier_weights(enc, tok, classnames, cfg.model.text.context_length,
+                               templates or TEMPLATES).float()
         has = held["cls"] >= 0
         pred = (img[has] @ w.T).argmax(dim=1)
         out["zeroshot_top1"] = round(float((pred == held["cls"][has]).float().mean()), 4)
@@ -154,7 +171,9 @@ def _variant(name: str, model: Any, tok: Any, cfg: Any, src: Path, out: Path, ca
 
 def run_infer_bench(out: Path, checkpoint: str | None, data: str | None, classnames: str | None,
                     variants: list[str], batch: int, iters: int, latency_iters: int, max_samples: int,
-                    calib_samples: int, overrides: list[str]) -> dict[str, Any]:
+                    calib_samples: int, overrides: list[str], templates: str | None = None) -> dict[str, Any]:
+    """The benchmark's result (see the module docstring). Zero-shot prompts: `templates` (a file), else the
+    templates file beside `data`'s shards, else the built-in ones, as `pretrain eval` picks them."""
     from pretrain.evaluation.evaluate import evaluate, load_model, read_classnames
 
     bad = [v for v in variants if v not in VARIANTS + FUSED_VARIANTS]
@@ -173,6 +192,7 @@ def run_infer_bench(out: Path, checkpoint: str | None, data: str | None, classna
         ["left", "right", "top"] * batch, strict=False)][:batch], L)
     names = read_classnames(classnames) if classnames else None
     held = _held_out(tok, cfg, data, max_samples) if data else None
+    prompts = bench_templates(data, templates) if data and names else None
     m = cfg.model
     shapes = {"image_size": S, "patch_size": m.vision.patch_size, "vision_width": m.vision.width,
               "vision_layers": m.vision.layers, "text_width": m.text.width, "text_layers": m.text.layers,
@@ -189,7 +209,7 @@ def run_infer_bench(out: Path, checkpoint: str | None, data: str | None, classna
             t = time.perf_counter()
             row.update(_speed(enc, images, ids, iters, latency_iters))
             if held is not None:
-                acc = _accuracy(enc, held, tok, cfg, names)
+                acc = _accuracy(enc, held, tok, cfg, names, prompts)
                 if ref is None:
                     ref = {k: acc[k] for k in ("image", "text")}
                 for k in ("image", "text"):
@@ -209,7 +229,8 @@ def run_infer_bench(out: Path, checkpoint: str | None, data: str | None, classna
             if "zeroshot_top1" in row:
                 row["zeroshot_delta_points"] = round(100 * (row["zeroshot_top1"] - base["zeroshot_top1"]), 2)
     if data and classnames:
-        ev = evaluate(src, data, classnames, max_samples=max_samples, model_bundle=(model, tok, cfg))
+        ev = evaluate(src, data, classnames, max_samples=max_samples, model_bundle=(model, tok, cfg),
+                      templates=list(prompts) if prompts else None)
         result["zeroshot_top1_evaluate"] = ev["zeroshot_top1"]
     return result
 
@@ -220,6 +241,9 @@ def add_infer_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="run dir / checkpoint (default: random init at the given shapes)")
     p.add_argument("--data", help="held-out shard URLs: cosine to fp32, zero-shot, int8 calibration")
     p.add_argument("--classnames", help="classnames.txt for zero-shot top-1")
+    p.add_argument("--templates", metavar="FILE", help="zero-shot prompt templates, one per line with {c} or "
+                   "{} (default: zeroshot_classification_templates.txt beside the shards, else built-in; "
+                   "as pretrain eval)")
     p.add_argument("--out", default="runs/bench-infer", help="folder for exports and random weights")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + FUSED_VARIANTS)
     p.add_argument("--batch", type=int, default=64, help="throughput batch")
@@ -235,7 +259,7 @@ def add_infer_parser(bench: argparse._SubParsersAction) -> None:
 def cmd_infer_bench(args: argparse.Namespace) -> int:
     result = run_infer_bench(Path(args.out), args.checkpoint, args.data, args.classnames, args.variants,
                              args.batch, args.iters, args.latency_iters, args.max_samples,
-                             args.calibration_samples, args.overrides)
+                             args.calibration_samples, args.overrides, templates=args.templates)
     if args.json:
         print(json.dumps(result), flush=True)
     else:

@@ -12,7 +12,9 @@ for the caption's relation word: "red circle [MASK] of blue square" -- the capti
 word's logit over the other's, chance 0.5.
 
 Cheap (three captions per image), so under a launcher every rank runs the whole probe on its replica
-and gets the same numbers without collectives; single-process it is the same code.
+and gets the same numbers without collectives; single-process it is the same code. Samples its loader
+skips are reported as `binding_skipped` ({reason: count}, `StreamSkips`); each rank reads every shard,
+so its counts already are the set's (summing over ranks would multiply them).
 """
 
 from __future__ import annotations
@@ -24,22 +26,32 @@ from typing import Any
 import torch
 
 from data_pipelines.loader import make_eval_loader
-from data_pipelines.urls import expand_urls
+from data_pipelines.urls import expand_urls, is_local, local_path
+from pretrain.evaluation.distributed import StreamSkips
 
 SWAPS = ("swapped_colours", "swapped_objects")
 RELATION_WORDS = ("left", "right")
 
 
 def read_metadata(urls: str) -> dict[str, dict[str, Any]]:
-    """Sample key -> its parsed `.json`, for every sample of the (local) shards `urls` that has one."""
+    """Sample key -> its parsed `.json`, for every sample of the local shards `urls` (plain paths or file:
+    URLs) that has one. An unreadable shard or `.json` is passed over here: the loader skips and counts it
+    (`binding_skipped`), as the main pass does."""
     out: dict[str, dict[str, Any]] = {}
     for url in expand_urls(urls):
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".json"):
-                    f = tar.extractfile(member)
-                    if f is not None:
-                        out[member.name[:-len(".json")]] = json.loads(f.read())
+        if not is_local(url):
+            continue
+        try:
+            with tarfile.open(local_path(url)) as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(".json"):
+                        f = tar.extractfile(member)
+                        try:
+                            out[member.name[:-len(".json")]] = json.loads(f.read()) if f is not None else {}
+                        except ValueError:
+                            continue
+        except (tarfile.TarError, OSError):
+            continue
     return out
 
 
@@ -94,20 +106,22 @@ def binding_probe(model: Any, tokenizer: Any, cfg: Any, urls: str, max_samples: 
                   batch_size: int = 128) -> dict[str, Any]:
     """Keys `binding_samples`, `binding_{colours,objects}_contrastive`, with an ITM head
     `binding_{colours,objects}_itm`, and with the conditioned MLM `binding_relation_mlm` (pairwise
-    accuracies, chance 0.5)."""
+    accuracies, chance 0.5), and `binding_skipped`: the samples this probe's loader left out ({reason:
+    count}, as the main pass's `skipped`; each rank reads all of `urls`, so no sum over ranks)."""
     meta = read_metadata(urls)
     device = next(model.parameters()).device
     L = cfg.model.text.context_length
     loader = make_eval_loader(urls, tokenizer, cfg.model.image_size, batch_size, L, cfg.data.mean,
                               cfg.data.std, max_sample_bytes=cfg.data.max_sample_bytes,
-                              max_samples=max_samples)
+                              max_samples=max_samples, empty_batches=True)
+    skips = StreamSkips(0)
     fusion = getattr(model, "itm_head", None) is not None
     rel = (relation_ids(tokenizer, L) if getattr(model, "mlm_head", None) is not None
            and cfg.objectives.mlm.conditioned else None)
     rel_sum, rel_n = 0.0, 0
     sums = {f"{s}_{kind}": 0.0 for s in ("colours", "objects") for kind in ("contrastive", "itm")}
     n = 0
-    for batch in loader:
+    for batch in skips.watch(loader):
         keep = [i for i, k in enumerate(batch["_keys"]) if all(s in meta.get(k, {}) for s in SWAPS)]
         if not keep:
             continue
@@ -128,10 +142,12 @@ def binding_probe(model: Any, tokenizer: Any, cfg: Any, urls: str, max_samples: 
             hits, scored = _relation_hits(model, tokenizer.mask_id, true_ids, img_tok, rel)
             rel_sum, rel_n = rel_sum + hits, rel_n + scored
         n += len(keep)
+    skipped = skips.total()
     if n == 0:
         raise ValueError(f"--binding: no sample of {urls} has swapped captions in its .json; write "
-                         "compositional shards with `pretrain data synth --compositional`")
-    out: dict[str, Any] = {"binding_samples": n}
+                         "compositional shards with `pretrain data synth --compositional`"
+                         + (f" (skipped: {skipped})" if skipped else ""))
+    out: dict[str, Any] = {"binding_samples": n, "binding_skipped": skipped}
     for k, v in sums.items():
         if fusion or k.endswith("contrastive"):
             out[f"binding_{k}"] = round(v / n, 6)

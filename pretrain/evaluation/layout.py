@@ -24,7 +24,7 @@ from data_pipelines.clip_benchmark import (
     TEMPLATES_FILE,
 )
 from data_pipelines.clip_benchmark import read_templates as _read_templates
-from data_pipelines.urls import expand_urls
+from data_pipelines.urls import expand_urls, is_local, local_path
 
 
 @dataclass
@@ -73,11 +73,19 @@ def _shards_of(folder: Path, split: str) -> tuple[str, str] | None:
     return None
 
 
+def shard_file(url: str) -> Path | None:
+    """The file a local shard URL names (a plain path, `file://PATH` or `file:PATH`, converted by
+    `data_pipelines.urls.local_path` as start-up and validation convert it), None for pipe:/remote URLs."""
+    return Path(local_path(url)) if is_local(url) else None
+
+
 def look_beside(first_shard: str, name: str) -> Path | None:
-    """`name` in the first shard's folder or its parent (CLIP_benchmark's place), for local shards."""
-    if "://" in first_shard or first_shard.startswith("pipe:"):
+    """`name` in the first shard's folder or its parent (CLIP_benchmark's place), for local shards (plain
+    paths and file: URLs, so `pretrain eval` finds what validation finds on the same `data.val`)."""
+    path = shard_file(first_shard)
+    if path is None:
         return None
-    here = Path(first_shard).parent
+    here = path.parent
     for folder in (here, here.parent):
         if (folder / name).is_file():
             return folder / name
@@ -99,11 +107,12 @@ def check_captions(first_shard: str) -> None:
     (retrieval) and would otherwise skip every sample as `missing_caption` and report nothing readable.
     An unreadable shard (empty, corrupt) is left to the eval loader, which skips it and counts it as
     `bad_shard` (named in a warning; with no other readable shard the error names it) like any other."""
-    if "://" in first_shard or first_shard.startswith("pipe:") or not Path(first_shard).is_file():
+    path = shard_file(first_shard)
+    if path is None or not path.is_file():
         return
     key, exts = None, set()
     try:
-        with tarfile.open(first_shard) as tar:
+        with tarfile.open(path) as tar:
             for member in tar:
                 name = Path(member.name).name
                 if not member.isfile() or "." not in name:
@@ -144,7 +153,8 @@ def resolve_eval_data(data: str, classnames: str | Path | None = None, templates
     names = Path(classnames) if classnames else look_beside(first, CLASSNAMES_FILE)
     if names is None:
         raise FileNotFoundError(f"no class names for {data}: pass --classnames FILE or put {CLASSNAMES_FILE} "
-                                f"beside the shards (looked in {Path(first).parent} and its parent)")
+                                f"beside the shards (looked in {Path(local_path(first)).parent} and its "
+                                "parent)")
     if not names.is_file():
         raise FileNotFoundError(f"{names}: class names file not found")
     tfile, prompts = find_templates(first, templates)
