@@ -28,8 +28,10 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
-def truncate_after(path: str | Path, step: int) -> int:
-    """Keep the rows of a metrics.jsonl whose `step` is <= `step` (validation rows of those steps included)
+def truncate_after(path: str | Path, step: int, val_at_step: bool = True) -> int:
+    """Keep the rows of a metrics.jsonl whose `step` is <= `step` (validation rows of those steps included,
+    but not the validation row at `step` itself when not `val_at_step`: the checkpoint says its validation
+    was skipped, so such a row came from an earlier resume's catch-up validation, which this one runs again)
     and return how many were dropped: the ones a crashed run logged after the checkpoint a resume starts
     from, and a line a kill cut short. Rewritten through a temporary file and a rename, so a kill during
     the rewrite leaves the old file whole; untouched when there is nothing to drop."""
@@ -47,7 +49,9 @@ def truncate_after(path: str | Path, step: int) -> int:
             dropped += 1
             continue
         at = row.get("step") if isinstance(row, dict) else None
-        if isinstance(at, int) and not isinstance(at, bool) and at <= step:
+        is_val = isinstance(row, dict) and any(str(k).startswith("val/") for k in row)
+        if isinstance(at, int) and not isinstance(at, bool) and at <= step and not (
+                at == step and is_val and not val_at_step):
             kept.append(line)
         else:
             dropped += 1
@@ -66,17 +70,18 @@ class MetricsWriter:
     """Rank 0 writes; other ranks get a writer that does nothing, so call sites need no rank checks.
 
     `resume_step`: the step a resume starts after. The rows and TensorBoard events of later steps are
-    dropped first, so the steps trained again are not in the file twice."""
+    dropped first, so the steps trained again are not in the file twice; with `val_pending` (the
+    checkpoint's validation was skipped by a stop and runs again now) that step's validation row too."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, val_pending: bool = False):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
-                dropped = truncate_after(self.path, resume_step)
+                dropped = truncate_after(self.path, resume_step, val_at_step=not val_pending)
                 if dropped:
                     log.info("%s: dropped %d row(s) logged after step %d, which this resume trains again",
                              self.path, dropped, resume_step)

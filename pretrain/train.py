@@ -36,6 +36,7 @@ from pretrain.checkpoint import best as best_ckpt
 from pretrain.checkpoint.cross_site import start_outer_loop
 from pretrain.checkpoint.resume import resolve_start, save_universal
 from pretrain.checkpoint.run_dir import check_start, nothing_to_train
+from pretrain.checkpoint.tags import tag_for
 from pretrain.config import (
     Config,
     ConfigError,
@@ -138,6 +139,27 @@ def _data_totals(tracker: PositionTracker) -> dict[str, Any]:
     return merge_totals(every)
 
 
+def _pending_validation(cfg: Config, start: Any, step: int, validator: Any, metrics: MetricsWriter,
+                        root: Path) -> None:
+    """A stop request at a validation step skipped it (to stop fast) and saved `val_pending` with the
+    checkpoint; the resume starts at the step after, so without this that validation point (and its
+    `checkpoint.keep_best` candidacy) would be lost for good. The weights are exactly that step's: validate
+    now and log the row at `step`, as the uninterrupted run did. best.json may name the resumed checkpoint
+    when it is this run's own (`<root>/global_step<step>`). Old checkpoints lack the key: nothing runs."""
+    if start.client is None or not start.client.get("val_pending") or not validator.due(step):
+        return
+    val = validator.run(step)  # every rank (collectives)
+    metrics.log(step, val)
+    metric, tag = cfg.checkpoint.keep_best, tag_for(step)
+    own = start.target is not None and Path(start.target[0]).resolve() == root.resolve() \
+        and start.target[1] == tag
+    if groups.rank() == 0 and metric and own and best_ckpt.improves(root, metric, val.get(metric)):
+        try:
+            best_ckpt.record_best(root, metric, val[metric], step, tag)
+        except OSError as e:  # as after a save: the checkpoint is there, only the note about it is missing
+            log.warning("recording %s/%s as the best checkpoint: %s", root, tag, e)
+
+
 def train(cfg: Config, resume: str | None = None, init_from: str | None = None,
           overwrite_run: bool = False) -> dict[str, Any]:
     """Run `cfg.train.steps` optimizer steps (continuing from `resume`, or starting from the weights of
@@ -184,14 +206,17 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None,
     audit = KeyAudit(run_dir, dp_rank, dp_world, enabled=cfg.data.log_keys and groups.tp_rank() == 0,
                      resume_step=resume_step)
     metrics = MetricsWriter(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
-                            resume_step=resume_step)
+                            resume_step=resume_step,
+                            val_pending=bool(start.client and start.client.get("val_pending")))
     per_step = cfg.train.micro_batch * cfg.train.grad_accum * dp_world
 
     save_failures = 0
 
-    def save(step: int, final: bool = False, val: dict[str, Any] | None = None) -> None:
+    def save(step: int, final: bool = False, val: dict[str, Any] | None = None, val_pending: bool = False
+             ) -> None:
         """Atomic save; a failure is reported and training goes on from memory, up to a limit. `val`: this
-        step's validation, for `checkpoint.keep_best`."""
+        step's validation, for `checkpoint.keep_best`; `val_pending`: a stop skipped this step's due
+        validation, which the resume then runs first (`_pending_validation`)."""
         nonlocal save_failures
         published, metric = None, cfg.checkpoint.keep_best
         if metric and val and best_ckpt.improves(root, metric, val.get(metric)):
@@ -202,6 +227,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None,
             "data_positions": _gather_positions(tracker), "dp_world": dp_world,
             "tp": cfg.parallel.tp, "rng": torch.get_rng_state(), **client_state(cfg),
             **({"cross_site": outer.state_dict()} if outer is not None else {}),  # this rank's partition's
+            **({"val_pending": True} if val_pending else {}),
         }}
         audit.flush()
         try:  # a failure on any rank raises on every rank, at the same point (pretrain/checkpoint/atomic.py)
@@ -223,6 +249,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None,
     bar = ProgressBar(cfg.train.steps, start_step) if rank == 0 and cfg.logging.progress else None
     validator = make_validator(cfg, tokenizer, engine.module, lambda b: move_batch(b, engine.device, dtype),
                                dtype)
+    _pending_validation(cfg, start, start_step, validator, metrics, root)
 
     it = iter(loader)
     window = Window()  # this log window's losses, on the device until the next log step
@@ -320,14 +347,18 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None,
             n_micro, wait_s, window_start = 0, 0.0, time.perf_counter()
         elif bar is not None:
             bar.step()  # no loss between log steps: reading it would wait for the device
-        val = validator.run(step) if validator.due(step) and not stopping else None  # eval.every / at_end
+        # eval.every / at_end; a stop skips it (stop fast) and the resume runs it first (val_pending), but a
+        # stop at the last step ends the run (no resume): validate it now
+        skip_val = stopping and step < cfg.train.steps
+        val = validator.run(step) if validator.due(step) and not skip_val else None
         if val is not None:
             metrics.log(step, val)
         faults.maybe_kill("after-step", step)
         faults.maybe_signal(step)
         faults.maybe_hold(step)
         if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping:
-            save(step, final=step == cfg.train.steps or stopping, val=val)
+            save(step, final=step == cfg.train.steps or stopping, val=val,
+                 val_pending=skip_val and validator.due(step))
         if stopping:  # preemption: this step is logged and saved; the requeued job resumes after it
             break
     comms.dump(rank)

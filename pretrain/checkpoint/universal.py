@@ -39,7 +39,8 @@ from pretrain.checkpoint.tensor_files import SafetensorsWriter, staged_output, w
 
 FORMAT_VERSION = 1
 _META_KEYS = ("step", "config", "data_positions", "dp_world", "tp", "rng", "optimizer_step", "param_groups",
-              "loss_scaler", "lr_scheduler", "global_samples", "skipped_steps", "source_sha256")
+              "loss_scaler", "lr_scheduler", "global_samples", "skipped_steps", "source_sha256",
+              "val_pending")
 
 
 def _json_safe(value: Any) -> Any:

@@ -104,3 +104,41 @@ def test_validation_under_tensor_parallelism_agrees_with_pretrain_eval(shards, t
     ev = json.loads(r.stdout.strip().splitlines()[-1])
     for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
         assert ev[k] == last[0][f"val/{k}"], (k, ev[k], last[0][f"val/{k}"])
+
+
+def test_stop_at_a_validation_step_validates_it_after_the_resume(shards, tmp_path):
+    """A stop request agreed at step 2 (SIGUSR1 after step 1; logging.every=1), a validation step: the run
+    saves and exits 75 without validating (stop fast), records `val_pending`, and the resume validates step 2
+    before training step 3, so val rows are at 2 and 4 exactly once and keep_best considered both."""
+    run = tmp_path / "stop"
+    args = ["train", f"run.dir={run}", *TINY, f"data.train={shards['train']}", f"data.val={shards['val']}",
+            "train.steps=4", "eval.every=2", "checkpoint.every=2", f"eval.max_samples={VAL_SAMPLES}",
+            "checkpoint.keep_last=1", "checkpoint.keep_best=val/loss", "data.workers=1"]
+    r = run_pretrain(args, env={"MMPT_FAULT_SIGNAL": "1"}, timeout=600)
+    assert r.returncode == 75, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stopped at step 2 on" in r.stderr
+    assert not [row for row in read_metrics(run) if "val/loss" in row]
+    r = run_pretrain([*args, "--resume", "latest"], timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = read_metrics(run)
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
+    val = [row for row in rows if "val/loss" in row]
+    assert [row["step"] for row in val] == [2, 4]
+    assert all(row["val/samples"] == VAL_SAMPLES for row in val)
+    best_row = min(val, key=lambda row: (row["val/loss"], row["step"]))  # first of equals
+    root = run / "checkpoints"
+    best = json.loads((root / "best.json").read_text())
+    assert (best["value"], best["step"], best["tag"]) == (best_row["val/loss"], best_row["step"],
+                                                         f"global_step{best_row['step']}")
+    assert (root / best["tag"]).is_dir() and (root / "global_step4").is_dir()
+
+
+def test_stop_at_the_last_step_still_validates_it(shards, tmp_path):
+    """A stop request agreed at the last step ends the run normally (exit 0, no resume to come), so that
+    step's due validation runs rather than being skipped for good."""
+    run = tmp_path / "last"
+    r = run_pretrain(["train", f"run.dir={run}", *TINY, f"data.train={shards['train']}",
+                      f"data.val={shards['val']}", "train.steps=2", "eval.every=2", "data.workers=1",
+                      f"eval.max_samples={VAL_SAMPLES}"], env={"MMPT_FAULT_SIGNAL": "1"}, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [row["step"] for row in read_metrics(run) if "val/loss" in row] == [2]

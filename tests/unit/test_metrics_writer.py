@@ -69,3 +69,18 @@ def test_tensorboard_purges_the_steps_a_resume_logs_again(tmp_path):
     acc.Reload()
     got = [(e.step, e.value) for e in acc.Scalars("loss/loss")]
     assert got == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
+
+
+def test_a_resume_that_runs_a_skipped_validation_again_drops_an_earlier_catch_up_row(tmp_path):
+    """A stop skipped step 2's validation (val_pending in the checkpoint); a resume ran it, logged its row
+    at step 2 and was killed before the next checkpoint: the next resume from step 2 runs it again, so that
+    row goes (once, not twice), while step 2's training row stays."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "val/loss": 2.7},
+            {"step": 3, "loss": 2.4}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    w = MetricsWriter(tmp_path, tensorboard=False, resume_step=2, val_pending=True)
+    w.close()
+    assert [(r["step"], "val/loss" in r) for r in read_metrics(tmp_path)] == [(1, False), (2, False)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert truncate_after(path, 2) == 1  # an ordinary resume keeps step 2's validation row
