@@ -12,31 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from scale_engine import preamble
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
-SCRIPT = r"""
-import json, math, sys
-import torch
-from torch import nn
-from deepspeed.utils import safe_get_full_fp32_param
-from parallel import groups
-from parallel.engine import build_engine, clamp_parameter_
-from parallel.settings import EngineSpec, OptimConfig, ParallelConfig
-
-CEIL = math.log(100.0)
-
-
-class Scale(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.full([1], CEIL - 0.05))
-        self.other = nn.Linear(8, 8)
-
-    def forward(self, sign):
-        return sign * self.logit_scale.exp().sum() + 0.0 * self.other.weight.float().sum()
-
+SCRIPT = preamble(100.0) + r"""
 
 def value(p):
     master = safe_get_full_fp32_param(p)
@@ -48,13 +29,7 @@ def value(p):
 
 
 def trace_of(stage, precision, threshold):
-    torch.manual_seed(0)
-    optim = OptimConfig(lr=0.05, warmup_steps=0, schedule="constant", weight_decay=0.0, impl="torch")
-    spec = EngineSpec(optim=optim,
-                      parallel=ParallelConfig(zero_stage=stage, persistence_threshold=threshold), steps=100,
-                      micro_batch=1, grad_accum=1, grad_clip=0.0, precision=precision, seed=0)
-    engine, _ = build_engine(spec, Scale(), 1)
-    p = engine.module.logit_scale
+    engine, p = engine_for(stage, precision, threshold)
     trace = []
     for sign in [-1.0] * 6 + [1.0] * 14:  # the loss first wants a larger scale, then a smaller one
         loss = engine(torch.tensor(sign))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scale_engine import preamble
 
 from parallel.engine import ceiling_in, clamp_parameter_
 
@@ -43,35 +44,10 @@ def test_fp32_clamp_is_unchanged(max_scale):
     assert torch.equal(p.data, values.clamp(max=ceil))  # bit-identical to the plain clamp
 
 
-SCRIPT = r"""
-import json, math, sys
-import torch
-from torch import nn
-from deepspeed.utils import safe_get_full_fp32_param
-from parallel import groups
-from parallel.engine import build_engine, clamp_parameter_
-from parallel.settings import EngineSpec, OptimConfig, ParallelConfig
-
-CEIL = math.log(200.0)
-
-
-class Scale(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.logit_scale = nn.Parameter(torch.full([1], CEIL - 0.05))
-        self.other = nn.Linear(8, 8)
-
-    def forward(self, sign):
-        return sign * self.logit_scale.exp().sum() + 0.0 * self.other.weight.float().sum()
-
+SCRIPT = preamble(200.0) + r"""
 
 def run(stage, precision):
-    torch.manual_seed(0)
-    optim = OptimConfig(lr=0.05, warmup_steps=0, schedule="constant", weight_decay=0.0, impl="torch")
-    spec = EngineSpec(optim=optim, parallel=ParallelConfig(zero_stage=stage, persistence_threshold=10000),
-                      steps=100, micro_batch=1, grad_accum=1, grad_clip=0.0, precision=precision, seed=0)
-    engine, _ = build_engine(spec, Scale(), 1)
-    p = engine.module.logit_scale
+    engine, p = engine_for(stage, precision, 10000)
     out = []
     for _ in range(6):  # the loss wants a larger scale: it reaches the ceiling and stays there
         loss = engine(torch.tensor(-1.0))
