@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from pretrain.checkpoint.tensor_files import write_text_atomic
 
 log = logging.getLogger("mmpt.train")
 
@@ -28,6 +29,11 @@ def finite_or_null(value: Any) -> Any:
     return value
 
 
+DROPPED = "metrics.dropped.jsonl"
+"""Beside metrics.jsonl: the rows a resume took out of it, appended (what it trains again, or, after a resume
+that found no checkpoint, an earlier history), so no logged row is ever lost."""
+
+
 def truncate_after(path: str | Path, step: int, val_at_step: bool = True) -> int:
     """Keep the rows of a metrics.jsonl whose `step` is <= `step` (validation rows of those steps included,
     but not the validation row at `step` itself when not `val_at_step`: the checkpoint says its validation
@@ -39,7 +45,7 @@ def truncate_after(path: str | Path, step: int, val_at_step: bool = True) -> int
     if not path.is_file():
         return 0
     text = path.read_text(encoding="utf-8")
-    kept, dropped = [], 0
+    kept, gone, dropped = [], [], 0
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -47,6 +53,7 @@ def truncate_after(path: str | Path, step: int, val_at_step: bool = True) -> int
             row = json.loads(line)
         except ValueError:  # a partial line: the process died while writing it
             dropped += 1
+            gone.append(line)
             continue
         at = row.get("step") if isinstance(row, dict) else None
         is_val = isinstance(row, dict) and any(str(k).startswith("val/") for k in row)
@@ -55,14 +62,13 @@ def truncate_after(path: str | Path, step: int, val_at_step: bool = True) -> int
             kept.append(line)
         else:
             dropped += 1
+            gone.append(line)
     if not dropped and (not text or text.endswith("\n")):
         return 0
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write("".join(line + "\n" for line in kept))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    if gone:  # kept beside it, never deleted: a resume that found no checkpoint (a wrong checkpoint.dir)
+        with path.with_name(DROPPED).open("a", encoding="utf-8") as fh:  # drops a whole run's history
+            fh.write("".join(line + "\n" for line in gone))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
 
 
@@ -83,8 +89,8 @@ class MetricsWriter:
             if resume_step is not None:
                 dropped = truncate_after(self.path, resume_step, val_at_step=not val_pending)
                 if dropped:
-                    log.info("%s: dropped %d row(s) logged after step %d, which this resume trains again",
-                             self.path, dropped, resume_step)
+                    log.info("%s: moved %d row(s) logged after step %d, which this resume trains again, "
+                             "to %s", self.path, dropped, resume_step, DROPPED)
             self._fh = self.path.open("a", encoding="utf-8")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter

@@ -22,7 +22,8 @@ from pretrain.config import Config, ConfigError
 
 log = logging.getLogger("mmpt.train")
 
-RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "tensorboard", "keys", "tokenizer.json")
+RUN_OUTPUTS = ("metrics.jsonl", "metrics.dropped.jsonl", "summary.json", "tensorboard", "keys",
+               "tokenizer.json")
 """What one run writes into RUN_DIR: `--overwrite-run` deletes them. tokenizer.json too: a start without a
 checkpoint reuses one it finds (a job killed before its first save), which after `--overwrite-run` may
 have been trained on other data. config.yaml and memory.json are rewritten by the new run; other files
@@ -30,6 +31,9 @@ are left alone."""
 CHECKPOINT_FILES = ("latest", "universal", "best.json", "zero_to_fp32.py", "zero_to_torch.py")
 """Entries of a checkpoint root besides its tag folders (`global_stepN`) and hidden staging folders."""
 _TAG = re.compile(r"^global_step\d+$")
+_STAGING = re.compile(r"^(\.staging|\.global_step\d+\.(tmp|old)-\d+)$")
+"""The hidden folders a save leaves in a checkpoint root: atomic.STAGING and `staged_output`'s
+`.<tag>.tmp-<pid>` / `.<tag>.old-<pid>`. Only these: checkpoint.dir may hold `.git` or a `.venv`."""
 
 
 def _metrics_rows(run_dir: Path) -> int:
@@ -59,6 +63,12 @@ def _held(cfg: Config) -> list[str]:
     return found
 
 
+def _inside(path: Path, folders: list[Path]) -> bool:
+    """Whether `path` is one of `folders` or lies inside one."""
+    real = path.resolve()
+    return any(real == f.resolve() or f.resolve() in real.parents for f in folders)
+
+
 def _delete_checkpoints(root: Path) -> list[str]:
     """Remove the checkpoints of `root` (tag folders, staging folders, `latest`, universal copies,
     best.json, DeepSpeed's helper scripts); anything else there stays, and so does the folder if not empty
@@ -68,7 +78,7 @@ def _delete_checkpoints(root: Path) -> list[str]:
     removed = []
     for entry in sorted(root.iterdir()):
         name = entry.name
-        if not (_TAG.match(name) or name.startswith(".") or name in CHECKPOINT_FILES
+        if not (_TAG.match(name) or _STAGING.match(name) or name in CHECKPOINT_FILES
                 or (entry / ckpt.MARKER).is_file()):
             continue
         if entry.is_dir() and not entry.is_symlink():
@@ -113,13 +123,17 @@ def check_start(cfg: Config, resume: str | None, init_from: str | None, overwrit
     found = _held(cfg)
     if not found:
         return
+    if overwrite and init_from and _inside(Path(init_from), [ckpt.checkpoint_root(cfg), Path(cfg.run.dir)]):
+        raise ConfigError(f"--overwrite-run with --init-from {init_from}: the weights to start from are in "
+                          f"the run it would delete ({_describe(cfg)}); export them first (`pretrain convert "
+                          f"{init_from} DST --to safetensors`) or choose a new run.dir")
     if not overwrite:
         start = f"from the weights of --init-from {init_from}" if init_from else "from scratch"
         raise ConfigError(
             f"{_describe(cfg)} already holds a run: {'; '.join(found)}. Starting {start} at step 0 would "
             "overwrite its checkpoints and add a second series to its metrics. To continue that run pass "
             "`--resume latest`; to keep it, choose a new run.dir; to start over, pass --overwrite-run "
-            "(deletes its checkpoints, metrics.jsonl, summary.json, tensorboard/ and keys/ first)")
+            f"(deletes its checkpoints, {', '.join(RUN_OUTPUTS)} first)")
     removed = _delete_run(cfg)
     log.warning("--overwrite-run: %s held a run (%s); deleted %s", _describe(cfg), "; ".join(found),
                 ", ".join(removed))

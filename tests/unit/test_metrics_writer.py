@@ -84,3 +84,13 @@ def test_a_resume_that_runs_a_skipped_validation_again_drops_an_earlier_catch_up
     assert [(r["step"], "val/loss" in r) for r in read_metrics(tmp_path)] == [(1, False), (2, False)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert truncate_after(path, 2) == 1  # an ordinary resume keeps step 2's validation row
+
+
+def test_rows_a_resume_takes_out_are_kept_beside_the_file(tmp_path):
+    """`--resume latest` that finds no checkpoint (a wrong checkpoint.dir) starts at step 0 and takes every
+    row out: they go to metrics.dropped.jsonl, never away."""
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    path.write_text("".join(r + "\n" for r in rows))
+    assert truncate_after(path, 0) == 3
+    assert path.read_text() == "" and (tmp_path / "metrics.dropped.jsonl").read_text().splitlines() == rows

@@ -139,3 +139,23 @@ def test_overwrite_run_keeps_a_tokenizer_file_the_config_names(tmp_path):
     cfg.data.tokenizer = str(run / "tokenizer.json")  # the user's input, kept in the run folder
     check_start(cfg, None, None, overwrite=True, rank=0)
     assert (run / "tokenizer.json").read_text() == "{}"
+
+
+def test_overwrite_run_leaves_hidden_folders_that_are_not_a_saves_staging(tmp_path):
+    """checkpoint.dir may be a folder holding other things: only a save's own hidden folders go."""
+    run, shared = tmp_path / "run", tmp_path / "shared"
+    _finished_run(run, root=shared)
+    (shared / ".git").mkdir()
+    (shared / ".global_step6.tmp-4321").mkdir()  # a kill's staged copy: a save's own
+    check_start(_cfg(run, f"checkpoint.dir={shared}"), None, None, overwrite=True, rank=0)
+    assert sorted(p.name for p in shared.iterdir()) == [".git"]
+
+
+def test_overwrite_run_refuses_to_delete_the_weights_init_from_names(tmp_path):
+    run = tmp_path / "run"
+    _finished_run(run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for init_from in (run, run / "checkpoints" / "global_step4"):
+        with pytest.raises(ConfigError, match="--overwrite-run with --init-from"):
+            check_start(_cfg(run), None, str(init_from), overwrite=True, rank=0)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing deleted
