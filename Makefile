@@ -13,8 +13,10 @@ setup: $(STAMP)
 
 $(STAMP): setup.py pyproject.toml scripts/build_deps.sh
 	sh scripts/build_deps.sh $(PY)
-	@# a venv made while python3-venv was missing has bin/python but no pip: made again, not reused
-	$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PY) -m venv $(VENV); }
+	@# a venv without pip (made while python3-venv was missing, or by `uv venv`): pip is added to it,
+	@# never by deleting it (it may hold the user's own CUDA torch); a missing one is made
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || $(PY) -m venv --without-pip $(VENV)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip --upgrade
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev,mpi,data,clip]"

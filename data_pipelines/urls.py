@@ -28,10 +28,6 @@ def local_path(url: str) -> str:
     return re.sub(r"^file:(//)?", "", url)
 
 
-_local_path = local_path
-"""The old private name, still imported by `pretrain.evaluation.validate`."""
-
-
 def expand_sources(spec: str) -> list[list[str]]:
     """The `::`-separated sources of `spec`, each expanded (see `expand_urls`), for weighted mixing."""
     if not isinstance(spec, str) or not spec.strip():

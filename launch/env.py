@@ -51,7 +51,7 @@ def is_tcp_port(value: int | str) -> bool:
     wording its own error. Import it from `launch.ports`; it is defined here, at the bottom of launch's
     imports, because launch.ports imports this module (LaunchEnvError) and imports must not cycle."""
     if isinstance(value, str):
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):  # "²".isdigit() is True, int("²") raises
             return False
         value = int(value)
     return 0 < value < 65536

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipelines.urls import _local_path, expand_sources, is_local
+from data_pipelines.urls import expand_sources, is_local, local_path
 from parallel import groups
 from parallel import rng as tp_rng
 from pretrain.evaluation.distributed import check_label_range, metrics_from_features
@@ -43,7 +43,7 @@ LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm", "loss_itm")
 
 def _first_local_val_shard(cfg: Any) -> str | None:
     urls = [u for source in expand_sources(cfg.data.val) for u in source]
-    return _local_path(urls[0]) if urls and is_local(urls[0]) else None
+    return local_path(urls[0]) if urls and is_local(urls[0]) else None
 
 
 def find_classnames(cfg: Any) -> Path | None:

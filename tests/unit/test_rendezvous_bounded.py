@@ -121,3 +121,14 @@ def test_every_store_call_of_the_rendezvous_ends_in_time_when_rank_0s_host_is_fr
                                        ("29a", False), (" 1", False)])
 def test_one_port_check(value, ok):
     assert is_tcp_port(value) is ok
+
+
+def test_a_non_ascii_digit_is_no_port_and_a_config_naming_one_gets_the_config_error():
+    """'²'.isdigit() is True but int('²') raises: the check says no instead of raising, so the config's
+    collected error names the key."""
+    from pretrain.config import ConfigError
+    from pretrain.config.loading import load_config
+
+    assert is_tcp_port("²") is False and is_tcp_port("٣٠٠٠") is False
+    with pytest.raises(ConfigError, match="cross_site.rendezvous"):
+        load_config(None, ["cross_site.sites=2", "cross_site.site=a", "cross_site.rendezvous=h:²"])
