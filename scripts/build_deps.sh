@@ -3,7 +3,9 @@
 # python3-venv) and a C++ compiler with the interpreter's headers, because DeepSpeed compiles its CPU
 # shared-memory allreduce (and cpu_adam) on first use: without them the 2-rank demo's ranks die with a
 # compiler traceback. Installs the missing Debian packages as root where apt-get exists; elsewhere it says
-# what is missing and goes on (a machine without apt has its own way to install them).
+# what is missing and goes on (a machine without apt has its own way to install them). DeepSpeed builds
+# those ops for the host CPU (-march=native, AVX2/AVX-512 where present), so cpu_adam's and the shared-memory
+# allreduce's last bits may differ between CPU models: tests compare them to plain torch with tolerances.
 # Usage: scripts/build_deps.sh PYTHON
 set -u
 py=${1:-python3}
