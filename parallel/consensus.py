@@ -62,6 +62,20 @@ def failures_by_rank(error: BaseException | str | None, group: dist.ProcessGroup
     return [f"rank {r}: {e}" for r, e in enumerate(every) if e is not None]
 
 
+def sum_counts(local: dict[str, int], group: dist.ProcessGroup | None = None) -> dict[str, int]:
+    """Every rank's {name: count} summed by name, on every rank (one all_gather of a small dict: the names
+    need not be the same on every rank); every rank of `group` must call it."""
+    every: list[Any] = [local]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, dict(local), group=group)
+    total: dict[str, int] = {}
+    for counts in every:
+        for name, n in (counts or {}).items():
+            total[name] = total.get(name, 0) + int(n)
+    return dict(sorted(total.items()))
+
+
 def on_rank0(fn: Callable[[], T], poll_s: float = 0.5) -> tuple[T | None, Exception | None]:
     """Run `fn` on rank 0 while the other ranks wait for it, however long it takes: rank 0 runs it in a
     thread and every rank joins a one-integer all_reduce each `poll_s` seconds until it has finished. (One

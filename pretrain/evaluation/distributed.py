@@ -33,6 +33,7 @@ import torch.distributed as dist
 from data_pipelines.stats import KEPT_REASONS
 from data_pipelines.urls import expand_sources
 from parallel import groups
+from parallel.consensus import sum_counts
 
 log = logging.getLogger("mmpt.eval")
 
@@ -258,16 +259,9 @@ class StreamSkips:
 
 
 def sum_skips(local: dict[str, int], group: Any = None) -> dict[str, int]:
-    """Every rank's skip counts summed, on every rank (one all_gather of a small dict over `group`, the
-    data-parallel group: TP peers read the same share); every rank of the group must call it."""
-    every: list[Any] = [local]
-    if _distributed() and dist.get_world_size(group) > 1:
-        every = [None] * dist.get_world_size(group)
-        dist.all_gather_object(every, dict(local), group=group)
-    total: dict[str, int] = {}
-    for counts in every:
-        _add_counts(total, counts or {})
-    return dict(sorted(total.items()))
+    """Every rank's skip counts summed, on every rank, over `group` (the data-parallel group: TP peers read
+    the same share; `parallel.consensus.sum_counts`); every rank of the group must call it."""
+    return sum_counts(local, group)
 
 
 def warn_skips(urls: str, skipped: dict[str, int], samples: int) -> None:
