@@ -198,17 +198,18 @@ def like_for_like_changes(cfg: Config, patch_dropout: float) -> dict[str, Any]:
 
 
 def with_changes(cfg: Config, changes: dict[str, Any]) -> Config:
-    """A copy of `cfg` with `changes` (dotted key -> value) applied."""
-    import copy
+    """A copy of `cfg` with `changes` (dotted key -> value) applied, typed and validated as a loaded config
+    is (`config_from_dict`)."""
+    from pretrain.config import config_from_dict, to_dict
 
-    out = copy.deepcopy(cfg)
+    tree = to_dict(cfg)
     for key, value in changes.items():
         *path, leaf = key.split(".")
-        node = out
+        node = tree
         for part in path:
-            node = getattr(node, part)
-        setattr(node, leaf, value)
-    return out
+            node = node[part]
+        node[leaf] = value
+    return config_from_dict(tree)
 
 
 def unlike_reason(cfg: Config, patch_dropout: float) -> str:
