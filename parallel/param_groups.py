@@ -62,8 +62,8 @@ learned token and position table of every tower, so that no table depends on its
 
 def _exempt_from_decay(name: str, prm: torch.Tensor, embedding_table: bool = False) -> bool:
     """Biases, norms, embeddings (token, class and position tables, `NO_DECAY_NAMES`), tokens and the logit
-    scale get no weight decay (CLIP). `embedding_table`: `prm` is the weight of an `nn.Embedding` (the token
-    table, also vocab-parallel), exempt whatever it is called."""
+    scale get no weight decay (CLIP). `embedding_table`: `prm` is the weight of an `nn.Embedding`, exempt
+    whatever it is called (megatron's vocab-parallel table is no `nn.Embedding`: its name exempts it)."""
     return (prm.ndim < 2 or embedding_table or any(matches(name, pat) for pat in NO_DECAY_NAMES)
             or "embedding" in name or "logit_scale" in name or "token" in name or name.endswith(".bias"))
 
