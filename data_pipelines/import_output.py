@@ -206,15 +206,21 @@ class Staging:
     def _write_json(self, name: str, obj: dict[str, Any]) -> None:
         write_text_atomic(self.out / name, json.dumps(obj, indent=1) + "\n")
 
+    def _metadata(self, name: str) -> dict[str, Any]:
+        """OUT's sizes.json / stats.json, or the copy an import stopped while moving its shards left hidden
+        (`.NAME.previous`): without it the rerun would drop the other prefixes' entries."""
+        path = self.out / name
+        return _read_json(path if path.is_file() else self.out / f".{name}.previous")
+
     def commit(self, shards: list[dict[str, Any]], stats: dict[str, Any]) -> None:
         """Move the staged `shards` into OUT over the previous import with this prefix, delete that
         import's other shards, then write sizes.json and stats.json (`stats`, plus the stats of other
         prefixes still present under `other_prefixes`)."""
         ours = shard_pattern(self.prefix)
         present = {p.name for p in self.out.iterdir() if p.is_file()}
-        sizes = {str(name): int(count) for name, count in _read_json(self.out / SIZES).items()
+        sizes = {str(name): int(count) for name, count in self._metadata(SIZES).items()
                  if not ours.fullmatch(str(name)) and name in present and isinstance(count, int)}
-        old = _read_json(self.out / STATS)
+        old = self._metadata(STATS)
         others = old.get(OTHER_PREFIXES)
         others = dict(others) if isinstance(others, dict) else {}
         options = old.get("options")
@@ -226,8 +232,9 @@ class Staging:
         if others:
             stats = {**stats, OTHER_PREFIXES: others}
         self._swapping = True
-        for name in (SIZES, STATS):  # while shards move, OUT must not look like a finished import
-            (self.out / name).unlink(missing_ok=True)
+        for name in (SIZES, STATS):  # while shards move, OUT must not look like a finished import; kept
+            if (self.out / name).is_file():  # hidden until the new ones are written (a rerun reads them)
+                os.replace(self.out / name, self.out / f".{name}.previous")
         new = {s["name"] for s in shards}
         for name in sorted(new):
             os.replace(self.dir / name, self.out / name)
@@ -237,6 +244,8 @@ class Staging:
         sizes.update({s["name"]: s["samples"] for s in shards})
         self._write_json(SIZES, dict(sorted(sizes.items())))
         self._write_json(STATS, stats)
+        for name in (SIZES, STATS):
+            (self.out / f".{name}.previous").unlink(missing_ok=True)
         self._swapping = False
         shutil.rmtree(self.dir)
         self._unlock()

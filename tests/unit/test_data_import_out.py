@@ -303,3 +303,31 @@ def test_import_reads_local_shard_paths_as_the_loader_checks_them(tmp_path):
     spec = f"file://{tmp_path}/a.tar::file:{tmp_path}/b.tar::{tmp_path}/a.tar::pipe:cat {tmp_path}/b.tar"
     assert source_paths("wds", spec) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar"),
                                          str(tmp_path / "a.tar")]
+
+
+def test_a_rerun_after_a_stop_while_moving_keeps_the_other_prefixes_entries(tmp_path, monkeypatch):
+    """OUT holds imports with prefixes `shard` and `b`; an --overwrite import of `shard` stops while moving
+    its shards (sizes.json and stats.json were already out of the way); its rerun still lists b's shards."""
+    write_tar(tmp_path / "old.tar", good_members("old", 30))
+    write_tar(tmp_path / "new.tar", good_members("new", 30))
+    write_tar(tmp_path / "b.tar", good_members("b", 5))
+    out = tmp_path / "out"
+    run_import("wds", str(tmp_path / "old.tar"), out, opts())
+    run_import("wds", str(tmp_path / "b.tar"), out, opts(prefix="b", overwrite=True))
+    real = import_output.os.replace
+
+    def replace_then_fail(src, dst):
+        if Path(src).parent.name == import_output.STAGING and Path(src).name == "shard-000001.tar":
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(import_output.os, "replace", replace_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        run_import("wds", str(tmp_path / "new.tar"), out, opts(overwrite=True))
+    monkeypatch.setattr(import_output.os, "replace", real)
+    assert not (out / "sizes.json").exists()
+    run_import("wds", str(tmp_path / "new.tar"), out, opts(overwrite=True))
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sizes["b-000000.tar"] == 5 and sizes["shard-000000.tar"] == 10
+    assert json.loads((out / "stats.json").read_text())["other_prefixes"]["b"]["samples"] == 5
+    assert not list(out.glob(".*.previous"))
