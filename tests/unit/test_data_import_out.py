@@ -233,6 +233,22 @@ def test_the_staging_folder_of_a_killed_import_is_named_and_removed(tmp_path, ca
     assert f"removing {out / '.import-tmp'}, left by an import that stopped before it had" in caplog.text
 
 
+
+def _stopped_while_moving(tar: Path, out: Path, monkeypatch) -> None:
+    """An --overwrite import of `tar` into `out` interrupted while moving its second shard into OUT."""
+    real = import_output.os.replace
+
+    def replace_then_fail(src, dst):
+        if Path(src).parent.name == import_output.STAGING and Path(src).name == "shard-000001.tar":
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(import_output.os, "replace", replace_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        run_import("wds", str(tar), out, opts(overwrite=True))
+    monkeypatch.setattr(import_output.os, "replace", real)
+
+
 def test_a_staging_folder_holding_a_whole_import_stays_until_that_import_is_rerun(tmp_path, monkeypatch,
                                                                                  caplog):
     """After an import stopped while moving its shards into OUT, an --overwrite import with another prefix
@@ -243,17 +259,7 @@ def test_a_staging_folder_holding_a_whole_import_stays_until_that_import_is_reru
     write_tar(tmp_path / "b.tar", good_members("b", 5))
     out = tmp_path / "out"
     run_import("wds", str(tmp_path / "old.tar"), out, opts())
-    real = import_output.os.replace
-
-    def replace_then_fail(src, dst):
-        if Path(src).parent.name == import_output.STAGING and Path(src).name == "shard-000001.tar":
-            raise KeyboardInterrupt
-        real(src, dst)
-
-    monkeypatch.setattr(import_output.os, "replace", replace_then_fail)
-    with pytest.raises(KeyboardInterrupt):
-        run_import("wds", str(tmp_path / "new.tar"), out, opts(overwrite=True))
-    monkeypatch.setattr(import_output.os, "replace", real)
+    _stopped_while_moving(tmp_path / "new.tar", out, monkeypatch)
     before = snapshot(out)
     assert ".import-tmp/shard-000001.tar" in before and "sizes.json" not in before
     for prefix, overwrite in (("b", True), ("b", False), ("shard", False)):
@@ -314,17 +320,7 @@ def test_a_rerun_after_a_stop_while_moving_keeps_the_other_prefixes_entries(tmp_
     out = tmp_path / "out"
     run_import("wds", str(tmp_path / "old.tar"), out, opts())
     run_import("wds", str(tmp_path / "b.tar"), out, opts(prefix="b", overwrite=True))
-    real = import_output.os.replace
-
-    def replace_then_fail(src, dst):
-        if Path(src).parent.name == import_output.STAGING and Path(src).name == "shard-000001.tar":
-            raise KeyboardInterrupt
-        real(src, dst)
-
-    monkeypatch.setattr(import_output.os, "replace", replace_then_fail)
-    with pytest.raises(KeyboardInterrupt):
-        run_import("wds", str(tmp_path / "new.tar"), out, opts(overwrite=True))
-    monkeypatch.setattr(import_output.os, "replace", real)
+    _stopped_while_moving(tmp_path / "new.tar", out, monkeypatch)
     assert not (out / "sizes.json").exists()
     run_import("wds", str(tmp_path / "new.tar"), out, opts(overwrite=True))
     sizes = json.loads((out / "sizes.json").read_text())
