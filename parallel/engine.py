@@ -151,6 +151,7 @@ def build_engine(spec: EngineSpec, model: torch.nn.Module, dp_world: int):
             mpu=mpu,
         )
     _link_fp32_masters(optimizer)
+    _undo_state_init_step(optimizer)
     if spec.compile_model:  # after initialize: ZeRO-3's gathers are hooks the compiled forward calls eagerly
         engine.compile()
     return engine, ds_cfg
@@ -188,6 +189,30 @@ def _link_fp32_masters(optimizer: Any) -> None:
             for lp in lps:
                 lp._mmpt_fp32_master = flat.detach().narrow(0, offset, lp.numel()).view_as(lp)
                 offset += lp.numel()
+
+
+@torch.no_grad()
+def _undo_state_init_step(optimizer: Any) -> None:
+    """ZeRO 0 under bf16/fp16: DeepSpeed's FP16_Optimizer / FP16_UnfusedOptimizer create the inner
+    optimizer's state by stepping it once with zero gradients at construction. For Adam that is not a
+    no-op: its step count starts at 1, so every early update is bias-corrected for one step too many (the
+    first real update is 0.74x what ZeRO 1-3 and fp32 take with betas 0.9/0.98), and decoupled weight decay
+    has shrunk the masters once at the base lr. Measured: the step-2 loss of a bf16 ZeRO-0 run was 0.17
+    away from ZeRO-1's. Undone here: each fp32 master is set back to its working copy, from which DeepSpeed
+    made it (an exact fp32 copy of the bf16/fp16 value), and the inner state is cleared, so the first real
+    step starts it as every other stage does. Call after `_link_fp32_masters`."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(optimizer, FP16_Optimizer | FP16_UnfusedOptimizer):
+        return
+    for group in optimizer.fp16_groups:
+        for lp in group:
+            lp._mmpt_fp32_master.copy_(lp.detach().float())
+    inner = optimizer.optimizer
+    inner.state.clear()  # torch's AdamW and DeepSpeed's FusedAdam create it again on their first step
+    for group in inner.param_groups:
+        group.pop("step", None)  # FusedAdam's per-group count (its per-parameter one starts from it)
 
 
 @torch.no_grad()
