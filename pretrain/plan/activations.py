@@ -67,7 +67,7 @@ def _contrastive_bytes(cfg: Config, micro_batch: int, dp: int) -> tuple[int, str
     and B_global columns."""
     c = cfg.objectives.contrastive
     rows, cols, e = micro_batch, micro_batch * dp, cfg.model.embed_dim
-    if c.weight <= 0:
+    if c.weight <= 0 or cfg.train.task == "classify":  # classify: cross-entropy over [B, classes] instead
         return 0, "none"
     if c.chunk > 0:
         k = min(c.chunk, cols)
@@ -89,54 +89,59 @@ def _largest_module_params(model: nn.Module, tp: int) -> int:
     return best
 
 
-def _fusion_towers(cfg: Config, n: int, t_vis: int, t_txt: int, r: int, c: int, dp: int
+def _fusion_towers(cfg: Config, model: nn.Module, t_ctx: int, t_txt: int, r: int, c: int, dp: int
                    ) -> list[tuple[str, int, int, int, int, int]]:
     """The fusion encoder's passes per sample (3 for ITM: the positive and two negative pairs; 1 for the
     conditioned MLM), each block counted as a self-attention block over the caption plus its cross-
-    attention (LN input, q, k and v over the image tokens, output, residual), and for ITM the gathered
-    text and image tokens of the whole data-parallel batch (dp rows per sample). Rough, as the rest."""
+    attention (LN input, q, k and v over the `t_ctx` image tokens of the contrastive pass, output,
+    residual), and for ITM the gathered text and image tokens of the whole data-parallel batch (dp rows
+    per sample). Rough, as the rest."""
     m, o = cfg.model, cfg.objectives
     f = m.fusion
-    passes = (3 if o.itm.weight > 0 else 0) + (1 if o.mlm.weight > 0 and o.mlm.conditioned else 0)
+    itm = getattr(model, "itm_head", None) is not None
+    passes = (3 if itm else 0) + (1 if o.mlm.weight > 0 and o.mlm.conditioned else 0)
     if f.layers == 0 or passes == 0:
         return []
     fw = f.width or m.text.width
-    separate = not o.mim.shared_pass and o.mim.weight > 0
-    t_ctx = 1 + n if separate else t_vis  # the contrastive pass's image tokens
     cross = (3 * t_txt * fw + 2 * t_ctx * fw) * c + t_txt * fw * r
     around = passes * (f.layers * cross + t_txt * fw * r)
-    if o.itm.weight > 0:
+    if itm:
         around += dp * (t_txt * m.text.width + t_ctx * m.vision.width) * r
     return [("fusion", f.layers * passes, fw, t_txt, f.heads, around)]
 
 
-def activation_plan(cfg: Config, model: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
-    """Activation bytes per sample with and without checkpointing, the contrastive term, and the workspace
-    (the `activations` and `workspace` entries of the plan; see the module docstring for the keys).
+Tower = tuple[str, int, int, int, int, int]  # (name, layers, width, tokens, heads, bytes around the blocks)
 
-    Per sample, without checkpointing, every block of every pass that runs in training (vision encoder
-    over the 1 + visible patches, causal text pass, MAE decoder over 1 + all patches, bidirectional MLM
-    pass), plus what sits around the blocks: ln_pre / ln_post / ln_final / decoder_norm inputs and
-    outputs, the MLM head's three hidden tensors and its fp32 log-probabilities with the two fp32
-    gradient buffers of the first backward step, MAE's fp32 pixel difference, and the input batch.
-    With checkpointing each block keeps only its input, and one block's full activations exist again
-    while it is recomputed (the largest block). The contrastive loss grows with micro-batch x global
-    batch and is kept apart (`_contrastive_bytes`).
-    """
-    m, o, tp, dp = cfg.model, cfg.objectives, cfg.parallel.tp, plan["dp"]
-    r, c = activation_bytes_per_element(cfg.train.precision)
-    attention = getattr(m, "attention", "sdpa")
-    common = dict(act=m.activation, attention=attention, tp=tp, residual=r, compute=c, dropout=m.dropout,
-                  attn_dropout=m.attention_dropout)
+
+def _pretrain_towers(cfg: Config, model: nn.Module, dp: int, r: int, c: int, tail: bool
+                     ) -> tuple[list[Tower], int]:
+    """The passes of one `PretrainModel` training forward (as its `forward` decides them), and the bytes
+    of the input batch. `tail`: a step of `objectives.mim.unmasked_tail_steps` (no MAE loss, the
+    contrastive pass over every patch).
+
+    The first image pass (contrastive, ITM, conditioned MLM, features target, or FLIP+MAE shared) sees
+    every patch (`vision_encoder_full`, 1 + N tokens) when `contrastive_mask_ratio()` is 0: in the tail
+    and with separate views (`objectives.mim.shared_pass: false` with MIM on, the default); otherwise the
+    visible ones (`vision_encoder`, 1 + N_vis). With separate views MIM then runs its own masked pass."""
+    m, o = cfg.model, cfg.objectives
     v, t, d = m.vision, m.text, m.decoder
-    use_con, use_mim, use_mlm = o.contrastive.weight > 0, o.mim.weight > 0, o.mlm.weight > 0
+    use_con, use_mlm = o.contrastive.weight > 0, o.mlm.weight > 0
+    use_mim = o.mim.weight > 0 and not tail
     n = (m.image_size // v.patch_size) ** 2
     from pretrain.plan.flops import visible_patches
 
-    t_vis, t_txt, t_dec = 1 + visible_patches(n, o.mim.mask_ratio), t.context_length, 1 + n
-    vocab_local = model.vocab_size // tp
-    towers = []  # (name, layers, width, tokens, heads, extra bytes around the blocks)
-    if use_con or use_mim:
+    t_vis, t_full, t_txt, t_dec = 1 + visible_patches(n, o.mim.mask_ratio), 1 + n, t.context_length, 1 + n
+    unmasked = tail or (not o.mim.shared_pass and o.mim.weight > 0)  # the model's contrastive_mask_ratio 0
+    itm, conditioned = getattr(model, "itm_head", None) is not None, use_mlm and o.mlm.conditioned
+    first = (use_con or (use_mim and not unmasked) or (use_mim and o.mim.target == "features") or itm
+             or conditioned)
+    vocab_local = model.vocab_size // cfg.parallel.tp
+    towers: list[Tower] = []
+    if first:
+        tok = t_full if unmasked else t_vis
+        towers.append(("vision_encoder_full" if unmasked else "vision_encoder", v.layers, v.width, tok,
+                       v.heads, 3 * tok * v.width * r))
+    if use_mim and unmasked:  # separate views: MAE's own masked pass
         towers.append(("vision_encoder", v.layers, v.width, t_vis, v.heads, 3 * t_vis * v.width * r))
     if use_con:
         towers.append(("text_causal", t.layers, t.width, t_txt, t.heads, 2 * t_txt * t.width * r))
@@ -146,9 +151,32 @@ def activation_plan(cfg: Config, model: nn.Module, plan: dict[str, Any]) -> dict
     if use_mlm:
         towers.append(("text_mlm", t.layers, t.width, t_txt, t.heads,
                        2 * t_txt * t.width * r + 3 * t_txt * t.width * c + t_txt * vocab_local * 4))
-    towers += _fusion_towers(cfg, n, t_vis, t_txt, r, c, dp)
+    towers += _fusion_towers(cfg, model, t_full if unmasked else t_vis, t_txt, r, c, dp)
     image_bytes = 4 if cfg.train.precision in ("fp32", "bf16_autocast") else 2
     inputs = (3 * m.image_size ** 2 + n) * image_bytes + 3 * t_txt * 8  # image, patch noise, 3 id tensors
+    return towers, inputs
+
+
+def _classify_towers(cfg: Config, model: nn.Module, r: int, c: int) -> tuple[list[Tower], int]:
+    """`train.task=classify` (`ClassifierModel`): one image pass over every patch, then the head over the
+    normalised embedding: its input, the fp32 logits and cross-entropy's log-probabilities (the head's
+    bytes sit in the pass's `around`). Inputs: the image and its label."""
+    m, v = cfg.model, cfg.model.vision
+    n, classes = (m.image_size // v.patch_size) ** 2, model.num_classes
+    tok = 1 + n
+    head = 2 * m.embed_dim * c + 2 * classes * 4
+    towers: list[Tower] = [("vision_encoder_full", v.layers, v.width, tok, v.heads,
+                            3 * tok * v.width * r + head)]
+    image_bytes = 4 if cfg.train.precision in ("fp32", "bf16_autocast") else 2
+    return towers, 3 * m.image_size ** 2 * image_bytes + 8
+
+
+def _phase_bytes(cfg: Config, towers: list[Tower], inputs: int, model: nn.Module, r: int, c: int,
+                 mlm: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """Per-sample parts without and with checkpointing of one forward's towers."""
+    m, tp = cfg.model, cfg.parallel.tp
+    common = dict(act=m.activation, attention=getattr(m, "attention", "sdpa"), tp=tp, residual=r, compute=c,
+                  dropout=m.dropout, attn_dropout=m.attention_dropout)
     full: dict[str, int] = {"inputs": inputs}
     ckpt: dict[str, int] = {"inputs": inputs}
     largest_block = 0
@@ -158,21 +186,60 @@ def activation_plan(cfg: Config, model: nn.Module, plan: dict[str, Any]) -> dict
         full[name] = layers * blk + around
         ckpt[name] = layers * tokens * width * r + around  # checkpoint() keeps each block's input
     ckpt["recompute_one_block"] = largest_block
-    if use_mlm:  # first backward step: fp32 gradient of the log-probs and of the logits (+ cast)
-        transient = t_txt * vocab_local * (8 + (c if c < 4 else 0))
+    if mlm:  # first backward step: fp32 gradient of the log-probs and of the logits (+ cast)
+        transient = m.text.context_length * (model.vocab_size // tp) * (8 + (c if c < 4 else 0))
         full["mlm_loss_backward"] = ckpt["mlm_loss_backward"] = transient
+    return full, ckpt
+
+
+def activation_plan(cfg: Config, model: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
+    """Activation bytes per sample with and without checkpointing, the contrastive term, and the workspace
+    (the `activations` and `workspace` entries of the plan; see the module docstring for the keys).
+
+    Per sample, without checkpointing, every block of every pass that runs in training
+    (`_pretrain_towers`: the image passes, causal text pass, MAE decoder over 1 + all patches,
+    bidirectional MLM pass, fusion; `_classify_towers` for `train.task=classify`), plus what sits around
+    the blocks: ln_pre / ln_post / ln_final / decoder_norm inputs and outputs, the MLM head's three hidden
+    tensors and its fp32 log-probabilities with the two fp32 gradient buffers of the first backward step,
+    MAE's fp32 pixel difference, and the input batch. With checkpointing each block keeps only its input,
+    and one block's full activations exist again while it is recomputed (the largest block). With
+    `objectives.mim.unmasked_tail_steps` the tail's forward (every patch, no MAE) is planned too and the
+    larger of the two phases is reported (`phase`). The contrastive loss grows with micro-batch x global
+    batch and is kept apart (`_contrastive_bytes`).
+    """
+    m, o, dp = cfg.model, cfg.objectives, plan["dp"]
+    r, c = activation_bytes_per_element(cfg.train.precision)
+    n = (m.image_size // m.vision.patch_size) ** 2
+    classify = cfg.train.task == "classify"
+    phases: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+    if classify:
+        phases["classify"] = _phase_bytes(cfg, *_classify_towers(cfg, model, r, c), model, r, c, False)
+    else:
+        mlm = o.mlm.weight > 0
+        phases["masked"] = _phase_bytes(cfg, *_pretrain_towers(cfg, model, dp, r, c, False), model, r, c, mlm)
+        if o.mim.unmasked_tail_steps > 0:
+            phases["unmasked_tail"] = _phase_bytes(cfg, *_pretrain_towers(cfg, model, dp, r, c, True), model,
+                                                   r, c, mlm)
+    parts, phase = {}, {}
+    for i, key in enumerate(("no_checkpointing", "checkpointing")):
+        phase[key] = max(phases, key=lambda p: sum(phases[p][i].values()))
+        parts[key] = phases[phase[key]][i]
+    from pretrain.plan.flops import visible_patches
+
+    tokens = ({"vision": 1 + n, "text": 0, "decoder": 0} if classify else
+              {"vision": 1 + visible_patches(n, o.mim.mask_ratio), "text": m.text.context_length,
+               "decoder": 1 + n})
     b = cfg.train.micro_batch
     con_bytes, con_kind = _contrastive_bytes(cfg, b, dp)
-    per_sample = {"no_checkpointing": sum(full.values()), "checkpointing": sum(ckpt.values())}
+    per_sample = {k: sum(v.values()) for k, v in parts.items()}
     activations = {
-        "bytes_per_element": {"residual": r, "compute": c}, "attention": attention,
-        "tokens": {"vision": t_vis, "text": t_txt, "decoder": t_dec},
-        "per_sample_bytes": per_sample,
-        "per_sample_parts": {"no_checkpointing": full, "checkpointing": ckpt},
+        "bytes_per_element": {"residual": r, "compute": c}, "attention": getattr(m, "attention", "sdpa"),
+        "tokens": tokens, "per_sample_bytes": per_sample, "per_sample_parts": parts, "phase": phase,
         "contrastive": {"kind": con_kind, "columns_per_row": b * dp, "bytes_at_micro_batch": con_bytes},
         "micro_batch": b,
         "at_micro_batch_bytes": {k: b * v + con_bytes for k, v in per_sample.items()},
     }
+    tp = cfg.parallel.tp
     pb = plan["bytes_per_param"]["params"]
     mine = plan["params"]["per_tp_rank"]
     buffers: dict[str, int] = {}

@@ -59,6 +59,8 @@ def _tower_passes(cfg: Config) -> list[tuple[str, int, int, int]]:
     v, t, d = m.vision, m.text, m.decoder
     use_con, use_mim, use_mlm = o.contrastive.weight > 0, o.mim.weight > 0, o.mlm.weight > 0
     n = (m.image_size // v.patch_size) ** 2
+    if cfg.train.task == "classify":  # ClassifierModel: one image pass over every patch, nothing else
+        return [("vision_full", v.layers, v.width, 1 + n)]
     out = []
     if use_con or use_mim:
         out.append(("vision", v.layers, v.width, 1 + visible_patches(n, o.mim.mask_ratio)))
@@ -120,7 +122,7 @@ def comm_plan(cfg: Config, counts: dict[str, int], world: int, net_gbps: float |
         act += texts * cfg.model.text.context_length * cfg.model.text.width  # vocab-parallel embedding
         parts["tp_activation_allreduce"] = g * tr.micro_batch * act * a * ar
     o = cfg.objectives
-    if dp > 1 and o.contrastive.weight > 0:
+    if dp > 1 and o.contrastive.weight > 0 and cfg.train.task != "classify":  # classify: no such loss
         gathers = 1 if o.contrastive.loss == "siglip" else 2
         feat = tr.micro_batch * cfg.model.embed_dim * 4
         parts["contrastive_feature_gather"] = g * gathers * ((dp - 1) * feat + 2 * (dp - 1) * feat)
@@ -129,7 +131,7 @@ def comm_plan(cfg: Config, counts: dict[str, int], world: int, net_gbps: float |
     out: dict[str, Any] = {"world": world, "dp": dp, "tp": tp, "zero_stage": p.zero_stage,
                            "grad_accum": g, "bytes_per_param": b, "per_rank_bytes": parts,
                            "total_bytes": total, "logger_msg_bytes": {k: round(v) for k, v in msg.items()}}
-    if net_gbps:
+    if net_gbps is not None:
         out["net_gbps"] = net_gbps
         out["seconds_at_net"] = total * 8 / (net_gbps * 1e9)
     return out

@@ -23,10 +23,14 @@ RUN_DIR/memory.json.
 that fits, with and without activation checkpointing (`activation_plan`; the accounting is documented
 there and in `block_activation_bytes`, in `pretrain/plan/activations.py`). JSON keys added by the plan CLI:
 
+    task          train.task: `pretrain` plans PretrainModel (and adds vocab_padded), `classify` the
+                  ClassifierModel fine-tuning builds (image tower + head; adds num_classes)
     activations   bytes_per_element {residual, compute}, attention, tokens {vision, text, decoder},
                   per_sample_bytes {no_checkpointing, checkpointing} and per_sample_parts {same: {part:
-                  bytes}}, contrastive {kind, columns_per_row, bytes_at_micro_batch}, micro_batch,
-                  at_micro_batch_bytes {no_checkpointing, checkpointing}
+                  bytes}}, phase {same: masked | unmasked_tail | classify: the forward those parts are
+                  of, the larger one with objectives.mim.unmasked_tail_steps}, contrastive {kind,
+                  columns_per_row, bytes_at_micro_batch}, micro_batch, at_micro_batch_bytes {no_checkpointing,
+                  checkpointing}
     workspace     fixed_bytes, activation_fraction, zero_buffers_bytes, zero_buffers {name: bytes}
     comm          (only with --comm / --net-gbps) pretrain/plan/comm.py: per_rank_bytes {collective: bytes},
                   total_bytes, logger_msg_bytes, seconds_at_net
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -147,25 +152,54 @@ def memory_plan(cfg: Config, world: int, gpu_mem_gb: float | None = None) -> dic
     (single-device layout; split parameters are named by `pretrain.parallelize.tp_split_dims`). Includes
     the activation and workspace estimate, and with `gpu_mem_gb` the largest micro-batch that fits (`fit`)."""
     from parallel.groups import tp_size
-    from pretrain.models.pretrain_model import PretrainModel
 
+    check_plan_numbers(world, gpu_mem_gb)
     validate(cfg, world_size=world)
     if tp_size() != 1:
         raise RuntimeError("memory_plan builds the single-device layout; call it outside a TP run "
                            "(inside one, use plan_for_model with the rank's model)")
     from pretrain.freeze import apply_freeze
 
-    with torch.device("meta"):
-        model = PretrainModel.from_config(cfg, vocab_size=plan_vocab_size(cfg))
+    model = plan_model(cfg)
     apply_freeze(model, cfg)  # `train.freeze`: those parameters get no gradient or optimizer bytes
     plan = plan_for_model(cfg, model, world)
-    plan["vocab_padded"] = model.vocab_size
+    plan["task"] = cfg.train.task
+    if cfg.train.task == "classify":
+        plan["num_classes"] = model.num_classes
+    else:
+        plan["vocab_padded"] = model.vocab_size
     plan.update(activation_plan(cfg, model, plan))
     if gpu_mem_gb is not None:
-        if gpu_mem_gb <= 0:
-            raise ValueError("--gpu-mem must be > 0 (GiB per device)")
         plan["fit"] = fit_plan(plan, cfg, gpu_mem_gb)
     return plan
+
+
+def plan_model(cfg: Config) -> nn.Module:
+    """The model training builds for `train.task`, on the meta device: `PretrainModel`, or for `classify`
+    the `ClassifierModel` fine-tuning builds (image tower + a head over `finetune.classnames`, which is
+    read here: FileNotFoundError / ValueError naming it), so the plan counts what that run holds."""
+    if cfg.train.task == "classify":
+        from pretrain.models.classifier import ClassifierModel
+        from pretrain.tasks.classify import classnames_of
+
+        classes = len(classnames_of(cfg))
+        with torch.device("meta"):
+            return ClassifierModel.from_config(cfg, classes)
+    from pretrain.models.pretrain_model import PretrainModel
+
+    with torch.device("meta"):
+        return PretrainModel.from_config(cfg, vocab_size=plan_vocab_size(cfg))
+
+
+def check_plan_numbers(world: int, gpu_mem_gb: float | None = None, net_gbps: float | None = None) -> None:
+    """ValueError naming the flag for a layout or device that cannot exist (`pretrain plan` would divide
+    by zero, print negative bytes, or drop a table silently otherwise)."""
+    if world < 1:
+        raise ValueError(f"--world must be >= 1 (ranks), got {world}")
+    for flag, value, unit in (("--gpu-mem", gpu_mem_gb, "GiB per device"),
+                              ("--net-gbps", net_gbps, "Gbit/s")):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be > 0 and finite ({unit}), got {value}")
 
 
 def _mib(n: float) -> str:
@@ -209,13 +243,21 @@ def format_activations(plan: dict[str, Any]) -> list[str]:
     lines = [f"activations per sample ({plan['precision']}: {e['residual']} B residual / {e['compute']} B "
              f"compute, attention {a['attention']}): {_mib(per['no_checkpointing'])} without checkpointing, "
              f"{_mib(per['checkpointing'])} with",
-             "  " + ", ".join(f"{k} {_mib(v)}" for k, v in parts["no_checkpointing"].items()),
-             f"  contrastive loss ({con['kind']}, {a['micro_batch']} rows x {con['columns_per_row']} "
-             f"columns): {_mib(con['bytes_at_micro_batch'])}",
-             f"  at micro-batch {a['micro_batch']}: {_mib(at['no_checkpointing'])} without checkpointing, "
-             f"{_mib(at['checkpointing'])} with",
-             f"workspace: {_mib(w['fixed_bytes'])} fixed + {w['activation_fraction']:.0%} of activations"
-             + "".join(f" + {k} {_mib(v)}" for k, v in w["zero_buffers"].items())]
+             "  " + ", ".join(f"{k} {_mib(v)}" for k, v in parts["no_checkpointing"].items())]
+    phase = a.get("phase", {})
+    if "unmasked_tail" in phase.values():  # objectives.mim.unmasked_tail_steps: the larger phase is shown
+        lines.append("  the larger phase (objectives.mim.unmasked_tail_steps): "
+                     + ", ".join(f"{k.replace('_', ' ')}: {v.replace('_', ' ')}" for k, v in phase.items()))
+    if plan.get("task") == "classify":
+        lines.append(f"  classify: image tower + head over {plan['num_classes']} classes (no text tower, "
+                     "decoder or contrastive loss)")
+    else:
+        lines.append(f"  contrastive loss ({con['kind']}, {a['micro_batch']} rows x {con['columns_per_row']} "
+                     f"columns): {_mib(con['bytes_at_micro_batch'])}")
+    lines += [f"  at micro-batch {a['micro_batch']}: {_mib(at['no_checkpointing'])} without checkpointing, "
+              f"{_mib(at['checkpointing'])} with",
+              f"workspace: {_mib(w['fixed_bytes'])} fixed + {w['activation_fraction']:.0%} of activations"
+              + "".join(f" + {k} {_mib(v)}" for k, v in w["zero_buffers"].items())]
     f = plan.get("fit")
     if f:
         mx, cf = f["max_micro_batch"], f["configured"]
@@ -260,10 +302,11 @@ def record_measured(engine: Any, plan: dict[str, Any], run_dir: Path) -> list[di
 def cmd_plan(args: argparse.Namespace) -> int:
     from pretrain.config import embedded_config_path
 
+    check_plan_numbers(args.world, args.gpu_mem, args.net_gbps)  # before the config: one line, no table
     cfg = load_config(args.config or embedded_config_path(), args.overrides)
     plan = memory_plan(cfg, args.world, gpu_mem_gb=args.gpu_mem)
     text = format_plan(plan)
-    if args.comm or args.net_gbps:  # bytes each rank sends per optimizer step (pretrain/plan/comm.py)
+    if args.comm or args.net_gbps is not None:  # bytes each rank sends per step (pretrain/plan/comm.py)
         from pretrain.plan.comm import comm_plan, format_comm
 
         plan["comm"] = comm_plan(cfg, plan["params"], args.world, net_gbps=args.net_gbps)

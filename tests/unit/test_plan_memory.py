@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.plan.activations import (
@@ -111,3 +113,19 @@ def test_plan_cli_gpu_mem_text_and_json(capsys):
     assert "fit" not in json.loads(capsys.readouterr().out)  # only with --gpu-mem
     assert main(["plan", "--world", "2", "--gpu-mem", "0", *TINY]) == 2
     assert "--gpu-mem must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, flag", [
+    *[(["--world", w], "--world") for w in ("0", "-2")],
+    *[(["--world", "1", f, v], f) for f in ("--gpu-mem", "--net-gbps") for v in ("0", "-1", "nan", "inf")],
+])
+def test_plan_cli_refuses_impossible_numbers_in_one_line(capsys, args, flag):
+    assert main(["plan", *args, *TINY]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"pretrain: error: {flag} must be") and err.count("\n") == 1, err
+
+
+def test_plan_cli_net_gbps_prints_the_comm_table(capsys):
+    assert main(["plan", "--world", "2", "--net-gbps", "0.5", *TINY]) == 0
+    assert "Gbit/s, no overlap" in capsys.readouterr().out
