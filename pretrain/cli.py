@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a checkpoint")
     p.add_argument("--overwrite-run", action="store_true", help="start over in a run.dir (or "
                    "checkpoint.dir) that holds another run: delete its checkpoints, metrics.jsonl, "
-                   "summary.json, tensorboard/, keys/ and tokenizer.json first (without it such a start "
-                   "is refused)")
+                   "summary.json, tensorboard/, keys/, tokenizer.json and a fine-tune's "
+                   "zeroshot.safetensors and wise_ft.json first (without it such a start is refused)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=cmd_train)
 

@@ -176,13 +176,17 @@ def open_universal(resume: str) -> UniversalSource | None:
     return UniversalSource(newest)
 
 
+WEIGHTS_ONLY = {"weights": "a weights export", "hf": "a Hugging Face CLIP model folder",
+                "open_clip": "an open_clip model folder", "onnx": "an ONNX export"}
+"""What `sources.weights_only_kind` names, in words."""
+
+
 def _refuse_weights_only(resume: str) -> None:
     """`--resume` of a folder that holds weights only: say how to start from it instead (ValueError)."""
     kind = weights_only_kind(resume)
     if kind is None:
         return
-    what = {"weights": "a weights export", "hf": "a Hugging Face CLIP model folder",
-            "open_clip": "an open_clip model folder", "onnx": "an ONNX export"}[kind]
+    what = WEIGHTS_ONLY[kind]
     if kind == "onnx":
         how = "it is for inference only: resume from the checkpoint it was exported from"
     elif kind == "weights":
@@ -192,6 +196,21 @@ def _refuse_weights_only(resume: str) -> None:
                "weights (a fresh optimizer at step 0) with `--init-from DST`")
     raise ValueError(f"--resume {resume}: {what} holds a model's weights only, no optimizer state, step or "
                      f"data position, so training cannot resume from it; {how}")
+
+
+def _refuse_foreign_init(init_from: str) -> None:
+    """`--init-from` of an HF / open_clip model folder (ours, `convert --to hf|open_clip`, or anyone's) or an
+    ONNX export: not read directly, so say what works (ValueError) instead of "not a checkpoint"."""
+    kind = weights_only_kind(init_from)
+    if kind not in ("hf", "open_clip", "onnx"):
+        return
+    if kind == "onnx":
+        how = "it is for inference only: start from the checkpoint or weights export it was exported from"
+    else:
+        how = (f"import it first with `pretrain convert --from {kind} {init_from} DST` and start from "
+               "`--init-from DST` (with `--config DST/train.yaml`: the imported model's config)")
+    raise ValueError(f"--init-from {init_from}: {WEIGHTS_ONLY[kind]}, which --init-from does not read "
+                     f"directly (it takes checkpoints, universal checkpoints and weights exports); {how}")
 
 
 def _rollback_of(root: Path, resumed: tuple[Path, str] | None) -> tuple[Path, str] | None:
@@ -337,6 +356,7 @@ def resolve_start(cfg: Config, root: Path, resume: str | None, init_from: str | 
                 start.universal = _universal_copy(*start.target, resume, was, now)
                 start.target, start.client = None, start.universal.client_state()
     elif init_from:
+        _refuse_foreign_init(init_from)
         start.init = open_source(init_from)
         start.init_adds_fusion = adds_fusion(start.init.config.model, cfg.model)
         if _architecture(start.init.config.model) != _architecture(cfg.model) and not start.init_adds_fusion:

@@ -23,11 +23,13 @@ from pretrain.config import Config, ConfigError
 log = logging.getLogger("mmpt.train")
 
 RUN_OUTPUTS = ("metrics.jsonl", "metrics.dropped.jsonl", "summary.json", "tensorboard", "keys",
-               "tokenizer.json")
+               "tokenizer.json", "zeroshot.safetensors", "wise_ft.json")
 """What one run writes into RUN_DIR: `--overwrite-run` deletes them. tokenizer.json too: a start without a
 checkpoint reuses one it finds (a job killed before its first save), which after `--overwrite-run` may
-have been trained on other data. config.yaml and memory.json are rewritten by the new run; other files
-are left alone."""
+have been trained on other data. A fine-tune's zero-shot weights and WiSE-FT sweep
+(`pretrain.evaluation.wise_ft.ZEROSHOT_FILE`, `RESULT_FILE`) belong to the deleted run: a new run without
+`--wise-ft` (or a pretraining one) would leave them beside its own outputs. config.yaml and memory.json are
+rewritten by the new run; other files are left alone."""
 CHECKPOINT_FILES = ("latest", "universal", "best.json", "zero_to_fp32.py", "zero_to_torch.py")
 """Entries of a checkpoint root besides its tag folders (`global_stepN`) and hidden staging folders."""
 _TAG = re.compile(r"^global_step\d+$")

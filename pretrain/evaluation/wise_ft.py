@@ -54,7 +54,9 @@ def wise_ft_sweep(run_dir: str | Path, alphas: list[float], data: str | None = N
                   max_samples: int | None = None, workers: int = 0) -> dict[str, Any]:
     """Accuracy on `data` (default: the run's `data.val`, first `eval.max_samples` samples, as its
     validation) of the interpolated classifier for each alpha in `alphas` (each in [0, 1]). `checkpoint`
-    defaults to the run's newest. Returns {"alphas": [...], "results": [{alpha, top1, top5, loss}], ...}."""
+    defaults to the newest in RUN_DIR/checkpoints: a run with `checkpoint.dir` elsewhere passes that root
+    (`pretrain finetune` passes `checkpoint_root(cfg)`).
+    Returns {"alphas": [...], "results": [{alpha, top1, top5, loss}], ...}."""
     from pretrain.evaluation.evaluate import eval_device
 
     bad = [a for a in alphas if not 0.0 <= a <= 1.0]

@@ -123,12 +123,42 @@ def _zeroshot_weights(cfg: Config, tokenizer: Any, init: Any,
     return {**visual, **head}
 
 
+def check_resumed_classnames(cfg: Config, classnames: list[str], client: dict[str, Any], where: str) -> None:
+    """ConfigError naming finetune.classnames unless the checkpoint resumed from (`client`: its client state,
+    at `where`) records exactly `classnames`: the head's rows are its classes. A file of another length
+    would fail deep inside DeepSpeed's load (a size mismatch); one of the same length with other names would
+    train the rows on the wrong names and write those names into the run's checkpoints."""
+    saved = client.get("classnames")
+    saved_cfg = client.get("config") if isinstance(client.get("config"), dict) else {}
+    task = (saved_cfg.get("train") or {}).get("task", "pretrain")
+    if not saved:
+        raise ConfigError(f"--resume {where}: a train.task={task} checkpoint records no class names (no "
+                          "classifier head) and cannot be resumed as a fine-tune; start the fine-tune from "
+                          "its weights with --init-from (and a new run.dir)")
+    saved = [str(n) for n in saved]
+    if saved == classnames:
+        return
+    saved_file = (saved_cfg.get("finetune") or {}).get("classnames") or "(a file its config does not name)"
+    if len(saved) != len(classnames):
+        diff = f"{len(classnames)} classes"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(saved, classnames, strict=True)) if a != b)
+        diff = f"other names (class {i}: {classnames[i]!r} here, {saved[i]!r} there)"
+    raise ConfigError(f"finetune.classnames: {cfg.finetune.classnames} holds {diff}, but the checkpoint "
+                      f"{where} (--resume) was trained on the {len(saved)} classes of {saved_file} (its "
+                      f"head's rows); resume with --classnames {saved_file}, or fine-tune for the new "
+                      "classes in a new run.dir with --init-from the pretrained weights")
+
+
 def build_classifier(cfg: Config, tokenizer: Any, start: Any, run_dir: Path) -> nn.Module:
     """The `ClassifierModel` of `cfg`, its head the zero-shot classifier of `start`'s init (consumed here, so
-    `start.load` only resumes); rank 0 writes the zero-shot weights next to the run."""
+    `start.load` only resumes); rank 0 writes the zero-shot weights next to the run. A resume must name
+    the checkpoint's class names (`check_resumed_classnames`)."""
     from pretrain.models.classifier import ClassifierModel
 
     classnames = classnames_of(cfg)
+    if start.resumed:
+        check_resumed_classnames(cfg, classnames, start.client, start.describe())
     check_labels(cfg.data.train, len(classnames), "data.train (--train)", cfg.data.max_sample_bytes)
     if cfg.data.val.strip():
         check_labels(cfg.data.val, len(classnames), "data.val (--val)", cfg.data.max_sample_bytes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -23,10 +24,11 @@ TASKS = ("classify",)
 
 def _alphas(values: list[str] | None) -> tuple[list[float], list[str]]:
     """`--wise-ft` values as floats, and any `key=value` overrides argparse swept into them (nargs='+'
-    takes every following word that is not an option)."""
+    takes every following word that is not an option). Checked here, before anything trains: the sweep
+    runs after the whole fine-tune, so a typo (`1.5`, `nan`) found there would cost the run."""
     from pretrain.cli import OVERRIDE
 
-    alphas, extra = [], []
+    alphas, extra, bad = [], [], []
     for v in values or []:
         if OVERRIDE.match(v):
             extra.append(v)
@@ -36,6 +38,14 @@ def _alphas(values: list[str] | None) -> tuple[list[float], list[str]]:
         except ValueError:
             raise ValueError(f"--wise-ft: {v!r} is not a number (mixing coefficients in [0, 1], e.g. "
                              "--wise-ft 0 0.5 1)") from None
+        if not (math.isfinite(alphas[-1]) and 0.0 <= alphas[-1] <= 1.0):
+            bad.append(v)
+    if bad:
+        raise ValueError(f"--wise-ft: mixing coefficients must be in [0, 1], got {', '.join(bad)} (e.g. "
+                         "--wise-ft 0 0.5 1)")
+    if values and not alphas:
+        raise ValueError(f"--wise-ft: no mixing coefficient, only the overrides {' '.join(values)} (e.g. "
+                         "--wise-ft 0 0.5 1)")
     return alphas, extra
 
 
@@ -55,7 +65,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from launch.logs import quiet_other_ranks
     from launch.mpi import launch_rank_info
     from parallel import groups
-    from pretrain.checkpoint.atomic import CheckpointSaveError
+    from pretrain.checkpoint.atomic import CheckpointSaveError, checkpoint_root
     from pretrain.config import embedded_config_path, load_config
     from pretrain.train import train
 
@@ -75,7 +85,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if alphas:
         from pretrain.evaluation.wise_ft import format_table, wise_ft_sweep
 
-        summary["wise_ft"] = wise_ft_sweep(cfg.run.dir, alphas)
+        # the run's checkpoints, wherever checkpoint.dir puts them (the sweep's default: RUN_DIR/checkpoints)
+        summary["wise_ft"] = wise_ft_sweep(cfg.run.dir, alphas, checkpoint=checkpoint_root(cfg))
         if groups.rank() == 0:
             print(format_table(summary["wise_ft"]), file=sys.stderr, flush=True)
     if groups.rank() == 0:
@@ -94,7 +105,9 @@ def register(sub: argparse._SubParsersAction, **_: Any) -> None:
     p.add_argument("--classnames", help="classnames.txt that the .cls labels index (finetune.classnames)")
     p.add_argument("--templates", help="prompt templates for the zero-shot head (finetune.templates)")
     p.add_argument("--init-from", help="pretrained weights: a run directory, checkpoint, universal "
-                   "checkpoint or `pretrain convert` export")
+                   "checkpoint, or a `pretrain convert` output (--to safetensors|universal, --from "
+                   "hf|open_clip); an HF / open_clip model folder (or a --to hf|open_clip export) is "
+                   "imported with `pretrain convert --from hf|open_clip` first")
     p.add_argument("--resume", help="'latest' or a checkpoint of this fine-tuning run")
     p.add_argument("--overwrite-run", action="store_true", help="start over in a run.dir that holds another "
                    "run: delete its checkpoints and metrics first (a fresh start there is refused otherwise)")

@@ -87,3 +87,28 @@ def test_checkpoint_holds_image_tower_and_head_only(runs):
     for n in names:
         if n.startswith("visual."):  # the zero-shot end is the init's image tower, unchanged
             assert (zs[n] == init.tensor(n)).all(), n
+
+
+def test_wise_ft_reads_checkpoint_dir_and_a_resume_refuses_other_class_names(shards, tmp_path):
+    """`checkpoint.dir` outside `run.dir`: the sweep after training finds the run's checkpoints there. A
+    `--resume` with a class-names file of another length then stops in one line naming finetune.classnames
+    and both files (not DeepSpeed's size mismatch deep in the ZeRO-3 load). One process, no --init-from,
+    2 steps: start-up and the sweep are most of the time."""
+    run, ck = tmp_path / "run", tmp_path / "ck"
+    common = ["finetune", *TINY, "--task", "classify", "--train", shards["train"], f"run.dir={run}",
+              f"checkpoint.dir={ck}", "logging.tensorboard=false", "data.workers=1"]
+    r = run_pretrain([*common, "--val", shards["val"], "--classnames", shards["classnames"], "train.steps=2",
+                      "eval.max_samples=16", "--wise-ft", "0", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])  # the final summary, sweep included
+    assert summary["wise_ft"]["checkpoint"] == str(ck / "global_step2") and summary["wise_ft"]["step"] == 2
+    assert json.loads((run / "wise_ft.json").read_text()) == summary["wise_ft"]
+
+    more = tmp_path / "cn33.txt"
+    more.write_text(Path(shards["classnames"]).read_text() + "extra class\n")
+    r = run_pretrain([*common, "--classnames", str(more), "train.steps=4", "--resume", "latest"])
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.splitlines()[-1].startswith(
+        f"pretrain: config error: finetune.classnames: {more} holds 33 classes, but the checkpoint "
+        f"{ck / 'global_step2'} (--resume) was trained on the 32 classes of {shards['classnames']}")
+    assert "Traceback" not in r.stderr and (ck / "latest").read_text().strip() == "global_step2"

@@ -159,3 +159,19 @@ def test_overwrite_run_refuses_to_delete_the_weights_init_from_names(tmp_path):
         with pytest.raises(ConfigError, match="--overwrite-run with --init-from"):
             check_start(_cfg(run), None, str(init_from), overwrite=True, rank=0)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing deleted
+
+
+def test_overwrite_run_deletes_a_fine_tunes_zero_shot_weights_and_wise_ft_sweep(tmp_path):
+    """Stale otherwise: a new run without `--wise-ft` (or a pretraining one) would leave the deleted run's
+    sweep beside its own outputs."""
+    from pretrain.checkpoint.run_dir import RUN_OUTPUTS
+    from pretrain.evaluation.wise_ft import RESULT_FILE, ZEROSHOT_FILE
+
+    run = tmp_path / "run"
+    _finished_run(run)
+    for name in (ZEROSHOT_FILE, RESULT_FILE):
+        (run / name).write_text("the old run's")
+    check_start(_cfg(run, "train.task=classify", "finetune.classnames=c.txt"), None, None, overwrite=True,
+                rank=0)
+    assert list(run.iterdir()) == []  # the checkpoints folder too (left empty)
+    assert {ZEROSHOT_FILE, RESULT_FILE} <= set(RUN_OUTPUTS)
