@@ -239,6 +239,10 @@ class _WatchedStream:
             return None  # the decompressor reports truncation itself
         if self.total % _BLOCK and not after:
             return f"size {self.total} is not a multiple of {_BLOCK} bytes (truncated tar)"
+        if after and self.total - self.archive_end < _BLOCK:  # the reader got less than a header block
+            return (f"truncated inside a tar header: the shard ends at byte {self.total}, "
+                    f"{self.total - self.archive_end} bytes into the {_BLOCK}-byte header at byte "
+                    f"{self.archive_end} (truncated tar)")
         if after:
             return (f"the tar reader stopped at byte {self.archive_end}, but data follows (a corrupt header, "
                     f"or a second tar appended with `cat`?): the rest of the shard is ignored")

@@ -7,6 +7,8 @@ mpirun want a hostfile: one line per host with its slot count, in their two spel
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import shutil
 import subprocess
@@ -74,13 +76,29 @@ def hostfile_text(hosts: list[str], slots: int) -> str:
     return "".join(f"{h} slots={slots}\n" for h in hosts)
 
 
+_WRITTEN: list[Path] = []
+"""Hostfiles this process wrote, removed when it exits (`_remove_written`)."""
+
+
+def _remove_written() -> None:
+    for path in _WRITTEN:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
 def write_hostfile(hosts: list[str], slots: int, directory: str | None = None) -> Path:
     """Write a hostfile for `hosts` into `directory` (default: $TMPDIR) and return its path.
 
-    Each node of a `--no_ssh` start writes its own copy, so the file need not be on shared storage.
+    Each node of a `--no_ssh` start writes its own copy, so the file need not be on shared storage. The
+    file is removed when this process exits (`--dry-run` included): `pretrain launch` outlives the deepspeed
+    runner that reads it (a child, not exec'd), and one file per node, start and requeue would otherwise pile
+    up in /tmp. A caller that execs a launcher reading it must not use this (the file would stay).
     """
     job = os.environ.get("SLURM_JOB_ID", "local")
     fd, name = tempfile.mkstemp(prefix=f"mmpt-hostfile-{job}-", dir=directory)
+    if not _WRITTEN:
+        atexit.register(_remove_written)
+    _WRITTEN.append(Path(name))
     with os.fdopen(fd, "w") as fh:
         fh.write(hostfile_text(hosts, slots))
     return Path(name)

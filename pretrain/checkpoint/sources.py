@@ -308,7 +308,8 @@ def check_output_path(src: str | Path, dst: str | Path) -> None:
 
 
 def open_source(path: str | Path, tag: str | None = None) -> Source:
-    """The right reader for `path`: universal folder, weights export, or DeepSpeed checkpoint/run dir."""
+    """The right reader for `path`: universal folder, weights export, or DeepSpeed checkpoint/run dir. HF,
+    open_clip and ONNX folders are outputs, not read here: refused naming `pretrain convert --from`."""
     if is_universal(path):
         return UniversalSource(path)
     if is_weights(path):
@@ -318,5 +319,15 @@ def open_source(path: str | Path, tag: str | None = None) -> Source:
     except IntegrityError:
         raise
     except FileNotFoundError as e:
+        kind = weights_only_kind(path)
+        if kind in ("hf", "open_clip", "onnx"):  # an export (ours or anyone's): say what reads it
+            what = {"hf": "a Hugging Face CLIP model folder", "open_clip": "an open_clip model folder",
+                    "onnx": "an ONNX export"}[kind]
+            how = ("it is for inference only: use the checkpoint or weights export it was exported from"
+                   if kind == "onnx" else f"import it first with `pretrain convert --from {kind} {path} DST` "
+                   "and give DST (a weights export) instead")
+            raise FileNotFoundError(f"{path}: {what}, which is not read directly as a checkpoint (only "
+                                    f"DeepSpeed checkpoints, universal checkpoints and weights exports "
+                                    f"are); {how}") from None
         raise FileNotFoundError(f"{path}: not a DeepSpeed checkpoint, universal checkpoint "
                                 f"({UNIVERSAL_META}) or weights export ({WEIGHTS_FILE}): {e}") from None
