@@ -3,7 +3,7 @@
 CLIP_benchmark (`clip_benchmark eval --dataset wds/NAME --dataset_root DIR`, its `build_wds_dataset`)
 reads::
 
-    DIR/classnames.txt                           one class name per line, line i = `.cls` i
+    DIR/classnames.txt                           one class name per line, line i = `.cls` i (blank too)
     DIR/zeroshot_classification_templates.txt    one prompt per line, `{c}` where the class name goes
     DIR/dataset_type.txt                         optional: classification (default), retrieval, multilabel
     DIR/test/nshards.txt                         the number of shards n of the split
@@ -18,6 +18,7 @@ reads the layout back for `pretrain eval`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -43,6 +44,10 @@ EVAL_TEMPLATES: tuple[str, ...] = (
 built-in `TEMPLATES` (a test keeps them equal), so finding this file beside our shards changes no
 `pretrain eval` number and CLIP_benchmark scores with the very prompts we do."""
 
+logger = logging.getLogger("data_pipelines")
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()
+"""(file, content) already warned about in this process: one warning per classnames file, not per call."""
+
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split: key up to the first dot of the name
 
 
@@ -59,24 +64,51 @@ def write_templates(folder: str | os.PathLike,
     return path
 
 
-def read_lines(path: str | os.PathLike, what: str) -> list[str]:
-    """Non-empty, stripped lines of a text file; a ValueError naming the file when there are none."""
+def _stripped_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """Every line of a text file, stripped, blank ones included, split as CLIP_benchmark splits it
+    (`str.splitlines`: a final newline ends the last line, it adds none); FileNotFoundError / ValueError
+    naming the file when it is missing or holds nothing but blanks."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: {what} file not found")
-    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
+    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
+    if not any(lines):
         raise ValueError(f"{p}: no {what} (the file is empty)")
     return lines
 
 
+def read_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """Stripped lines of a classnames.txt-like file, positional as CLIP_benchmark reads it
+    (`[line.strip() for line in text.splitlines()]`): line i is entry i, a blank line included, since the
+    `.cls` labels index the lines (dropping one shifted every later label onto the next line's name). A
+    blank entry is kept and warned about, naming the file and line: its zero-shot prompts name nothing.
+    A ValueError naming the file when there is no non-blank line."""
+    lines = _stripped_lines(path, what)
+    blank = [n for n, line in enumerate(lines, 1) if not line]
+    key = (str(path), tuple(lines))
+    if blank and key not in _WARNED and os.environ.get("RANK", "0") == "0":
+        _WARNED.add(key)
+        more = f" and {len(blank) - 10} more" if len(blank) > 10 else ""
+        logger.warning("%s: blank line %s%s: kept as %s entry %s (0-based), as CLIP_benchmark keeps it, so "
+                       "later lines keep their index; zero-shot prompts for it name nothing", path,
+                       ", ".join(map(str, blank[:10])), more, what, ", ".join(str(n - 1) for n in blank[:10]))
+    return lines
+
+
+def read_classnames(path: str | os.PathLike) -> list[str]:
+    """Class names of a classnames.txt: line i is class i (`read_lines`)."""
+    return read_lines(path, "class names")
+
+
 def read_templates(path: str | os.PathLike) -> list[str]:
     """Prompt templates from a file, one per line, in our `{}` form: CLIP_benchmark's `{c}` lines are
-    converted, `{}` lines kept. A ValueError names the file (and line) when it is empty, a line has no
-    placeholder, or a line would not format (a stray brace)."""
-    lines = read_lines(path, "zero-shot templates")
+    converted, `{}` lines kept, blank lines skipped (a template indexes nothing). A ValueError names the
+    file and line when it is empty, a line has no placeholder, or a line would not format (a stray
+    brace)."""
     out = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(_stripped_lines(path, "zero-shot templates"), 1):
+        if not line:
+            continue
         t = line.replace("{c}", "{}")
         if "{}" not in t:
             raise ValueError(f"{path}: line {n} has no {{c}} placeholder for the class name: {line!r}")

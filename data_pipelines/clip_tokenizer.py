@@ -10,6 +10,13 @@ Text clean-up is CLIP's (`ftfy.fix_text`, HTML unescaped twice, whitespace colla
 Python; the BPE itself runs batched in the Rust `tokenizers` library with CLIP's pre-tokenizer regex, so a
 batch of captions costs one Rust call plus one clean-up per caption.
 
+The ids equal `open_clip.tokenize`'s with one exception: open_clip splits words with the Python `regex`
+module, we with the Oniguruma inside `tokenizers`, and where the two know different Unicode versions a
+character assigned only in the newer one is a letter or digit to one and an unassigned symbol to the other,
+so a caption holding it may split differently around it (with regex 2026.12 and tokenizers 0.23: the
+characters added in Unicode 17.0, which only regex knows). A test sweeps every assigned code point of
+Python's Unicode version; no other character differs.
+
 Rows our model needs beyond CLIP's 49,408: the MLM `[MASK]` token gets id 49408, a row appended after the
 pretrained table, so importing a CLIP checkpoint leaves every pretrained embedding row as it was (the new
 row, like the vocabulary padding, starts at the model's fresh initialisation). The text never produces
@@ -47,8 +54,12 @@ SOT, EOT, MASK = "<start_of_text>", "<end_of_text>", "<mask>"
 SOT_ID, EOT_ID, CLIP_MASK_ID = 49406, 49407, 49408
 CLIP_PAD_ID = 0
 _N_MERGES = 49152 - 256 - 2  # open_clip/OpenAI read merges[1 : 49152 - 256 - 2 + 1]
-_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-"""CLIP's pre-tokenizer regex (its special-token alternatives are the added tokens below)."""
+_WORD_PATTERN = r"""<[sſ]tart_of_text>|'[sſ]|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}\x{345}]+"""
+"""CLIP's pre-tokenizer regex as open_clip's Python `regex` applies it with IGNORECASE to lower-cased text:
+the exact special tokens are the added tokens below; caselessly `s` also matches U+017F ſ (so `'ſ` is a
+contraction and `<ſtart_of_text>` one word, BPE'd as text), and U+0345 (combining ypogegrammeni, which
+folds to ι) matches no class at all there, so it is dropped like whitespace. Other case folds reach no
+alternative of lower-cased text (a test sweeps every code point)."""
 
 
 def merges_path() -> Path:
@@ -203,7 +214,8 @@ class ClipTokenizer:
     def encode_batch(self, texts: list[str], context_length: int) -> torch.Tensor:
         """Token ids [B, context_length], identical to `open_clip.tokenize(texts, context_length)`:
         <start_of_text> tokens <end_of_text> then 0; long captions are cut so they still end with
-        <end_of_text>."""
+        <end_of_text>; for the one exception (characters of a newer Unicode version) see the module
+        docstring."""
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 to hold <start_of_text> and <end_of_text>, "
                              f"got {context_length}")

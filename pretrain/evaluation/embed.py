@@ -16,7 +16,8 @@ truncated file under the final name.
 folder, `pretrain.evaluation.encoders`) and encodes with onnxruntime; `--backend torch` (default) is the
 eager fp32 model. Images are decoded in `--workers` DataLoader worker processes while the main process
 encodes, as in training; rows stay in input order whatever the worker count. `--sharded` writes one
-`.npy` pair + `.parquet` of metadata per input shard and resumes (`pretrain.evaluation.embed_store`).
+`.npy` pair + `.parquet` of metadata per input shard and resumes (`pretrain.evaluation.embed_store`);
+a resume into a folder made by another checkpoint, backend, dtype or shard list is refused.
 Undecodable images are skipped and counted (`skipped` in the printed summary), never fatal.
 """
 
@@ -272,12 +273,15 @@ def embed(checkpoint: str | Path, out: str | Path, data: str | None = None, imag
 
     info = {} if info is None else info
     skipped: dict[str, int] = info.setdefault("skipped", {})
+    if sharded:  # before the (slow) load: a folder of another run is refused at once
+        from pretrain.evaluation.embed_store import claim, embed_sharded, fingerprint
+
+        fp = fingerprint(checkpoint, backend, dtype, data)
+        claim(Path(out), fp)
     with open_encoder(checkpoint, backend, dtype, device=device) as (model, tokenizer, cfg):
         if sharded:
-            from pretrain.evaluation.embed_store import embed_sharded
-
             index = embed_sharded(model, tokenizer, cfg, data, Path(out), batch_size, workers,
-                                  {"backend": backend, "dtype": dtype})
+                                  {"checkpoint": fp["checkpoint"], "backend": backend, "dtype": dtype})
             info["index"] = index
             _add(skipped, index["skips"])
             return {}

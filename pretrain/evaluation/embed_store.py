@@ -3,14 +3,19 @@
     OUT/000017.image.npy   float32 [n, E]   rows of input shard 17, in its sample order
     OUT/000017.text.npy    float32 [n, E]
     OUT/000017.parquet     row, key, position (in the input shard), cls, url: one row per embedding row
-    OUT/index.json         written at the end: shards, rows, skips, backend, dtype, embed_dim
+    OUT/embed.json         written before the first shard: what makes the rows (checkpoint, backend, dtype,
+                           the expanded input shard list)
+    OUT/index.json         written at the end: shards, rows, skips, checkpoint, backend, dtype, embed_dim
 
 Output shard i belongs to input shard i (of the expanded URL list), so concatenating them in name order
 gives the rows in input order. Each output shard's .npy files are written under temporary names and
 renamed, and its .parquet last: a shard is finished exactly when its .parquet exists, and a rerun with the
 same arguments skips finished shards and encodes only the rest (an interrupted run resumes without
-recomputing them). Shards are encoded in groups of `workers` (each DataLoader worker decodes one whole
-shard of the group while the main process encodes), and a group is written as soon as it is complete.
+recomputing them). "Same arguments" is enforced, not assumed: `claim` compares the rerun's fingerprint
+with the folder's embed.json and refuses a folder made by another checkpoint, backend, dtype or input list
+(resuming there would mix rows of two models, or leave shards of inputs no longer asked for). Shards are
+encoded in groups of `workers` (each DataLoader worker decodes one whole shard of the group while the main
+process encodes), and a group is written as soon as it is complete.
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ import numpy as np
 
 from data_pipelines.urls import expand_sources
 
-__all__ = ["embed_sharded", "finished", "shard_name"]
+__all__ = ["FINGERPRINT", "checkpoint_identity", "claim", "embed_sharded", "finished", "fingerprint",
+           "shard_name"]
+
+FINGERPRINT = "embed.json"
+"""What produced a sharded embedding folder; a resume must match it."""
 
 
 def shard_name(i: int) -> str:
@@ -34,6 +43,94 @@ def shard_name(i: int) -> str:
 
 def finished(out: Path, i: int) -> bool:
     return (out / f"{shard_name(i)}.parquet").is_file()
+
+
+def checkpoint_identity(checkpoint: str | Path) -> dict[str, Any]:
+    """{"path", "tag", "sha256"} of the checkpoint `pretrain embed` reads, found without loading it: the
+    resolved folder (a run directory resolves to its newest tag, so further training changes the identity)
+    and the sha256 of its integrity file (DeepSpeed completion marker, or manifest.json of a universal or
+    weights folder; each lists the sha256 of every file), None where there is none. A path that is no
+    checkpoint gets its own path here; loading it then fails with the reader's own message."""
+    from pretrain.checkpoint import atomic as ckpt
+    from pretrain.checkpoint.sources import is_universal, is_weights
+    from pretrain.checkpoint.tensor_files import MANIFEST, file_sha256
+
+    p = Path(checkpoint)
+    folder, tag, integrity = p, None, p / MANIFEST
+    if not (is_universal(p) or is_weights(p)):
+        try:
+            found = ckpt.resolve(str(p), p / "checkpoints")
+        except (OSError, ValueError):
+            found = None
+        if found is not None:
+            folder, tag = found[0] / found[1], found[1]
+            integrity = folder / ckpt.MARKER
+    return {"path": str(folder.resolve()), "tag": tag,
+            "sha256": file_sha256(integrity) if integrity.is_file() else None}
+
+
+def fingerprint(checkpoint: str | Path, backend: str, dtype: str, urls: str) -> dict[str, Any]:
+    """Everything that changes the rows of a sharded embedding folder: the checkpoint (which fixes the model,
+    tokenizer, image size and normalisation), the encoder backend and dtype, and the expanded shard list."""
+    return {"format": "mmpt-embeddings-fingerprint", "version": 1,
+            "checkpoint": checkpoint_identity(checkpoint), "backend": backend, "dtype": dtype,
+            "shards": [u for source in expand_sources(urls) for u in source]}
+
+
+def _same_checkpoint(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.get("sha256") and b.get("sha256"):  # same files wherever they are (a moved or copied run)
+        return a["sha256"] == b["sha256"]
+    return (a.get("path"), a.get("tag"), a.get("sha256")) == (b.get("path"), b.get("tag"), b.get("sha256"))
+
+
+def _show_checkpoint(c: dict[str, Any]) -> str:
+    return str(c.get("path")) + (f" (sha256 {c['sha256'][:12]})" if c.get("sha256") else "")
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first way `new` differs from the folder's `old` fingerprint, in words; None when it does not."""
+    if not _same_checkpoint(old.get("checkpoint") or {}, new["checkpoint"]):
+        return (f"checkpoint {_show_checkpoint(old.get('checkpoint') or {})} there, "
+                f"{_show_checkpoint(new['checkpoint'])} now")
+    for key in ("backend", "dtype"):
+        if old.get(key) != new[key]:
+            return f"--{key} {old.get(key)} there, {new[key]} now"
+    was, now = list(old.get("shards") or []), new["shards"]
+    if was != now:
+        i = next((i for i, (a, b) in enumerate(zip(was, now)) if a != b), min(len(was), len(now)))
+        there, here = (was[i] if i < len(was) else "(none)"), (now[i] if i < len(now) else "(none)")
+        return (f"--data lists {len(was)} input shards there, {len(now)} now; shard {i}: {there} there, "
+                f"{here} now")
+    return None
+
+
+def _has_output(out: Path) -> bool:
+    return any(out.glob("[0-9][0-9][0-9][0-9][0-9][0-9].*"))
+
+
+def claim(out: Path, fp: dict[str, Any]) -> None:
+    """Make `out` the folder of the run `fp` describes, before anything is encoded: write its fingerprint
+    (temporary name, then renamed) unless it is already there. A folder holding output shards of another
+    run (or of one that recorded no fingerprint) is refused with one line naming the folder and what
+    differs: resuming there would mix rows of two runs under one index."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / FINGERPRINT
+    old = None
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--out {out}: {path.name} is unreadable ({e}); choose a new --out") from None
+    if _has_output(out):
+        why = "it has no " + FINGERPRINT + " to tell what made them" if old is None else _difference(old, fp)
+        if why is not None:
+            raise ValueError(f"--out {out} holds embeddings of another run ({why}); resuming there would mix "
+                             "them: choose a new --out")
+        if old == fp:
+            return
+    tmp = out / f".{FINGERPRINT}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(fp, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def _write_shard(out: Path, i: int, url: str, image: np.ndarray, text: np.ndarray, keys: list[str],
@@ -62,7 +159,8 @@ def _add_skips(total: dict[str, int], skips: dict[str, int]) -> None:
 
 def embed_sharded(encoder: Any, tokenizer: Any, cfg: Any, urls: str, out: Path, batch_size: int,
                   workers: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Encode every input shard of `urls` not yet finished in `out`; returns the index written."""
+    """Encode every input shard of `urls` not yet finished in `out`; returns the index written. The caller
+    `claim`s `out` first (`pretrain.evaluation.embed.embed` does), so finished shards are this run's."""
     from data_pipelines.loader import make_eval_loader
 
     shards = [u for source in expand_sources(urls) for u in source]

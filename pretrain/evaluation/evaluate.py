@@ -50,7 +50,8 @@ def load_model(checkpoint: str | Path, tag: str | None = None) -> tuple[Pretrain
 
 
 def read_classnames(path: str | Path) -> list[str]:
-    """Non-empty lines of a classnames.txt; FileNotFoundError / ValueError naming the file otherwise.
+    """The lines of a classnames.txt, blank ones included as clip_benchmark reads them; FileNotFoundError /
+    ValueError naming the file otherwise.
     Repeated names are warned about (`warn_duplicate_classnames`)."""
     names = read_lines(path, "class names")
     warn_duplicate_classnames(path, names)
