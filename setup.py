@@ -33,7 +33,10 @@ setup(
         # `pretrain convert --to onnx` (torch's TorchScript-based exporter writes onnx protos; fp16 and int8
         # conversion are onnxruntime's own), `pretrain embed --backend onnx`, `bench infer`
         "onnx>=1.16",
-        "onnxruntime>=1.18",
+        # 1.25 is the first whose transformers optimizer fuses every attention layer of our export; Python
+        # 3.10 gets at most 1.23.2 from PyPI (one layer of the image tower left unfused: same outputs)
+        "onnxruntime>=1.25; python_version >= '3.11'",
+        "onnxruntime>=1.18; python_version < '3.11'",
         "matplotlib>=3.7",  # `pretrain eval --plot METRIC`: metric against training step as a PNG
         "opacus>=1.6",  # cross_site.dp_noise: epsilon from its RDP accountant (imported only then)
     ],

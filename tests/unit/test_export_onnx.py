@@ -36,6 +36,10 @@ from pretrain.export.onnx_fuse import op_counts, transformers_optimize
 from pretrain.export.onnx_runtime import OnnxCLIP
 
 ROOT = Path(__file__).resolve().parents[2]
+ORT = tuple(int(x) for x in __import__("onnxruntime").__version__.split(".")[:2])
+FUSES_ALL = ORT >= (1, 25)
+"""onnxruntime.transformers' optimizer fuses the attention of every layer from 1.25 on (1.23.2 and 1.24.4,
+measured, leave one layer of the image tower unfused; Python 3.10's newest wheel is 1.23.2)."""
 RUNTIME = ROOT / "pretrain" / "export" / "onnx_runtime.py"
 CAPTIONS = ["a red square", "a small blue circle on the left of a large green triangle", "", "x",
             "a red [EOS] square [PAD] [MASK]"]  # special-token strings typed in a caption are text
@@ -134,7 +138,8 @@ def test_onnxruntime_fusions_fire_on_the_export(fp32, eager, tmp_path):
         assert "SkipLayerNormalization" not in session and "Softmax" in session
         # onnxruntime.transformers' optimizer fuses every layer of our graph
         stats = transformers_optimize(fp32 / name, tmp_path / name, tower, m.heads, m.width)
-        assert stats.get("Attention") == m.layers, (tower, stats)
+        fused = stats.get("Attention")
+        assert fused == m.layers or (not FUSES_ALL and fused), (tower, stats)
         assert stats.get("SkipLayerNormalization") == 2 * m.layers, (tower, stats)
         assert stats.get("BiasGelu") == m.layers, (tower, stats)
     # the check can fail: the training Attention traced as is (packed q/k/v, unbound by a Split) fuses none
@@ -156,8 +161,9 @@ def test_transformers_optimizer_export(weights, eager, tmp_path, dtype):
     graph = json.loads((out / "manifest.json").read_text())["graph"]
     assert graph["optimizer"].startswith("onnxruntime.transformers")
     for tower, _, m in _towers(cfg):
-        assert graph["fused_operators"][tower]["Attention"] == m.layers
-        assert graph["ops"][tower].get("QAttention" if dtype == "int8" else "Attention") == m.layers
+        fused = graph["fused_operators"][tower]["Attention"]
+        assert fused == m.layers or (not FUSES_ALL and fused), (tower, fused)  # older: at least one
+        assert graph["ops"][tower].get("QAttention" if dtype == "int8" else "Attention") == fused
     clip = OnnxCLIP(out, providers=["CPUExecutionProvider"])
     images, ids = _inputs(cfg, tok, 5)
     floor = 0.9999 if dtype == "fp32" else 0.98
