@@ -58,8 +58,14 @@ def measure_model_states(engine: Any) -> dict[str, Any]:
         p_bytes = sum(_bytes(p.data) for p in params)
         g_bytes = None
         master = 0
-        for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
-            master += sum(_bytes(t) for t in getattr(opt, attr, None) or [] if isinstance(t, torch.Tensor))
+        # ZeRO 1-2 and BF16_Optimizer: flat fp32 partitions; ZeRO 0 under bf16/fp16: FP16_Optimizer's flat
+        # masters, FP16_UnfusedOptimizer's one fp32 copy per parameter (lists of tensors)
+        for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_groups_flat",
+                     "fp32_groups"):
+            for t in getattr(opt, attr, None) or []:
+                master += sum(_bytes(x) for x in ([t] if isinstance(t, torch.Tensor) else
+                                                  t if isinstance(t, list | tuple) else [])
+                              if isinstance(x, torch.Tensor))
         how = "module parameters, fp32 master partitions, optimizer state (gradients not measured)"
     o_bytes = master + _state_bytes(inner)
     total = p_bytes + o_bytes + (g_bytes or 0)
