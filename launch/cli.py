@@ -26,7 +26,7 @@ from collections.abc import Mapping
 
 from launch.commands import LAUNCHERS, LaunchPlan, LaunchPlanError, build_command, render
 from launch.env import DEFAULT_PORT, env_int, slurm_port
-from launch.hostfile import node_address, read_hostfile, slurm_hosts, write_hostfile
+from launch.hostfile import node_address, read_hostfile, slurm_hosts, write_hostfile, written_hostfiles
 from launch.ports import is_tcp_port
 from launch.rendezvous import free_port
 
@@ -196,6 +196,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     cmd = build_command(plan)
     if args.dry_run:
         print(render(cmd), flush=True)
+        for written in written_hostfiles():  # removed when this process ends: show what it holds
+            print(f"# {written} (written from SLURM_JOB_NODELIST, removed on exit) holds:\n"
+                  + "".join(f"#   {line}\n" for line in written.read_text().splitlines()), end="",
+                  file=sys.stderr, flush=True)
         return 0
     if shutil.which(cmd[0]) is None:
         raise LaunchPlanError(f"{cmd[0]}: no such program; is the {plan.launcher} launcher installed in this "

@@ -86,6 +86,11 @@ def _remove_written() -> None:
             path.unlink(missing_ok=True)
 
 
+def written_hostfiles() -> list[Path]:
+    """The hostfiles this process wrote and has not removed yet (`pretrain launch --dry-run` shows them)."""
+    return [p for p in _WRITTEN if p.exists()]
+
+
 def write_hostfile(hosts: list[str], slots: int, directory: str | None = None) -> Path:
     """Write a hostfile for `hosts` into `directory` (default: $TMPDIR) and return its path.
 

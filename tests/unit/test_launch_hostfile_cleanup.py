@@ -34,6 +34,7 @@ def test_dry_run_leaves_no_hostfile(tmp_path: Path):
     cmd = shlex.split(r.stdout.strip())
     assert Path(cmd[cmd.index("--hostfile") + 1]).parent == tmp_path  # written there ...
     assert list(tmp_path.glob("mmpt-hostfile-*")) == []  # ... and gone once launch ended
+    assert "slots=" in r.stderr.split("holds:", 1)[1]  # so the dry run shows what it held
 
 
 def test_launch_removes_its_hostfile_when_the_runner_exits(tmp_path: Path):
