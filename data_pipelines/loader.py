@@ -193,6 +193,7 @@ class _EvalStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, count = _worker()
+        stream = self.rank * count + worker
         self._skips = skips = SkipCounter(where=f"eval worker {worker}")
         pending: list[tuple[Any, tuple[int, int]]] = []
         # a full batch is held until the next usable sample (or the end) is read: consumers take the skip
@@ -200,7 +201,7 @@ class _EvalStream(IterableDataset):
         # its own last one
         full: list[tuple[Any, tuple[int, int]]] = []
         usable = False
-        for s, j, sample in self._positions(self.rank * count + worker, self.world * count):
+        for s, j, sample in self._positions(stream, self.world * count):
             parts = split_sample(sample, skips)
             if parts is None:
                 continue
@@ -227,7 +228,7 @@ class _EvalStream(IterableDataset):
                 yield self._batch(rest, skips)
         if self.empty_batches and not usable and skips.as_dict():
             # no usable sample, so no batch would carry these counts to the consumer
-            yield self._empty_batch(skips)
+            yield self._empty_batch(skips, stream)
 
     def _batch(self, pending: list[tuple[Any, tuple[int, int]]], skips: SkipCounter) -> dict[str, Any]:
         examples = [e for e, _ in pending]
@@ -241,8 +242,9 @@ class _EvalStream(IterableDataset):
         batch["_skips"] = skips.as_dict()
         return batch
 
-    def _empty_batch(self, skips: SkipCounter) -> dict[str, Any]:
-        """A batch of no rows (a real one's keys and trailing shapes) that carries the stream's `_skips`."""
+    def _empty_batch(self, skips: SkipCounter, stream: int) -> dict[str, Any]:
+        """A batch of no rows (a real one's keys and trailing shapes) that carries the stream's `_skips`, and
+        `_stream`: which stream's they are (it has no `_order` to tell its shard by)."""
         L, S = self.context_length, self.image_size
         text = torch.zeros(0, L, dtype=torch.long)
         batch: dict[str, Any] = {"image": torch.zeros(0, 3, S, S), "text": text,
@@ -252,6 +254,7 @@ class _EvalStream(IterableDataset):
                          patch_noise=torch.zeros(0, self.masking[2]), itm_noise=torch.zeros(0, 2), _epochs=[])
         batch["_order"] = torch.zeros(0, 2, dtype=torch.long)
         batch["_skips"] = skips.as_dict()
+        batch["_stream"] = stream
         return batch
 
 

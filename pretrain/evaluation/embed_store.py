@@ -5,7 +5,8 @@
     OUT/000017.parquet     row, key, position (in the input shard), cls, url: one row per embedding row
     OUT/embed.json         written before the first shard: what makes the rows (checkpoint, backend, dtype,
                            the expanded input shard list)
-    OUT/index.json         written at the end: shards, rows, skips, checkpoint, backend, dtype, embed_dim
+    OUT/index.json         written at the end: shards, rows, skips (summed over every finished shard's own
+                           counts, kept in its parquet's schema metadata), checkpoint, backend, dtype
 
 Output shard i belongs to input shard i (of the expanded URL list), so concatenating them in name order
 gives the rows in input order. Each output shard's .npy files are written under temporary names and
@@ -134,7 +135,7 @@ def claim(out: Path, fp: dict[str, Any]) -> None:
 
 
 def _write_shard(out: Path, i: int, url: str, image: np.ndarray, text: np.ndarray, keys: list[str],
-                 positions: list[int], cls: list[int]) -> None:
+                 positions: list[int], cls: list[int], skips: dict[str, int]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -147,9 +148,25 @@ def _write_shard(out: Path, i: int, url: str, image: np.ndarray, text: np.ndarra
     table = pa.table({"row": pa.array(range(len(keys)), pa.int64()), "key": pa.array(keys, pa.string()),
                       "position": pa.array(positions, pa.int64()), "cls": pa.array(cls, pa.int64()),
                       "url": pa.array([url] * len(keys), pa.string())})
+    # the shard's skip counts travel in the file that marks it finished: index.json sums them over every
+    # finished shard, so a run that stopped before writing its index loses none on the rerun
+    table = table.replace_schema_metadata({SKIPS_KEY: json.dumps(skips, sort_keys=True)})
     tmp = out / f".{name}.parquet{tag}"
     pq.write_table(table, tmp)
     os.replace(tmp, out / f"{name}.parquet")  # last: marks the shard finished
+
+
+SKIPS_KEY = "mmpt_skips"
+"""Parquet schema-metadata key of a shard's skip counts ({reason: count}, JSON)."""
+
+
+def shard_skips(out: Path, i: int) -> dict[str, int]:
+    """The skip counts recorded in finished shard `i` of `out` ({} for a shard written without them)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(out / f"{shard_name(i)}.parquet").metadata or {}
+    raw = meta.get(SKIPS_KEY.encode())
+    return {k: int(v) for k, v in json.loads(raw).items()} if raw else {}
 
 
 def _add_skips(total: dict[str, int], skips: dict[str, int]) -> None:
@@ -167,7 +184,6 @@ def embed_sharded(encoder: Any, tokenizer: Any, cfg: Any, urls: str, out: Path, 
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(len(shards)) if not finished(out, i)]
     group = max(1, workers)
-    skips: dict[str, int] = {}
     dim = cfg.model.embed_dim
     for start in range(0, len(todo), group):
         ids = todo[start:start + group]
@@ -177,10 +193,10 @@ def embed_sharded(encoder: Any, tokenizer: Any, cfg: Any, urls: str, out: Path, 
                                   empty_batches=True)
         fields = ("image", "text", "keys", "pos", "cls")
         rows: dict[int, dict[str, list[Any]]] = {j: {f: [] for f in fields} for j in range(len(ids))}
-        last_skips: dict[int, dict[str, int]] = {}
+        last_skips: dict[int, dict[str, int]] = {}  # cumulative per worker, and a worker reads one shard
         for batch in loader:
             if not batch["_keys"]:  # a worker whose shard held no usable sample: its one batch, only skips
-                _add_skips(skips, batch["_skips"])
+                last_skips[batch["_stream"]] = batch["_skips"]
                 continue
             order = batch["_order"].tolist()
             j = order[0][0]  # one worker per shard of the group: a batch never spans two shards
@@ -190,26 +206,23 @@ def embed_sharded(encoder: Any, tokenizer: Any, cfg: Any, urls: str, out: Path, 
             r["keys"].extend(batch["_keys"])
             r["pos"].extend(p for _, p in order)
             r["cls"].extend(batch["cls"].tolist())
-            last_skips[j] = batch["_skips"]  # cumulative per worker, and a worker reads one shard here
+            last_skips[j] = batch["_skips"]
         for j, i in enumerate(ids):
             r = rows[j]
             empty = np.zeros((0, dim), np.float32)
             image = np.concatenate(r["image"]) if r["image"] else empty
             text = np.concatenate(r["text"]) if r["text"] else empty
-            _write_shard(out, i, shards[i], image, text, r["keys"], r["pos"], r["cls"])
-            _add_skips(skips, last_skips.get(j, {}))
-    return _write_index(out, shards, todo, skips, dim, extra or {})
+            _write_shard(out, i, shards[i], image, text, r["keys"], r["pos"], r["cls"], last_skips.get(j, {}))
+    return _write_index(out, shards, todo, dim, extra or {})
 
 
-def _write_index(out: Path, shards: list[str], encoded: Iterable[int], skips: dict[str, int], dim: int,
+def _write_index(out: Path, shards: list[str], encoded: Iterable[int], dim: int,
                  extra: dict[str, Any]) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
-    previous: dict[str, Any] = {}
-    if (out / "index.json").is_file():
-        previous = json.loads((out / "index.json").read_text())
-    total_skips = dict(previous.get("skips", {}))
-    _add_skips(total_skips, skips)
+    total_skips: dict[str, int] = {}
+    for i in range(len(shards)):  # every shard's own counts, this run's or an earlier one's
+        _add_skips(total_skips, shard_skips(out, i))
     entries = [{"shard": shard_name(i), "url": u, "rows": pq.read_metadata(out / f"{shard_name(i)}.parquet")
                 .num_rows} for i, u in enumerate(shards)]
     index = {"format": "mmpt-embeddings", "version": 1, "embed_dim": dim, **extra,

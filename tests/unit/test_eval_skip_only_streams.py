@@ -54,6 +54,23 @@ def test_sharded_embed_counts_them_and_writes_the_bad_shard_empty(setup, tmp_pat
     assert pq.read_table(out / "000001.parquet")["key"].to_pylist() == [f"g{i:03d}" for i in range(5)]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sharded_skips_survive_a_run_that_stopped_before_its_index(setup, tmp_path, workers):
+    """Each finished shard keeps its own skip counts (parquet metadata), so the index of a rerun after a
+    run that stopped before writing index.json still counts them (it had counted only the rerun's own)."""
+    from pretrain.evaluation.embed_store import shard_skips
+
+    weights, urls = setup
+    out = tmp_path / "emb"
+    embed(weights, out, data=urls, batch_size=2, workers=workers, sharded=True)
+    assert shard_skips(out, 0) == BAD and shard_skips(out, 1) == {}
+    (out / "index.json").unlink()  # stopped after its shards, before its index
+    info: dict = {}
+    embed(weights, out, data=urls, batch_size=2, workers=workers, sharded=True, info=info)
+    index = json.loads((out / "index.json").read_text())
+    assert index["encoded_this_run"] == 0 and index["skips"] == BAD and info["skipped"] == BAD
+
+
 def test_encode_share_reads_past_a_zero_row_batch(setup, tiny_tok):
     """The first batch of a 2-worker loader is worker 0's zero-row one: as a round it read as "no rank
     has a batch" and ended the loop before worker 1's real batches."""
