@@ -193,7 +193,7 @@ class _EvalStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, count = _worker()
-        stream = self.rank * count + worker
+        self._stream = stream = self.rank * count + worker
         self._skips = skips = SkipCounter(where=f"eval worker {worker}")
         pending: list[tuple[Any, tuple[int, int]]] = []
         # a full batch is held until the next usable sample (or the end) is read: consumers take the skip
@@ -228,7 +228,7 @@ class _EvalStream(IterableDataset):
                 yield self._batch(rest, skips)
         if self.empty_batches and not usable and skips.as_dict():
             # no usable sample, so no batch would carry these counts to the consumer
-            yield self._empty_batch(skips, stream)
+            yield self._empty_batch(skips)
 
     def _batch(self, pending: list[tuple[Any, tuple[int, int]]], skips: SkipCounter) -> dict[str, Any]:
         examples = [e for e, _ in pending]
@@ -240,11 +240,12 @@ class _EvalStream(IterableDataset):
                                   self.mean, self.std)
         batch["_order"] = torch.tensor([o for _, o in pending], dtype=torch.long).reshape(-1, 2)
         batch["_skips"] = skips.as_dict()
+        batch["_stream"] = self._stream  # rank x workers + worker: the stream whose counts `_skips` are
         return batch
 
-    def _empty_batch(self, skips: SkipCounter, stream: int) -> dict[str, Any]:
-        """A batch of no rows (a real one's keys and trailing shapes) that carries the stream's `_skips`, and
-        `_stream`: which stream's they are (it has no `_order` to tell its shard by)."""
+    def _empty_batch(self, skips: SkipCounter) -> dict[str, Any]:
+        """A batch of no rows (a real one's keys and trailing shapes) that carries the stream's `_skips`
+        (and `_stream`, which tells whose they are: it has no `_order` to tell its shard by)."""
         L, S = self.context_length, self.image_size
         text = torch.zeros(0, L, dtype=torch.long)
         batch: dict[str, Any] = {"image": torch.zeros(0, 3, S, S), "text": text,
@@ -254,7 +255,7 @@ class _EvalStream(IterableDataset):
                          patch_noise=torch.zeros(0, self.masking[2]), itm_noise=torch.zeros(0, 2), _epochs=[])
         batch["_order"] = torch.zeros(0, 2, dtype=torch.long)
         batch["_skips"] = skips.as_dict()
-        batch["_stream"] = stream
+        batch["_stream"] = self._stream
         return batch
 
 
@@ -381,8 +382,9 @@ def make_eval_loader(
     """Finite iterable over every sample of `urls` once (this rank's share of `world`), without
     augmentation; re-iterable.
 
-    Batches hold image, text, cls, _keys, _order (shard index, position in shard) and _skips (counts by
-    reason, cumulative per stream: a stream's last batch counts every sample it skipped); the last batch may
+    Batches hold image, text, cls, _keys, _order (shard index, position in shard), _skips (counts by
+    reason, cumulative per stream: a stream's last batch counts every sample it skipped) and _stream (that
+    stream's number: rank x workers + worker); the last batch may
     be smaller. `max_samples` > 0 keeps the first that many positions in shard order (unreadable
     samples among them are skipped and counted). The split between ranks and workers is in `_EvalStream`;
     the union over all ranks is the same set in every layout. `masking` = (seed, mlm_prob, num_patches)
