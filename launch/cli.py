@@ -79,10 +79,15 @@ def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     """Fill what the flags leave open from the environment (Slurm allocation, MASTER_*), then check."""
     e = os.environ if env is None else env
     in_slurm = bool(e.get("SLURM_JOB_ID"))
+    # inside a job step (srun) SLURM_NODEID and SLURM_STEP_NUM_NODES describe the step; in the batch script
+    # or an salloc shell (no step) SLURM_NODEID is 0 whatever host it is, and a step may use fewer nodes
+    # than the allocation has
+    in_step = in_slurm and bool(e.get("SLURM_STEP_ID") or e.get("SLURM_STEPID"))
     if args.nodes is not None:
         nodes = args.nodes
     else:
-        nodes = env_int(e, "SLURM_JOB_NUM_NODES", 0) or env_int(e, "SLURM_NNODES", 0) or 1
+        step_nodes = env_int(e, "SLURM_STEP_NUM_NODES", 0) if in_step else 0
+        nodes = step_nodes or env_int(e, "SLURM_JOB_NUM_NODES", 0) or env_int(e, "SLURM_NNODES", 0) or 1
     ppn = args.procs_per_node if args.procs_per_node is not None else _default_procs()
     program = list(args.program)
     if program and program[0] == "--":
@@ -128,12 +133,16 @@ def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     per_node_start = args.launcher == "torchrun" or args.no_ssh
     if args.node_rank is not None:
         node_rank = args.node_rank
-    elif per_node_start and nodes > 1 and e.get("SLURM_NODEID"):
+    elif per_node_start and nodes > 1 and in_step and e.get("SLURM_NODEID"):
         node_rank = env_int(e, "SLURM_NODEID")
     else:
         node_rank = 0
-    if args.launcher == "torchrun" and nodes > 1 and args.node_rank is None and not e.get("SLURM_NODEID"):
-        raise LaunchPlanError("torchrun on several nodes: run it once per node with --node-rank")
+    if args.launcher == "torchrun" and nodes > 1 and args.node_rank is None and not (
+            in_step and e.get("SLURM_NODEID")):
+        where = (" (this is the batch script or an salloc shell, outside a job step: start it once per node "
+                 "with `srun --ntasks-per-node=1 pretrain launch ...`, which gives each its SLURM_NODEID)"
+                 if in_slurm else "")
+        raise LaunchPlanError(f"torchrun on {nodes} nodes: run it once per node with --node-rank{where}")
 
     return LaunchPlan(
         launcher=args.launcher, nodes=nodes, procs_per_node=ppn, train_args=tuple(program),
@@ -224,7 +233,8 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p = sub.add_parser("launch", help="start training under deepspeed, torchrun, mpirun or srun",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--launcher", choices=LAUNCHERS, help="required unless --serve-rendezvous")
-    p.add_argument("--nodes", type=int, help="nodes (default: SLURM_JOB_NUM_NODES, else 1)")
+    p.add_argument("--nodes", type=int, help="nodes (default: inside a Slurm job step SLURM_STEP_NUM_NODES, "
+                   "else SLURM_JOB_NUM_NODES, else 1)")
     p.add_argument("--procs-per-node", type=int, help="ranks per node (default: CUDA devices, else 1)")
     p.add_argument("--hostfile", help="`host slots=N` lines (deepspeed, mpirun); written from "
                                       "SLURM_JOB_NODELIST for deepspeed inside an allocation")

@@ -33,7 +33,7 @@ def test_deepspeed_hostfile_from_slurm_nodelist_and_no_ssh_node_rank(tmp_path, m
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where write_hostfile puts it
     monkeypatch.setattr(launch_cli, "node_address", lambda n: {"n1": "10.1.0.1"}.get(n, n))
     env = {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]",
-           "SLURM_NODEID": "1"}
+           "SLURM_NODEID": "1", "SLURM_STEP_ID": "0"}  # `srun --ntasks-per-node=1 pretrain launch ...`
     p = plan(["--launcher", "deepspeed", "--procs-per-node", "4", "--no-ssh", "--python", PY, "--", *TRAIN],
              env)
     cmd = build_command(p)
@@ -57,6 +57,30 @@ def test_torchrun_per_node():
 def test_torchrun_several_nodes_needs_a_node_rank():
     with pytest.raises(LaunchPlanError, match="node-rank"):
         plan(["--launcher", "torchrun", "--nodes", "2", "--master-addr", "h", "--", *TRAIN])
+
+
+def test_torchrun_in_a_batch_script_is_refused_not_started_on_one_node():
+    """Slurm sets SLURM_NODEID=0 in the batch script too (no step): it was taken as node rank 0 of 2, so
+    torchrun started on the batch host alone and waited for a node nobody started."""
+    env = {"SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_NODEID": "0"}
+    with pytest.raises(LaunchPlanError, match="outside a job step.*srun --ntasks-per-node=1"):
+        plan(["--launcher", "torchrun", "--procs-per-node", "2", "--master-addr", "n1", "--", *TRAIN], env)
+    p = plan(["--launcher", "torchrun", "--procs-per-node", "2", "--master-addr", "n1", "--", *TRAIN],
+             {**env, "SLURM_NODEID": "1", "SLURM_STEP_ID": "0"})  # in a step: its node rank
+    assert p.node_rank == 1 and p.nodes == 2
+
+
+def test_a_step_smaller_than_the_allocation_sets_the_node_count():
+    """`salloc -N4; srun -N2 --ntasks-per-node=1 pretrain launch ...`: 2 nodes, not the job's 4 (torchrun
+    waited for two nodes that never joined)."""
+    env = {"SLURM_JOB_ID": "6", "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "n[1-4]",
+           "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NODELIST": "n[3-4]",
+           "SLURM_NODEID": "1"}
+    p = plan(["--launcher", "torchrun", "--procs-per-node", "4", "--master-addr", "n3", "--", *TRAIN], env)
+    assert (p.nodes, p.node_rank) == (2, 1)
+    cmd = build_command(p)
+    assert cmd[cmd.index("--nnodes") + 1] == "2"
 
 
 def _two_host_file(tmp_path: Path, monkeypatch) -> None:
