@@ -79,6 +79,14 @@ def forward(pending: list[int], root: int, to_launcher: bool) -> None:
     order; one that arrives before any rank has started stays pending until one has."""
     while pending:
         sig = signal.Signals(pending[0])
+        if to_launcher and sig == signal.SIGUSR1:
+            # the runner inherits SIGUSR1 ignored (run_supervised) and has no way to pass it over ssh: say so
+            # rather than promise a checkpoint that will not come
+            pending.pop(0)
+            _say("got SIGUSR1, which the deepspeed launcher cannot pass to ranks it started over ssh/pdsh: "
+                 "no checkpoint is taken and training goes on (to checkpoint on SIGUSR1, start one "
+                 "`pretrain launch --no-ssh` per node under srun, as slurm/pretrain.sbatch does)")
+            continue
         targets = [root] if to_launcher else [p.pid for p in rank_processes(root)]
         if not targets:
             return
@@ -87,7 +95,10 @@ def forward(pending: list[int], root: int, to_launcher: bool) -> None:
                 os.kill(pid, sig)
         pending.pop(0)
         what = "the deepspeed launcher" if to_launcher else f"{len(targets)} rank(s)"
-        after = " (they checkpoint at their next stop check and exit 75)" if sig != signal.SIGINT else ""
+        if to_launcher:  # DeepSpeed's runner answers it by stopping the remote ranks over ssh (pdsh kill)
+            after = " (over ssh it stops the ranks without a checkpoint)"
+        else:
+            after = " (they checkpoint at their next stop check and exit 75)" if sig != signal.SIGINT else ""
         _say(f"got {sig.name}; passed it to {what}{after}")
 
 
