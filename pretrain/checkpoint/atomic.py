@@ -121,7 +121,8 @@ def read_client_state(root: Path, tag: str | None = None) -> dict[str, Any]:
 
 
 def consolidated_state_dict(root: Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from any ZeRO stage, via DeepSpeed's own zero_to_fp32 reader (loads forced safe)."""
+    """Full fp32 weights from any ZeRO stage, via DeepSpeed's own zero_to_fp32 reader (loads forced safe);
+    ZeRO 0 under bf16/fp16 gives the fp32 masters of its optimizer state, not the rounded working copy."""
     tag = tag or latest_tag(root)
     tag_dir = Path(root) / str(tag)
     with weights_only_loads():
@@ -129,8 +130,11 @@ def consolidated_state_dict(root: Path, tag: str | None = None) -> dict[str, tor
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-        else:  # ZeRO stage 0: the module's weights sit whole in the model states file
-            sd = torch.load(_model_states_file(tag_dir), map_location="cpu")["module"]
+        else:  # ZeRO stage 0: the weights sit whole in the model states file; bf16/fp16 masters beside them
+            from pretrain.checkpoint.zero0_masters import fp32_masters
+
+            states = torch.load(_model_states_file(tag_dir), map_location="cpu")
+            sd = {**states["module"], **fp32_masters(states, str(tag_dir))}
     return {k: v.float() for k, v in sd.items()}
 
 

@@ -3,7 +3,8 @@
 * `DeepSpeedSource`: a DeepSpeed checkpoint of any (dp, tp). ZeRO 1-3 files are read lazily per parameter
   (`zero_reader.ZeroReader` per TP rank), optimizer state included, and TP slices joined along each
   parameter's split dimension (`pretrain.parallelize.tp_split_dims`); ZeRO-0 checkpoints fall back to
-  DeepSpeed's own consolidation (weights only, whole model in memory).
+  DeepSpeed's own consolidation (weights only, whole model in memory; under bf16/fp16 the fp32 masters,
+  `zero0_masters`).
 * `UniversalSource`: our layout-free folder (`universal.json` + `fp32|exp_avg|exp_avg_sq.safetensors`).
 * `WeightsSource`: a `pretrain convert --to safetensors` export (`config.json` + `model.safetensors`).
 

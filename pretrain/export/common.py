@@ -26,7 +26,8 @@ from pretrain.models.transformer import LAYER_NORM_EPS as _EPS
 
 __all__ = ["CLIP_PREFIXES", "KEPT_BY_TARGET", "LAYER_NORM_EPS", "check_import_shapes", "check_source_shapes",
            "check_state_matches_config", "clip_state", "left_out_parts", "load_weight_file", "read_json",
-           "tokenizer_from_json", "write_hf_tokenizer_files", "write_json", "write_safetensors"]
+           "tokenizer_from_json", "verify_own_export", "write_hf_tokenizer_files", "write_json",
+           "write_safetensors"]
 
 CLIP_PREFIXES: tuple[str, ...] = ("visual.", "text.")
 """Our state-dict prefixes of the two CLIP towers (everything else but the logit scale is left behind)."""
@@ -153,6 +154,20 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------ files
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def verify_own_export(src: Path) -> None:
+    """If `src` carries our `manifest.json` (a `pretrain convert --to hf|open_clip` export), check every file
+    it lists (size and sha256) and raise IntegrityError naming a file that does not match, so a corrupt
+    export is not imported and re-certified by the new folder's fresh manifest. Anyone else's folder has no
+    such manifest and is read as it is."""
+    from pretrain.checkpoint.tensor_files import MANIFEST, read_manifest, verify_manifest
+
+    if not (Path(src) / MANIFEST).is_file():
+        return
+    manifest = read_manifest(Path(src))
+    if isinstance(manifest, dict) and manifest.get("format") == "mmpt-manifest":
+        verify_manifest(Path(src))
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -6,13 +6,16 @@ Our towers are HF CLIP's architecture exactly: the only differences are paramete
 
 Loading an export (no network needed)::
 
-    import transformers
+    import torch, transformers
     model = transformers.CLIPModel.from_pretrained("EXPORT_DIR")
     tok = transformers.AutoTokenizer.from_pretrained("EXPORT_DIR")
     proc = transformers.CLIPImageProcessor.from_pretrained("EXPORT_DIR")
     ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
               return_tensors="pt").input_ids
-    txt = model.get_text_features(input_ids=ids)   # normalise with F.normalize(..., dim=-1)
+    pixels = proc(images=images, return_tensors="pt").pixel_values
+    out = model(input_ids=ids, pixel_values=pixels)  # .text_embeds, .image_embeds: projected, L2-normalised
+    # one tower alone: transformers 5 returns an output object; .pooler_output is the projected embedding
+    txt = torch.nn.functional.normalize(model.get_text_features(input_ids=ids).pooler_output, dim=-1)
 
 Text pooling: HF pools at the first `text_config.eos_token_id` in each row (any id but the legacy 2);
 our tower pools at the first [EOS], whose id our tokenizer fixes at 3, so the exported config says
@@ -39,6 +42,7 @@ from pretrain.export.common import (
     check_state_matches_config,
     load_weight_file,
     read_json,
+    verify_own_export,
     write_hf_tokenizer_files,
     write_json,
     write_safetensors,
@@ -315,6 +319,7 @@ def import_hf(src: Path, tokenizer_json: str | None = None
     pooling at another token id).
     """
     src = Path(src)
+    verify_own_export(src)  # our own export: its manifest must hold
     config = read_json(src / "config.json")
     if config.get("model_type", "clip") != "clip":
         raise ValueError(f"{src}: model_type {config.get('model_type')!r} is not 'clip' (a CLIPModel folder)")

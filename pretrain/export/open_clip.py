@@ -39,6 +39,7 @@ from pretrain.export.common import (
     check_state_matches_config,
     load_weight_file,
     read_json,
+    verify_own_export,
     write_hf_tokenizer_files,
     write_json,
     write_safetensors,
@@ -288,6 +289,7 @@ def import_open_clip(src: Path, tokenizer_json: str | None = None
     `tokenizer_json`, else the folder's, else OpenAI CLIP's when the text pools as CLIP's (argmax).
     """
     src = Path(src)
+    verify_own_export(src)  # our own export: its manifest must hold
     config = read_json(src / CONFIG_FILE)
     model = config.get("model_cfg", config)
     if "vision_cfg" not in model or "text_cfg" not in model or "embed_dim" not in model:
