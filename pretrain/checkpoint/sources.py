@@ -24,6 +24,7 @@ import torch
 
 from pretrain.checkpoint import atomic as ckpt
 from pretrain.checkpoint import tp_split as checkpoint_tp
+from pretrain.checkpoint.model_build import build_model, load_tokenizer  # noqa: F401 -- re-exported
 from pretrain.checkpoint.tensor_files import IntegrityError, file_sha256, verify_manifest
 from pretrain.config import Config, config_from_dict
 
@@ -34,32 +35,6 @@ OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
 ZERO_STAGES_WITH_OPTIMIZER = (1, 2, 3)
 """ZeRO stages whose partitioned optimizer files `zero_reader` reads (ZeRO-0 keeps DeepSpeed's whole optimizer
 inside the model-states file, in the order of the optimizer's parameter groups, not by name)."""
-
-
-def build_model(cfg: Config, tokenizer_json: str, device: str | torch.device = "cpu",
-                classnames: list[str] | None = None) -> torch.nn.Module:
-    """The single-device PretrainModel of `cfg` with the tokenizer's vocabulary (meta device: no memory);
-    for a fine-tuned classifier (`train.task=classify`) its `ClassifierModel`, with one head row per class
-    of `classnames` (what its checkpoints record)."""
-    from pretrain.models.pretrain_model import PretrainModel
-
-    if cfg.train.task == "classify":
-        from pretrain.models.classifier import ClassifierModel
-
-        if not classnames:
-            raise ValueError("a train.task=classify checkpoint without its class names (client state "
-                             "`classnames`): cannot tell the classifier head's shape")
-        with torch.device(device):
-            return ClassifierModel.from_config(cfg, len(classnames))
-    tok = load_tokenizer(tokenizer_json)
-    with torch.device(device):
-        return PretrainModel.from_config(cfg, tok)
-
-
-def load_tokenizer(tokenizer_json: str):
-    from data_pipelines.tokenizer import tokenizer_from_json
-
-    return tokenizer_from_json(tokenizer_json, source="the checkpoint's tokenizer")
 
 
 def param_layout(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
@@ -332,3 +307,15 @@ def open_source(path: str | Path, tag: str | None = None) -> Source:
                                     f"are); {how}") from None
         raise FileNotFoundError(f"{path}: not a DeepSpeed checkpoint, universal checkpoint "
                                 f"({UNIVERSAL_META}) or weights export ({WEIGHTS_FILE}): {e}") from None
+
+
+def refuse_classifier(cfg: Config, path: str | Path) -> None:
+    """ValueError for a fine-tuned classifier (`train.task=classify`: an image tower and a class head, no text
+    tower), which the CLIP encoders of eval / embed / ONNX / HF / open_clip cannot be built from: say so,
+    and what reads it, instead of "does not match the model: missing logit_scale, ..."."""
+    if cfg.train.task == "classify":
+        raise ValueError(f"{path}: a fine-tuned classifier (train.task=classify: image tower + class head, "
+                         "no text tower), which this command does not read (it needs a CLIP model); its "
+                         "accuracy is the fine-tune's validation (`pretrain finetune --val ...`, "
+                         "`--wise-ft`), and `pretrain convert --to safetensors|universal` exports its "
+                         "weights")

@@ -25,7 +25,7 @@ log = logging.getLogger("mmpt.checkpoint")
 def group_names(client: dict[str, Any]) -> list[list[str]]:
     """Parameter names of each optimizer group, in the order training gave them to DeepSpeed."""
     from parallel.param_groups import param_groups
-    from pretrain.checkpoint.sources import build_model
+    from pretrain.checkpoint.model_build import build_model
     from pretrain.config import config_from_dict
     from pretrain.freeze import apply_freeze
 
