@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from parallel.memory import current_rss_mb, peak_rss_mb
-from pretrain.checkpoint.sources import DictSource, Source, check_output_path, load_tokenizer, open_source
+from pretrain.checkpoint.sources import (
+    DictSource,
+    Source,
+    check_output_path,
+    load_tokenizer,
+    open_source,
+    refuse_classifier,
+)
 from pretrain.checkpoint.tensor_files import staged_output, write_manifest
 from pretrain.checkpoint.universal import write_universal, write_weights
 from pretrain.config import Config, dump_yaml, load_config, to_dict
@@ -83,6 +90,8 @@ def convert(src_path: str | Path, dst: str | Path, to: str, dtype: str = "fp32",
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose fp32 or bf16")
     src = open_source(src_path)
+    if to in ("hf", "open_clip"):
+        refuse_classifier(src.config, src.path)
     src.layout  # noqa: B018 -- built before measuring: the data movement below is what streams
     rss_before = current_rss_mb()
     out = _convert(src, Path(dst), to, dtype, overwrite)

@@ -22,7 +22,7 @@ from data_pipelines.clip_benchmark import read_lines
 from data_pipelines.tokenizer import TextTokenizer
 from parallel import groups
 from parallel.consensus import from_rank0
-from pretrain.checkpoint.sources import load_tokenizer, open_source
+from pretrain.checkpoint.sources import load_tokenizer, open_source, refuse_classifier
 from pretrain.config import Config
 from pretrain.evaluation.distributed import check_label_range, metrics_from_features
 from pretrain.evaluation.features import TEMPLATES, classifier_weights, shard_features
@@ -40,6 +40,7 @@ def load_model(checkpoint: str | Path, tag: str | None = None) -> tuple[Pretrain
     (dp, tp), universal checkpoint or weights export (`pretrain.checkpoint.sources.open_source`)."""
     src = open_source(checkpoint, tag)
     cfg = src.config
+    refuse_classifier(cfg, src.path)  # a fine-tune's image tower + head: named, not "missing logit_scale"
     tokenizer = load_tokenizer(src.meta["tokenizer"])
     model = PretrainModel.from_config(cfg, tokenizer)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
