@@ -34,7 +34,8 @@ def classifier(tiny_tok, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("args", [["eval", "--checkpoint", "{w}", "--data", "{w}/x.tar"],
-                                  ["embed", "--checkpoint", "{w}", "--out", "{o}/e.npz", "--texts", "{o}/t.txt"],
+                                  ["embed", "--checkpoint", "{w}", "--out", "{o}/e.npz", "--texts",
+                                   "{o}/t.txt"],
                                   ["convert", "{w}", "{o}/hf", "--to", "hf"],
                                   ["convert", "{w}", "{o}/oc", "--to", "open_clip"]])
 def test_clip_commands_name_a_classifier(classifier, tmp_path, capsys, args):
