@@ -31,6 +31,7 @@ from pretrain.checkpoint import hparams
 from pretrain.checkpoint import universal as universal_io
 from pretrain.checkpoint.sources import (
     UNIVERSAL_META,
+    WEIGHTS_ONLY,
     DeepSpeedSource,
     Source,
     UniversalSource,
@@ -174,11 +175,6 @@ def open_universal(resume: str) -> UniversalSource | None:
         log.warning("%s/latest names %r, which is not a complete universal checkpoint; using %s (the most "
                     "recent complete one)", path, named, newest.name)
     return UniversalSource(newest)
-
-
-WEIGHTS_ONLY = {"weights": "a weights export", "hf": "a Hugging Face CLIP model folder",
-                "open_clip": "an open_clip model folder", "onnx": "an ONNX export"}
-"""What `sources.weights_only_kind` names, in words."""
 
 
 def _refuse_weights_only(resume: str) -> None:

@@ -235,6 +235,11 @@ def is_weights(path: str | Path) -> bool:
         return False
 
 
+WEIGHTS_ONLY = {"weights": "a weights export", "hf": "a Hugging Face CLIP model folder",
+                "open_clip": "an open_clip model folder", "onnx": "an ONNX export"}
+"""What `weights_only_kind` names, in words (the refusals of open_source and of --resume / --init-from)."""
+
+
 def weights_only_kind(path: str | Path) -> str | None:
     """What a folder holding a model's weights but no training state is: "weights" (`convert --to
     safetensors`, or an import), "hf", "open_clip" or "onnx" (our exports, or a transformers / open_clip
@@ -297,8 +302,7 @@ def open_source(path: str | Path, tag: str | None = None) -> Source:
     except FileNotFoundError as e:
         kind = weights_only_kind(path)
         if kind in ("hf", "open_clip", "onnx"):  # an export (ours or anyone's): say what reads it
-            what = {"hf": "a Hugging Face CLIP model folder", "open_clip": "an open_clip model folder",
-                    "onnx": "an ONNX export"}[kind]
+            what = WEIGHTS_ONLY[kind]
             how = ("it is for inference only: use the checkpoint or weights export it was exported from"
                    if kind == "onnx" else f"import it first with `pretrain convert --from {kind} {path} DST` "
                    "and give DST (a weights export) instead")
