@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.files import write_text_atomic
 from data_pipelines.urls import expand_sources
 
 __all__ = ["FINGERPRINT", "checkpoint_identity", "claim", "embed_sharded", "finished", "fingerprint",
@@ -129,9 +130,7 @@ def claim(out: Path, fp: dict[str, Any]) -> None:
                              "them: choose a new --out")
         if old == fp:
             return
-    tmp = out / f".{FINGERPRINT}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(fp, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(fp, indent=1) + "\n")
 
 
 def _write_shard(out: Path, i: int, url: str, image: np.ndarray, text: np.ndarray, keys: list[str],
@@ -228,7 +227,5 @@ def _write_index(out: Path, shards: list[str], encoded: Iterable[int], dim: int,
     index = {"format": "mmpt-embeddings", "version": 1, "embed_dim": dim, **extra,
              "rows": sum(e["rows"] for e in entries), "shards": entries,
              "encoded_this_run": len(list(encoded)), "skips": total_skips}
-    tmp = out / f".index.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    os.replace(tmp, out / "index.json")
+    write_text_atomic(out / "index.json", json.dumps(index, indent=1) + "\n")
     return index
