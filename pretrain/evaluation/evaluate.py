@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipelines.clip_benchmark import read_lines
+from data_pipelines.clip_benchmark import read_classnames as read_clip_benchmark_classnames
 from data_pipelines.tokenizer import TextTokenizer
 from parallel import groups
 from parallel.consensus import from_rank0
@@ -54,7 +54,7 @@ def read_classnames(path: str | Path) -> list[str]:
     """The lines of a classnames.txt, blank ones included as clip_benchmark reads them; FileNotFoundError /
     ValueError naming the file otherwise.
     Repeated names are warned about (`warn_duplicate_classnames`)."""
-    names = read_lines(path, "class names")
+    names = read_clip_benchmark_classnames(path)
     warn_duplicate_classnames(path, names)
     return names
 
