@@ -113,6 +113,19 @@ def _fusion_towers(cfg: Config, model: nn.Module, t_ctx: int, t_txt: int, r: int
 Tower = tuple[str, int, int, int, int, int]  # (name, layers, width, tokens, heads, bytes around the blocks)
 
 
+def _contrastive_sees_every_patch(model: nn.Module, tail: bool) -> bool:
+    """The model's own rule (`PretrainModel.contrastive_mask_ratio`) for a training forward in or out of
+    the unmasked tail; the model's mode and tail switch are put back after asking."""
+    was_training, was_tail = model.training, model.unmasked_tail
+    model.train()
+    model.set_unmasked_tail(tail)
+    try:
+        return model.contrastive_mask_ratio() == 0.0
+    finally:
+        model.set_unmasked_tail(was_tail)
+        model.train(was_training)
+
+
 def _pretrain_towers(cfg: Config, model: nn.Module, dp: int, r: int, c: int, tail: bool
                      ) -> tuple[list[Tower], int]:
     """The passes of one `PretrainModel` training forward (as its `forward` decides them), and the bytes
@@ -131,7 +144,7 @@ def _pretrain_towers(cfg: Config, model: nn.Module, dp: int, r: int, c: int, tai
     from pretrain.plan.flops import visible_patches
 
     t_vis, t_full, t_txt, t_dec = 1 + visible_patches(n, o.mim.mask_ratio), 1 + n, t.context_length, 1 + n
-    unmasked = tail or (not o.mim.shared_pass and o.mim.weight > 0)  # the model's contrastive_mask_ratio 0
+    unmasked = _contrastive_sees_every_patch(model, tail)
     itm, conditioned = getattr(model, "itm_head", None) is not None, use_mlm and o.mlm.conditioned
     first = (use_con or (use_mim and not unmasked) or (use_mim and o.mim.target == "features") or itm
              or conditioned)
