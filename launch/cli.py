@@ -25,7 +25,7 @@ import sys
 from collections.abc import Mapping
 
 from launch.commands import LAUNCHERS, LaunchPlan, LaunchPlanError, build_command, render
-from launch.env import DEFAULT_PORT, env_int, slurm_port
+from launch.env import DEFAULT_PORT, env_int, in_slurm_step, slurm_port
 from launch.hostfile import node_address, read_hostfile, slurm_hosts, write_hostfile, written_hostfiles
 from launch.ports import is_tcp_port
 from launch.rendezvous import free_port
@@ -82,7 +82,7 @@ def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     # inside a job step (srun) SLURM_NODEID and SLURM_STEP_NUM_NODES describe the step; in the batch script
     # or an salloc shell (no step) SLURM_NODEID is 0 whatever host it is, and a step may use fewer nodes
     # than the allocation has
-    in_step = in_slurm and bool(e.get("SLURM_STEP_ID") or e.get("SLURM_STEPID"))
+    in_step = in_slurm and in_slurm_step(e)
     if args.nodes is not None:
         nodes = args.nodes
     else:

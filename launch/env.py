@@ -117,6 +117,13 @@ def _validate(info: RankInfo, names: str) -> RankInfo:
     return info
 
 
+def in_slurm_step(e: Mapping[str, str]) -> bool:
+    """Inside a Slurm job step (a task srun started): there SLURM_PROCID, SLURM_NODEID and the SLURM_STEP_*
+    variables describe the step. The batch script and an salloc shell are not one (Slurm still sets
+    SLURM_NODEID=0 there, whatever the host)."""
+    return bool(e.get("SLURM_STEP_ID", e.get("SLURM_STEPID")))
+
+
 def discover(env: Mapping[str, str] | None = None) -> RankInfo:
     """Rank, local rank, world size and rendezvous address from the environment (first match wins).
 
@@ -141,7 +148,7 @@ def discover(env: Mapping[str, str] | None = None) -> RankInfo:
         return _validate(RankInfo(_int(e, "PMI_RANK"), _int(e, "MPI_LOCALRANKID", 0), _int(e, "PMI_SIZE"),
                                   addr, port, "pmi", _int(e, "MPI_LOCALNRANKS", 0), given),
                          "PMI_RANK/PMI_SIZE/MPI_LOCALRANKID")
-    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and e.get("SLURM_STEP_ID", e.get("SLURM_STEPID")):
+    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and in_slurm_step(e):
         nodes = expand_nodelist(e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST")
                                 or e.get("SLURM_NODELIST", ""))
         world = _int(e, "SLURM_STEP_NUM_TASKS", _int(e, "SLURM_NTASKS"))
