@@ -33,25 +33,44 @@ SWAPS = ("swapped_colours", "swapped_objects")
 RELATION_WORDS = ("left", "right")
 
 
-def read_metadata(urls: str) -> dict[str, dict[str, Any]]:
-    """Sample key -> its parsed `.json`, for every sample of the local shards `urls` (plain paths or file:
-    URLs) that has one. An unreadable shard or `.json` is passed over here: the loader skips and counts it
-    (`binding_skipped`), as the main pass does."""
-    out: dict[str, dict[str, Any]] = {}
+def read_shard_metadata(urls: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """(shard URL, sample key) -> the sample's parsed `.json`, for every sample of the local shards `urls`
+    (plain paths or file: URLs) that has one. Keyed by shard too: webdataset lets every shard number its
+    samples from 0, so a key alone would give one shard's swaps to another's images. Keys are split from
+    member names as the loader splits them (`base_plus_ext`). An unreadable shard or `.json` is passed over
+    here: the loader skips and counts it (`binding_skipped`), as the main pass does."""
+    from webdataset.tariterators import base_plus_ext
+
+    out: dict[tuple[str, str], dict[str, Any]] = {}
     for url in expand_urls(urls):
         if not is_local(url):
             continue
         try:
             with tarfile.open(local_path(url)) as tar:
                 for member in tar:
-                    if member.isfile() and member.name.endswith(".json"):
-                        f = tar.extractfile(member)
-                        try:
-                            out[member.name[:-len(".json")]] = json.loads(f.read()) if f is not None else {}
-                        except ValueError:
-                            continue
+                    key, ext = base_plus_ext(member.name) if member.isreg() else (None, None)
+                    if key is None or ext is None or ext.lower() != "json":
+                        continue
+                    f = tar.extractfile(member)
+                    try:
+                        out[(url, key)] = json.loads(f.read()) if f is not None else {}
+                    except ValueError:
+                        continue
         except (tarfile.TarError, OSError):
             continue
+    return out
+
+
+def read_metadata(urls: str) -> dict[str, dict[str, Any]]:
+    """Sample key -> its parsed `.json` (`read_shard_metadata` without the shard), for shards whose keys are
+    unique across `urls`; a key in two shards is refused by name rather than one shard's entry dropped."""
+    out: dict[str, dict[str, Any]] = {}
+    where: dict[str, str] = {}
+    for (url, key), meta in read_shard_metadata(urls).items():
+        if key in where and where[key] != url:
+            raise ValueError(f"sample key {key!r} is in both {where[key]} and {url}: look metadata up by "
+                             "(shard, key) with read_shard_metadata")
+        out[key], where[key] = meta, url
     return out
 
 
@@ -108,7 +127,8 @@ def binding_probe(model: Any, tokenizer: Any, cfg: Any, urls: str, max_samples: 
     `binding_{colours,objects}_itm`, and with the conditioned MLM `binding_relation_mlm` (pairwise
     accuracies, chance 0.5), and `binding_skipped`: the samples this probe's loader left out ({reason:
     count}, as the main pass's `skipped`; each rank reads all of `urls`, so no sum over ranks)."""
-    meta = read_metadata(urls)
+    meta = read_shard_metadata(urls)
+    shards = expand_urls(urls)  # the loader's shard order: `_order`[:, 0] indexes this list
     device = next(model.parameters()).device
     L = cfg.model.text.context_length
     loader = make_eval_loader(urls, tokenizer, cfg.model.image_size, batch_size, L, cfg.data.mean,
@@ -122,10 +142,11 @@ def binding_probe(model: Any, tokenizer: Any, cfg: Any, urls: str, max_samples: 
     sums = {f"{s}_{kind}": 0.0 for s in ("colours", "objects") for kind in ("contrastive", "itm")}
     n = 0
     for batch in skips.watch(loader):
-        keep = [i for i, k in enumerate(batch["_keys"]) if all(s in meta.get(k, {}) for s in SWAPS)]
+        ids_of = [(shards[s], k) for (s, _), k in zip(batch["_order"].tolist(), batch["_keys"])]
+        keep = [i for i, k in enumerate(ids_of) if all(s in meta.get(k, {}) for s in SWAPS)]
         if not keep:
             continue
-        keys = [batch["_keys"][i] for i in keep]
+        keys = [ids_of[i] for i in keep]
         images = batch["image"][keep].to(device, torch.float32)
         img_f = model.encode_image(images)  # [b, E] normalised
         img_tok = model.image_tokens(images) if fusion or rel else None  # [b, 1 + N, W]

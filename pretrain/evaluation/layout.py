@@ -5,14 +5,16 @@
 
 A folder is read the way CLIP_benchmark reads it (`data_pipelines.clip_benchmark`): `DIR/<split>/` with
 `nshards.txt` and `0.tar ..`, `classnames.txt` and `zeroshot_classification_templates.txt` in `DIR`; a
-folder of plain `*.tar` shards (what `pretrain data synth` writes) works too. For shard URLs the two text
-files are looked for beside the shards, then one folder up (CLIP_benchmark keeps them above the split
-folder). Explicit `--classnames` / `--templates` win; without any templates file the built-in prompts of
+folder of plain `*.tar` shards (what `pretrain data synth` writes) works too; without `nshards.txt` the
+`*.tar` files are read in numeric name order (2.tar before 10.tar, as `{0..N-1}.tar`). For shard URLs the
+two text files are looked for beside the shards, then one folder up (CLIP_benchmark keeps them above the
+split folder). Explicit `--classnames` / `--templates` win; without any templates file the built-in prompts of
 `pretrain.evaluation.evaluate.TEMPLATES` are used, so old command lines give the numbers they gave.
 """
 
 from __future__ import annotations
 
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,14 @@ def _dataset_type(folder: Path) -> str:
     return f.read_text().strip().lower() if f.is_file() else "classification"
 
 
+def _numeric_order(path: Path) -> tuple[list[str | int], str]:
+    """Sort key reading digit runs as numbers: 0.tar, 1.tar, 2.tar, .., 10.tar, the order CLIP_benchmark's
+    `{0..N-1}.tar` gives (a plain sort puts 10.tar after 1.tar, so `--max-samples` would take other
+    samples); zero-padded names (`shard-000010.tar`) keep their order."""
+    parts: list[str | int] = [int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", path.name))]
+    return parts, path.name
+
+
 def _shards_of(folder: Path, split: str) -> tuple[str, str] | None:
     """(brace URL spec, layout) of a folder's shards, or None when it holds none."""
     split_dir = folder / split
@@ -67,7 +77,7 @@ def _shards_of(folder: Path, split: str) -> tuple[str, str] | None:
                                     f"({len(missing)} missing)")
         return str(split_dir / f"{{0..{n - 1}}}.tar") if n > 1 else str(split_dir / "0.tar"), "clip_benchmark"
     for where, layout in ((split_dir, "clip_benchmark"), (folder, "folder")):
-        tars = sorted(where.glob("*.tar")) if where.is_dir() else []
+        tars = sorted(where.glob("*.tar"), key=_numeric_order) if where.is_dir() else []
         if tars:
             return "::".join(str(t) for t in tars), layout
     return None

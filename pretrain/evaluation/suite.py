@@ -23,11 +23,14 @@ The whole file is checked before any model is loaded, and every problem is repor
 dataset and key. Outputs in `--out`: `<checkpoint>.json` (every number `evaluate` gives, per dataset)
 and `<checkpoint>.md` per checkpoint, `comparison.md` (datasets x metrics by checkpoint), and with a plot
 `<metric>.png` + `<metric>.json` (the points): every complete checkpoint of each run evaluated, one line
-per run and dataset. Files are written only after every evaluation succeeded.
+per run and dataset. Files are written only after every evaluation succeeded, with `suite-index.json`:
+a rerun into the same `--out` removes what the earlier suite wrote and this one does not (a dropped
+checkpoint's `.json/.md`, a metric no longer plotted), never a file it did not write (`INDEX_FILE`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -52,6 +55,10 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 DATASET_KEYS = ("name", "data", "classnames", "templates", "split", "tasks", "train", "few_shot",
                 "max_samples")
 TOP_KEYS = ("datasets", "checkpoints", "plot", "batch_size")
+INDEX_FILE = "suite-index.json"
+"""In `--out`: {"files": {name: sha256}} of what the last suite wrote there. A rerun deletes only those of
+them it does not write again and that are unchanged since; the user's files, outputs edited by hand and
+files of a suite run before the index existed stay (named in a note on the log)."""
 
 
 @dataclass
@@ -228,7 +235,7 @@ def _labels(checkpoints: list[str]) -> list[str]:
         parts = [p for p in Path(c).resolve().parts if p not in ("/", "checkpoints")]
         base = re.sub(r"[^A-Za-z0-9._-]+", "_", parts[-1] if parts else "checkpoint") or "checkpoint"
         label, n = base, 2
-        while label in out or label in ("comparison",):
+        while label in out or label in ("comparison", Path(INDEX_FILE).stem):
             label, n = f"{base}-{n}", n + 1
         out.append(label)
     return out
@@ -277,10 +284,38 @@ def plot_curves(metric: str, curves: dict[str, list[tuple[int, float]]], path: P
     plt.close(fig)
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()  # tables, JSON and PNGs: small
+
+
+def _remove_stale(dest: Path, kept: set[str], log: Any) -> list[str]:
+    """Delete the files the earlier suite's index lists and this suite does not write: plain files directly
+    in `dest` whose bytes are still those it wrote, nothing else. Without a readable index nothing goes."""
+    try:
+        earlier = json.loads((dest / INDEX_FILE).read_text(encoding="utf-8"))["files"] \
+            if (dest / INDEX_FILE).exists() else {}
+        earlier = {str(k): str(v) for k, v in earlier.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        log(f"note: {dest / INDEX_FILE} is not a suite index (unreadable or edited): nothing removed")
+        return []
+    removed = []
+    for name, digest in sorted(earlier.items()):
+        path = dest / name
+        if name in kept or Path(name).name != name or name in ("", ".", "..", INDEX_FILE) \
+                or path.is_symlink() or not path.is_file():
+            continue
+        if _sha256(path) != digest:
+            log(f"note: {path} was written by an earlier suite but has changed since: left as it is")
+            continue
+        path.unlink()
+        removed.append(str(path))
+    return removed
+
+
 def run_suite(suite: Suite, out: str | Path, log: Any = print) -> dict[str, Any]:
     """Evaluate every dataset for every checkpoint (and, for plots, every complete checkpoint of each run),
-    then write the outputs (module docstring) into `out`. Returns {label: {dataset: metrics}} and the
-    written paths."""
+    then write the outputs (module docstring) into `out` and replace the earlier suite's there (`INDEX_FILE`).
+    Returns {label: {dataset: metrics}}, the written paths, the removed ones and the index's path."""
     from pretrain.checkpoint.atomic import latest_tag, step_of
     from pretrain.evaluation.evaluate import load_model
 
@@ -322,13 +357,23 @@ def run_suite(suite: Suite, out: str | Path, log: Any = print) -> dict[str, Any]
             safe = re.sub(r"[^A-Za-z0-9._-]+", "_", metric)
             (staging / f"{safe}.json").write_text(json.dumps(lines, indent=1) + "\n")
             plot_curves(metric, lines, staging / f"{safe}.png")
+        digests = {f.name: _sha256(f) for f in sorted(staging.iterdir())}
         written = []
-        for f in sorted(staging.iterdir()):
-            os.replace(f, dest / f.name)
-            written.append(str(dest / f.name))
+        for name in digests:
+            os.replace(staging / name, dest / name)
+            written.append(str(dest / name))
+        removed = _remove_stale(dest, set(digests), log)
+        (staging / INDEX_FILE).write_text(json.dumps({"written_by": "pretrain eval --suite",
+                                                      "files": digests}, indent=1) + "\n")
+        os.replace(staging / INDEX_FILE, dest / INDEX_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"results": table, "files": written}
+    others = sorted(p.name for p in dest.iterdir()
+                    if p.name not in digests and p.name != INDEX_FILE and not p.name.startswith(".suite."))
+    if others:
+        log(f"note: {dest} also holds {', '.join(others[:8])}{' ...' if len(others) > 8 else ''}: not "
+            f"written by this suite, left as they are")
+    return {"results": table, "files": written, "removed": removed, "index": str(dest / INDEX_FILE)}
 
 
 def run_suite_cli(args: Any) -> int:

@@ -104,7 +104,8 @@ def test_tables_json_and_plot_for_two_runs(tmp_path, shards, models, capsys):
                  "--json"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "a.md", "b.json", "b.md", "comparison.md",
-                                                     "zeroshot_top1.json", "zeroshot_top1.png"]
+                                                     "suite-index.json", "zeroshot_top1.json",
+                                                     "zeroshot_top1.png"]
     # every complete checkpoint once, the newest reused for the tables
     assert sorted(calls, key=str) == [("a", "global_step2"), ("a", "global_step4"), ("b", "global_step3")]
     got = json.loads((out / "a.json").read_text())
