@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from parallel.consensus import any_rank, failures_by_rank
 from pretrain import faults
 from pretrain.checkpoint.tags import (  # noqa: F401 -- re-exported: `ckpt.complete_tags`, `ckpt.prune`, ...
     MARKER,
+    STAGING,
     complete_tags,
     latest_tag,
     next_seq,
@@ -52,7 +52,10 @@ from pretrain.checkpoint.tags import (  # noqa: F401 -- re-exported: `ckpt.compl
     saved_order,
     step_of,
     tag_for,
+    unmarked,
+    written_by_mmpt,
 )
+from pretrain.checkpoint.tags import model_states_file as _model_states_file
 from pretrain.checkpoint.tensor_files import IntegrityError, file_sha256
 from pretrain.checkpoint.tensor_files import fsync_dir as _fsync_dir
 from pretrain.checkpoint.tensor_files import fsync_file as _fsync_file
@@ -67,7 +70,6 @@ from pretrain.checkpoint.write_errors import deferred_write_errors
 from pretrain.config import Config
 
 log = logging.getLogger("mmpt.checkpoint")
-STAGING = ".staging"
 
 
 class CheckpointSaveError(RuntimeError):
@@ -100,14 +102,6 @@ def resolve(spec: str, default_root: Path) -> tuple[Path, str] | None:
                             "a tag folder with *_model_states.pt, or a run directory)")
 
 
-def _model_states_file(tag_dir: Path) -> Path:
-    files = sorted(tag_dir.glob("*model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{tag_dir}: no *_model_states.pt file; not a DeepSpeed checkpoint")
-    rank0 = [f for f in files if re.search(r"(zero_pp_rank_0_)?mp_rank_00_model_states\.pt$", f.name)]
-    return rank0[0] if rank0 else files[0]
-
-
 def read_client_state(root: Path, tag: str | None = None) -> dict[str, Any]:
     """The client state saved with rank 0's model states (config, tokenizer, step, data positions)."""
     tag = tag or latest_tag(root)
@@ -117,6 +111,8 @@ def read_client_state(root: Path, tag: str | None = None) -> dict[str, Any]:
     client = state.get("mmpt")
     if client is None:
         raise ValueError(f"{root}/{tag}: checkpoint was not written by mmpt (no 'mmpt' client state)")
+    if not (Path(root) / tag / MARKER).is_file():  # before a resume builds its engine: `verify_marker`
+        raise IntegrityError(unmarked(Path(root) / tag))
     return client
 
 
@@ -276,10 +272,15 @@ def verify_marker(tag_dir: Path, files: list[Path] | None = None) -> None:
 
     `files` limits the (expensive) hash check to those files (each rank checks what it reads), each of which
     the marker must list; sizes of all files are always checked. Folders written by plain DeepSpeed carry
-    no marker and are not checked."""
+    no marker and are not checked, but a folder written by mmpt (`written_by_mmpt`) without its marker is
+    refused: every mmpt save publishes its marker with it (`save_atomic`), so one without it is incomplete or
+    tampered with, and nothing would catch a corrupt file in it. Every load of a DeepSpeed checkpoint comes
+    here (`verify_for_load` on resume, `sources.DeepSpeedSource` for convert, eval, embed, --init-from)."""
     tag_dir = Path(tag_dir)
     marker = tag_dir / MARKER
     if not marker.is_file():
+        if written_by_mmpt(tag_dir):
+            raise IntegrityError(unmarked(tag_dir))
         return
     try:
         info = json.loads(marker.read_text())

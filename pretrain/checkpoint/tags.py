@@ -19,16 +19,19 @@ older save. Checkpoints written before save orders were recorded sort before eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from pretrain.checkpoint.best import best_tag
-from pretrain.checkpoint.tensor_files import write_text_atomic
+from pretrain.checkpoint.tensor_files import MANIFEST, write_text_atomic
 
 log = logging.getLogger("mmpt.checkpoint")
 MARKER = "mmpt_complete.json"
@@ -36,6 +39,11 @@ RESUMED = "mmpt_resumed.json"
 UNIVERSAL = "universal"
 """`<root>/universal/<tag>`: universal copies of the root's checkpoints (`checkpoint.universal=true`, or a
 resume at another layout), with their own `latest` (`resume.save_universal`)."""
+STAGING = ".staging"
+"""`<root>/.staging`: where saves are written before they are published (`atomic.save_atomic`) and where
+retention moves a folder before deleting it (`_discard`); hidden, read by no listing of checkpoints, removed
+by `--overwrite-run`."""
+PRUNED = ".pruned"
 
 
 def tag_for(step: int) -> str:
@@ -53,6 +61,40 @@ def is_save_name(name: str) -> bool:
     one holding every file of a complete save, and `step_of` would read its PID as the step (the newest save
     when markers record no `seq`), so listings of saves skip them."""
     return not name.startswith(".")
+
+
+def model_states_file(tag_dir: Path) -> Path:
+    """Rank 0's model states in a DeepSpeed tag folder: the module and our client state."""
+    files = sorted(Path(tag_dir).glob("*model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir}: no *_model_states.pt file; not a DeepSpeed checkpoint")
+    rank0 = [f for f in files if re.search(r"(zero_pp_rank_0_)?mp_rank_00_model_states\.pt$", f.name)]
+    return rank0[0] if rank0 else files[0]
+
+
+def written_by_mmpt(tag_dir: Path) -> bool:
+    """Whether a DeepSpeed tag folder was written by mmpt training, told without trusting its files: a resume
+    note (`RESUMED`), or our client state (the `mmpt` key) in rank 0's model states, parsed weights-only and
+    memory-mapped (only the pickle is read, no tensor data; a file holding code is refused, named). Such a
+    folder without its marker is refused (`atomic.verify_marker`); plain DeepSpeed folders are not."""
+    from pretrain.checkpoint.weights_only import mmap_load, safe_load
+
+    tag_dir = Path(tag_dir)
+    if (tag_dir / RESUMED).is_file():
+        return True
+    if not any(tag_dir.glob("*model_states.pt")):
+        return False
+    states = model_states_file(tag_dir)
+    state = mmap_load(states) if zipfile.is_zipfile(states) else safe_load(states)
+    return isinstance(state, dict) and "mmpt" in state
+
+
+def unmarked(tag_dir: Path) -> str:
+    """The refusal of an mmpt checkpoint folder without its marker (`written_by_mmpt`)."""
+    return (f"{tag_dir}: an mmpt checkpoint without its completion marker {MARKER}: its save did not "
+            "complete, its deletion (checkpoint retention) was interrupted, or the marker was removed, so "
+            "its files cannot be checked against their sha256s; refusing to load it. Use a complete "
+            f"checkpoint (one whose folder holds {MARKER}; `--resume latest` takes the newest)")
 
 
 def complete_tags(root: Path) -> list[str]:
@@ -97,7 +139,7 @@ def latest_tag(root: Path) -> str | None:
     """The tag `latest` names if that folder is complete; else the most recently saved complete one.
 
     Folders written by plain DeepSpeed (no marker) are accepted when `latest` names them, so checkpoints
-    from other tools still load."""
+    from other tools still load (one written by mmpt is then refused at load: `written_by_mmpt`)."""
     root = Path(root)
     named = _named(root / "latest")
     complete = complete_tags(root)
@@ -137,13 +179,53 @@ def note_resume(root: Path, tag: str) -> list[str]:
     return abandoned
 
 
+_UNIVERSAL_FILES = ("universal.json", MANIFEST)
+"""What makes `<root>/universal/<tag>` a copy to readers (`sources.UNIVERSAL_META`; `resume.open_universal`'s
+fallback also wants the manifest)."""
+
+
+def _discard(folder: Path, root: Path, name: str, visible_by: tuple[str, ...]) -> None:
+    """Delete a checkpoint folder so that no reader ever sees it half deleted: first it leaves its name, in
+    one atomic rename to `<root>/.staging/<name>.pruned`, then its files go. A kill (or an error) inside
+    `rmtree` would otherwise leave `<tag>` with its marker and some of its files gone (rmtree's order is the
+    directory's), listed as complete (`complete_tags`, the eval suite's tags) and refused only at load.
+    Should the rename fail (a `.staging` that is not a folder, `universal` on another file system), the
+    files that make the folder visible (`visible_by`: the marker; a copy's universal.json and manifest) go
+    first. Leftovers of an interrupted delete are removed by the next prune (`_empty_trash`)."""
+    if not folder.is_dir():
+        return
+    trash = root / STAGING / f"{name}{PRUNED}"
+    try:
+        trash.parent.mkdir(exist_ok=True)
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+    except OSError as e:
+        log.debug("could not move %s to %s (%s); removing its marker first", folder, trash, e)
+        for f in visible_by:
+            with contextlib.suppress(OSError):
+                (folder / f).unlink(missing_ok=True)
+        trash = folder
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _empty_trash(root: Path) -> None:
+    """Finish deletes an earlier prune started and a kill interrupted (`_discard`)."""
+    trash = Path(root) / STAGING
+    if trash.is_dir():
+        for p in trash.iterdir():
+            if p.name.endswith(PRUNED) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:
     """Delete complete checkpoints outside the retention policy; return the deleted tags.
 
     Kept: the `keep_last` most recent saves, every step divisible by `keep_every`, the one `latest` names and
     `best.json`'s (checkpoint.keep_best). A deleted checkpoint's universal copy goes with it, except the one
     `universal/latest` names: it stays until `save_universal` has written the next copy and pointed
-    `universal/latest` at it, so `checkpoints/universal` always holds a complete copy."""
+    `universal/latest` at it, so `checkpoints/universal` always holds a complete copy. Each folder leaves
+    its name before its files go (`_discard`): an interrupted prune never leaves a half-deleted checkpoint
+    that looks complete."""
     root = Path(root)
     order = saved_order(root)
     keep = set(order[-keep_last:]) if keep_last else set(order)
@@ -152,10 +234,11 @@ def prune(root: Path, keep_last: int, keep_every: int) -> list[str]:
     keep |= {_named(root / "latest")} | {best_tag(root)}
     newest_copy = _named(root / UNIVERSAL / "latest")
     removed = [t for t in order if t not in keep]
+    _empty_trash(root)
     for t in removed:
-        shutil.rmtree(root / t, ignore_errors=True)
+        _discard(root / t, root, t, (MARKER,))
         if t != newest_copy:
-            shutil.rmtree(root / UNIVERSAL / t, ignore_errors=True)
+            _discard(root / UNIVERSAL / t, root, f"{UNIVERSAL}-{t}", _UNIVERSAL_FILES)
     if removed:
         newest = step_of(order[-1])
         later = [t for t in removed if step_of(t) > newest]
@@ -175,6 +258,7 @@ def prune_universal_copies(root: Path) -> list[str]:
     kept = set(complete_tags(root)) | {_named(copies / "latest")}
     removed = sorted((p.name for p in copies.iterdir()
                       if p.is_dir() and p.name.startswith("global_step") and p.name not in kept), key=step_of)
+    _empty_trash(root)
     for t in removed:
-        shutil.rmtree(copies / t, ignore_errors=True)
+        _discard(copies / t, root, f"{UNIVERSAL}-{t}", _UNIVERSAL_FILES)
     return removed
