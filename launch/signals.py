@@ -1,12 +1,12 @@
 """Stop requests from the scheduler: SIGUSR1 (Slurm's `--signal=USR1@T` warning before the time limit,
 or an explicit `scancel --signal=USR1`) and SIGTERM (preemption, `scancel`, node drain).
 
-The handler only records the request; the training loop polls it at log steps (or every
-`train.stop_check_every` optimizer steps), all ranks agree through one tiny collective
-(`parallel.consensus.any_rank`), save a checkpoint at that step and exit with REQUEUE_EXIT_CODE. Polling
-every step would put a collective and a host read into every step. Doing the work in the loop rather
-than in the handler keeps every rank at the same step and never interrupts a collective or a checkpoint
-write halfway.
+The handler only records the request (installed from a rank's first moments: `install_early`); the
+training loop polls it at log steps (or every `train.stop_check_every` optimizer steps), all ranks agree
+through one tiny collective (`parallel.consensus.any_rank`), save a checkpoint at that step and exit with
+REQUEUE_EXIT_CODE (a request seen before training started: at once, nothing to save). Polling every step
+would put a collective and a host read into every step. Doing the work in the loop rather than in the
+handler keeps every rank at the same step and never interrupts a collective or a checkpoint write halfway.
 """
 
 from __future__ import annotations
@@ -34,11 +34,27 @@ class StoppedForRequeue(SystemExit):
 
     def __init__(self, step: int, signal_name: str):
         super().__init__(REQUEUE_EXIT_CODE)
-        self.step, self.signal_name = step, signal_name
+        self.step: int | None = step  # None for StoppedBeforeTraining
+        self.signal_name = signal_name
 
     def __str__(self) -> str:
         return (f"stopped at step {self.step} on {self.signal_name}; checkpoint saved, "
                 "resume with --resume latest")
+
+
+class StoppedBeforeTraining(StoppedForRequeue):
+    """A stop request that the ranks saw before training started (checked once the process group exists,
+    before the checkpoint is even read): nothing new to save, the run stays at its last checkpoint or its
+    start, so the ranks exit REQUEUE_EXIT_CODE at once instead of building the model and training up to
+    the first stop check under a scheduler's deadline. `.step` is None: no step was reached."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(0, signal_name)
+        self.step = None
+
+    def __str__(self) -> str:
+        return (f"stop requested ({self.signal_name}) before training started: nothing new to save (the run "
+                "stays at its last checkpoint, if any); resume with --resume latest")
 
 
 class StopRequest:
@@ -62,8 +78,8 @@ class StopRequest:
             return
         if self.signum is None:
             self.signum = signum
-            log.warning("received %s: will checkpoint after the current step and exit %d",
-                        signal.Signals(signum).name, REQUEUE_EXIT_CODE)
+            log.warning("received %s: will checkpoint after the current step (if training has started) and "
+                        "exit %d", signal.Signals(signum).name, REQUEUE_EXIT_CODE)
 
     @property
     def requested(self) -> bool:
@@ -90,3 +106,39 @@ class StopRequest:
         for s, h in self._previous.items():
             signal.signal(s, h)  # type: ignore[arg-type]
         self._previous.clear()
+
+
+_EARLY: dict[str, StopRequest] = {}
+FAULT_EARLY_SIGNAL = "MMPT_FAULT_EARLY_SIGNAL"
+"""Tests: `USR1` or `TERM` sends that signal to the process right after `install_early` (a stop request in
+a rank's first seconds; pretrain/faults.py holds the other fault hooks, but imports torch)."""
+
+
+def install_early() -> StopRequest:
+    """Record stop signals from the first moment of a training rank (`pretrain train` calls it before it
+    imports the trainer and DeepSpeed, seconds of every start); `train()` takes the request over
+    (`take_early`) and acts on a signal that arrived meanwhile at its first check. Without it such a
+    SIGUSR1 was lost (`pretrain launch` passes it to torchrun's and DeepSpeed's ranks ignored) or ended the
+    rank, as SIGTERM did, with a status other than 75, so nothing requeued the job. Idempotent."""
+    stop = _EARLY.get("stop")
+    if stop is None or stop._pid != os.getpid():
+        stop = _EARLY["stop"] = StopRequest().install()
+    name = os.environ.get(FAULT_EARLY_SIGNAL)
+    if name:
+        os.kill(os.getpid(), signal.Signals[f"SIG{name.upper().removeprefix('SIG')}"])
+    return stop
+
+
+def take_early() -> StopRequest | None:
+    """The request `install_early` set up in this process, handed over once (the caller restores it)."""
+    stop = _EARLY.pop("stop", None)
+    return stop if stop is not None and stop._pid == os.getpid() else None
+
+
+def release_early() -> None:
+    """Undo an `install_early` that no `train()` took over (the command failed before it: a config error,
+    a bad path), so a caller that carries on in-process, such as a test calling `pretrain.cli.main`, gets its
+    own signal handlers back."""
+    stop = take_early()
+    if stop is not None:
+        stop.restore()

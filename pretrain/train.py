@@ -25,7 +25,7 @@ from data_pipelines.stats import check_bad_fraction
 from data_pipelines.tokenizer import TextTokenizer, load_tokenizer, train_tokenizer_from_shards
 from launch.logs import install_filters
 from launch.mpi import launch_rank_info
-from launch.signals import StoppedForRequeue, StopRequest
+from launch.signals import StoppedBeforeTraining, StoppedForRequeue, StopRequest, take_early
 from parallel import groups
 from parallel.comms_probe import CommsProbe
 from parallel.consensus import any_rank, sum_over_ranks
@@ -160,18 +160,31 @@ def _pending_validation(cfg: Config, start: Any, step: int, validator: Any, metr
             log.warning("recording %s/%s as the best checkpoint: %s", root, tag, e)
 
 
+def _stop_before_training(stop: StopRequest) -> None:
+    """Before the first optimizer step, all ranks agree whether a stop was requested (one all-reduce; the
+    handler is in place from the rank's start, launch.signals.install_early) and, if so, exit 75 now."""
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    if any_rank(stop.requested, device):
+        exc = StoppedBeforeTraining(stop.signal_name)
+        log.warning("%s; exiting %d (requeue)", exc, exc.code)
+        stop.ignore_further()  # as for a stop in the loop: a late TERM must not turn 75 into 143
+        raise exc
+
+
 def train(cfg: Config, resume: str | None = None, init_from: str | None = None,
           overwrite_run: bool = False) -> dict[str, Any]:
     """Run `cfg.train.steps` optimizer steps (continuing from `resume`, or starting from the weights of
     `init_from`); return a summary dict. A start from step 0 into a run.dir that holds another run is
     refused unless `overwrite_run` (which deletes that run's outputs first: checkpoint/run_dir.py)."""
-    stop = StopRequest().install()  # preemption (launch/signals.py): SIGUSR1/SIGTERM -> checkpoint + exit 75
+    # preemption (launch/signals.py): SIGUSR1/SIGTERM -> checkpoint + exit 75 (`pretrain train` installs it)
+    stop = take_early() or StopRequest().install()
     validate(cfg, world_size=launch_rank_info().world_size)  # every config problem, before any process group
     if not cfg.data.train.strip():
         raise ConfigError("data.train is empty: give the training shards, e.g. "
                           "data.train='shards/shard-{000000..000023}.tar' (see `pretrain data synth|import`)")
     check_start(cfg, resume, init_from, overwrite_run, launch_rank_info().rank)  # another run in run.dir
     groups.init_distributed(cfg.parallel.timeout_s, cfg.parallel.tp)
+    _stop_before_training(stop)  # a stop in the rank's first seconds: exit 75 now, nothing to save yet
     rank, dp_rank, dp_world = groups.rank(), groups.dp_rank(), groups.dp_world_size()
     run_dir = Path(cfg.run.dir)
     root = ckpt.checkpoint_root(cfg)
