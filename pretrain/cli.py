@@ -38,6 +38,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from launch.signals import install_early
+
+    install_early()  # first: a stop signal during the imports below is kept for train() (it exits 75)
     from launch.mpi import launch_rank_info
     from parallel import groups
     from pretrain.checkpoint.atomic import CheckpointSaveError
@@ -276,10 +279,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    from launch.signals import install_early, release_early
+
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    if words[:1] == ["train"]:  # a rank's first moment: build_parser imports torch (seconds); see cmd_train
+        install_early()
     install_filters()  # before build_parser's imports: some noise is printed while libraries import
-    args = parse_args(build_parser(), argv)
-    setup_logging(args.verbose)
     try:
+        args = parse_args(build_parser(), argv)
+        setup_logging(args.verbose)
         return args.func(args)
     except ConfigError as e:
         print(f"pretrain: config error: {e}", file=sys.stderr)
@@ -290,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     except RendezvousError as e:  # an expected launch failure: one timestamped line, no traceback
         logging.getLogger("mmpt.launch").error("%s", e)
         return 1
+    finally:
+        release_early()  # not taken over by train(): this process's own handlers back
 
 
 def entry() -> None:
