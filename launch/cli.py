@@ -69,6 +69,26 @@ def _visible_devices(e: Mapping[str, str], launcher: str, nodes: int, hostfile: 
     return value
 
 
+def _check_nodes_gpus(e: Mapping[str, str], launcher: str, nodes: int, hostfile: str | None,
+                      ppn: int) -> None:
+    """deepspeed on several nodes (or from a hostfile) starts each node's ranks on its GPUs 0..P-1 (its
+    per-node launcher sets CUDA_VISIBLE_DEVICES from the hostfile's slots, whatever the variable said), so a
+    CUDA_VISIBLE_DEVICES that lists other GPUs (a shared node without Slurm's ConstrainDevices, `4,5,6,7`)
+    would put the ranks on another job's GPUs: refused, naming torchrun, which keeps the variable."""
+    value = e.get("CUDA_VISIBLE_DEVICES")
+    if launcher != "deepspeed" or not (nodes > 1 or hostfile) or value is None:
+        return
+    if e.get("DS_ACCELERATOR", "cuda") not in ("", "cuda") or _cuda_gpus() == 0:
+        return
+    ids = [v.strip() for v in value.split(",") if v.strip()]
+    if ids[:ppn] != [str(i) for i in range(ppn)]:
+        raise LaunchPlanError(f"CUDA_VISIBLE_DEVICES={value!r}: deepspeed on several nodes (or with a "
+                              f"hostfile) starts the ranks on GPUs 0..{ppn - 1} of each node whatever this "
+                              "variable says, so they would run on GPUs it does not list; use --launcher "
+                              "torchrun (it keeps CUDA_VISIBLE_DEVICES), or let Slurm's ConstrainDevices "
+                              "number each job's GPUs from 0")
+
+
 def _port(value: int, source: str) -> int:
     if not is_tcp_port(value):
         raise LaunchPlanError(f"{source} {value} is not a TCP port (1-65535)")
@@ -105,6 +125,7 @@ def plan_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     if hostfile is None and args.launcher == "deepspeed" and nodes > 1 and hosts:
         hostfile = str(write_hostfile(hosts, ppn))
 
+    _check_nodes_gpus(e, args.launcher, nodes, hostfile, ppn)
     explicit_addr = args.master_addr or e.get("MASTER_ADDR")
     master_addr: str | None = explicit_addr
     if master_addr is None and args.launcher != "mpirun":

@@ -180,3 +180,24 @@ def test_cuda_visible_devices_the_deepspeed_launcher_cannot_honour_is_refused(vi
                    visible_devices=visible)
     with pytest.raises(LaunchPlanError, match=words):
         build_command(p)
+
+
+@pytest.mark.parametrize("visible, refused", [("4,5", True), ("1,0", True), ("0", True), ("0,1", False),
+                                              ("0,1,2,3", False)])
+def test_deepspeed_on_several_nodes_refuses_visible_gpus_it_would_not_use(tmp_path, monkeypatch, visible,
+                                                                          refused):
+    """Across nodes the deepspeed runner puts each node's ranks on its GPUs 0..P-1 (the per-node launcher
+    sets CUDA_VISIBLE_DEVICES from the hostfile's slots), so `4,5` would land the ranks on another job's
+    GPUs: refused with what to use instead; a list that starts 0..P-1 (Slurm's ConstrainDevices) passes."""
+    monkeypatch.setattr(launch_cli, "_cuda_gpus", lambda: 2)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("n1 slots=2\nn2 slots=2\n")
+    argv = ["--launcher", "deepspeed", "--nodes", "2", "--procs-per-node", "2", "--hostfile", str(hostfile),
+            "--master-addr", "n1", "--python", PY, "--", *TRAIN]
+    if refused:
+        with pytest.raises(LaunchPlanError, match=r"CUDA_VISIBLE_DEVICES=.*0\.\.1 of each node.*torchrun"):
+            plan(argv, {"CUDA_VISIBLE_DEVICES": visible})
+    else:
+        assert "--num_accelerators" in build_command(plan(argv, {"CUDA_VISIBLE_DEVICES": visible}))
+    monkeypatch.setattr(launch_cli, "_cuda_gpus", lambda: 0)  # CPU ranks: the variable means nothing here
+    assert "--num_accelerators" in build_command(plan(argv, {"CUDA_VISIBLE_DEVICES": "4,5"}))
