@@ -62,39 +62,52 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Single process, or every rank of a launcher (deepspeed, torchrun, mpirun, srun): each rank encodes
-    its share of the shards and rank 0 prints the (identical) result."""
+    its share of the shards and rank 0 prints the (identical) result. A fine-tuned classifier's checkpoint
+    (`train.task=classify`) is scored for accuracy instead (`pretrain.evaluation.classifier_eval`)."""
     from launch.mpi import launch_rank_info
     from parallel import groups
-    from pretrain.evaluation.evaluate import eval_device, evaluate, load_model
+    from pretrain.checkpoint.sources import open_source
+    from pretrain.evaluation import classifier_eval
+    from pretrain.evaluation.evaluate import eval_device, evaluate, model_from_source
     from pretrain.evaluation.layout import resolve_eval_data
 
     if args.suite or args.plot:
         from pretrain.evaluation.suite import run_suite_cli
 
+        classifier_eval.refuse_suite(args.checkpoint or [], "--suite" if args.suite else "--plot")
         return run_suite_cli(args)
     if not args.data:
         raise ValueError("pretrain eval needs --data (shards or a CLIP_benchmark folder) or --suite FILE")
     if not args.checkpoint or len(args.checkpoint) != 1:
         raise ValueError("pretrain eval needs exactly one --checkpoint (several: use --suite to compare)")
     if args.few_shot and not args.linear_probe:
+        if classifier_eval.checkpoint_task(args.checkpoint[0]) == classifier_eval.CLASSIFY_TASK:
+            classifier_eval.refuse_flags(args.checkpoint[0], args)
         raise ValueError("--few-shot K draws K labelled samples per class from --linear-probe TRAIN_SHARDS; "
                          "pass both")
     me = launch_rank_info()
     if me.world_size > 1:
         quiet_other_ranks(me.rank, False)
         groups.init_distributed(args.timeout_s, tp=1)
-    bundle = load_model(args.checkpoint[0])  # first, as before: a wrong checkpoint path is named first
-    bundle[0].to(eval_device())
-    ds = resolve_eval_data(args.data, args.classnames, args.templates, split=args.split)
-    result = evaluate(args.checkpoint[0], ds.urls, ds.classnames, batch_size=args.batch_size,
-                      max_samples=args.max_samples, linear_probe=args.linear_probe, model_bundle=bundle,
-                      templates=ds.templates, few_shot=args.few_shot, workers=args.workers,
-                      rerank=args.rerank)
-    if args.binding:  # every rank computes the same numbers; no collectives
-        from pretrain.evaluation.binding import binding_probe
+    src = open_source(args.checkpoint[0])  # first, as before: a wrong checkpoint path is named first
+    if classifier_eval.is_classifier(src.config):
+        classifier_eval.refuse_flags(args.checkpoint[0], args)
+        result = classifier_eval.evaluate_classifier(src, args.data, args.classnames, split=args.split,
+                                                     batch_size=args.batch_size, max_samples=args.max_samples,
+                                                     workers=args.workers)
+    else:
+        bundle = model_from_source(src)
+        bundle[0].to(eval_device())
+        ds = resolve_eval_data(args.data, args.classnames, args.templates, split=args.split)
+        result = evaluate(args.checkpoint[0], ds.urls, ds.classnames, batch_size=args.batch_size,
+                          max_samples=args.max_samples, linear_probe=args.linear_probe, model_bundle=bundle,
+                          templates=ds.templates, few_shot=args.few_shot, workers=args.workers,
+                          rerank=args.rerank)
+        if args.binding:  # every rank computes the same numbers; no collectives
+            from pretrain.evaluation.binding import binding_probe
 
-        model, tokenizer, cfg = bundle
-        result.update(binding_probe(model, tokenizer, cfg, ds.urls, args.max_samples, args.batch_size))
+            model, tokenizer, cfg = bundle
+            result.update(binding_probe(model, tokenizer, cfg, ds.urls, args.max_samples, args.batch_size))
     if groups.rank() != 0:
         return 0
     if args.json:
@@ -184,14 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="zero-shot classification and retrieval from a checkpoint")
+    p = sub.add_parser("eval", help="zero-shot classification and retrieval from a checkpoint (a fine-tuned "
+                       "classifier's: its top-1/top-5 accuracy and loss)")
     p.add_argument("--checkpoint", action="append", help="run directory or checkpoint folder (with --suite: "
-                   "may be given several times to compare them side by side)")
+                   "may be given several times to compare them side by side); a fine-tuned classifier's "
+                   "(train.task=classify) reports classify_top1/top5/loss on --data")
     p.add_argument("--data", help="held-out shard URLs (brace-expandable), or a dataset folder in LAION "
                    "CLIP_benchmark's layout (SPLIT/nshards.txt + 0.tar.., classnames.txt, "
                    "zeroshot_classification_templates.txt)")
     p.add_argument("--classnames", help="classnames.txt; `.cls` of each sample indexes it (default: "
-                   "classnames.txt beside the shards or in the --data folder)")
+                   "classnames.txt beside the shards or in the --data folder); for a fine-tuned classifier "
+                   "optional, and refused unless it holds the checkpoint's class names")
     p.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with {c} or {} "
                    "(default: zeroshot_classification_templates.txt beside the shards, else built-in)")
     p.add_argument("--split", default="test", help="split folder of a CLIP_benchmark --data folder")

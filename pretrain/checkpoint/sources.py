@@ -315,11 +315,12 @@ def open_source(path: str | Path, tag: str | None = None) -> Source:
 
 def refuse_classifier(cfg: Config, path: str | Path) -> None:
     """ValueError for a fine-tuned classifier (`train.task=classify`: an image tower and a class head, no text
-    tower), which the CLIP encoders of eval / embed / ONNX / HF / open_clip cannot be built from: say so,
-    and what reads it, instead of "does not match the model: missing logit_scale, ..."."""
+    tower), which the CLIP encoders of embed / eval --suite / ONNX / HF / open_clip cannot be built from:
+    say so, and what reads it, instead of "does not match the model: missing logit_scale, ...". Plain
+    `pretrain eval` does read it (`pretrain.evaluation.classifier_eval`) and never gets here."""
     if cfg.train.task == "classify":
         raise ValueError(f"{path}: a fine-tuned classifier (train.task=classify: image tower + class head, "
-                         "no text tower), which this command does not read (it needs a CLIP model); its "
-                         "accuracy is the fine-tune's validation (`pretrain finetune --val ...`, "
-                         "`--wise-ft`), and `pretrain convert --to safetensors|universal` exports its "
-                         "weights")
+                         "no text tower), which this command does not read (it needs a CLIP model); "
+                         f"`pretrain eval --checkpoint {path} --data SHARDS` scores its accuracy (top-1, "
+                         "top-5, loss), as the fine-tune's validation and `--wise-ft` do, and "
+                         "`pretrain convert --to safetensors|universal` exports its weights")

@@ -22,14 +22,15 @@ from data_pipelines.clip_benchmark import read_classnames as read_clip_benchmark
 from data_pipelines.tokenizer import TextTokenizer
 from parallel import groups
 from parallel.consensus import from_rank0
-from pretrain.checkpoint.sources import load_tokenizer, open_source, refuse_classifier
+from pretrain.checkpoint.sources import Source, load_tokenizer, open_source, refuse_classifier
 from pretrain.config import Config
 from pretrain.evaluation.distributed import check_label_range, metrics_from_features
 from pretrain.evaluation.features import TEMPLATES, classifier_weights, shard_features
 from pretrain.evaluation.rerank import rerank_metrics
 from pretrain.models.pretrain_model import PretrainModel
 
-__all__ = ["TEMPLATES", "classifier_weights", "evaluate", "load_model", "read_classnames"]
+__all__ = ["TEMPLATES", "classifier_weights", "evaluate", "load_model", "model_from_source",
+           "read_classnames"]
 
 log = logging.getLogger("mmpt.eval")
 _WARNED: set[tuple[str, tuple[str, ...]]] = set()
@@ -38,7 +39,12 @@ _WARNED: set[tuple[str, tuple[str, ...]]] = set()
 def load_model(checkpoint: str | Path, tag: str | None = None) -> tuple[PretrainModel, TextTokenizer, Config]:
     """Model (eval mode, fp32), tokenizer and config from a run directory, DeepSpeed checkpoint of any
     (dp, tp), universal checkpoint or weights export (`pretrain.checkpoint.sources.open_source`)."""
-    src = open_source(checkpoint, tag)
+    return model_from_source(open_source(checkpoint, tag))
+
+
+def model_from_source(src: Source) -> tuple[PretrainModel, TextTokenizer, Config]:
+    """`load_model` of an already opened checkpoint: `pretrain eval` opens it once (opening hashes its files)
+    and looks at its task first, since a fine-tuned classifier is scored by `classifier_eval` instead."""
     cfg = src.config
     refuse_classifier(cfg, src.path)  # a fine-tune's image tower + head: named, not "missing logit_scale"
     tokenizer = load_tokenizer(src.meta["tokenizer"])

@@ -34,7 +34,7 @@ class EvalData:
     """A resolved evaluation set: shard URLs, the class names file, and the prompts (None: built-in)."""
 
     urls: str
-    classnames: Path
+    classnames: Path | None  # None only when asked for without (`resolve_eval_data(need_classnames=False)`)
     templates: list[str] | None
     templates_file: Path | None
     layout: str  # "clip_benchmark", "folder" or "urls"
@@ -141,9 +141,11 @@ def check_captions(first_shard: str) -> None:
 
 
 def resolve_eval_data(data: str, classnames: str | Path | None = None, templates: str | Path | None = None,
-                      split: str = "test") -> EvalData:
+                      split: str = "test", need_classnames: bool = True) -> EvalData:
     """Shards, class names and prompts for `data` (a dataset folder or shard URLs; see the module
-    docstring). Raises FileNotFoundError/ValueError naming what is missing, before any model is loaded."""
+    docstring). Raises FileNotFoundError/ValueError naming what is missing, before any model is loaded.
+    `need_classnames=False` (a fine-tuned classifier, whose checkpoint records its classes): no class-names
+    file found is `classnames=None`, not an error."""
     folder = Path(data)
     if "::" not in data and "{" not in data and folder.is_dir():
         found = _shards_of(folder, split)
@@ -161,6 +163,8 @@ def resolve_eval_data(data: str, classnames: str | Path | None = None, templates
         first = expand_urls(data.split("::")[0])[0]
     check_captions(first)
     names = Path(classnames) if classnames else look_beside(first, CLASSNAMES_FILE)
+    if names is None and not need_classnames:
+        return EvalData(urls=urls, classnames=None, templates=None, templates_file=None, layout=layout)
     if names is None:
         raise FileNotFoundError(f"no class names for {data}: pass --classnames FILE or put {CLASSNAMES_FILE} "
                                 f"beside the shards (looked in {Path(local_path(first)).parent} and its "

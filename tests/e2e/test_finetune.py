@@ -2,7 +2,8 @@
 shards, then fine-tuned on 2 ranks under the real deepspeed launcher (ZeRO-3) with validation and a WiSE-FT
 sweep. Fine-tuned top-1 on the held-out shards must beat the init's zero-shot top-1; the sweep's ends must
 equal, alpha=0, the init's zero-shot accuracy under `pretrain eval` and, alpha=1, the run's last validation
-(the live ZeRO-3 model) -- both computed by other code paths than the sweep's."""
+(the live ZeRO-3 model) -- both computed by other code paths than the sweep's; `pretrain eval` of the
+fine-tuned checkpoint reports that validation's accuracy too."""
 
 from __future__ import annotations
 
@@ -69,6 +70,22 @@ def test_wise_ft_sweep_ends_match_zero_shot_and_fine_tuned(runs, zeroshot):
     assert json.loads((runs["ft"] / "wise_ft.json").read_text()) == sweep
     for alpha in ALPHAS:  # the table on stderr lists every alpha
         assert f"| {alpha:g} | {by_alpha[alpha]['top1']:.4f} |" in runs["stderr"]
+
+
+def test_pretrain_eval_of_the_fine_tuned_checkpoint_matches_its_validation(runs, shards):
+    """`pretrain eval` of the fine-tune's 2-rank ZeRO-3 checkpoint, in one process (ranks: the unit tests'
+    two gloo ranks), reports the accuracy the run's last validation computed on the live model on the same
+    shards (the class names beside them are the checkpoint's, so they are accepted)."""
+    r = run_pretrain(["eval", "--checkpoint", str(runs["ft"]), "--data", shards["val"], "--batch-size", "16",
+                      "--json"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
+    last_val = [row for row in read_metrics(runs["ft"]) if "val/top1" in row][-1]
+    assert got["samples"] == last_val["val/samples"] == 128 and got["skipped"] == {}
+    assert got["classify_top1"] == pytest.approx(last_val["val/top1"], abs=1e-6)
+    assert got["classify_top5"] == pytest.approx(last_val["val/top5"], abs=1e-6)
+    assert got["classify_loss"] == pytest.approx(last_val["val/loss"], abs=1e-4)
+    assert got["classify_top1"] > got["chance"] and got["classes"] == 32
 
 
 def test_checkpoint_holds_image_tower_and_head_only(runs):

@@ -1,7 +1,7 @@
 """A fine-tuned classifier's checkpoint (`train.task=classify`: image tower + class head, no text tower) given
-to the commands that build a CLIP model (eval, embed, convert --to hf|open_clip) is named as such, with what
+to the commands that build a CLIP model (embed, convert --to hf|open_clip) is named as such, with what
 reads it; they said "does not match the model: missing ['logit_scale', ...]" or "not a PretrainModel state
-dict". `--to safetensors` still exports it."""
+dict". `--to safetensors` still exports it; `pretrain eval` scores it (tests/unit/test_classifier_eval.py)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,7 @@ def classifier(tiny_tok, tmp_path_factory) -> Path:
     return d / "weights"
 
 
-@pytest.mark.parametrize("args", [["eval", "--checkpoint", "{w}", "--data", "{w}/x.tar"],
-                                  ["embed", "--checkpoint", "{w}", "--out", "{o}/e.npz", "--texts",
+@pytest.mark.parametrize("args", [["embed", "--checkpoint", "{w}", "--out", "{o}/e.npz", "--texts",
                                    "{o}/t.txt"],
                                   ["convert", "{w}", "{o}/hf", "--to", "hf"],
                                   ["convert", "{w}", "{o}/oc", "--to", "open_clip"]])
