@@ -114,6 +114,11 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 2, synthetic: bool = F
 
     if steps < 1 or warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    if cfg.train.task != "pretrain":  # it builds PretrainModel and counts its FLOPs: numbers of another model
+        raise ValueError(f"train.task={cfg.train.task!r}: `pretrain bench step` times the pretraining model "
+                         "(CLIP + MAE + MLM) only; time a fine-tune from its own metrics.jsonl "
+                         "(samples_per_s); plan its memory with "
+                         "`pretrain plan --world N train.task=classify`")
     if vs not in (None, "open_clip"):
         raise ValueError(f"--vs {vs!r}: only open_clip is supported")
     if not 0.0 <= vs_patch_dropout < 1.0:

@@ -111,3 +111,13 @@ def test_bench_gpu_pattern_matching_no_variant_is_refused_before_anything_runs(f
     assert f"{flag} no-such-variant: no variant name contains it" in err  # only the unmatched pattern
     assert "train.compile=true" in err  # the names to choose from
     assert not out.exists()
+
+
+def test_bench_step_refuses_a_fine_tune_config_it_would_not_time(capsys):
+    """`bench step` builds the pretraining model and counts its FLOPs; under train.task=classify it would
+    print a pretraining model's throughput and MFU as the fine-tune's: refused, naming the key."""
+    from pretrain.cli import main
+
+    assert main(["bench", "step", "--steps", "1", "train.task=classify", "finetune.classnames=c.txt"]) == 2
+    err = capsys.readouterr().err
+    assert "train.task='classify'" in err and "pretrain plan --world N train.task=classify" in err
