@@ -6,6 +6,7 @@
     pretrain convert SRC DST --to open_clip            open_clip model config + weights
     pretrain convert SRC DST --to onnx [--dtype fp32|fp16|int8] [--quant dynamic|static --calibration URLS]
                                   [--optimizer none|transformers]   image + text encoders for onnxruntime
+                                                       (a fine-tuned classifier: image tower + head)
     pretrain convert --from hf|open_clip SRC DST       start pretraining from an existing CLIP model
     pretrain convert --from open_clip SRC DST --arch ViT-B-32   open_clip weights of a named architecture
     pretrain convert --from openai SRC DST             OpenAI's own format (state dict or TorchScript .pt)

@@ -323,4 +323,4 @@ def refuse_classifier(cfg: Config, path: str | Path) -> None:
                          "no text tower), which this command does not read (it needs a CLIP model); "
                          f"`pretrain eval --checkpoint {path} --data SHARDS` scores its accuracy (top-1, "
                          "top-5, loss), as the fine-tune's validation and `--wise-ft` do, and "
-                         "`pretrain convert --to safetensors|universal` exports its weights")
+                         "`pretrain convert --to safetensors|universal|onnx` exports it")

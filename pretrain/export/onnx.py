@@ -19,13 +19,16 @@ is onnxruntime's float16 conversion (fp32 inputs/outputs kept, LayerNorm and nor
 int8 onnxruntime's quantisation (`pretrain.export.onnx_quant`). Each graph is checked after writing: run
 in onnxruntime at two batch sizes against the eager model, the cosines recorded in the manifest; an fp32
 graph below cosine 0.9999 fails the conversion.
+
+A fine-tuned classifier's checkpoint is written by `pretrain.export.onnx_classifier` through the same
+helpers (`export_tower`, `write_graphs`, `check_options`, `image_preprocess`).
 """
 
 from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +43,9 @@ from pretrain.export.common import write_json
 from pretrain.export.onnx_fuse import OPTIMIZERS, fusable_tower, graph_record, transformers_optimize
 from pretrain.export.onnx_runtime import IMAGE_ONNX, PREPROCESS, TEXT_ONNX, TOKENIZER, OnnxCLIP
 
-__all__ = ["ONNX_DTYPES", "OPSET", "OPTIMIZERS", "ExportError", "export_onnx", "preprocess_config",
-           "runtime_tokenizer_json"]
+__all__ = ["ONNX_DTYPES", "OPSET", "OPTIMIZERS", "ExportError", "check_options", "example_images",
+           "export_onnx", "export_tower", "image_preprocess", "preprocess_config", "runtime_tokenizer_json",
+           "write_graphs"]
 
 ONNX_DTYPES = ("fp32", "fp16", "int8")
 OPSET = 17
@@ -93,6 +97,14 @@ def runtime_tokenizer_json(tokenizer: Any) -> str:
     return tokenizer.to_json()
 
 
+def image_preprocess(cfg: Config) -> dict[str, Any]:
+    """The image half of `preprocess.json` (what turns an image file into `pixel_values`), shared by the
+    CLIP and the classifier export so both folders preprocess exactly as eval does."""
+    return {"image_size": cfg.model.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+            "resize": "shorter side to image_size, bicubic", "crop": "center", "channels": "RGB",
+            "scale": "pixels / 255, then (x - mean) / std"}
+
+
 def preprocess_config(cfg: Config, dtype: str, quant: str | None, tokenizer: Any = None) -> dict[str, Any]:
     """What turns an image file or a string into the graphs' inputs (read by `OnnxCLIP`): the special ids,
     clean-up and pooling are the run's tokenizer's (default: our BPE's)."""
@@ -106,9 +118,7 @@ def preprocess_config(cfg: Config, dtype: str, quant: str | None, tokenizer: Any
         clean, layout = "none", "[SOS] tokens[:context_length - 2] [EOS] [PAD]..."
         text_pool = "first EOS token after ln_final, @ text_projection (causal attention)"
     return {
-        "image_size": cfg.model.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-        "resize": "shorter side to image_size, bicubic", "crop": "center", "channels": "RGB",
-        "scale": "pixels / 255, then (x - mean) / std",
+        **image_preprocess(cfg),
         "context_length": cfg.model.text.context_length, **ids, "text_layout": layout,
         "text_clean": clean,
         "pooling": {"image": "class token after ln_post, @ proj", "text": text_pool},
@@ -119,11 +129,12 @@ def preprocess_config(cfg: Config, dtype: str, quant: str | None, tokenizer: Any
 
 
 # ------------------------------------------------------------------------------------------ export
-def _export(module: nn.Module, example: torch.Tensor, name: str, out: Path | io.BytesIO) -> None:
+def _export(module: nn.Module, example: torch.Tensor, name: str, out: Path | io.BytesIO,
+            output: str = "embeds") -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python ints: the batch axis is checked below
-        torch.onnx.export(module, (example,), out, input_names=[name], output_names=["embeds"],
-                          dynamic_axes={name: {0: "batch"}, "embeds": {0: "batch"}}, opset_version=OPSET,
+        torch.onnx.export(module, (example,), out, input_names=[name], output_names=[output],
+                          dynamic_axes={name: {0: "batch"}, output: {0: "batch"}}, opset_version=OPSET,
                           dynamo=False, do_constant_folding=True)
 
 
@@ -168,14 +179,18 @@ def _failing_layer(module: nn.Module, example: torch.Tensor) -> str | None:
     return inner[0] if inner else None
 
 
-def _export_tower(module: nn.Module, example: torch.Tensor, name: str, path: Path, tower: str) -> None:
+def export_tower(module: nn.Module, example: torch.Tensor, name: str, path: Path, tower: str,
+                 output: str = "embeds", what: str | None = None) -> None:
+    """Trace `module` (input `name`, output `output`, dynamic batch) to `path`; an exporter failure is an
+    ExportError naming `what` (default: the `tower` encoder) and the innermost layer that fails alone."""
     try:
-        _export(module, example, name, path)
+        _export(module, example, name, path, output)
     except Exception as e:  # noqa: BLE001 -- any exporter error is reported with the layer it came from
         layer = _failing_layer(module, example)
         where = f"layer {layer!r} ({type(dict(module.named_modules())[layer]).__name__})" if layer else \
             "an unidentified layer"
-        raise ExportError(f"the {tower} encoder cannot be exported to ONNX (opset {OPSET}): {where} fails: "
+        what = what or f"{tower} encoder"
+        raise ExportError(f"the {what} cannot be exported to ONNX (opset {OPSET}): {where} fails: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
@@ -200,46 +215,49 @@ def check_export(folder: Path, model: Any, images: torch.Tensor, ids: torch.Tens
     return out
 
 
+def example_images(cfg: Config, batch: int = 3, seed: int = 0) -> torch.Tensor:
+    """Random normalised-range images [batch, 3, S, S] (traced, then the post-write check's inputs)."""
+    S = cfg.model.image_size
+    return torch.randn(batch, 3, S, S, generator=torch.Generator().manual_seed(seed))
+
+
 def example_inputs(cfg: Config, tokenizer: TextTokenizer, batch: int = 3, seed: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random normalised-range images and real captions of different lengths (EOS at different places)."""
-    g = torch.Generator().manual_seed(seed)
-    S = cfg.model.image_size
-    images = torch.randn(batch, 3, S, S, generator=g)
+    images = example_images(cfg, batch, seed)
     words = ["a", "red", "small", "square", "on", "the", "left", "blue", "circle", "large"]
     texts = [" ".join(words[: 1 + (i * 3) % len(words)]) for i in range(batch)]
     return images, tokenizer.encode_batch(texts, cfg.model.text.context_length)
 
 
-def export_onnx(model: Any, tokenizer: TextTokenizer, cfg: Config, out: Path, dtype: str = "fp32",
-                quant: str = "dynamic", calibration: Callable[[], dict[str, list[np.ndarray]]] | None = None,
-                optimizer: str = "none") -> dict[str, Any]:
-    """Write both encoders of `model` (eval mode, fp32, CPU) into `out` (an existing, empty staged folder)
-    at `dtype`; returns what the manifest records (dtype, quantisation, opset, graph, check cosines).
-
-    `calibration()` returns {"image": [normalised image batches], "text": [id batches]} for static int8.
-    `optimizer`: "none" or "transformers" (onnxruntime.transformers' fusions, before quantisation).
-    """
+def check_options(dtype: str, quant: str, calibration: Callable[[], Any] | None, optimizer: str) -> None:
+    """ValueError for a dtype / quantisation / optimizer combination no export can write."""
     if dtype not in ONNX_DTYPES:
         raise ValueError(f"--dtype {dtype!r} for --to onnx: choose one of {', '.join(ONNX_DTYPES)}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-    from pretrain.export.onnx_quant import QUANT_MODES, quantize, to_fp16
+    from pretrain.export.onnx_quant import QUANT_MODES
 
     if dtype == "int8" and quant not in QUANT_MODES:
         raise ValueError(f"--quant {quant!r}: choose one of {', '.join(QUANT_MODES)}")
     if dtype == "int8" and quant == "static" and calibration is None:
         raise ValueError("--dtype int8 --quant static needs calibration data: pass --calibration SHARDS "
                          "(a few hundred images are enough), or use --quant dynamic")
-    model = model.float().eval().cpu()
-    images, ids = example_inputs(cfg, tokenizer)
-    fp32 = out / "fp32"
-    fp32.mkdir()
-    _export_tower(_ImageEncoder(fusable_tower(model.visual)).eval(), images, "pixel_values",
-                  fp32 / IMAGE_ONNX, "image")
-    _export_tower(_TextEncoder(fusable_tower(model.text)).eval(), ids, "input_ids", fp32 / TEXT_ONNX, "text")
+
+
+def write_graphs(fp32: Path, out: Path, graphs: Sequence[tuple[str, str, Any]], dtype: str, quant: str,
+                 calibration: Callable[[], dict[str, list[np.ndarray]]] | None, optimizer: str
+                 ) -> dict[str, dict[str, int]]:
+    """Turn the traced fp32 graphs in `fp32` into `out`'s files at `dtype`, then remove `fp32`.
+
+    `graphs`: (file name, tower "image" or "text", its tower config: heads, width). With
+    `optimizer="transformers"` each is fused first (returned: the fused-op statistics per tower); int8
+    static calibrates on `calibration()[tower]`. One path for every export, so CLIP encoders and a
+    classifier get the same conversions."""
+    from pretrain.export.onnx_quant import quantize, to_fp16
+
     fused: dict[str, dict[str, int]] = {}
-    for name, tower, m in ((IMAGE_ONNX, "image", cfg.model.vision), (TEXT_ONNX, "text", cfg.model.text)):
+    for name, tower, m in graphs:
         src = fp32 / name
         if optimizer == "transformers":
             fused[tower] = transformers_optimize(src, fp32 / f"fused-{name}", tower, m.heads, m.width)
@@ -254,6 +272,28 @@ def export_onnx(model: Any, tokenizer: TextTokenizer, cfg: Config, out: Path, dt
     for p in fp32.iterdir():
         p.unlink()
     fp32.rmdir()
+    return fused
+
+
+def export_onnx(model: Any, tokenizer: TextTokenizer, cfg: Config, out: Path, dtype: str = "fp32",
+                quant: str = "dynamic", calibration: Callable[[], dict[str, list[np.ndarray]]] | None = None,
+                optimizer: str = "none") -> dict[str, Any]:
+    """Write both encoders of `model` (eval mode, fp32, CPU) into `out` (an existing, empty staged folder)
+    at `dtype`; returns what the manifest records (dtype, quantisation, opset, graph, check cosines).
+
+    `calibration()` returns {"image": [normalised image batches], "text": [id batches]} for static int8.
+    `optimizer`: "none" or "transformers" (onnxruntime.transformers' fusions, before quantisation).
+    """
+    check_options(dtype, quant, calibration, optimizer)
+    model = model.float().eval().cpu()
+    images, ids = example_inputs(cfg, tokenizer)
+    fp32 = out / "fp32"
+    fp32.mkdir()
+    export_tower(_ImageEncoder(fusable_tower(model.visual)).eval(), images, "pixel_values",
+                 fp32 / IMAGE_ONNX, "image")
+    export_tower(_TextEncoder(fusable_tower(model.text)).eval(), ids, "input_ids", fp32 / TEXT_ONNX, "text")
+    towers = ((IMAGE_ONNX, "image", cfg.model.vision), (TEXT_ONNX, "text", cfg.model.text))
+    fused = write_graphs(fp32, out, towers, dtype, quant, calibration, optimizer)
     graph = graph_record({"image": out / IMAGE_ONNX, "text": out / TEXT_ONNX}, fused or None)
     (out / TOKENIZER).write_text(runtime_tokenizer_json(tokenizer), encoding="utf-8")
     q = quant if dtype == "int8" else None

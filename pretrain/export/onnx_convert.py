@@ -3,6 +3,10 @@
 Argument problems (dtype, quantisation mode, static int8 without calibration shards, DST exists) fail
 before the checkpoint is read; the export is written into a temporary sibling of DST and renamed into
 place with its manifest only when both graphs passed their check, so a failure leaves nothing behind.
+
+A fine-tuned classifier (`train.task=classify`, told from the checkpoint's config before any weights are
+read) goes to `pretrain.export.onnx_classifier` instead: one `classifier.onnx` with its class names, through
+the same staging, options, calibration loader and manifest; its summary adds `model` and `classes`.
 """
 
 from __future__ import annotations
@@ -62,25 +66,36 @@ def calibration_batches(urls: str, tokenizer: Any, cfg: Any, samples: int, batch
 def convert_onnx(src: str | Path, dst: Path, dtype: str = "fp32", quant: str = "dynamic",
                  calibration: str | None = None, samples: int = 256, overwrite: bool = False,
                  optimizer: str = "none") -> dict[str, Any]:
-    """Export SRC's encoders to DST; returns the summary `pretrain convert` prints."""
+    """Export SRC's encoders (or a classifier's graph) to DST; returns the summary `pretrain convert`
+    prints."""
     dst = Path(dst)
     check_args(dst, dtype, quant, calibration, samples, overwrite, optimizer)
     if not Path(src).exists():
         raise FileNotFoundError(f"checkpoint not found: {src}")
+    from pretrain.evaluation.classifier_eval import CLASSIFY_TASK, checkpoint_task
     from pretrain.evaluation.evaluate import load_model
 
     t0 = time.perf_counter()
-    model, tokenizer, cfg = load_model(src)
+    if checkpoint_task(src) == CLASSIFY_TASK:
+        from pretrain.export.onnx_classifier import classifier_export
+
+        export, tokenizer, cfg = classifier_export(src)
+    else:
+        model, tokenizer, cfg = load_model(src)
+
+        def export(out: Path, *args: Any) -> dict[str, Any]:
+            return export_onnx(model, tokenizer, cfg, out, *args)
     calib = None
     if dtype == "int8" and quant == "static":
         def calib() -> dict[str, list[np.ndarray]]:
             return calibration_batches(calibration, tokenizer, cfg, samples)
     with staged_output(dst, overwrite) as tmp:
-        info = export_onnx(model, tokenizer, cfg, tmp, dtype, quant, calib, optimizer)
+        info = export(tmp, dtype, quant, calib, optimizer)
         if calibration and quant == "static":
             info["calibration"] = {"urls": calibration, "samples": samples}
         write_manifest(tmp, {}, kind="onnx", source=str(src), **info)
         files = json.loads((tmp / "manifest.json").read_text())["files"]
-    return {"to": "onnx", "out": str(dst), "dtype": dtype, "quantization": info["quantization"],
+    classifier = {k: info[k] for k in ("model", "classes") if k in info}  # absent for CLIP encoders
+    return {"to": "onnx", "out": str(dst), **classifier, "dtype": dtype, "quantization": info["quantization"],
             "optimizer": optimizer, "check": info["check"], "bytes": sum(e["bytes"] for e in files.values()),
             "seconds": round(time.perf_counter() - t0, 2)}

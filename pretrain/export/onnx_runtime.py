@@ -6,6 +6,14 @@
     txt = clip.encode_texts(["a photo of a cat"])            # [1, E]
     scores = img @ txt.T
 
+A fine-tuned classifier's export (`pretrain convert CLASSIFIER DST --to onnx`: `classifier.onnx`,
+`classnames.txt`, `preprocess.json` with `"model": "classifier"`) runs through `OnnxClassifier`:
+
+    clf = OnnxClassifier("exports/classifier-int8")
+    pred = clf.predict([PIL.Image.open("cat.jpg")])      # pred.names[0], pred.scores[0] (softmax)
+
+Each class refuses the other's folder by name.
+
 This module imports only numpy, onnxruntime, tokenizers and PIL (and ftfy, when a folder needs CLIP's
 clean-up, below), so a serving process can copy this one file next to the export folder and run it
 without torch installed (tests/unit/test_export_onnx.py runs it in a subprocess where `import torch`
@@ -29,17 +37,21 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 from tokenizers import Tokenizer
 
-__all__ = ["CPU_DISABLED_OPTIMIZERS", "IMAGE_ONNX", "PREPROCESS", "TEXT_CLEAN", "TEXT_ONNX", "OnnxCLIP",
-           "clip_clean", "default_providers"]
+__all__ = ["CLASSIFIER_MODEL", "CLASSIFIER_ONNX", "CLASSNAMES", "CPU_DISABLED_OPTIMIZERS", "IMAGE_ONNX",
+           "PREPROCESS", "TEXT_CLEAN", "TEXT_ONNX", "OnnxCLIP", "OnnxClassifier", "Prediction", "clip_clean",
+           "default_providers", "preprocess_images"]
 
 IMAGE_ONNX, TEXT_ONNX, PREPROCESS, TOKENIZER = "image.onnx", "text.onnx", "preprocess.json", "tokenizer.json"
+CLASSIFIER_ONNX, CLASSNAMES = "classifier.onnx", "classnames.txt"
+CLASSIFIER_MODEL = "classifier"
+"""`preprocess.json` / `manifest.json` `model` of a classifier's export (a CLIP export has no `model` key)."""
 _PREFERRED = ("CUDAExecutionProvider", "CPUExecutionProvider")
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 """Load-time fusions left out when a session runs on the CPU provider alone. onnxruntime fuses a residual
@@ -70,6 +82,22 @@ def default_providers() -> list[str]:
     shape, minutes on first use)."""
     available = set(ort.get_available_providers())
     return [p for p in _PREFERRED if p in available]
+
+
+def preprocess_images(images: Sequence[Image.Image], size: int, mean: np.ndarray, std: np.ndarray
+                      ) -> np.ndarray:
+    """float32 [B, 3, S, S] of PIL images: centred square box, bicubic resize to `size`, scaled to [0, 1],
+    normalised by `mean` / `std` (`preprocess.json`'s; the same for CLIP and classifier exports)."""
+    S = size
+    batch = np.empty((len(images), S, S, 3), dtype=np.float32)
+    for i, img in enumerate(images):
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        w, h = img.size
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        batch[i] = np.asarray(img.resize((S, S), Image.Resampling.BICUBIC, box=box), dtype=np.float32)
+    batch = (batch / 255.0 - mean) / std
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
 def _session(path: Path, providers: Sequence[str] | None, threads: int) -> ort.InferenceSession:
@@ -103,6 +131,9 @@ class OnnxCLIP:
                                     "folder")
         self.config: dict[str, Any] = json.loads(pre.read_text(encoding="utf-8"))
         c = self.config
+        if c.get("model") == CLASSIFIER_MODEL:
+            raise ValueError(f"{self.folder} is a fine-tuned classifier's ONNX export ({CLASSIFIER_ONNX}, "
+                             f"{CLASSNAMES}), not CLIP encoders: open it with OnnxClassifier")
         self.image_size, self.context_length = int(c["image_size"]), int(c["context_length"])
         self.mean = np.asarray(c["mean"], dtype=np.float32)
         self.std = np.asarray(c["std"], dtype=np.float32)
@@ -146,16 +177,7 @@ class OnnxCLIP:
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
         """float32 [B, 3, S, S]: centred square box, bicubic resize to S, scaled to [0, 1], normalised."""
-        S = self.image_size
-        batch = np.empty((len(images), S, S, 3), dtype=np.float32)
-        for i, img in enumerate(images):
-            img = img.convert("RGB") if img.mode != "RGB" else img
-            w, h = img.size
-            side = min(w, h)
-            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-            batch[i] = np.asarray(img.resize((S, S), Image.Resampling.BICUBIC, box=box), dtype=np.float32)
-        batch = (batch / 255.0 - self.mean) / self.std
-        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
+        return preprocess_images(images, self.image_size, self.mean, self.std)
 
     # ------------------------------------------------------------------------------------- encoders
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
@@ -191,3 +213,69 @@ class OnnxCLIP:
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode_ids(self.tokenize(texts))
+
+
+class Prediction(NamedTuple):
+    """`OnnxClassifier.predict`'s answer for a batch of B images over C classes."""
+
+    indices: np.ndarray
+    """int64 [B]: the top-1 class of each image (a row of classnames.txt)."""
+    names: list[str]
+    """The top-1 class names."""
+    scores: np.ndarray
+    """float32 [B]: the top-1 class's softmax probability."""
+    probabilities: np.ndarray
+    """float32 [B, C]: softmax over every class."""
+
+
+class OnnxClassifier:
+    """A fine-tuned classifier's export (`pretrain finetune --task classify`, then `pretrain convert --to
+    onnx`): `classifier.onnx` (pixel_values -> logits), its class names and image preprocessing."""
+
+    def __init__(self, folder: str | Path, providers: Sequence[str] | None = None, threads: int = 0) -> None:
+        self.folder = Path(folder)
+        pre = self.folder / PREPROCESS
+        if not pre.is_file():
+            raise FileNotFoundError(f"{pre} not found: {self.folder} is not a `pretrain convert --to onnx` "
+                                    "folder")
+        self.config: dict[str, Any] = json.loads(pre.read_text(encoding="utf-8"))
+        c = self.config
+        if c.get("model") != CLASSIFIER_MODEL:
+            raise ValueError(f"{self.folder} is a CLIP export ({IMAGE_ONNX}, {TEXT_ONNX}), not a fine-tuned "
+                             "classifier's: open it with OnnxCLIP")
+        self.image_size = int(c["image_size"])
+        self.mean = np.asarray(c["mean"], dtype=np.float32)
+        self.std = np.asarray(c["std"], dtype=np.float32)
+        names = self.folder / CLASSNAMES
+        if not names.is_file():
+            raise FileNotFoundError(f"{names} not found: the classifier export {self.folder} is incomplete")
+        lines = names.read_text(encoding="utf-8").split("\n")
+        self.classnames: list[str] = lines[:-1] if lines and lines[-1] == "" else lines
+        self.session = _session(self.folder / CLASSIFIER_ONNX, providers, threads)
+        classes = self.session.get_outputs()[0].shape[-1]
+        if isinstance(classes, int) and classes != len(self.classnames):
+            raise ValueError(f"{names} holds {len(self.classnames)} class names but {CLASSIFIER_ONNX} "
+                             f"outputs {classes} logits: the folder's files do not belong together")
+
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """float32 [B, 3, S, S], exactly as `OnnxCLIP.preprocess` (centre crop, bicubic, normalised)."""
+        return preprocess_images(images, self.image_size, self.mean, self.std)
+
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """Normalised images [B, 3, S, S] -> class logits [B, C] (float32, `ClassifierModel.logits`)."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        S = self.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, S, S):
+            raise ValueError(f"pixels must be [B, 3, {S}, {S}], got {pixels.shape}")
+        return self.session.run(None, {"pixel_values": pixels})[0].astype(np.float32, copy=False)
+
+    def predict_pixels(self, pixels: np.ndarray) -> Prediction:
+        """Top-1 class, its name and softmax probability of each normalised image."""
+        logits = self.logits(pixels).astype(np.float64)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        top = logits.argmax(axis=1).astype(np.int64)
+        return Prediction(top, [self.classnames[i] for i in top], probs[np.arange(len(top)), top], probs)
+
+    def predict(self, images: Sequence[Image.Image]) -> Prediction:
+        return self.predict_pixels(self.preprocess(images))
