@@ -106,3 +106,17 @@ def collate_eval(
         "cls": torch.tensor([ex.cls for ex in examples], dtype=torch.long),
         "_keys": [ex.key for ex in examples],
     }
+
+
+def collate_empty(context_length: int, image_size: int, num_patches: int | None = None) -> dict[str, Any]:
+    """A batch of no rows with a real eval batch's keys and trailing shapes (with `num_patches`: a masked
+    one's, `collate_train`'s keys), and `_order`: how an eval stream that read no usable sample still hands
+    its skip counts to the consumer."""
+    text = torch.zeros(0, context_length, dtype=torch.long)
+    batch: dict[str, Any] = {"image": torch.zeros(0, 3, image_size, image_size), "text": text,
+                             "cls": torch.zeros(0, dtype=torch.long), "_keys": []}
+    if num_patches is not None:
+        batch.update(mlm_input=text.clone(), mlm_labels=text.clone(), patch_noise=torch.zeros(0, num_patches),
+                     itm_noise=torch.zeros(0, 2), _epochs=[])
+    batch["_order"] = torch.zeros(0, 2, dtype=torch.long)
+    return batch

@@ -14,12 +14,14 @@ from PIL import Image
 
 from .stats import (
     BAD_IMAGE,
+    BAD_LABEL,
     BAD_NEGATIVE,
     BAD_TEXT,
     EMPTY_CAPTION,
     IMAGE_TOO_LARGE,
     MISSING_CAPTION,
     MISSING_IMAGE,
+    MISSING_LABEL,
     MISSING_NEGATIVE,
     TOO_LARGE,
     TOO_LARGE_KEY,
@@ -108,6 +110,21 @@ def label_of(sample: dict[str, Any]) -> int:
         return -1
 
 
+def required_label_of(sample: dict[str, Any], skips: SkipCounter) -> int | None:
+    """The `.cls` class index of a classifier's sample; None, counted as `missing_label` (no `.cls`) or
+    `bad_label` (not a non-negative integer), when it has none: a classifier cannot use such a sample."""
+    key = sample.get("__key__", "?")
+    raw = sample.get(LABEL_KEY)
+    if raw is None:
+        skips.skip(MISSING_LABEL, f"{key}: no .{LABEL_KEY} member")
+        return None
+    text = bytes(raw).decode("ascii", "replace").strip()
+    if not text.isdigit():
+        skips.skip(BAD_LABEL, f"{key}: .{LABEL_KEY} is not a class index: {text[:20]!r}")
+        return None
+    return int(text)
+
+
 def decode_image(
     data: bytes,
     key: str,
@@ -145,6 +162,21 @@ def split_sample(sample: dict[str, Any], skips: SkipCounter) -> tuple[bytes, str
 
     A sample over data.max_sample_bytes (marked by `shard_samples`) is counted as `too_large`, once.
     """
+    parts = sample_parts(sample, skips)
+    return None if parts is None else parts[:2]
+
+
+def sample_parts(sample: dict[str, Any], skips: SkipCounter, captions: bool = True,
+                 labels: bool = False) -> tuple[bytes, str, int] | None:
+    """(image bytes, caption, label) of a usable sample, else None (counted), checked before any decode.
+
+    What a sample needs depends on its reader, which says so: CLIP readers (`captions`, the default) need
+    a usable `.txt` caption, and take the `.cls` label when there is one (-1 otherwise, `label_of`); a
+    classifier's (`captions=False, labels=True`) needs the image and a `.cls` class index only: the
+    standard labelled image sets (image + `.cls`, as clip_benchmark_export_wds and timm write them) carry
+    no caption, so the caption is not read ("") and the skip is a missing or bad label instead
+    (`required_label_of`). `captions=False, labels=False` reads images alone (calibration data).
+    """
     if TOO_LARGE_KEY in sample:
         skips.skip(TOO_LARGE, f"{sample.get('__key__', '?')}: {sample[TOO_LARGE_KEY]}")
         return None
@@ -152,7 +184,10 @@ def split_sample(sample: dict[str, Any], skips: SkipCounter) -> tuple[bytes, str
     if data is None:
         skips.skip(MISSING_IMAGE, sample.get("__key__", "?"))
         return None
-    caption = caption_of(sample, skips)
+    caption = caption_of(sample, skips) if captions else ""
     if caption is None:
         return None
-    return data, caption
+    label = required_label_of(sample, skips) if labels else label_of(sample)
+    if label is None:
+        return None
+    return data, caption, label

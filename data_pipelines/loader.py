@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .collate import EvalExample, TrainExample, collate_eval, collate_train
+from .collate import EvalExample, TrainExample, collate_empty, collate_eval, collate_train
 from .cursor import StreamCursor
-from .decode import decode_image, label_of, negative_caption_of, negative_captions_of, split_sample
+from .decode import decode_image, negative_caption_of, negative_captions_of, sample_parts
 from .empty_epochs import EmptyEpochs
 from .plan import PlanParams, StreamState, split_counts
 from .position import PositionTracker, shards_fingerprint, start_states, stream_index, streams_for
@@ -67,8 +67,9 @@ class _TrainStream(IterableDataset):
 
     def __init__(self, d: DataConfig, spec: StreamSpec, tokenizer: TextTokenizer, urls: list[str],
                  params: PlanParams, rank: int, world: int, starts: dict[int, StreamState],
-                 batches_done: int) -> None:
+                 batches_done: int, needs: tuple[bool, bool] = (True, False)) -> None:
         super().__init__()
+        self.needs = needs  # (captions, labels) a sample must have: `decode.sample_parts`
         self.tokenizer = tokenizer
         self.urls = urls
         self.params = params
@@ -100,10 +101,10 @@ class _TrainStream(IterableDataset):
         return self._stream((actual + self.batches_done) % self.num_streams)
 
     def _example(self, sample: dict[str, Any], epoch: int, skips: SkipCounter) -> TrainExample | None:
-        parts = split_sample(sample, skips)
+        parts = sample_parts(sample, skips, *self.needs)
         if parts is None:
             return None
-        data, caption = parts
+        data, caption, label = parts
         key = sample["__key__"]
         crop_rng, mlm_rng, noise_rng = sample_rngs(self.seed, epoch, key)
         view = lambda im: random_resized_crop_array(im, self.image_size, self.crop_scale, rng=crop_rng)
@@ -112,7 +113,7 @@ class _TrainStream(IterableDataset):
             return None
         negatives = negative_captions_of(sample, epoch, skips, self.caption_negatives,
                                          self.negatives_per_step)
-        return TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng, epoch,
+        return TrainExample(key, img, caption, label, mlm_rng, noise_rng, epoch,
                             negatives[0] if negatives else "", tuple(negatives[1:]))
 
     def _stream(self, worker: int) -> Iterator[dict[str, Any]]:
@@ -162,9 +163,10 @@ class _EvalStream(IterableDataset):
     def __init__(self, shards: list[str], tokenizer: TextTokenizer, image_size: int, batch_size: int,
                  context_length: int, mean: Iterable[float], std: Iterable[float], max_bytes: int,
                  rank: int = 0, world: int = 1, max_samples: int = 0,
-                 masking: tuple[int, float, int] | None = None, empty_batches: bool = False) -> None:
+                 masking: tuple[int, float, int] | None = None, empty_batches: bool = False,
+                 needs: tuple[bool, bool] = (True, False)) -> None:
         super().__init__()
-        self.empty_batches = empty_batches
+        self.empty_batches, self.needs = empty_batches, needs
         self.shards = shards
         self.max_bytes = max_bytes
         self.tokenizer = tokenizer
@@ -202,19 +204,19 @@ class _EvalStream(IterableDataset):
         full: list[tuple[Any, tuple[int, int]]] = []
         usable = False
         for s, j, sample in self._positions(stream, self.world * count):
-            parts = split_sample(sample, skips)
+            parts = sample_parts(sample, skips, *self.needs)
             if parts is None:
                 continue
-            data, caption = parts
+            data, caption, label = parts
             key = sample["__key__"]
             img = decode_image(data, key, skips, lambda im: center_crop_resize_array(im, self.image_size))
             if img is None:
                 continue
             if self.masking is None:
-                example: Any = EvalExample(key, img, caption, label_of(sample))
+                example: Any = EvalExample(key, img, caption, label)
             else:
                 _, mlm_rng, noise_rng = sample_rngs(self.masking[0], 0, key)
-                example = TrainExample(key, img, caption, label_of(sample), mlm_rng, noise_rng,
+                example = TrainExample(key, img, caption, label, mlm_rng, noise_rng,
                                        negative=negative_caption_of(sample, 0, skips))
             if full:
                 yield self._batch(full, skips)
@@ -227,8 +229,11 @@ class _EvalStream(IterableDataset):
             if rest:
                 yield self._batch(rest, skips)
         if self.empty_batches and not usable and skips.as_dict():
-            # no usable sample, so no batch would carry these counts to the consumer
-            yield self._empty_batch(skips)
+            # no usable sample, so no batch would carry these counts to the consumer: a zero-row one does
+            # (with `_stream`, which tells whose they are: it has no `_order` to tell its shard by)
+            patches = None if self.masking is None else self.masking[2]
+            yield {**collate_empty(self.context_length, self.image_size, patches), "_skips": skips.as_dict(),
+                   "_stream": self._stream}
 
     def _batch(self, pending: list[tuple[Any, tuple[int, int]]], skips: SkipCounter) -> dict[str, Any]:
         examples = [e for e, _ in pending]
@@ -241,21 +246,6 @@ class _EvalStream(IterableDataset):
         batch["_order"] = torch.tensor([o for _, o in pending], dtype=torch.long).reshape(-1, 2)
         batch["_skips"] = skips.as_dict()
         batch["_stream"] = self._stream  # rank x workers + worker: the stream whose counts `_skips` are
-        return batch
-
-    def _empty_batch(self, skips: SkipCounter) -> dict[str, Any]:
-        """A batch of no rows (a real one's keys and trailing shapes) that carries the stream's `_skips`
-        (and `_stream`, which tells whose they are: it has no `_order` to tell its shard by)."""
-        L, S = self.context_length, self.image_size
-        text = torch.zeros(0, L, dtype=torch.long)
-        batch: dict[str, Any] = {"image": torch.zeros(0, 3, S, S), "text": text,
-                                 "cls": torch.zeros(0, dtype=torch.long), "_keys": []}
-        if self.masking is not None:
-            batch.update(mlm_input=text.clone(), mlm_labels=text.clone(),
-                         patch_noise=torch.zeros(0, self.masking[2]), itm_noise=torch.zeros(0, 2), _epochs=[])
-        batch["_order"] = torch.zeros(0, 2, dtype=torch.long)
-        batch["_skips"] = skips.as_dict()
-        batch["_stream"] = self._stream
         return batch
 
 
@@ -337,6 +327,8 @@ def make_train_loader(
     rank: int,
     world: int,
     position: dict[str, Any] | list[dict[str, Any]] | None = None,
+    captions: bool = True,
+    labels: bool = False,
 ) -> TrainLoader:
     """Infinite iterable of training batches for data-parallel `rank` of `world` (see the module docstring).
 
@@ -345,6 +337,8 @@ def make_train_loader(
     epoch and offset), _skips {reason: count}. `position` is the checkpoint's list of every rank's
     `PositionTracker.state()` (any earlier layout), or this rank's entry under an unchanged layout.
     Ranges and divisibility of `data` and `spec` are checked once, by `pretrain.config.validate`.
+    A classifier (`train.task=classify`) passes `captions=False, labels=True`: image + `.cls`, no caption
+    needed (`decode.sample_parts`); CLIP pretraining (the default) needs captions.
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
@@ -359,7 +353,8 @@ def make_train_loader(
     fingerprint = shards_fingerprint(urls)
     starts, batches_done = start_states(params, fingerprint, rank, world, data.workers, position)
     tracker = PositionTracker(params, fingerprint, rank, world, data.workers, starts, batches_done)
-    dataset = _TrainStream(data, spec, tokenizer, urls, params, rank, world, starts, batches_done)
+    dataset = _TrainStream(data, spec, tokenizer, urls, params, rank, world, starts, batches_done,
+                           (captions, labels))
     return TrainLoader(_data_loader(dataset, data.workers, persistent=True), tracker)
 
 
@@ -378,6 +373,8 @@ def make_eval_loader(
     max_samples: int = 0,
     masking: tuple[int, float, int] | None = None,
     empty_batches: bool = False,
+    captions: bool = True,
+    labels: bool = False,
 ) -> Iterable[dict[str, Any]]:
     """Finite iterable over every sample of `urls` once (this rank's share of `world`), without
     augmentation; re-iterable.
@@ -393,6 +390,7 @@ def make_eval_loader(
     stream that skipped samples but read no usable one (e.g. a worker whose shard is all corrupt) yields
     one zero-row batch (`_keys` empty) carrying its `_skips`, which would otherwise reach no consumer;
     callers that sum skips pass it and must accept zero-row batches (off by default for those that don't).
+    `captions` / `labels`: what a sample must hold, as for `make_train_loader` (both False: images alone).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -402,5 +400,5 @@ def make_eval_loader(
     workers = min(max(int(workers), 0), len(shards))
     dataset = _EvalStream(shards, tokenizer, image_size, batch_size, context_length, mean, std,
                           max_sample_bytes, rank=rank, world=world, max_samples=max_samples, masking=masking,
-                          empty_batches=empty_batches)
+                          empty_batches=empty_batches, needs=(captions, labels))
     return _data_loader(dataset, workers, persistent=False)

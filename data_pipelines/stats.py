@@ -25,12 +25,14 @@ DUPLICATE_MEMBER = "duplicate_member"  # no longer produced by the reader (see D
 DUPLICATE_KEY = "duplicate_key"  # a key repeated right after itself: the repeat is read as a new sample, kept
 BAD_NEGATIVE = "bad_negative"  # a `neg.txt` member that is not UTF-8 or holds no caption: the sample is kept
 MISSING_NEGATIVE = "missing_negative"  # no `neg.txt` while objectives.itm.caption_negatives wants one: kept
+MISSING_LABEL = "missing_label"  # no `.cls` where the reader is a classifier's (fine-tune, its eval)
+BAD_LABEL = "bad_label"  # a `.cls` that is not a non-negative integer, where the reader is a classifier's
 
 TOO_LARGE_KEY = "__too_large__"
 """Set (to why) in a raw sample whose tar members exceed data.max_sample_bytes (see `shardstream`)."""
 
 SAMPLE_REASONS: tuple[str, ...] = (MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_IMAGE, BAD_TEXT,
-                                   IMAGE_TOO_LARGE, TOO_LARGE)
+                                   IMAGE_TOO_LARGE, TOO_LARGE, MISSING_LABEL, BAD_LABEL)
 """Reasons that each lose one sample (bad_shard loses the rest of a shard, duplicate_key nothing)."""
 KEPT_REASONS: tuple[str, ...] = (DUPLICATE_MEMBER, DUPLICATE_KEY, BAD_NEGATIVE, MISSING_NEGATIVE)
 """Problems counted (and logged) on a sample that is still trained on: only an optional part was lost."""

@@ -250,8 +250,14 @@ def train_tokenizer_from_shards(urls: str, vocab_size: int, max_samples: int,
     try:
         tok = train_tokenizer(captions(), vocab_size)
     except ValueError as exc:
+        # a labelled image set (image + .cls, what a classifier fine-tunes on) has no captions to learn from;
+        # its samples hold no member `select_files` keeps, so they are not even counted as missing_caption
+        hint = ("; these shards hold no .txt captions (image + .cls only?): give a tokenizer with "
+                "data.tokenizer (a tokenizer.json, or `clip`), or start from a checkpoint (--init-from), "
+                "whose tokenizer is used"
+                if skips[MISSING_CAPTION] or not skips.total else "")
         raise ValueError(f"no usable captions in {urls!r} to train a tokenizer (skips: {skips.as_dict()}): "
-                         f"{exc}") from None
+                         f"{exc}{hint}") from None
     if skips.total:
         logger.warning("tokenizer training skipped: %s", skips.as_dict())
     return tok

@@ -211,8 +211,8 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None,
     start_step, position = start.load(engine)
     outer = start_outer_loop(cfg, engine, start, run_dir)  # cross_site.*: None for an ordinary single job
 
-    loader = make_train_loader(cfg.data, stream_spec(cfg), tokenizer, rank=dp_rank, world=dp_world,
-                               position=position)
+    loader = make_train_loader(cfg.data, stream_spec(cfg), tokenizer, dp_rank, dp_world, position,
+                               captions=cfg.train.task != "classify", labels=cfg.train.task == "classify")
     tracker = loader.tracker  # every worker's start state; updated with each consumed batch
     # a resume (also `--resume latest` finding no checkpoint: step 0) drops what was logged after its step
     resume_step = start_step if resume is not None else None

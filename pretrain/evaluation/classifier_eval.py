@@ -99,11 +99,12 @@ def refuse_suite(checkpoints: list[str], flag: str) -> None:
 def classifier_data(data: str, classnames: str | Path | None = None,
                     split: str = "test") -> tuple[str, Path | None]:
     """(shard URLs, class-names file or None) of `data`: shard URLs or a dataset folder, found and checked
-    by `resolve_eval_data` exactly as for CLIP eval, except that no class-names file is no error (the
-    classifier's class names are in its checkpoint)."""
+    by `resolve_eval_data` as for CLIP eval, except that no class-names file is no error (the classifier's
+    class names are in its checkpoint) and shards without `.txt` captions are read (a classifier needs the
+    image and its `.cls` label: image + `.cls` sets such as clip_benchmark_export_wds writes)."""
     from pretrain.evaluation.layout import resolve_eval_data
 
-    ds = resolve_eval_data(data, classnames or None, None, split=split, need_classnames=False)
+    ds = resolve_eval_data(data, classnames or None, None, split=split, need_classnames=False, captions=False)
     return ds.urls, ds.classnames
 
 

@@ -41,11 +41,16 @@ def classify_metrics(model: Any, tokenizer: Any, cfg: Any, urls: str, batch_size
     `skipped` ({reason: count} of the samples the loader left out, summed over the ranks; also logged as a
     warning). ValueError (on every rank) when no rank read a labelled sample, or when a `.cls` label is past
     the head's classes (`finetune.classnames` of another dataset: the loss would be clamped to the last
-    class and the label scored as a miss)."""
+    class and the label scored as a miss). A sample is an image and its `.cls` label; a caption is not
+    needed (labelled image sets have none), and a sample without a usable label is skipped (counted), so
+    `labelled` equals `samples`."""
     device = model_device(model)
     _, _, dp_group = _dp()
     S = cfg.model.image_size
-    loader, skips = eval_share(urls, tokenizer, cfg, batch_size, max_samples, workers)
+    # image + `.cls` is a classifier's sample: caption-less labelled sets (clip_benchmark_export_wds, timm)
+    # are read, and an unlabelled sample is skipped as `missing_label` / `bad_label`
+    loader, skips = eval_share(urls, tokenizer, cfg, batch_size, max_samples, workers, captions=False,
+                               labels=True)
     in_dtype = dtype or torch.float32
     classes = [0]  # the head's width, seen on the first forward (a dummy one included)
 

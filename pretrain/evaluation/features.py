@@ -65,15 +65,18 @@ def stream_workers(urls: str, workers: int, max_samples: int, dp_world: int) -> 
 
 
 def eval_share(urls: str, tokenizer: Any, cfg: Any, batch_size: int, max_samples: int, workers: int,
-               masking: tuple[int, float, int] | None = None) -> tuple[Any, StreamSkips]:
+               masking: tuple[int, float, int] | None = None, captions: bool = True,
+               labels: bool = False) -> tuple[Any, StreamSkips]:
     """This data-parallel rank's eval batches of `urls` (zero-row batches of skip-only streams included,
-    which `encode_share` reads past) and the `StreamSkips` counting them as they are read."""
+    which `encode_share` reads past) and the `StreamSkips` counting them as they are read. `captions` /
+    `labels`: what a sample must hold (`make_eval_loader`; a classifier's: `captions=False, labels=True`)."""
     dp_rank, dp_world, _ = _dp()
     workers = stream_workers(urls, workers, max_samples, dp_world)
     loader = make_eval_loader(urls, tokenizer, cfg.model.image_size, batch_size,
                               cfg.model.text.context_length, cfg.data.mean, cfg.data.std, workers=workers,
                               max_sample_bytes=cfg.data.max_sample_bytes, rank=dp_rank, world=dp_world,
-                              max_samples=max_samples, masking=masking, empty_batches=True)
+                              max_samples=max_samples, masking=masking, empty_batches=True,
+                              captions=captions, labels=labels)
     skips = StreamSkips(workers)
     return skips.watch(loader), skips
 

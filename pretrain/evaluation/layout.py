@@ -116,7 +116,9 @@ def check_captions(first_shard: str) -> None:
     exporter writes classification sets as image + `.cls` only): `pretrain eval` reads image-caption pairs
     (retrieval) and would otherwise skip every sample as `missing_caption` and report nothing readable.
     An unreadable shard (empty, corrupt) is left to the eval loader, which skips it and counts it as
-    `bad_shard` (named in a warning; with no other readable shard the error names it) like any other."""
+    `bad_shard` (named in a warning; with no other readable shard the error names it) like any other.
+    A fine-tuned classifier reads such sets (image + `.cls`): `resolve_eval_data(captions=False)` skips
+    this check."""
     path = shard_file(first_shard)
     if path is None or not path.is_file():
         return
@@ -136,16 +138,18 @@ def check_captions(first_shard: str) -> None:
         return
     if key is not None and "txt" not in exts:
         raise ValueError(f"{first_shard}: sample {key!r} has no .txt caption ({', '.join(sorted(exts))}); "
-                         "pretrain eval needs image-caption pairs (sets from clip_benchmark_export_wds, "
-                         "image + .cls only, are not read yet)")
+                         "pretrain eval of a CLIP model needs image-caption pairs (sets from "
+                         "clip_benchmark_export_wds, image + .cls only, are read for fine-tuned classifiers "
+                         "only)")
 
 
 def resolve_eval_data(data: str, classnames: str | Path | None = None, templates: str | Path | None = None,
-                      split: str = "test", need_classnames: bool = True) -> EvalData:
+                      split: str = "test", need_classnames: bool = True, captions: bool = True) -> EvalData:
     """Shards, class names and prompts for `data` (a dataset folder or shard URLs; see the module
     docstring). Raises FileNotFoundError/ValueError naming what is missing, before any model is loaded.
     `need_classnames=False` (a fine-tuned classifier, whose checkpoint records its classes): no class-names
-    file found is `classnames=None`, not an error."""
+    file found is `classnames=None`, not an error. `captions=False` (the same reader): shards without `.txt`
+    captions are not refused (`check_captions`)."""
     folder = Path(data)
     if "::" not in data and "{" not in data and folder.is_dir():
         found = _shards_of(folder, split)
@@ -161,7 +165,8 @@ def resolve_eval_data(data: str, classnames: str | Path | None = None, templates
     else:
         urls, layout = data, "urls"
         first = expand_urls(data.split("::")[0])[0]
-    check_captions(first)
+    if captions:
+        check_captions(first)
     names = Path(classnames) if classnames else look_beside(first, CLASSNAMES_FILE)
     if names is None and not need_classnames:
         return EvalData(urls=urls, classnames=None, templates=None, templates_file=None, layout=layout)

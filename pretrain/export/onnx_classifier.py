@@ -11,8 +11,9 @@ same attention rewrite (`fusable_tower`), exporter call, fp16 / int8 conversions
 onnxruntime.transformers fusion (`write_graphs`) apply, and the same post-write check: the graph run in
 onnxruntime at two batch sizes against the eager model, recording the worst logit cosine and the top-1
 agreement with eager; an fp32 graph below cosine 0.9999 fails the conversion. Static int8 calibrates the
-image tower on the same loader the CLIP export uses (the eval loader: images of samples with a caption,
-as `pretrain eval` of a classifier reads its shards); only its image batches are used.
+image tower on the same loader the CLIP export uses (the eval loader, centre crop), but its samples need
+no caption (`calibration_batches(captions=False)`): labelled image sets without `.txt` (image + `.cls`, what
+`pretrain eval` of a classifier reads) calibrate too; only its image batches are used.
 """
 
 from __future__ import annotations

@@ -45,15 +45,19 @@ def check_args(dst: Path, dtype: str, quant: str, calibration: str | None, sampl
         raise FileExistsError(f"{dst} exists; choose a new output path (or pass --overwrite)")
 
 
-def calibration_batches(urls: str, tokenizer: Any, cfg: Any, samples: int, batch_size: int = 32
-                        ) -> dict[str, list[np.ndarray]]:
+def calibration_batches(urls: str, tokenizer: Any, cfg: Any, samples: int, batch_size: int = 32,
+                        captions: bool = True) -> dict[str, list[np.ndarray]]:
     """The first `samples` readable samples of `urls` through the eval loader (centre crop, as inference
-    sees them): normalised image batches and caption id batches. ValueError when none is readable."""
+    sees them): normalised image batches and caption id batches. ValueError when none is readable.
+    `captions=False` (a classifier's graph, which calibrates on images only): samples need no caption, so
+    labelled image sets without `.txt` (image + `.cls`) calibrate too; their "text" batches are empty
+    captions."""
     from data_pipelines.loader import make_eval_loader
 
     loader = make_eval_loader(urls, tokenizer, cfg.model.image_size, batch_size,
                               cfg.model.text.context_length, cfg.data.mean, cfg.data.std,
-                              max_sample_bytes=cfg.data.max_sample_bytes, max_samples=samples)
+                              max_sample_bytes=cfg.data.max_sample_bytes, max_samples=samples,
+                              captions=captions)
     out: dict[str, list[np.ndarray]] = {"image": [], "text": []}
     for batch in loader:
         out["image"].append(batch["image"].numpy())
@@ -76,7 +80,8 @@ def convert_onnx(src: str | Path, dst: Path, dtype: str = "fp32", quant: str = "
     from pretrain.evaluation.evaluate import load_model
 
     t0 = time.perf_counter()
-    if checkpoint_task(src) == CLASSIFY_TASK:
+    is_classifier = checkpoint_task(src) == CLASSIFY_TASK
+    if is_classifier:
         from pretrain.export.onnx_classifier import classifier_export
 
         export, tokenizer, cfg = classifier_export(src)
@@ -88,7 +93,7 @@ def convert_onnx(src: str | Path, dst: Path, dtype: str = "fp32", quant: str = "
     calib = None
     if dtype == "int8" and quant == "static":
         def calib() -> dict[str, list[np.ndarray]]:
-            return calibration_batches(calibration, tokenizer, cfg, samples)
+            return calibration_batches(calibration, tokenizer, cfg, samples, captions=not is_classifier)
     with staged_output(dst, overwrite) as tmp:
         info = export(tmp, dtype, quant, calib, optimizer)
         if calibration and quant == "static":
