@@ -9,8 +9,12 @@ LR schedule, torch's fused kernel: `optim.impl=torch_fused`) on the same batches
 1000 + i), and exchange every `cross_site.every` steps with the same outer step (`cross_site.outer_lr`,
 `cross_site.outer_momentum`: torch SGD with Nesterov on torchft's side). What differs is everything the
 comparison is about: ZeRO-3's partitions read and written by `OuterLoop` over our TCP store, against
-torchft's Manager, lighthouse quorum and gloo all-reduce on whole `p.data`. Writes the final fp32
-parameters {name: tensor} to SPEC's out path.
+torchft's Manager, lighthouse quorum and gloo all-reduce on whole `p.data`.
+
+SPEC holds `steps`, `lighthouse` and `runs`, a list of {`overrides`, `out`}: the runs go one after another in
+this one process, each from a fresh model, optimizers and engine and store (ours) or Manager (torchft's), and
+each writes its final fp32 parameters {name: tensor} to its `out` path. One process for all the runs because
+the imports (torch's compiler stack, DeepSpeed, torchft) cost more CPU than a run's training does.
 """
 
 from __future__ import annotations
@@ -113,5 +117,7 @@ if __name__ == "__main__":
     side, spec_path, index = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(1)
     job = json.loads(spec_path.read_text())
-    params = (ours if side == "ours" else reference)(job, index)
-    torch.save(params, job["out"].format(side=side, site=index))
+    for run in job["runs"]:
+        spec = {**job, **run}
+        params = (ours if side == "ours" else reference)(spec, index)
+        torch.save(params, spec["out"].format(side=side, site=index))

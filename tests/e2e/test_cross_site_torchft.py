@@ -3,7 +3,8 @@ it follows: two replicas of the tests' small model, the same inner AdamW and bat
 steps for 3 rounds, uncompressed (torchft quantises only on CUDA). Ours runs as two ZeRO-3 sites of one
 rank each over our TCP store (tests/diloco_ref.py `ours`); torchft's as two replica groups under its
 Manager and lighthouse with a gloo all-reduce (`torchft`). Both outer steps are checked: plain averaging
-(our default) and DiLoCo's Nesterov 0.9 at outer lr 0.7 (torch SGD on torchft's side).
+(our default) and DiLoCo's Nesterov 0.9 at outer lr 0.7 (torch SGD on torchft's side), one after the other
+in the same four processes (each run from a fresh model and engine or Manager: the imports are paid once).
 
 The two implementations must end on the same weights, while the two outer steps must not: so a change to
 the pseudo-gradient's sign, the averaging, the Nesterov step, the round schedule or the write back into
@@ -54,18 +55,20 @@ def _run_pair(side: str, spec: Path) -> None:
         assert p.returncode == 0, f"{side} replica {i} failed:\n{out[-6000:]}"
 
 
-def _train(tmp: Path, outer: str, lighthouse: str) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """{side: [replica 0's final weights, replica 1's]} for one outer step setting."""
-    spec = tmp / f"{outer}.json"
-    overrides = ["cross_site.sites=2", f"cross_site.every={EVERY}", "cross_site.compress=none",
-                 f"cross_site.rendezvous=127.0.0.1:{free_port()}", "cross_site.timeout_s=60", *OUTER[outer]]
-    spec.write_text(json.dumps({"steps": STEPS, "overrides": overrides, "lighthouse": lighthouse,
-                                "out": str(tmp / f"{outer}-{{side}}-{{site}}.pt")}))
+def _train(tmp: Path, lighthouse: str) -> dict[str, dict[str, list[dict[str, torch.Tensor]]]]:
+    """{outer: {side: [replica 0's final weights, replica 1's]}} for every outer step setting in OUTER: each
+    replica's process runs them one after another (tests/diloco_ref.py), each on its own rendezvous."""
+    spec = tmp / "spec.json"
+    runs = [{"overrides": ["cross_site.sites=2", f"cross_site.every={EVERY}", "cross_site.compress=none",
+                           f"cross_site.rendezvous=127.0.0.1:{free_port()}", "cross_site.timeout_s=300",
+                           *OUTER[outer]],
+             "out": str(tmp / f"{outer}-{{side}}-{{site}}.pt")} for outer in OUTER]
+    spec.write_text(json.dumps({"steps": STEPS, "lighthouse": lighthouse, "runs": runs}))
     with ThreadPoolExecutor(2) as pool:  # ours and torchft's pairs side by side: 4 single-thread processes
         for f in [pool.submit(_run_pair, side, spec) for side in ("ours", "torchft")]:
             f.result()
-    return {side: [torch.load(tmp / f"{outer}-{side}-{i}.pt", weights_only=True) for i in (0, 1)]
-            for side in ("ours", "torchft")}
+    return {outer: {side: [torch.load(tmp / f"{outer}-{side}-{i}.pt", weights_only=True) for i in (0, 1)]
+                    for side in ("ours", "torchft")} for outer in OUTER}
 
 
 def test_outer_loop_matches_torchft_diloco_for_averaging_and_nesterov(tmp_path):
@@ -73,7 +76,7 @@ def test_outer_loop_matches_torchft_diloco_for_averaging_and_nesterov(tmp_path):
 
     lighthouse = LighthouseServer(bind="127.0.0.1:0", min_replicas=2)
     try:
-        runs = {outer: _train(tmp_path, outer, lighthouse.address()) for outer in OUTER}
+        runs = _train(tmp_path, lighthouse.address())
     finally:
         lighthouse.shutdown()
     for outer, run in runs.items():
