@@ -1,11 +1,16 @@
 """`pretrain train ... optim.lr=X --resume ...` trains at X: the checkpoint supplies the position (step,
 schedule position, Adam moments), this run's config the optimizer's hyper-parameters
-(pretrain/checkpoint/hparams.py), at the saved layout (DeepSpeed's own load) and at another one (2 -> 1
-ranks, through the universal copy). A 4-step 2-rank run saved at step 2 is resumed with optim.lr x10: the
-logged lr rows of steps 3-4 are 10x the original run's, each changed key is logged once, and the resumed
-run's own step-4 checkpoint holds the new weight decay / betas in its optimizer groups. Before, the saved
-layout kept the checkpoint's lr, weight decay and betas, and the universal path the checkpoint's lr unless
-the weight decay changed too."""
+(pretrain/checkpoint/hparams.py), at the saved layout (DeepSpeed's own load) and at another one (1 -> 2
+ranks, through the universal copy). A 4-step one-process ZeRO-3 run saved at step 2 is resumed with
+optim.lr x10: the logged lr rows of steps 3-4 are 10x the original run's, each changed key is logged once,
+and the resumed run's own step-4 checkpoint holds the new weight decay / betas in its optimizer groups.
+Before, the saved layout kept the checkpoint's lr, weight decay and betas, and the universal path the
+checkpoint's lr unless the weight decay changed too.
+
+The saved layout is one process (it was 2 ranks): what is checked happens in every rank's engine alike (the
+snapshot and re-application of hparams.py read no rank), and one process costs a fraction of the CPU time
+of the launcher and its two ranks; the layout change goes the other way, 1 -> 2, so its universal copy is
+still written by rank 0 while rank 1 waits."""
 
 from __future__ import annotations
 
@@ -44,13 +49,14 @@ def _groups(run: Path) -> list[dict]:
 def runs(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("resume_overrides")
     shards = write_micro_shards(base / "shards")
-    _train(base / "straight", shards, 2)
+    one = "train.micro_batch=8"  # one process; 4 x 2 ranks in the other layout (MICRO's micro_batch)
+    _train(base / "straight", shards, 1, one)
     step2 = str(base / "straight" / "checkpoints" / "global_step2")
     out = {"straight": (base / "straight", "")}
-    out["same"] = (base / "same", _train(base / "same", shards, 2, "optim.lr=2e-2", "optim.weight_decay=0.5",
-                                         "optim.betas=[0.5,0.6]", resume=step2))
-    # 2 -> 1 ranks (micro_batch x dp kept): through the universal copy; lr and betas changed, weight decay not
-    out["other"] = (base / "other", _train(base / "other", shards, 1, "train.micro_batch=8", "optim.lr=2e-2",
+    out["same"] = (base / "same", _train(base / "same", shards, 1, one, "optim.lr=2e-2",
+                                         "optim.weight_decay=0.5", "optim.betas=[0.5,0.6]", resume=step2))
+    # 1 -> 2 ranks (micro_batch x dp kept): through the universal copy; lr and betas changed, weight decay not
+    out["other"] = (base / "other", _train(base / "other", shards, 2, "optim.lr=2e-2",
                                            "optim.betas=[0.5,0.6]", resume=step2))
     return out
 

@@ -8,6 +8,11 @@ run's losses and saves its state, directly and through `pretrain convert`; that 
 `--resume`, continues at (dp=4, tp=1), its persistent parameters loaded on 4 DP ranks, with the straight
 run's losses (fp32, 1e-4 relative) on exactly its samples. The automatic resumes at (dp=1), (dp=2) and (tp=2)
 with every parameter partitioned are in test_resume_any_layout.py.
+
+Conversions whose success is what is checked call `pretrain convert`'s function (`checkpoint.convert.convert`)
+in this process instead of a `pretrain convert` process each (the command's own exit codes and messages:
+the corrupt-file test here, and the CLI conversions of tests/e2e/test_fusion_train.py and
+test_clip_roundtrip.py).
 """
 
 from __future__ import annotations
@@ -27,17 +32,24 @@ pytestmark = pytest.mark.slow
 CONVERTED = 2 * EVERY  # the step whose checkpoint `pretrain convert` turns universal here
 
 
+def convert(src: Path, dst: Path, to: str, dtype: str = "fp32") -> None:
+    """What `pretrain convert SRC DST --to TO --dtype DTYPE` does, in this process (see the docstring)."""
+    from pretrain.checkpoint.convert import convert as run
+
+    run(src, dst, to, dtype)
+
+
 @pytest.fixture(scope="module")
 def default_runs(layout_data, tmp_path_factory) -> dict[str, Path]:
     """At the default persistence threshold: the straight run, its step-6 checkpoint converted by `pretrain
     convert`, and the run resumed from that at (dp=4)."""
     base = tmp_path_factory.mktemp("uni_default")
     straight, uni, dp4 = base / "straight", base / "universal6", base / "dp4"
+    # saves at step 6 (the one read here) and the last step only
     train(straight, layout_data, 2,
-          extra=[f"checkpoint.every={EVERY}", "checkpoint.universal=true", DEFAULT_PERSISTENCE])
+          extra=[f"checkpoint.every={CONVERTED}", "checkpoint.universal=true", DEFAULT_PERSISTENCE])
     assert persistent_params(straight) > 0
-    r = pretrain_cli("convert", str(straight / "checkpoints" / tag(CONVERTED)), str(uni), "--to", "universal")
-    assert r.returncode == 0, r.stderr[-3000:]
+    convert(straight / "checkpoints" / tag(CONVERTED), uni, "universal")
     # no data.tokenizer: the resumed run must take the checkpoint's own
     r = train(dp4, layout_data[:1], 4, extra=[DEFAULT_PERSISTENCE], resume=str(uni))
     assert (dp4 / "tokenizer.json").read_text() == (straight / "tokenizer.json").read_text()
@@ -97,8 +109,7 @@ def test_deepspeed_zero_to_fp32_equals_our_safetensors_export(layout_straight, t
     r = subprocess.run([sys.executable, str(root / "zero_to_fp32.py"), str(root), str(ds_out), "-t",
                         tag(EVERY), "--safe_serialization"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = pretrain_cli("convert", str(root / tag(EVERY)), str(tmp_path / "ours"), "--to", "safetensors")
-    assert r.returncode == 0, r.stderr[-2000:]
+    convert(root / tag(EVERY), tmp_path / "ours", "safetensors")
     theirs = load_file(str(ds_out / "model.safetensors"))
     ours = load_file(str(tmp_path / "ours" / "model.safetensors"))
     assert set(ours) == set(theirs) and len(ours) > 20
@@ -111,9 +122,7 @@ def test_deepspeed_zero_to_fp32_equals_our_safetensors_export(layout_straight, t
     models = [load_model(p)[0].state_dict() for p in kinds]
     for k in models[0]:
         assert torch.equal(models[0][k], models[1][k]) and torch.equal(models[0][k], models[2][k]), k
-    r = pretrain_cli("convert", str(root / tag(EVERY)), str(tmp_path / "bf16"), "--to", "safetensors",
-                     "--dtype", "bf16")
-    assert r.returncode == 0, r.stderr[-2000:]
+    convert(root / tag(EVERY), tmp_path / "bf16", "safetensors", "bf16")
     assert load_file(str(tmp_path / "bf16" / "model.safetensors"))[k].dtype == torch.bfloat16
 
 
@@ -160,8 +169,7 @@ def test_trained_checkpoint_exports_load_in_hf_and_open_clip_with_our_embeddings
         ref_img, ref_txt = model.encode_image(images), model.encode_text(ids)
 
     for to in ("hf", "open_clip"):
-        r = pretrain_cli("convert", str(layout_straight), str(tmp_path / to), "--to", to)
-        assert r.returncode == 0, r.stderr[-2000:]
+        convert(layout_straight, tmp_path / to, to)
         assert json.loads((tmp_path / to / "manifest.json").read_text())["kind"] == to
     hf = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
     oc = open_clip.create_model(f"local-dir:{tmp_path / 'open_clip'}").eval()
