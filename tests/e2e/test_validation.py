@@ -106,20 +106,30 @@ def test_validation_under_tensor_parallelism_agrees_with_pretrain_eval(shards, t
         assert ev[k] == last[0][f"val/{k}"], (k, ev[k], last[0][f"val/{k}"])
 
 
-def test_stop_at_a_validation_step_validates_it_after_the_resume(shards, tmp_path):
-    """A stop request agreed at step 2 (SIGUSR1 after step 1; logging.every=1), a validation step: the run
-    saves and exits 75 without validating (stop fast), records `val_pending`, and the resume validates step 2
-    before training step 3, so val rows are at 2 and 4 exactly once and keep_best considered both."""
-    run = tmp_path / "stop"
+@pytest.fixture(scope="module")
+def stop_and_resume(shards, tmp_path_factory):
+    """One run stopped at a validation step, then its resume stopped at the last step: SIGUSR1 after step 1,
+    agreed at step 2 (logging.every=1), and after step 3 in the resume, agreed at step 4 of 4. Two stop
+    cases in one run pair (the last-step case was a run of its own: one training process less)."""
+    run = tmp_path_factory.mktemp("stop") / "stop"
     args = ["train", f"run.dir={run}", *TINY, f"data.train={shards['train']}", f"data.val={shards['val']}",
             "train.steps=4", "eval.every=2", "checkpoint.every=2", f"eval.max_samples={VAL_SAMPLES}",
             "checkpoint.keep_last=1", "checkpoint.keep_best=val/loss", "data.workers=1"]
-    r = run_pretrain(args, env={"MMPT_FAULT_SIGNAL": "1"}, timeout=600)
+    stopped = run_pretrain(args, env={"MMPT_FAULT_SIGNAL": "1"}, timeout=600)
+    val_after_stop = [row for row in read_metrics(run) if "val/loss" in row]
+    resumed = run_pretrain([*args, "--resume", "latest"], env={"MMPT_FAULT_SIGNAL": "3"}, timeout=600)
+    return run, stopped, val_after_stop, resumed
+
+
+def test_stop_at_a_validation_step_validates_it_after_the_resume(stop_and_resume):
+    """A stop request agreed at step 2, a validation step: the run saves and exits 75 without validating
+    (stop fast), records `val_pending`, and the resume validates step 2 before training step 3, so val rows
+    are at 2 and 4 exactly once and keep_best considered both."""
+    run, r, val_after_stop, resumed = stop_and_resume
     assert r.returncode == 75, r.stdout[-3000:] + r.stderr[-3000:]
     assert "stopped at step 2 on" in r.stderr
-    assert not [row for row in read_metrics(run) if "val/loss" in row]
-    r = run_pretrain([*args, "--resume", "latest"], timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not val_after_stop
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows = read_metrics(run)
     assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4]
     val = [row for row in rows if "val/loss" in row]
@@ -133,12 +143,11 @@ def test_stop_at_a_validation_step_validates_it_after_the_resume(shards, tmp_pat
     assert (root / best["tag"]).is_dir() and (root / "global_step4").is_dir()
 
 
-def test_stop_at_the_last_step_still_validates_it(shards, tmp_path):
-    """A stop request agreed at the last step ends the run normally (exit 0, no resume to come), so that
-    step's due validation runs rather than being skipped for good."""
-    run = tmp_path / "last"
-    r = run_pretrain(["train", f"run.dir={run}", *TINY, f"data.train={shards['train']}",
-                      f"data.val={shards['val']}", "train.steps=2", "eval.every=2", "data.workers=1",
-                      f"eval.max_samples={VAL_SAMPLES}"], env={"MMPT_FAULT_SIGNAL": "1"}, timeout=600)
+def test_stop_at_the_last_step_still_validates_it(stop_and_resume):
+    """A stop request agreed at the last step (the resume's step 4) ends the run normally (exit 0, no
+    resume to come), so that step's due validation runs rather than being skipped for good."""
+    run, _, _, r = stop_and_resume
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [row["step"] for row in read_metrics(run) if "val/loss" in row] == [2]
+    assert "received SIGUSR1" in r.stderr and "stopped at step" not in r.stderr  # the request came, too late
+    val = [row["step"] for row in read_metrics(run) if "val/loss" in row]
+    assert val[-1] == 4 and val.count(4) == 1
