@@ -113,6 +113,15 @@ def _session(path: Path, providers: Sequence[str] | None, threads: int) -> ort.I
                                 disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS) if cpu_only else [])
 
 
+def read_preprocess(folder: Path) -> dict[str, Any]:
+    """An export folder's preprocess.json (what both runtimes read first); FileNotFoundError naming the
+    folder when it is not a `pretrain convert --to onnx` output."""
+    pre = folder / PREPROCESS
+    if not pre.is_file():
+        raise FileNotFoundError(f"{pre} not found: {folder} is not a `pretrain convert --to onnx` folder")
+    return json.loads(pre.read_text(encoding="utf-8"))
+
+
 class OnnxCLIP:
     """The image and text encoders of one export folder, with their tokenizer and preprocessing."""
 
@@ -125,11 +134,7 @@ class OnnxCLIP:
         use the multi-threaded session. int8 dynamic quantisation scales activations per run, so a chunk's
         rows round slightly differently from the whole batch's (cosine >= 0.9997 at the demo's shapes)."""
         self.folder = Path(folder)
-        pre = self.folder / PREPROCESS
-        if not pre.is_file():
-            raise FileNotFoundError(f"{pre} not found: {self.folder} is not a `pretrain convert --to onnx` "
-                                    "folder")
-        self.config: dict[str, Any] = json.loads(pre.read_text(encoding="utf-8"))
+        self.config: dict[str, Any] = read_preprocess(self.folder)
         c = self.config
         if c.get("model") == CLASSIFIER_MODEL:
             raise ValueError(f"{self.folder} is a fine-tuned classifier's ONNX export ({CLASSIFIER_ONNX}, "
@@ -140,7 +145,8 @@ class OnnxCLIP:
         self.sos_id, self.eos_id, self.pad_id = int(c["sos_id"]), int(c["eos_id"]), int(c["pad_id"])
         self.text_clean = str(c.get("text_clean", "none"))  # folders written before the key: our BPE
         if self.text_clean not in TEXT_CLEAN:
-            raise ValueError(f"{pre}: text_clean {self.text_clean!r} is not one of {', '.join(TEXT_CLEAN)}")
+            raise ValueError(f"{self.folder / PREPROCESS}: text_clean {self.text_clean!r} is not one of "
+                             f"{', '.join(TEXT_CLEAN)}")
         self.tokenizer = Tokenizer.from_file(str(self.folder / TOKENIZER))
         # our BPE reads "[EOS]" typed in a caption as text, as training does (not saved in tokenizer.json);
         # OpenAI CLIP's maps its special strings to their ids, as open_clip.tokenize does
@@ -234,11 +240,7 @@ class OnnxClassifier:
 
     def __init__(self, folder: str | Path, providers: Sequence[str] | None = None, threads: int = 0) -> None:
         self.folder = Path(folder)
-        pre = self.folder / PREPROCESS
-        if not pre.is_file():
-            raise FileNotFoundError(f"{pre} not found: {self.folder} is not a `pretrain convert --to onnx` "
-                                    "folder")
-        self.config: dict[str, Any] = json.loads(pre.read_text(encoding="utf-8"))
+        self.config: dict[str, Any] = read_preprocess(self.folder)
         c = self.config
         if c.get("model") != CLASSIFIER_MODEL:
             raise ValueError(f"{self.folder} is a CLIP export ({IMAGE_ONNX}, {TEXT_ONNX}), not a fine-tuned "
