@@ -121,11 +121,9 @@ def check_classnames(saved: list[str], names_file: Path | None, src: Source, giv
         return
     how = "--classnames" if given else f"{CLASSNAMES_FILE} found beside the shards"
     theirs = src.config.finetune.classnames or "(a file its config does not name)"
-    if len(names) != len(saved):
-        diff = f"{len(names)} classes"
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(names, saved, strict=True)) if a != b)
-        diff = f"other names (class {i}: {names[i]!r} here, {saved[i]!r} in the checkpoint)"
+    from pretrain.tasks.classify import class_list_difference
+
+    diff = class_list_difference(names, saved, "in the checkpoint")
     raise ValueError(f"{names_file} ({how}) holds {diff}, but the classifier {src.path} was fine-tuned on "
                      f"the {len(saved)} classes of {theirs} (its head's rows, recorded in the checkpoint): "
                      "the .cls labels of these shards index another class list; evaluate on shards labelled "

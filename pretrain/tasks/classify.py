@@ -123,6 +123,15 @@ def _zeroshot_weights(cfg: Config, tokenizer: Any, init: Any,
     return {**visual, **head}
 
 
+def class_list_difference(names: list[str], saved: list[str], where: str) -> str:
+    """How the class list `names` differs from a checkpoint's `saved` one (they differ): its class count, or
+    the first class whose name differs, quoted both ways (`where` names the checkpoint's side)."""
+    if len(names) != len(saved):
+        return f"{len(names)} classes"
+    i = next(i for i, (a, b) in enumerate(zip(names, saved, strict=True)) if a != b)
+    return f"other names (class {i}: {names[i]!r} here, {saved[i]!r} {where})"
+
+
 def check_resumed_classnames(cfg: Config, classnames: list[str], client: dict[str, Any], where: str) -> None:
     """ConfigError naming finetune.classnames unless the checkpoint resumed from (`client`: its client state,
     at `where`) records exactly `classnames`: the head's rows are its classes. A file of another length
@@ -139,11 +148,7 @@ def check_resumed_classnames(cfg: Config, classnames: list[str], client: dict[st
     if saved == classnames:
         return
     saved_file = (saved_cfg.get("finetune") or {}).get("classnames") or "(a file its config does not name)"
-    if len(saved) != len(classnames):
-        diff = f"{len(classnames)} classes"
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(saved, classnames, strict=True)) if a != b)
-        diff = f"other names (class {i}: {classnames[i]!r} here, {saved[i]!r} there)"
+    diff = class_list_difference(classnames, saved, "there")
     raise ConfigError(f"finetune.classnames: {cfg.finetune.classnames} holds {diff}, but the checkpoint "
                       f"{where} (--resume) was trained on the {len(saved)} classes of {saved_file} (its "
                       f"head's rows); resume with --classnames {saved_file}, or fine-tune for the new "
