@@ -118,11 +118,12 @@ def required_label_of(sample: dict[str, Any], skips: SkipCounter) -> int | None:
     if raw is None:
         skips.skip(MISSING_LABEL, f"{key}: no .{LABEL_KEY} member")
         return None
-    text = bytes(raw).decode("ascii", "replace").strip()
-    if not text.isdigit():
+    label = label_of(sample)  # the one parser of `.cls`: -1 when it is not an integer
+    if label < 0:
+        text = bytes(raw).decode("ascii", "replace").strip()
         skips.skip(BAD_LABEL, f"{key}: .{LABEL_KEY} is not a class index: {text[:20]!r}")
         return None
-    return int(text)
+    return label
 
 
 def decode_image(
