@@ -191,6 +191,7 @@ def export_hf(state: dict[str, torch.Tensor], cfg: Config, tokenizer_json: str, 
     if not out.is_dir():
         raise FileNotFoundError(f"export folder {out} does not exist")
     check_state_matches_config(state, cfg)
+    state = {k: v.detach() for k, v in state.items()}  # live parameters in-process: no autograd
     m = cfg.model
     layers = {"visual": m.vision.layers, "text": m.text.layers}
     heads = {"visual": m.vision.heads, "text": m.text.heads}

@@ -178,6 +178,7 @@ def export_open_clip(state: dict[str, torch.Tensor], cfg: Config, tokenizer_json
     m = cfg.model
     layers = {"visual": m.vision.layers, "text": m.text.layers}
     heads = {"visual": m.vision.heads, "text": m.text.heads}
+    state = {k: v.detach() for k, v in state.items()}  # live parameters in-process: no autograd
     bias = float(state["logit_bias"].reshape(())) if "logit_bias" in state else None
     state = export_rows(state, tokenizer_json)  # OpenAI CLIP's tokenizer: its 49,408 rows
     write_hf_tokenizer_files(out, tokenizer_json, m.text.context_length)

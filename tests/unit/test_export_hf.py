@@ -5,6 +5,7 @@ gives its embeddings."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,28 @@ def test_export_writes_processor_and_config_files(tmp_path: Path, tiny_tok: Text
     ids = (text_cfg["pad_token_id"], text_cfg["bos_token_id"], text_cfg["eos_token_id"])
     assert ids == (PAD_ID, SOS_ID, EOS_ID)
     assert text_cfg["max_position_embeddings"] == 16
+
+
+def test_export_of_live_parameters_warns_nothing(tmp_path: Path, tiny_tok: TextTokenizer):
+    """An in-process caller may pass the model's parameters themselves (requires_grad): the export reads
+    them without autograd (torch warned on `float()` of the logit scale) and writes the same files."""
+    cfg = load_config(None, SMALL)
+    model = _model(cfg, tiny_tok)
+    params = dict(model.named_parameters())
+    live = {k: params.get(k, v) for k, v in model.state_dict().items()}
+    assert live["logit_scale"].requires_grad
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns once per process otherwise: an earlier test would hide it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            export_hf(live, cfg, tiny_tok.to_json(), tmp_path)
+        finally:
+            torch.set_warn_always(always)
+    (tmp_path / "plain").mkdir()
+    export_hf(model.state_dict(), cfg, tiny_tok.to_json(), tmp_path / "plain")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
 
 
 def test_bf16_export_stores_bf16(tmp_path: Path, tiny_tok: TextTokenizer):

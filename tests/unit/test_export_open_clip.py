@@ -5,6 +5,7 @@ imports into PretrainModel and gives its embeddings."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,29 @@ def test_export_keeps_siglip_logit_bias(tmp_path: Path, tiny_tok: TextTokenizer)
     state, overrides, _ = import_open_clip(tmp_path)
     assert overrides["objectives.contrastive.loss"] == "siglip"
     assert torch.equal(state["logit_bias"], model.logit_bias.detach())
+
+
+def test_export_of_live_parameters_warns_nothing(tmp_path: Path, tiny_tok: TextTokenizer):
+    """The model's own parameters (requires_grad, as an in-process caller has them), SigLIP bias included:
+    no autograd warning from reading the logit scale and bias, and the same files as from a state dict."""
+    cfg = load_config(None, [*SMALL, "objectives.contrastive.loss=siglip"])
+    model = _model(cfg, tiny_tok)
+    params = dict(model.named_parameters())
+    live = {k: params.get(k, v) for k, v in model.state_dict().items()}
+    assert live["logit_bias"].requires_grad
+    (tmp_path / "live").mkdir()
+    (tmp_path / "plain").mkdir()
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch warns once per process otherwise: an earlier test would hide it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            export_open_clip(live, cfg, tiny_tok.to_json(), tmp_path / "live", name="x")
+        finally:
+            torch.set_warn_always(always)
+    export_open_clip(model.state_dict(), cfg, tiny_tok.to_json(), tmp_path / "plain", name="x")
+    for name in (WEIGHT_FILE, CONFIG_FILE):
+        assert (tmp_path / "live" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
 
 
 def test_bf16_export_stores_bf16(tmp_path: Path, tiny_tok: TextTokenizer):
