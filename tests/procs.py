@@ -1,4 +1,5 @@
-"""Process helpers for tests that freeze a peer (a store host stopped like Slurm's `scontrol suspend`)."""
+"""Process helpers: freezing a peer (a store host stopped like Slurm's `scontrol suspend`), and a child
+process in which `import torch` fails (the ONNX serving tests)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,14 @@ def wait_stopped(pid: int, within_s: float = 30.0) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"process {pid} did not stop within {within_s} s")
+
+
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this process (a serving process without torch)")
+sys.meta_path.insert(0, _NoTorch())
+"""
+"""Prepend to a `python -c` script: every later `import torch` raises (a serving process without torch)."""

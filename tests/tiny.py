@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from parallel.settings import ParallelConfig
+from pretrain.checkpoint.atomic import MARKER
 from pretrain.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,3 +153,14 @@ def write_tiny_weights(folder: Path, tok, seed: int = 0, overrides: tuple[str, .
     meta = {"config": to_dict(cfg), "tokenizer": tok.to_json(), "step": 0}
     write_weights(DictSource(model.state_dict(), meta, "random init"), folder, overwrite=True)
     return folder
+
+
+def fake_run(path: Path, steps: list[int]) -> str:
+    """A run folder whose checkpoints are empty but marked complete (`global_step{S}` + MARKER, `latest`):
+    enough for code that lists and picks checkpoints, with the model loader replaced by the test."""
+    root = path / "checkpoints"
+    for s in steps:
+        (root / f"global_step{s}").mkdir(parents=True)
+        (root / f"global_step{s}" / MARKER).write_text("{}")
+    (root / "latest").write_text(f"global_step{steps[-1]}")
+    return str(path)

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tiny import MICRO
+from tiny import MICRO, fake_run
 
-from pretrain.checkpoint.atomic import MARKER
 from pretrain.cli import main
 from pretrain.config.loading import load_config
 from pretrain.evaluation import evaluate as evaluate_module
@@ -21,15 +20,6 @@ from pretrain.evaluation.suite import check_suite, load_suite
 from pretrain.models.pretrain_model import PretrainModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _fake_run(path: Path, steps: list[int]) -> str:
-    root = path / "checkpoints"
-    for s in steps:
-        (root / f"global_step{s}").mkdir(parents=True)
-        (root / f"global_step{s}" / MARKER).write_text("{}")
-    (root / "latest").write_text(f"global_step{steps[-1]}")
-    return str(path)
 
 
 @pytest.fixture
@@ -80,7 +70,7 @@ def test_every_problem_is_reported_at_once_naming_dataset_and_key(tmp_path, shar
 
 def test_bad_suite_fails_before_any_model_is_loaded_and_writes_nothing(tmp_path, shards, models, capsys):
     calls, _ = models
-    run = _fake_run(tmp_path / "run", [2])
+    run = fake_run(tmp_path / "run", [2])
     f = tmp_path / "suite.yaml"
     bad = {"name": "w", "data": shards["val"], "classnames": "nope.txt"}
     f.write_text(yaml.safe_dump({"datasets": [{"name": "v", "data": shards["val"]}, bad]}))
@@ -91,7 +81,7 @@ def test_bad_suite_fails_before_any_model_is_loaded_and_writes_nothing(tmp_path,
 
 def test_tables_json_and_plot_for_two_runs(tmp_path, shards, models, capsys):
     calls, fake = models
-    a, b = _fake_run(tmp_path / "a", [2, 4]), _fake_run(tmp_path / "b", [3])
+    a, b = fake_run(tmp_path / "a", [2, 4]), fake_run(tmp_path / "b", [3])
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a drawing of a {c}\n")
     f = tmp_path / "suite.yaml"
@@ -136,7 +126,7 @@ def test_tables_json_and_plot_for_two_runs(tmp_path, shards, models, capsys):
 
 
 def test_plot_on_one_data_without_a_suite_and_plot_needs_runs(tmp_path, shards, models, capsys):
-    a = _fake_run(tmp_path / "a", [1, 2, 3])
+    a = fake_run(tmp_path / "a", [1, 2, 3])
     out = tmp_path / "out"
     plot = ["--plot", "t2i_r5"]
     assert main(["eval", "--checkpoint", a, "--data", shards["val"], *plot, "--out", str(out)]) == 0

@@ -17,8 +17,8 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from tiny import fake_run
 
-from pretrain.checkpoint.atomic import MARKER
 from pretrain.evaluation import evaluate as evaluate_module
 from pretrain.evaluation import suite as suite_module
 from pretrain.evaluation.binding import binding_probe, read_metadata, read_shard_metadata
@@ -43,15 +43,6 @@ def _shard(path: Path, samples: list[dict[str, Any]]) -> str:
 # -- 1. suite reruns into the same --out ---------------------------------------------------------------
 
 
-def _fake_run(path: Path, steps: list[int]) -> str:
-    root = path / "checkpoints"
-    for s in steps:
-        (root / f"global_step{s}").mkdir(parents=True)
-        (root / f"global_step{s}" / MARKER).write_text("{}")
-    (root / "latest").write_text(f"global_step{steps[-1]}")
-    return str(path)
-
-
 @pytest.fixture
 def fake_eval(monkeypatch):
     """No model: load_model gives a marker and every dataset scores 0.5 on every metric."""
@@ -68,7 +59,7 @@ def _suite(checkpoints: list[str], plot: list[str]) -> Suite:
 
 
 def test_suite_rerun_removes_only_what_the_earlier_suite_wrote(tmp_path, fake_eval):
-    a, old = _fake_run(tmp_path / "a", [2]), _fake_run(tmp_path / "old", [2])
+    a, old = fake_run(tmp_path / "a", [2]), fake_run(tmp_path / "old", [2])
     out = tmp_path / "ev"
     logged: list[str] = []
     first = run_suite(_suite([a, old], ["zeroshot_top1"]), out, log=logged.append)
@@ -103,7 +94,7 @@ def test_suite_rerun_removes_only_what_the_earlier_suite_wrote(tmp_path, fake_ev
 
 
 def test_suite_without_an_earlier_index_deletes_nothing_and_says_what_is_left(tmp_path, fake_eval):
-    a = _fake_run(tmp_path / "a", [2])
+    a = fake_run(tmp_path / "a", [2])
     out = tmp_path / "ev"
     out.mkdir()
     (out / "b.json").write_text("{}")  # e.g. a suite run before the index existed
@@ -117,7 +108,7 @@ def test_suite_without_an_earlier_index_deletes_nothing_and_says_what_is_left(tm
 
 
 def test_a_checkpoint_named_like_the_index_gets_another_label(tmp_path, fake_eval):
-    c = _fake_run(tmp_path / Path(INDEX_FILE).stem, [1])
+    c = fake_run(tmp_path / Path(INDEX_FILE).stem, [1])
     run_suite(_suite([c], []), tmp_path / "ev", log=lambda m: None)
     index = json.loads((tmp_path / "ev" / INDEX_FILE).read_text())
     assert f"{Path(INDEX_FILE).stem}-2.json" in index["files"]

@@ -19,6 +19,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from procs import BLOCK_TORCH
 from tiny import write_tiny_weights
 
 from pretrain.checkpoint.convert import convert
@@ -251,16 +252,6 @@ def test_convert_cli_errors_leave_nothing(weights, tmp_path, capsys):
     assert main(["convert", str(weights), str(tmp_path / "c"), "--to", "onnx"]) == 2
     assert "exists" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
-
-
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this process (a serving process without torch)")
-sys.meta_path.insert(0, _NoTorch())
-"""
 
 
 def test_runs_in_a_process_without_torch(fp32, eager, tmp_path):

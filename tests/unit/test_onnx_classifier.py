@@ -20,6 +20,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from procs import BLOCK_TORCH
 from tiny import TINY_INFER, write_tiny_weights
 
 from pretrain.checkpoint.convert import convert
@@ -194,16 +195,6 @@ def test_bad_combinations_are_refused_and_leave_nothing(classifier, tmp_path, ca
         export_classifier_onnx(model, NAMES[:3], cfg, tmp_path / "x")
     with pytest.raises(ValueError, match="holds a line break"):
         export_classifier_onnx(model, [*NAMES[:4], "two\nlines"], cfg, tmp_path / "x")
-
-
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked in this process (a serving process without torch)")
-sys.meta_path.insert(0, _NoTorch())
-"""
 
 
 def test_predicts_in_a_process_without_torch(classifier, fp32, tmp_path):
