@@ -44,6 +44,7 @@ import yaml
 
 from data_pipelines.urls import expand_urls
 from pretrain.evaluation.layout import EvalData, resolve_eval_data
+from pretrain.evaluation.suite_output import checkpoint_markdown, comparison_markdown, plot_curves
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "zeroshot": ("zeroshot_top1", "zeroshot_top5"),
@@ -239,49 +240,6 @@ def _labels(checkpoints: list[str]) -> list[str]:
             label, n = f"{base}-{n}", n + 1
         out.append(label)
     return out
-
-
-def _cell(v: Any) -> str:
-    return "–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def checkpoint_markdown(label: str, checkpoint: str, suite: Suite, results: dict[str, dict[str, Any]]) -> str:
-    metrics = list(dict.fromkeys(m for d in suite.datasets for m in d.metrics))
-    rows = [[d.name, results[d.name]["samples"], *[results[d.name].get(m) if m in d.metrics else None
-                                                   for m in metrics]] for d in suite.datasets]
-    return f"# {label}\n\n`{checkpoint}`\n\n" + markdown_table(["dataset", "samples", *metrics], rows)
-
-
-def comparison_markdown(labels: list[str], suite: Suite, results: dict[str, dict[str, dict[str, Any]]]
-                        ) -> str:
-    rows = [[d.name, m, *[results[lab][d.name].get(m) for lab in labels]]
-            for d in suite.datasets for m in d.metrics]
-    return "# comparison\n\n" + markdown_table(["dataset", "metric", *labels], rows)
-
-
-def plot_curves(metric: str, curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """One line per (run, dataset) of `metric` against training step, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for name, points in curves.items():
-        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _sha256(path: Path) -> str:
