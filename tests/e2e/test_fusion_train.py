@@ -1,7 +1,8 @@
 """The fusion encoder trains under the real launcher with ZeRO-3, and its weights travel through checkpoints:
 a 2-rank ZeRO-3 run with ITM (negatives drawn across both ranks) and the image-conditioned MLM saves at
 step 2; its DeepSpeed files resume at dp=1 x tp=2 through the universal copy (ZeRO-3 partitions ->
-full tensors -> TP slices of the fusion blocks) and must log the straight run's losses, ITM included.
+full tensors -> TP slices of the fusion blocks) and must log the straight run's losses, ITM included; the
+same run's last checkpoint is exported to HF and open_clip (one 2-rank fusion run for both tests).
 The recipe and the helpers are tests/layouts.py's (fp32, the same global batches in every layout)."""
 
 from __future__ import annotations
@@ -24,10 +25,18 @@ FUSION = ["model.fusion.layers=1", "model.fusion.width=16", "model.fusion.heads=
 STEPS, AT = 4, 2
 
 
+@pytest.fixture(scope="module")
+def fusion_run(layout_data, tmp_path_factory):
+    """The 2-rank ZeRO-3 fusion run (FUSION, STEPS steps, saved at AT and STEPS) that the resume test
+    continues at another layout and the export test converts; neither writes into it."""
+    run = tmp_path_factory.mktemp("fusion") / "dp2"
+    train(run, layout_data, 2, steps=STEPS, extra=FUSION)
+    return run
+
+
 @pytest.mark.timeout(900)
-def test_fusion_run_resumes_at_another_layout_with_its_fusion_weights(layout_data, tmp_path):
-    straight = tmp_path / "dp2"
-    train(straight, layout_data, 2, steps=STEPS, extra=FUSION)
+def test_fusion_run_resumes_at_another_layout_with_its_fusion_weights(fusion_run, layout_data, tmp_path):
+    straight = fusion_run
     rows = {r["step"]: r for r in read_metrics(straight) if "loss" in r}
     assert all(rows[s]["loss_itm"] > 0 for s in range(1, STEPS + 1))  # logged like the other objectives
 
@@ -49,19 +58,19 @@ def test_fusion_run_resumes_at_another_layout_with_its_fusion_weights(layout_dat
 
 @pytest.mark.timeout(600)
 def test_hf_and_open_clip_exports_carry_the_dual_encoder_and_name_the_fusion_part_left_out(
-        layout_data, tmp_path):
-    """`convert --to hf` / `--to open_clip` of a fusion run (ITM + conditioned MLM, 2-rank ZeRO-3): each
-    library loads its folder with no missing or unexpected weight and gives our dual encoder's embeddings;
-    the fusion encoder and its heads, which neither model has a place for, are named in `left_out` (the
-    command's JSON and the manifest) and in a log line, not dropped silently."""
+        fusion_run, tmp_path):
+    """`convert --to hf` / `--to open_clip` of a fusion run (`fusion_run`'s last checkpoint: ITM +
+    conditioned MLM, 2-rank ZeRO-3): each library loads its folder with no missing or unexpected weight and
+    gives our dual encoder's embeddings; the fusion encoder and its heads, which neither model has a place
+    for, are named in `left_out` (the command's JSON and the manifest) and in a log line, not dropped
+    silently."""
     transformers = pytest.importorskip("transformers")
     open_clip = pytest.importorskip("open_clip")
     from tiny import pretrain_cli
 
     from pretrain.evaluation.evaluate import load_model
 
-    run = tmp_path / "fusion"
-    train(run, layout_data, 2, steps=1, extra=FUSION)
+    run = fusion_run
     ours, tokenizer, cfg = load_model(run)
     torch.manual_seed(0)
     images = torch.randn(2, 3, cfg.model.image_size, cfg.model.image_size)
@@ -91,13 +100,17 @@ def test_hf_and_open_clip_exports_carry_the_dual_encoder_and_name_the_fusion_par
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("stage", [3, 1])  # ZeRO-3: the flat fp32 master's slices; ZeRO-1: fragments
+# ZeRO-3: the flat fp32 master's slices; ZeRO-1: fragments. [1] is also the 2-rank ZeRO-1 `--init-from`
+# check (frozen towers loaded and read back bit-exact) that test_freeze_train.py and test_clip_roundtrip.py
+# leave to it
+@pytest.mark.parametrize("stage", [3, 1])
 def test_init_from_a_dual_encoder_adds_a_fresh_fusion_encoder(layout_straight, layout_data, tmp_path, stage):
     """A fusion stage on pretrained towers (bench fusion's `frozen-towers`), at 2-rank ZeRO-3 and ZeRO-1:
     `--init-from` a dual encoder into the same towers plus a fusion encoder loads the towers (frozen here:
     bit-identical to the source after training) and leaves the fusion encoder and ITM head at this run's own
     seeded initialisation, not zeros or the source's: a block at lr multiplier 0 equals it exactly, the others
-    move from it. A source whose towers differ is still refused."""
+    move from it. A source whose towers differ is still refused (one process: the refusal comes before any
+    model or engine is built, so the 2-rank launch added nothing to it)."""
     source = layout_straight / "checkpoints" / tag(3)
     recipe = [f"parallel.zero_stage={stage}", "model.fusion.layers=2", "model.fusion.width=16",
               "model.fusion.heads=2", "objectives.itm.weight=1", "model.fusion.image_positions=true",
@@ -110,6 +123,7 @@ def test_init_from_a_dual_encoder_adds_a_fresh_fusion_encoder(layout_straight, l
     cfg = open_source(run)
     torch.manual_seed(cfg.config.train.seed)
     own = {n: p.detach() for n, p in build_model(cfg.config, cfg.meta["tokenizer"]).named_parameters()}
+    assert set(after) == set(own)  # the checkpoint reader of the stage gives every parameter, frozen ones too
     fresh = [n for n in after if n.startswith(("fusion.", "itm_head."))]
     assert len(fresh) > 20 and not any(n in given for n in fresh)
     for n in after:
@@ -123,6 +137,6 @@ def test_init_from_a_dual_encoder_adds_a_fresh_fusion_encoder(layout_straight, l
 
     if stage == 1:
         return
-    bad = train(tmp_path / "other", layout_data, 2, steps=1, ok=False,
+    bad = train(tmp_path / "other", layout_data, 1, steps=1, ok=False,
                 extra=[*recipe, "model.text.layers=2", "--init-from", str(source)])
     assert "its model config differs from this run's" in bad.stderr + bad.stdout
