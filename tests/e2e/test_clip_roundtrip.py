@@ -1,7 +1,7 @@
 """Starting from a CLIP checkpoint with OpenAI CLIP's tokenizer, through training, and back out:
 
 a transformers `CLIPModel` folder (random weights, small, CLIP's 49,408-token vocabulary) -> `pretrain
-convert --from hf` -> `pretrain train --init-from` 10 steps on 2 ranks (real deepspeed launcher,
+convert --from hf` -> `pretrain train --init-from` 3 steps on 2 ranks (real deepspeed launcher,
 `data.tokenizer=clip`, tp=2 under ZeRO-3) -> `pretrain convert --to hf` and `--to open_clip` -> each library
 loads its folder with its stock tokenizer (`CLIPProcessor` built from the exported vocab.json/merges.txt;
 open_clip's `get_tokenizer`, its own SimpleTokenizer) and gives the embeddings `pretrain embed` gives.
@@ -10,19 +10,27 @@ An OpenAI-format state dict (open_clip's `CLIP`, head width 64) goes the same wa
 `convert --from openai` -> `--to hf` / `--to open_clip` of the import itself, with the same library checks,
 and the exported weights must be the source's exactly. Its training leg (tp=1 x dp=2 under ZeRO-1) proved
 nothing the HF leg does not: `--init-from` under ZeRO-1 on 2 ranks is checked bit-exact by
-tests/e2e/test_freeze_train.py (test_init_from_sets_the_frozen_weights[1]), training with the CLIP
-tokenizer by the HF leg and test_training_from_scratch_with_the_clip_tokenizer below, and the exporters
-read every ZeRO stage through the same checkpoint reader (pretrain/checkpoint/sources.py) that test reads.
+tests/e2e/test_fusion_train.py (test_init_from_a_dual_encoder_adds_a_fresh_fusion_encoder[1]), training
+with the CLIP tokenizer by the HF leg and test_training_from_scratch_with_the_clip_tokenizer below, and the
+exporters read every ZeRO stage through the same checkpoint reader (pretrain/checkpoint/sources.py) that
+test reads.
 
 Zero-shot at step 0: a run started from an import begins from exactly the imported weights (init-from is
 checked bit-exact by tests/e2e/test_import_train.py), so `pretrain eval` of the import folder is the run's
 step-0 evaluation. It must equal the source model's own forward (the library model wrapped as
 encode_image/encode_text) under the same `pretrain eval` metric code, data and tokenizer -- for the random
 source and for the exported model (its HF export imported again).
+
+Commands run in this process (`pretrain.cli.main`, the CLI's own argument parsing and output) except where
+this file is the CLI path of a behaviour: `convert --from openai` and a successful `embed` run as the
+`pretrain` program; `convert --from hf` does in tests/e2e/test_import_train.py, `convert --to hf|open_clip`
+in tests/e2e/test_fusion_train.py, `eval` in many. Each program start costs ~1.5-3 CPU s of imports.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -70,9 +78,19 @@ def _ok(r) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _main(*args: str) -> dict:
+    """`pretrain ARGS` in this process (`pretrain.cli.main`): exit 0, and its last stdout line as JSON."""
+    from pretrain.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(list(args))
+    assert rc == 0, (args, out.getvalue()[-2000:])  # the error itself is on stderr, shown by pytest
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
 def _eval_cli(ckpt: Path, val: str, classnames: str) -> dict:
-    return _ok(pretrain_cli("eval", "--checkpoint", str(ckpt), "--data", val, "--classnames", classnames,
-                            "--json"))
+    return _main("eval", "--checkpoint", str(ckpt), "--data", val, "--classnames", classnames, "--json")
 
 
 def _eval_library(model: LibraryModel, ckpt: Path, val: str, classnames: str) -> dict:
@@ -127,7 +145,10 @@ def test_clip_import_train_export_loads_with_stock_tokenizers(tmp_path: Path, so
     convert_from, library_source, source_projection = make_source(tmp_path)
 
     init = tmp_path / "init"
-    out = _ok(pretrain_cli("convert", *convert_from, str(init)))
+    if source == "openai":  # the CLI path of `convert --from openai` (of --from hf: test_import_train.py)
+        out = _ok(pretrain_cli("convert", *convert_from, str(init)))
+    else:
+        out = _main("convert", *convert_from, str(init))
     assert out["tokenizer"] == "clip" and out["fresh"] == ["decoder", "mlm_head"]
     step0 = _eval_cli(init, val["urls"], classnames)
     library0 = _eval_library(library_source, init, val["urls"], classnames)
@@ -141,25 +162,29 @@ def test_clip_import_train_export_loads_with_stock_tokenizers(tmp_path: Path, so
         run = tmp_path / "run"
         r = run_pretrain(["train", "--config", str(init / "train.yaml"), "--init-from", str(init),
                           f"run.dir={run}", f"data.train={data['urls']}", "data.workers=1",
-                          "train.micro_batch=8", "train.steps=10", "train.precision=fp32",
+                          "train.micro_batch=8", "train.steps=3", "train.precision=fp32",
                           "optim.warmup_steps=2", "logging.progress=false", "logging.tensorboard=false",
                           "parallel.zero_stage=3", "parallel.tp=2", "checkpoint.every=0"],
                          procs=2, timeout=600)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
         assert json.loads((run / "tokenizer.json").read_text())["type"] == "mmpt-clip-bpe"
         metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        assert metrics[-1]["step"] == 10 and all(np.isfinite(m["loss_mlm"]) for m in metrics)
+        assert metrics[-1]["step"] == 3 and all(np.isfinite(m["loss_mlm"]) for m in metrics)
 
     for kind in ("hf", "open_clip"):
-        _ok(pretrain_cli("convert", str(run), str(tmp_path / kind), "--to", kind))
+        _main("convert", str(run), str(tmp_path / kind), "--to", kind)
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
     for i in range(4):  # the model's own size: no resampling differences between the preprocessors
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
-    _ok(pretrain_cli("embed", "--checkpoint", str(run), "--images", str(images), "--texts",
-                     str(tmp_path / "texts.txt"), "--out", str(tmp_path / "emb.npz")))
+    embed = ["embed", "--checkpoint", str(run), "--images", str(images), "--texts",
+             str(tmp_path / "texts.txt"), "--out", str(tmp_path / "emb.npz")]
+    if train:  # the program once: the CLI path of a successful embed
+        _ok(pretrain_cli(*embed))
+    else:
+        _main(*embed)
     ours = np.load(tmp_path / "emb.npz")
     pil = [Image.open(images / f"{i}.png").convert("RGB") for i in range(4)]
 
@@ -191,7 +216,7 @@ def test_clip_import_train_export_loads_with_stock_tokenizers(tmp_path: Path, so
 
     # the exported model as a source: its HF export imported again evaluates as the run and as HF's forward
     again = tmp_path / "again"
-    _ok(pretrain_cli("convert", "--from", "hf", str(tmp_path / "hf"), str(again)))
+    _main("convert", "--from", "hf", str(tmp_path / "hf"), str(again))
     exported = _eval_cli(run, val["urls"], classnames) if train else step0  # the import's: done above
     reimported = _eval_cli(again, val["urls"], classnames)
     library = _eval_library(_hf_wrapper(hf), again, val["urls"], classnames)
@@ -209,7 +234,7 @@ def test_training_from_scratch_with_the_clip_tokenizer(tmp_path: Path):
 
     train = write_synthetic_shards(tmp_path / "train", samples=64, samples_per_shard=32, image_size=32,
                                    seed=0)
-    plan = _ok(pretrain_cli("plan", "--world", "1", "--json", *TINY, "data.tokenizer=clip"))
+    plan = _main("plan", "--world", "1", "--json", *TINY, "data.tokenizer=clip")
     assert plan["vocab_padded"] == 49472
     run = tmp_path / "run"
     r = run_pretrain(["train", *TINY, "data.tokenizer=clip", f"data.train={train['urls']}", "data.workers=1",

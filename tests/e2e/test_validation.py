@@ -1,9 +1,14 @@
 """Validation inside a 2-rank ZeRO-3 training job under the real deepspeed launcher (`eval.every`): it
 writes val/ metrics at the right steps, keeps the best checkpoint, agrees with `pretrain eval` on the same
-weights, and does not change training at all (bit-identical losses with and without it)."""
+weights, and does not change training at all (bit-identical losses with and without it).
+
+`pretrain eval` runs in this process (`pretrain.cli.main`, the CLI's own parsing and output: its program
+start, ~2 CPU s of imports, is tested by many other files); training runs as users run it."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -20,6 +25,18 @@ TRAIN_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm", "grad_norm", "
 def deepspeed_train(run_dir: Path, overrides: list[str]) -> None:
     r = run_pretrain(["train", f"run.dir={run_dir}", *TINY, *overrides], procs=2, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def pretrain_eval(run_dir: Path, shards: dict[str, str]) -> dict:
+    """`pretrain eval --json` of `run_dir` on the first VAL_SAMPLES held-out samples, in this process."""
+    from pretrain.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # errors go to stderr, which pytest shows
+        rc = main(["eval", "--checkpoint", str(run_dir), "--data", shards["val"], "--classnames",
+                   shards["classnames"], "--max-samples", str(VAL_SAMPLES), "--json"])
+    assert rc == 0, out.getvalue()[-3000:]
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +97,7 @@ def test_keep_best_keeps_the_best_checkpoint_beside_the_latest(runs):
 
 def test_validation_agrees_with_pretrain_eval_on_the_same_weights(runs, shards):
     last = [r for r in read_metrics(runs["val"]) if "val/samples" in r][-1]
-    r = run_pretrain(["eval", "--checkpoint", str(runs["val"]), "--data", shards["val"], "--classnames",
-                      shards["classnames"], "--max-samples", str(VAL_SAMPLES), "--json"], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    ev = pretrain_eval(runs["val"], shards)
     assert ev["samples"] == VAL_SAMPLES
     for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"):
         assert ev[k] == last[f"val/{k}"], (k, ev[k], last[f"val/{k}"])
@@ -93,15 +107,12 @@ def test_validation_under_tensor_parallelism_agrees_with_pretrain_eval(shards, t
     """tp=2: both ranks of the tensor-parallel group read the same share; the live split model's
     validation equals `pretrain eval` on its consolidated checkpoint."""
     run = tmp_path / "tp2"
-    deepspeed_train(run, [f"data.train={shards['train']}", f"data.val={shards['val']}", "train.steps=3",
+    deepspeed_train(run, [f"data.train={shards['train']}", f"data.val={shards['val']}", "train.steps=2",
                           "parallel.tp=2", "train.micro_batch=16", "data.workers=1", "eval.at_end=true",
                           f"eval.max_samples={VAL_SAMPLES}"])
     last = [r for r in read_metrics(run) if "val/samples" in r]
-    assert [r["step"] for r in last] == [3]
-    r = run_pretrain(["eval", "--checkpoint", str(run), "--data", shards["val"], "--classnames",
-                      shards["classnames"], "--max-samples", str(VAL_SAMPLES), "--json"], timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ev = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [r["step"] for r in last] == [2]
+    ev = pretrain_eval(run, shards)
     for k in ("zeroshot_top1", "i2t_r1", "t2i_r1"):
         assert ev[k] == last[0][f"val/{k}"], (k, ev[k], last[0][f"val/{k}"])
 
