@@ -44,9 +44,10 @@ def plain_zero3_4ranks(trained_once, shards: dict[str, str]) -> Path:
 
 
 # The reference 2-rank ZeRO-3 run (TINY, 16 steps, checkpoints at steps 8 and 16, deepspeed launcher),
-# trained once per session (`straight_2ranks`): tests/e2e/test_train_e2e.py checks and resumes it,
-# test_reliability.py resumes a killed run of the same arguments against it, test_no_unpickling.py plants
-# payloads in copies of its checkpoints.
+# trained once per session (`straight_2ranks`): tests/e2e/test_train_e2e.py checks it (and compares its
+# losses with the default-threshold run's), test_reliability.py resumes a killed run of the same arguments
+# against it (the suite's threshold-0 resume check) and compares that run's first steps with it exactly,
+# test_no_unpickling.py plants payloads in copies of its checkpoints.
 STRAIGHT_STEPS, STRAIGHT_EVERY = 16, 8
 STRAIGHT = [f"train.steps={STRAIGHT_STEPS}", f"checkpoint.every={STRAIGHT_EVERY}"]  # with TINY
 

@@ -90,26 +90,39 @@ def test_retention_keep_last_and_every(tmp_path):
 
 
 # ------------------------------------------------------------------------------ crash recovery
-def test_kill9_one_rank_others_exit_then_resume_matches_straight_run(shards, trained_once, tmp_path):
+@pytest.fixture(scope="module")
+def crashed(shards, trained_once, tmp_path_factory) -> dict:
+    """A fresh 2-rank run of the shared tiny.straight_2ranks run's arguments (plus parallel.timeout_s=60,
+    which does not enter the math), rank 1 killed after step STRAIGHT_EVERY + 2, then resumed with
+    `--resume latest`: what it returned, how long the surviving rank took to exit, the checkpoint left and
+    the rows logged before the resume. The kill -9 test and the determinism test read it."""
+    straight = straight_2ranks(trained_once, shards)
+    run = tmp_path_factory.mktemp("crashed") / "run"
+    common = (*STRAIGHT, "parallel.timeout_s=60")
+    t0 = time.monotonic()
+    killed = train(shards, run, *common, procs=2,
+                   env={"MMPT_FAULT_KILL": f"after-step:{STRAIGHT_EVERY + 2}:1"})
+    elapsed = time.monotonic() - t0
+    latest = ckpt.latest_tag(run / "checkpoints")
+    rows_before_resume = read_metrics(run)
+    resumed = train(shards, run, *common, procs=2, resume="latest")
+    return {"straight": straight, "run": run, "killed": killed, "elapsed": elapsed, "latest": latest,
+            "rows_before_resume": rows_before_resume, "resumed": resumed}
+
+
+def test_kill9_one_rank_others_exit_then_resume_matches_straight_run(crashed):
     """Rank 1 killed after step STRAIGHT_EVERY + 2; the run resumes from the step-STRAIGHT_EVERY checkpoint
     and logs the losses of the uninterrupted run of the same arguments (the session's shared
-    tiny.straight_2ranks run; the collective timeout does not enter the math)."""
-    crashed = tmp_path / "crashed"
-    common = (*STRAIGHT, "parallel.timeout_s=60")
-    straight = straight_2ranks(trained_once, shards)
+    tiny.straight_2ranks run; the collective timeout does not enter the math). This resume is also the
+    suite's threshold-0 resume check (test_train_e2e resumes at the default persistence threshold)."""
+    assert crashed["killed"].returncode != 0
+    assert crashed["elapsed"] < 150, f"surviving rank took {crashed['elapsed']:.0f}s to exit"
+    assert crashed["latest"] == f"global_step{STRAIGHT_EVERY}"
 
-    t0 = time.monotonic()
-    kill = {"MMPT_FAULT_KILL": f"after-step:{STRAIGHT_EVERY + 2}:1"}
-    r = train(shards, crashed, *common, procs=2, env=kill)
-    elapsed = time.monotonic() - t0
-    assert r.returncode != 0
-    assert elapsed < 150, f"surviving rank took {elapsed:.0f}s to exit"
-    assert ckpt.latest_tag(crashed / "checkpoints") == f"global_step{STRAIGHT_EVERY}"
-
-    r = train(shards, crashed, *common, procs=2, resume="latest")
+    r = crashed["resumed"]
     assert r.returncode == 0, r.stderr[-2000:]
-    a = losses(straight)
-    rows = [row for row in read_metrics(crashed) if "loss" in row]
+    a = losses(crashed["straight"])
+    rows = [row for row in read_metrics(crashed["run"]) if "loss" in row]
     # every step exactly once: the resume dropped the rows the crashed run logged after its checkpoint
     assert [row["step"] for row in rows] == list(range(1, STRAIGHT_STEPS + 1))
     for row in rows[STRAIGHT_EVERY:]:  # the steps the resumed run trained
@@ -327,18 +340,24 @@ def test_safe_loader_still_reads_real_deepspeed_files(shards, tmp_path):
 
 
 # ------------------------------------------------------------------------------ determinism
-def test_same_config_seed_and_layout_give_bit_identical_losses(shards, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    for run in (a, b):
-        r = train(shards, run, "train.steps=4")
-        assert r.returncode == 0, r.stderr[-2000:]
-    assert losses(a) == losses(b)  # exact equality, not approx
+LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm")
+
+
+def test_same_config_seed_and_layout_give_bit_identical_losses(crashed):
+    """Two separate launches of the same config, seed and layout (2 ranks, ZeRO-3): the crash test's fresh
+    run, up to its kill after step STRAIGHT_EVERY + 2, and the shared straight run log the same losses,
+    exactly (no approx)."""
+    before = [row for row in crashed["rows_before_resume"] if "loss" in row]
+    assert [row["step"] for row in before] == list(range(1, STRAIGHT_EVERY + 3))
+    straight = {row["step"]: row for row in read_metrics(crashed["straight"])}
+    for row in before:
+        assert {k: row[k] for k in LOSS_KEYS} == {k: straight[row["step"]][k] for k in LOSS_KEYS}, row["step"]
 
 
 # ------------------------------------------------------------------------------ preemption
 def test_stop_signal_on_one_rank_stops_every_rank_at_the_next_log_step(shards, tmp_path):
     """SIGUSR1 reaches rank 1 only, after step 2; the request is agreed at log steps (logging.every=4), so
-    both ranks stop after step 4, save global_step4 and exit 75, and the resumed run finishes."""
+    both ranks stop after step 4, save global_step4 and exit 75 (for a requeued job to resume)."""
     run = tmp_path / "run"
     r = train(shards, run, "train.steps=6", "logging.every=4", procs=2, env={"MMPT_FAULT_SIGNAL": "2:1"})
     assert r.returncode == 75, r.stderr[-3000:]
