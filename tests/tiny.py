@@ -131,6 +131,23 @@ def pretrain_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProces
                           text=True, timeout=timeout)
 
 
+def cli_json(*args: str) -> dict:
+    """`pretrain ARGS` in this process (`pretrain.cli.main`, the CLI's own parsing and output): asserts exit 0
+    and returns its last stdout line as JSON. For commands whose program start is tested elsewhere: it saves
+    an interpreter's imports (~2 CPU s). Errors go to stderr, which pytest shows."""
+    import contextlib
+    import io
+    import json
+
+    from pretrain.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(list(args))
+    assert rc == 0, (args, out.getvalue()[-3000:])
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
 # Random-init weights exports for the inference tests (ONNX export, embed backends): no training needed.
 TINY_INFER = ["model.image_size=32", "model.vision.patch_size=8", "model.vision.width=32",
               "model.vision.layers=2", "model.vision.heads=2", "model.text.width=32", "model.text.layers=2",

@@ -29,8 +29,6 @@ in tests/e2e/test_fusion_train.py, `eval` in many. Each program start costs ~1.5
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -39,7 +37,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny import pretrain_cli, run_pretrain
+from tiny import cli_json, pretrain_cli, run_pretrain
 
 transformers = pytest.importorskip("transformers")
 open_clip = pytest.importorskip("open_clip")
@@ -78,19 +76,8 @@ def _ok(r) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def _main(*args: str) -> dict:
-    """`pretrain ARGS` in this process (`pretrain.cli.main`): exit 0, and its last stdout line as JSON."""
-    from pretrain.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        rc = main(list(args))
-    assert rc == 0, (args, out.getvalue()[-2000:])  # the error itself is on stderr, shown by pytest
-    return json.loads(out.getvalue().strip().splitlines()[-1])
-
-
 def _eval_cli(ckpt: Path, val: str, classnames: str) -> dict:
-    return _main("eval", "--checkpoint", str(ckpt), "--data", val, "--classnames", classnames, "--json")
+    return cli_json("eval", "--checkpoint", str(ckpt), "--data", val, "--classnames", classnames, "--json")
 
 
 def _eval_library(model: LibraryModel, ckpt: Path, val: str, classnames: str) -> dict:
@@ -148,7 +135,7 @@ def test_clip_import_train_export_loads_with_stock_tokenizers(tmp_path: Path, so
     if source == "openai":  # the CLI path of `convert --from openai` (of --from hf: test_import_train.py)
         out = _ok(pretrain_cli("convert", *convert_from, str(init)))
     else:
-        out = _main("convert", *convert_from, str(init))
+        out = cli_json("convert", *convert_from, str(init))
     assert out["tokenizer"] == "clip" and out["fresh"] == ["decoder", "mlm_head"]
     step0 = _eval_cli(init, val["urls"], classnames)
     library0 = _eval_library(library_source, init, val["urls"], classnames)
@@ -172,7 +159,7 @@ def test_clip_import_train_export_loads_with_stock_tokenizers(tmp_path: Path, so
         assert metrics[-1]["step"] == 3 and all(np.isfinite(m["loss_mlm"]) for m in metrics)
 
     for kind in ("hf", "open_clip"):
-        _main("convert", str(run), str(tmp_path / kind), "--to", kind)
+        cli_json("convert", str(run), str(tmp_path / kind), "--to", kind)
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -184,7 +171,7 @@ def test_clip_import_train_export_loads_with_stock_tokenizers(tmp_path: Path, so
     if train:  # the program once: the CLI path of a successful embed
         _ok(pretrain_cli(*embed))
     else:
-        _main(*embed)
+        cli_json(*embed)
     ours = np.load(tmp_path / "emb.npz")
     pil = [Image.open(images / f"{i}.png").convert("RGB") for i in range(4)]
 
@@ -216,7 +203,7 @@ def test_clip_import_train_export_loads_with_stock_tokenizers(tmp_path: Path, so
 
     # the exported model as a source: its HF export imported again evaluates as the run and as HF's forward
     again = tmp_path / "again"
-    _main("convert", "--from", "hf", str(tmp_path / "hf"), str(again))
+    cli_json("convert", "--from", "hf", str(tmp_path / "hf"), str(again))
     exported = _eval_cli(run, val["urls"], classnames) if train else step0  # the import's: done above
     reimported = _eval_cli(again, val["urls"], classnames)
     library = _eval_library(_hf_wrapper(hf), again, val["urls"], classnames)
@@ -234,7 +221,7 @@ def test_training_from_scratch_with_the_clip_tokenizer(tmp_path: Path):
 
     train = write_synthetic_shards(tmp_path / "train", samples=64, samples_per_shard=32, image_size=32,
                                    seed=0)
-    plan = _main("plan", "--world", "1", "--json", *TINY, "data.tokenizer=clip")
+    plan = cli_json("plan", "--world", "1", "--json", *TINY, "data.tokenizer=clip")
     assert plan["vocab_padded"] == 49472
     run = tmp_path / "run"
     r = run_pretrain(["train", *TINY, "data.tokenizer=clip", f"data.train={train['urls']}", "data.workers=1",

@@ -12,13 +12,11 @@ binomial sd of chance: the same run trained on shuffled labels ends at 8/128 and
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
-from tiny import TINY, run_pretrain
+from tiny import TINY, cli_json, run_pretrain
 
 from pretrain.metrics import read_metrics
 
@@ -52,12 +50,7 @@ def zeroshot(runs, shards) -> dict:
     """`pretrain eval` of the init on the held-out shards (its prompts: the templates file beside them), in
     this process (`pretrain.cli.main`: no second program start; the CLI path of a fine-tune's eval is
     test_pretrain_eval_of_the_fine_tuned_checkpoint_matches_its_validation, of a CLIP eval many tests')."""
-    from pretrain.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main(["eval", "--checkpoint", str(runs["pre"]), "--data", shards["val"], "--json"]) == 0
-    return json.loads(out.getvalue().strip().splitlines()[-1])
+    return cli_json("eval", "--checkpoint", str(runs["pre"]), "--data", shards["val"], "--json")
 
 
 def test_finetuned_beats_zero_shot(runs, zeroshot):

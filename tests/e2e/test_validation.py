@@ -7,13 +7,11 @@ start, ~2 CPU s of imports, is tested by many other files); training runs as use
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
-from tiny import TINY, run_pretrain
+from tiny import TINY, cli_json, run_pretrain
 
 from pretrain.metrics import read_metrics
 
@@ -29,14 +27,8 @@ def deepspeed_train(run_dir: Path, overrides: list[str]) -> None:
 
 def pretrain_eval(run_dir: Path, shards: dict[str, str]) -> dict:
     """`pretrain eval --json` of `run_dir` on the first VAL_SAMPLES held-out samples, in this process."""
-    from pretrain.cli import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):  # errors go to stderr, which pytest shows
-        rc = main(["eval", "--checkpoint", str(run_dir), "--data", shards["val"], "--classnames",
-                   shards["classnames"], "--max-samples", str(VAL_SAMPLES), "--json"])
-    assert rc == 0, out.getvalue()[-3000:]
-    return json.loads(out.getvalue().strip().splitlines()[-1])
+    return cli_json("eval", "--checkpoint", str(run_dir), "--data", shards["val"], "--classnames",
+                    shards["classnames"], "--max-samples", str(VAL_SAMPLES), "--json")
 
 
 @pytest.fixture(scope="module")
