@@ -2,7 +2,7 @@
 
     pretrain launch --launcher torchrun --nodes 2 --procs-per-node 8 [--dry-run] -- train --config c.yaml
     pretrain launch --launcher deepspeed --site eu --rendezvous 10.0.0.5:29400 -- train --config c.yaml
-    pretrain launch --serve-rendezvous 0.0.0.0:29400      # a cross-site store that outlives every site
+    pretrain launch --serve-rendezvous 10.0.0.5:29400     # a cross-site store that outlives every site
 
 Defaults come from the environment, so inside a Slurm allocation `--nodes`, the master address (the
 first node's NodeAddr), the port (from the job id), the node rank (SLURM_NODEID) and a deepspeed hostfile

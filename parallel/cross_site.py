@@ -21,6 +21,7 @@ stays each site's own, as in DiLoCo.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ from parallel.consensus import from_rank0, sum_over_ranks
 from parallel.cross_site_codec import ErrorFeedback, decode
 from parallel.cross_site_join import every_rank, rank0
 from parallel.cross_site_link import read_secret
-from parallel.cross_site_privacy import PrivacyLedger, clip_scale, gaussian_noise, noise_seed
+from parallel.cross_site_names import give_back_name, holds_name, taken_over
+from parallel.cross_site_privacy import PrivacyLedger, clip_scale, gaussian_noise, noise_change, noise_seed
 from parallel.cross_site_state import RELEASES_FILE, ReleaseLog, digest
 from parallel.cross_site_store import Behind, CrossSiteError, Heartbeat, Rendezvous, StoreGone, open_store
 from parallel.settings import CrossSiteConfig
@@ -145,13 +147,15 @@ class OuterLoop:
         self.diverged = False  # this site's digest after the last round differs from the sites'
         self.others_done = False  # at the last round, every other site had finished
         self.solo = False  # the store is gone after the others finished: outer steps alone
+        self.nonce = secrets.token_hex(8)  # this process, as the holder of the site's name at the store
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """This rank's outer state for its checkpoint file (ZeRO-3: one file per rank)."""
         return {"site": self.cfg.site, "round": self.round, "synced": self.synced.cpu(),
                 "momentum": self.momentum.cpu(), "residual": self.feedback.residual.cpu(),
-                "dp_rounds": self.ledger.rounds, "bytes_rank": self.bytes_rank, "bytes_site": self.bytes_site,
+                "dp_rounds": self.ledger.rounds, "dp_noise": self.cfg.dp_noise,
+                "bytes_rank": self.bytes_rank, "bytes_site": self.bytes_site,
                 "generation": self.rv.generation or self.generation}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
@@ -161,6 +165,9 @@ class OuterLoop:
                         "starting the outer state from the current weights", state["synced"].numel(),
                         self.synced.numel())
             return False
+        refused = noise_change(state, self.cfg.dp_noise)
+        if refused:
+            raise CrossSiteError(f"site {self.cfg.site}: {refused}")
         self.synced = state["synced"].to(self.synced.device)
         self.momentum = state["momentum"].to(self.synced.device)
         if state["residual"].numel() == self.feedback.residual.numel():
@@ -266,6 +273,8 @@ class OuterLoop:
     def _start(self, k: int) -> dict[str, Any]:
         """rank 0, before anything is posted: whether this site must take the others' state instead of
         exchanging (they are past round k, or its state differs), else record the release to come."""
+        if not holds_name(self.rv, self.nonce):
+            raise taken_over(self.rv, k)
         if self.diverged:
             return {"behind": "its outer state is not the one the sites recorded for that round"}
         at = self.rv.group_round()
@@ -367,6 +376,11 @@ class OuterLoop:
                     self.rv.mark_done()
             except CrossSiteError as e:
                 log.warning("cross-site: site %s could not mark itself done: %s", self.cfg.site, e)
+            try:
+                if not self.solo:
+                    give_back_name(self.rv, self.nonce)  # before the heartbeat stops: nobody takes it between
+            except CrossSiteError as e:
+                log.warning("cross-site: site %s could not give its name back: %s", self.cfg.site, e)
             if self.heartbeat is not None:
                 self.heartbeat.stop()
             try:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from parallel import cross_site_names as names
 from parallel import groups
 from parallel.consensus import failures_by_rank, from_rank0, on_rank0, sum_over_ranks
 from parallel.cross_site_state import digest, state_problem
@@ -39,6 +40,9 @@ OuterLoop = Any  # parallel.cross_site.OuterLoop, which imports this module (no 
 
 log = logging.getLogger("mmpt.cross_site")
 T = TypeVar("T")
+NAME_WAIT_S = 5.0
+"""How long a heartbeat must stand still before its site counts as gone for taking over its name or its
+place among cross_site.sites (at most the liveness window, min(cross_site.timeout_s, 15 s))."""
 
 
 # ------------------------------------------------------------------ rank agreement
@@ -176,7 +180,15 @@ def _enter(loop: OuterLoop, at_own_state: bool = True) -> None:
     """rank 0: register in the current generation and beat; `at_own_state`: this site goes on from its own
     state, so the generation is at least at its round (not so for a site about to take a member's)."""
     rv = loop.rv
+    wait_s = min(rv.liveness.stale_s, NAME_WAIT_S)
+    if loop.heartbeat is None:  # this process enters for the first time
+        names.claim_name(rv, loop.nonce, wait_s)
     rv.register()
+    try:
+        names.check_room(rv, wait_s)
+    except CrossSiteError:
+        names.give_back_name(rv, loop.nonce)
+        raise
     rv.joined()
     if at_own_state:
         rv.raise_round(loop.round)

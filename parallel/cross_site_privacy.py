@@ -24,6 +24,7 @@ import hashlib
 import math
 import secrets
 import warnings
+from typing import Any
 
 import torch
 
@@ -104,3 +105,23 @@ class PrivacyLedger:
 
     def total(self) -> float:
         return self._epsilon(self.rounds)
+
+
+def noise_change(state: dict[str, Any], noise: float) -> str | None:
+    """Why a checkpoint's outer state may not be resumed at `noise` (cross_site.dp_noise), or None. The
+    accountant prices every round at one noise multiplier: rounds this site released at another one, or
+    without noise, would be reported as if they had today's, and the epsilon would be too low."""
+    before = state.get("dp_noise")  # absent: a checkpoint from before this was recorded
+    if before is None or noise <= 0 or float(before) == noise:
+        return None
+    if float(before) > 0:
+        released = int(state.get("dp_rounds", 0))
+        what = f"at cross_site.dp_noise={float(before):g}"
+    else:
+        released = int(state["round"])  # without noise releases are not counted: every round may be one
+        what = "without noise (cross_site.dp_noise=0), which no epsilon covers"
+    if not released:
+        return None
+    return (f"its checkpoint released {released} rounds {what}, and cross_site.dp_noise is now {noise:g}: "
+            "the reported epsilon would price those rounds at the new noise. Resume with the checkpoint's "
+            "cross_site.dp_noise, or start a new run (a new run.dir) for a guarantee at the new one")

@@ -12,8 +12,10 @@ sites. Keys, all under `mmpt/xs/`:
   the current generation (its state is not the one recorded there and no member is alive to hand over
   theirs) starts a new one from its own state.
 - `beat/<site>`: a counter each site's rank 0 bumps from a thread every `BEAT_S`, so the others tell a slow
-  site (wait for it) from a dead one (stop waiting). `config`: the current generation's fingerprint (a copy,
-  for tools).
+  site (wait for it) from a dead one (stop waiting). `owner/<site>`: a random id of the process running as
+  that site (two live processes with one name would each take the other's payloads for their own), given
+  back when it finishes and taken over from a process whose heartbeat has stopped. `config`: the current
+  generation's fingerprint (a copy, for tools).
 
 Under `g/<generation>/`:
 
@@ -125,9 +127,32 @@ class Rendezvous:
         self.generation = generation
         self.ns = f"{NS}/g/{generation}" if generation else NS
 
+    def _text(self, key: str) -> str:
+        """The store's value at `key` as text, or a CrossSiteError naming the key. What the sites write is
+        ASCII: anything else is signed bytes this site cannot read (the others use cross_site.secret_file,
+        this one does not) or another program's."""
+        data = self.store.get(key)
+        try:
+            return data.decode("ascii")
+        except UnicodeDecodeError:
+            hint = ("" if self.store.secret else ": the other sites sign what they write with "
+                    "cross_site.secret_file, and this site has none (give every site the same file)")
+            raise CrossSiteError(f"cross-site rendezvous {self.address}: {key} holds {len(data)} bytes that "
+                                 f"no site of this version writes{hint}") from None
+
+    def _int(self, key: str, default: int = 0) -> int:
+        if not self.store.check(key):
+            return default
+        text = self._text(key)
+        try:
+            return int(text)
+        except ValueError:
+            raise CrossSiteError(f"cross-site rendezvous {self.address}: {key} is {text[:40]!r}, not a count "
+                                 "(another program writes to this store?)") from None
+
     def current_generation(self) -> str:
         key = f"{NS}/generation"
-        return self.store.get(key).decode() if self.store.check(key) else ""
+        return self._text(key) if self.store.check(key) else ""
 
     def claim_generation(self, expected: str, new: str) -> str:
         """rank 0: make `new` the current generation if it still is `expected` ("": none); returns the
@@ -142,9 +167,18 @@ class Rendezvous:
             self.store.set(f"{self.ns}/site/{i}", self.site)
         self.store.delete_key(f"{self.ns}/done/{self.site}")
 
-    def sites(self) -> list[str]:
+    def registered(self) -> list[str]:
+        """The site names registered in this generation, in the order they registered."""
         n = self.store.add(f"{self.ns}/nsites", 0)
-        return sorted({self.store.get(f"{self.ns}/site/{i}").decode() for i in range(1, n + 1)})
+        out: list[str] = []
+        for i in range(1, n + 1):
+            name = self._text(f"{self.ns}/site/{i}")
+            if name not in out:
+                out.append(name)
+        return out
+
+    def sites(self) -> list[str]:
+        return sorted(self.registered())
 
     def done(self, site: str) -> bool:
         return self.store.check(f"{self.ns}/done/{site}")
@@ -180,8 +214,7 @@ class Rendezvous:
 
     # ------------------------------------------------------------------ where the sites are
     def group_round(self) -> int:
-        key = f"{self.ns}/round"
-        return int(self.store.get(key)) if self.store.check(key) else 0
+        return self._int(f"{self.ns}/round")
 
     def raise_round(self, k: int) -> None:
         """rank 0: `round` := max(round, k) (a late site finishing an older round must not lower it)."""
@@ -208,8 +241,7 @@ class Rendezvous:
         return self.store.get(key).decode() if self.store.check(key) else None
 
     def released(self) -> int:
-        key = f"{self.ns}/released/{self.site}"
-        return int(self.store.get(key)) if self.store.check(key) else 0
+        return self._int(f"{self.ns}/released/{self.site}")
 
     def set_released(self, n: int) -> None:
         self.store.set(f"{self.ns}/released/{self.site}", str(n))
@@ -284,7 +316,7 @@ class Rendezvous:
     def pending_join(self) -> int:
         """rank 0: the newest join ticket nobody has served yet (0: none)."""
         joins = self.store.add(f"{self.ns}/joins", 0)
-        served = int(self.store.get(f"{self.ns}/served")) if self.store.check(f"{self.ns}/served") else 0
+        served = self._int(f"{self.ns}/served")
         return joins if joins > served else 0
 
     def publish_state(self, ticket: int, state: dict[str, Any]) -> None:
@@ -309,8 +341,8 @@ class Rendezvous:
         deadline = time.monotonic() + self.timeout_s
         key = f"{self.ns}/served"
         while time.monotonic() < deadline:
-            if self.store.check(key) and int(self.store.get(key)) >= ticket:
-                return int(self.store.get(key))
+            if self._int(key) >= ticket:
+                return self._int(key)
             if not self.others_alive():
                 return 0
             time.sleep(POLL_S * 4)

@@ -111,7 +111,9 @@ class CrossSiteConfig:
     shards; sites exchange parameter changes every `cross_site.every` steps, never data."""
     site: str = ""
     """This site's name (any unique string, e.g. `eu` or `"0"`): keys in the rendezvous store, log lines and
-    which site is dropped are named by it. `pretrain launch --site NAME` sets it."""
+    which site is dropped are named by it. `pretrain launch --site NAME` sets it. One live process per name:
+    a second one is refused (a requeued site takes over its crashed process's name); setting it while
+    `sites` is 0 or 1 is a config error."""
     rendezvous: str = ""
     """HOST:PORT of the TCP store the sites meet at. Rank 0 of the first site whose host owns that address
     serves it, unless a store already answers there (`pretrain launch --serve-rendezvous HOST:PORT` runs one
@@ -144,7 +146,8 @@ class CrossSiteConfig:
     """Gaussian noise multiplier: each site adds N(0, (dp_noise x dp_clip)^2) to every value it sends
     (0: off), drawn from a fresh secret each release that is never stored or sent, so nobody else can
     regenerate the noise and subtract it. Epsilon per round and in total (site-level, not sample-level) from
-    opacus's RDP accountant goes to the log and metrics.jsonl."""
+    opacus's RDP accountant goes to the log and metrics.jsonl. Resuming at another value than the
+    checkpoint's, after rounds were released, is refused (epsilon prices every round at one noise)."""
     dp_delta: float = 1e-5
     """Delta of the reported (epsilon, delta) guarantee."""
     timeout_s: int = 120

@@ -257,6 +257,11 @@ def _cross_site_problems(cfg: Config) -> list[str]:
     if x.sites < 0:
         out.append(f"cross_site.sites must be >= 0 (0 or 1: off), got {x.sites}")
     if x.sites <= 1:
+        if x.site.strip() or x.rendezvous.strip():  # `pretrain launch --site/--rendezvous`, a 1-site config
+            out.append(f"cross_site.site / cross_site.rendezvous are set ({x.site!r}, {x.rendezvous!r}) but "
+                       f"cross_site.sites is {x.sites} (0 or 1: off): this job would train alone and never "
+                       "meet the other sites; set cross_site.sites to the number of sites (the same on every "
+                       "site)")
         return out
     if not x.site.strip():
         out.append("cross_site.site must name this site (e.g. cross_site.site=eu, or `pretrain launch --site "
