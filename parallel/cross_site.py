@@ -238,16 +238,23 @@ class OuterLoop:
         if self.ledger.enabled:
             self.ledger.rounds = start["released"] - 1  # recorded before anything is posted
         released = self._release(self.synced - self.partition.read(), k)
+        # error feedback keeps what rounding dropped from a payload the sites average; when they average
+        # another (an earlier life's bytes) or none of this site's, that residual belongs to nothing
+        kept = self.feedback.residual.clone()
         (payload, sent), _ = every_rank(lambda: self.feedback.encode(released), self)  # errors: all ranks
         try:  # the sum also tells every rank that every rank has posted
             stored, sent_here = every_rank(lambda: self.rv.post(k, payload), self,
                                            count=lambda old: 0 if old is not None else len(payload))
             decision = rank0(lambda: self._settle(k), wait=True)
         except StoreGone as e:
+            self.feedback.residual = kept
             return self._store_gone(e, k, t0)
         if decision["behind"]:
+            self.feedback.residual = kept
             return cross_site_join.catch_up(self, k, decision["behind"], t0)
         members, missing, ticket = decision["members"], decision["missing"], decision["ticket"]
+        if stored is not None or c.site not in members:
+            self.feedback.residual = kept
         self.others_done, self._first_round = decision["others_done"], False
         avg, _ = every_rank(lambda: self._average(k, members, stored, sent), self)
         mu = c.outer_momentum

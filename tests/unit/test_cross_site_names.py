@@ -190,3 +190,21 @@ def test_site_or_rendezvous_without_cross_site_sites_is_refused_naming_the_key()
         load_config(None, ["run.dir=x", "cross_site.site=eu", "cross_site.rendezvous=10.0.0.5:29400"])
     load_config(None, ["run.dir=x", "cross_site.sites=2", "cross_site.site=eu",
                        "cross_site.rendezvous=10.0.0.5:29400"])
+
+
+def test_a_late_sites_residual_is_not_changed_by_a_payload_nobody_averaged():
+    """Error feedback keeps what rounding dropped from a payload the sites average. A late site's payload is
+    averaged by nobody (it applies the others' average and its steps are dropped), so its residual must stay
+    as it was; it used to keep the rounding error of that payload and send it in the next round."""
+    address, server = _store()
+    a, b = site(address, "a", timeout_s=2, compress="int8"), site(address, "b", timeout_s=2, compress="int8")
+    together(a.join, b.join)
+    train(a, 1)
+    train(b, 2)
+    a._round()  # waits 2 s for b (alive) and settles round 1 without it
+    row = b._round()  # b posts after the round was settled: late
+    assert row["cross_site_sites"] == 1 and torch.equal(b.synced, a.synced)
+    assert b.feedback.residual.abs().max() == 0  # untouched (zero before the first round)
+    assert a.feedback.residual.abs().max() > 0  # a's payload was averaged: it keeps its rounding
+    stop(a, b)
+    del server
