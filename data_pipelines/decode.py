@@ -10,6 +10,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from .stats import (
@@ -126,6 +127,45 @@ def required_label_of(sample: dict[str, Any], skips: SkipCounter) -> int | None:
     return label
 
 
+def honour_pixel_limit(max_pixels: int) -> None:
+    """Make Pillow's own decompression-bomb limit no stricter than ours (`max_pixels`, 0: no limit).
+
+    Pillow refuses images over 2 x `Image.MAX_IMAGE_PIXELS` (178,956,970 by default) and warns over it,
+    so `data.max_image_pixels=0` or a value above that would still have skipped large images as
+    `image_too_large`. Our limit is checked from the header before any decode, which is the guard; the
+    process-wide setting is only ever raised (so threads calling this agree), never lowered.
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is None:
+        return
+    if max_pixels <= 0:
+        Image.MAX_IMAGE_PIXELS = None
+    elif max_pixels > current:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+"""Pillow modes whose `convert("RGB")` clips at 255 (16-bit or 32-bit integer grey, float grey)."""
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """An 8-bit "L" image for a 16/32-bit integer or float grey image; any other image unchanged.
+
+    Pillow's conversion to RGB clips these at 255, so a 16-bit PNG trained as nearly white and a float
+    TIFF as black. Integer modes are read as 16-bit data (PNG and TIFF store 16 bits per sample: 0..65535
+    -> 0..255, larger values clip), float as the usual 0..1 range (clipped). The scale is fixed, not
+    taken from the pixels, so every crop of an image gets the same grey levels.
+    """
+    if img.mode not in HIGH_DEPTH_MODES:
+        return img
+    values = np.asarray(img)
+    if img.mode == "F":
+        scaled = np.nan_to_num(values.astype(np.float32), nan=0.0) * 255.0
+    else:
+        scaled = values.astype(np.float64) / 257.0
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
 def decode_image(
     data: bytes,
     key: str,
@@ -140,6 +180,7 @@ def decode_image(
     than `max_pixels` pixels (0: no limit) are refused from the header alone, before any pixel is decoded:
     a few-kB "decompression bomb" would otherwise allocate gigabytes in a DataLoader worker.
     """
+    honour_pixel_limit(max_pixels)
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
@@ -150,7 +191,7 @@ def decode_image(
             if isinstance(out, Image.Image):
                 out.load()
             return out
-    except Image.DecompressionBombError as exc:  # Pillow's own limit, when above ours
+    except Image.DecompressionBombError as exc:  # Pillow's own limit: only when set elsewhere, below ours
         skips.skip(IMAGE_TOO_LARGE, f"{key}: {exc}")
         return None
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)

@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image
 
-from .decode import IMAGE_KEYS
+from .decode import IMAGE_KEYS, honour_pixel_limit, to_8bit
 from .import_csv import csv_records
 from .import_options import ImportOptions
 from .import_output import Staging, check_out, check_prefix
@@ -122,6 +122,7 @@ _ADDRESS = re.compile(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 def check_image(data: bytes, check: str, max_pixels: int) -> tuple[str, bytes, int, int]:
     """(extension, bytes, width, height) of a usable image; raises `_Skip` with the reason otherwise."""
+    honour_pixel_limit(max_pixels)  # Pillow's own limit must not refuse what --max-image-pixels allows
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
@@ -132,7 +133,8 @@ def check_image(data: bytes, check: str, max_pixels: int) -> tuple[str, bytes, i
             if img.format in _KEPT_FORMATS:
                 return _KEPT_FORMATS[img.format], data, width, height
             buf = io.BytesIO()  # GIF, BMP, TIFF...: re-encode losslessly once, training reads PNG
-            img.convert("RGBA" if "A" in img.getbands() else "RGB").save(buf, format="PNG")
+            plain = to_8bit(img)  # 16-bit / float grey: rescaled, not clipped to white or black
+            plain.convert("RGBA" if "A" in plain.getbands() else "RGB").save(buf, format="PNG")
             return "png", buf.getvalue(), width, height
     except _Skip:
         raise

@@ -19,7 +19,10 @@ Built from webdataset's own stages (`url_opener` -> tar members -> grouping by k
   reader skips over it in small blocks, so a 100 GB member costs no memory -- and the sample carries
   `TOO_LARGE_KEY` instead, which the consumers count as `too_large`. The sample itself is still yielded,
   so sample positions inside a shard (and resume) do not depend on the limit. Tar metadata headers (pax,
-  GNU long names) bigger than the limit make the shard a `bad_shard`.
+  GNU long names) bigger than the limit make the shard a `bad_shard`;
+* http(s) shards are read by curl with a stall limit (`HTTP_STALL_S`): webdataset's own curl command has
+  none, so a server that accepted the connection and then sent nothing blocked the worker for ever
+  instead of becoming a `bad_shard`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 
 import webdataset as wds
 from webdataset import tariterators
+from webdataset.gopen import Pipe, gopen_curl, rewrite_url
 
 from .settings import DEFAULT_MAX_SAMPLE_BYTES
 from .stats import BAD_SHARD, DUPLICATE_KEY, TOO_LARGE_KEY, SkipCounter
@@ -314,6 +318,42 @@ class _ShardErrors:
             yield item
 
 
+HTTP_STALL_S = 60
+"""An http(s) shard that delivers no byte for this many seconds is abandoned (curl exits 28) and counted
+as `bad_shard`; with the retries below, a dead server costs at most about 3 x this per shard."""
+HTTP_RETRY_S = 120
+"""curl retries transient failures (timeouts, 408/429/5xx) of an http(s) shard for up to this many
+seconds after its first try (0: no retries), as webdataset's `--retry 30` did, but bounded."""
+
+
+def _open_http(url: str, mode: str = "rb", bufsize: int = 8192) -> Any:
+    """webdataset's `gopen_curl` for reading, plus a low-speed limit and a bounded retry window."""
+    if mode[0] != "r":
+        return gopen_curl(url, mode=mode, bufsize=bufsize)
+    retry = ["--retry", "30", "--retry-delay", "2", "--retry-max-time", str(HTTP_RETRY_S)]
+    args = ["curl", "--connect-timeout", "30", *(retry if HTTP_RETRY_S else []), "--speed-limit", "1",
+            "--speed-time", str(HTTP_STALL_S), "-f", "-s", "-L", url]
+    return Pipe(args, mode=mode, bufsize=bufsize, ignore_status=[141, 23])  # as gopen_curl: SIGPIPE
+
+
+def _open_urls(sources: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """`tariterators.url_opener`, with http(s) URLs opened by `_open_http` (all else as before)."""
+    for source in sources:
+        url = source["url"]
+        target = rewrite_url(url)  # webdataset's GOPEN_REWRITE rules, as gopen applies them
+        if not re.match(r"https?://", target, re.IGNORECASE):
+            yield from tariterators.url_opener([source], handler=handler)
+            continue
+        try:
+            source.update(stream=_open_http(target))
+        except Exception as exn:  # as url_opener: the URL goes into args, for the handler
+            exn.args = (*exn.args, url)
+            if not handler(exn):
+                break
+            continue
+        yield source
+
+
 def shard_samples(
     urls: list[str],
     skips: SkipCounter,
@@ -332,7 +372,7 @@ def shard_samples(
     errors = _ShardErrors(urls, skips)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
-        partial(tariterators.url_opener, handler=errors),
+        partial(_open_urls, handler=errors),
         errors.watch,
         partial(_expand, max_bytes=max_bytes, handler=errors, select_files=select_files),
         errors.check_ends,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,24 @@ def make_pair_sample(index: int, image_size: int, seed: int) -> dict[str, Any]:
     }
 
 
+def check_synth_out(out: Path, overwrite: bool) -> dict[str, Any]:
+    """Refuse an OUT that is a file, or a non-empty folder unless `overwrite`; return its sizes.json
+    entries (kept for other prefixes) when overwriting."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} exists and is not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not overwrite:
+        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        raise ValueError(f"OUT {out} is not empty ({', '.join(entries[:5])}{more}): choose a new or empty "
+                         "folder, or pass --overwrite to replace its shards with this prefix, sizes.json, "
+                         "classnames.txt and zeroshot_classification_templates.txt (other files stay)")
+    try:
+        old = json.loads((out / "sizes.json").read_text(encoding="utf-8")) if entries else {}
+    except (OSError, ValueError):
+        old = {}  # missing or unreadable: rewritten below
+    return old if isinstance(old, dict) else {}
+
+
 def write_synthetic_shards(
     out_dir: str | os.PathLike,
     samples: int,
@@ -204,6 +223,7 @@ def write_synthetic_shards(
     seed: int,
     prefix: str = "shard",
     compositional: bool = False,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Write `OUT/{prefix}-000000.tar ...` plus classnames.txt, zeroshot_classification_templates.txt
     (CLIP_benchmark's names) and sizes.json; return a summary.
@@ -213,6 +233,12 @@ def write_synthetic_shards(
 
     `compositional=True` writes two-object samples whose captions bind attributes by word order
     (`make_pair_sample`), with the swapped captions of the attribute-binding probe.
+
+    `overwrite=False` (what `pretrain data synth` passes unless --overwrite) refuses a non-empty OUT, as
+    `data import` does: these writes replace shards, sizes.json and the user's classnames.txt/templates.
+    Programs that write into folders of their own (the demo, the benches, tests) keep the default. With
+    `overwrite`, the older `{prefix}-NNNNNN.tar` shards this run does not write are removed (sizes.json would
+    not name them, yet `*.tar` layouts would read them) and other prefixes' sizes.json entries are kept.
     """
     if samples < 1 or samples_per_shard < 1:
         raise ValueError(f"samples ({samples}) and samples_per_shard ({samples_per_shard}) must be >= 1")
@@ -221,6 +247,7 @@ def write_synthetic_shards(
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     out = Path(out_dir)
+    old_sizes = check_synth_out(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     n_shards = (samples + samples_per_shard - 1) // samples_per_shard
     sizes: dict[str, int] = {}
@@ -238,6 +265,10 @@ def write_synthetic_shards(
         files.append(str(final))
     (out / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n", encoding="utf-8")
     write_templates(out)  # CLIP_benchmark's zeroshot_classification_templates.txt, our eval prompts
+    mine = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar")
+    for stale in sorted(p for p in out.iterdir() if mine.fullmatch(p.name) and p.name not in sizes):
+        stale.unlink()  # only reachable with overwrite: a fresh OUT holds nothing but what this run wrote
+    sizes = {**{k: v for k, v in old_sizes.items() if not mine.fullmatch(k)}, **sizes}
     (out / "sizes.json").write_text(json.dumps(sizes, indent=1) + "\n", encoding="utf-8")
     last = n_shards - 1
     urls = str(out / f"{prefix}-{{000000..{last:06d}}}.tar") if n_shards > 1 else files[0]

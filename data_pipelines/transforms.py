@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .decode import to_8bit
+
 
 def _draft_for(img: Image.Image, box: tuple[float, float, float, float], size: int) -> tuple[float, ...]:
     """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when the crop still covers `size` pixels; rescale box."""
@@ -45,7 +47,7 @@ def _resize_box(img: Image.Image, size: int, box: tuple[float, float, float, flo
         # the conversion touches only the pixels the crop keeps
         x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
         x1, y1 = min(math.ceil(box[2]), img.size[0]), min(math.ceil(box[3]), img.size[1])
-        img = img.crop((x0, y0, x1, y1)).convert("RGB")
+        img = to_8bit(img.crop((x0, y0, x1, y1))).convert("RGB")  # 16-bit/float grey: rescaled first
         box = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
     out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     return out if out.mode == "RGB" else out.convert("RGB")
@@ -61,7 +63,8 @@ def _resize_box_array(img: Image.Image, size: int, box: tuple[float, float, floa
     y1 = min(max(int(round(box[3])), y0 + 1), height)
     region = img.crop((x0, y0, x1, y1))  # decodes the image; copies only the crop
     if region.mode != "RGB":
-        region = region.convert("RGB")  # after the crop: converts only the pixels kept
+        # after the crop: converts only the pixels kept; 16-bit / float grey rescaled, not clipped at 255
+        region = to_8bit(region).convert("RGB")
     arr = np.asarray(region)
     if arr.shape[0] == arr.shape[1] == size:
         return arr
@@ -148,7 +151,7 @@ def center_crop_resize_array(img: Image.Image, size: int) -> np.ndarray:
 
 def to_normalized_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """RGB image -> float32 [3, H, W], scaled to [0, 1] then normalised per channel."""
-    arr = np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.float32)
+    arr = np.asarray(to_8bit(img).convert("RGB") if img.mode != "RGB" else img, dtype=np.float32)
     mean_a = np.asarray(mean, dtype=np.float32) * 255.0
     inv_std = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
     arr = (arr - mean_a) * inv_std
@@ -157,7 +160,7 @@ def to_normalized_array(img: Image.Image, mean: Sequence[float], std: Sequence[f
 
 def to_uint8_array(img: Image.Image) -> np.ndarray:
     """RGB image -> uint8 [H, W, 3]; normalisation is left to `normalize_batch` (one pass per batch)."""
-    return np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
+    return np.asarray(to_8bit(img).convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
 
 
 def normalize_batch(

@@ -123,7 +123,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     summary = write_synthetic_shards(args.out, samples=args.samples, samples_per_shard=args.samples_per_shard,
                                      image_size=args.image_size, seed=args.seed,
-                                     compositional=args.compositional)
+                                     compositional=args.compositional, overwrite=args.overwrite)
     print(json.dumps(summary, default=str), flush=True)
     return 0
 
@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compositional", action="store_true",
                    help="two objects per image, captions whose word order binds colour to shape "
                         "(\"red circle left of blue square\"), and the swaps the binding probe scores")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow a non-empty OUT: replace its shards with this prefix, sizes.json, "
+                        "classnames.txt and the templates file (other files stay)")
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("tokenizer", help="train a BPE tokenizer on the captions of shards")
     p.add_argument("--data", required=True, help="shard URLs (brace-expandable)")

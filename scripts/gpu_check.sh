@@ -35,8 +35,8 @@ python3 -m pytest -q -rs -p no:cacheprovider tests/unit/test_model_cuda.py tests
   tests/unit/test_nonfinite_guard.py tests/unit/test_fp8.py tests/e2e/test_logit_scale.py -k "not two_ranks" 2>&1 | tail -12 \
   | tee "$OUTDIR/cuda_tests.txt" || echo "CUDA tests FAILED (see above); going on with the runs" | tee -a "$OUTDIR/cuda_tests.txt"
 D=/tmp/mmpt-data
-python3 -m pretrain.cli data synth $D/train64 --samples 12000 --samples-per-shard 500 --image-size 64 --seed 0 >/dev/null
-python3 -m pretrain.cli data synth $D/val64 --samples 1000 --samples-per-shard 500 --image-size 64 --seed 1 >/dev/null
+python3 -m pretrain.cli data synth $D/train64 --overwrite --samples 12000 --samples-per-shard 500 --image-size 64 --seed 0 >/dev/null
+python3 -m pretrain.cli data synth $D/val64 --overwrite --samples 1000 --samples-per-shard 500 --image-size 64 --seed 1 >/dev/null
 
 echo "== 1. demo recipe on CUDA (deepspeed launcher, 1 GPU, ZeRO-3, bf16)"
 t0=$(date +%s)
@@ -49,7 +49,7 @@ cp /tmp/run-demo/summary.json "$OUTDIR/demo_summary.json"
 
 if [ "${SKIP_B16:-0}" = 1 ]; then echo "== 2. skipped (SKIP_B16=1)"; exit 0; fi
 echo "== 2. ViT-B/16-scale CLIP+MAE+MLM throughput, bf16, ZeRO-3, 1 GPU"
-python3 -m pretrain.cli data synth $D/train224 --samples 8000 --samples-per-shard 250 --image-size 224 --seed 0 >/dev/null
+python3 -m pretrain.cli data synth $D/train224 --overwrite --samples 8000 --samples-per-shard 250 --image-size 224 --seed 0 >/dev/null
 $DS --num_gpus 1 --no_local_rank --module pretrain.cli train --config configs/demo.yaml \
   "data.train=$D/train224/shard-{000000..000031}.tar" run.dir=/tmp/run-b16 --overwrite-run data.workers=12 logging.progress=false \
   model.image_size=224 model.embed_dim=512 model.vision.patch_size=16 model.vision.width=768 model.vision.layers=12 \
