@@ -99,6 +99,17 @@ def asked(member: OuterLoop, timeout_s: float = 20) -> None:
         time.sleep(0.05)
 
 
+def join_served_by(joiner: OuterLoop, member: OuterLoop, seed: int, timeout_s: float = 20) -> None:
+    """`joiner` joins (in a thread) and asks the sites for their outer state; `member` trains (seed) and runs
+    the round whose end serves it."""
+    joining = threading.Thread(target=joiner.join, daemon=True)
+    joining.start()
+    asked(member)
+    train(member, seed)
+    member._round()
+    joining.join(timeout_s)
+
+
 def stop(*loops: OuterLoop) -> None:
     """The sites' processes end (their heartbeats stop)."""
     for loop in loops:

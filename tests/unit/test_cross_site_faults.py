@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from procs import wait_stopped
-from xsites import N, asked, exchange, site, stop, together, train
+from xsites import N, exchange, join_served_by, site, stop, together, train
 
 from launch.rendezvous import free_port
 from parallel.cross_site_codec import encode
@@ -162,12 +162,7 @@ def test_epsilon_counts_the_rounds_released_after_the_last_checkpoint(tmp_path):
     ckpt, w_ckpt = exchange(a, b, 4, keep_b_at=2)
     stop(b)
     b2 = site(address, "b", w_ckpt, state=ckpt, **kw)  # no run_dir: the store's count alone
-    joining = threading.Thread(target=b2.join, daemon=True)
-    joining.start()
-    asked(a)
-    train(a, 5)
-    a._round()  # serves b2
-    joining.join(10)
+    join_served_by(b2, a, 5, timeout_s=10)
     train(a, 6)
     train(b2, 6)
     _, rb = together(a._round, b2._round)

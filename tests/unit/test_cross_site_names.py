@@ -5,12 +5,11 @@ TCPStore on loopback). Each mistake used to run on silently or end in a tracebac
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 import torch
-from xsites import asked, checkpoint, exchange, site, stop, together, train
+from xsites import checkpoint, exchange, join_served_by, site, stop, together, train
 
 from launch.rendezvous import free_port
 from parallel.cross_site_names import claim_name, holds_name
@@ -127,12 +126,7 @@ def test_a_site_beyond_cross_site_sites_is_refused_and_a_replacement_for_a_dead_
     train(a, 3)
     assert a._round()["cross_site_sites"] == 1  # b dropped: no heartbeat for stale_s
     d = site(address, "d")
-    joining = threading.Thread(target=d.join, daemon=True)
-    joining.start()
-    asked(a)
-    train(a, 4)
-    a._round()  # serves d
-    joining.join(20)
+    join_served_by(d, a, 4)
     assert torch.equal(d.synced, a.synced)
     train(a, 5)
     train(d, 6)
