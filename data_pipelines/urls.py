@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import re
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import braceexpand
 
@@ -21,11 +23,14 @@ def is_local(url: str) -> bool:
 
 
 def local_path(url: str) -> str:
-    """The file path of a local shard URL (`is_local`): `file://PATH` and `file:PATH` without the scheme, a
-    plain path as given. One helper for every check (start-up, import, class names), so they agree on what a
-    URL names. Only a lower-case `file:` is removed, as webdataset's reader does: `FILE:///x.tar` stays a
+    """The file path of a local shard URL (`is_local`): a plain path as given; a `file:` URL the way
+    webdataset's reader opens it (`url2pathname(urlparse(url).path)`: `file:///d/a%20b.tar` is `/d/a b.tar`,
+    `file:d/a.tar` is `d/a.tar`). One helper for every check (start-up, import, class names), so they name
+    the file the reader will open. Only a lower-case `file:` is taken as the scheme: `FILE:///x.tar` stays a
     path that does not exist and fails at start-up instead of as unreadable shards later."""
-    return re.sub(r"^file:(//)?", "", url)
+    if not url.startswith("file:"):
+        return url
+    return url2pathname(urlparse(url).path)
 
 
 def expand_sources(spec: str) -> list[list[str]]:

@@ -165,3 +165,22 @@ def test_a_stalled_http_shard_becomes_a_bad_shard_in_bounded_time(silent_server,
     reader.join(30)  # the stall limit is 1 s: 30 s only proves it ends (before the fix: never)
     assert not reader.is_alive(), "still blocked reading a shard from a server that sends nothing"
     assert result == {"n": 0} and skips.as_dict() == {"bad_shard": 1}
+
+
+def test_a_file_url_names_the_file_webdataset_opens_percent_escapes_included(tmp_path):
+    """Review 5 #6: `local_path` kept `%20` while webdataset's reader decodes it, so the start-up check and
+    the reader named different files (a real `a b` folder refused at start-up; an `a%20b` folder passed it
+    and every read was a bad_shard)."""
+    from data_pipelines.urls import expand_urls, local_path
+
+    spaced = tmp_path / "a b"
+    write_synthetic_shards(spaced, samples=3, samples_per_shard=3, image_size=16, seed=0)
+    url = f"file://{tmp_path}/a%20b/shard-000000.tar"
+    assert local_path(url) == str(spaced / "shard-000000.tar")
+    assert expand_urls(url) == [url]  # the start-up check finds it
+    skips = SkipCounter(first_warnings=0)
+    assert sum(1 for _ in shard_samples([url], skips)) == 3 and not skips.as_dict()
+    literal = tmp_path / "c%20d"
+    write_synthetic_shards(literal, samples=3, samples_per_shard=3, image_size=16, seed=0)
+    with pytest.raises(ValueError, match="do not exist"):  # the reader would open `c d`: refused up front
+        expand_urls(f"file://{tmp_path}/c%20d/shard-000000.tar")
