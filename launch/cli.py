@@ -207,8 +207,9 @@ def serve_rendezvous(address: str) -> int:
         store = serve_store(host, port, 600)
     except (RuntimeError, OSError) as e:
         raise LaunchPlanError(f"cannot serve the cross-site rendezvous at {address}: {e}") from e
-    print(f"serving the cross-site rendezvous store at {host}:{store.port} (stop with Ctrl-C or SIGTERM)",
-          file=sys.stderr, flush=True)
+    print(f"serving the cross-site rendezvous store at {host}:{store.port} (stop with Ctrl-C or SIGTERM); "
+          f"it listens on port {store.port} of every interface of this host: keep that port closed to all "
+          "but the sites (docs/cross_site.md)", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:

@@ -202,3 +202,21 @@ def test_a_late_sites_residual_is_not_changed_by_a_payload_nobody_averaged():
     assert a.feedback.residual.abs().max() > 0  # a's payload was averaged: it keeps its rounding
     stop(a, b)
     del server
+
+
+def test_the_store_listens_on_every_interface_whatever_address_it_is_served_at():
+    """docs/cross_site.md tells users to firewall the port because torch's TCPStore server binds the wildcard
+    address, not the one given (`serve(127.0.0.1:P)` is reachable on every interface). Should torch start
+    binding the given address, this fails and the docs can say so."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2, which `make test` installs) is not on PATH")
+    address, server = _store()
+    port = address.rsplit(":", 1)[1]
+    listening = [line.split()[3] for line in subprocess.run(["ss", "-ltnH"], capture_output=True, text=True,
+                                                          check=True).stdout.splitlines()
+                 if line.split()[3].endswith(f":{port}")]
+    assert listening and all(a.rsplit(":", 1)[0] in ("*", "0.0.0.0", "[::]") for a in listening), listening
+    del server
