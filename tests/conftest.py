@@ -10,9 +10,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from datautil import tiny_tokenizer
+# torch's TCPStore server formats a peer's address with getnameinfo, a reverse DNS lookup, on its event-loop
+# thread; peers of the tests' in-process stores are ::ffff:127.0.0.1, which /etc/hosts does not name, so
+# each lookup goes to the resolver, and on a machine without a reachable one (this sandbox, CI) it waits 5 s
+# per try. The store then answers nobody for 5-10 s and a client's 3 s connect fails (seen as an
+# order-dependent failure of the cross-site unit tests: gdb showed the store thread in res_send's poll).
+# One 1 s try keeps the stall below the tests' timeouts; set before any lookup, inherited by subprocesses.
+os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datautil import tiny_tokenizer  # noqa: E402
 from tiny import run_pretrain, write_shards
 
 from data_pipelines.tokenizer import TextTokenizer
