@@ -105,11 +105,14 @@ def folder_records(src: str, skips: SkipCounter) -> Iterator[Record]:
                                         f"with {stem.name}.txt")
             continue
         images[stem] = path
-    for stem in sorted({p.with_suffix("") for p in files if p.suffix == ".txt"} - set(images)):
+    for stem in sorted({p.with_suffix("") for p in files if p.suffix.lower() == ".txt"} - set(images)):
         skips.skip(MISSING_IMAGE, f"{stem}.txt has no image")
+    # sidecars by (stem, lower-case suffix), as images are matched: A.jpg's caption may be A.TXT
+    beside = {(p.with_suffix(""), p.suffix.lower()): p for p in files}
     for stem, image in sorted(images.items()):
         # "my.photo" + ".txt" (Path.with_suffix would replace ".photo")
-        sidecar = {ext: stem.parent / f"{stem.name}.{ext}" for ext in ("txt", "json", "cls")}
+        sidecar = {ext: beside.get((stem, f".{ext}"), stem.parent / f"{stem.name}.{ext}")
+                   for ext in ("txt", "json", "cls")}
         caption = sidecar["txt"]
         extra = {ext: Lazy(str(sidecar[ext])) for ext in ("json", "cls") if sidecar[ext].is_file()}
         key = safe_key(str(stem.relative_to(root)))

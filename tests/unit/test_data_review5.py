@@ -184,3 +184,21 @@ def test_a_file_url_names_the_file_webdataset_opens_percent_escapes_included(tmp
     write_synthetic_shards(literal, samples=3, samples_per_shard=3, image_size=16, seed=0)
     with pytest.raises(ValueError, match="do not exist"):  # the reader would open `c d`: refused up front
         expand_urls(f"file://{tmp_path}/c%20d/shard-000000.tar")
+
+
+def test_a_folder_import_reads_an_upper_case_caption_sidecar(tmp_path):
+    """Review 5 #10: image suffixes were matched in any case, `.txt` only in lower case, so `A.jpg` +
+    `A.TXT` was counted as missing_caption and `A.TXT` itself was neither read nor counted."""
+    from data_pipelines.import_sources import folder_records
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(src / "A.jpg")
+    (src / "A.TXT").write_text("a red square\n")
+    Image.new("RGB", (8, 8), (10, 10, 200)).save(src / "B.JPG")
+    (src / "B.txt").write_text("a blue square\n")
+    (src / "C.Txt").write_text("no image here\n")
+    skips = SkipCounter(first_warnings=0)
+    records = list(folder_records(str(src), skips))
+    assert [(key, caption is not None) for key, _, caption, _ in records] == [("A", True), ("B", True)]
+    assert skips.as_dict() == {"missing_image": 1}  # C.Txt, counted as a caption without an image
