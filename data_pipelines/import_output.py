@@ -77,12 +77,19 @@ def check_out(out: Path, sources: list[str], prefix: str, overwrite: bool) -> No
         return
     check_staging(out, prefix, overwrite)
     entries = sorted(p.name for p in out.iterdir() if p.name != STAGING)
+    refuse_non_empty(out, entries, overwrite,
+                     f"the import with --prefix {prefix} there ({prefix}-NNNNNN.tar and their "
+                     "sizes.json/stats.json entries, swapped only once the new import has succeeded; other "
+                     "files stay)")
+
+
+def refuse_non_empty(out: Path, entries: list[str], overwrite: bool, replaces: str) -> None:
+    """ValueError naming OUT and what it holds (`entries`) unless it is empty or `overwrite`; `replaces` says
+    what --overwrite would replace there (`data import` and `data synth` share this rule)."""
     if entries and not overwrite:
         more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
         raise ValueError(f"OUT {out} is not empty ({', '.join(entries[:5])}{more}): choose a new or empty "
-                         f"folder, or pass --overwrite to replace the import with --prefix {prefix} there "
-                         f"({prefix}-NNNNNN.tar and their sizes.json/stats.json entries, swapped only once "
-                         "the new import has succeeded; other files stay)")
+                         f"folder, or pass --overwrite to replace {replaces}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from .clip_benchmark import TEMPLATES_FILE, write_templates
+from .import_output import refuse_non_empty
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -203,11 +204,8 @@ def check_synth_out(out: Path, overwrite: bool) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise ValueError(f"OUT {out} exists and is not a folder")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if entries and not overwrite:
-        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
-        raise ValueError(f"OUT {out} is not empty ({', '.join(entries[:5])}{more}): choose a new or empty "
-                         "folder, or pass --overwrite to replace its shards with this prefix, sizes.json, "
-                         "classnames.txt and zeroshot_classification_templates.txt (other files stay)")
+    refuse_non_empty(out, entries, overwrite, "its shards with this prefix, sizes.json, classnames.txt and "
+                     "zeroshot_classification_templates.txt (other files stay)")
     try:
         old = json.loads((out / "sizes.json").read_text(encoding="utf-8")) if entries else {}
     except (OSError, ValueError):

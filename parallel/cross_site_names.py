@@ -11,24 +11,12 @@ round, so a process that was taken over stops exchanging instead of posting as s
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
-from parallel.cross_site_store import NS, POLL_S, CrossSiteError
+from parallel.cross_site_store import NS, CrossSiteError
 
 Rendezvous = Any  # parallel.cross_site_store.Rendezvous
 SELF_NAME = "every site needs its own name (pretrain launch --site NAME, cross_site.site)"
-
-
-def moving(rv: Rendezvous, sites: list[str], wait_s: float) -> set[str]:
-    """The sites among `sites` whose heartbeat moves within `wait_s` (returns as soon as all have)."""
-    first = {s: rv.liveness.beat(s) for s in sites}
-    moved: set[str] = set()
-    deadline = time.monotonic() + wait_s
-    while len(moved) < len(sites) and time.monotonic() < deadline:
-        time.sleep(POLL_S * 2)
-        moved |= {s for s in sites if s not in moved and rv.liveness.beat(s) != first[s]}
-    return moved
 
 
 def claim_name(rv: Rendezvous, nonce: str, wait_s: float) -> None:
@@ -38,7 +26,7 @@ def claim_name(rv: Rendezvous, nonce: str, wait_s: float) -> None:
     held = rv.store.compare_set(key, "", nonce).decode()
     if held == nonce:
         return
-    if moving(rv, [rv.site], wait_s):
+    if rv.liveness.moving([rv.site], wait_s):
         raise CrossSiteError(f"site {rv.site}: another process is running as site {rv.site} at {rv.address} "
                              f"(its heartbeat moves): {SELF_NAME}")
     if rv.store.compare_set(key, held, nonce).decode() != nonce:
@@ -74,7 +62,7 @@ def check_room(rv: Rendezvous, wait_s: float) -> None:
     earlier = [s for s in order[:mine] if not rv.done(s)]
     if len(earlier) < rv.expected_sites:
         return
-    running = moving(rv, earlier, wait_s)
+    running = rv.liveness.moving(earlier, wait_s)
     if len(running) >= rv.expected_sites:
         rv.mark_done()
         raise CrossSiteError(f"site {rv.site} cannot join the sites at {rv.address}: cross_site.sites is "

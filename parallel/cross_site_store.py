@@ -109,6 +109,17 @@ class Liveness:
             return beat > 0
         return now - since < self.stale_s
 
+    def moving(self, sites: list[str], wait_s: float, first: bool = False) -> set[str]:
+        """The sites among `sites` whose heartbeat moves within `wait_s` (a fresh view: a site that beat once
+        and died does not count); returns once all have moved, or with `first` once any has."""
+        start = {s: self.beat(s) for s in sites}
+        moved: set[str] = set()
+        deadline = time.monotonic() + wait_s
+        while sites and len(moved) < len(sites) and time.monotonic() < deadline and not (first and moved):
+            time.sleep(POLL_S * 2)
+            moved |= {s for s in sites if s not in moved and self.beat(s) != start[s]}
+        return moved
+
 
 class Rendezvous:
     """The store protocol of one rank. Methods marked "rank 0" are called by the site's rank 0 only."""
@@ -202,15 +213,7 @@ class Rendezvous:
         """rank 0, joining: whether another registered site that can hand over its state shows a moving
         heartbeat within `wait_s` (a fresh view: a site that beat once and died must not count)."""
         others = [s for s in self.sites() if s != self.site and not self.done(s) and not self.joining(s)]
-        if not others:
-            return False
-        first = {s: self.liveness.beat(s) for s in others}
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            time.sleep(POLL_S * 2)
-            if any(self.liveness.beat(s) != first[s] for s in others):
-                return True
-        return False
+        return bool(self.liveness.moving(others, wait_s, first=True))
 
     # ------------------------------------------------------------------ where the sites are
     def group_round(self) -> int:
