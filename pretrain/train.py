@@ -139,27 +139,6 @@ def _data_totals(tracker: PositionTracker) -> dict[str, Any]:
     return merge_totals(every)
 
 
-def _pending_validation(cfg: Config, start: Any, step: int, validator: Any, metrics: MetricsWriter,
-                        root: Path) -> None:
-    """A stop request at a validation step skipped it (to stop fast) and saved `val_pending` with the
-    checkpoint; the resume starts at the step after, so without this that validation point (and its
-    `checkpoint.keep_best` candidacy) would be lost for good. The weights are exactly that step's: validate
-    now and log the row at `step`, as the uninterrupted run did. best.json may name the resumed checkpoint
-    when it is this run's own (`<root>/global_step<step>`). Old checkpoints lack the key: nothing runs."""
-    if start.client is None or not start.client.get("val_pending") or not validator.due(step):
-        return
-    val = validator.run(step)  # every rank (collectives)
-    metrics.log(step, val)
-    metric, tag = cfg.checkpoint.keep_best, tag_for(step)
-    own = start.target is not None and Path(start.target[0]).resolve() == root.resolve() \
-        and start.target[1] == tag
-    if groups.rank() == 0 and metric and own and best_ckpt.improves(root, metric, val.get(metric)):
-        try:
-            best_ckpt.record_best(root, metric, val[metric], step, tag)
-        except OSError as e:  # as after a save: the checkpoint is there, only the note about it is missing
-            log.warning("recording %s/%s as the best checkpoint: %s", root, tag, e)
-
-
 def _stop_before_training(stop: StopRequest) -> None:
     """Before the first optimizer step, all ranks agree whether a stop was requested (one all-reduce; the
     handler is in place from the rank's start, launch.signals.install_early) and, if so, exit 75 now."""
@@ -229,7 +208,7 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None,
              ) -> None:
         """Atomic save; a failure is reported and training goes on from memory, up to a limit. `val`: this
         step's validation, for `checkpoint.keep_best`; `val_pending`: a stop skipped this step's due
-        validation, which the resume then runs first (`_pending_validation`)."""
+        validation, which the resume then runs first (`best.validate_pending`)."""
         nonlocal save_failures
         published, metric = None, cfg.checkpoint.keep_best
         if metric and val and best_ckpt.improves(root, metric, val.get(metric)):
@@ -262,7 +241,8 @@ def train(cfg: Config, resume: str | None = None, init_from: str | None = None,
     bar = ProgressBar(cfg.train.steps, start_step) if rank == 0 and cfg.logging.progress else None
     validator = make_validator(cfg, tokenizer, engine.module, lambda b: move_batch(b, engine.device, dtype),
                                dtype)
-    _pending_validation(cfg, start, start_step, validator, metrics, root)
+    best_ckpt.validate_pending(cfg.checkpoint.keep_best, start, start_step, tag_for(start_step), validator,
+                               metrics, root)
 
     it = iter(loader)
     window = Window()  # this log window's losses, on the device until the next log step
