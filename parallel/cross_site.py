@@ -34,9 +34,9 @@ from parallel.consensus import from_rank0, sum_over_ranks
 from parallel.cross_site_codec import ErrorFeedback, decode
 from parallel.cross_site_join import every_rank, rank0
 from parallel.cross_site_link import read_secret
-from parallel.cross_site_names import give_back_name, holds_name, taken_over
+from parallel.cross_site_names import holds_name, taken_over
 from parallel.cross_site_privacy import PrivacyLedger, clip_scale, gaussian_noise, noise_change, noise_seed
-from parallel.cross_site_state import RELEASES_FILE, ReleaseLog, digest
+from parallel.cross_site_state import RELEASES_FILE, ReleaseLog, digest, foreign_checkpoint
 from parallel.cross_site_store import Behind, CrossSiteError, Heartbeat, Rendezvous, StoreGone, open_store
 from parallel.settings import CrossSiteConfig
 
@@ -159,7 +159,11 @@ class OuterLoop:
                 "generation": self.rv.generation or self.generation}
 
     def load_state_dict(self, state: dict[str, Any]) -> bool:
-        """Restore a checkpoint's outer state; False (and nothing changed) when it is for another layout."""
+        """Restore a checkpoint's outer state; False (and nothing changed) when it is for another layout; a
+        CrossSiteError for another site's checkpoint (why refused, not reset: `foreign_checkpoint`)."""
+        refused = foreign_checkpoint(state, self.cfg.site)
+        if refused:
+            raise CrossSiteError(refused)
         if state["synced"].numel() != self.synced.numel():
             log.warning("cross-site: the checkpoint's outer state has %d values per rank, this layout %d; "
                         "starting the outer state from the current weights", state["synced"].numel(),
@@ -376,23 +380,11 @@ class OuterLoop:
     def finish(self) -> None:
         """At the end of training: tell the others this site is done; the site serving the store keeps it up
         until the other sites are done too (bounded by cross_site.timeout_s). A store that is gone by then
-        only costs a warning: this site's training is complete."""
-        if self.rank == 0:
-            try:
-                if not self.solo:
-                    self.rv.mark_done()
-            except CrossSiteError as e:
-                log.warning("cross-site: site %s could not mark itself done: %s", self.cfg.site, e)
-            try:
-                if not self.solo:
-                    give_back_name(self.rv, self.nonce)  # before the heartbeat stops: nobody takes it between
-            except CrossSiteError as e:
-                log.warning("cross-site: site %s could not give its name back: %s", self.cfg.site, e)
-            if self.heartbeat is not None:
-                self.heartbeat.stop()
-            try:
-                if self.hosting:
-                    self.rv.wait_others_done()
-            except CrossSiteError as e:
-                log.warning("cross-site: %s", e)
-        groups.barrier()
+        only costs a warning: this site's training is complete (cross_site_join.leave).
+
+        Rank 0 may spend up to about 2 x cross_site.timeout_s + 10 s there (a slow store, then the wait for
+        the others), longer than parallel.timeout_s may allow one collective: the other ranks poll for it
+        (`rank0(wait=True)`) instead of waiting in one barrier, which used to time out at the end of a
+        finished run. Cutting rank 0's wait short instead would take the store down under sites still in
+        their last round."""
+        rank0(lambda: cross_site_join.leave(self), wait=True)

@@ -284,3 +284,29 @@ def catch_up(loop: OuterLoop, k: int, why: str, t0: float) -> dict[str, Any]:
            "cross_site_s": round(time.monotonic() - t0, 3)}
     loop.last = row
     return row
+
+
+# ------------------------------------------------------------------ leave
+def leave(loop: OuterLoop) -> None:
+    """rank 0, at the end of training: mark this site done, give its name back (before the heartbeat stops:
+    nobody takes it over in between), stop the heartbeat and, on the site serving the store, keep it up
+    until the other sites are done or dead (bounded by cross_site.timeout_s), so their last round still
+    finds it. A store that fails by then only costs a warning: this site's training is complete."""
+    c = loop.cfg
+    try:
+        if not loop.solo:
+            loop.rv.mark_done()
+    except CrossSiteError as e:
+        log.warning("cross-site: site %s could not mark itself done: %s", c.site, e)
+    try:
+        if not loop.solo:
+            names.give_back_name(loop.rv, loop.nonce)
+    except CrossSiteError as e:
+        log.warning("cross-site: site %s could not give its name back: %s", c.site, e)
+    if loop.heartbeat is not None:
+        loop.heartbeat.stop()
+    try:
+        if loop.hosting:
+            loop.rv.wait_others_done()
+    except CrossSiteError as e:
+        log.warning("cross-site: %s", e)

@@ -11,9 +11,11 @@ answer in time is not used again (its thread may be stuck for good), and every e
 and which operation.
 
 Values written with `set`/`compare_set` carry an HMAC-SHA256 tag over (key, value) when a shared secret
-is configured, checked by `get`/`compare_set` before the value is used: a forged or replayed value (a
-payload copied to another round, site or rank: the key is signed too) is refused naming the key. Counters
-(`add`) are not signed: they only pace the protocol (heartbeats, tickets), never carry weights.
+is configured, checked by `get`/`compare_set` before the value is used: a forged value, or one copied to
+another key (a payload moved to another round, site or rank: the key is signed too), is refused naming the
+key. An older signed value written back under its own key is not (no freshness: docs/cross_site.md says what
+that allows and why the port must stay private). Counters (`add`) are not signed: they only pace the
+protocol (heartbeats, tickets), never carry weights.
 """
 
 from __future__ import annotations

@@ -100,3 +100,28 @@ class ReleaseLog:
             fh.write(f"{generation or '-'} {k}\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def foreign_checkpoint(state: dict[str, Any], site: str) -> str | None:
+    """Why a checkpoint's outer state may not be resumed by site `site`, or None: it was written by another
+    site (a checkpoint copied from it, two sites sharing one run.dir or checkpoint.dir, a wrong --resume).
+
+    Refused rather than accepted with this site's counters reset, because nothing in such a checkpoint is
+    this site's own: the outer state's per-site parts (the error-feedback residual, the released rounds
+    the epsilon counts, the byte counters) are the other site's, and so is everything outside the outer
+    loop that `--resume` restores with it (inner weights that hold the other site's steps since its last
+    round, which would then be averaged in twice; its AdamW moments; its position in the other site's
+    shards). Sites sharing a checkpoint directory would also overwrite each other's checkpoints. The
+    deliberate cases have a sound way that says what it does: a site that lost its checkpoints starts
+    without --resume (or with --init-from: weights, fresh optimizer) and takes the running sites' outer
+    state when it joins; a site renamed by mistake runs under its old name again. Checkpoints from before
+    the site was recorded are not checked."""
+    other = str(state.get("site") or "")
+    if not other or other == site:
+        return None
+    return (f"site {site}: the checkpoint's outer state was written by site {other}, not by this site: "
+            "each site resumes only from its own checkpoints (the residual, released rounds and byte "
+            f"counters in it are site {other}'s, and so are its inner steps and data position). Give each "
+            f"site its own run.dir; to bring site {site} back without its own checkpoints, start it without "
+            "--resume (or with --init-from for the weights): it takes the running sites' outer state when it "
+            f"joins; if this is site {other}'s own run, run it as --site {other}")
