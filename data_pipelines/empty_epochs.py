@@ -32,7 +32,7 @@ import math
 from typing import Any
 
 from .cursor import StreamCursor
-from .plan import PlanParams, StreamState
+from .plan import Item, PlanParams, StreamState
 from .stats import DataQualityError, SkipCounter
 
 logger = logging.getLogger("data_pipelines")
@@ -76,13 +76,18 @@ class EmptyEpochs:
         self.max_bad_fraction = max_bad_fraction
         self.structural = 0
         self.starved = 0
-        self._fresh = False
+        self._fresh: list[Item] = []
         self._delivered = 0
         self._skipped = 0
 
     def begin(self, cursor: StreamCursor, state: StreamState, skips: SkipCounter) -> None:
-        self._fresh = cursor.at_epoch_start() and bool(cursor.items())
-        self._delivered, self._skipped = state.delivered, skips.total
+        """Note where the epoch starts. Only its unread items (`start` 0) can show that a shard is empty or
+        bad: an item re-dealt with `start > 0` after an elastic resume had samples, and may have none
+        left (the old stream read it to the end without reaching the tar's end), so an epoch of only such
+        items is a resumed part, not judged, and they are left out of the names in any warning."""
+        unread = [i for i in cursor.items() if i.start == 0]
+        self._fresh = unread if cursor.at_epoch_start() else []
+        self._delivered, self._skipped = state.delivered, skips.problems
 
     def end(self, cursor: StreamCursor, state: StreamState, skips: SkipCounter) -> None:
         """Call after the epoch's last sample, before `cursor.next_epoch()`; raises when giving up."""
@@ -91,10 +96,10 @@ class EmptyEpochs:
             return
         if not self._fresh:  # a resumed part of an epoch: too little to judge
             return
-        items = cursor.items()
+        items = self._fresh
         shards = sorted({self.urls[i.shard] for i in items})
         names = f"{shards[:4]}{'...' if len(shards) > 4 else ''}"
-        if skips.total > self._skipped or cursor.shard_problems():
+        if skips.problems > self._skipped or cursor.shard_problems():
             self.structural = 0
             self.starved += 1
             self._starved(state, skips, names)

@@ -11,6 +11,14 @@ Built from webdataset's own stages (`url_opener` -> tar members -> grouping by k
   end-of-archive marker (two zero blocks) and only zeros after it;
 * a shard that ends badly drops its last sample when it lacks a member the sample before it had (its
   other members were cut off): that loss is part of the `bad_shard`, not a `missing_caption`;
+* keys holding a '.' (`photo.0001.jpg`, `IMG_1.HEIC.jpg`, as plain `tar` of camera files has them) break
+  webdataset's rule (key = name up to its first dot): a run of them became ONE sample, or every image was
+  filed under `heic.jpg`. Names valid for webdataset keep its rule (`KEY.jpg`, `KEY.neg.txt`, `KEY.seg.png`,
+  `KEY.left.jpg KEY.right.jpg`); a key is read as `KEY.X` (counted `dotted_key`, kept) only when a sample's
+  first two members share the middle X and it has no plain `KEY.ext` (a role like `seg` names one member),
+  and then each new X under KEY is a new sample. Such a sample has no `jpg`/`txt` of its own, so it could
+  not train as webdataset reads it: a webdataset user loses nothing and gets the samples the files form.
+  Names that do not settle it (one member per X) are read as webdataset does, counted `dotted_key_merged`;
 * a member whose extension the current sample already has (`a.jpg a.txt a.jpg a.txt`, e.g. two exports
   concatenated) starts a new sample under the same key, counted as `duplicate_key` (webdataset's
   `group_by_keys` would drop the second sample's members);
@@ -20,15 +28,13 @@ Built from webdataset's own stages (`url_opener` -> tar members -> grouping by k
   `TOO_LARGE_KEY` instead, which the consumers count as `too_large`. The sample itself is still yielded,
   so sample positions inside a shard (and resume) do not depend on the limit. Tar metadata headers (pax,
   GNU long names) bigger than the limit make the shard a `bad_shard`;
-* http(s) shards are read by curl with a stall limit (`HTTP_STALL_S`): webdataset's own curl command has
-  none, so a server that accepted the connection and then sent nothing blocked the worker for ever
-  instead of becoming a `bad_shard`.
+* http(s) shards are read by curl with a stall limit (`HTTP_STALL_S`, see `urls.open_shards`): webdataset's
+  own curl command has none, so a server that accepted the connection and then sent nothing blocked the
+  worker for ever instead of becoming a `bad_shard`.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
@@ -37,21 +43,17 @@ from typing import Any
 
 import webdataset as wds
 from webdataset import tariterators
-from webdataset.gopen import Pipe, gopen_curl, rewrite_url
 
 from .settings import DEFAULT_MAX_SAMPLE_BYTES
-from .stats import BAD_SHARD, DUPLICATE_KEY, TOO_LARGE_KEY, SkipCounter
+from .stats import BAD_SHARD, DOTTED_KEY, DOTTED_KEY_MERGED, DUPLICATE_KEY, TOO_LARGE_KEY, SkipCounter
+from .tarend import WatchedStream
+from .urls import open_shards
 
-_BLOCK = 512
-_END_MARKER = 2 * _BLOCK
-_DRAIN_LIMIT = 1 << 20
-_RECENT = 64 * 1024  # bytes of a shard kept to check what the tar reader buffered past the archive's end
 _END = "__end_of_shard__"
 """Key of the item `_expand` yields after each shard: "" for a clean end, else why the shard ended badly."""
-_SAMPLE, _REPEAT = "__sample__", "__repeat__"
+_SAMPLE, _REPEAT, _DOTTED = "__sample__", "__repeat__", "__dotted__"
 """Tags `_members_of` puts on each member: the sample's number in the shard, and whether it repeats the
-key of the sample before it."""
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+key of the sample before it; an item with `_DOTTED` says sample `_SAMPLE` has the key `KEY._DOTTED`."""
 
 
 _SKIP_META = re.compile(r"__[^/]*__($|/)")
@@ -80,42 +82,78 @@ def _tar_members(fileobj: Any, max_bytes: int, handler: Callable[[Exception], bo
                  select_files: Callable[[str], bool] | None) -> Iterator[dict[str, Any]]:
     """webdataset's `tar_file_iterator` with a per-sample byte limit (see the module docstring).
 
-    Sizes are summed over the members of one sample (consecutive members of one key, until an
-    extension repeats), selected or not, so every reader of a shard (training, tokenizer, inspect) skips
-    the same samples. Samples are delimited here, once, and `_group` follows the `_SAMPLE` tags.
+    Sizes are summed over the members of one sample (consecutive members of one key until an extension
+    repeats; see `_Sample`), selected or not, so every reader of a shard (training, tokenizer, inspect)
+    skips the same samples. Samples are delimited here, once, and `_group` follows the `_SAMPLE` tags.
     """
     with tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_limited_tarinfo(max_bytes)) as stream:
         yield from _members_of(stream, fileobj, max_bytes, handler, select_files)
-        if isinstance(fileobj, _WatchedStream):
+        if isinstance(fileobj, WatchedStream):
             fileobj.archive_end = stream.offset  # where the tar reader stopped: its end-of-archive marker
+
+
+class _Sample:
+    """The sample `_members_of` is reading: number, key (`prefix`, or `prefix.dot` for a dotted key),
+    extensions, bytes so far, and what the names past the key's first dot (the middle X of `K.X.ext`) show."""
+
+    def __init__(self, number: int = -1, prefix: str | None = None, dot: str | None = None,
+                 repeat: bool = False) -> None:
+        self.number, self.prefix, self.dot, self.repeat = number, prefix, dot, repeat
+        self.extensions: set[str] = set()
+        self.count = self.run = self.total = 0  # members; members in a row with this middle; bytes
+        self.middle, self.plain, self.flagged = "", False, False
+
+    def after(self, prefix: str, suffix: str) -> _Sample | None:
+        """The new sample a member `prefix.suffix` starts, or None when it belongs to this one."""
+        middle, _, last = suffix.lower().rpartition(".")
+        if prefix != self.prefix:
+            return _Sample(self.number + 1, prefix)
+        if self.dot is not None:  # key `prefix.dot`: another middle is new key, a known extension a repeat
+            same = middle == self.dot.lower()
+            if same and last not in self.extensions:
+                return None
+            return _Sample(self.number + 1, prefix, suffix.rpartition(".")[0] or None, same)
+        if suffix.lower() in self.extensions:
+            return _Sample(self.number + 1, prefix, repeat=True)
+        if middle and not self.plain and self.middle not in ("", middle) and self.run > 1:  # mixed (`_noted`)
+            return _Sample(self.number + 1, prefix, suffix.rpartition(".")[0])
+        return None
+
+    def add(self, suffix: str, size: int) -> bool:
+        """Count a member in; True when it shows that the key holds a dot: the sample's first two members
+        share one middle (`K.X.jpg K.X.txt`), so it is no role such as `seg` of one member."""
+        middle, _, last = suffix.lower().rpartition(".")
+        self.run = self.run + 1 if middle and middle == self.middle else 1
+        self.middle, self.plain = middle, self.plain or not middle
+        self.count, self.total = self.count + 1, self.total + size
+        found = self.dot is None and self.count == self.run == 2
+        if found:
+            self.dot = suffix.rpartition(".")[0]
+            self.extensions = {e.rpartition(".")[2] for e in self.extensions}
+        self.extensions.add(suffix.lower() if self.dot is None else last)
+        return found
 
 
 def _members_of(stream: tarfile.TarFile, fileobj: Any, max_bytes: int, handler: Callable[[Exception], bool],
                 select_files: Callable[[str], bool] | None) -> Iterator[dict[str, Any]]:
-    current, total, flagged, number, repeat = None, 0, False, -1, False
-    extensions: set[str] = set()
+    sample = _Sample()
     for tarinfo in stream:
         stream.members = []  # the streaming reader would otherwise keep every header of the shard
         fname = tarinfo.name
         try:
-            if not tarinfo.isreg() or fname is None:
-                continue
-            if "/" not in fname and fname.startswith("__") and fname.endswith("__"):
-                continue
-            if _SKIP_META.match(fname):
+            if not tarinfo.isreg() or fname is None or _SKIP_META.match(fname) or (
+                    "/" not in fname and fname.startswith("__") and fname.endswith("__")):
                 continue
             prefix, suffix = tariterators.base_plus_ext(fname)
             if prefix is None:
                 continue  # names without an extension belong to no sample (as in webdataset)
-            suffix = suffix.lower()
-            if prefix != current or suffix in extensions:
-                repeat = prefix == current
-                current, total, flagged, number, extensions = prefix, 0, False, number + 1, set()
-            extensions.add(suffix)
-            total += tarinfo.size
+            sample = sample.after(prefix, suffix) or sample
+            if sample.add(suffix, tarinfo.size) or (sample.dot is not None and sample.count == 1):
+                yield {_DOTTED: sample.dot, _SAMPLE: sample.number, "fname": fname}
+            number, repeat, total = sample.number, sample.repeat, sample.total
             if max_bytes and total > max_bytes:
-                if not flagged:
-                    flagged = True
+                if not sample.flagged:
+                    sample.flagged = True
                     # `_group` files `KEY.__too_large__` under TOO_LARGE_KEY in the sample
                     yield {"fname": f"{prefix}.{TOO_LARGE_KEY}",
                            "data": f"{fname}: {tarinfo.size} bytes ({total} in the sample so far) > "
@@ -153,119 +191,51 @@ def _expand(sources: Iterable[dict], max_bytes: int, handler: Callable[[Exceptio
 
 def _group(files: Iterable[dict], skips: SkipCounter) -> Iterator[dict[str, Any]]:
     """Samples from tagged members (webdataset's `group_by_keys`, following `_members_of`'s sample
-    boundaries): a repeated key is a new sample, counted as `duplicate_key`; at a bad end of a shard the
-    last sample is dropped unless it has every member name the sample before it had."""
+    boundaries): a repeated key is a new sample, counted as `duplicate_key`; a sample `_members_of` found
+    to have a dotted key is keyed `KEY.X`, its members by their last extension; at a bad end of a shard
+    the last sample is dropped unless it has every member name the sample before it had."""
     current: dict[str, Any] | None = None
-    number = -1
+    number, dot = -1, (-1, "")
     previous: set[str] = set()
     for item in files:
         if _END in item:
             if current is not None and (not item[_END] or (previous and previous <= current.keys())):
-                yield current
-            current, previous = None, set()
+                yield _noted(current, skips)
+            current, previous, dot = None, set(), (-1, "")
             continue
         prefix, suffix = tariterators.base_plus_ext(item["fname"])
+        if _DOTTED in item:
+            dot = (item[_SAMPLE], item[_DOTTED])
+            skips.skip(DOTTED_KEY, f"{item['__url__']}: {item['fname']}: read as key {prefix}.{dot[1]} (the "
+                                   f"key holds a '.'), not {prefix!r} by webdataset's first-dot rule")
+            if current is not None and number == dot[0]:
+                current = {k.rpartition(".")[2]: v for k, v in current.items()}  # `__key__` etc. have no '.'
+                current["__key__"] = f"{prefix}.{dot[1]}"
+            continue
         if current is None or item[_SAMPLE] != number:
             if current is not None:
                 previous = set(current)
-                yield current
+                yield _noted(current, skips)
+            key = f"{prefix}.{dot[1]}" if dot[0] == item[_SAMPLE] else prefix
             if item[_REPEAT]:
-                skips.skip(DUPLICATE_KEY, f"{item['__url__']}: key {prefix!r} again right after itself "
+                skips.skip(DUPLICATE_KEY, f"{item['__url__']}: key {key!r} again right after itself "
                                           f"(at {item['fname']}): read as a new sample")
-            current, number = {"__key__": prefix, "__url__": item["__url__"]}, item[_SAMPLE]
-        current[suffix.lower()] = item["data"]
+            current, number = {"__key__": key, "__url__": item["__url__"]}, item[_SAMPLE]
+        ext = suffix.lower()
+        current[ext.rpartition(".")[2] if dot[0] == number else ext] = item["data"]
     if current is not None:
-        yield current
+        yield _noted(current, skips)
 
 
-class _WatchedStream:
-    """Read-through proxy that remembers size, first bytes and the last 64 KiB of a shard's byte stream
-    (as the chunks read, not copied); `archive_end` is set by `_tar_members` when the tar reader stops."""
-
-    def __init__(self, raw: Any, url: str) -> None:
-        self.raw = raw
-        self.url = url
-        self.total = 0
-        self.head = b""
-        self.tail = b""
-        self.recent: collections.deque[bytes] = collections.deque()
-        self.recent_bytes = 0
-        self.archive_end: int | None = None
-        self.closed_by_us = False
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self._note(data)
-        return data
-
-    def _note(self, data: bytes) -> None:
-        if not data:
-            return
-        if len(self.head) < 8:
-            self.head = (self.head + data)[:8]
-        self.total += len(data)
-        self.tail = (self.tail + data[-_END_MARKER:])[-_END_MARKER:]
-        self.recent.append(data)
-        self.recent_bytes += len(data)
-        while self.recent_bytes - len(self.recent[0]) >= _RECENT:
-            self.recent_bytes -= len(self.recent.popleft())
-
-    def _data_after_end(self) -> bool:
-        """Whether the bytes the tar reader read past the point where it stopped hold anything but zeros
-        (a complete tar has only its end-of-archive marker and zero padding there)."""
-        if self.archive_end is None:
-            return False
-        window = b"".join(self.recent)
-        return bool(window[max(self.archive_end - (self.total - len(window)), 0):].strip(b"\0"))
-
-    def finish(self) -> str | None:
-        """Drain what the tar reader left and return why the shard looks incomplete or has data the tar
-        reader did not read (None when fine)."""
-        compressed = self.head.startswith(_COMPRESSED_MAGIC)  # offsets are then in the decompressed data
-        after = not compressed and self._data_after_end()
-        try:
-            drained = 0
-            while drained < _DRAIN_LIMIT and not after:
-                chunk = self.raw.read(64 * 1024)
-                if not chunk:
-                    break
-                self._note(chunk)
-                drained += len(chunk)
-                after = not compressed and self.archive_end is not None and bool(chunk.strip(b"\0"))
-            else:
-                if not after:
-                    return None  # a long run of zeros after the archive: not a truncation
-        except Exception as exc:  # e.g. a pipe: command that exited with an error status
-            return f"error reading the end of the stream: {exc!r}"
-        finally:
-            self.close()
-        if compressed:
-            return None  # the decompressor reports truncation itself
-        if self.total % _BLOCK and not after:
-            return f"size {self.total} is not a multiple of {_BLOCK} bytes (truncated tar)"
-        if after and self.total - self.archive_end < _BLOCK:  # the reader got less than a header block
-            return (f"truncated inside a tar header: the shard ends at byte {self.total}, "
-                    f"{self.total - self.archive_end} bytes into the {_BLOCK}-byte header at byte "
-                    f"{self.archive_end} (truncated tar)")
-        if after:
-            return (f"the tar reader stopped at byte {self.archive_end}, but data follows (a corrupt header, "
-                    f"or a second tar appended with `cat`?): the rest of the shard is ignored")
-        if len(self.tail) < _END_MARKER or any(self.tail):
-            return "no end-of-archive marker (truncated tar)"
-        return None
-
-    def close(self) -> None:
-        if not self.closed_by_us:
-            self.closed_by_us = True
-            # closing a failed pipe re-raises its exit status, which was already counted
-            with contextlib.suppress(Exception):
-                self.raw.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.raw, name)
-
-    def __str__(self) -> str:
-        return f"<shard {self.url}>"
+def _noted(sample: dict[str, Any], skips: SkipCounter) -> dict[str, Any]:
+    """`sample`, counted as `dotted_key_merged` when its members are all `KEY.X.ext` with several X: keys
+    that may hold a '.', which the names did not settle (see the module docstring)."""
+    names = sorted(k for k in sample if not k.startswith("__"))
+    if len({k.rpartition(".")[0] for k in names} | {""}) > 2 and all("." in k for k in names):
+        skips.skip(DOTTED_KEY_MERGED, f"{sample['__url__']}: {len(names)} members of key "
+                   f"{sample['__key__']!r} ({', '.join(names[:3])}{', ...' * (len(names) > 3)}) read as ONE "
+                   f"sample by webdataset's first-dot rule: if the keys hold a '.', rename the files")
+    return sample
 
 
 class _ShardErrors:
@@ -274,7 +244,7 @@ class _ShardErrors:
     def __init__(self, urls: Iterable[str], skips: SkipCounter) -> None:
         self.urls = set(urls)
         self.skips = skips
-        self.current: _WatchedStream | None = None
+        self.current: WatchedStream | None = None
         self.counted: set[str] = set()
 
     def bad(self, url: str, why: str) -> None:
@@ -300,7 +270,7 @@ class _ShardErrors:
         for source in sources:
             if self.current is not None:
                 self.current.close()  # the previous shard failed mid-way; do not leak its handle
-            self.current = _WatchedStream(source["stream"], source["url"])
+            self.current = WatchedStream(source["stream"], source["url"])
             source["stream"] = self.current
             yield source
         if self.current is not None:
@@ -326,34 +296,6 @@ HTTP_RETRY_S = 120
 seconds after its first try (0: no retries), as webdataset's `--retry 30` did, but bounded."""
 
 
-def _open_http(url: str, mode: str = "rb", bufsize: int = 8192) -> Any:
-    """webdataset's `gopen_curl` for reading, plus a low-speed limit and a bounded retry window."""
-    if mode[0] != "r":
-        return gopen_curl(url, mode=mode, bufsize=bufsize)
-    retry = ["--retry", "30", "--retry-delay", "2", "--retry-max-time", str(HTTP_RETRY_S)]
-    args = ["curl", "--connect-timeout", "30", *(retry if HTTP_RETRY_S else []), "--speed-limit", "1",
-            "--speed-time", str(HTTP_STALL_S), "-f", "-s", "-L", url]
-    return Pipe(args, mode=mode, bufsize=bufsize, ignore_status=[141, 23])  # as gopen_curl: SIGPIPE
-
-
-def _open_urls(sources: Iterable[dict], handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """`tariterators.url_opener`, with http(s) URLs opened by `_open_http` (all else as before)."""
-    for source in sources:
-        url = source["url"]
-        target = rewrite_url(url)  # webdataset's GOPEN_REWRITE rules, as gopen applies them
-        if not re.match(r"https?://", target, re.IGNORECASE):
-            yield from tariterators.url_opener([source], handler=handler)
-            continue
-        try:
-            source.update(stream=_open_http(target))
-        except Exception as exn:  # as url_opener: the URL goes into args, for the handler
-            exn.args = (*exn.args, url)
-            if not handler(exn):
-                break
-            continue
-        yield source
-
-
 def shard_samples(
     urls: list[str],
     skips: SkipCounter,
@@ -372,7 +314,7 @@ def shard_samples(
     errors = _ShardErrors(urls, skips)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
-        partial(_open_urls, handler=errors),
+        partial(open_shards, handler=errors, stall_s=HTTP_STALL_S, retry_s=HTTP_RETRY_S),
         errors.watch,
         partial(_expand, max_bytes=max_bytes, handler=errors, select_files=select_files),
         errors.check_ends,

@@ -23,6 +23,8 @@ FETCH_FAILED = "fetch_failed"  # importers only: an image URL could not be downl
 BAD_SHARD = "bad_shard"
 DUPLICATE_MEMBER = "duplicate_member"  # no longer produced by the reader (see DUPLICATE_KEY); kept as a name
 DUPLICATE_KEY = "duplicate_key"  # a key repeated right after itself: the repeat is read as a new sample, kept
+DOTTED_KEY = "dotted_key"  # `photo.0001.jpg` + `.txt`: key `photo.0001` holds a '.' (see shardstream): kept
+DOTTED_KEY_MERGED = "dotted_key_merged"  # `K.X.ext` members, several X, no plain `K.ext`: read as one sample
 BAD_NEGATIVE = "bad_negative"  # a `neg.txt` member that is not UTF-8 or holds no caption: the sample is kept
 MISSING_NEGATIVE = "missing_negative"  # no `neg.txt` while objectives.itm.caption_negatives wants one: kept
 MISSING_LABEL = "missing_label"  # no `.cls` where the reader is a classifier's (fine-tune, its eval)
@@ -34,7 +36,7 @@ TOO_LARGE_KEY = "__too_large__"
 SAMPLE_REASONS: tuple[str, ...] = (MISSING_IMAGE, MISSING_CAPTION, EMPTY_CAPTION, BAD_IMAGE, BAD_TEXT,
                                    IMAGE_TOO_LARGE, TOO_LARGE, MISSING_LABEL, BAD_LABEL)
 """Reasons that each lose one sample (bad_shard loses the rest of a shard, duplicate_key nothing)."""
-KEPT_REASONS: tuple[str, ...] = (DUPLICATE_MEMBER, DUPLICATE_KEY, BAD_NEGATIVE, MISSING_NEGATIVE)
+KEPT_REASONS: tuple[str, ...] = (DUPLICATE_MEMBER, DUPLICATE_KEY, DOTTED_KEY, BAD_NEGATIVE, MISSING_NEGATIVE)
 """Problems counted (and logged) on a sample that is still trained on: only an optional part was lost."""
 
 
@@ -86,6 +88,12 @@ class SkipCounter:
     def total(self) -> int:
         return sum(self._counts.values())
 
+    @property
+    def problems(self) -> int:
+        """The counts that lost something (`total` less the `kept` reasons, e.g. `dotted_key`): what tells
+        an epoch without a sample that its data was bad (`empty_epochs`)."""
+        return sum(v for k, v in self._counts.items() if k not in self.kept)
+
     def as_dict(self) -> dict[str, int]:
         """A copy of the counts, reason -> number, sorted by reason for stable logs."""
         return dict(sorted(self._counts.items()))
@@ -117,8 +125,9 @@ class SkipGate(SkipCounter):
 
     @property
     def seen(self) -> int:
-        """Problems this reader met, counted in `target` or not."""
-        return self.total
+        """Problems this reader met, counted in `target` or not (kept reasons such as `duplicate_key` are
+        no sign of a bad shard)."""
+        return self.problems
 
 
 class DataQualityError(RuntimeError):

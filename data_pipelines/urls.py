@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -33,12 +35,39 @@ def local_path(url: str) -> str:
     return url2pathname(urlparse(url).path)
 
 
+_SOURCE_TOKEN = re.compile(r"::|\[[^\[\]/\s]*\]|'[^']*'|\"[^\"]*\"")
+"""What `split_sources` looks for: a `::`, or text whose `::` is no separator -- a bracketed IPv6 host
+(`[::1]`: no '/' or space inside, so a '[' in a path cannot hide a real separator), or quoted text."""
+
+
+def split_sources(spec: str) -> list[str]:
+    """The `::`-separated sources of `spec`, as written (not stripped or expanded).
+
+    A `::` is not a separator inside brackets (`http://[::1]:8000/shard-{0..1}.tar`, also in a `pipe:`
+    command such as `pipe:curl -s http://[::1]/a.tar`) nor, in a `pipe:` command, inside shell quotes
+    (`pipe:perl -e 'Foo::bar()' ...`); elsewhere a quote is an ordinary character. An unquoted `::` in a
+    pipe: command still separates sources (`pipe:cat a.tar::b.tar`), so quote one that belongs to it.
+    """
+    parts, start, pos = [], 0, 0
+    while (match := _SOURCE_TOKEN.search(spec, pos)) is not None:
+        token = match.group()
+        if token == "::":
+            parts.append(spec[start:match.start()])
+            start = pos = match.end()
+        elif token[0] == "[" or spec[start:].lstrip().startswith("pipe:"):
+            pos = match.end()
+        else:
+            pos = match.start() + 1
+    return [*parts, spec[start:]]
+
+
 def expand_sources(spec: str) -> list[list[str]]:
-    """The `::`-separated sources of `spec`, each expanded (see `expand_urls`), for weighted mixing."""
+    """The `::`-separated sources of `spec` (`split_sources`), each expanded (see `expand_urls`), for
+    weighted mixing."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"no shard URLs given (empty spec {spec!r})")
     sources = []
-    for part in spec.split("::"):
+    for part in split_sources(spec):
         if not part.strip():
             raise ValueError(f"shard spec {spec!r} has an empty source between '::'")
         sources.append(expand_urls(part))
@@ -96,14 +125,15 @@ def expand_urls(spec: str) -> list[str]:
     """Expand `dir/shard-{000000..000031}.tar::other/{a,b}.tar` into a list of URLs, in order.
 
     Several specs are joined with `::` (a separator that cannot occur in a brace pattern and rarely in a
-    path). Local paths are returned as given but must be files, so a typo (or a folder: shard specs name
-    tar files) fails at start-up with the spec named instead of as skipped shards later; `pipe:` and
-    remote URLs cannot be checked cheaply and are passed through.
+    path; not one inside an IPv6 host's brackets or a pipe: command's quotes, see `split_sources`). Local
+    paths are returned as given but must be files, so a typo (or a folder: shard specs name tar files)
+    fails at start-up with the spec named instead of as skipped shards later; `pipe:` and remote URLs
+    cannot be checked cheaply and are passed through.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"no shard URLs given (empty spec {spec!r})")
     urls: list[str] = []
-    for part in spec.split("::"):
+    for part in split_sources(spec):
         part = part.strip()
         expanded = [u for u in braceexpand.braceexpand(part)] if part else []
         expanded = [u for u in expanded if u.strip()]
@@ -119,3 +149,39 @@ def expand_urls(spec: str) -> list[str]:
                              f"exist: {', '.join(missing[:3])}{more}")
         urls.extend(expanded)
     return urls
+
+
+def open_http(url: str, stall_s: int, retry_s: int, mode: str = "rb", bufsize: int = 8192) -> Any:
+    """webdataset's `gopen_curl` for reading, plus a low-speed limit (no byte for `stall_s` seconds ends the
+    read: curl exits 28) and a bounded retry window (`retry_s`, 0: no retries)."""
+    from webdataset.gopen import Pipe, gopen_curl
+
+    if mode[0] != "r":
+        return gopen_curl(url, mode=mode, bufsize=bufsize)
+    retry = ["--retry", "30", "--retry-delay", "2", "--retry-max-time", str(retry_s)]
+    args = ["curl", "--connect-timeout", "30", *(retry if retry_s else []), "--speed-limit", "1",
+            "--speed-time", str(stall_s), "-f", "-s", "-L", url]
+    return Pipe(args, mode=mode, bufsize=bufsize, ignore_status=[141, 23])  # as gopen_curl: SIGPIPE
+
+
+def open_shards(sources: Iterable[dict], handler: Callable[[Exception], bool], stall_s: int,
+                retry_s: int) -> Iterator[dict]:
+    """`tariterators.url_opener`, with http(s) URLs opened by `open_http` (all else as before): webdataset's
+    own curl command has no stall limit, so a server that sent nothing blocked a worker for ever."""
+    from webdataset import tariterators
+    from webdataset.gopen import rewrite_url
+
+    for source in sources:
+        url = source["url"]
+        target = rewrite_url(url)  # webdataset's GOPEN_REWRITE rules, as gopen applies them
+        if not re.match(r"https?://", target, re.IGNORECASE):
+            yield from tariterators.url_opener([source], handler=handler)
+            continue
+        try:
+            source.update(stream=open_http(target, stall_s, retry_s))
+        except Exception as exn:  # as url_opener: the URL goes into args, for the handler
+            exn.args = (*exn.args, url)
+            if not handler(exn):
+                break
+            continue
+        yield source

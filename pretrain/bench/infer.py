@@ -118,11 +118,11 @@ def bench_templates(data: str, templates: str | None = None) -> tuple[str, ...]:
     """The zero-shot prompts for `data`: `templates` when given, else the templates file beside the first
     shard (or one folder up), else the built-in ones -- `pretrain eval`'s lookup
     (`pretrain.evaluation.layout.find_templates`), so the accuracy here equals `pretrain eval`'s."""
-    from data_pipelines.urls import expand_urls
+    from data_pipelines.urls import expand_urls, split_sources
     from pretrain.evaluation.features import TEMPLATES
     from pretrain.evaluation.layout import find_templates
 
-    prompts = find_templates(expand_urls(data.split("::")[0])[0], templates)[1]
+    prompts = find_templates(expand_urls(split_sources(data)[0])[0], templates)[1]
     return tuple(prompts) if prompts else TEMPLATES
 
 

@@ -11,6 +11,7 @@ import math
 from types import SimpleNamespace
 from typing import Any
 
+from data_pipelines.urls import split_sources
 from launch.ports import is_tcp_port
 from pretrain.config.schedule import schedule_problems, schedule_warnings, warn_once
 from pretrain.config.schema import CHOICES, Config, ConfigError
@@ -168,7 +169,7 @@ def validate(cfg: Config, world_size: int | None = None, schedule: bool = True) 
     check(not d.train_weights or d.sampling == "resampled",
           "data.train_weights needs data.sampling=resampled (epoch sampling reads every sample once)")
     if d.train_weights and d.train:
-        sources = len(d.train.split("::"))
+        sources = len(split_sources(d.train))
         check(len(d.train_weights) == sources,
               f"data.train_weights has {len(d.train_weights)} entries but data.train has {sources} "
               f"'::'-separated source(s)")

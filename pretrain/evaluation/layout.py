@@ -26,7 +26,7 @@ from data_pipelines.clip_benchmark import (
     TEMPLATES_FILE,
 )
 from data_pipelines.clip_benchmark import read_templates as _read_templates
-from data_pipelines.urls import expand_urls, is_local, local_path
+from data_pipelines.urls import expand_urls, is_local, local_path, split_sources
 
 
 @dataclass
@@ -161,10 +161,10 @@ def resolve_eval_data(data: str, classnames: str | Path | None = None, templates
         if kind != "classification":
             raise ValueError(f"{folder}: {DATASET_TYPE_FILE} says {kind!r}; pretrain eval reads "
                              "classification sets (a .cls label per sample)")
-        first = expand_urls(urls.split("::")[0])[0]
+        first = expand_urls(split_sources(urls)[0])[0]
     else:
         urls, layout = data, "urls"
-        first = expand_urls(data.split("::")[0])[0]
+        first = expand_urls(split_sources(data)[0])[0]
     if captions:
         check_captions(first)
     names = Path(classnames) if classnames else look_beside(first, CLASSNAMES_FILE)
