@@ -31,7 +31,8 @@ def cmd_import(args: argparse.Namespace) -> int:
                          max_image_pixels=args.max_image_pixels, max_sample_bytes=args.max_sample_bytes,
                          image_col=args.image_col, caption_col=args.caption_col, key_col=args.key_col,
                          delimiter=args.delimiter,
-                         opener=args.opener, progress=not args.no_progress, overwrite=args.overwrite)
+                         opener=args.opener, progress=not args.no_progress, overwrite=args.overwrite,
+                         labels=args.labels)
     stats = run_import(args.source_kind, args.src, args.out, opts)
     short = {k: stats[k] for k in ("out", "samples", "bytes", "skipped", "urls", "wall_s") if k in stats}
     short["shards"] = len(stats["shards"])
@@ -109,6 +110,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("--overwrite", action="store_true",
                    help="allow a non-empty OUT: replace the earlier import with the same --prefix there "
                         "(only once this one succeeded; other files stay). OUT holding SRC is always refused")
+    p.add_argument("--labels", action="store_true",
+                   help="classifier data (folder, wds): keep image + .cls samples without a caption; a "
+                        "sample with neither a caption nor a .cls class index is skipped as missing_label")
     p.set_defaults(func=cmd_import)
 
     p = data.add_parser("inspect", help="count samples, keys, extensions and bad samples by reason")

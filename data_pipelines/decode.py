@@ -6,6 +6,7 @@ JPEG-decoded. Every failure mode maps to one `SkipCounter` reason.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
 from typing import Any
@@ -166,6 +167,58 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
+ORIENTATION_TAG = 0x0112
+"""EXIF `Orientation`: how a viewer turns the stored pixels to display them (phones store the sensor's
+landscape pixels and say "rotate 90" here instead of rotating the picture)."""
+TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""Orientation -> the transpose that displays the stored pixels, as `PIL.ImageOps.exif_transpose` does."""
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image, read from what its header holds; 1 when there is
+    none or it is not one of 1-8.
+
+    Training, evaluation and the importer all read it (through `transforms` and `displayed_size`) so
+    every one of them sees the picture as a viewer shows it, as `ImageOps.exif_transpose` would, without
+    decoding the image first: JPEG's APP1 and WebP's EXIF chunk are read by `Image.open`, TIFF's tags on
+    request. PNG's `getexif` would decode the whole image to look for an eXIf chunk after the pixel data,
+    so for PNG only a chunk (or XMP) before the pixel data counts (where Pillow writes it). A broken EXIF
+    block counts as no orientation: the image itself is still usable. A TIFF that Pillow's own reader turns
+    upright (recent versions: its size is already the displayed one) has nothing left to apply.
+    """
+    if img.format == "TIFF" and _pillow_orients_tiff():
+        return 1
+    try:
+        exif = Image.Image.getexif(img) if img.format == "PNG" else img.getexif()
+        value = exif.get(ORIENTATION_TAG, 1)
+    except Exception:  # malformed EXIF (Pillow raises several types): display the pixels as stored
+        return 1
+    return value if isinstance(value, int) and value in TRANSPOSES else 1
+
+
+@functools.cache
+def _pillow_orients_tiff() -> bool:
+    """Whether this Pillow's TIFF reader applies the orientation tag itself (found out once, on a 2x1
+    TIFF tagged "rotate 90"), so the tag is not applied twice."""
+    buf = io.BytesIO()
+    Image.new("L", (2, 1)).save(buf, "TIFF", tiffinfo={ORIENTATION_TAG: 6})
+    with Image.open(buf) as probe:
+        return probe.size == (1, 2)
+
+
+def displayed_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) of an image of stored `size` as displayed: swapped for orientations 5-8."""
+    return (size[1], size[0]) if orientation >= 5 else (size[0], size[1])
+
+
 def decode_image(
     data: bytes,
     key: str,
@@ -176,7 +229,8 @@ def decode_image(
     """Open the bytes lazily and apply `view` (crop + resize, which forces the decode); None on failure.
 
     `view` gets the still-undecoded image so it can choose a reduced JPEG decode scale; it returns a
-    decoded image or array. Images with more
+    decoded image or array (the `transforms` views apply the EXIF orientation, `exif_orientation`).
+    Images with more
     than `max_pixels` pixels (0: no limit) are refused from the header alone, before any pixel is decoded:
     a few-kB "decompression bomb" would otherwise allocate gigabytes in a DataLoader worker.
     """

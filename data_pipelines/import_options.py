@@ -37,3 +37,8 @@ class ImportOptions:
     overwrite: bool = False
     """Allow a non-empty OUT: replace the import with the same `prefix` there once this one succeeded
     (`import_output`). OUT holding the import's own source is refused regardless."""
+    labels: bool = False
+    """Classifier data (`--labels`): keep samples with a `.cls` class index and no caption (image + `.cls`,
+    what fine-tuning with train.task=classify and its eval read); a sample needs a caption or a usable
+    label, and one with neither is skipped as `missing_label` (`bad_label`: the `.cls` it relies on is
+    not a non-negative integer). Folder and WebDataset sources only: tables have no `.cls` member."""

@@ -87,10 +87,12 @@ def source_paths(kind: str, src: str) -> list[str]:
     return [local_path(u) for u in expand_urls(src) if is_local(u)]
 
 
-def folder_records(src: str, skips: SkipCounter) -> Iterator[Record]:
+def folder_records(src: str, skips: SkipCounter, labels: bool = False) -> Iterator[Record]:
     """Images under `src` (recursively, sorted) with a sidecar caption `NAME.txt`; `NAME.json` / `.cls`
-    sidecars are kept as members. Captions without an image are counted as missing_image; a second image
-    with the same name (`IMG.png` beside `IMG.jpg`: one caption, one sample) as duplicate_image."""
+    sidecars are kept as members. Captions without an image are counted as missing_image -- with `labels`
+    (classifier data, where `NAME.cls` may stand in for the caption) `.cls` files without one too; a
+    second image with the same name (`IMG.png` beside `IMG.jpg`: one caption, one sample) as
+    duplicate_image."""
     root = Path(src)
     if not root.is_dir():
         raise ValueError(f"--from folder: {src} is not a directory")
@@ -105,8 +107,14 @@ def folder_records(src: str, skips: SkipCounter) -> Iterator[Record]:
                                         f"with {stem.name}.txt")
             continue
         images[stem] = path
-    for stem in sorted({p.with_suffix("") for p in files if p.suffix.lower() == ".txt"} - set(images)):
-        skips.skip(MISSING_IMAGE, f"{stem}.txt has no image")
+    sidecars = (".txt", ".cls") if labels else (".txt",)
+    orphans: dict[Path, str] = {}
+    for suffix in sidecars:  # one count per name, under its caption when it has one
+        for path in files:
+            if path.suffix.lower() == suffix and path.with_suffix("") not in images:
+                orphans.setdefault(path.with_suffix(""), suffix)
+    for stem, suffix in sorted(orphans.items()):
+        skips.skip(MISSING_IMAGE, f"{stem}{suffix} has no image")
     # sidecars by (stem, lower-case suffix), as images are matched: A.jpg's caption may be A.TXT
     beside = {(p.with_suffix(""), p.suffix.lower()): p for p in files}
     for stem, image in sorted(images.items()):

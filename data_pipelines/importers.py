@@ -8,10 +8,12 @@ order, so the output shards do not depend on the worker count.
 At most a few chunks per worker are in flight, so a Parquet file of image bytes is never all in memory.
 
 Written per import: `OUT/{prefix}-NNNNNN.tar` (plain tar, KEY.jpg|png|webp + KEY.txt + KEY.json with the
-source reference), `sizes.json` (samples per shard, read by the loader's start-up checks) and `stats.json`
-(samples and bytes per shard, skipped samples by reason with examples). Image bytes are copied unchanged;
-formats other than JPEG/PNG/WebP are re-encoded once as PNG so training can read them. OUT is checked
-and written through a staging folder (`import_output`): a failed import leaves OUT as it was.
+source reference; with `--labels`, classifier data, KEY.cls with or without KEY.txt), `sizes.json`
+(samples per shard, read by the loader's start-up checks) and `stats.json` (samples and bytes per shard,
+skipped samples by reason with examples). Image bytes are copied unchanged (an EXIF orientation too, which
+training applies); formats other than JPEG/PNG/WebP are re-encoded once as PNG, upright, so training can
+read them. OUT is checked and written through a staging folder (`import_output`): a failed import leaves
+OUT as it was.
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ from typing import Any
 
 from PIL import Image
 
-from .decode import IMAGE_KEYS, honour_pixel_limit, to_8bit
+from .decode import (
+    IMAGE_KEYS,
+    LABEL_KEY,
+    TRANSPOSES,
+    displayed_size,
+    exif_orientation,
+    honour_pixel_limit,
+    label_of,
+    to_8bit,
+)
 from .import_csv import csv_records
 from .import_options import ImportOptions
 from .import_output import Staging, check_out, check_prefix
@@ -52,6 +63,7 @@ from .seeding import stable_hash
 from .shardwriter import ShardWriter
 from .stats import (
     BAD_IMAGE,
+    BAD_LABEL,
     BAD_TEXT,
     EMPTY_CAPTION,
     FETCH_FAILED,
@@ -59,6 +71,7 @@ from .stats import (
     KEPT_REASONS,
     MISSING_CAPTION,
     MISSING_IMAGE,
+    MISSING_LABEL,
     TOO_LARGE,
     SkipCounter,
 )
@@ -121,11 +134,15 @@ _ADDRESS = re.compile(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def check_image(data: bytes, check: str, max_pixels: int) -> tuple[str, bytes, int, int]:
-    """(extension, bytes, width, height) of a usable image; raises `_Skip` with the reason otherwise."""
+    """(extension, bytes, width, height) of a usable image; raises `_Skip` with the reason otherwise.
+
+    Width and height are those of the image as displayed (EXIF orientation 5-8: swapped), as training
+    crops it; kept bytes carry their orientation to training, a re-encoded image is stored upright."""
     honour_pixel_limit(max_pixels)  # Pillow's own limit must not refuse what --max-image-pixels allows
     try:
         with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
+            orientation = exif_orientation(img)
+            width, height = displayed_size(img.size, orientation)
             if max_pixels and width * height > max_pixels:
                 raise _Skip(IMAGE_TOO_LARGE, f"{width}x{height} > {max_pixels} pixels")
             if check == "decode" or img.format not in _KEPT_FORMATS:
@@ -134,6 +151,8 @@ def check_image(data: bytes, check: str, max_pixels: int) -> tuple[str, bytes, i
                 return _KEPT_FORMATS[img.format], data, width, height
             buf = io.BytesIO()  # GIF, BMP, TIFF...: re-encode losslessly once, training reads PNG
             plain = to_8bit(img)  # 16-bit / float grey: rescaled, not clipped to white or black
+            if orientation in TRANSPOSES:  # the PNG carries no EXIF: store the pixels as displayed
+                plain = plain.transpose(TRANSPOSES[orientation])
             plain.convert("RGBA" if "A" in plain.getbands() else "RGB").save(buf, format="PNG")
             return "png", buf.getvalue(), width, height
     except _Skip:
@@ -160,16 +179,13 @@ def load_record(record: Record, opts: ImportOptions, opener: Callable[[str], byt
     limit = opts.max_sample_bytes
     try:
         caption = _read(caption, limit)
-        if caption is None:
+        text: str | None = None
+        if caption is None and opts.labels:
+            extra = _with_label(extra, limit)  # classifier data: the .cls stands in for the caption
+        elif caption is None:
             raise _Skip(MISSING_CAPTION)
-        if isinstance(caption, (bytes, bytearray, memoryview)):
-            try:
-                caption = bytes(caption).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise _Skip(BAD_TEXT, str(exc)) from None
-        text = str(caption).strip()
-        if not text:
-            raise _Skip(EMPTY_CAPTION)
+        else:
+            text = _caption_text(caption)
         source = image if isinstance(image, str) else None
         if isinstance(image, str):
             try:
@@ -185,7 +201,7 @@ def load_record(record: Record, opts: ImportOptions, opener: Callable[[str], byt
         if limit and len(image) > limit:  # bytes from Parquet or from a user's --opener
             raise _Skip(TOO_LARGE, f"{source or 'image'}: {len(image)} bytes > {limit}")
         ext, data, width, height = check_image(bytes(image), opts.check, opts.max_image_pixels)
-        sample = {"__key__": key, ext: data, "txt": text.encode("utf-8")}
+        sample = {"__key__": key, ext: data, **({"txt": text.encode("utf-8")} if text is not None else {})}
         extra, dropped = _drop_hidden_images(extra, ext)
         for name, value in extra.items():
             sample[name] = bytes(_read(value, limit))
@@ -203,6 +219,32 @@ def load_record(record: Record, opts: ImportOptions, opener: Callable[[str], byt
         return sample, DUPLICATE_IMAGE, (f"{key}: member(s) {', '.join(dropped)} left out: the image is "
                                          f"imported as .{ext}, which training must read first")
     return sample, "", ""
+
+
+def _caption_text(caption: Any) -> str:
+    """The stripped caption of a record; `_Skip` (bad_text, empty_caption) when training could not use it."""
+    if isinstance(caption, (bytes, bytearray, memoryview)):
+        try:
+            caption = bytes(caption).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Skip(BAD_TEXT, str(exc)) from None
+    text = str(caption).strip()
+    if not text:
+        raise _Skip(EMPTY_CAPTION)
+    return text
+
+
+def _with_label(extra: dict[str, Any], limit: int) -> dict[str, Any]:
+    """`extra` with its `.cls` read, for a `--labels` sample without a caption, which a classifier reads
+    for its label alone; `_Skip` (missing_label, bad_label) when a classifier would skip it too."""
+    raw = extra.get(LABEL_KEY)
+    if raw is None:
+        raise _Skip(MISSING_LABEL, f"no caption and no .{LABEL_KEY} label")
+    raw = bytes(_read(raw, limit))
+    if label_of({LABEL_KEY: raw}) < 0:  # training's own parser: a non-negative integer
+        text = raw.decode("ascii", "replace").strip()
+        raise _Skip(BAD_LABEL, f"no caption and .{LABEL_KEY} is not a class index: {text[:20]!r}")
+    return {**extra, LABEL_KEY: raw}
 
 
 def _drop_hidden_images(extra: dict[str, Any], ext: str) -> tuple[dict[str, Any], list[str]]:
@@ -261,6 +303,9 @@ def run_import(kind: str, src: str, out: str | os.PathLike, opts: ImportOptions 
         raise ValueError(f"unknown import source {kind!r}; choose one of {', '.join(SOURCE_KINDS)}")
     if opts.check not in ("header", "decode"):
         raise ValueError(f"check must be header or decode, got {opts.check!r}")
+    if opts.labels and kind not in ("folder", "wds"):
+        raise ValueError(f"--labels imports image + .cls samples: --from folder and --from wds only (a "
+                         f"{kind} table has no .cls member)")
     if opener is None:
         resolve_opener(opts.opener)  # fail on a bad --opener before starting workers
     check_prefix(opts.prefix)
@@ -268,7 +313,7 @@ def run_import(kind: str, src: str, out: str | os.PathLike, opts: ImportOptions 
     check_out(out, source_paths(kind, src), opts.prefix, opts.overwrite)
     skips = _ImportSkips()
     if kind == "folder":
-        records = folder_records(src, skips)
+        records = folder_records(src, skips, labels=opts.labels)
     elif kind == "csv":
         records = csv_records(src, opts, skips)
     elif kind == "parquet":
@@ -318,8 +363,10 @@ def _write_shards(kind: str, src: str, out: Path, records: Iterator[Record], ski
     shards = writer.shards
     if not shards:
         examples = "; ".join(f"{reason}: {found[0]}" for reason, found in sorted(skips.examples.items()))
+        hint = ("; classifier data (image + .cls, no caption) needs --labels"
+                if MISSING_CAPTION in skips.as_dict() and not opts.labels else "")
         raise ValueError(f"import of {src} produced no samples (skipped: {skips.as_dict()}"
-                         f"{'; e.g. ' + examples if examples else ''}); {out} was left as it was")
+                         f"{'; e.g. ' + examples if examples else ''}){hint}; {out} was left as it was")
     skipped_total, counted_kept_total = skips.totals()
     stats = {
         "source": str(src), "from": kind, "out": str(out), "options": asdict(opts),

@@ -13,6 +13,8 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from .urls import local_path
+
 
 class SampleTooLarge(Exception):
     """An image (or sidecar) over `max_sample_bytes`; an --opener may raise it too (counted as too_large)."""
@@ -35,7 +37,8 @@ def _read_limited(fh: Any, ref: str, max_bytes: int) -> bytes:
 
 
 def default_opener(ref: str, max_bytes: int = 0) -> bytes:
-    """Bytes of a local path or an http(s) URL; over `max_bytes` (0: no limit) raises `SampleTooLarge`
+    """Bytes of a local path, a `file:` URL (read as `urls.local_path` names it, as training's shard
+    reader does) or an http(s) URL; over `max_bytes` (0: no limit) raises `SampleTooLarge`
     without reading the rest (a declared Content-Length or file size over it: without reading at all)."""
     if ref.startswith(("http://", "https://")):
         with urllib.request.urlopen(ref, timeout=60) as response:  # noqa: S310 - the user's own URLs
@@ -43,7 +46,7 @@ def default_opener(ref: str, max_bytes: int = 0) -> bytes:
             if max_bytes and declared.isdigit() and int(declared) > max_bytes:
                 raise SampleTooLarge(f"{ref}: Content-Length {declared} > {max_bytes} bytes")
             return _read_limited(response, ref, max_bytes)
-    with open(ref, "rb") as fh:
+    with open(local_path(ref), "rb") as fh:  # a `file:` URL (a table's `file:///d/a%20b.jpg`): its file
         size = os.fstat(fh.fileno()).st_size
         if max_bytes and size > max_bytes:
             raise SampleTooLarge(f"{ref}: {size} bytes > {max_bytes}")

@@ -10,6 +10,11 @@ pixels to filter). Two ways to produce the crop, with the same crop box from the
   any colour conversion) and resize with torch's vectorised uint8 antialiased bicubic kernel -- the same
   filter as PIL's bicubic (mean absolute difference ~0.1 grey level, box rounded to whole pixels as
   torchvision does) at about a sixth of PIL's resize cost, the largest per-sample CPU cost after decoding.
+
+Every crop is of the image as displayed: the EXIF orientation (`decode.exif_orientation`, read from the
+header) decides the displayed size the box is drawn on, the box is mapped onto the stored pixels, and only
+the cropped region is turned upright (`Image.transpose`, exact), so a phone photo trains as it is shown,
+with the crop statistics of the displayed picture, at the cost of transposing the crop.
 """
 
 from __future__ import annotations
@@ -23,11 +28,37 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .decode import to_8bit
+from .decode import TRANSPOSES, displayed_size, exif_orientation, to_8bit
+
+Box = tuple[float, float, float, float]
 
 
-def _draft_for(img: Image.Image, box: tuple[float, float, float, float], size: int) -> tuple[float, ...]:
-    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when the crop still covers `size` pixels; rescale box."""
+def _shown(img: Image.Image) -> tuple[int, int, int]:
+    """(EXIF orientation, displayed width, displayed height) of an opened image, from its header."""
+    orientation = exif_orientation(img)
+    return (orientation, *displayed_size(img.size, orientation))
+
+
+def stored_box(box: tuple[int, int, int, int], orientation: int, size: tuple[int, int]
+               ) -> tuple[int, int, int, int]:
+    """The box of the stored pixels (an image of stored `size`) that `TRANSPOSES[orientation]` turns into
+    `box` of the displayed image; `box` itself for orientation 1. Exact for whole-pixel boxes, so cropping
+    this box and transposing the crop gives the pixels of displaying first and cropping `box` after."""
+    if orientation not in TRANSPOSES:
+        return box
+    width, height = size
+    x0, y0, x1, y1 = box
+    # the stored point (u, v) shown at displayed (x, y), for each orientation (inverse of the transpose)
+    corners = [{2: (width - x, y), 3: (width - x, height - y), 4: (x, height - y), 5: (y, x),
+                6: (y, height - x), 7: (width - y, height - x), 8: (width - y, x)}[orientation]
+               for x, y in ((x0, y0), (x1, y1))]
+    (u0, v0), (u1, v1) = corners
+    return min(u0, u1), min(v0, v1), max(u0, u1), max(v0, v1)
+
+
+def _draft_for(img: Image.Image, box: Box, size: int, orientation: int = 1) -> Box:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale when the crop still covers `size` pixels; rescale box
+    (drawn on the displayed image of `orientation`)."""
     if img.format != "JPEG":
         return box
     crop_w, crop_h = box[2] - box[0], box[3] - box[1]
@@ -36,35 +67,49 @@ def _draft_for(img: Image.Image, box: tuple[float, float, float, float], size: i
         return box
     full_w, full_h = img.size
     img.draft("RGB", (math.ceil(full_w / factor), math.ceil(full_h / factor)))
-    sx, sy = img.size[0] / full_w, img.size[1] / full_h
+    shown_w, shown_h = displayed_size((full_w, full_h), orientation)
+    now_w, now_h = displayed_size(img.size, orientation)
+    sx, sy = now_w / shown_w, now_h / shown_h
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 
 
-def _resize_box(img: Image.Image, size: int, box: tuple[float, float, float, float]) -> Image.Image:
-    box = _draft_for(img, box, size)
-    if img.mode not in ("RGB", "L"):
-        # palette / alpha / CMYK: resampling needs a plain colour mode; crop first (cheap in any mode) so
-        # the conversion touches only the pixels the crop keeps
+def _upright(img: Image.Image, box: tuple[int, int, int, int], orientation: int) -> Image.Image:
+    """The whole-pixel `box` of the displayed image, in RGB or L: only those stored pixels are decoded
+    (from a draft, only those of the reduced decode), converted and transposed."""
+    region = img.crop(stored_box(box, orientation, img.size))  # decodes the image; copies only the crop
+    if region.mode not in ("RGB", "L"):
+        # palette / alpha / CMYK / 16-bit: after the crop, so only the pixels kept are converted;
+        # 16-bit / float grey rescaled, not clipped at 255
+        region = to_8bit(region).convert("RGB")
+    return region.transpose(TRANSPOSES[orientation]) if orientation in TRANSPOSES else region
+
+
+def _resize_box(img: Image.Image, size: int, box: Box, orientation: int = 1) -> Image.Image:
+    box = _draft_for(img, box, size, orientation)
+    if orientation in TRANSPOSES or img.mode not in ("RGB", "L"):
+        # palette / alpha / CMYK: resampling needs a plain colour mode; an EXIF orientation: the crop is
+        # turned upright. Crop first (cheap in any mode) so both touch only the pixels the crop keeps
+        width, height = displayed_size(img.size, orientation)
         x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
-        x1, y1 = min(math.ceil(box[2]), img.size[0]), min(math.ceil(box[3]), img.size[1])
-        img = to_8bit(img.crop((x0, y0, x1, y1))).convert("RGB")  # 16-bit/float grey: rescaled first
+        x1, y1 = min(math.ceil(box[2]), width), min(math.ceil(box[3]), height)
+        img = _upright(img, (x0, y0, x1, y1), orientation)
         box = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
     out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     return out if out.mode == "RGB" else out.convert("RGB")
 
 
-def _resize_box_array(img: Image.Image, size: int, box: tuple[float, float, float, float]) -> np.ndarray:
-    """uint8 [size, size, 3] of `box` of `img`: draft decode, whole-pixel crop, torch bicubic resize."""
-    box = _draft_for(img, box, size)
-    width, height = img.size
+def _resize_box_array(img: Image.Image, size: int, box: Box, orientation: int = 1) -> np.ndarray:
+    """uint8 [size, size, 3] of `box` of `img` as displayed (`orientation`): draft decode, whole-pixel crop,
+    torch bicubic resize."""
+    box = _draft_for(img, box, size, orientation)
+    width, height = displayed_size(img.size, orientation)
     x0 = min(max(int(round(box[0])), 0), width - 1)
     y0 = min(max(int(round(box[1])), 0), height - 1)
     x1 = min(max(int(round(box[2])), x0 + 1), width)
     y1 = min(max(int(round(box[3])), y0 + 1), height)
-    region = img.crop((x0, y0, x1, y1))  # decodes the image; copies only the crop
+    region = _upright(img, (x0, y0, x1, y1), orientation)
     if region.mode != "RGB":
-        # after the crop: converts only the pixels kept; 16-bit / float grey rescaled, not clipped at 255
-        region = to_8bit(region).convert("RGB")
+        region = region.convert("RGB")  # L
     arr = np.asarray(region)
     if arr.shape[0] == arr.shape[1] == size:
         return arr
@@ -113,9 +158,10 @@ def random_resized_crop(
 
     Follows the usual 10-attempt scheme and falls back to the largest centred crop with a clamped aspect
     ratio. All randomness comes from `rng`, which is required (no hidden global RNG) so a sample's crop is
-    reproducible from its key.
+    reproducible from its key. The crop is of the image as displayed (EXIF orientation applied).
     """
-    return _resize_box(img, size, _rrc_box(*img.size, scale, ratio, rng))
+    orientation, width, height = _shown(img)
+    return _resize_box(img, size, _rrc_box(width, height, scale, ratio, rng), orientation)
 
 
 def random_resized_crop_array(
@@ -126,11 +172,11 @@ def random_resized_crop_array(
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """`random_resized_crop` (same box for the same `rng`) as uint8 [size, size, 3], the fast way."""
-    return _resize_box_array(img, size, _rrc_box(*img.size, scale, ratio, rng))
+    orientation, width, height = _shown(img)
+    return _resize_box_array(img, size, _rrc_box(width, height, scale, ratio, rng), orientation)
 
 
-def _center_box(img: Image.Image) -> tuple[float, float, float, float]:
-    width, height = img.size
+def _center_box(width: int, height: int) -> Box:
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
     return left, top, left + side, top + side
@@ -140,13 +186,16 @@ def center_crop_resize(img: Image.Image, size: int) -> Image.Image:
     """Evaluation view: shorter side resized to `size`, then the centred size x size square.
 
     Done as one resize of the centred square box, which is the same geometry without an intermediate.
+    The image is taken as displayed (EXIF orientation applied).
     """
-    return _resize_box(img, size, _center_box(img))
+    orientation, width, height = _shown(img)
+    return _resize_box(img, size, _center_box(width, height), orientation)
 
 
 def center_crop_resize_array(img: Image.Image, size: int) -> np.ndarray:
     """`center_crop_resize` as uint8 [size, size, 3], the fast way."""
-    return _resize_box_array(img, size, _center_box(img))
+    orientation, width, height = _shown(img)
+    return _resize_box_array(img, size, _center_box(width, height), orientation)
 
 
 def to_normalized_array(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

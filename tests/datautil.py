@@ -154,3 +154,19 @@ def write_corrupt_shards(d: Path) -> tuple[str, set[str]]:
     keys = {f"a{i:03d}" for i in range(GOOD_A)} | {f"b{i:03d}" for i in range(GOOD_B)} | \
         {f"e{i:03d}" for i in range(GOOD_E)}
     return spec, keys
+
+
+def read_back(out: Path) -> dict[str, dict]:
+    """An import's output shards (listed in its stats.json) read with plain webdataset: key -> members."""
+    import webdataset as wds
+
+    urls = [str(out / s["name"]) for s in json.loads((out / "stats.json").read_text())["shards"]]
+    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")} for s in samples}
+
+
+def opts(**kw: Any) -> Any:
+    """Import options for tests: in-process (no loader workers), no progress bar."""
+    from data_pipelines.importers import ImportOptions
+
+    return ImportOptions(workers=0, progress=False, **kw)

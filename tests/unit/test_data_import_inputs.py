@@ -12,21 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
-from datautil import good_members, image_bytes, write_tar
+from datautil import good_members, image_bytes, opts, read_back, write_tar
 from PIL import Image
 
-from data_pipelines.importers import ImportOptions, check_image, run_import
-
-
-def read_back(out: Path) -> dict[str, dict]:
-    urls = [str(out / s["name"]) for s in json.loads((out / "stats.json").read_text())["shards"]]
-    samples = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-    return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")} for s in samples}
-
-
-def opts(**kw) -> ImportOptions:
-    return ImportOptions(workers=0, progress=False, **kw)
+from data_pipelines.importers import check_image, run_import
 
 
 def captions(out: Path) -> dict[str, str]:
