@@ -1,7 +1,7 @@
 """CLI subcommands owned by data_pipelines, registered through `pretrain.cli.REGISTRARS`:
 
     pretrain data import --from folder|csv|parquet|wds SRC OUT   shards + sizes.json + stats.json
-    pretrain data inspect URLS [--json]                         counts, keys/extensions, bad by reason
+    pretrain data inspect URLS [--json] [--labels]              counts, keys/extensions, bad by reason
     pretrain data clip-benchmark URLS OUT                        LAION CLIP_benchmark's wds dataset layout
 """
 
@@ -44,7 +44,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspection import format_report, inspect_shards
 
     report = inspect_shards(args.urls, decode=not args.no_decode, max_image_pixels=args.max_image_pixels,
-                            workers=args.workers, max_sample_bytes=args.max_sample_bytes)
+                            workers=args.workers, max_sample_bytes=args.max_sample_bytes, labels=args.labels)
     print(json.dumps(report) if args.json else format_report(report), flush=True)
     return 0
 
@@ -119,6 +119,9 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     p.add_argument("urls", help="shard URLs (brace-expandable, '::'-joined, pipe:, http)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-decode", action="store_true", help="check members and captions only")
+    p.add_argument("--labels", action="store_true",
+                   help="check as a classifier (train.task=classify) reads: image + .cls class index, no "
+                        "caption needed (missing_label / bad_label instead of missing_caption)")
     p.add_argument("--workers", type=int, default=0, help="inspect shards in parallel processes")
     p.add_argument("--max-image-pixels", type=int, default=89478485)
     p.add_argument("--max-sample-bytes", type=parse_size, default=DEFAULT_MAX_SAMPLE_BYTES,

@@ -253,3 +253,25 @@ def test_csv_file_urls_are_read_as_local_files(tmp_path):
     back = read_back(tmp_path / "out")
     assert sorted(s["txt"].decode() for s in back.values()) == ["a colon", "escaped space"]
     assert json.loads(back["000000000"]["json"])["source"] == (imgs / "a b.jpg").as_uri()
+
+
+# ------------------------------------------------------------------------------- data inspect --labels
+def test_inspect_labels_counts_image_and_cls_samples_as_a_classifier_reads_them(tmp_path):
+    """`data inspect` of classifier shards (image + .cls, no caption) predicted missing_caption for every
+    sample; `--labels` checks as train.task=classify reads: good samples, missing/bad labels counted."""
+    from data_pipelines.inspection import format_report, inspect_shard, inspect_shards
+
+    jpg = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(jpg, format="JPEG")
+    members = [("a.jpg", jpg.getvalue()), ("a.cls", b"3"), ("b.jpg", jpg.getvalue()), ("b.cls", b"x"),
+               ("c.jpg", jpg.getvalue()), ("d.jpg", jpg.getvalue()), ("d.cls", b"0")]
+    shard = tmp_path / "cls.tar"
+    write_tar(shard, members)
+    plain = inspect_shard(str(shard))
+    assert plain["good"] == 0 and plain["bad"].get("missing_caption") == 4
+    report = inspect_shards(str(shard), labels=True)
+    assert (report["samples"], report["good"]) == (4, 2)
+    assert report["bad"] == {"bad_label": 1, "missing_label": 1}
+    assert "as a classifier reads them" in format_report(report)
+    out = cli_json("data", "inspect", str(shard), "--json", "--labels")
+    assert out["good"] == 2 and out["labels"] is True
