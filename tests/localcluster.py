@@ -134,7 +134,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """SIGTERM each daemon by PID (slurmd first), then SIGKILL what is left after 10 s."""
+        """Cancel every job, SIGTERM each daemon by PID (slurmd first), SIGKILL what is left after 10 s, then
+        the jobs' own processes: slurmstepd detaches them from the daemons, so a job that hung (a test that
+        failed, a mutation under test) would otherwise outlive its test and hold its ports."""
+        if self.procs:
+            self.run(["scancel", "--full", "--quiet", "--user", str(os.getuid())], check=False)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -146,6 +150,20 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 p.kill()
                 p.wait()
         self.procs.clear()
+        self._kill_job_processes()
+
+    def _kill_job_processes(self) -> None:
+        """SIGKILL every process whose environment names this cluster's slurm.conf (jobs get SLURM_CONF
+        from sbatch's environment; this process and its parents never have it)."""
+        mark = f"SLURM_CONF={self.conf}".encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                if mark in (proc / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue  # gone already, or not ours to read
 
     # ------------------------------------------------------------------ client helpers
     def run(self, argv: list[str], check: bool = True, env: Mapping[str, str] | None = None,
