@@ -279,7 +279,14 @@ def _ordered_results(chunks: Iterator[list[Record]], opts: ImportOptions,
         for chunk in chunks:
             yield _load_chunk(chunk)
         return
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    # Not "fork": by now this process may run threads (pyarrow's pool reading Parquet, a caller's own), and
+    # a child forked while one of them held a lock can hang for ever (seen: a pool worker that never exited).
+    # The fork server is a fresh single-threaded process that imports this module once and forks workers.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:
+        ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(opts, opener)) as pool:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
