@@ -1,10 +1,19 @@
 """End-to-end LiT: `train.freeze=[visual.*]` and `optim.lr_mult` under 2-rank ZeRO-3 with the real deepspeed
-launcher, at tp=1 and tp=2, with same-layout and cross-layout resume.
+launcher, at tp=1 and tp=2, with a same-layout resume; `--init-from` and a resume that changes the groups in
+one process (see their docstrings for why one suffices).
 
 Checked against the single-device model the run started from (same seed -> same weights at every layout,
 rebuilt here from the checkpoint's config and tokenizer): frozen and multiplier-0 weights bit-identical
 after training, every other parameter moved; each optimizer group's learning rate exactly optim.lr x its
-multiplier x the schedule; the optimizer-state files smaller by the frozen share, as `pretrain plan` says."""
+multiplier x the schedule; the optimizer-state files smaller by the frozen share, as `pretrain plan` says.
+
+A resume of frozen parameters at another layout is test_fusion_train.py's resume test (dp=2 -> tp=2 under
+ZeRO-3 through the universal copy, its towers frozen: the copy lists them as weights only, the losses
+continue exactly and the towers come back bit-identical). The other direction's parts: a tp=2 checkpoint's
+frozen weights, which a universal copy of it reads, are read back here (test_tp2_frozen_tower_bit_identical);
+frozen weights loaded into 2 DP ranks' ZeRO-3 partitions: test_fusion_train.py's fusion_run (`--init-from`,
+the same loader); tp=2 -> dp=2 through the universal copy: test_resume_any_layout.py. A tp=2 -> dp=2 resume
+of the LiT run here started one more 2-rank run for those paths."""
 
 from __future__ import annotations
 
@@ -27,6 +36,8 @@ pytestmark = pytest.mark.slow
 LIT = ["train.freeze=[visual.*]", "optim.lr_mult={text.transformer.*: 0.5, logit_scale: 0}"]
 STILL = ("visual.", "logit_scale")
 """Frozen (visual.*) or at multiplier 0 (logit_scale): must not move."""
+INIT = ["train.seed=1", "parallel.zero_stage=3", DEFAULT_PERSISTENCE]
+"""`lit_init_run`'s seed and ZeRO settings, which the regroup test's resume of it keeps."""
 
 
 def train(run_dir: Path, overrides: list[str], resume: str | None = None) -> str:
@@ -155,42 +166,42 @@ def test_same_layout_resume_is_exact(lit_run, shards, tmp_path):
 
 
 def test_tp2_frozen_tower_bit_identical(lit_tp2_run):
-    check_still_and_moving(initial_weights(lit_tp2_run), weights(lit_tp2_run))
+    """Read back from both TP ranks' files, as a universal copy of this checkpoint is written: the frozen
+    tower bit-identical and listed as frozen (weights only, no moments)."""
+    init = initial_weights(lit_tp2_run)
+    check_still_and_moving(init, weights(lit_tp2_run))
+    assert open_source(lit_tp2_run).frozen == {n for n in init if n.startswith("visual.")}
     for tp_rank in (0, 1):
         check_rates(lit_tp2_run, "global_step3", 3, tp_rank)
 
 
-def test_resume_at_another_layout_keeps_the_tower_locked(lit_tp2_run, shards, tmp_path):
-    """tp=2 x dp=1 -> tp=1 x dp=2 through the universal copy (frozen weights without moments in it)."""
-    run = tmp_path / "relayout"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(lit_tp2_run / "checkpoints" / "global_step3", run / "checkpoints" / "global_step3")
-    (run / "checkpoints" / "latest").write_text("global_step3")
-    log = train(run, [f"data.train={shards['train']}", "train.steps=5"], resume="latest")
-    assert "through its universal copy" in log
-    universal = open_source(run / "checkpoints" / "universal" / "global_step3")
-    assert universal.frozen == {n for n in universal.names if n.startswith("visual.")}
-    before, after = weights(lit_tp2_run), weights(run, "global_step5")
-    check_still_and_moving(initial_weights(lit_tp2_run), after)
-    assert any(not torch.equal(after[n], before[n]) for n in after if n.startswith("text."))
-    check_rates(run, "global_step5", 5)
+@pytest.fixture(scope="module")
+def lit_init_run(lit_run, shards, tmp_path_factory) -> Path:
+    """LiT from `lit_run`'s step-3 weights (`--init-from`), another seed, the default persistence threshold:
+    one process, 2 steps (its only checkpoint, global_step2, is what the regroup test resumes)."""
+    source = lit_run / "checkpoints" / "global_step3"
+    run = tmp_path_factory.mktemp("lit_init") / "run"
+    args = ["train", f"run.dir={run}", *TINY, *LIT, f"data.train={shards['train']}", "train.steps=2",
+            *INIT, "--init-from", str(source)]
+    r = run_pretrain(args, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run
 
 
-def test_init_from_sets_the_frozen_weights(lit_run, shards, tmp_path):
+def test_init_from_sets_the_frozen_weights(lit_run, lit_init_run):
     """LiT from given weights (`--init-from`, as from an imported CLIP): the frozen tower holds the source's
     weights, not this run's own initialisation (another seed here), through training and ZeRO-3's
     checkpoint reader (DeepSpeed's frozen fragments, which ZeRO-2 reads the same way); at the default
-    persistence threshold, so ZeRO-3 also keeps small frozen parameters whole. ZeRO-1 (the frozen working
-    copy at load, the module state dict in its checkpoint) is test_fusion_train.py's
-    test_init_from_a_dual_encoder_adds_a_fresh_fusion_encoder[1], whose towers are frozen and checked
-    bit-identical to its source: a ZeRO-1 case here started one more 2-rank run for the same paths."""
-    source = lit_run / "checkpoints" / "global_step3"
-    run = tmp_path / "init"
-    args = ["train", f"run.dir={run}", *TINY, *LIT, f"data.train={shards['train']}", "train.steps=2",
-            "train.seed=1", "parallel.zero_stage=3", DEFAULT_PERSISTENCE, "--init-from", str(source)]
-    r = run_pretrain(args, procs=2, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    given, after, own = weights(lit_run, "global_step3"), weights(run), initial_weights(run)
+    persistence threshold, so ZeRO-3 also keeps small frozen parameters whole. One process: the source is
+    `lit_run`'s 2-rank checkpoint, and the 2-rank ZeRO-3 load of frozen towers (each DP rank's partition)
+    is test_fusion_train.py's fusion_run, checked by its
+    test_init_from_a_dual_encoder_adds_a_fresh_fusion_encoder[3], at threshold 0. Not checked on 2 ranks
+    any more (a 2-rank run here was): the parameters the default threshold keeps whole, which ZeRO-3
+    re-gathers from the loaded partitions; here that re-gather spans one rank. ZeRO-1 (the frozen working
+    copy at load, the module state dict in its checkpoint) is that test's [1], whose towers are frozen and
+    checked bit-identical to its source: a ZeRO-1 case here started one more 2-rank run for the same
+    paths."""
+    given, after, own = weights(lit_run, "global_step3"), weights(lit_init_run), initial_weights(lit_init_run)
     for n in given:
         if n.startswith(STILL):
             assert torch.equal(after[n], given[n]), n
@@ -199,23 +210,26 @@ def test_init_from_sets_the_frozen_weights(lit_run, shards, tmp_path):
             assert not torch.equal(after[n], given[n]), f"{n} did not move"
 
 
-def test_changing_the_groups_at_resume_goes_through_the_universal_copy(lit_run, shards, tmp_path):
+def test_changing_the_groups_at_resume_goes_through_the_universal_copy(lit_init_run, shards, tmp_path):
     """Unfreezing the tower and changing the multipliers at a same-layout resume: DeepSpeed's flat groups no
-    longer fit, so the universal copy (by name) is loaded; the tower then trains, from zero moments."""
+    longer fit, so the universal copy (by name) is loaded; the tower then trains, from zero moments. One
+    process (`lit_init_run`'s layout): which files a resume loads depends on the groups, not on the rank
+    (as in test_resume_overrides.py); a universal copy loaded into 2 DP ranks is test_resume_any_layout.py's
+    tp2 -> dp2 case."""
     run = tmp_path / "regrouped"
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(lit_run / "checkpoints" / "global_step3", run / "checkpoints" / "global_step3")
-    (run / "checkpoints" / "latest").write_text("global_step3")
-    args = ["train", f"run.dir={run}", *TINY, f"data.train={shards['train']}", "train.steps=5",
+    shutil.copytree(lit_init_run / "checkpoints" / "global_step2", run / "checkpoints" / "global_step2")
+    (run / "checkpoints" / "latest").write_text("global_step2")
+    args = ["train", f"run.dir={run}", *TINY, f"data.train={shards['train']}", "train.steps=4", *INIT,
             "optim.lr_mult={text.*: 0.25}", "--resume", "latest"]
-    r = run_pretrain(args, procs=2, timeout=600)
+    r = run_pretrain(args, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "through its universal copy" in r.stderr
-    before, after = weights(lit_run, "global_step3"), weights(run, "global_step5")
+    before, after = weights(lit_init_run, "global_step2"), weights(run, "global_step4")
     assert all(not torch.equal(after[n], before[n]) for n in after if n.startswith("visual."))
-    rates = group_rates(run / "checkpoints" / "global_step5")
+    rates = group_rates(run / "checkpoints" / "global_step4")
     cfg = open_source(run).config
-    factor = lr_lambda(engine_spec(cfg))(5)
+    factor = lr_lambda(engine_spec(cfg))(4)
     assert sorted({mult for mult, *_ in rates}) == [0.25, 1.0]
     for mult, lr, initial, names in rates:
         assert initial == cfg.optim.lr * mult and lr == initial * factor

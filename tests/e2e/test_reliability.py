@@ -1,13 +1,17 @@
-"""Fault injection: kill -9 mid-save and mid-training, a full disk during a save, a write failure on one
-rank, non-finite losses,
-up-front config validation, safe loading, determinism. Real training runs; marked slow."""
+"""Fault injection: kill -9 of one rank mid-save, a full disk during a save, a write failure on one rank,
+a stop signal on one rank, non-finite losses, up-front config validation, safe loading, determinism. Real
+training runs; marked slow.
+
+Runs are shared where their faults do not meet (each fixture's docstring says what it holds): the kill -9 run
+(crash, mid-save and determinism tests), one 2-rank run with a failed save and then a stop signal (the
+write-failure and stop-signal tests), and one run per ZeRO mode with a lone NaN micro-batch and then three in
+a row (the skip and patience tests)."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -41,30 +45,7 @@ def train(shards, run: Path, *extra: str, env=None, procs=1, resume=None, timeou
     return run_pretrain(args, env=env, procs=procs, timeout=timeout)
 
 
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
-
-
 # ------------------------------------------------------------------------------ atomic checkpoints
-def test_kill9_during_save_leaves_previous_checkpoint_and_resume_works(shards, tmp_path):
-    run = tmp_path / "run"
-    r = train(shards, run, "train.steps=6", "checkpoint.every=2",
-              env={"MMPT_FAULT_KILL": "save-before-commit:4"})
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    root = run / "checkpoints"
-    assert (root / "latest").read_text() == "global_step2"
-    assert not (root / "global_step4").exists()
-    assert (root / ".staging" / "global_step4").is_dir()  # the half-published save is left aside
-    assert ckpt.latest_tag(root) == "global_step2"
-    ckpt.consolidated_state_dict(root)  # the previous checkpoint loads
-
-    r = train(shards, run, "train.steps=6", "checkpoint.every=2", resume="latest")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert ckpt.complete_tags(root) == ["global_step2", "global_step4", "global_step6"]
-    assert (root / "latest").read_text() == "global_step6"
-    assert not (root / ".staging" / "global_step4").exists()
-
-
 def test_latest_pointer_lost_falls_back_to_newest_complete(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):
@@ -93,40 +74,59 @@ def test_retention_keep_last_and_every(tmp_path):
 @pytest.fixture(scope="module")
 def crashed(shards, trained_once, tmp_path_factory) -> dict:
     """A fresh 2-rank run of the shared tiny.straight_2ranks run's arguments (plus parallel.timeout_s=60,
-    which does not enter the math), rank 1 killed after step STRAIGHT_EVERY + 2, then resumed with
-    `--resume latest`: what it returned, how long the surviving rank took to exit, the checkpoint left and
-    the rows logged before the resume. The kill -9 test and the determinism test read it."""
+    which does not enter the math), rank 1 killed -9 in its last save before the commit
+    (MMPT_FAULT_KILL=save-before-commit:STRAIGHT_STEPS:1), then resumed with `--resume latest`: the results,
+    the surviving rank's time to exit, the checkpoints as the kill left them and the rows logged before the
+    resume. (A rank dying mid-training: tests/e2e/test_launch_failures.py's dying-rank test.)"""
     straight = straight_2ranks(trained_once, shards)
     run = tmp_path_factory.mktemp("crashed") / "run"
+    root = run / "checkpoints"
     common = (*STRAIGHT, "parallel.timeout_s=60")
     t0 = time.monotonic()
     killed = train(shards, run, *common, procs=2,
-                   env={"MMPT_FAULT_KILL": f"after-step:{STRAIGHT_EVERY + 2}:1"})
+                   env={"MMPT_FAULT_KILL": f"save-before-commit:{STRAIGHT_STEPS}:1"})
     elapsed = time.monotonic() - t0
-    latest = ckpt.latest_tag(run / "checkpoints")
+    left = {"latest": ckpt.latest_tag(root), "latest_file": (root / "latest").read_text(),
+            "published": sorted(p.name for p in root.glob("global_step*")),
+            "staged": sorted(p.name for p in (root / ".staging").glob("global_step*"))}
     rows_before_resume = read_metrics(run)
     resumed = train(shards, run, *common, procs=2, resume="latest")
-    return {"straight": straight, "run": run, "killed": killed, "elapsed": elapsed, "latest": latest,
+    return {"straight": straight, "run": run, "killed": killed, "elapsed": elapsed, "left": left,
             "rows_before_resume": rows_before_resume, "resumed": resumed}
 
 
 def test_kill9_one_rank_others_exit_then_resume_matches_straight_run(crashed):
-    """Rank 1 killed after step STRAIGHT_EVERY + 2; the run resumes from the step-STRAIGHT_EVERY checkpoint
-    and logs the losses of the uninterrupted run of the same arguments (the session's shared
-    tiny.straight_2ranks run; the collective timeout does not enter the math). This resume is also the
-    suite's threshold-0 resume check (test_train_e2e resumes at the default persistence threshold)."""
+    """Rank 1 killed -9 in the step-STRAIGHT_STEPS save; rank 0 and the launcher exit in time; the run resumes
+    from the step-STRAIGHT_EVERY checkpoint and logs the losses of the uninterrupted run of the same
+    arguments (the shared tiny.straight_2ranks run). This resume is also the suite's threshold-0 resume check
+    (test_train_e2e resumes at the default persistence threshold)."""
     assert crashed["killed"].returncode != 0
     assert crashed["elapsed"] < 150, f"surviving rank took {crashed['elapsed']:.0f}s to exit"
-    assert crashed["latest"] == f"global_step{STRAIGHT_EVERY}"
-
+    assert crashed["left"]["latest"] == f"global_step{STRAIGHT_EVERY}"
     r = crashed["resumed"]
     assert r.returncode == 0, r.stderr[-2000:]
-    a = losses(crashed["straight"])
+    a = {row["step"]: row["loss"] for row in read_metrics(crashed["straight"])}
     rows = [row for row in read_metrics(crashed["run"]) if "loss" in row]
     # every step exactly once: the resume dropped the rows the crashed run logged after its checkpoint
     assert [row["step"] for row in rows] == list(range(1, STRAIGHT_STEPS + 1))
     for row in rows[STRAIGHT_EVERY:]:  # the steps the resumed run trained
         assert row["loss"] == pytest.approx(a[row["step"]], rel=1e-5), row["step"]
+
+
+def test_kill9_during_save_leaves_previous_checkpoint_and_resume_works(crashed):
+    """The crash fixture's kill: that save is left aside in .staging, `latest` names the previous checkpoint,
+    which loads, and the resume saves the step again over the leftover (was a one-process run of its own)."""
+    left, root = crashed["left"], crashed["run"] / "checkpoints"
+    prev, last = f"global_step{STRAIGHT_EVERY}", f"global_step{STRAIGHT_STEPS}"
+    assert left["latest_file"] == prev and left["latest"] == prev
+    assert left["published"] == [prev]
+    assert left["staged"] == [last]  # the half-published save is left aside
+    ckpt.consolidated_state_dict(root, prev)  # the previous checkpoint loads
+    r = crashed["resumed"]
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ckpt.complete_tags(root) == [prev, last]
+    assert (root / "latest").read_text() == last
+    assert not (root / ".staging" / last).exists()
 
 
 # ------------------------------------------------------------------------------ full disk
@@ -143,6 +143,9 @@ def small_fs(tmp_path):
 
 
 def test_full_disk_during_save_is_reported_and_previous_checkpoint_survives(shards, tmp_path, small_fs):
+    """ENOSPC in the saves of steps 4 and 6: reported, training goes on, the failed final save stops the run,
+    and the step-2 checkpoint stays as saved (every file its marker lists: size, sha256) and loads: a resume
+    reads just those (a copy resumed elsewhere, as here before: tests/e2e/test_checkpoint_retention.py)."""
     run = tmp_path / "run"
     root = small_fs / "checkpoints"
     r = train(shards, run, "train.steps=6", "checkpoint.every=2", f"checkpoint.dir={root}",
@@ -158,11 +161,9 @@ def test_full_disk_during_save_is_reported_and_previous_checkpoint_survives(shar
     failures = [row for row in read_metrics(run) if "checkpoint_failed" in row]
     assert [row["step"] for row in failures] == [4, 6]
 
-    shutil.copytree(root, tmp_path / "copy")  # the surviving checkpoint resumes elsewhere
-    r = train(shards, tmp_path / "run2", "train.steps=3", "parallel.zero_stage=0",
-              resume=str(tmp_path / "copy"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert [row["step"] for row in read_metrics(tmp_path / "run2")] == [3]
+    ckpt.verify_marker(root / "global_step2")  # every file of the survivor as saved (size, sha256)
+    assert ckpt.read_client_state(root)["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt.consolidated_state_dict(root).values())
 
 
 # ------------------------------------------------------------------------------ one rank's failed save
@@ -183,11 +184,22 @@ def _logged_at(stderr: str, needle: str) -> float:
     raise AssertionError(f"no log line with {needle!r}:\n{stderr[-3000:]}")
 
 
-def test_write_failure_on_one_rank_is_reported_by_every_rank_and_training_goes_on(shards, tmp_path):
-    run = tmp_path / "run"
-    r = train(shards, run, *ONE_RANK_FAILS, "checkpoint.max_failures=3", procs=2,
-              env={"MMPT_FAULT_WRITE": "4:1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+@pytest.fixture(scope="module")
+def failed_save_then_stop(shards, tmp_path_factory) -> dict:
+    """2 ranks, default threshold, 8 steps, checkpoint.every=2, logging.every=5, max_failures=3, two faults on
+    rank 1 that do not meet: its writes fail in the step-4 save, and it alone gets SIGUSR1 after step 3. Both
+    ranks report the failed save and train on; the stop is agreed at the next log step, 5, where both save
+    global_step5 and exit 75. The write-failure and stop-signal tests read it (each had a run of its own)."""
+    run = tmp_path_factory.mktemp("failed_save") / "run"
+    r = train(shards, run, DEFAULT_PERSISTENCE, "train.steps=8", "checkpoint.every=2", "logging.every=5",
+              f"parallel.timeout_s={TIMEOUT_S}", "checkpoint.max_failures=3", procs=2,
+              env={"MMPT_FAULT_WRITE": "4:1", "MMPT_FAULT_SIGNAL": "3:1"})
+    return {"run": run, "r": r}
+
+
+def test_write_failure_on_one_rank_is_reported_by_every_rank_and_training_goes_on(failed_save_then_stop):
+    r, run = failed_save_then_stop["r"], failed_save_then_stop["run"]
+    assert r.returncode == 75, r.stderr[-3000:]  # the stop request's exit (the stop-signal test)
     failed = "saving checkpoint global_step4 under"
     t_fail = _logged_at(r.stderr, "rank 1: writing")  # the injected error, when rank 1 hit it
     for rank in (0, 1):  # both ranks report it, naming rank 1, within seconds (a hang would take 60 s)
@@ -196,71 +208,79 @@ def test_write_failure_on_one_rank_is_reported_by_every_rank_and_training_goes_o
     assert re.search(r"rank 0: saving checkpoint global_step4 .* failed on rank 1: .*injected write failure",
                      r.stderr)
     rows = read_metrics(run)
-    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]  # went on from memory
+    assert [row["step"] for row in rows if "loss" in row] == [5]  # went on from memory (logging.every=5)
     fails = [row for row in rows if "checkpoint_failed" in row]
     assert [row["step"] for row in fails] == [4] and "failed on rank 1" in fails[0]["checkpoint_failed"]
     root = run / "checkpoints"
-    assert ckpt.complete_tags(root) == ["global_step2", "global_step6"]  # the next save succeeded
-    assert (root / "latest").read_text() == "global_step6"
+    assert ckpt.complete_tags(root) == ["global_step2", "global_step5"]  # the next save succeeded
+    assert (root / "latest").read_text() == "global_step5"
     assert not (root / ".staging" / "global_step4").exists()
-    assert ckpt.read_client_state(root)["step"] == 6
+    assert ckpt.read_client_state(root)["step"] == 5
 
 
-@pytest.mark.parametrize("case", ["max_failures", "final_save"])
-def test_write_failure_on_one_rank_stops_every_rank_promptly(shards, tmp_path, case):
-    """checkpoint.max_failures=1 stops at the first failed save; a failed final save always stops. Every
-    rank exits nonzero with the error, seconds after the failure (not after parallel.timeout_s)."""
+def test_write_failure_on_one_rank_stops_every_rank_promptly(shards, tmp_path):
+    """max_failures=1 stops at the first failed save: every rank exits nonzero with the error, seconds after
+    it (not after parallel.timeout_s). A failed final save takes the same `raise` on every rank (`final or
+    save_failures >= ...`, pretrain/train.py), the full-disk test's with one rank (a 2-rank case was cut)."""
     run = tmp_path / "run"
-    step, limit, fault = (4, 1, "4:1") if case == "max_failures" else (6, 3, "6:1:optim_states")
-    r = train(shards, run, *ONE_RANK_FAILS, f"checkpoint.max_failures={limit}", procs=2,
-              env={"MMPT_FAULT_WRITE": fault})
+    r = train(shards, run, *ONE_RANK_FAILS, "checkpoint.max_failures=1", procs=2,
+              env={"MMPT_FAULT_WRITE": "4:1"})
     ended = time.time()
     assert r.returncode != 0
     t_fail = _logged_at(r.stderr, "rank 1: writing")
     assert ended - t_fail < TIMEOUT_S / 2, f"the job exited {ended - t_fail:.0f}s after the failed write"
     for rank in (0, 1):
-        assert re.search(rf"pretrain: error on rank {rank}: saving checkpoint global_step{step} .* failed on "
+        assert re.search(rf"pretrain: error on rank {rank}: saving checkpoint global_step4 .* failed on "
                          r"rank 1: .*injected write failure", r.stderr), r.stderr[-3000:]
     assert "Traceback" not in r.stderr
-    assert [row["step"] for row in read_metrics(run) if "loss" in row] == list(range(1, step + 1))
+    assert [row["step"] for row in read_metrics(run) if "loss" in row] == [1, 2, 3, 4]
     root = run / "checkpoints"
-    assert ckpt.latest_tag(root) == f"global_step{step - 2}"  # the previous checkpoint is what remains
-    assert not (root / ".staging" / f"global_step{step}").exists()
+    assert ckpt.latest_tag(root) == "global_step2"  # the previous checkpoint is what remains
+    assert not (root / ".staging" / "global_step4").exists()
 
 
 # ------------------------------------------------------------------------------ non-finite steps
-@pytest.mark.parametrize("zero", [3, 0])
-def test_nonfinite_loss_is_skipped_and_counted(shards, tmp_path, zero):
-    """ZeRO 1-3 (deferred guard, no read in a healthy step): the NaN micro-batch's gradients are made
-    non-finite, DeepSpeed skips that optimizer step, the window's flags are read at the log step. ZeRO 0
-    (synchronous guard): the micro-batch is dropped before backward and replaced by the next one."""
-    run = tmp_path / "run"
-    r = train(shards, run, "train.steps=5", "data.log_keys=true", f"parallel.zero_stage={zero}",
-              env={"MMPT_FAULT_NONFINITE": "mim:3"})
-    assert r.returncode == 0, r.stderr[-2000:]
+# ZeRO stage -> objective made NaN, steps trained, nonfinite_skipped per logged step, step the patience stops
+NONFINITE = {3: ("mim", [1, 2, 4], {1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 6: 3}, 7),
+             0: ("mlm", [1, 2, 3], {1: 0, 2: 0, 3: 1}, 4)}
+
+
+@pytest.fixture(scope="module", params=[3, 0], ids=["zero3", "zero0"])
+def nonfinite_run(request, shards, tmp_path_factory) -> dict:
+    """Micro-batches 3, 5, 6, 7 NaN (one objective), nonfinite_patience=3, 8 steps; read by the skip and
+    patience tests (each ran its own per stage). ZeRO 1-3 (deferred guard, no read in a healthy step): a NaN
+    micro-batch's gradients are made non-finite, DeepSpeed skips its step, the flags are read at the log
+    step: 3 skipped, 4 trained (the count restarts), 5-7 skipped, stop at 7. ZeRO 0 (synchronous guard): a
+    NaN micro-batch is dropped before backward and replaced by the next: 4 trains step 3, 5-7 are dropped in
+    step 4, which stops."""
+    zero, run = request.param, tmp_path_factory.mktemp(f"nonfinite{request.param}") / "run"
+    r = train(shards, run, "train.steps=8", "data.log_keys=true", f"parallel.zero_stage={zero}",
+              "train.nonfinite_patience=3", env={"MMPT_FAULT_NONFINITE": f"{NONFINITE[zero][0]}:3,5,6,7"})
+    return {"zero": zero, "run": run, "r": r}
+
+
+def test_nonfinite_loss_is_skipped_and_counted(nonfinite_run):
+    """The lone NaN micro-batch (3) is skipped (ZeRO 3: with its optimizer step; ZeRO 0: replaced), counted
+    once, named, kept out of the weights (the next step trains to a finite loss) and out of the key audit."""
+    zero, run, r = nonfinite_run["zero"], nonfinite_run["run"], nonfinite_run["r"]
+    objective, trained, counted, stop = NONFINITE[zero]
     rows = read_metrics(run)
-    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
-    assert rows[-1]["nonfinite_skipped"] == 1
-    assert "step 3: non-finite loss_mim" in r.stderr
+    assert [row["step"] for row in rows] == list(range(1, stop)), r.stderr[-2000:]  # up to the stop
+    assert {row["step"]: row["nonfinite_skipped"] for row in rows} == counted
+    assert f"step 3: non-finite loss_{objective}" in r.stderr
+    # the key audit lists exactly what was trained (ZeRO 3: a skipped step's samples are not audited)
     audited = Counter(rec.step for rec in read_keys(run))
-    # the key audit lists exactly what was trained
-    if zero == 3:  # step 3 was skipped by the optimizer: its samples are not audited, its row has no loss
-        assert sorted(audited.items()) == [(s, 8) for s in (1, 2, 4, 5)]
-        assert "loss" not in rows[2] and all("loss" in row for i, row in enumerate(rows) if i != 2)
-    else:  # the 3rd micro-batch was replaced by the 4th: 5 steps x 8 samples
-        assert sorted(audited.items()) == [(s, 8) for s in range(1, 6)]
+    assert sorted(audited.items()) == [(s, 8) for s in trained]
+    assert [row["step"] for row in rows if "loss" in row] == trained  # skipped steps log no loss
     assert all(row.get("loss", 0) == row.get("loss", 0) for row in rows)  # no NaN in the weights or logs
 
 
-@pytest.mark.parametrize("zero,stop_step", [(3, 6), (0, 4)])
-def test_nonfinite_patience_stops_naming_step_and_objective(shards, tmp_path, zero, stop_step):
-    """Micro-batches 4, 5, 6 are NaN. ZeRO 3 skips steps 4, 5 and 6 and stops at step 6 (the third in a
-    row); ZeRO 0 replaces them inside step 4 and stops there."""
-    run = tmp_path / "run"
-    r = train(shards, run, "train.steps=8", "train.nonfinite_patience=3", f"parallel.zero_stage={zero}",
-              env={"MMPT_FAULT_NONFINITE": "mlm:4,5,6"})
+def test_nonfinite_patience_stops_naming_step_and_objective(nonfinite_run):
+    """Micro-batches 5, 6, 7 are NaN, after the lone one at 3 and a clean micro-batch. ZeRO 3 skips steps 5,
+    6 and 7 and stops at step 7 (the third in a row); ZeRO 0 replaces them inside step 4 and stops there."""
+    r, (objective, _, _, stop) = nonfinite_run["r"], NONFINITE[nonfinite_run["zero"]]
     assert r.returncode != 0
-    assert f"stopping at step {stop_step}: non-finite loss_mlm in 3 micro-batches in a row" in r.stderr
+    assert f"stopping at step {stop}: non-finite loss_{objective} in 3 micro-batches in a row" in r.stderr
 
 
 # ------------------------------------------------------------------------------ validation up front
@@ -272,24 +292,42 @@ def test_all_config_problems_listed_before_any_process_group(tmp_path):
                       "model.vision.heads=5", "train.global_batch=100", "train.micro_batch=8",
                       "objectives.mim.mask_ratio=1.5"], env=env, timeout=120)
     assert r.returncode == 2
-    assert time.monotonic() - t0 < 60
+    assert "DeepSpeed" not in r.stderr and time.monotonic() - t0 < 60
     for needle in ("model.vision.heads (5) must divide", "train.global_batch (100) != train.micro_batch (8)",
                    "objectives.mim.mask_ratio must be in [0, 1)"):
         assert needle in r.stderr, r.stderr[-2000:]
 
 
-def test_missing_training_data_is_named_before_any_process_group(tmp_path):
+@pytest.fixture
+def own_stop_handlers():
+    """train() keeps its stop-signal handlers when it refuses to start (its process exits then)."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}  # launch.signals.STOP_SIGNALS
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def test_missing_training_data_is_named_before_any_process_group(tmp_path, capsys, monkeypatch,
+                                                                  own_stop_handlers):
+    """In this process (`pretrain.cli.main`; the program's own exit 2 before any process group, and before
+    DeepSpeed says anything: the test above): starting a process group would fail the test."""
+    from parallel import groups
+    from pretrain.cli import main
+
+    monkeypatch.setattr(groups, "init_distributed", lambda *a, **k: pytest.fail("process group started"))
     t0 = time.monotonic()
-    r = run_pretrain(["train", f"run.dir={tmp_path}"], timeout=120)  # demo.yaml leaves data.train empty
-    assert r.returncode == 2
-    assert "data.train is empty" in r.stderr
-    assert "DeepSpeed" not in r.stderr and time.monotonic() - t0 < 60
+    assert main(["train", f"run.dir={tmp_path}"]) == 2  # demo.yaml leaves data.train empty
+    assert "data.train is empty" in capsys.readouterr().err
+    assert time.monotonic() - t0 < 60
 
 
-def test_eval_of_a_missing_checkpoint_names_the_path(tmp_path):
-    r = run_pretrain(["eval", "--checkpoint", str(tmp_path / "nope"), "--data", "x", "--classnames", "y"])
-    assert r.returncode == 2
-    assert f"no DeepSpeed checkpoint at {tmp_path / 'nope'}" in r.stderr
+def test_eval_of_a_missing_checkpoint_names_the_path(tmp_path, capsys):
+    """In this process (`pretrain.cli.main`): `pretrain eval`'s own start and exit codes are run as programs
+    in tests/e2e/test_finetune.py, test_distributed_eval.py and test_no_unpickling.py."""
+    from pretrain.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "nope"), "--data", "x", "--classnames", "y"]) == 2
+    assert f"no DeepSpeed checkpoint at {tmp_path / 'nope'}" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ safety
@@ -345,22 +383,22 @@ LOSS_KEYS = ("loss", "loss_contrastive", "loss_mim", "loss_mlm")
 
 def test_same_config_seed_and_layout_give_bit_identical_losses(crashed):
     """Two separate launches of the same config, seed and layout (2 ranks, ZeRO-3): the crash test's fresh
-    run, up to its kill after step STRAIGHT_EVERY + 2, and the shared straight run log the same losses,
+    run, up to its kill in the save of its last step, and the shared straight run log the same losses,
     exactly (no approx)."""
     before = [row for row in crashed["rows_before_resume"] if "loss" in row]
-    assert [row["step"] for row in before] == list(range(1, STRAIGHT_EVERY + 3))
+    assert [row["step"] for row in before] == list(range(1, STRAIGHT_STEPS + 1))
     straight = {row["step"]: row for row in read_metrics(crashed["straight"])}
     for row in before:
         assert {k: row[k] for k in LOSS_KEYS} == {k: straight[row["step"]][k] for k in LOSS_KEYS}, row["step"]
 
 
 # ------------------------------------------------------------------------------ preemption
-def test_stop_signal_on_one_rank_stops_every_rank_at_the_next_log_step(shards, tmp_path):
-    """SIGUSR1 reaches rank 1 only, after step 2; the request is agreed at log steps (logging.every=4), so
-    both ranks stop after step 4, save global_step4 and exit 75 (for a requeued job to resume)."""
-    run = tmp_path / "run"
-    r = train(shards, run, "train.steps=6", "logging.every=4", procs=2, env={"MMPT_FAULT_SIGNAL": "2:1"})
+def test_stop_signal_on_one_rank_stops_every_rank_at_the_next_log_step(failed_save_then_stop):
+    """SIGUSR1 reaches rank 1 only, after step 3; the request is agreed at log steps (logging.every=5), not
+    at the save of step 4 in between (which failed on rank 1: the write-failure test), so both ranks stop
+    after step 5, save global_step5 and exit 75 (for a requeued job to resume)."""
+    r, run = failed_save_then_stop["r"], failed_save_then_stop["run"]
     assert r.returncode == 75, r.stderr[-3000:]
-    assert "stopped at step 4 on" in r.stderr
-    assert ckpt.latest_tag(run / "checkpoints") == "global_step4"
-    assert [row["step"] for row in read_metrics(run) if "loss" in row] == [4]
+    assert "stopped at step 5 on" in r.stderr
+    assert ckpt.latest_tag(run / "checkpoints") == "global_step5"
+    assert [row["step"] for row in read_metrics(run) if "loss" in row] == [5]

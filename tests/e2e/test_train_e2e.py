@@ -1,13 +1,15 @@
 """End-to-end: shards -> 2-rank ZeRO-3 training under the real deepspeed launcher -> checkpoint -> resume
--> eval. Small enough for 2 CPU cores; marked slow."""
+-> eval. Small enough for 2 CPU cores; marked slow.
+
+`pretrain eval` and the refused fresh start run in this process (`pretrain.cli.main`): the programs' own
+start and exit codes are tested elsewhere (named at each). One run on another tool's shards serves the
+shards test and the finished-run-dir test."""
 
 from __future__ import annotations
 
 import io
 import json
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -16,14 +18,13 @@ import pytest
 from PIL import Image
 from tiny import (
     DEFAULT_PERSISTENCE,
-    ROOT,
     TINY,
+    cli_json,
     logged_steps,
     persistent_params,
     run_pretrain,
     straight_2ranks,
     train_args,
-    write_micro_shards,
 )
 
 from pretrain.checkpoint import atomic as ckpt
@@ -116,11 +117,10 @@ def test_resume_matches_uninterrupted_run(straight_run, straight_run_default, sh
 
 
 def test_eval_reports_zero_shot_and_retrieval(straight_run, shards):
-    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "eval", "--checkpoint", str(straight_run),
-                        "--data", shards["val"], "--classnames", shards["classnames"], "--json"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    """In this process (`cli_json`): `pretrain eval` runs as a program in tests/e2e/test_finetune.py,
+    test_distributed_eval.py and test_no_unpickling.py."""
+    out = cli_json("eval", "--checkpoint", str(straight_run), "--data", shards["val"], "--classnames",
+                   shards["classnames"], "--json")
     for key in ("zeroshot_top1", "zeroshot_top5", "chance", "i2t_r1", "t2i_r1"):
         assert 0.0 <= out[key] <= 1.0, key
     assert out["samples"] == 128
@@ -148,38 +148,46 @@ def _write_foreign_shards(d: Path, n_shards: int = 4, per_shard: int = 16) -> st
     return f"{d}/part-{{0..{n_shards - 1}}}.tar"
 
 
-def test_trains_on_shards_written_by_other_tools(tmp_path):
-    urls = _write_foreign_shards(tmp_path / "foreign")
-    run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "pretrain.cli", "train", f"data.train={urls}", f"run.dir={run}",
-                        *TINY, "data.workers=1", "train.steps=3", "parallel.zero_stage=0"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_metrics(run)
-    assert [row["step"] for row in rows] == [1, 2, 3]
-    assert rows[-1]["skipped"] == 0
-    assert (run / "checkpoints" / "latest").is_file()
-
-
-def test_rerun_into_a_finished_run_dir_refuses_resumes_to_nothing_or_starts_over(tmp_path):
-    """A second fresh start into a run.dir with a finished run is refused and touches nothing; the same
-    command with `--resume latest` has nothing to train and leaves summary.json as it was; --overwrite-run
-    starts over with the old checkpoints and rows gone. The `lr` rows are the rates the steps used."""
-    shards = write_micro_shards(tmp_path / "shards")
-    run = tmp_path / "run"
-    args = ["train", *train_args(shards, run, 3, "data.workers=0", "optim.warmup_steps=2", "optim.lr=1e-3",
+@pytest.fixture(scope="module")
+def foreign_run(tmp_path_factory) -> dict:
+    """`pretrain train` (the program) on shards written by another tool (`_write_foreign_shards`): the
+    finished-run-dir test's first run (tiny.MICRO, 3 steps, a checkpoint each, warm-up 2 steps to lr 1e-3,
+    one loader worker), and what it logged and left, as the shards test reads it (the other test then reruns
+    into the same folder)."""
+    base = tmp_path_factory.mktemp("foreign")
+    urls, run = _write_foreign_shards(base / "foreign"), base / "run"
+    args = ["train", *train_args(urls, run, 3, "data.workers=1", "optim.warmup_steps=2", "optim.lr=1e-3",
                                  "checkpoint.every=1")]
     r = run_pretrain(args)
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_metrics(run)
-    assert [row["lr"] for row in rows] == pytest.approx([5e-4, 1e-3, 1e-3])  # warm-up 1/2, 2/2, cosine(0)
-    root = run / "checkpoints"
-    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    return {"args": args, "run": run, "rows": read_metrics(run),
+            "latest": (run / "checkpoints" / "latest").is_file(),
+            "files": {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}}
 
-    r = run_pretrain(args)
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert f"run.dir={run} already holds a run" in r.stderr and "--resume latest" in r.stderr
-    assert "--overwrite-run" in r.stderr and "Traceback" not in r.stderr
+
+def test_trains_on_shards_written_by_other_tools(foreign_run):
+    rows = foreign_run["rows"]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert rows[-1]["skipped"] == 0
+    assert foreign_run["latest"]
+
+
+def test_rerun_into_a_finished_run_dir_refuses_resumes_to_nothing_or_starts_over(foreign_run, capsys):
+    """A second fresh start into a run.dir with a finished run is refused and touches nothing (in this
+    process: `pretrain.cli.main`; its exit 2 is the program's, e.g. test_reliability's config-error test);
+    the same command with `--resume latest` has nothing to train and leaves summary.json as it was;
+    --overwrite-run starts over with the old checkpoints and rows gone. The `lr` rows are the rates the
+    steps used."""
+    from pretrain.cli import main
+
+    args, run, files = foreign_run["args"], foreign_run["run"], foreign_run["files"]
+    assert [row["lr"] for row in foreign_run["rows"]] == pytest.approx([5e-4, 1e-3, 1e-3])  # 1/2, 2/2, cos(0)
+    root = run / "checkpoints"
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"run.dir={run} already holds a run" in err and "--resume latest" in err
+    assert "--overwrite-run" in err and "Traceback" not in err
     r = run_pretrain([*args, "--resume", "latest"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "is at step 3 and train.steps is 3: nothing to train" in r.stderr
